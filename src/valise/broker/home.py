@@ -1,0 +1,140 @@
+"""The broker's directory (an I/O edge): where its keys, configuration and store live.
+
+Layout of `D` (created by `valise broker init --dir D --origin NAME`):
+- `config.json`       origin of the log, the broker's member id, format version;
+- `identity/`         the broker's own member identity (as made by `valise keygen`): its TLS certificate is
+                      what nodes pin, and its desk may be a named recipient like any member;
+- `operator.key`      the operator's Ed25519 key (mode 0600), which signs directory records and operator rules;
+- `log.key`           the log's Ed25519 key (mode 0600), which signs checkpoints (a C2SP signed-note key);
+- `broker.db`         the SQLite store: the log, its hashes and checkpoints, and the delivery queues.
+
+Three keys with three jobs: the operator key can be kept offline in a stricter setup without stopping the log,
+and a compromised log key cannot forge admissions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from valise import encoding, identity, keyfiles
+from valise.crypto import sign
+from valise.errors import EncodingError, KeyFileError, StoreError, UsageError
+
+HOME_VERSION = 1
+SEED_FILE_MAX = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    origin: str
+    broker_id: str
+
+
+def write_seed_file(path: Path, kind: str, seed: bytes) -> None:
+    keyfiles.write_private(path, encoding.pack({"v": 1, "kind": kind, "seed": seed}))
+
+
+def read_seed_file(path: Path, kind: str) -> sign.SigningKey:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {kind} key {path}: {exc.strerror}") from None
+    if os.stat(path).st_mode & 0o077:
+        raise KeyFileError(f"{path} is readable by others", hint=f"chmod 600 {path}")
+    try:
+        m = encoding.unpack_map(
+            data, what=f"{kind} key", max_size=SEED_FILE_MAX, fields={"v": int, "kind": str, "seed": bytes}
+        )
+    except EncodingError as exc:
+        raise KeyFileError(f"{path} is damaged: {exc.what}") from None
+    if m["kind"] != kind or len(m["seed"]) != 32:
+        raise KeyFileError(f"{path} is not a {kind} key")
+    return sign.SigningKey(m["seed"])
+
+
+def check_origin(origin: str) -> str:
+    """A log origin (C2SP tlog-checkpoint): non-empty printable ASCII without spaces or '+', ≤ 128 chars."""
+    if not origin or len(origin) > 128 or any(not ("!" <= c <= "~") or c == "+" for c in origin):
+        raise UsageError(
+            f"origin {origin!r} is not valid", hint="use printable ASCII without spaces or '+', e.g. valise.example/log"
+        )
+    return origin
+
+
+class BrokerHome:
+    """Paths and keys of one broker directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def identity_dir(self) -> Path:
+        return self.root / "identity"
+
+    @property
+    def operator_key_path(self) -> Path:
+        return self.root / "operator.key"
+
+    @property
+    def log_key_path(self) -> Path:
+        return self.root / "log.key"
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "broker.db"
+
+    @classmethod
+    def create(cls, root: Path, origin: str, broker_id: str, random: identity.Random, now: int) -> BrokerHome:
+        """Create the directory, the broker identity, the operator and log keys. Refuses to overwrite."""
+        check_origin(origin)
+        identity.check_member_id(broker_id)
+        home = cls(root)
+        if home.config_path.exists():
+            raise UsageError(f"{root} is already a broker directory")
+        root.mkdir(parents=True, exist_ok=True)
+        keyfiles.save_identity(home.identity_dir, identity.generate(broker_id, random, now), None)
+        write_seed_file(home.operator_key_path, "operator", random(32))
+        write_seed_file(home.log_key_path, "log", random(32))
+        keyfiles.write_public(
+            home.config_path,
+            json.dumps({"version": HOME_VERSION, "origin": origin, "broker_id": broker_id}, indent=2).encode() + b"\n",
+        )
+        return home
+
+    @classmethod
+    def open(cls, root: Path) -> BrokerHome:
+        home = cls(root)
+        if not home.config_path.is_file():
+            raise StoreError(f"{root} is not a broker directory", hint="create one with valise broker init")
+        return home
+
+    def config(self) -> BrokerConfig:
+        try:
+            raw = json.loads(self.config_path.read_text())
+            if raw.get("version") != HOME_VERSION:
+                raise StoreError(f"{self.config_path} has unsupported version {raw.get('version')!r}")
+            return BrokerConfig(
+                origin=check_origin(raw["origin"]), broker_id=identity.check_member_id(raw["broker_id"])
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise StoreError(f"{self.config_path} is unreadable: {exc}") from None
+
+    def operator_key(self) -> sign.SigningKey:
+        return read_seed_file(self.operator_key_path, "operator")
+
+    def log_key(self) -> sign.SigningKey:
+        return read_seed_file(self.log_key_path, "log")
+
+    def broker_identity(self) -> identity.Identity:
+        return keyfiles.load_identity(self.identity_dir)
+
+    @property
+    def broker_bundle_path(self) -> Path:
+        return self.identity_dir / f"{self.config().broker_id}.pub"

@@ -1,0 +1,56 @@
+"""Entry point of the `valise` command.
+
+Each module in COMMAND_MODULES exposes `register(subparsers)`, which adds its commands with a `handler`
+default: `handler(args) -> int` (the exit code). A valise `Error` becomes one line on stderr and the error's
+exit code; a traceback is only ever shown for a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from valise import __version__
+from valise.errors import Error
+
+COMMAND_MODULES = [
+    "valise.cli.keys",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="valise",
+        description="valise: signed, end-to-end encrypted exchange through a neutral broker with a witnessed log.",
+    )
+    parser.add_argument("--version", action="version", version=f"valise {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        code: int = handler(args)
+    except Error as exc:
+        print(f"valise: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("valise: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Canonical msgpack: the one byte form of every signed or hashed structure in valise.
+
+Rules (specs/packet.md, "Conventions"):
+- maps have text keys, written in ascending order of their UTF-8 bytes, no duplicates;
+- integers use the shortest msgpack form (msgpack-python does this), booleans and nil as usual;
+- text is `str` (UTF-8), bytes are `bin`; floats and extension types are not allowed;
+- a decoder accepts a byte string only if encoding the decoded value again yields the same bytes.
+
+Signed structures are serialised once and carried as bytes; verifiers check the signature over the bytes
+they received and only then decode, so re-serialisation is never needed to verify.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from valise.errors import EncodingError
+
+# Nesting deeper than this is never produced by valise; refusing it keeps a hostile input from recursing.
+MAX_DEPTH = 16
+
+
+def _canonical(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise EncodingError(f"value nests deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise EncodingError(f"map key {key!r} is not text")
+        return {k: _canonical(value[k], depth + 1) for k in sorted(value, key=lambda k: k.encode())}
+    if isinstance(value, list | tuple):
+        return [_canonical(v, depth + 1) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str | bytes):
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise EncodingError(f"integer {value} does not fit in 64 bits")
+        return value
+    raise EncodingError(f"type {type(value).__name__} has no canonical msgpack form")
+
+
+def pack(value: Any) -> bytes:
+    """Encode `value` canonically (maps sorted by key bytes, no floats)."""
+    return msgpack.packb(_canonical(value), use_bin_type=True)
+
+
+def unpack(data: bytes, *, what: str, max_size: int) -> Any:
+    """Decode canonical msgpack bytes describing `what`; refuse oversize, malformed or non-canonical input.
+
+    The size is checked before any parsing, so a hostile length costs nothing.
+    """
+    if len(data) > max_size:
+        raise EncodingError(f"{what} is {len(data)} bytes, over the limit of {max_size}")
+    try:
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=max_size,
+            max_str_len=max_size,
+            max_array_len=max_size,
+            max_map_len=max_size,
+            max_ext_len=0,
+        )
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
+        raise EncodingError(f"{what} is not valid msgpack: {exc}") from None
+    if pack(value) != data:
+        raise EncodingError(f"{what} is not in canonical msgpack form")
+    return value
+
+
+def unpack_map(data: bytes, *, what: str, max_size: int, fields: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """Decode a canonical map whose keys are exactly `fields` and whose values have the stated types."""
+    value = unpack(data, what=what, max_size=max_size)
+    return check_map(value, what=what, fields=fields)
+
+
+def check_map(value: Any, *, what: str, fields: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """Check that `value` is a map with exactly `fields`, each of the stated type (bool is not an int)."""
+    if not isinstance(value, dict):
+        raise EncodingError(f"{what} is not a map")
+    missing = sorted(set(fields) - set(value))
+    extra = sorted(set(value) - set(fields))
+    if missing:
+        raise EncodingError(f"{what} lacks field(s) {', '.join(missing)}")
+    if extra:
+        raise EncodingError(f"{what} has unknown field(s) {', '.join(extra)}")
+    for name, kind in fields.items():
+        item = value[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(item, bool) and bool not in kinds:
+            raise EncodingError(f"{what} field {name!r} has the wrong type (bool)")
+        if not isinstance(item, kinds):
+            raise EncodingError(f"{what} field {name!r} has the wrong type ({type(item).__name__})")
+    return value

@@ -1,0 +1,144 @@
+"""One error tree for valise.
+
+Every error says what was wrong and, where it helps, what to do about it. The CLI turns any `Error` into a
+one-line message on stderr and the class's `exit_code`; it never shows a traceback for a user's mistake.
+Errors raised while checking untrusted input name the input and the rule it broke, never echo large inputs.
+
+Add a subclass where callers (or tests) need to tell a failure apart from its siblings; otherwise reuse one.
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Root of every error valise raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, what: str, *, hint: str | None = None) -> None:
+        self.what = what
+        self.hint = hint
+        super().__init__(f"{what} ({hint})" if hint else what)
+
+
+class UsageError(Error):
+    """The command line or the arguments of a call do not make sense."""
+
+    exit_code = 2
+
+
+class LimitError(Error):
+    """An input is larger (or more numerous) than a hard limit allows; checked before crypto and allocation."""
+
+
+class EncodingError(Error):
+    """Bytes are not valid canonical msgpack (or text is not in its one canonical form)."""
+
+
+# --- identities and keys -------------------------------------------------------------------------------
+
+
+class IdentityError(Error):
+    """A member id, key file or public bundle is unusable."""
+
+
+class MemberIdError(IdentityError):
+    """A member id is not 1-64 characters of [A-Za-z0-9._-]."""
+
+
+class KeyFileError(IdentityError):
+    """A private key file is missing, unreadable, has loose permissions or cannot be decrypted."""
+
+
+class PassphraseError(KeyFileError):
+    """The passphrase is missing or does not open the key file."""
+
+
+class BundleError(IdentityError):
+    """A public bundle is malformed, or its self-signature does not verify."""
+
+
+class SignatureError(Error):
+    """A signature does not verify under the key it claims."""
+
+
+# --- packets -------------------------------------------------------------------------------------------
+
+
+class PacketError(Error):
+    """A packet is malformed or fails a check; subclasses say which."""
+
+
+class PacketFormatError(PacketError):
+    """The packet's framing or header is malformed (bad msgpack, unknown version, wrong field types)."""
+
+
+class PacketSignatureError(PacketError, SignatureError):
+    """The header signature does not verify under the sender's identity key."""
+
+
+class NotARecipientError(PacketError):
+    """The opening identity is not among the packet's recipients, or its stanza does not open."""
+
+
+class StanzaError(PacketError):
+    """The recipient stanzas do not match the header's `to`, or a stanza fails to decrypt."""
+
+
+class PayloadError(PacketError):
+    """The encrypted payload was modified, truncated, reordered or extended."""
+
+
+class ExpiredError(PacketError):
+    """The packet's `expires` time has passed, or `created` lies too far in the future."""
+
+
+# --- transparency log ----------------------------------------------------------------------------------
+
+
+class ProofError(Error):
+    """A Merkle inclusion or consistency proof does not hold."""
+
+
+class NoteError(Error):
+    """A signed note or checkpoint is malformed, or carries no valid signature from a trusted key."""
+
+
+class CheckpointError(NoteError):
+    """A checkpoint's body is malformed, or it is inconsistent with (or older than) one already seen."""
+
+
+class StoreError(Error):
+    """The durable store is missing, corrupt, or refused an operation."""
+
+
+# --- policy --------------------------------------------------------------------------------------------
+
+
+class PolicyError(Error):
+    """A directory record or policy statement is malformed, mis-signed, or does not apply."""
+
+
+class StatementError(PolicyError):
+    """A statement is malformed, signed by the wrong key, replayed, or speaks for another member."""
+
+
+# --- wire and daemons ----------------------------------------------------------------------------------
+
+
+class WireError(Error):
+    """A peer sent bytes that break the wire protocol (bad frame, over a limit, out of order)."""
+
+
+class RemoteError(Error):
+    """The other side answered with an error frame; `code` is its machine-readable code."""
+
+    def __init__(self, code: str, what: str, *, hint: str | None = None) -> None:
+        self.code = code
+        super().__init__(what, hint=hint)
+
+
+class DeniedError(Error):
+    """The broker refused to relay a packet; the message gives the reason per recipient."""
+
+    exit_code = 3

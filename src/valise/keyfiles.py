@@ -1,0 +1,172 @@
+"""Key files at rest (an I/O edge; the formats are in specs/packet.md, "Key files").
+
+A key directory holds, for member ID:
+- `ID.key`      private keys, canonical msgpack, mode 0600; sealed with XSalsa20-Poly1305 (secretbox) under a
+                key derived by Argon2id from a passphrase when one is given;
+- `ID.pub`      the public bundle others import;
+- `ID.tls.crt`  the TLS certificate (PEM) and `ID.tls.key` its private key (PKCS#8 PEM, mode 0600, encrypted
+                with the same passphrase when one is given), in the forms the `ssl` module loads.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import nacl.exceptions
+import nacl.pwhash
+import nacl.secret
+import nacl.utils
+from cryptography.hazmat.primitives import serialization
+
+from valise import encoding
+from valise.errors import EncodingError, KeyFileError, PassphraseError, UsageError
+from valise.identity import Identity, PublicBundle, check_member_id
+
+KEYFILE_VERSION = 1
+KEYFILE_MAX_SIZE = 16384
+# Argon2id cost: libsodium's "moderate" profile (3 passes, 256 MiB), about half a second here. Key files are
+# opened once per daemon start or CLI call, and a stolen file must resist offline guessing.
+ARGON2_OPS = nacl.pwhash.argon2id.OPSLIMIT_MODERATE
+ARGON2_MEM = nacl.pwhash.argon2id.MEMLIMIT_MODERATE
+
+
+def passphrase_from_env(var: str | None) -> bytes | None:
+    """Read a passphrase from environment variable `var` (never from the command line, where `ps` sees it)."""
+    if var is None:
+        return None
+    value = os.environ.get(var)
+    if value is None:
+        raise PassphraseError(f"environment variable {var} is not set", hint="export it, or leave out --passphrase-env")
+    if not value:
+        raise PassphraseError(f"environment variable {var} is empty")
+    return value.encode()
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create `path` with mode 0600 from the start (never world-readable, even for an instant)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def seal_secrets(secrets: dict[str, Any], passphrase: bytes | None) -> bytes:
+    plain = encoding.pack(secrets)
+    if passphrase is None:
+        return encoding.pack({"v": KEYFILE_VERSION, "kdf": "none", "data": plain})
+    salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
+    key = nacl.pwhash.argon2id.kdf(nacl.secret.SecretBox.KEY_SIZE, passphrase, salt, ARGON2_OPS, ARGON2_MEM)
+    box = nacl.secret.SecretBox(key).encrypt(plain)
+    return encoding.pack(
+        {
+            "v": KEYFILE_VERSION,
+            "kdf": "argon2id",
+            "salt": salt,
+            "ops": ARGON2_OPS,
+            "mem": ARGON2_MEM,
+            "data": bytes(box),
+        }
+    )
+
+
+def open_secrets(data: bytes, passphrase: bytes | None, *, what: str) -> dict[str, Any]:
+    try:
+        head = encoding.unpack(data, what=what, max_size=KEYFILE_MAX_SIZE)
+        if not isinstance(head, dict) or head.get("v") != KEYFILE_VERSION:
+            raise KeyFileError(f"{what} is not a version {KEYFILE_VERSION} valise key file")
+        kdf = head.get("kdf")
+        if kdf == "none":
+            head = encoding.check_map(head, what=what, fields={"v": int, "kdf": str, "data": bytes})
+            plain = head["data"]
+        elif kdf == "argon2id":
+            head = encoding.check_map(
+                head, what=what, fields={"v": int, "kdf": str, "salt": bytes, "ops": int, "mem": int, "data": bytes}
+            )
+            if passphrase is None:
+                raise PassphraseError(f"{what} is encrypted", hint="pass --passphrase-env VAR")
+            # Bound the work a crafted file can demand before we spend it.
+            if head["ops"] > 16 or head["mem"] > 2**30 or len(head["salt"]) != nacl.pwhash.argon2id.SALTBYTES:
+                raise KeyFileError(f"{what} asks for unreasonable key-derivation parameters")
+            key = nacl.pwhash.argon2id.kdf(
+                nacl.secret.SecretBox.KEY_SIZE, passphrase, head["salt"], head["ops"], head["mem"]
+            )
+            try:
+                plain = nacl.secret.SecretBox(key).decrypt(head["data"])
+            except nacl.exceptions.CryptoError:
+                raise PassphraseError(f"the passphrase does not open {what}") from None
+        else:
+            raise KeyFileError(f"{what} uses unknown key protection {kdf!r}")
+        return encoding.unpack_map(
+            plain,
+            what=what,
+            max_size=KEYFILE_MAX_SIZE,
+            fields={"id": str, "sign_seed": bytes, "enc_private": bytes, "tls_private": bytes, "bundle": bytes},
+        )
+    except EncodingError as exc:
+        raise KeyFileError(f"{what} is damaged: {exc.what}") from None
+
+
+def save_identity(directory: Path, identity: Identity, passphrase: bytes | None) -> Path:
+    """Write the identity's files into `directory`; refuse to overwrite an existing identity."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mid = identity.member_id
+    key_path = directory / f"{mid}.key"
+    if key_path.exists():
+        raise UsageError(f"{key_path.name} already exists in {directory}", hint="choose another --out directory")
+    tls_key = identity.tls_private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption(),
+    )
+    write_private(key_path, seal_secrets(identity.secrets(), passphrase))
+    write_private(directory / f"{mid}.tls.key", tls_key)
+    write_public(directory / f"{mid}.tls.crt", identity.tls_cert_pem)
+    write_public(directory / f"{mid}.pub", identity.bundle.raw)
+    return directory / f"{mid}.pub"
+
+
+def find_member_id(directory: Path) -> str:
+    """The member id of the one identity stored in `directory`."""
+    if not directory.is_dir():
+        raise KeyFileError(f"identity directory {directory} does not exist", hint="create one with valise keygen")
+    ids = sorted(p.name[: -len(".key")] for p in directory.glob("*.key") if not p.name.endswith(".tls.key"))
+    if not ids:
+        raise KeyFileError(f"no identity (*.key) in {directory}", hint="create one with valise keygen")
+    if len(ids) > 1:
+        raise KeyFileError(f"several identities in {directory}: {', '.join(ids)}", hint="keep one per directory")
+    return ids[0]
+
+
+def load_identity(directory: Path, passphrase: bytes | None = None) -> Identity:
+    """Load and check the identity in `directory` (permissions, passphrase, keys against bundle)."""
+    member_id = check_member_id(find_member_id(directory))
+    path = directory / f"{member_id}.key"
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(f"{path} is readable by others (mode {stat.S_IMODE(mode):o})", hint=f"chmod 600 {path}")
+    data = path.read_bytes()
+    secrets = open_secrets(data, passphrase, what=f"key file {path.name}")
+    if secrets["id"] != member_id:
+        raise KeyFileError(f"key file {path.name} holds the keys of {secrets['id']!r}")
+    return Identity.from_secrets(secrets)
+
+
+def load_bundle(path: Path) -> PublicBundle:
+    """Read and verify a public bundle file."""
+    try:
+        data = path.read_bytes() if path.stat().st_size <= KEYFILE_MAX_SIZE else None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read public bundle {path}: {exc.strerror}") from None
+    if data is None:
+        raise KeyFileError(f"{path} is too large to be a public bundle")
+    return PublicBundle.from_bytes(data)

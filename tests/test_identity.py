@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from valise import encoding, identity, keyfiles
+from valise.cli.main import main
+from valise.errors import BundleError, KeyFileError, MemberIdError, PassphraseError
+
+from .conftest import NOW, seeded_random
+
+
+@pytest.mark.parametrize("good", ["FRA", "a", "x" * 64, "desk.africa_1-2"])
+def test_member_id_accepts_allowed_characters(good: str) -> None:
+    assert identity.check_member_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 65, "FR A", "FRA/..", "é", "a\n", "a:b"])
+def test_member_id_refuses_others(bad: str) -> None:
+    with pytest.raises(MemberIdError, match="not valid"):
+        identity.check_member_id(bad)
+
+
+def test_generation_is_reproducible_from_randomness() -> None:
+    a = identity.generate("FRA", seeded_random(b"x"), NOW)
+    b = identity.generate("FRA", seeded_random(b"x"), NOW)
+    assert a.bundle.raw == b.bundle.raw
+    assert a.bundle.sign_key != a.bundle.tls_public_key  # separate keys, separate jobs
+
+
+def test_bundle_round_trip(members: dict[str, identity.Identity]) -> None:
+    fra = members["FRA"]
+    loaded = identity.PublicBundle.from_bytes(fra.bundle.raw)
+    assert loaded == fra.bundle
+    assert loaded.enc_key == fra.enc_private.public_key().public_bytes_raw()
+
+
+def test_every_flipped_byte_of_a_bundle_is_refused(members: dict[str, identity.Identity]) -> None:
+    raw = members["FRA"].bundle.raw
+    for i in range(len(raw)):
+        bad = bytearray(raw)
+        bad[i] ^= 0x01
+        with pytest.raises(BundleError):
+            identity.PublicBundle.from_bytes(bytes(bad))
+
+
+def test_bundle_with_swapped_encryption_key_is_refused(members: dict[str, identity.Identity]) -> None:
+    outer = encoding.unpack(members["FRA"].bundle.raw, what="b", max_size=10_000)
+    body = encoding.unpack(outer["body"], what="b", max_size=10_000)
+    body["enc_key"] = members["DEU"].bundle.enc_key
+    # Re-sign the outer layer with FRA's key: the inner key statement must still catch the swap.
+    new_body = encoding.pack(body)
+    forged = encoding.pack({"body": new_body, "sig": members["FRA"].signing.sign(identity.BUNDLE_DOMAIN, new_body)})
+    with pytest.raises(BundleError, match="encryption key statement"):
+        identity.PublicBundle.from_bytes(forged)
+
+
+def test_bundle_truncated_and_oversized_are_refused(members: dict[str, identity.Identity]) -> None:
+    raw = members["FRA"].bundle.raw
+    with pytest.raises(BundleError, match="malformed"):
+        identity.PublicBundle.from_bytes(raw[:-10])
+    with pytest.raises(BundleError, match="over the limit"):
+        identity.PublicBundle.from_bytes(raw + b"\x00" * identity.BUNDLE_MAX_SIZE)
+
+
+def test_keyfiles_plain_and_encrypted(tmp_path: Path, members: dict[str, identity.Identity]) -> None:
+    fra = members["FRA"]
+    keyfiles.save_identity(tmp_path / "plain", fra, None)
+    assert keyfiles.load_identity(tmp_path / "plain").bundle == fra.bundle
+    mode = stat.S_IMODE(os.stat(tmp_path / "plain" / "FRA.key").st_mode)
+    assert mode == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "plain" / "FRA.tls.key").st_mode) == 0o600
+
+    keyfiles.save_identity(tmp_path / "enc", fra, b"correct horse")
+    assert b"sign_seed" not in (tmp_path / "enc" / "FRA.key").read_bytes()
+    assert keyfiles.load_identity(tmp_path / "enc", b"correct horse").signing.seed == fra.signing.seed
+    with pytest.raises(PassphraseError, match="does not open"):
+        keyfiles.load_identity(tmp_path / "enc", b"wrong")
+    with pytest.raises(PassphraseError, match="encrypted"):
+        keyfiles.load_identity(tmp_path / "enc", None)
+
+
+def test_keyfile_with_loose_permissions_is_refused(tmp_path: Path, members: dict[str, identity.Identity]) -> None:
+    keyfiles.save_identity(tmp_path, members["FRA"], None)
+    os.chmod(tmp_path / "FRA.key", 0o644)
+    with pytest.raises(KeyFileError, match="readable by others"):
+        keyfiles.load_identity(tmp_path)
+
+
+def test_keygen_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["keygen", "--id", "FRA", "--out", str(tmp_path / "k")]) == 0
+    assert keyfiles.load_bundle(tmp_path / "k" / "FRA.pub").member_id == "FRA"
+    # A second keygen into the same directory must not destroy the first identity.
+    assert main(["keygen", "--id", "FRA", "--out", str(tmp_path / "k")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["keygen", "--id", "no spaces", "--out", str(tmp_path / "x")]) == 1
+    assert "not valid" in capsys.readouterr().err
+    monkeypatch.setenv("PW", "s3cret")
+    assert main(["keygen", "--id", "DEU", "--out", str(tmp_path / "d"), "--passphrase-env", "PW"]) == 0
+    assert keyfiles.load_identity(tmp_path / "d", b"s3cret").member_id == "DEU"
