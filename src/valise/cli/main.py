@@ -17,7 +17,37 @@ from valise.errors import Error
 
 COMMAND_MODULES = [
     "valise.cli.keys",
+    "valise.cli.broker_log",
 ]
+
+# Attribute under which group() keeps a top-level command's sub-subparsers on that command's parser.
+_GROUP_ATTR = "_valise_group"
+
+
+def group(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """The sub-subcommands of top-level command `name` (e.g. `broker`), creating `name` on first use.
+
+    Several modules add commands under one group (`valise broker init` and `valise broker member add` live in
+    different modules); argparse refuses a second `add_parser("broker")`, so every module goes through here.
+    The first caller's `help` is kept. `valise NAME` alone prints the group's help and exits with 2.
+    """
+    parser = sub.choices.get(name)
+    if parser is None:
+        parser = sub.add_parser(name, help=help, description=help)
+    cached: argparse._SubParsersAction[argparse.ArgumentParser] | None = getattr(parser, _GROUP_ATTR, None)
+    if cached is None:
+        cached = parser.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
+        usage = parser
+
+        def show_help(args: argparse.Namespace) -> int:
+            usage.print_help()
+            return 2
+
+        parser.set_defaults(handler=show_help)
+        setattr(parser, _GROUP_ATTR, cached)
+    return cached
 
 
 def build_parser() -> argparse.ArgumentParser:
