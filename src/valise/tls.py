@@ -1,0 +1,88 @@
+"""Mutual TLS 1.3 with pinned self-signed Ed25519 certificates (an I/O edge; specs/wire.md, "Transport").
+
+There is no certificate authority. The broker trusts exactly the certificates in its directory's member bundles,
+and a node trusts exactly the broker certificate named in its config. OpenSSL is given those certificates as
+trust anchors (with partial-chain verification, so a self-signed leaf may anchor itself), which makes it refuse
+any other certificate during the handshake; after the handshake the peer's certificate is compared byte for
+byte with the pinned one, so a name collision or an extra anchor can never stand in for the right key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from valise.errors import Error
+
+ALPN = "valise/1"
+
+
+class TLSPeerError(Error):
+    """The TLS peer presented no certificate, or one that is not the pinned one."""
+
+
+def cert_fingerprint(cert_der: bytes) -> str:
+    """SHA-256 of a DER certificate, hex: how certificates are named in logs and messages."""
+    return hashlib.sha256(cert_der).hexdigest()
+
+
+def _pem(cert_der: bytes) -> str:
+    return x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _base_context(purpose: int) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.set_alpn_protocols([ALPN])
+    return ctx
+
+
+def server_context(cert_file: Path, key_file: Path, member_certs: Iterable[bytes]) -> ssl.SSLContext:
+    """A broker context that requires a client certificate from `member_certs` (DER)."""
+    ctx = _base_context(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    pems = "".join(_pem(c) for c in member_certs)
+    if pems:
+        ctx.load_verify_locations(cadata=pems)
+    return ctx
+
+
+def client_context(
+    cert_file: Path, key_file: Path, broker_cert: bytes, password: bytes | None = None
+) -> ssl.SSLContext:
+    """A node context that trusts only `broker_cert` (DER) and presents the member's certificate."""
+    ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # the broker is pinned by certificate, not by name
+    ctx.load_cert_chain(str(cert_file), str(key_file), password=password)
+    ctx.load_verify_locations(cadata=_pem(broker_cert))
+    return ctx
+
+
+class _HasPeerCert(Protocol):
+    def getpeercert(self, binary_form: Literal[True]) -> bytes | None: ...
+
+
+def peer_certificate(stream: _HasPeerCert) -> bytes:
+    """The DER certificate the peer presented in a completed handshake (trio.SSLStream or ssl objects)."""
+    der = stream.getpeercert(binary_form=True)
+    if not der:
+        raise TLSPeerError("the TLS peer presented no certificate")
+    return der
+
+
+def check_pinned(presented: bytes, pinned: bytes, *, who: str) -> None:
+    if presented != pinned:
+        raise TLSPeerError(
+            f"{who} presented certificate {cert_fingerprint(presented)[:16]}…, "
+            f"expected the pinned {cert_fingerprint(pinned)[:16]}…",
+            hint="the peer's key changed or someone is impersonating it",
+        )

@@ -1,0 +1,99 @@
+"""Mutual TLS with pinned certificates, over real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import ssl
+from pathlib import Path
+
+import pytest
+import trio
+
+from valise import identity, keyfiles, tls
+
+from .conftest import NOW, seeded_random
+
+
+def _make(tmp_path: Path, member_id: str) -> tuple[identity.Identity, Path]:
+    ident = identity.generate(member_id, seeded_random(b"tls" + member_id.encode()), NOW)
+    d = tmp_path / member_id
+    keyfiles.save_identity(d, ident, None)
+    return ident, d
+
+
+async def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[bytes | None, str | None]:
+    """Run one handshake; return (client cert seen by the server, server error name)."""
+    seen: list[bytes] = []
+    errors: list[str] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        s = trio.SSLStream(stream, server_ctx, server_side=True)
+        try:
+            await s.do_handshake()
+            seen.append(tls.peer_certificate(s))
+            await s.send_all(b"ok")
+        except trio.BrokenResourceError as exc:
+            errors.append(type(exc.__cause__).__name__)
+        finally:
+            await trio.aclose_forcefully(s)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        client = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), client_ctx)
+        with trio.move_on_after(5):
+            try:
+                await client.do_handshake()
+                await client.receive_some(10)
+            except trio.BrokenResourceError:
+                pass  # the refusal is read from the server side
+        await trio.aclose_forcefully(client)
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    return (seen[0] if seen else None), (errors[0] if errors else None)
+
+
+async def test_known_member_is_accepted_and_pinned(tmp_path: Path) -> None:
+    broker, bdir = _make(tmp_path, "BRK")
+    fra, fdir = _make(tmp_path, "FRA")
+    sctx = tls.server_context(bdir / "BRK.tls.crt", bdir / "BRK.tls.key", [fra.bundle.cert_der])
+    cctx = tls.client_context(fdir / "FRA.tls.crt", fdir / "FRA.tls.key", broker.bundle.cert_der)
+    seen, err = await _handshake(sctx, cctx)
+    assert err is None
+    assert seen == fra.bundle.cert_der
+    tls.check_pinned(seen, fra.bundle.cert_der, who="FRA")
+
+
+async def test_unknown_client_certificate_is_refused(tmp_path: Path) -> None:
+    broker, bdir = _make(tmp_path, "BRK")
+    fra, _ = _make(tmp_path, "FRA")
+    _, edir = _make(tmp_path, "EVIL")
+    sctx = tls.server_context(bdir / "BRK.tls.crt", bdir / "BRK.tls.key", [fra.bundle.cert_der])
+    cctx = tls.client_context(edir / "EVIL.tls.crt", edir / "EVIL.tls.key", broker.bundle.cert_der)
+    seen, err = await _handshake(sctx, cctx)
+    assert seen is None
+    assert err == "SSLCertVerificationError", err
+
+
+async def test_node_refuses_a_broker_it_did_not_pin(tmp_path: Path) -> None:
+    _, bdir = _make(tmp_path, "BRK")
+    other, _ = _make(tmp_path, "OTHER")
+    fra, fdir = _make(tmp_path, "FRA")
+    sctx = tls.server_context(bdir / "BRK.tls.crt", bdir / "BRK.tls.key", [fra.bundle.cert_der])
+    cctx = tls.client_context(fdir / "FRA.tls.crt", fdir / "FRA.tls.key", other.bundle.cert_der)
+    seen, _ = await _handshake(sctx, cctx)
+    assert seen is None
+
+
+def test_check_pinned_names_the_mismatch(tmp_path: Path) -> None:
+    a, _ = _make(tmp_path, "A")
+    b, _ = _make(tmp_path, "B")
+    with pytest.raises(tls.TLSPeerError, match="expected the pinned"):
+        tls.check_pinned(a.bundle.cert_der, b.bundle.cert_der, who="A")
+
+
+def test_only_tls13_is_offered(tmp_path: Path) -> None:
+    _, bdir = _make(tmp_path, "BRK")
+    ctx = tls.server_context(bdir / "BRK.tls.crt", bdir / "BRK.tls.key", [])
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
