@@ -1,0 +1,183 @@
+"""The broker's durable mailboxes (an I/O edge over SQLite; specs/protocol.md, "Store and forward").
+
+Each member has one ordered mailbox. An item is a packet addressed to the member, an acknowledgement to forward
+to a sender, or a retraction to forward to a recipient. Items are pushed in `seq` order and leave the mailbox
+only when the member confirms them (a signed acknowledgement for a packet, a receipt frame for a notice) or,
+for packets, when they expire undelivered and are purged (which is logged).
+
+Why idempotent inserts: the log append and the mailbox insert are two durable steps. If the broker dies between
+them, the sender never got a receipt and submits again; `record_packet` then finds the packet already logged and
+fills in the missing mailbox rows, so no packet that was logged is stranded and none is queued twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from valise.errors import StoreError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS packets (
+    digest     BLOB PRIMARY KEY,   -- SHA-256 of the signed packet header
+    sender     TEXT NOT NULL,
+    packet_id  BLOB NOT NULL,
+    log_index  INTEGER NOT NULL,
+    expires    INTEGER NOT NULL,
+    size       INTEGER NOT NULL,   -- bytes of the whole packet in the spool
+    received   INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS packets_by_sender_id ON packets (sender, packet_id);
+CREATE TABLE IF NOT EXISTS mailbox (
+    member  TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    kind    TEXT NOT NULL CHECK (kind IN ('packet', 'ack', 'retract')),
+    digest  BLOB NOT NULL,         -- the packet the item is about
+    body    BLOB,                  -- the signed notice, for 'ack' and 'retract'
+    PRIMARY KEY (member, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS mailbox_unique ON mailbox (member, kind, digest);
+CREATE TABLE IF NOT EXISTS counters (member TEXT PRIMARY KEY, next_seq INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PacketRow:
+    digest: bytes
+    sender: str
+    packet_id: bytes
+    log_index: int
+    expires: int
+    size: int
+    received: int
+
+
+@dataclass(frozen=True, slots=True)
+class MailItem:
+    member: str
+    seq: int
+    kind: str
+    digest: bytes
+    body: bytes | None
+
+
+class Mailboxes:
+    """Per-member ordered mailboxes in one SQLite file (WAL; every change is one committed transaction)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._db = conn
+
+    @classmethod
+    def open(cls, path: Path) -> Mailboxes:
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # a receipt promises durability: fsync at every commit
+            conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open mailbox store {path}: {exc}") from None
+        return cls(conn)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _next_seq(self, member: str) -> int:
+        row = self._db.execute("SELECT next_seq FROM counters WHERE member = ?", (member,)).fetchone()
+        seq = row[0] if row else 1
+        self._db.execute(
+            "INSERT INTO counters (member, next_seq) VALUES (?, ?) "
+            "ON CONFLICT (member) DO UPDATE SET next_seq = excluded.next_seq",
+            (member, seq + 1),
+        )
+        return int(seq)
+
+    def record_packet(self, row: PacketRow, recipients: Iterable[str]) -> None:
+        """Record a logged packet and queue it for each recipient; filling in only what is missing."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR IGNORE INTO packets VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (row.digest, row.sender, row.packet_id, row.log_index, row.expires, row.size, row.received),
+            )
+            for member in sorted(set(recipients)):
+                self._post_locked(member, "packet", row.digest, None)
+
+    def post(self, member: str, kind: str, digest: bytes, body: bytes) -> None:
+        """Queue a signed notice (an acknowledgement for a sender, a retraction for a recipient), once."""
+        with self._transaction():
+            self._post_locked(member, kind, digest, body)
+
+    def _post_locked(self, member: str, kind: str, digest: bytes, body: bytes | None) -> None:
+        exists = self._db.execute(
+            "SELECT 1 FROM mailbox WHERE member = ? AND kind = ? AND digest = ?", (member, kind, digest)
+        ).fetchone()
+        if not exists:
+            self._db.execute(
+                "INSERT INTO mailbox VALUES (?, ?, ?, ?, ?)", (member, self._next_seq(member), kind, digest, body)
+            )
+
+    def packet(self, digest: bytes) -> PacketRow | None:
+        r = self._db.execute("SELECT * FROM packets WHERE digest = ?", (digest,)).fetchone()
+        return PacketRow(*r) if r else None
+
+    def packet_by_id(self, sender: str, packet_id: bytes) -> PacketRow | None:
+        r = self._db.execute("SELECT * FROM packets WHERE sender = ? AND packet_id = ?", (sender, packet_id)).fetchone()
+        return PacketRow(*r) if r else None
+
+    def pending(self, member: str, after_seq: int = 0, limit: int = 100) -> list[MailItem]:
+        """Items waiting for `member`, in order, after `after_seq`."""
+        rows = self._db.execute(
+            "SELECT member, seq, kind, digest, body FROM mailbox WHERE member = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (member, after_seq, limit),
+        ).fetchall()
+        return [MailItem(*r) for r in rows]
+
+    def has_item(self, member: str, kind: str, digest: bytes) -> bool:
+        return (
+            self._db.execute(
+                "SELECT 1 FROM mailbox WHERE member = ? AND kind = ? AND digest = ?", (member, kind, digest)
+            ).fetchone()
+            is not None
+        )
+
+    def remove(self, member: str, kind: str, digest: bytes) -> bool:
+        """Take an item out of a member's mailbox (confirmed or purged). True if it was there."""
+        with self._transaction():
+            cur = self._db.execute(
+                "DELETE FROM mailbox WHERE member = ? AND kind = ? AND digest = ?", (member, kind, digest)
+            )
+            return cur.rowcount > 0
+
+    def expired_packets(self, now: int) -> list[tuple[str, PacketRow]]:
+        """(recipient, packet) pairs still queued whose packet's `expires` has passed."""
+        rows = self._db.execute(
+            "SELECT m.member, p.* FROM mailbox m JOIN packets p ON p.digest = m.digest "
+            "WHERE m.kind = 'packet' AND p.expires <= ? ORDER BY p.expires, m.member",
+            (now,),
+        ).fetchall()
+        return [(r[0], PacketRow(*r[1:])) for r in rows]
+
+    def unreferenced(self, digests: Sequence[bytes]) -> list[bytes]:
+        """Of `digests`, those no mailbox item refers to any more (their spooled bodies may be deleted)."""
+        return [
+            d
+            for d in digests
+            if self._db.execute("SELECT 1 FROM mailbox WHERE digest = ? AND kind = 'packet'", (d,)).fetchone() is None
+        ]
+
+    def _transaction(self) -> _Tx:
+        return _Tx(self._db)
+
+
+class _Tx:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on error: one durable step per call."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from valise.broker.mailbox import Mailboxes, PacketRow
+
+
+def _row(n: int, expires: int = 2000) -> PacketRow:
+    return PacketRow(bytes([n]) * 32, "FRA", bytes([n]) * 16, n, expires, 100, 1000)
+
+
+def test_packets_are_queued_in_order_per_recipient(tmp_path: Path) -> None:
+    mb = Mailboxes.open(tmp_path / "q.db")
+    mb.record_packet(_row(1), ["DEU", "ITA"])
+    mb.record_packet(_row(2), ["DEU"])
+    mb.post("FRA", "ack", _row(1).digest, b"signed-ack")
+    assert [(i.seq, i.kind, i.digest[0]) for i in mb.pending("DEU")] == [(1, "packet", 1), (2, "packet", 2)]
+    assert [i.digest[0] for i in mb.pending("ITA")] == [1]
+    assert [(i.kind, i.body) for i in mb.pending("FRA")] == [("ack", b"signed-ack")]
+    assert [i.seq for i in mb.pending("DEU", after_seq=1)] == [2]
+
+
+def test_record_packet_is_idempotent_and_fills_gaps(tmp_path: Path) -> None:
+    mb = Mailboxes.open(tmp_path / "q.db")
+    mb.record_packet(_row(1), ["DEU"])
+    # A crash after the log append but before queueing ITA; the sender resubmits with both recipients.
+    mb.record_packet(_row(1), ["DEU", "ITA"])
+    assert len(mb.pending("DEU")) == 1
+    assert len(mb.pending("ITA")) == 1
+    assert mb.packet_by_id("FRA", _row(1).packet_id) == _row(1)
+
+
+def test_survives_reopen_and_removal_is_durable(tmp_path: Path) -> None:
+    mb = Mailboxes.open(tmp_path / "q.db")
+    mb.record_packet(_row(1), ["DEU"])
+    mb.record_packet(_row(2), ["DEU"])
+    assert mb.remove("DEU", "packet", _row(1).digest)
+    assert not mb.remove("DEU", "packet", _row(1).digest)
+    mb.close()
+    mb = Mailboxes.open(tmp_path / "q.db")
+    assert [i.digest[0] for i in mb.pending("DEU")] == [2]
+    # Sequence numbers never go back, even after removals and a reopen.
+    mb.record_packet(_row(3), ["DEU"])
+    assert [i.seq for i in mb.pending("DEU")] == [2, 3]
+
+
+def test_expired_and_unreferenced(tmp_path: Path) -> None:
+    mb = Mailboxes.open(tmp_path / "q.db")
+    mb.record_packet(_row(1, expires=1500), ["DEU", "ITA"])
+    mb.record_packet(_row(2, expires=3000), ["DEU"])
+    assert [(m, p.log_index) for m, p in mb.expired_packets(1500)] == [("DEU", 1), ("ITA", 1)]
+    assert mb.expired_packets(1499) == []
+    mb.remove("DEU", "packet", _row(1).digest)
+    assert mb.unreferenced([_row(1).digest]) == []
+    mb.remove("ITA", "packet", _row(1).digest)
+    assert mb.unreferenced([_row(1).digest, _row(2).digest]) == [_row(1).digest]
