@@ -1,0 +1,217 @@
+"""Signed notices and the log records of relayed traffic (pure; specs/protocol.md, "Records").
+
+A log entry is a canonical msgpack map whose "t" names its type. The policy module owns the directory and
+statement types; this module owns the traffic types:
+
+- "pkt"      a relayed packet: the sender's signed header bytes and signature, and when the broker took it.
+             The auditor re-verifies the signature with the sender's key as of that log position and reads
+             from/to/labels out of the signed header itself, so the broker cannot misstate them.
+- "ack"      a recipient's signed acknowledgement of a delivered packet (an `Ack` notice).
+- "retract"  a sender's signed retraction of a packet (a `Retraction` notice).
+- "purge"    the broker's statement that a packet expired undelivered for one recipient (the log's own signature
+             on the checkpoint covers it; there is nothing for a member to sign).
+
+Notices are signed by members over domain-separated canonical bytes; the broker forwards them unchanged.
+A `Receipt` is signed by the broker's identity key and promises that the packet is at `index` of the log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from valise import encoding
+from valise.crypto import sign
+from valise.errors import EncodingError, SignatureError, StatementError
+
+ACK_DOMAIN = sign.domain("ack")
+RETRACT_DOMAIN = sign.domain("retract")
+RECEIPT_DOMAIN = sign.domain("receipt")
+NOTICE_MAX = 4096
+ENTRY_MAX = 65535
+REASON_MAX = 512
+
+
+def _signed(body: bytes, sig: bytes) -> bytes:
+    return encoding.pack({"body": body, "sig": sig})
+
+
+def _split(data: bytes, what: str) -> tuple[bytes, bytes]:
+    m = encoding.unpack_map(data, what=what, max_size=NOTICE_MAX, fields={"body": bytes, "sig": bytes})
+    return m["body"], m["sig"]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A recipient's signed statement that it received (and verified) a packet."""
+
+    packet_id: bytes
+    digest: bytes
+    sender: str
+    recipient: str
+    at: int
+    raw: bytes  # the signed notice: {"body", "sig"}
+
+    @staticmethod
+    def make(key: sign.SigningKey, packet_id: bytes, digest: bytes, sender: str, recipient: str, at: int) -> Ack:
+        body = encoding.pack(
+            {"v": 1, "packet_id": packet_id, "digest": digest, "sender": sender, "recipient": recipient, "at": at}
+        )
+        return Ack(packet_id, digest, sender, recipient, at, _signed(body, key.sign(ACK_DOMAIN, body)))
+
+    @staticmethod
+    def parse(raw: bytes) -> tuple[Ack, bytes, bytes]:
+        """Decode without verifying; returns (ack, body, sig). Call `verify` with the recipient's key."""
+        try:
+            body, sig = _split(raw, "acknowledgement")
+            m = encoding.unpack_map(
+                body,
+                what="acknowledgement body",
+                max_size=NOTICE_MAX,
+                fields={"v": int, "packet_id": bytes, "digest": bytes, "sender": str, "recipient": str, "at": int},
+            )
+        except EncodingError as exc:
+            raise StatementError(f"malformed acknowledgement: {exc.what}") from None
+        if m["v"] != 1 or len(m["digest"]) != 32 or len(m["packet_id"]) != 16:
+            raise StatementError("malformed acknowledgement: bad version, digest or packet id length")
+        return Ack(m["packet_id"], m["digest"], m["sender"], m["recipient"], m["at"], raw), body, sig
+
+    @staticmethod
+    def verified(raw: bytes, recipient_key: bytes) -> Ack:
+        ack, body, sig = Ack.parse(raw)
+        sign.verify(recipient_key, ACK_DOMAIN, body, sig, what=f"acknowledgement by {ack.recipient}")
+        return ack
+
+
+@dataclass(frozen=True, slots=True)
+class Retraction:
+    """A sender's signed withdrawal of a packet it sent (recipients should discard it)."""
+
+    packet_id: bytes
+    digest: bytes
+    sender: str
+    reason: str
+    at: int
+    raw: bytes
+
+    @staticmethod
+    def make(key: sign.SigningKey, packet_id: bytes, digest: bytes, sender: str, reason: str, at: int) -> Retraction:
+        if len(reason.encode()) > REASON_MAX:
+            raise StatementError(f"retraction reason is longer than {REASON_MAX} bytes")
+        body = encoding.pack(
+            {"v": 1, "packet_id": packet_id, "digest": digest, "sender": sender, "reason": reason, "at": at}
+        )
+        return Retraction(packet_id, digest, sender, reason, at, _signed(body, key.sign(RETRACT_DOMAIN, body)))
+
+    @staticmethod
+    def verified(raw: bytes, sender_key: bytes) -> Retraction:
+        try:
+            body, sig = _split(raw, "retraction")
+            m = encoding.unpack_map(
+                body,
+                what="retraction body",
+                max_size=NOTICE_MAX,
+                fields={"v": int, "packet_id": bytes, "digest": bytes, "sender": str, "reason": str, "at": int},
+            )
+        except EncodingError as exc:
+            raise StatementError(f"malformed retraction: {exc.what}") from None
+        if m["v"] != 1 or len(m["digest"]) != 32 or len(m["packet_id"]) != 16:
+            raise StatementError("malformed retraction: bad version, digest or packet id length")
+        sign.verify(sender_key, RETRACT_DOMAIN, body, sig, what=f"retraction by {m['sender']}")
+        return Retraction(m["packet_id"], m["digest"], m["sender"], m["reason"], m["at"], raw)
+
+    @staticmethod
+    def sender_of(raw: bytes) -> str:
+        """Who claims to have signed a retraction (to look up the key before `verified`)."""
+        try:
+            body, _ = _split(raw, "retraction")
+            m = encoding.unpack(body, what="retraction body", max_size=NOTICE_MAX)
+        except EncodingError as exc:
+            raise StatementError(f"malformed retraction: {exc.what}") from None
+        sender = m.get("sender") if isinstance(m, dict) else None
+        if not isinstance(sender, str):
+            raise StatementError("malformed retraction: no sender")
+        return sender
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The broker's signed promise that a packet is at `index` of log `origin`."""
+
+    origin: str
+    index: int
+    digest: bytes
+    packet_id: bytes
+    sender: str
+    at: int
+    raw: bytes
+
+    @staticmethod
+    def make(
+        key: sign.SigningKey, origin: str, index: int, digest: bytes, packet_id: bytes, sender: str, at: int
+    ) -> Receipt:
+        body = encoding.pack(
+            {
+                "v": 1,
+                "origin": origin,
+                "index": index,
+                "digest": digest,
+                "packet_id": packet_id,
+                "sender": sender,
+                "at": at,
+            }
+        )
+        return Receipt(origin, index, digest, packet_id, sender, at, _signed(body, key.sign(RECEIPT_DOMAIN, body)))
+
+    @staticmethod
+    def verified(raw: bytes, broker_key: bytes) -> Receipt:
+        try:
+            body, sig = _split(raw, "receipt")
+            m = encoding.unpack_map(
+                body,
+                what="receipt body",
+                max_size=NOTICE_MAX,
+                fields={
+                    "v": int,
+                    "origin": str,
+                    "index": int,
+                    "digest": bytes,
+                    "packet_id": bytes,
+                    "sender": str,
+                    "at": int,
+                },
+            )
+        except EncodingError as exc:
+            raise SignatureError(f"malformed receipt: {exc.what}") from None
+        sign.verify(broker_key, RECEIPT_DOMAIN, body, sig, what="broker receipt")
+        return Receipt(m["origin"], m["index"], m["digest"], m["packet_id"], m["sender"], m["at"], raw)
+
+
+# --- log entries -------------------------------------------------------------------------------------------
+
+
+def packet_entry(header: bytes, signature: bytes, received: int) -> bytes:
+    entry = encoding.pack({"t": "pkt", "header": header, "sig": signature, "at": received})
+    if len(entry) > ENTRY_MAX:
+        raise StatementError(f"packet log entry is {len(entry)} bytes, over the log's {ENTRY_MAX}")
+    return entry
+
+
+def ack_entry(ack: Ack) -> bytes:
+    return encoding.pack({"t": "ack", "notice": ack.raw})
+
+
+def retract_entry(retraction: Retraction) -> bytes:
+    return encoding.pack({"t": "retract", "notice": retraction.raw})
+
+
+def purge_entry(digest: bytes, recipient: str, at: int) -> bytes:
+    return encoding.pack({"t": "purge", "digest": digest, "recipient": recipient, "at": at})
+
+
+def entry_type(entry: bytes) -> tuple[str, dict[str, Any]]:
+    """Decode a log entry's type and fields (canonical form enforced); unknown types are returned as is."""
+    m = encoding.unpack(entry, what="log entry", max_size=ENTRY_MAX)
+    if not isinstance(m, dict) or not isinstance(m.get("t"), str):
+        raise EncodingError("log entry has no type field 't'")
+    return m["t"], m

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+
+from valise import records
+from valise.errors import SignatureError, StatementError
+from valise.identity import Identity
+
+PID = bytes(range(16))
+DIGEST = bytes(32)
+
+
+def test_ack_round_trip_and_forgery(members: dict[str, Identity]) -> None:
+    deu = members["DEU"]
+    ack = records.Ack.make(deu.signing, PID, DIGEST, "FRA", "DEU", 1234)
+    got = records.Ack.verified(ack.raw, deu.bundle.sign_key)
+    assert (got.packet_id, got.recipient, got.sender, got.at) == (PID, "DEU", "FRA", 1234)
+    with pytest.raises(SignatureError, match="acknowledgement by DEU"):
+        records.Ack.verified(ack.raw, members["ITA"].bundle.sign_key)
+    for i in range(len(ack.raw)):
+        bad = bytearray(ack.raw)
+        bad[i] ^= 0x40
+        with pytest.raises((SignatureError, StatementError)):
+            records.Ack.verified(bytes(bad), deu.bundle.sign_key)
+
+
+def test_signatures_do_not_cross_kinds(members: dict[str, Identity]) -> None:
+    """An acknowledgement's signature cannot be replayed as a retraction (domain separation)."""
+    fra = members["FRA"]
+    ack = records.Ack.make(fra.signing, PID, DIGEST, "FRA", "FRA", 1)
+    with pytest.raises(StatementError):
+        records.Retraction.verified(ack.raw, fra.bundle.sign_key)
+
+
+def test_retraction_and_receipt(members: dict[str, Identity]) -> None:
+    fra = members["FRA"]
+    r = records.Retraction.make(fra.signing, PID, DIGEST, "FRA", "sent in error", 99)
+    assert records.Retraction.sender_of(r.raw) == "FRA"
+    assert records.Retraction.verified(r.raw, fra.bundle.sign_key).reason == "sent in error"
+    with pytest.raises(SignatureError):
+        records.Retraction.verified(r.raw, members["DEU"].bundle.sign_key)
+    with pytest.raises(StatementError, match="longer"):
+        records.Retraction.make(fra.signing, PID, DIGEST, "FRA", "x" * 600, 99)
+    rc = records.Receipt.make(members["NGA"].signing, "log.example", 7, DIGEST, PID, "FRA", 5)
+    assert records.Receipt.verified(rc.raw, members["NGA"].bundle.sign_key).index == 7
+    with pytest.raises(SignatureError):
+        records.Receipt.verified(rc.raw, fra.bundle.sign_key)
+
+
+def test_entries_are_typed_and_capped(members: dict[str, Identity]) -> None:
+    t, m = records.entry_type(records.purge_entry(DIGEST, "DEU", 5))
+    assert (t, m["recipient"]) == ("purge", "DEU")
+    with pytest.raises(StatementError, match="over the log"):
+        records.packet_entry(b"h" * 70000, bytes(64), 1)
