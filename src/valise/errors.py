@@ -93,6 +93,30 @@ class ExpiredError(PacketError):
     """The packet's `expires` time has passed, or `created` lies too far in the future."""
 
 
+class PacketVersionError(PacketFormatError):
+    """The packet's magic or version is not one this implementation reads."""
+
+
+class PacketLimitError(PacketFormatError, LimitError):
+    """A packet's header, recipient count or ciphertext is over a hard limit (checked before any crypto)."""
+
+
+class SenderMismatchError(PacketSignatureError):
+    """The packet names a different sender than the bundle it is being checked against."""
+
+
+class TruncatedError(PayloadError):
+    """The packet ends before its header or ciphertext does."""
+
+
+class TrailingDataError(PayloadError):
+    """Bytes follow the end of the packet's ciphertext."""
+
+
+class LabelError(Error):
+    """A label (TLP level, category, operation name or content type) is not valid."""
+
+
 # --- transparency log ----------------------------------------------------------------------------------
 
 
