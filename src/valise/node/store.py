@@ -1,0 +1,231 @@
+"""A node's durable outbox, inbox and log view (an I/O edge over SQLite and plain files).
+
+Packets are kept as the bytes that travel (sealed, encrypted): the outbox until the broker's receipt or denial,
+the inbox as received. Plaintext exists only when a member reads or exports a packet. Bodies live in files
+named by their header digest (written and fsynced before the row that points to them is committed), rows in
+`node.db` (WAL, synchronous=FULL): a row never points to a missing or partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from valise.errors import StoreError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    packet_id   BLOB PRIMARY KEY,
+    digest      BLOB NOT NULL,
+    recipients  TEXT NOT NULL,            -- JSON list
+    created     INTEGER NOT NULL,
+    expires     INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('queued', 'receipted', 'denied', 'expired')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_try    REAL NOT NULL DEFAULT 0,
+    receipt     BLOB,                     -- the broker's signed receipt
+    log_index   INTEGER,
+    outcome     TEXT                      -- JSON: denial reasons per recipient, or a last error
+);
+CREATE TABLE IF NOT EXISTS acks (
+    packet_id   BLOB NOT NULL,
+    recipient   TEXT NOT NULL,
+    notice      BLOB NOT NULL,
+    PRIMARY KEY (packet_id, recipient)
+);
+CREATE TABLE IF NOT EXISTS inbox (
+    digest      BLOB PRIMARY KEY,
+    packet_id   BLOB NOT NULL,
+    sender      TEXT NOT NULL,
+    received    INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    labels      TEXT NOT NULL,            -- JSON, as signed by the sender
+    state       TEXT NOT NULL CHECK (state IN ('new', 'read', 'retracted')),
+    acked       INTEGER NOT NULL DEFAULT 0,
+    retraction  TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS inbox_by_sender_id ON inbox (sender, packet_id);
+CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    packet_id: bytes
+    digest: bytes
+    recipients: list[str]
+    created: int
+    expires: int
+    size: int
+    state: str
+    attempts: int
+    next_try: float
+    receipt: bytes | None
+    log_index: int | None
+    outcome: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRow:
+    digest: bytes
+    packet_id: bytes
+    sender: str
+    received: int
+    size: int
+    labels: dict[str, object]
+    state: str
+    acked: bool
+    retraction: str | None
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class NodeStore:
+    def __init__(self, root: Path, conn: sqlite3.Connection) -> None:
+        self.root = root
+        self._db = conn
+
+    @classmethod
+    def open(cls, root: Path) -> NodeStore:
+        for sub in ("outbox", "inbox"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(root / "node.db", isolation_level=None, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open node store in {root}: {exc}") from None
+        return cls(root, conn)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- outbox -------------------------------------------------------------------------------------
+
+    def outbox_path(self, packet_id: bytes) -> Path:
+        return self.root / "outbox" / f"{packet_id.hex()}.pkt"
+
+    def enqueue(
+        self, packet_id: bytes, digest: bytes, recipients: list[str], created: int, expires: int, packet: bytes
+    ) -> None:
+        """Durably queue a sealed packet for sending (file first, then the row)."""
+        _fsync_write(self.outbox_path(packet_id), packet)
+        self._db.execute(
+            "INSERT INTO outbox (packet_id, digest, recipients, created, expires, size, state) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'queued')",
+            (packet_id, digest, json.dumps(recipients), created, expires, len(packet)),
+        )
+
+    def _outbox(self, where: str, args: tuple[object, ...]) -> list[OutboxRow]:
+        rows = self._db.execute(f"SELECT * FROM outbox {where}", args).fetchall()
+        return [OutboxRow(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+
+    def outbox_get(self, packet_id: bytes) -> OutboxRow | None:
+        rows = self._outbox("WHERE packet_id = ?", (packet_id,))
+        return rows[0] if rows else None
+
+    def outbox_due(self, now: float, limit: int = 64) -> list[OutboxRow]:
+        return self._outbox("WHERE state = 'queued' AND next_try <= ? ORDER BY created LIMIT ?", (now, limit))
+
+    def outbox_all(self) -> list[OutboxRow]:
+        return self._outbox("ORDER BY created", ())
+
+    def outbox_retry_later(self, packet_id: bytes, next_try: float, error: str) -> None:
+        self._db.execute(
+            "UPDATE outbox SET attempts = attempts + 1, next_try = ?, outcome = ? WHERE packet_id = ?",
+            (next_try, json.dumps({"error": error}), packet_id),
+        )
+
+    def outbox_receipted(self, packet_id: bytes, receipt: bytes, log_index: int) -> None:
+        self._db.execute(
+            "UPDATE outbox SET state = 'receipted', receipt = ?, log_index = ?, outcome = NULL WHERE packet_id = ?",
+            (receipt, log_index, packet_id),
+        )
+
+    def outbox_denied(self, packet_id: bytes, reasons: dict[str, str]) -> None:
+        self._db.execute(
+            "UPDATE outbox SET state = 'denied', outcome = ? WHERE packet_id = ?", (json.dumps(reasons), packet_id)
+        )
+
+    def record_ack(self, packet_id: bytes, recipient: str, notice: bytes) -> bool:
+        cur = self._db.execute("INSERT OR IGNORE INTO acks VALUES (?, ?, ?)", (packet_id, recipient, notice))
+        return cur.rowcount > 0
+
+    def acks_for(self, packet_id: bytes) -> dict[str, bytes]:
+        rows = self._db.execute("SELECT recipient, notice FROM acks WHERE packet_id = ?", (packet_id,)).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    # --- inbox --------------------------------------------------------------------------------------
+
+    def inbox_path(self, digest: bytes) -> Path:
+        return self.root / "inbox" / f"{digest.hex()}.pkt"
+
+    def inbox_add(
+        self, digest: bytes, packet_id: bytes, sender: str, received: int, labels: dict[str, object], packet: bytes
+    ) -> bool:
+        """Keep a delivered packet (still encrypted). False if it was already there (a redelivery)."""
+        if self.inbox_get(digest) is not None:
+            return False
+        _fsync_write(self.inbox_path(digest), packet)
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO inbox (digest, packet_id, sender, received, size, labels, state) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'new')",
+            (digest, packet_id, sender, received, len(packet), json.dumps(labels)),
+        )
+        return cur.rowcount > 0
+
+    def _inbox(self, where: str, args: tuple[object, ...]) -> list[InboxRow]:
+        rows = self._db.execute(f"SELECT * FROM inbox {where}", args).fetchall()
+        return [InboxRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], bool(r[7]), r[8]) for r in rows]
+
+    def inbox_get(self, digest: bytes) -> InboxRow | None:
+        rows = self._inbox("WHERE digest = ?", (digest,))
+        return rows[0] if rows else None
+
+    def inbox_find(self, prefix: str) -> list[InboxRow]:
+        """Inbox rows whose packet id (hex) starts with `prefix`."""
+        return [r for r in self._inbox("ORDER BY received", ()) if r.packet_id.hex().startswith(prefix.lower())]
+
+    def inbox_all(self) -> list[InboxRow]:
+        return self._inbox("ORDER BY received", ())
+
+    def inbox_unacked(self) -> list[InboxRow]:
+        return self._inbox("WHERE acked = 0 ORDER BY received", ())
+
+    def inbox_mark(
+        self, digest: bytes, *, state: str | None = None, acked: bool | None = None, retraction: str | None = None
+    ) -> None:
+        if state is not None:
+            self._db.execute("UPDATE inbox SET state = ? WHERE digest = ?", (state, digest))
+        if acked is not None:
+            self._db.execute("UPDATE inbox SET acked = ? WHERE digest = ?", (int(acked), digest))
+        if retraction is not None:
+            self._db.execute("UPDATE inbox SET retraction = ? WHERE digest = ?", (retraction, digest))
+
+    # --- small durable values (last verified checkpoint, witness state) ---------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT v FROM kv WHERE k = ?", (key,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def put(self, key: str, value: bytes) -> None:
+        self._db.execute(
+            "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v", (key, value)
+        )
