@@ -17,11 +17,14 @@ def test_outbox_lifecycle_survives_reopen(tmp_path: Path) -> None:
     st.close()
     st = NodeStore.open(tmp_path)
     row = st.outbox_get(PID)
-    assert row is not None and row.attempts == 1 and row.state == "queued"
+    assert row is not None
+    assert row.attempts == 1
+    assert row.state == "queued"
     assert st.outbox_path(PID).read_bytes() == b"sealed-bytes"
     st.outbox_receipted(PID, b"receipt", 7)
     row = st.outbox_get(PID)
-    assert row is not None and (row.state, row.log_index) == ("receipted", 7)
+    assert row is not None
+    assert (row.state, row.log_index) == ("receipted", 7)
     assert st.outbox_due(1e12) == []
     assert st.record_ack(PID, "DEU", b"ack")
     assert not st.record_ack(PID, "DEU", b"ack")
@@ -35,6 +38,8 @@ def test_inbox_dedupes_redeliveries(tmp_path: Path) -> None:
     assert st.inbox_find(PID.hex()[:6])[0].labels == {"tlp": "AMBER"}
     st.inbox_mark(DIG, acked=True, state="read")
     row = st.inbox_get(DIG)
-    assert row is not None and row.acked and row.state == "read"
+    assert row is not None
+    assert row.acked
+    assert row.state == "read"
     st.put("checkpoint", b"cp")
     assert st.get("checkpoint") == b"cp"
