@@ -1,0 +1,49 @@
+"""The tiles HTTP server over a real socket."""
+
+from __future__ import annotations
+
+import functools
+
+import trio
+
+from valise.broker import http
+
+
+async def _resolve(path: str) -> http.Response:
+    if path == "/checkpoint":
+        return http.Response(200, b"origin\n1\nroot\n", "text/plain; charset=utf-8")
+    if path == "/boom":
+        raise RuntimeError("bug")
+    return http.Response(404, b"not found\n")
+
+
+async def _exchange(port: int, raw: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(raw)
+    out = b""
+    with trio.move_on_after(5):
+        while chunk := await stream.receive_some(65536):
+            out += chunk
+    await stream.aclose()
+    return out
+
+
+async def test_get_head_errors_and_keepalive() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(http.serve, _resolve, "127.0.0.1", 0))
+        out = await _exchange(port, b"GET /checkpoint HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"Cache-Control: no-store" in out
+        assert out.endswith(b"origin\n1\nroot\n")
+        # Two requests on one connection, then the client closes.
+        out = await _exchange(port, b"GET /x HTTP/1.1\r\n\r\nHEAD /checkpoint HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert out.count(b"HTTP/1.1 ") == 2
+        assert b"404 Not Found" in out
+        assert not out.endswith(b"root\n")  # HEAD has no body
+        assert b"405" in await _exchange(port, b"POST /checkpoint HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert b"500" in await _exchange(port, b"GET /boom HTTP/1.0\r\n\r\n")
+        assert b"400" in await _exchange(port, b"GARBAGE\r\n\r\n")
+        assert b"400" in await _exchange(port, b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello")
+        # An oversized head gets a 400, not an unbounded buffer.
+        assert b"too large" in await _exchange(port, b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n")
+        nursery.cancel_scope.cancel()
