@@ -1,0 +1,126 @@
+"""The node's local control channel: framing over a Unix socket (an I/O edge; specs/protocol.md, "Control").
+
+Frames are a 4-byte big-endian length and a canonical msgpack map. A request is one map with an "op"; bulk data
+(a payload to send, a plaintext being read) follows as {"op": "data", "data": bytes} frames and one
+{"op": "end"} frame, so a file of any size streams through in bounded memory. Replies carry "ok": true, or
+"ok": false with "error" (a message for a person) and "code" (the process exit code the CLI should use).
+
+The socket file is created mode 0600 inside the node directory: only the node's own user can drive it, and
+the daemon holds the unlocked keys, so the CLI never needs the passphrase.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from valise import encoding
+from valise.errors import LimitError, WireError
+
+MAX_FRAME = 1 << 20  # a control frame; bulk data is split into chunks of at most CHUNK
+CHUNK = 512 * 1024
+
+
+async def send_msg(stream: trio.abc.SendStream, message: dict[str, Any]) -> None:
+    body = encoding.pack(message)
+    if len(body) > MAX_FRAME:
+        raise LimitError(f"control message of {len(body)} bytes is over the limit of {MAX_FRAME}")
+    await stream.send_all(len(body).to_bytes(4, "big") + body)
+
+
+class MessageReader:
+    """Reads frames from a stream, buffering at most one frame."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+
+    async def _fill(self, n: int) -> bool:
+        while len(self._buf) < n:
+            chunk = await self._stream.receive_some(max(65536, n - len(self._buf)))
+            if not chunk:
+                return False
+            self._buf += chunk
+        return True
+
+    async def next(self) -> dict[str, Any] | None:
+        """The next message, or None at a clean end of stream."""
+        if not await self._fill(4):
+            if self._buf:
+                raise WireError("control connection closed inside a frame length")
+            return None
+        size = int.from_bytes(self._buf[:4], "big")
+        if size > MAX_FRAME:
+            raise LimitError(f"control frame of {size} bytes is over the limit of {MAX_FRAME}")
+        if not await self._fill(4 + size):
+            raise WireError("control connection closed inside a frame")
+        body = bytes(self._buf[4 : 4 + size])
+        del self._buf[: 4 + size]
+        value = encoding.unpack(body, what="control message", max_size=MAX_FRAME)
+        if not isinstance(value, dict) or not isinstance(value.get("op", value.get("ok")), str | bool):
+            raise WireError("control message is not a map with 'op' or 'ok'")
+        return value
+
+    async def data(self) -> AsyncIterator[bytes]:
+        """Yield the bytes of the `data` frames up to the `end` frame."""
+        while True:
+            msg = await self.next()
+            if msg is None:
+                raise WireError("control connection closed inside a data stream")
+            if msg.get("op") == "end":
+                return
+            chunk = msg.get("data")
+            if msg.get("op") != "data" or not isinstance(chunk, bytes):
+                raise WireError("expected a data or end frame in a data stream")
+            yield chunk
+
+
+async def send_data(stream: trio.abc.SendStream, source: Any) -> None:
+    """Stream a binary file-like object as data frames and an end frame."""
+    while chunk := source.read(CHUNK):
+        await send_msg(stream, {"op": "data", "data": chunk})
+    await send_msg(stream, {"op": "end"})
+
+
+def socket_path(node_dir: Path) -> Path:
+    return node_dir / "control.sock"
+
+
+# sun_path holds 108 bytes on Linux (104 on BSDs); refuse early with advice instead of a cryptic OSError.
+MAX_SOCKET_PATH = 100
+
+
+def _check_length(path: Path) -> None:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise LimitError(
+            f"control socket path {path} is longer than {MAX_SOCKET_PATH} bytes", hint="use a shorter node directory"
+        )
+
+
+def _remove_stale(path: Path) -> None:
+    # Only a socket left by a dead daemon is removed; a running daemon holds a lock (see node/daemon.py).
+    if path.is_socket():
+        path.unlink()
+
+
+async def listen(path: Path) -> trio.SocketListener:
+    """Bind the control socket with mode 0600 from the start (umask), replacing a stale socket file."""
+    _check_length(path)
+    _remove_stale(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    return trio.SocketListener(sock)
+
+
+async def connect(path: Path) -> trio.SocketStream:
+    _check_length(path)
+    return await trio.open_unix_socket(str(path))
