@@ -1,0 +1,110 @@
+"""A node's directory (an I/O edge).
+
+Layout of `D` (created by `valise node init`):
+- `config.json`    member id, identity directory, broker address, pinned log key (or none yet);
+- `broker.pub`     the broker's public bundle, copied at init: its TLS certificate is pinned, its identity key
+                   verifies receipts;
+- `node.db`, `outbox/`, `inbox/`   the durable store (node/store.py);
+- `control.sock`   the control socket while the daemon runs; `node.lock` held by the running daemon.
+
+The log key is pinned like an SSH host key: given with `--log-key` (the `vkey` that `valise broker info`
+prints, the safe way), or learned from the broker's first welcome and pinned from then on. Either way every
+checkpoint after the first must be consistent with the ones before.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from valise import identity, keyfiles
+from valise.errors import StoreError, UsageError
+
+NODE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    member_id: str
+    identity_dir: Path
+    broker_host: str
+    broker_port: int
+    log_vkey: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": NODE_VERSION,
+                "member_id": self.member_id,
+                "identity": str(self.identity_dir),
+                "broker": f"{self.broker_host}:{self.broker_port}",
+                "log_vkey": self.log_vkey,
+            },
+            indent=2,
+        )
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"address {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class NodeHome:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def broker_bundle_path(self) -> Path:
+        return self.root / "broker.pub"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "node.lock"
+
+    @classmethod
+    def create(cls, root: Path, identity_dir: Path, broker: str, broker_pub: Path, log_vkey: str | None) -> NodeHome:
+        home = cls(root)
+        if home.config_path.exists():
+            raise UsageError(f"{root} is already a node directory")
+        member_id = keyfiles.find_member_id(identity_dir)
+        keyfiles.load_bundle(identity_dir / f"{member_id}.pub")  # verifies it
+        keyfiles.load_bundle(broker_pub)  # a broken or forged broker bundle is refused now, not at first connect
+        host, port = parse_address(broker)
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(broker_pub, home.broker_bundle_path)
+        config = NodeConfig(member_id, identity_dir.resolve(), host, port, log_vkey)
+        keyfiles.write_public(home.config_path, config.to_json().encode() + b"\n")
+        return home
+
+    @classmethod
+    def open(cls, root: Path) -> NodeHome:
+        home = cls(root)
+        if not home.config_path.is_file():
+            raise StoreError(f"{root} is not a node directory", hint="create one with valise node init")
+        return home
+
+    def config(self) -> NodeConfig:
+        try:
+            raw = json.loads(self.config_path.read_text())
+            if raw.get("version") != NODE_VERSION:
+                raise StoreError(f"{self.config_path} has unsupported version {raw.get('version')!r}")
+            host, port = parse_address(raw["broker"])
+            return NodeConfig(
+                identity.check_member_id(raw["member_id"]), Path(raw["identity"]), host, port, raw.get("log_vkey")
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise StoreError(f"{self.config_path} is unreadable: {exc}") from None
+
+    def pin_log_key(self, vkey: str) -> None:
+        keyfiles.write_public(self.config_path, replace(self.config(), log_vkey=vkey).to_json().encode() + b"\n")
+
+    def broker_bundle(self) -> identity.PublicBundle:
+        return keyfiles.load_bundle(self.broker_bundle_path)
