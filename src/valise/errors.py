@@ -154,6 +154,29 @@ class WireError(Error):
     """A peer sent bytes that break the wire protocol (bad frame, over a limit, out of order)."""
 
 
+class ProtocolError(WireError):
+    """A wire-protocol rule was broken; `code` is the machine-readable code for the `error` frame (specs/wire.md)."""
+
+    def __init__(self, what: str, *, code: str = "protocol-error", hint: str | None = None) -> None:
+        self.code = code
+        super().__init__(what, hint=hint)
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to send something the wire protocol forbids, or fed the state machine wrongly (a bug)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the wire protocol: send it an `error` frame with `code`, then close the connection."""
+
+
+class FrameTooLarge(RemoteProtocolError, LimitError):
+    """A frame's length prefix is over the limit; refused from the prefix alone, before the body is buffered."""
+
+    def __init__(self, what: str, *, hint: str | None = None) -> None:
+        super().__init__(what, code="frame-too-large", hint=hint)
+
+
 class RemoteError(Error):
     """The other side answered with an error frame; `code` is its machine-readable code."""
 
