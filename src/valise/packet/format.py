@@ -1,0 +1,354 @@
+"""Packet v1 wire format: limits, byte layout, core and header encoding, and the incremental head parser (pure).
+
+    packet     = magic (7) ‖ version (1) ‖ header length (u32 BE) ‖ header ‖ signature (64) ‖ ciphertext
+    magic      = "VALISE" 0x00, version = 0x01
+    header     = canonical msgpack {core, ct_len, ct_sha256, key_commit, stanzas}
+    core       = canonical msgpack {v, id, created, expires, from, to, labels}   (carried as bytes in header)
+    signature  = Ed25519 over "valise/v1/packet-header" 0x00 ‖ header
+
+specs/packet.md is the authority; this module is its executable form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from valise import encoding, identity
+from valise.crypto import padding, sign, stream
+from valise.errors import (
+    EncodingError,
+    LabelError,
+    MemberIdError,
+    PacketFormatError,
+    PacketLimitError,
+    PacketSignatureError,
+    PacketVersionError,
+    PayloadError,
+    SenderMismatchError,
+    SignatureError,
+    StanzaError,
+    TrailingDataError,
+    TruncatedError,
+)
+from valise.labels import Labels
+
+MAGIC = b"VALISE\x00"
+VERSION = 1
+PREFIX_SIZE = len(MAGIC) + 1 + 4  # magic, version byte, header length
+SIGNATURE_SIZE = sign.SIGNATURE_SIZE
+
+# Limits, all checked before any crypto and before allocating for the thing they bound (specs/packet.md).
+MAX_RECIPIENTS = 256
+MAX_STANZAS_PER_RECIPIENT = 4
+MAX_STANZA_BODY = 4096  # room for a post-quantum hybrid stanza (an ML-KEM-1024 ciphertext is 1568 bytes)
+MAX_HEADER = 512 * 1024
+MAX_CORE = 32 * 1024
+MAX_CIPHERTEXT = 1 << 32  # 4 GiB
+
+PACKET_ID_SIZE = 16
+CONTENT_KEY_SIZE = 32
+HASH_SIZE = 32
+
+HEADER_DOMAIN = sign.domain("packet-header")
+AAD_DOMAIN = b"valise/v1/payload-aad\x00"
+
+X25519_STANZA = "X25519-HPKE-v1"
+X25519_STANZA_BODY = 32 + 32 + 16  # enc ‖ sealed K ‖ tag
+STANZA_TYPE = re.compile(r"[A-Za-z0-9.+-]{1,32}")
+
+_CORE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "v": int,
+    "id": bytes,
+    "created": int,
+    "expires": int,
+    "from": str,
+    "to": list,
+    "labels": dict,
+}
+_HEADER_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "core": bytes,
+    "ct_len": int,
+    "ct_sha256": bytes,
+    "key_commit": bytes,
+    "stanzas": list,
+}
+_STANZA_FIELDS: dict[str, type | tuple[type, ...]] = {"type": str, "to": str, "body": bytes}
+
+
+def max_payload_size() -> int:
+    """The largest payload whose packet's ciphertext fits MAX_CIPHERTEXT."""
+    lo, hi = 0, MAX_CIPHERTEXT
+    while lo < hi:  # largest L with ciphertext_size(padded_size(L)) ≤ MAX_CIPHERTEXT (monotone in L)
+        mid = (lo + hi + 1) // 2
+        if stream.ciphertext_size(padding.padded_size(mid)) <= MAX_CIPHERTEXT:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+MAX_PAYLOAD = max_payload_size()
+
+
+def payload_aad(core: bytes) -> bytes:
+    """AAD of every payload chunk: binds the chunks to this exact core (packet id, sender, recipients, labels)."""
+    return hashlib.sha256(AAD_DOMAIN + core).digest()
+
+
+def stanza_info(stanza_type: str, packet_id: bytes, sender: str, recipient: str) -> bytes:
+    """HPKE `info` of a stanza: binds the sealed K to the stanza type, packet, sender and recipient.
+
+    Member ids are 1-64 ASCII characters, so a one-byte length prefix makes the encoding injective."""
+    kind = stanza_type.encode()
+    s, r = sender.encode(), recipient.encode()
+    return (
+        b"valise/v1/stanza\x00" + bytes((len(kind),)) + kind + packet_id + bytes((len(s),)) + s + bytes((len(r),)) + r
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Core:
+    """The decoded core; `raw` is the exact bytes that were signed and hashed into the AAD."""
+
+    packet_id: bytes
+    created: int
+    expires: int
+    sender: str
+    recipients: tuple[str, ...]
+    labels: Labels
+    raw: bytes
+
+    @classmethod
+    def make(
+        cls,
+        packet_id: bytes,
+        created: int,
+        expires: int,
+        sender: str,
+        recipients: tuple[str, ...],
+        labels: Labels,
+    ) -> Core:
+        raw = encoding.pack(
+            {
+                "v": VERSION,
+                "id": packet_id,
+                "created": created,
+                "expires": expires,
+                "from": sender,
+                "to": list(recipients),
+                "labels": labels.to_map(),
+            }
+        )
+        return cls.parse(raw)
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Core:
+        try:
+            m = encoding.unpack_map(raw, what="packet core", max_size=MAX_CORE, fields=_CORE_FIELDS)
+        except EncodingError as exc:
+            raise PacketFormatError(f"malformed packet: {exc.what}") from None
+        if m["v"] != VERSION:
+            raise PacketVersionError(f"packet core version {m['v']} is not supported (expected {VERSION})")
+        if len(m["id"]) != PACKET_ID_SIZE:
+            raise PacketFormatError(f"packet id is {len(m['id'])} bytes, expected {PACKET_ID_SIZE}")
+        if not 0 <= m["created"] < m["expires"] < 2**63:
+            raise PacketFormatError("packet times are not valid (need 0 ≤ created < expires < 2^63)")
+        to = m["to"]
+        if not 1 <= len(to) <= MAX_RECIPIENTS:
+            raise PacketLimitError(f"packet has {len(to)} recipients; 1 to {MAX_RECIPIENTS} are allowed")
+        try:
+            identity.check_member_id(m["from"])
+            for r in to:
+                identity.check_member_id(r)
+            labels = Labels.from_map(m["labels"])
+        except (MemberIdError, LabelError) as exc:
+            raise PacketFormatError(f"malformed packet core: {exc.what}") from None
+        if to != sorted(set(to)):
+            raise PacketFormatError("packet recipients are not sorted and unique")
+        return cls(m["id"], m["created"], m["expires"], m["from"], tuple(to), labels, raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Stanza:
+    type: str
+    recipient: str
+    body: bytes
+
+    def to_map(self) -> dict[str, Any]:
+        return {"type": self.type, "to": self.recipient, "body": self.body}
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    core: Core
+    ct_len: int
+    ct_sha256: bytes
+    key_commit: bytes
+    stanzas: tuple[Stanza, ...]
+    raw: bytes
+
+    @property
+    def padded_size(self) -> int:
+        size = stream.padded_size_of(self.ct_len)
+        assert size is not None  # checked by parse
+        return size
+
+    @staticmethod
+    def encode(core: Core, ct_len: int, ct_sha256: bytes, key_commit: bytes, stanzas: tuple[Stanza, ...]) -> bytes:
+        return encoding.pack(
+            {
+                "core": core.raw,
+                "ct_len": ct_len,
+                "ct_sha256": ct_sha256,
+                "key_commit": key_commit,
+                "stanzas": [s.to_map() for s in stanzas],
+            }
+        )
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Header:
+        """Decode and check a header: canonical form, limits, lengths, stanzas consistent with `to`."""
+        if len(raw) > MAX_HEADER:
+            raise PacketLimitError(f"packet header is {len(raw)} bytes, over the limit of {MAX_HEADER}")
+        try:
+            m = encoding.unpack_map(raw, what="packet header", max_size=MAX_HEADER, fields=_HEADER_FIELDS)
+        except EncodingError as exc:
+            raise PacketFormatError(f"malformed packet: {exc.what}") from None
+        core = Core.parse(m["core"])
+        ct_len = m["ct_len"]
+        if not 0 < ct_len <= MAX_CIPHERTEXT:
+            raise PacketLimitError(f"ciphertext length {ct_len} is outside 1..{MAX_CIPHERTEXT}")
+        padded = stream.padded_size_of(ct_len)
+        if padded is None or padding.padme(padded) != padded:
+            raise PacketFormatError(f"ciphertext length {ct_len} is not that of a padded payload")
+        if len(m["ct_sha256"]) != HASH_SIZE or len(m["key_commit"]) != HASH_SIZE:
+            raise PacketFormatError("ciphertext hash and key commitment must be 32 bytes each")
+        raw_stanzas = m["stanzas"]
+        if len(raw_stanzas) > MAX_STANZAS_PER_RECIPIENT * len(core.recipients):
+            raise PacketLimitError(f"packet has {len(raw_stanzas)} stanzas for {len(core.recipients)} recipients")
+        stanzas = tuple(_parse_stanza(s, i) for i, s in enumerate(raw_stanzas))
+        keys = [(s.recipient, s.type) for s in stanzas]
+        if keys != sorted(set(keys)):
+            raise StanzaError("stanzas are not sorted by (recipient, type) and unique")
+        if {s.recipient for s in stanzas} != set(core.recipients):
+            raise StanzaError("stanzas do not match the packet's recipients one for one")
+        return cls(core, ct_len, m["ct_sha256"], m["key_commit"], stanzas, raw)
+
+
+def _parse_stanza(value: Any, index: int) -> Stanza:
+    try:
+        m = encoding.check_map(value, what=f"stanza {index}", fields=_STANZA_FIELDS)
+    except EncodingError as exc:
+        raise PacketFormatError(f"malformed packet: {exc.what}") from None
+    if not STANZA_TYPE.fullmatch(m["type"]):
+        raise PacketFormatError(f"stanza {index} has an invalid type")
+    if len(m["body"]) > MAX_STANZA_BODY:
+        raise PacketLimitError(f"stanza {index} body is {len(m['body'])} bytes, over {MAX_STANZA_BODY}")
+    if m["type"] == X25519_STANZA and len(m["body"]) != X25519_STANZA_BODY:
+        raise StanzaError(f"stanza {index} ({X25519_STANZA}) body is not {X25519_STANZA_BODY} bytes")
+    return Stanza(m["type"], m["to"], m["body"])
+
+
+@dataclass(frozen=True, slots=True)
+class NeedMore:
+    """`parse_head` needs at least `size` bytes of the packet in total."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A parsed (not yet verified) packet head: everything before the ciphertext."""
+
+    header: Header
+    signature: bytes
+    head_size: int  # offset of the ciphertext
+
+    @property
+    def total_size(self) -> int:
+        return self.head_size + self.header.ct_len
+
+    @property
+    def digest(self) -> bytes:
+        """The header digest: SHA-256 of the signed header bytes (what the log records)."""
+        return hashlib.sha256(self.header.raw).digest()
+
+    @property
+    def core(self) -> Core:
+        return self.header.core
+
+    def verify(self, sender: identity.PublicBundle) -> None:
+        """Check that `sender` is the packet's sender and signed this header."""
+        core = self.header.core
+        if core.sender != sender.member_id:
+            raise SenderMismatchError(
+                f"packet is from {core.sender}, but the sender key given is {sender.member_id}'s",
+                hint=f"check it against {core.sender}'s public bundle",
+            )
+        try:
+            sign.verify(sender.sign_key, HEADER_DOMAIN, self.header.raw, self.signature, what="packet header")
+        except SignatureError as exc:
+            raise PacketSignatureError(
+                f"{exc.what} under {sender.member_id}'s identity key", hint="the packet was altered or forged"
+            ) from None
+
+
+def parse_prefix(prefix: bytes) -> int:
+    """Check magic and version and return the header length (bounded) from the first PREFIX_SIZE bytes."""
+    if prefix[: len(MAGIC)] != MAGIC[: len(prefix)]:
+        raise PacketFormatError("not a valise packet (bad magic)")
+    if len(prefix) < PREFIX_SIZE:
+        raise TruncatedError(f"packet ends after {len(prefix)} bytes, inside its prefix")
+    if prefix[len(MAGIC)] != VERSION:
+        raise PacketVersionError(f"packet version {prefix[len(MAGIC)]} is not supported (expected {VERSION})")
+    header_len = int.from_bytes(prefix[len(MAGIC) + 1 : PREFIX_SIZE], "big")
+    if header_len > MAX_HEADER:
+        raise PacketLimitError(f"packet header is {header_len} bytes, over the limit of {MAX_HEADER}")
+    return header_len
+
+
+def parse_head(data: bytes) -> NeedMore | Head:
+    """Incremental head parser for a packet arriving in pieces (the broker's path).
+
+    Given the bytes received so far (a prefix of the packet), return NeedMore(n) if the head is not complete
+    (n = bytes needed in total so far as known), or the parsed Head. Limits are checked as soon as the length
+    prefix is in, so a hostile length costs nothing. The signature is not checked: call `Head.verify`.
+    """
+    if len(data) < PREFIX_SIZE:
+        if data[: len(MAGIC)] != MAGIC[: min(len(data), len(MAGIC))]:
+            raise PacketFormatError("not a valise packet (bad magic)")
+        if len(data) > len(MAGIC) and data[len(MAGIC)] != VERSION:
+            raise PacketVersionError(f"packet version {data[len(MAGIC)]} is not supported (expected {VERSION})")
+        return NeedMore(PREFIX_SIZE)
+    header_len = parse_prefix(data[:PREFIX_SIZE])
+    head_size = PREFIX_SIZE + header_len + SIGNATURE_SIZE
+    if len(data) < head_size:
+        return NeedMore(head_size)
+    header = Header.parse(bytes(data[PREFIX_SIZE : PREFIX_SIZE + header_len]))
+    return Head(header, bytes(data[PREFIX_SIZE + header_len : head_size]), head_size)
+
+
+class CiphertextHasher:
+    """Checks that streamed ciphertext has exactly the signed length and SHA-256 (for a relay without K)."""
+
+    __slots__ = ("_hash", "_header", "received")
+
+    def __init__(self, header: Header) -> None:
+        self._header = header
+        self._hash = hashlib.sha256()
+        self.received = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        if self.received + len(data) > self._header.ct_len:
+            raise TrailingDataError(f"more than the {self._header.ct_len} ciphertext bytes the header states")
+        self._hash.update(data)
+        self.received += len(data)
+
+    def finish(self) -> None:
+        if self.received != self._header.ct_len:
+            raise TruncatedError(f"ciphertext ends after {self.received} of {self._header.ct_len} bytes")
+        if self._hash.digest() != self._header.ct_sha256:
+            raise PayloadError("ciphertext does not match the SHA-256 in the signed header")

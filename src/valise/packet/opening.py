@@ -1,0 +1,236 @@
+"""Open and inspect a packet v1 (pure: reads and writes only the streams passed in; the clock is `now`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from cryptography.exceptions import InvalidTag
+
+from valise import identity
+from valise.crypto import hpke, padding, stream
+from valise.errors import (
+    ExpiredError,
+    NotARecipientError,
+    PacketError,
+    PayloadError,
+    StanzaError,
+    TrailingDataError,
+    TruncatedError,
+)
+from valise.labels import Labels
+from valise.packet.format import (
+    CONTENT_KEY_SIZE,
+    PREFIX_SIZE,
+    SIGNATURE_SIZE,
+    X25519_STANZA,
+    CiphertextHasher,
+    Head,
+    Header,
+    parse_prefix,
+    payload_aad,
+    stanza_info,
+)
+
+# A packet created this far in the future (by the sender's clock) is refused: clocks disagree a little, a
+# packet stamped days ahead is a mistake or an attempt to outlive its expiry checks.
+MAX_CLOCK_SKEW = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """What a recipient learns from a verified packet (the payload went to the output stream)."""
+
+    packet_id: bytes
+    sender: str
+    recipients: tuple[str, ...]
+    labels: Labels
+    created: int
+    expires: int
+    header_digest: bytes
+    payload_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "packet_id": self.packet_id.hex(),
+            "from": self.sender,
+            "to": list(self.recipients),
+            "labels": self.labels.to_json(),
+            "created": self.created,
+            "expires": self.expires,
+            "header_digest": self.header_digest.hex(),
+            "payload_size": self.payload_size,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """What a broker sees: no payload, no key, but every signed fact and its verification status."""
+
+    packet_id: bytes
+    sender: str
+    recipients: tuple[str, ...]
+    labels: Labels
+    created: int
+    expires: int
+    header_size: int
+    ciphertext_size: int
+    packet_size: int
+    header_digest: bytes
+    stanza_types: tuple[str, ...]
+    signature_verified: bool
+    ciphertext_verified: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "packet_id": self.packet_id.hex(),
+            "from": self.sender,
+            "to": list(self.recipients),
+            "labels": self.labels.to_json(),
+            "created": self.created,
+            "expires": self.expires,
+            "header_size": self.header_size,
+            "ciphertext_size": self.ciphertext_size,
+            "packet_size": self.packet_size,
+            "header_digest": self.header_digest.hex(),
+            "stanza_types": list(self.stanza_types),
+            "signature_verified": self.signature_verified,
+            "ciphertext_verified": self.ciphertext_verified,
+        }
+
+
+def read_head(src: BinaryIO) -> Head:
+    """Read and parse the head (prefix, header, signature) from a stream; limits before reading the header."""
+    prefix = src.read(PREFIX_SIZE)
+    header_len = parse_prefix(prefix)
+    rest = src.read(header_len + SIGNATURE_SIZE)
+    if len(rest) < header_len + SIGNATURE_SIZE:
+        raise TruncatedError(f"packet ends inside its header ({PREFIX_SIZE + len(rest)} bytes)")
+    header = Header.parse(rest[:header_len])
+    return Head(header, rest[header_len:], PREFIX_SIZE + header_len + SIGNATURE_SIZE)
+
+
+def check_time(head: Head, now: int) -> None:
+    core = head.core
+    if now >= core.expires:
+        raise ExpiredError(f"packet expired at {core.expires} (now {now})", hint="ask the sender to send it again")
+    if core.created > now + MAX_CLOCK_SKEW:
+        raise ExpiredError(f"packet is dated {core.created - now} s in the future", hint="check both clocks")
+
+
+def _content_key(head: Head, me: identity.Identity) -> bytes:
+    core = head.core
+    if me.member_id not in core.recipients:
+        raise NotARecipientError(
+            f"{me.member_id} is not a recipient of this packet (it is for {', '.join(core.recipients)})"
+        )
+    mine = [s for s in head.header.stanzas if s.recipient == me.member_id and s.type == X25519_STANZA]
+    if not mine:  # stanzas of types we cannot use are skipped, as the format requires
+        raise NotARecipientError(f"no stanza of a type {me.member_id} can open ({X25519_STANZA})")
+    info = stanza_info(X25519_STANZA, core.packet_id, core.sender, me.member_id)
+    try:
+        key = hpke.open_(me.enc_private, info, mine[0].body)
+    except (InvalidTag, ValueError):
+        raise StanzaError(
+            f"the stanza for {me.member_id} does not open",
+            hint="it was sealed to another key, or for another packet or sender",
+        ) from None
+    if len(key) != CONTENT_KEY_SIZE:
+        raise StanzaError(f"the stanza for {me.member_id} holds a {len(key)}-byte key, expected {CONTENT_KEY_SIZE}")
+    if stream.key_commitment(key, core.packet_id) != head.header.key_commit:
+        raise StanzaError("the content key does not match the header's key commitment")
+    return key
+
+
+def open_packet(
+    src: BinaryIO, out: BinaryIO, *, me: identity.Identity, sender: identity.PublicBundle, now: int
+) -> Opened:
+    """Verify and decrypt a packet from `src`, writing the payload to `out`.
+
+    Checks, in order: framing and limits, sender identity and header signature, time, recipient and stanza,
+    key commitment, then every chunk (order, last flag), the padding, the length and the ciphertext hash,
+    and that nothing follows. Payload bytes are written as chunks authenticate; if an error is raised the
+    caller must discard what was written (the CLI writes to a temporary file and renames on success).
+    """
+    head = read_head(src)
+    head.verify(sender)
+    check_time(head, now)
+    key = _content_key(head, me)
+    header = head.header
+    core = header.core
+    dec = stream.Decryptor(stream.payload_key(key, core.packet_id), payload_aad(core.raw))
+    hasher = CiphertextHasher(header)
+    unpad = padding.Unpadder(out.write)
+    remaining = header.ct_len
+    while remaining:
+        n = min(stream.CT_CHUNK, remaining)
+        chunk = src.read(n)
+        while len(chunk) < n:  # short reads from pipes
+            more = src.read(n - len(chunk))
+            if not more:
+                raise TruncatedError(
+                    f"ciphertext ends after {header.ct_len - remaining + len(chunk)} of {header.ct_len} bytes"
+                )
+            chunk += more
+        remaining -= n
+        hasher.update(chunk)
+        try:
+            unpad.feed(dec.open(chunk, last=remaining == 0))
+        except stream.ChunkError as exc:
+            raise PayloadError(f"payload {exc}", hint="the ciphertext was modified, reordered or cut") from None
+    if src.read(1):
+        raise TrailingDataError("bytes follow the end of the packet")
+    hasher.finish()
+    try:
+        size = unpad.finish()
+    except ValueError as exc:
+        raise PayloadError(f"payload {exc}") from None
+    return Opened(
+        core.packet_id,
+        core.sender,
+        core.recipients,
+        core.labels,
+        core.created,
+        core.expires,
+        head.digest,
+        size,
+    )
+
+
+def inspect_packet(
+    src: BinaryIO, *, sender: identity.PublicBundle | None = None, check_ciphertext: bool = True
+) -> Inspection:
+    """Parse a packet as a broker would; verify the signature if `sender` is given, and (by default) that the
+    ciphertext has the signed length and hash and that nothing follows it."""
+    head = read_head(src)
+    if sender is not None:
+        head.verify(sender)
+    if check_ciphertext:
+        hasher = CiphertextHasher(head.header)
+        while hasher.received < head.header.ct_len:
+            data = src.read(min(1 << 20, head.header.ct_len - hasher.received))
+            if not data:
+                break
+            hasher.update(data)
+        if src.read(1):
+            raise TrailingDataError("bytes follow the end of the packet")
+        hasher.finish()
+    core = head.core
+    return Inspection(
+        core.packet_id,
+        core.sender,
+        core.recipients,
+        core.labels,
+        core.created,
+        core.expires,
+        len(head.header.raw),
+        head.header.ct_len,
+        head.total_size,
+        head.digest,
+        tuple(sorted({s.type for s in head.header.stanzas})),
+        sender is not None,
+        check_ciphertext,
+    )
+
+
+__all__ = ["Inspection", "Opened", "PacketError", "check_time", "inspect_packet", "open_packet", "read_head"]
