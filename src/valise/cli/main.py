@@ -17,6 +17,7 @@ from valise.errors import Error
 
 COMMAND_MODULES = [
     "valise.cli.keys",
+    "valise.cli.packet",
     "valise.cli.broker_log",
 ]
 
