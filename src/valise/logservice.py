@@ -1,0 +1,244 @@
+"""The log service: batching, checkpoint signing and the read side over a log store (time passed in).
+
+This is the object the broker daemon drives (issue #5); it does no I/O of its own beyond its store:
+- `add(entry)` queues an entry; `flush()` appends the queued batch in one transaction (group commit) and says
+  which indexes it got; `due(now)` / `tick(now)` apply the cadence (a batch is cut every `interval` seconds, or
+  as soon as `max_batch` entries wait).
+- `sign()` signs a checkpoint of the *durable* tree only, and never one that goes backwards: the last signed
+  checkpoint is persisted with the store, and before signing a new one the service checks that the store
+  still holds that tree (same size or larger, same root at that size). A checkpoint is saved before it is
+  returned, so every checkpoint anyone has seen is also in the store.
+- `inclusion_proof`, `consistency_proof` and `read(path)` serve the C2SP tlog-tiles read side.
+
+Clock: `now` is any float clock that never goes backwards (the daemon passes trio's), used only for cadence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from valise.crypto import sign
+from valise.errors import CheckpointError, LimitError, StoreError, UsageError
+from valise.store.base import MAX_ENTRY_SIZE, LogStorage
+from valise.store.layout import TILE_WIDTH, Tile, entry_bundle, hash_tile_indexes, parse_tile_path
+from valise.tlog import merkle, note
+
+DEFAULT_INTERVAL = 1.0
+DEFAULT_MAX_BATCH = 4096
+# Entries waiting for a flush beyond this are refused: the broker must slow its clients, not grow without bound.
+DEFAULT_MAX_PENDING = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """A file of the tlog-tiles read side. Full tiles never change (`immutable`); the checkpoint does."""
+
+    body: bytes
+    immutable: bool
+    content_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class SignedCheckpoint:
+    size: int
+    root: bytes
+    note: bytes
+
+
+class LogService:
+    """Batching and checkpoints for one log (one origin, one signing key) over a store."""
+
+    def __init__(
+        self,
+        store: LogStorage,
+        origin: str,
+        key: sign.SigningKey,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        if interval < 0 or max_batch < 1 or max_pending < max_batch:
+            raise UsageError("log cadence needs interval >= 0 and 1 <= max_batch <= max_pending")
+        self.store = store
+        self.origin = origin
+        self.key = key
+        # C2SP tlog-checkpoint: the log's key is named after its origin.
+        self.signer = note.Ed25519Signer(origin, key)
+        self.verifier = self.signer.verifier()
+        self.interval = interval
+        self.max_batch = max_batch
+        self.max_pending = max_pending
+        self._pending: list[bytes] = []
+        self._oldest: float | None = None
+        self._latest: SignedCheckpoint | None = self._load_saved()
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def _load_saved(self) -> SignedCheckpoint | None:
+        saved = self.store.load_checkpoint()
+        if saved is None:
+            return None
+        size = saved[0]
+        cp_size, root = _open_checkpoint(saved[1], self.origin, self.verifier)
+        if cp_size != size:
+            raise StoreError(f"the saved checkpoint says size {cp_size} but was saved as size {size}")
+        return SignedCheckpoint(size, root, saved[1])
+
+    @property
+    def latest(self) -> SignedCheckpoint | None:
+        """The last signed checkpoint (None before the first `sign()`)."""
+        return self._latest
+
+    def sign(self) -> SignedCheckpoint:
+        """Sign (and persist) a checkpoint of every durable entry; return the latest if nothing was added."""
+        size = self.store.size()
+        prev = self._load_saved()  # re-read: another process may have signed since we last looked
+        if prev is not None:
+            if size < prev.size:
+                raise CheckpointError(
+                    f"the store holds {size} entries but checkpoint {prev.size} was signed",
+                    hint="was the database restored from an old backup? refusing to sign a tree that goes back",
+                )
+            if merkle.tree_hash(prev.size, self.store) != prev.root:
+                raise CheckpointError(
+                    f"the store's tree of size {prev.size} does not match the signed checkpoint of that size",
+                    hint="the database was altered; refusing to sign a fork",
+                )
+            if size == prev.size:
+                self._latest = prev
+                return prev
+        root = merkle.tree_hash(size, self.store)
+        signed = note.sign_note(_checkpoint_text(self.origin, size, root), [self.signer])
+        self.store.save_checkpoint(size, signed)
+        self._latest = SignedCheckpoint(size, root, signed)
+        return self._latest
+
+    # --- appends -------------------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, entry: bytes, now: float) -> int:
+        """Queue `entry`; return its position in the batch that the next `flush()` appends."""
+        if len(entry) > MAX_ENTRY_SIZE:
+            raise LimitError(f"log entry is {len(entry)} bytes, over the limit of {MAX_ENTRY_SIZE}")
+        if len(self._pending) >= self.max_pending:
+            raise LimitError(f"{len(self._pending)} log entries are waiting for a flush", hint="retry later")
+        if not self._pending:
+            self._oldest = now
+        self._pending.append(bytes(entry))
+        return len(self._pending) - 1
+
+    def due(self, now: float) -> bool:
+        """Whether the cadence asks for a flush now."""
+        if not self._pending:
+            return False
+        assert self._oldest is not None
+        return len(self._pending) >= self.max_batch or now - self._oldest >= self.interval
+
+    def next_due(self) -> float | None:
+        """When the pending batch falls due (None if nothing waits)."""
+        return None if self._oldest is None or not self._pending else self._oldest + self.interval
+
+    def flush(self) -> range:
+        """Append every queued entry durably (one transaction per `max_batch`); return the indexes they got.
+
+        On a store error the batch stays queued and nothing of it is in the log.
+        """
+        batch = self._pending
+        if not batch:
+            n = self.store.size()
+            return range(n, n)
+        first = None
+        done = 0
+        try:
+            while done < len(batch):
+                part = batch[done : done + self.max_batch]
+                start = self.store.append(part)
+                if first is not None and start != first + done:
+                    raise StoreError("another writer appended in the middle of a flush; indexes are not contiguous")
+                first = start if first is None else first
+                done += len(part)
+        finally:
+            del batch[:done]
+            if not batch:
+                self._oldest = None
+        assert first is not None
+        return range(first, first + done)
+
+    def tick(self, now: float) -> SignedCheckpoint | None:
+        """If the batch is due: flush it and sign the new tree. Returns the new checkpoint, if any."""
+        if not self.due(now):
+            return None
+        self.flush()
+        return self.sign()
+
+    def append_and_sign(self, entries: Sequence[bytes], now: float) -> tuple[range, SignedCheckpoint]:
+        """Queue, flush and sign at once (CLI tools and tests; the daemon uses the cadence)."""
+        for e in entries:
+            self.add(e, now)
+        got = self.flush()
+        return got, self.sign()
+
+    # --- read side -----------------------------------------------------------------------------------
+
+    def _signed_size(self, size: int | None) -> int:
+        latest = self._latest
+        if latest is None:
+            raise CheckpointError("the log has no signed checkpoint yet", hint="run valise broker init")
+        if size is None:
+            return latest.size
+        if not 0 <= size <= latest.size:
+            raise UsageError(f"tree size {size} is not within the signed tree of {latest.size} entries")
+        return size
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        """Proof that entry `index` is in the tree of `size` entries (default: the latest checkpoint)."""
+        n = self._signed_size(size)
+        if not 0 <= index < n:
+            raise UsageError(f"entry {index} is not in the tree of {n} entries")
+        return merkle.inclusion_proof(index, n, self.store)
+
+    def consistency_proof(self, size1: int, size2: int | None = None) -> list[bytes]:
+        """Proof that the tree of `size1` entries is a prefix of that of `size2` (default: latest checkpoint)."""
+        n = self._signed_size(size2)
+        if not 0 <= size1 <= n:
+            raise UsageError(f"old tree size {size1} is not within the tree of {n} entries")
+        return merkle.consistency_proof(size1, n, self.store)
+
+    def tile(self, tile: Tile) -> bytes:
+        """The bytes of a hash tile or entry bundle; refused (StoreError) unless the log holds all of it."""
+        size = self.store.size()
+        if tile.covers > size:
+            raise StoreError(f"{tile.path()} is beyond the {size} entries of the log")
+        if tile.entries:
+            lo = tile.index * TILE_WIDTH
+            return entry_bundle(self.store.entries(lo, lo + tile.width))
+        return b"".join(self.store.read_hashes(hash_tile_indexes(tile)))
+
+    def read(self, path: str) -> Resource | None:
+        """Serve one path of the tlog-tiles layout (`checkpoint`, `tile/...`); None if there is no such file."""
+        if path == "checkpoint":
+            latest = self._latest
+            return None if latest is None else Resource(latest.note, False, "text/plain; charset=utf-8")
+        try:
+            tile = parse_tile_path(path)
+            return Resource(self.tile(tile), immutable=tile.width == TILE_WIDTH)
+        except (UsageError, StoreError):
+            return None
+
+
+# TODO(tlog.checkpoint): use the core's checkpoint module once it lands; this is the C2SP body it must match.
+def _checkpoint_text(origin: str, size: int, root: bytes) -> str:
+    return f"{origin}\n{size}\n{note.b64(root)}\n"
+
+
+def _open_checkpoint(signed: bytes, origin: str, verifier: note.Ed25519Verifier) -> tuple[int, bytes]:
+    text = note.open_note(signed, [verifier]).text
+    lines = text.split("\n")
+    if len(lines) < 4 or lines[0] != origin or not lines[1].isdigit() or str(int(lines[1])) != lines[1]:
+        raise CheckpointError(f"the saved checkpoint is not a checkpoint of {origin}")
+    return int(lines[1]), note.b64decode_strict(lines[2], "checkpoint root hash")
