@@ -132,6 +132,10 @@ class CheckpointError(NoteError):
     """A checkpoint's body is malformed, or it is inconsistent with (or older than) one already seen."""
 
 
+class TileError(ProofError):
+    """A tlog-tiles path, tile or entry bundle is malformed, or does not match the tree it claims to be part of."""
+
+
 class StoreError(Error):
     """The durable store is missing, corrupt, or refused an operation."""
 
