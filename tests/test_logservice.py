@@ -8,20 +8,12 @@ from pathlib import Path
 import pytest
 
 from valise.crypto import sign
-from valise.errors import CheckpointError, LimitError, NoteError, ProofError, StoreError, UsageError
+from valise.errors import CheckpointError, LimitError, NoteError, ProofError, StoreError, TileError, UsageError
 from valise.logservice import LogService
 from valise.store import MAX_ENTRY_SIZE, MemoryLog
-from valise.store.export import export_tiles, parse_checkpoint, verify_export
-from valise.store.layout import (
-    Tile,
-    entry_bundle,
-    format_index,
-    parse_entry_bundle,
-    parse_tile_path,
-    tiles_for_size,
-)
+from valise.store.export import all_tiles, export_tiles, verify_export
 from valise.store.sqlite import SqliteLog
-from valise.tlog import merkle, note
+from valise.tlog import checkpoint, merkle, note, tiles
 
 from .conftest import seeded_random
 
@@ -48,78 +40,12 @@ def reference(n: int) -> merkle.MemoryHashes:
     return ref
 
 
+VERIFIER = note.Ed25519Signer(ORIGIN, KEY).verifier()
+
+
 def opened(cp: bytes) -> tuple[int, bytes]:
-    return parse_checkpoint(note.open_note(cp, [note.Ed25519Signer(ORIGIN, KEY).verifier()]).text, ORIGIN)
-
-
-# --- tiles layout ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("n", "text"), [(0, "000"), (7, "007"), (999, "999"), (1000, "x001/000"), (1234067, "x001/x234/067")]
-)
-def test_tile_index_encoding(n: int, text: str) -> None:
-    assert format_index(n) == text
-    assert parse_tile_path(f"tile/0/{text}") == Tile(0, n, 256)
-
-
-def test_tile_paths_round_trip() -> None:
-    for t in (Tile(0, 0, 1), Tile(3, 1234067, 255), Tile(1, 5, 256), Tile(0, 12, 7, True), Tile(0, 1000, 256, True)):
-        assert parse_tile_path(t.path()) == t
-    assert Tile(2, 1, 5).path() == "tile/2/001.p/5"
-    assert Tile(0, 1, 256, True).path() == "tile/entries/001"
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        "tile/0/1",
-        "tile/00/000",
-        "tile/01/000",
-        "tile/64/000",
-        "tile/0/x000/001",
-        "tile/0/000.p/0",
-        "tile/0/000.p/010",
-        "tile/0/000.p/256",
-        "tile/0/001/002",
-        "tile/0/x001",
-        "tile/entries/000.p/",
-        "tile/0/000/",
-        "/tile/0/000",
-        "tile/8/0/000",
-        "checkpoint/x",
-    ],
-)
-def test_non_canonical_tile_paths_are_refused(bad: str) -> None:
-    with pytest.raises(UsageError):
-        parse_tile_path(bad)
-
-
-def test_tiles_of_a_tree() -> None:
-    assert tiles_for_size(0) == []
-    assert [t.path() for t in tiles_for_size(1)] == ["tile/0/000.p/1", "tile/entries/000.p/1"]
-    assert [t.path() for t in tiles_for_size(256)] == ["tile/0/000", "tile/1/000.p/1", "tile/entries/000"]
-    paths = [t.path() for t in tiles_for_size(256 * 256 + 3)]
-    assert paths[256:] == [
-        "tile/0/256.p/3",
-        "tile/1/000",
-        "tile/2/000.p/1",
-        *[f"tile/entries/{format_index(i)}" for i in range(256)],
-        "tile/entries/256.p/3",
-    ]
-
-
-def test_entry_bundles() -> None:
-    entries = [b"", b"a", b"\xff" * 300, b"z" * MAX_ENTRY_SIZE]
-    data = entry_bundle(entries)
-    assert data[:5] == b"\x00\x00\x00\x01a"
-    assert parse_entry_bundle(data, 4) == entries
-    with pytest.raises(UsageError, match="truncated"):
-        parse_entry_bundle(data[:-1], 4)
-    with pytest.raises(UsageError, match="1 bytes after"):
-        parse_entry_bundle(data + b"\x00", 4)
-    with pytest.raises(UsageError, match="ends before entry 4"):
-        parse_entry_bundle(data, 5)
+    got, _ = checkpoint.open_checkpoint(cp, VERIFIER)
+    return got.size, got.root
 
 
 # --- batching and cadence -------------------------------------------------------------------------------
@@ -320,8 +246,8 @@ def test_read_side_serves_checkpoint_and_tiles() -> None:
     assert level1.body == b"".join(ref.read_hashes([merkle.stored_hash_index(8, k) for k in range(3)]))
     bundle = log.read("tile/entries/003.p/2")
     assert bundle is not None
-    assert parse_entry_bundle(bundle.body, 2) == [entry(768), entry(769)]
-    for missing in ("tile/0/003.p/6", "tile/0/004", "tile/1/000", "tile/entries/003", "tile/0/1", "other"):
+    assert tiles.parse_entries(bundle.body, 2) == [entry(768), entry(769)]
+    for missing in ("tile/0/003.p/6", "tile/0/004", "tile/1/000", "tile/entries/003", "tile/0/1", "tile/0/x000/001"):
         assert log.read(missing) is None
 
 
@@ -331,39 +257,38 @@ def test_read_side_serves_checkpoint_and_tiles() -> None:
 def _export(log: LogService, out: Path) -> int:
     cp = log.latest
     assert cp is not None
-    return export_tiles(out, cp.size, cp.root, cp.note, log.tile, origin=ORIGIN).written
+    return export_tiles(out, cp.note, log.tile, origin=log.origin).written
 
 
 def test_export_and_verify_round_trip(tmp_path: Path) -> None:
     log = service()
-    verifier = note.Ed25519Signer(ORIGIN, KEY).verifier()
     for n in (0, 1, 255, 256, 257, 256 * 256 + 1):
         log.append_and_sign([entry(i) for i in range(log.store.size(), n)], now=0.0)
         _export(log, tmp_path / "out")
-        assert verify_export(tmp_path / "out", ORIGIN, verifier) == (n, root(log))
+        cp = verify_export(tmp_path / "out", VERIFIER)
+        assert (cp.size, cp.root) == (n, root(log))
     # Re-exporting the same tree rewrites only the partial tiles and the checkpoint.
-    assert _export(log, tmp_path / "out") == 1 + sum(1 for t in tiles_for_size(256 * 256 + 1) if t.width < 256)
+    assert _export(log, tmp_path / "out") == 1 + sum(1 for t in all_tiles(256 * 256 + 1) if t.width < 256)
 
 
 def test_verify_export_catches_a_changed_entry_and_a_changed_tile(tmp_path: Path) -> None:
     log = service()
     log.append_and_sign([entry(i) for i in range(600)], now=0.0)
-    verifier = note.Ed25519Signer(ORIGIN, KEY).verifier()
     out = tmp_path / "out"
     _export(log, out)
     bundle = out / "tile/entries/001"
     good = bundle.read_bytes()
     bundle.write_bytes(good.replace(entry(300), entry(301)[:-1] + b"9"))
-    with pytest.raises(ProofError, match="entries of tile/entries/001 do not hash to tile/0/001"):
-        verify_export(out, ORIGIN, verifier)
+    with pytest.raises(TileError, match="entries of tile/entries/001 do not hash to tile/0/001"):
+        verify_export(out, VERIFIER)
     bundle.write_bytes(good)
     level1 = out / "tile/1/000.p/2"
     level1.write_bytes(level1.read_bytes()[:-1] + b"\x00")
-    with pytest.raises(ProofError, match="level 1 tiles do not match"):
-        verify_export(out, ORIGIN, verifier)
+    with pytest.raises(TileError, match="level 1 tiles do not match"):
+        verify_export(out, VERIFIER)
     (out / "tile/0/002.p/88").unlink()
     with pytest.raises(StoreError, match=r"cannot read tile/0/002\.p/88"):
-        verify_export(out, ORIGIN, verifier)
+        verify_export(out, VERIFIER)
 
 
 def test_export_refuses_a_directory_of_another_log(tmp_path: Path) -> None:
@@ -380,5 +305,5 @@ def test_export_refuses_a_directory_of_another_log(tmp_path: Path) -> None:
         _export(small, tmp_path / "out")
     other = LogService(MemoryLog(), "other.example/log", KEY)
     other.sign()
-    with pytest.raises(UsageError, match="something else than a checkpoint"):
-        export_tiles(tmp_path / "out", 0, merkle.EMPTY_ROOT, b"", other.tile, origin="other.example/log")
+    with pytest.raises(UsageError, match="another origin"):
+        _export(other, tmp_path / "out")

@@ -19,10 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from valise.crypto import sign
-from valise.errors import CheckpointError, LimitError, StoreError, UsageError
+from valise.errors import CheckpointError, LimitError, ProofError, StoreError, UsageError
 from valise.store.base import MAX_ENTRY_SIZE, LogStorage
-from valise.store.layout import TILE_WIDTH, Tile, entry_bundle, hash_tile_indexes, parse_tile_path
-from valise.tlog import merkle, note
+from valise.tlog import checkpoint, merkle, note, tiles
 
 DEFAULT_INTERVAL = 1.0
 DEFAULT_MAX_BATCH = 4096
@@ -81,10 +80,10 @@ class LogService:
         if saved is None:
             return None
         size = saved[0]
-        cp_size, root = _open_checkpoint(saved[1], self.origin, self.verifier)
-        if cp_size != size:
-            raise StoreError(f"the saved checkpoint says size {cp_size} but was saved as size {size}")
-        return SignedCheckpoint(size, root, saved[1])
+        cp, _ = checkpoint.open_checkpoint(saved[1], self.verifier, origin=self.origin)
+        if cp.size != size:
+            raise StoreError(f"the saved checkpoint says size {cp.size} but was saved as size {size}")
+        return SignedCheckpoint(size, cp.root, saved[1])
 
     @property
     def latest(self) -> SignedCheckpoint | None:
@@ -110,7 +109,7 @@ class LogService:
                 self._latest = prev
                 return prev
         root = merkle.tree_hash(size, self.store)
-        signed = note.sign_note(_checkpoint_text(self.origin, size, root), [self.signer])
+        signed = checkpoint.sign_checkpoint(checkpoint.Checkpoint(self.origin, size, root), self.signer)
         self.store.save_checkpoint(size, signed)
         self._latest = SignedCheckpoint(size, root, signed)
         return self._latest
@@ -209,15 +208,15 @@ class LogService:
             raise UsageError(f"old tree size {size1} is not within the tree of {n} entries")
         return merkle.consistency_proof(size1, n, self.store)
 
-    def tile(self, tile: Tile) -> bytes:
+    def tile(self, tile: tiles.Tile) -> bytes:
         """The bytes of a hash tile or entry bundle; refused (StoreError) unless the log holds all of it."""
         size = self.store.size()
-        if tile.covers > size:
-            raise StoreError(f"{tile.path()} is beyond the {size} entries of the log")
-        if tile.entries:
-            lo = tile.index * TILE_WIDTH
-            return entry_bundle(self.store.entries(lo, lo + tile.width))
-        return b"".join(self.store.read_hashes(hash_tile_indexes(tile)))
+        first = tile.n * tiles.WIDTH
+        if (first + tile.width) << (tiles.HEIGHT * max(tile.level, 0)) > size:
+            raise StoreError(f"{tile.path} is beyond the {size} entries of the log")
+        if tile.level == tiles.ENTRIES:
+            return tiles.encode_entries(self.store.entries(first, first + tile.width))
+        return tiles.read_tile(tile, self.store)
 
     def read(self, path: str) -> Resource | None:
         """Serve one path of the tlog-tiles layout (`checkpoint`, `tile/...`); None if there is no such file."""
@@ -225,20 +224,7 @@ class LogService:
             latest = self._latest
             return None if latest is None else Resource(latest.note, False, "text/plain; charset=utf-8")
         try:
-            tile = parse_tile_path(path)
-            return Resource(self.tile(tile), immutable=tile.width == TILE_WIDTH)
-        except (UsageError, StoreError):
+            tile = tiles.parse_path(path)
+            return Resource(self.tile(tile), immutable=tile.width == tiles.WIDTH)
+        except (ProofError, StoreError):  # TileError is a ProofError
             return None
-
-
-# TODO(tlog.checkpoint): use the core's checkpoint module once it lands; this is the C2SP body it must match.
-def _checkpoint_text(origin: str, size: int, root: bytes) -> str:
-    return f"{origin}\n{size}\n{note.b64(root)}\n"
-
-
-def _open_checkpoint(signed: bytes, origin: str, verifier: note.Ed25519Verifier) -> tuple[int, bytes]:
-    text = note.open_note(signed, [verifier]).text
-    lines = text.split("\n")
-    if len(lines) < 4 or lines[0] != origin or not lines[1].isdigit() or str(int(lines[1])) != lines[1]:
-        raise CheckpointError(f"the saved checkpoint is not a checkpoint of {origin}")
-    return int(lines[1]), note.b64decode_strict(lines[2], "checkpoint root hash")

@@ -1,12 +1,13 @@
-"""Write the log's C2SP tlog-tiles read side to a directory, and recompute a root from such a directory.
+"""Write the log's C2SP tlog-tiles read side to a directory, and check such a directory end to end.
 
-`export_tiles` writes every tile of the latest signed checkpoint, then the checkpoint itself last (atomically),
-so a static web server serving the directory never serves a checkpoint whose tiles are missing. Full tiles
-never change: one already present is compared, not rewritten, so re-exporting costs only the new tiles, and a
-directory holding a different log is refused rather than overwritten.
+`export_tiles` writes every tile of a signed tree, then the checkpoint itself last (atomically), so a static web
+server serving the directory never serves a checkpoint whose tiles are missing. Full tiles never change: one
+already present is compared, not rewritten, so re-exporting costs only the new tiles, and a directory holding a
+different log is refused rather than overwritten.
 
 `verify_export` is what a mirror or auditor does with such a directory: check the checkpoint's signature, hash
-every entry, check each hash tile against the level below, and recompute the root of the checkpoint's tree.
+every entry against its level-0 tile, check each higher tile against the level below, and recompute the root
+of the checkpoint's tree from the tiles.
 """
 
 from __future__ import annotations
@@ -17,18 +18,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from valise.errors import CheckpointError, NoteError, ProofError, StoreError, UsageError
-from valise.store.layout import TILE_HEIGHT, TILE_WIDTH, Tile, parse_entry_bundle, tiles_for_size
-from valise.tlog import merkle, note
+from valise.errors import CheckpointError, NoteError, ProofError, StoreError, TileError, UsageError
+from valise.tlog import checkpoint, merkle, note, tiles
 
-MAX_TILE_FILE = TILE_WIDTH * (2 + 65535)
+# The largest file a tile path can hold: a full entry bundle of maximal entries.
+MAX_TILE_FILE = tiles.WIDTH * (2 + tiles.MAX_ENTRY_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
 class Exported:
     size: int
-    root: bytes
-    written: int  # files written (unchanged full tiles are not rewritten)
+    written: int  # files written (unchanged full tiles are compared, not rewritten)
+
+
+def all_tiles(size: int) -> list[tiles.Tile]:
+    """Hash tiles of every level, then the entry bundles, of a tree of `size` entries."""
+    return tiles.tiles_for_size(size) + tiles.entry_tiles_for_size(size)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -38,67 +43,42 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def export_tiles(
-    out: Path, size: int, root: bytes, checkpoint: bytes, tile: Callable[[Tile], bytes], *, origin: str
-) -> Exported:
-    """Write the tiles of the tree of `size` entries (read through `tile`) and `checkpoint` under `out`."""
+def export_tiles(out: Path, signed: bytes, tile: Callable[[tiles.Tile], bytes], *, origin: str) -> Exported:
+    """Write the tiles of the tree that checkpoint note `signed` names (read through `tile`), then `signed`."""
+    size = checkpoint.parse_body(note.parse_note(signed).text).size
     old = out / "checkpoint"
     if old.is_file():
         try:
-            old_size, _ = parse_checkpoint(note.parse_note(old.read_bytes()).text, origin)
+            held = checkpoint.parse_body(note.parse_note(old.read_bytes()).text)
         except (CheckpointError, NoteError) as exc:
-            raise UsageError(f"{out} holds something else than a checkpoint of {origin}: {exc.what}") from None
-        if old_size > size:
-            raise UsageError(f"{out} holds a larger tree ({old_size} entries) than this log ({size})")
+            raise UsageError(f"{out} holds something else than a checkpoint: {exc.what}") from None
+        if held.origin != origin:
+            raise UsageError(f"{out} holds the log of another origin ({held.origin[:80]!r})")
+        if held.size > size:
+            raise UsageError(f"{out} holds a larger tree ({held.size} entries) than this log's ({size})")
     written = 0
-    for t in tiles_for_size(size):
-        path = out / t.path()
+    for t in all_tiles(size):
+        path = out / t.path
         data = tile(t)
-        if t.width == TILE_WIDTH and path.is_file():
+        if t.width == tiles.WIDTH and path.is_file():
             if path.read_bytes() != data:
                 raise UsageError(f"{path} differs from this log's tile; {out} holds another log")
             continue
         _write_atomic(path, data)
         written += 1
-    _write_atomic(old, checkpoint)
-    return Exported(size, root, written + 1)
-
-
-def read_checkpoint(directory: Path, origin: str, verifier: note.Verifier) -> tuple[int, bytes]:
-    """Read and verify `directory/checkpoint`; return (size, root)."""
-    path = directory / "checkpoint"
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc.strerror}") from None
-    return parse_checkpoint(note.open_note(raw, [verifier]).text, origin)
-
-
-def parse_checkpoint(text: str, origin: str) -> tuple[int, bytes]:
-    """The (size, root) of a C2SP tlog-checkpoint body for `origin` (extension lines are allowed)."""
-    lines = text.split("\n")
-    if len(lines) < 4 or lines[-1] != "":
-        raise CheckpointError("malformed checkpoint: fewer than three lines")
-    if lines[0] != origin:
-        raise CheckpointError(f"checkpoint origin {lines[0][:80]!r} is not {origin!r}")
-    digits = lines[1]
-    if not digits.isascii() or not digits.isdigit() or (len(digits) > 1 and digits[0] == "0") or len(digits) > 19:
-        raise CheckpointError("malformed checkpoint: invalid log size")
-    root = note.b64decode_strict(lines[2], "checkpoint root hash")
-    if len(root) != merkle.HASH_SIZE:
-        raise CheckpointError(f"malformed checkpoint: root hash is {len(root)} bytes")
-    return int(digits), root
+    _write_atomic(old, signed)
+    return Exported(size, written + 1)
 
 
 class _TileHashes:
-    """A HashReader over verified tiles: levels 8·L come from tiles, the levels between are recomputed."""
+    """A HashReader over checked tiles: levels 8·L come from tiles, the levels between are recomputed."""
 
     def __init__(self, levels: list[list[bytes]]) -> None:
-        self.levels = levels  # levels[L] = every hash at Merkle level 8·L, in order
+        self.levels = levels  # levels[L] = every hash at tree level 8·L, in order
 
     def hash_at(self, level: int, n: int) -> bytes:
-        if level % TILE_HEIGHT == 0:
-            return self.levels[level // TILE_HEIGHT][n]
+        if level % tiles.HEIGHT == 0:
+            return self.levels[level // tiles.HEIGHT][n]
         return merkle.hash_children(self.hash_at(level - 1, 2 * n), self.hash_at(level - 1, 2 * n + 1))
 
     def read_hashes(self, indexes: Sequence[int]) -> list[bytes]:
@@ -112,46 +92,43 @@ def _subtree_root(hashes: list[bytes]) -> bytes:
     return hashes[0]
 
 
-def _read_tile(directory: Path, t: Tile) -> bytes:
-    path = directory / t.path()
+def _read(directory: Path, t: tiles.Tile) -> bytes:
     try:
-        with path.open("rb") as f:
+        with (directory / t.path).open("rb") as f:
             data = f.read(MAX_TILE_FILE + 1)
     except OSError as exc:
-        raise StoreError(f"cannot read {t.path()}: {exc.strerror}") from None
-    if not t.entries and len(data) != merkle.HASH_SIZE * t.width:
-        raise ProofError(f"{t.path()} is {len(data)} bytes, expected {merkle.HASH_SIZE * t.width}")
+        raise StoreError(f"cannot read {t.path}: {exc.strerror}") from None
     return data
 
 
-def verify_export(directory: Path, origin: str, verifier: note.Verifier) -> tuple[int, bytes]:
-    """Check a tiles directory end to end against its signed checkpoint; return (size, root).
+def verify_export(directory: Path, log: note.Verifier, *, origin: str | None = None) -> checkpoint.Checkpoint:
+    """Check a tiles directory against its checkpoint signed by `log`; return the checkpoint.
 
-    Raises ProofError if an entry, a tile or the root disagrees, StoreError if a file is missing.
+    Raises ProofError (TileError) if an entry, a tile or the root disagrees, StoreError if a file is missing.
     """
-    size, root = read_checkpoint(directory, origin, verifier)
+    try:
+        raw = (directory / "checkpoint").read_bytes()
+    except OSError as exc:
+        raise StoreError(f"cannot read {directory / 'checkpoint'}: {exc.strerror}") from None
+    cp, _ = checkpoint.open_checkpoint(raw, log, origin=origin)
     sha = hashlib.sha256
-    tiles = tiles_for_size(size)
     levels: list[list[bytes]] = [[]]
-    for t in tiles:
-        if not t.entries:
-            continue
-        entries = parse_entry_bundle(_read_tile(directory, t), t.width)
-        leaves = [sha(b"\x00" + e).digest() for e in entries]
-        hash_tile = Tile(0, t.index, t.width)
-        if b"".join(leaves) != _read_tile(directory, hash_tile):
-            raise ProofError(f"the entries of {t.path()} do not hash to {hash_tile.path()}")
+    for bundle in tiles.entry_tiles_for_size(cp.size):
+        leaves = [sha(b"\x00" + e).digest() for e in tiles.parse_entries(_read(directory, bundle), bundle.width)]
+        hash_tile = tiles.Tile(0, bundle.n, bundle.width)
+        if b"".join(leaves) != _read(directory, hash_tile):
+            raise TileError(f"the entries of {bundle.path} do not hash to {hash_tile.path}")
         levels[0].extend(leaves)
+    hash_tiles = tiles.tiles_for_size(cp.size)
     level = 0
-    while len(levels[level]) >= TILE_WIDTH:
+    while len(levels[level]) >= tiles.WIDTH:
         below = levels[level]
-        above = [_subtree_root(below[i : i + TILE_WIDTH]) for i in range(0, len(below) - TILE_WIDTH + 1, TILE_WIDTH)]
-        stored = b"".join(_read_tile(directory, t) for t in tiles if t.level == level + 1 and not t.entries)
+        above = [_subtree_root(below[i : i + tiles.WIDTH]) for i in range(0, len(below) - tiles.WIDTH + 1, tiles.WIDTH)]
+        stored = b"".join(_read(directory, t) for t in hash_tiles if t.level == level + 1)
         if b"".join(above) != stored:
-            raise ProofError(f"the level {level + 1} tiles do not match the level {level} tiles below them")
+            raise TileError(f"the level {level + 1} tiles do not match the level {level} tiles below them")
         levels.append(above)
         level += 1
-    got = merkle.tree_hash(size, _TileHashes(levels))
-    if got != root:
-        raise ProofError(f"the tiles' root hash does not match the checkpoint of size {size}")
-    return size, root
+    if merkle.tree_hash(cp.size, _TileHashes(levels)) != cp.root:
+        raise ProofError(f"the tiles' root hash does not match the checkpoint of size {cp.size}")
+    return cp
