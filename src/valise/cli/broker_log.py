@@ -1,12 +1,99 @@
-"""`valise broker init|info` and `valise log export`: the broker's durable transparency log (work in progress)."""
+"""`valise broker init`, `valise broker info` and `valise log export`: the broker's home and its log."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import time
+from pathlib import Path
 
+from valise.broker.home import BrokerHome
 from valise.cli.main import group
+from valise.logservice import LogService
+from valise.store.export import export_tiles
+from valise.store.sqlite import SqliteLog
+
+DEFAULT_BROKER_ID = "broker"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    group(sub, "broker", "run and administer a broker")
-    group(sub, "log", "the broker's transparency log")
+    broker = group(sub, "broker", "create and administer a broker")
+    p = broker.add_parser("init", help="create a broker directory: identity, operator and log keys, the log")
+    p.add_argument("--dir", required=True, type=Path, help="the broker directory to create")
+    p.add_argument("--origin", required=True, help="the log's origin (checkpoint key name), e.g. valise.example/log")
+    p.add_argument("--id", dest="broker_id", default=DEFAULT_BROKER_ID, help="the broker's member id")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=init)
+
+    p = broker.add_parser("info", help="print the broker's origin, log size and checkpoint verifier key")
+    p.add_argument("--dir", required=True, type=Path, help="the broker directory")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(handler=info)
+
+    log = group(sub, "log", "the broker's transparency log")
+    p = log.add_parser("export", help="write the log as C2SP tlog-tiles files (checkpoint, tile/...) to a directory")
+    p.add_argument("--dir", required=True, type=Path, help="the broker directory")
+    p.add_argument("--out", required=True, type=Path, help="directory to write (any static web server can serve it)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=export)
+
+
+def _service(home: BrokerHome) -> LogService:
+    return LogService(SqliteLog.open(home.db_path), home.config().origin, home.log_key())
+
+
+def _describe(home: BrokerHome, log: LogService) -> dict[str, object]:
+    cfg = home.config()
+    latest = log.latest
+    return {
+        "dir": str(home.root),
+        "origin": cfg.origin,
+        "broker_id": cfg.broker_id,
+        "log_size": log.store.size(),
+        "checkpoint_size": None if latest is None else latest.size,
+        "vkey": log.verifier.vkey(),
+        "broker_pub": str(home.broker_bundle_path),
+    }
+
+
+def _print(facts: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(facts))
+    else:
+        width = max(len(k) for k in facts)
+        for k, v in facts.items():
+            print(f"{k:<{width}}  {v}")
+
+
+def init(args: argparse.Namespace) -> int:
+    home = BrokerHome.create(args.dir, args.origin, args.broker_id, os.urandom, int(time.time()))
+    log = _service(home)
+    try:
+        log.sign()  # the empty tree's checkpoint: witnesses and nodes can pin the log from the start
+        _print(_describe(home, log), args.json)
+    finally:
+        log.store.close()
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    home = BrokerHome.open(args.dir)
+    log = _service(home)
+    try:
+        _print(_describe(home, log), args.json)
+    finally:
+        log.store.close()
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    home = BrokerHome.open(args.dir)
+    log = _service(home)
+    try:
+        latest = log.latest or log.sign()
+        done = export_tiles(args.out, latest.note, log.tile, origin=log.origin)
+    finally:
+        log.store.close()
+    _print({"out": str(args.out), "size": done.size, "files_written": done.written}, args.json)
+    return 0
