@@ -124,7 +124,8 @@ def test_round_trip(members: Members, crowd: list[identity.Identity], size: int,
     for me in {to[0], to[-1]}:
         assert open_(everyone, data, me=me) == payload
     info = packet.inspect(io.BytesIO(data), sender=members["FRA"].bundle)
-    assert info.recipients == tuple(sorted(to)) and info.packet_size == len(data)
+    assert info.recipients == tuple(sorted(to))
+    assert info.packet_size == len(data)
 
 
 def test_round_trip_fifty_recipients(members: Members, crowd: list[identity.Identity]) -> None:
@@ -156,8 +157,10 @@ def test_sealing_is_reproducible_and_labels_travel(members: Members) -> None:
     opened = packet.open(io.BytesIO(a), out, me=members["ITA"], sender=members["FRA"].bundle, now=NOW)
     assert opened.labels.content_type == "application/stix+json;version=2.1"
     assert opened.labels.categories == ("malware", "phishing")
-    assert opened.labels.operation == "OP-1" and opened.labels.tlp.label == "RED"
-    assert opened.recipients == ("DEU", "ITA") and opened.sender == "FRA"
+    assert opened.labels.operation == "OP-1"
+    assert opened.labels.tlp.label == "RED"
+    assert opened.recipients == ("DEU", "ITA")
+    assert opened.sender == "FRA"
     assert opened.header_digest == hashlib.sha256(head_of(a).header.raw).digest()
     other = seal(members, b"plain bytes", content_type="text/csv")
     assert head_of(other).core.labels.content_type == "text/csv"
@@ -178,7 +181,8 @@ def test_parse_head_incrementally_and_hash_ciphertext(members: Members) -> None:
     needs = set()
     for i in range(head.head_size):
         r = packet.parse_head(data[:i])
-        assert isinstance(r, packet.NeedMore) and r.size > i
+        assert isinstance(r, packet.NeedMore)
+        assert r.size > i
         needs.add(r.size)
     assert needs == {fmt.PREFIX_SIZE, head.head_size}
     head.verify(members["FRA"].bundle)
@@ -202,8 +206,10 @@ def test_parse_head_incrementally_and_hash_ciphertext(members: Members) -> None:
 def test_inspect_shows_broker_view_and_checks_ciphertext(members: Members) -> None:
     data = seal(members, b"z" * 1000, to=["DEU", "ITA"])
     info = packet.inspect(io.BytesIO(data))
-    assert not info.signature_verified and info.ciphertext_verified
-    assert info.to_json()["to"] == ["DEU", "ITA"] and info.stanza_types == ("X25519-HPKE-v1",)
+    assert not info.signature_verified
+    assert info.ciphertext_verified
+    assert info.to_json()["to"] == ["DEU", "ITA"]
+    assert info.stanza_types == ("X25519-HPKE-v1",)
     assert packet.inspect(io.BytesIO(data), sender=members["FRA"].bundle).signature_verified
     with pytest.raises(PayloadError, match="SHA-256"):
         packet.inspect(io.BytesIO(flip(data, len(data) - 1)))

@@ -32,7 +32,7 @@ def _unpad(padded: bytes, cuts: list[int]) -> bytes:
     out = io.BytesIO()
     u = padding.Unpadder(out.write)
     pos = 0
-    for c in sorted(cuts) + [len(padded)]:
+    for c in [*sorted(cuts), len(padded)]:
         u.feed(padded[pos:c])
         pos = max(pos, c)
     assert u.finish() == len(out.getvalue())
