@@ -7,16 +7,16 @@ Layout of `D` (created by `valise node init`):
 - `node.db`, `outbox/`, `inbox/`   the durable store (node/store.py);
 - `control.sock`   the control socket while the daemon runs; `node.lock` held by the running daemon.
 
-The log key is pinned like an SSH host key: given with `--log-key` (the `vkey` that `valise broker info`
-prints, the safe way), or learned from the broker's first welcome and pinned from then on. Either way every
-checkpoint after the first must be consistent with the ones before.
+The log key (`--log-key`, the `vkey` that `valise broker info` prints) is pinned at init and required: it is the
+one root of trust a node needs. Entry 0 of the log (the genesis record) names the operator key, so the whole
+directory, every member key included, is learned from the verified log, never from the broker's word.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from valise import identity, keyfiles
@@ -31,7 +31,7 @@ class NodeConfig:
     identity_dir: Path
     broker_host: str
     broker_port: int
-    log_vkey: str | None
+    log_vkey: str
 
     def to_json(self) -> str:
         return json.dumps(
@@ -70,7 +70,7 @@ class NodeHome:
         return self.root / "node.lock"
 
     @classmethod
-    def create(cls, root: Path, identity_dir: Path, broker: str, broker_pub: Path, log_vkey: str | None) -> NodeHome:
+    def create(cls, root: Path, identity_dir: Path, broker: str, broker_pub: Path, log_vkey: str) -> NodeHome:
         home = cls(root)
         if home.config_path.exists():
             raise UsageError(f"{root} is already a node directory")
@@ -98,13 +98,10 @@ class NodeHome:
                 raise StoreError(f"{self.config_path} has unsupported version {raw.get('version')!r}")
             host, port = parse_address(raw["broker"])
             return NodeConfig(
-                identity.check_member_id(raw["member_id"]), Path(raw["identity"]), host, port, raw.get("log_vkey")
+                identity.check_member_id(raw["member_id"]), Path(raw["identity"]), host, port, raw["log_vkey"]
             )
         except (OSError, ValueError, KeyError) as exc:
             raise StoreError(f"{self.config_path} is unreadable: {exc}") from None
-
-    def pin_log_key(self, vkey: str) -> None:
-        keyfiles.write_public(self.config_path, replace(self.config(), log_vkey=vkey).to_json().encode() + b"\n")
 
     def broker_bundle(self) -> identity.PublicBundle:
         return keyfiles.load_bundle(self.broker_bundle_path)
