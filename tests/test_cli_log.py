@@ -9,6 +9,7 @@ import pytest
 
 from valise.broker.home import BrokerHome
 from valise.cli.main import main
+from valise.genesis import Genesis
 from valise.logservice import LogService
 from valise.store.export import verify_export
 from valise.store.sqlite import SqliteLog
@@ -28,7 +29,8 @@ def test_init_info_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     made = json.loads(out)
     assert made["origin"] == "valise.example/log"
     assert made["broker_id"] == "broker"
-    assert (made["log_size"], made["checkpoint_size"]) == (0, 0)
+    # Entry 0 is the genesis record, already under a signed checkpoint.
+    assert (made["log_size"], made["checkpoint_size"]) == (1, 1)
     verifier = note.parse_vkey(made["vkey"])
     assert made["vkey"].startswith("valise.example/log+")
     assert Path(made["broker_pub"]).is_file()
@@ -45,14 +47,19 @@ def test_init_info_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         )
     code, out, _ = run(capsys, "log", "export", "--dir", str(d), "--out", str(tmp_path / "site"), "--json")
     assert code == 0
-    assert json.loads(out)["size"] == 300
+    assert json.loads(out)["size"] == 301
     cp = verify_export(tmp_path / "site", verifier)
-    assert cp.size == 300
-    assert cp.root == merkle.root_from_leaf_hashes([merkle.hash_leaf(b"entry %d" % i) for i in range(300)])
+    assert cp.size == 301
+    with SqliteLog.open(home.db_path) as store:
+        genesis = Genesis.parse(store.entries(0, 1)[0], origin="valise.example/log")
+    assert genesis.operator_key == home.operator_key().public
+    assert genesis.broker.member_id == "broker"
+    leaves = [genesis.entry()] + [b"entry %d" % i for i in range(300)]
+    assert cp.root == merkle.root_from_leaf_hashes([merkle.hash_leaf(e) for e in leaves])
 
     code, out, _ = run(capsys, "broker", "info", "--dir", str(d))
     assert code == 0
-    assert "log_size         300" in out
+    assert "log_size         301" in out
     assert f"vkey             {made['vkey']}" in out
 
 

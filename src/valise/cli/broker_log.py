@@ -10,6 +10,7 @@ from pathlib import Path
 
 from valise.broker.home import BrokerHome
 from valise.cli.main import group
+from valise.genesis import Genesis
 from valise.logservice import LogService
 from valise.store.export import export_tiles
 from valise.store.sqlite import SqliteLog
@@ -67,10 +68,13 @@ def _print(facts: dict[str, object], as_json: bool) -> None:
 
 
 def init(args: argparse.Namespace) -> int:
-    home = BrokerHome.create(args.dir, args.origin, args.broker_id, os.urandom, int(time.time()))
+    now = time.time()
+    home = BrokerHome.create(args.dir, args.origin, args.broker_id, os.urandom, int(now))
     log = _service(home)
     try:
-        log.sign()  # the empty tree's checkpoint: witnesses and nodes can pin the log from the start
+        # Entry 0 names the operator key and the broker, so the log key is the only key anyone must pin.
+        first = Genesis(args.origin, home.operator_key().public, home.broker_identity().bundle)
+        log.append_and_sign([first.entry()], now)
         _print(_describe(home, log), args.json)
     finally:
         log.store.close()
