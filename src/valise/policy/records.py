@@ -267,15 +267,17 @@ def rekey_message(member_id: str, origin: str, new_bundle: bytes) -> bytes:
 # --- builders: the one place each body is spelled out -----------------------------------------------
 
 
-def operator_body(origin: str, seq: int, time: int, key: str, kind: str, **fields: Any) -> dict[str, Any]:
-    return {"v": RECORD_VERSION, "origin": origin, "seq": seq, "time": time, key: kind, **fields}
+def operator_body(origin: str, seq: int, time: int, tag: str, value: str, /, **fields: Any) -> dict[str, Any]:
+    return {"v": RECORD_VERSION, "origin": origin, "seq": seq, "time": time, tag: value, **fields}
 
 
-def dir_record(key: sign.SigningKey, origin: str, seq: int, time: int, op: str, **fields: Any) -> bytes:
+def dir_record(key: sign.SigningKey, origin: str, seq: int, time: int, op: str, /, **fields: Any) -> bytes:
+    """A directory change signed by the operator key (`fields` as in DIR_OPS[op])."""
     return seal(DIR, operator_body(origin, seq, time, "op", op, **fields), key)
 
 
-def rule_record(key: sign.SigningKey, origin: str, seq: int, time: int, rule: str, **fields: Any) -> bytes:
+def rule_record(key: sign.SigningKey, origin: str, seq: int, time: int, rule: str, /, **fields: Any) -> bytes:
+    """An operator rule signed by the operator key (`fields` as in RULE_KINDS[rule])."""
     return seal(RULE, operator_body(origin, seq, time, "rule", rule, **fields), key)
 
 

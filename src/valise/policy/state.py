@@ -161,7 +161,12 @@ class PolicyState:
                 hint="replayed, reordered or built on an old state",
             )
         if self.verify_signatures:
-            record.verify(self.operator_key, what=f"{_what(record)} {body['seq']} (operator key)")
+            try:
+                record.verify(self.operator_key, what=f"{_what(record)} {body['seq']}")
+            except SignatureError as exc:
+                raise PolicyError(
+                    f"{exc.what} under the operator key", hint="signed by another key, or altered"
+                ) from None
         check = self._check_dir(record) if record.type == DIR else self._check_rule(record)
 
         def commit() -> None:
