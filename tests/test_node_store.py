@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+
+import pytest
 
 from valise.node.store import NodeStore
 
@@ -43,3 +46,38 @@ def test_inbox_dedupes_redeliveries(tmp_path: Path) -> None:
     assert row.state == "read"
     st.put("checkpoint", b"cp")
     assert st.get("checkpoint") == b"cp"
+
+
+def test_files_move_in_and_follower_state_commits_atomically(tmp_path: Path) -> None:
+    st = NodeStore.open(tmp_path)
+    spool = st.tmp_path("x.part")
+    spool.write_bytes(b"sealed")
+    st.enqueue_file(PID, DIG, ["DEU"], 1, 2, spool)
+    assert not spool.exists()
+    assert st.outbox_path(PID).read_bytes() == b"sealed"
+    st.outbox_receipted(PID, b"r", 4)
+    assert [r.packet_id for r in st.outbox_unchecked(5)] == [PID]
+    assert st.outbox_unchecked(4) == []
+    st.outbox_in_log(PID, 1)
+    assert st.outbox_unchecked(5) == []
+    spool.write_bytes(b"delivered")
+    assert st.inbox_add_file(DIG, PID, "FRA", 3, {}, spool)
+    spool.write_bytes(b"delivered")
+    assert not st.inbox_add_file(DIG, PID, "FRA", 3, {}, spool)
+    assert not spool.exists()
+    st.follower_commit(b"state", [(0, b"genesis"), (2, b"stmt")], [(4, DIG)])
+    st.alarm_add(9, "fork", "two roots", b"note")
+    st.close()
+    st = NodeStore.open(tmp_path)
+    assert st.follower_load() == (b"state", [(0, b"genesis"), (2, b"stmt")])
+    assert st.my_entry_digest(4) == DIG
+    assert st.my_entry_digest(3) is None
+    (alarm,) = st.alarms()
+    assert (alarm.kind, alarm.evidence) == ("fork", b"note")
+
+
+def test_follower_commit_is_all_or_nothing(tmp_path: Path) -> None:
+    st = NodeStore.open(tmp_path)
+    with pytest.raises(sqlite3.IntegrityError):  # the second row breaks NOT NULL after the first went in
+        st.follower_commit(b"state", [(0, b"a")], [(1, DIG), (2, None)])  # type: ignore[list-item]
+    assert st.follower_load() == (None, [])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_try    REAL NOT NULL DEFAULT 0,
     receipt     BLOB,                     -- the broker's signed receipt
     log_index   INTEGER,
-    outcome     TEXT                      -- JSON: denial reasons per recipient, or a last error
+    outcome     TEXT,                     -- JSON: denial reasons per recipient, or a last error
+    in_log      INTEGER NOT NULL DEFAULT 0 -- 1 once a verified checkpoint showed the receipt's entry
 );
 CREATE TABLE IF NOT EXISTS acks (
     packet_id   BLOB NOT NULL,
@@ -50,7 +53,20 @@ CREATE TABLE IF NOT EXISTS inbox (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS inbox_by_sender_id ON inbox (sender, packet_id);
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
+-- The log as this node verified it: the entries a restart re-folds (genesis, policy records), and the header
+-- digests of this member's own "pkt" entries (to check receipts against).
+CREATE TABLE IF NOT EXISTS log_kept (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS log_mine (idx INTEGER PRIMARY KEY, digest BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS alarms (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          INTEGER NOT NULL,
+    kind        TEXT NOT NULL,
+    message     TEXT NOT NULL,
+    evidence    BLOB                      -- e.g. a validly signed checkpoint that contradicts the verified one
+);
 """
+
+FOLLOWER_KEY = "follower"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +83,16 @@ class OutboxRow:
     receipt: bytes | None
     log_index: int | None
     outcome: str | None
+    in_log: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    id: int
+    at: int
+    kind: str
+    message: str
+    evidence: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +106,25 @@ class InboxRow:
     state: str
     acked: bool
     retraction: str | None
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _move_in(src: Path, dest: Path) -> None:
+    """Make a finished file durable under its final name (fsync the data, rename, fsync the directory)."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(src, dest)
+    _fsync_dir(dest.parent)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -133,6 +178,23 @@ class NodeStore:
             (packet_id, digest, json.dumps(recipients), created, expires, len(packet)),
         )
 
+    def enqueue_file(
+        self, packet_id: bytes, digest: bytes, recipients: list[str], created: int, expires: int, path: Path
+    ) -> None:
+        """Durably queue a sealed packet already written to `path` (moved into the outbox; file first, then row)."""
+        size = path.stat().st_size
+        _move_in(path, self.outbox_path(packet_id))
+        self._db.execute(
+            "INSERT INTO outbox (packet_id, digest, recipients, created, expires, size, state) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'queued')",
+            (packet_id, digest, json.dumps(recipients), created, expires, size),
+        )
+
+    def tmp_path(self, name: str) -> Path:
+        """A scratch file in the store's file system (so that moving it into place is a rename)."""
+        (self.root / "tmp").mkdir(exist_ok=True)
+        return self.root / "tmp" / name
+
     def _outbox(self, where: str, args: tuple[object, ...]) -> list[OutboxRow]:
         rows = self._db.execute(f"SELECT * FROM outbox {where}", args).fetchall()
         return [OutboxRow(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
@@ -164,6 +226,24 @@ class NodeStore:
             "UPDATE outbox SET state = 'denied', outcome = ? WHERE packet_id = ?", (json.dumps(reasons), packet_id)
         )
 
+    def outbox_failed(self, packet_id: bytes, code: str, message: str) -> None:
+        """The broker refused the packet for good (not a policy denial): keep its code and message."""
+        self._db.execute(
+            "UPDATE outbox SET state = 'denied', outcome = ? WHERE packet_id = ?",
+            (json.dumps({"error": {"code": code, "message": message}}), packet_id),
+        )
+
+    def outbox_expired(self, packet_id: bytes) -> None:
+        self._db.execute("UPDATE outbox SET state = 'expired' WHERE packet_id = ?", (packet_id,))
+
+    def outbox_unchecked(self, below: int) -> list[OutboxRow]:
+        """Receipted packets whose log index is below `below` (a verified size) and not yet checked in the log."""
+        return self._outbox("WHERE state = 'receipted' AND in_log = 0 AND log_index < ? ORDER BY log_index", (below,))
+
+    def outbox_in_log(self, packet_id: bytes, value: int) -> None:
+        """1: the verified log holds the receipt's entry; -1: it holds something else there (an alarm)."""
+        self._db.execute("UPDATE outbox SET in_log = ? WHERE packet_id = ?", (value, packet_id))
+
     def record_ack(self, packet_id: bytes, recipient: str, notice: bytes) -> bool:
         cur = self._db.execute("INSERT OR IGNORE INTO acks VALUES (?, ?, ?)", (packet_id, recipient, notice))
         return cur.rowcount > 0
@@ -188,6 +268,22 @@ class NodeStore:
             "INSERT OR IGNORE INTO inbox (digest, packet_id, sender, received, size, labels, state) "
             "VALUES (?, ?, ?, ?, ?, ?, 'new')",
             (digest, packet_id, sender, received, len(packet), json.dumps(labels)),
+        )
+        return cur.rowcount > 0
+
+    def inbox_add_file(
+        self, digest: bytes, packet_id: bytes, sender: str, received: int, labels: dict[str, object], path: Path
+    ) -> bool:
+        """Keep a delivered packet spooled at `path` (moved in). False if it was already there (a redelivery)."""
+        if self.inbox_get(digest) is not None:
+            path.unlink(missing_ok=True)
+            return False
+        size = path.stat().st_size
+        _move_in(path, self.inbox_path(digest))
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO inbox (digest, packet_id, sender, received, size, labels, state) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'new')",
+            (digest, packet_id, sender, received, size, json.dumps(labels)),
         )
         return cur.rowcount > 0
 
@@ -218,6 +314,42 @@ class NodeStore:
             self._db.execute("UPDATE inbox SET acked = ? WHERE digest = ?", (int(acked), digest))
         if retraction is not None:
             self._db.execute("UPDATE inbox SET retraction = ? WHERE digest = ?", (retraction, digest))
+
+    # --- the verified log and alarms ------------------------------------------------------------------
+
+    def follower_commit(self, state: bytes, keep: list[tuple[int, bytes]], mine: list[tuple[int, bytes]]) -> None:
+        """Persist an accepted checkpoint and what it brought, in one transaction (all or nothing)."""
+        with self._tx():
+            self._db.executemany("INSERT OR REPLACE INTO log_kept VALUES (?, ?)", keep)
+            self._db.executemany("INSERT OR REPLACE INTO log_mine VALUES (?, ?)", mine)
+            self.put(FOLLOWER_KEY, state)
+
+    def follower_load(self) -> tuple[bytes | None, list[tuple[int, bytes]]]:
+        rows = self._db.execute("SELECT idx, entry FROM log_kept ORDER BY idx").fetchall()
+        return self.get(FOLLOWER_KEY), [(r[0], bytes(r[1])) for r in rows]
+
+    def my_entry_digest(self, index: int) -> bytes | None:
+        row = self._db.execute("SELECT digest FROM log_mine WHERE idx = ?", (index,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def alarm_add(self, at: int, kind: str, message: str, evidence: bytes | None = None) -> None:
+        self._db.execute(
+            "INSERT INTO alarms (at, kind, message, evidence) VALUES (?, ?, ?, ?)", (at, kind, message, evidence)
+        )
+
+    def alarms(self) -> list[Alarm]:
+        rows = self._db.execute("SELECT id, at, kind, message, evidence FROM alarms ORDER BY id").fetchall()
+        return [Alarm(r[0], r[1], r[2], r[3], None if r[4] is None else bytes(r[4])) for r in rows]
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     # --- small durable values (last verified checkpoint, witness state) ---------------------------------
 

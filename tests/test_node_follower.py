@@ -1,0 +1,252 @@
+"""The node's log follower over a real log (MemoryLog + LogService, real signed checkpoints): no mocks."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+
+import pytest
+
+from valise import identity, packet, records
+from valise.crypto import sign
+from valise.errors import CheckpointError, NoteError
+from valise.logservice import LogService
+from valise.node.follower import PAGE, Committed, Follower, ForkError, LogMismatchError, Update, genesis_entry
+from valise.policy import records as policy_records
+from valise.store.memory import MemoryLog
+from valise.tlog import merkle
+
+from .conftest import NOW, seeded_random
+
+ORIGIN = "valise.test/log"
+BROKER = "broker"
+
+
+class Log:
+    """A real log as a broker keeps it, with the redaction rule the broker applies when serving entries."""
+
+    def __init__(self, seed: bytes = b"log") -> None:
+        rnd = seeded_random(seed)
+        self.operator = sign.SigningKey(rnd(32))
+        self.service = LogService(MemoryLog(), ORIGIN, sign.SigningKey(rnd(32)))
+        self.seq = 0
+        self.add(genesis_entry(ORIGIN, self.operator.public, BROKER))
+
+    @property
+    def vkey(self) -> str:
+        return self.service.verifier.vkey()
+
+    def add(self, *entries: bytes) -> bytes:
+        _, cp = self.service.append_and_sign(list(entries), 0.0)
+        return cp.note
+
+    def admit(self, member: identity.Identity) -> bytes:
+        self.seq += 1
+        b = member.bundle
+        return self.add(
+            policy_records.dir_record(
+                self.operator,
+                ORIGIN,
+                self.seq,
+                NOW,
+                "member-add",
+                id=b.member_id,
+                kind="country",
+                name=b.member_id,
+                region="EU",
+                bundle=b.raw,
+            )
+        )
+
+    def page(self, start: int, end: int, member: str) -> tuple[list[bytes], list[int]]:
+        """Entries [start, end) as served to `member`: other members' traffic as leaf hashes."""
+        out: list[bytes] = []
+        hashed: list[int] = []
+        for i, e in enumerate(self.service.store.entries(start, end)):
+            kind, m = records.entry_type(e)
+            if kind == "pkt" and member not in _parties(m["header"]):
+                out.append(merkle.hash_leaf(e))
+                hashed.append(i)
+            else:
+                out.append(e)
+        return out, hashed
+
+
+def _parties(header: bytes) -> set[str]:
+    core = packet.Header.parse(header).core
+    return {core.sender, *core.recipients}
+
+
+def pkt_entry(sender: identity.Identity, to: list[identity.Identity], seed: bytes) -> bytes:
+    out = io.BytesIO()
+    packet.seal(
+        io.BytesIO(b"x" * 10), out, sender=sender, recipients=[t.bundle for t in to], tlp="AMBER",
+        now=NOW, random=seeded_random(seed),
+    )  # fmt: skip
+    head = packet.parse_head(out.getvalue())
+    assert isinstance(head, packet.Head)
+    return records.packet_entry(head.header.raw, head.signature, NOW)
+
+
+Serve = Callable[[int, int], tuple[list[bytes], list[int]]]
+
+
+def follow(f: Follower, log: Log, note: bytes, serve: Serve | None = None) -> Committed | None:
+    update = f.begin(note)
+    if update is None:
+        return None
+    while (want := update.wanted()) is not None:
+        entries, hashed = (serve or (lambda s, e: log.page(s, e, f.member)))(*want)
+        update.add(want[0], entries, hashed)
+    return f.commit(update)
+
+
+def test_follows_the_log_and_learns_the_directory_from_it(members: dict[str, identity.Identity]) -> None:
+    log = Log()
+    log.admit(members["FRA"])
+    note = log.admit(members["DEU"])
+    f = Follower(log.vkey, "FRA", BROKER)
+    assert f.member_key("DEU") is None
+    done = follow(f, log, note)
+    assert done is not None
+    assert (f.size, f.root) == (3, log.service.latest.root)  # type: ignore[union-attr]
+    assert f.member_key("DEU") == members["DEU"].bundle.sign_key
+    assert f.policy is not None
+    assert f.policy.size == 3
+    assert [i for i, _ in done.keep] == [0, 1, 2]
+    assert follow(f, log, note) is None  # the same checkpoint again changes nothing
+
+
+def test_redacted_traffic_keeps_positions_and_my_packets_are_noted(members: dict[str, identity.Identity]) -> None:
+    fra, deu, ita = members["FRA"], members["DEU"], members["ITA"]
+    log = Log()
+    for m in (fra, deu, ita):
+        log.admit(m)
+    # Enough traffic between others to need several pages, then one packet of FRA's and a statement by FRA.
+    others = [pkt_entry(deu, [ita], b"o%d" % i) for i in range(PAGE + 10)]
+    log.add(*others)
+    mine = pkt_entry(fra, [deu], b"mine")
+    log.add(mine)
+    grant = policy_records.grant(fra.signing, origin=ORIGIN, author="FRA", created=NOW, to="DEU", tlp="AMBER")
+    note = log.add(grant)
+    f = Follower(log.vkey, "FRA", BROKER)
+    served: list[tuple[int, int]] = []
+
+    def serve(s: int, e: int) -> tuple[list[bytes], list[int]]:
+        served.append((s, e))
+        return log.page(s, e, "FRA")
+
+    done = follow(f, log, note, serve)
+    assert done is not None
+    assert len(served) == 2
+    assert all(e - s <= PAGE for s, e in served)
+    size = log.service.store.size()
+    assert f.size == size
+    mine_index = size - 2
+    assert done.mine == [(mine_index, hashlib.sha256(records.entry_type(mine)[1]["header"]).digest())]
+    assert f.policy is not None
+    (stmt,) = f.policy.statements.values()
+    assert stmt.position == size - 1  # counted past the hashed entries
+    assert done.problems == []
+
+
+def test_restore_refolds_without_refetching_and_keeps_following(members: dict[str, identity.Identity]) -> None:
+    log = Log()
+    log.admit(members["FRA"])
+    log.add(pkt_entry(members["DEU"], [members["ITA"]], b"x"))
+    note = log.admit(members["DEU"])
+    f = Follower(log.vkey, "FRA", BROKER)
+    done = follow(f, log, note)
+    assert done is not None
+    g = Follower.restore(log.vkey, "FRA", BROKER, done.state, done.keep)
+    assert g.policy is not None
+    assert f.policy is not None
+    assert g.policy.snapshot() == f.policy.snapshot()
+    assert (g.size, g.root, g.note) == (f.size, f.root, f.note)
+    assert g.policy.verify_signatures
+    note2 = log.admit(members["ITA"])
+    assert follow(g, log, note2) is not None
+    assert g.member_key("ITA") == members["ITA"].bundle.sign_key
+
+
+def test_fork_and_rollback_are_refused_with_the_note_as_evidence(members: dict[str, identity.Identity]) -> None:
+    log = Log(b"same")
+    old_note = log.admit(members["FRA"])
+    note = log.admit(members["DEU"])
+    f = Follower(log.vkey, "FRA", BROKER)
+    follow(f, log, note)
+    with pytest.raises(ForkError, match="older") as rollback:
+        f.begin(old_note)
+    assert rollback.value.evidence == old_note
+    # A second log with the same key: same size, different last entry -> a validly signed fork.
+    fork = Log(b"same")
+    fork.admit(members["FRA"])
+    fork_note = fork.admit(members["ITA"])
+    with pytest.raises(ForkError, match="two different roots") as forked:
+        f.begin(fork_note)
+    assert forked.value.evidence == fork_note
+    assert f.size == 3  # nothing changed
+
+
+def test_inconsistent_proof_offered_with_a_checkpoint_is_a_fork(members: dict[str, identity.Identity]) -> None:
+    log = Log(b"p")
+    note = log.admit(members["FRA"])
+    f = Follower(log.vkey, "FRA", BROKER)
+    follow(f, log, note)
+    other = Log(b"p")
+    other.admit(members["DEU"])
+    other_note = other.admit(members["ITA"])
+    proof = other.service.consistency_proof(2)
+    with pytest.raises(ForkError, match="not consistent"):
+        f.begin(other_note, (2, proof))
+
+
+def test_served_entries_must_hash_to_the_root(members: dict[str, identity.Identity]) -> None:
+    log = Log()
+    log.admit(members["FRA"])
+    note = log.admit(members["DEU"])
+    f = Follower(log.vkey, "FRA", BROKER)
+
+    def lie(s: int, e: int) -> tuple[list[bytes], list[int]]:
+        entries, hashed = log.page(s, e, "FRA")
+        entries[2] = log.service.store.entries(1, 2)[0]  # serve FRA's admission twice
+        return entries, hashed
+
+    with pytest.raises(LogMismatchError, match="do not hash to the root"):
+        follow(f, log, note, lie)
+    assert (f.size, f.policy) == (0, None)
+
+
+def test_hiding_the_genesis_or_a_wrong_genesis_is_refused(members: dict[str, identity.Identity]) -> None:
+    log = Log()
+    note = log.admit(members["FRA"])
+    f = Follower(log.vkey, "FRA", BROKER)
+    update = f.begin(note)
+    assert isinstance(update, Update)
+    entries, _ = log.page(0, 2, "FRA")
+    with pytest.raises(LogMismatchError, match="genesis"):
+        update.add(0, [merkle.hash_leaf(entries[0]), entries[1]], [0])
+    with pytest.raises(LogMismatchError, match="pinned broker"):
+        follow(Follower(log.vkey, "FRA", "other-broker"), log, note)
+
+
+def test_a_log_without_genesis_is_refused(members: dict[str, identity.Identity]) -> None:
+    service = LogService(MemoryLog(), ORIGIN, sign.SigningKey(bytes(32)))
+    _, cp = service.append_and_sign([pkt_entry(members["FRA"], [members["DEU"]], b"g")], 0.0)
+    f = Follower(service.verifier.vkey(), "FRA", BROKER)
+    update = f.begin(cp.note)
+    assert update is not None
+    update.add(0, service.store.entries(0, 1), [])
+    with pytest.raises(LogMismatchError, match="genesis"):
+        f.commit(update)
+
+
+def test_checkpoints_from_another_key_are_refused(members: dict[str, identity.Identity]) -> None:
+    log, other = Log(b"a"), Log(b"b")
+    note = other.admit(members["FRA"])
+    f = Follower(log.vkey, "FRA", BROKER)
+    with pytest.raises(NoteError):
+        f.begin(note)
+    with pytest.raises(CheckpointError, match="not usable"):
+        Follower("not a vkey", "FRA", BROKER)
