@@ -91,3 +91,13 @@ def test_draining_keeps_the_buffer_small_and_compacts() -> None:
             count += 1
         assert reader.buffered < 4096 + 104
     assert count == 5000
+
+
+def test_any_byte_buffer_can_be_fed() -> None:
+    # trio's receive_some returns a bytearray; views work too.
+    reader = FrameReader(HANDSHAKE_FRAME, MAX_FRAME)
+    data = frame(b"abc") + frame(b"de")
+    reader.feed(bytearray(data[:5]))
+    reader.feed(memoryview(data)[5:])
+    assert reader.next_frame() == b"abc"
+    assert reader.next_frame() == b"de"

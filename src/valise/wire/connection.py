@@ -150,7 +150,7 @@ class Connection:
 
     # --- bytes in → events out --------------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the stream (`b""` at end of stream). A bad length prefix raises at once."""
         self._check_not_failed()
         try:

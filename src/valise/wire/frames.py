@@ -46,7 +46,7 @@ class FrameReader:
         """True when bytes are held that do not make a complete frame (at EOF, the stream was truncated)."""
         return self.buffered > 0 and self._complete_length() is None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes from the stream; `b""` means the stream ended. Raises on a bad length prefix."""
         if self.eof:
             if data:
@@ -55,9 +55,10 @@ class FrameReader:
         if not data:
             self.eof = True
             return
-        if self.buffered + len(data) > self.max_buffer:
+        size = memoryview(data).nbytes
+        if self.buffered + size > self.max_buffer:
             raise LocalProtocolError(
-                f"feeding {len(data)} bytes would hold {self.buffered + len(data)}, over {self.max_buffer}",
+                f"feeding {size} bytes would hold {self.buffered + size}, over {self.max_buffer}",
                 code=codes.INTERNAL,
                 hint="drain next_event() until NEED_DATA before feeding more, and feed at most one frame's size",
             )
