@@ -8,6 +8,7 @@ import io
 import random as stdlib_random
 from collections.abc import Sequence
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -418,9 +419,16 @@ def test_malformed_msgpack(members: Members) -> None:
     garbage = b"\xc1" * 50
     with pytest.raises(PacketFormatError, match="not valid msgpack"):
         open_(members, resign(data, garbage, members["FRA"]))
-    non_canonical = b"\xde\x00\x00"  # an empty map in map16 form
+    h = head_of(data).header
+    fields = msgpack.unpackb(h.raw)
+    reordered = msgpack.packb(dict(reversed(fields.items())), use_bin_type=True)
     with pytest.raises(PacketFormatError, match="canonical"):
-        open_(members, resign(data, non_canonical, members["FRA"]))
+        open_(members, resign(data, reordered, members["FRA"]))
+    short = b"\xa6ct_len" + msgpack.packb(h.ct_len)
+    long_int = b"\xa6ct_len\xcf" + h.ct_len.to_bytes(8, "big")  # same value, not the shortest form
+    assert h.raw.count(short) == 1
+    with pytest.raises(PacketFormatError, match="canonical"):
+        open_(members, resign(data, h.raw.replace(short, long_int), members["FRA"]))
     with pytest.raises(PacketFormatError, match="lacks field"):
         open_(members, resign(data, encoding.pack({"core": b""}), members["FRA"]))
     with pytest.raises(PacketFormatError, match="bad magic"):
@@ -494,3 +502,31 @@ def test_seal_limits_and_usage(members: Members, crowd: list[identity.Identity])
             payload_size=10,
             content_type="text/plain",
         )
+
+
+def _canonical_per_encoding(raw: bytes) -> bool:
+    try:
+        header = encoding.unpack(raw, what="h", max_size=fmt.MAX_HEADER)
+        encoding.unpack(header["core"], what="c", max_size=fmt.MAX_CORE)
+    except Exception:
+        return False
+    return True
+
+
+def test_fast_decoder_accepts_nothing_encoding_refuses(members: Members) -> None:
+    """Header.parse decodes with a fast path (format._unpack_map); anything it accepts must be canonical under
+    valise.encoding's rule, header and core alike. Every single-byte change of a real header is tried."""
+    raw = head_of(seal(members, b"agree", to=["DEU", "ITA"], categories=["malware"])).header.raw
+    assert _canonical_per_encoding(raw)
+    accepted = 0
+    for i in range(len(raw)):
+        for delta in (1, 0x10, 0x80, 0xFF):
+            bad = bytearray(raw)
+            bad[i] = (bad[i] + delta) % 256
+            try:
+                fmt.Header.parse(bytes(bad))
+            except PacketError:
+                continue
+            accepted += 1  # e.g. a changed byte inside a key or a hash: still well-formed
+            assert _canonical_per_encoding(bytes(bad)), (i, delta)
+    assert accepted > 0

@@ -55,15 +55,16 @@ class TLP(enum.IntEnum):
     @classmethod
     def parse(cls, text: str) -> TLP:
         """The level spelled `text` (exact wire spelling; "TLP:" prefix and case variants are refused)."""
-        for level in cls:
-            if level.label == text:
-                return level
+        level = _BY_LABEL.get(text) if isinstance(text, str) else None
+        if level is not None:
+            return level
         raise LabelError(
             f"TLP level {str(text)[:40]!r} is not valid", hint="use CLEAR, GREEN, AMBER, AMBER+STRICT or RED"
         )
 
 
 TLP_LEVELS: tuple[TLP, ...] = tuple(TLP)
+_BY_LABEL: dict[str, TLP] = {level.label: level for level in TLP_LEVELS}
 
 
 def tlp_rank(level: TLP | str) -> int:
