@@ -13,7 +13,8 @@ fills in the missing mailbox rows, so no packet that was logged is stranded and 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class Mailboxes:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._db = conn
+        self._depth = 0
 
     @classmethod
     def open(cls, path: Path) -> Mailboxes:
@@ -166,18 +168,35 @@ class Mailboxes:
             if self._db.execute("SELECT 1 FROM mailbox WHERE digest = ? AND kind = 'packet'", (d,)).fetchone() is None
         ]
 
-    def _transaction(self) -> _Tx:
-        return _Tx(self._db)
+    def last_log_index(self) -> int:
+        """The log index of the newest packet recorded here (0 if none)."""
+        (n,) = self._db.execute("SELECT coalesce(max(log_index), 0) FROM packets").fetchone()
+        return int(n)
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group several changes into one durable transaction (one fsync for a whole commit batch)."""
+        with self._transaction():
+            yield
 
-class _Tx:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on error: one durable step per call."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        # Re-entrant: only the outermost level begins and commits, so `batch()` can wrap the public methods.
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
         self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+        finally:
+            self._depth = 0

@@ -1,0 +1,85 @@
+"""Packet bodies on the broker's disk (an I/O edge).
+
+A packet arriving over the wire is written to a temporary file as it streams in, its ciphertext hashed on the
+way (CiphertextHasher: the broker cannot decrypt, but it can hold the sender to the length and hash it signed),
+then fsynced and renamed to `<header digest>.pkt` before its log entry is appended. Memory use per upload is
+one chunk, whatever the packet's size. A body is deleted when no mailbox refers to it any more.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from valise.packet import CiphertextHasher, Head
+
+
+class _Refs(Protocol):
+    def unreferenced(self, digests: Sequence[bytes]) -> list[bytes]: ...
+
+
+class Upload:
+    def __init__(self, head: Head, tmp: Path, final: Path, head_bytes: bytes) -> None:
+        self.head = head
+        self._tmp = tmp
+        self._final = final
+        self._hasher = CiphertextHasher(head.header)
+        self._file: BinaryIO | None = open(tmp, "wb")  # noqa: SIM115 - closed in finish() or discard()
+        self._file.write(head_bytes)
+
+    def write(self, data: bytes) -> None:
+        """Take one chunk: hash it (refusing bytes past the signed length), then append it to the file."""
+        assert self._file is not None
+        self._hasher.update(data)
+        self._file.write(data)
+
+    def finish(self) -> Path:
+        """Check length and hash, make the file durable and give it its final name."""
+        assert self._file is not None
+        try:
+            self._hasher.finish()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except BaseException:
+            self.discard()
+            raise
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp, self._final)
+        fd = os.open(self._final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return self._final
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._tmp.unlink(missing_ok=True)
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.part"):  # uploads cut off by a crash: their senders will retry
+            stale.unlink()
+
+    def path(self, digest: bytes) -> Path:
+        return self.root / f"{digest.hex()}.pkt"
+
+    def begin(self, head: Head, head_bytes: bytes, *, duplicate: bool = False) -> Upload:
+        # A duplicate is received into its own temporary file too: it is checked like any upload, and replacing
+        # the body with identical verified bytes is harmless.
+        tmp = self.root / f"{secrets.token_hex(8)}.part"
+        del duplicate
+        return Upload(head, tmp, self.path(head.digest), head_bytes)
+
+    def drop_unreferenced(self, refs: _Refs, digests: Sequence[bytes]) -> None:
+        for digest in refs.unreferenced(digests):
+            self.path(digest).unlink(missing_ok=True)
