@@ -11,8 +11,9 @@ import pytest
 from valise import identity, packet, records
 from valise.crypto import sign
 from valise.errors import CheckpointError, NoteError
+from valise.genesis import Genesis
 from valise.logservice import LogService
-from valise.node.follower import PAGE, Committed, Follower, ForkError, LogMismatchError, Update, genesis_entry
+from valise.node.follower import PAGE, Committed, Follower, ForkError, LogMismatchError, Update
 from valise.policy import records as policy_records
 from valise.store.memory import MemoryLog
 from valise.tlog import merkle
@@ -21,6 +22,7 @@ from .conftest import NOW, seeded_random
 
 ORIGIN = "valise.test/log"
 BROKER = "broker"
+BROKER_ID = identity.generate(BROKER, seeded_random(b"broker"), NOW)
 
 
 class Log:
@@ -31,7 +33,7 @@ class Log:
         self.operator = sign.SigningKey(rnd(32))
         self.service = LogService(MemoryLog(), ORIGIN, sign.SigningKey(rnd(32)))
         self.seq = 0
-        self.add(genesis_entry(ORIGIN, self.operator.public, BROKER))
+        self.add(Genesis(ORIGIN, self.operator.public, BROKER_ID.bundle).entry())
 
     @property
     def vkey(self) -> str:
@@ -229,6 +231,9 @@ def test_hiding_the_genesis_or_a_wrong_genesis_is_refused(members: dict[str, ide
         update.add(0, [merkle.hash_leaf(entries[0]), entries[1]], [0])
     with pytest.raises(LogMismatchError, match="pinned broker"):
         follow(Follower(log.vkey, "FRA", "other-broker"), log, note)
+    with pytest.raises(LogMismatchError, match="pinned broker"):  # right name, another key
+        follow(Follower(log.vkey, "FRA", BROKER, members["FRA"].bundle.sign_key), log, note)
+    assert follow(Follower(log.vkey, "FRA", BROKER, BROKER_ID.bundle.sign_key), log, note) is not None
 
 
 def test_a_log_without_genesis_is_refused(members: dict[str, identity.Identity]) -> None:

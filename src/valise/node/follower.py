@@ -26,14 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from valise import encoding, records
-from valise.crypto import sign
 from valise.errors import CheckpointError, EncodingError, Error, NoteError, PolicyError
+from valise.genesis import Genesis
 from valise.packet.format import Header
 from valise.policy import PolicyState
 from valise.tlog import checkpoint, merkle, note
 
 PAGE = 256  # entries per GetEntries request (the wire's limit)
-GENESIS = "genesis"
 STATE_MAX = 1 << 20
 
 
@@ -49,33 +48,11 @@ class LogMismatchError(CheckpointError):
     """The entries served do not hash to the checkpoint's root, or break the log's own rules (e.g. no genesis)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Genesis:
-    origin: str
-    operator_key: bytes
-    broker: str
-
-
-def genesis_entry(origin: str, operator_key: bytes, broker: str) -> bytes:
-    """The canonical bytes of a log's entry 0 (the broker writes it at `broker init`)."""
-    return encoding.pack({"t": GENESIS, "origin": origin, "operator_key": operator_key, "broker": broker})
-
-
-def parse_genesis(entry: bytes) -> Genesis:
+def parse_genesis(entry: bytes, origin: str) -> Genesis:
     try:
-        m = encoding.unpack_map(
-            entry,
-            what="genesis record",
-            max_size=records.ENTRY_MAX,
-            fields={"t": str, "origin": str, "operator_key": bytes, "broker": str},
-        )
-    except EncodingError as exc:
-        raise LogMismatchError(f"log entry 0 is not a genesis record: {exc.what}") from None
-    if m["t"] != GENESIS:
-        raise LogMismatchError(f"log entry 0 has type {m['t'][:40]!r}, not {GENESIS!r}")
-    if len(m["operator_key"]) != sign.PUBLIC_KEY_SIZE:
-        raise LogMismatchError(f"genesis operator key is {len(m['operator_key'])} bytes, expected 32")
-    return Genesis(m["origin"], m["operator_key"], m["broker"])
+        return Genesis.parse(entry, origin=origin)
+    except Error as exc:  # StoreError, or BundleError for the broker's bundle
+        raise LogMismatchError(f"log entry 0 is refused: {exc.what}") from None
 
 
 # --- the compact range, persisted ------------------------------------------------------------------------------
@@ -163,7 +140,7 @@ class Committed:
 class Follower:
     """The verified view of one log: the last accepted checkpoint and the policy folded from its entries."""
 
-    def __init__(self, log_vkey: str, member: str, broker: str) -> None:
+    def __init__(self, log_vkey: str, member: str, broker: str, broker_key: bytes | None = None) -> None:
         try:
             self.verifier = note.parse_vkey(log_vkey)
         except NoteError as exc:
@@ -171,6 +148,7 @@ class Follower:
         self.origin = self.verifier.name  # C2SP: a log's key is named after its origin
         self.member = member
         self.broker = broker
+        self.broker_key = broker_key  # the pinned broker bundle's identity key, if the caller pins one
         self.size = 0
         self.root = merkle.EMPTY_ROOT
         self.range = merkle.CompactRange()
@@ -186,10 +164,16 @@ class Follower:
 
     @classmethod
     def restore(
-        cls, log_vkey: str, member: str, broker: str, state: bytes | None, kept: Sequence[tuple[int, bytes]]
+        cls,
+        log_vkey: str,
+        member: str,
+        broker: str,
+        state: bytes | None,
+        kept: Sequence[tuple[int, bytes]],
+        broker_key: bytes | None = None,
     ) -> Follower:
         """Rebuild from `dump()` and the entries `commit` asked to keep (re-folded; they were verified before)."""
-        f = cls(log_vkey, member, broker)
+        f = cls(log_vkey, member, broker, broker_key)
         if state is None:
             return f
         try:
@@ -264,14 +248,10 @@ class Follower:
         end = self.size if end is None else end
         for index, entry in entries:
             if index == 0:
-                g = parse_genesis(entry)
-                if g.origin != self.origin:
+                g = parse_genesis(entry, self.origin)
+                if g.broker.member_id != self.broker or self.broker_key not in (None, g.broker.sign_key):
                     raise LogMismatchError(
-                        f"genesis names log {g.origin[:80]!r}, but the pinned key is {self.origin!r}"
-                    )
-                if g.broker != self.broker:
-                    raise LogMismatchError(
-                        f"genesis names broker {g.broker!r}, but the pinned broker is {self.broker!r}"
+                        f"genesis names broker {g.broker.member_id!r}, not the pinned broker {self.broker!r}"
                     )
                 self.policy = PolicyState(g.origin, g.operator_key, verify_signatures=not trusted)
                 self.policy.apply(entry)  # not a policy type: counts position 0
@@ -331,7 +311,6 @@ def _my_packet(entry: bytes, member: str) -> bytes | None:
 
 
 __all__ = [
-    "GENESIS",
     "PAGE",
     "Committed",
     "Follower",
@@ -339,6 +318,5 @@ __all__ = [
     "Genesis",
     "LogMismatchError",
     "Update",
-    "genesis_entry",
     "parse_genesis",
 ]
