@@ -46,6 +46,8 @@ SAMPLES: list[ev.Message] = [
     ev.Inclusion(rid=6, proof=HASHES),
     ev.GetConsistency(rid=7, old=0, new=46),
     ev.Consistency(rid=7, proof=()),
+    ev.GetEntries(rid=8, start=0, end=256),
+    ev.Entries(rid=8, start=0, entries=(b"\x81\xa1t\xa7genesis", b"\x07" * 32), hashed=(1,)),
     ev.CosignRequest(rid=0, old=40, proof=HASHES, checkpoint=b"checkpoint"),
     ev.CosignResponse(rid=0, cosignature=b"cosignature"),
     ev.Credit(amount=65536),
@@ -223,3 +225,18 @@ def test_encode_refuses_non_messages_and_non_bytes() -> None:
         codec.encode(ev.ConnectionClosed(clean=True))  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError, match="must be bytes"):
         codec.encode(ev.SubmitChunk(rid=1, data=bytearray(b"x")))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("msg", "rule"),
+    [
+        (ev.GetEntries(rid=1, start=5, end=5), "1..256 entries"),
+        (ev.GetEntries(rid=1, start=0, end=257), "1..256 entries"),
+        (ev.Entries(rid=1, start=0, entries=(b"abc",), hashed=(0,)), "32-byte leaf hash"),
+        (ev.Entries(rid=1, start=0, entries=(b"a", b"b"), hashed=(1, 1)), "distinct ascending"),
+        (ev.Entries(rid=1, start=0, entries=(b"a",), hashed=(1,)), "offsets into"),
+    ],
+)
+def test_entries_relations_are_checked_both_ways(msg: ev.Message, rule: str) -> None:
+    with pytest.raises(LocalProtocolError, match=rule):
+        codec.encode(msg)

@@ -174,6 +174,13 @@ SCHEMAS: dict[type[events.Message], dict[str, Check]] = {
     events.Inclusion: {"rid": RID, "proof": PROOF},
     events.GetConsistency: {"rid": RID, "old": INDEX, "new": INDEX},
     events.Consistency: {"rid": RID, "proof": PROOF},
+    events.GetEntries: {"rid": RID, "start": INDEX, "end": INDEX},
+    events.Entries: {
+        "rid": RID,
+        "start": INDEX,
+        "entries": _array(_blob(1, L.MAX_ENTRY), 1, L.MAX_ENTRIES),
+        "hashed": _array(_uint(L.MAX_ENTRIES - 1), 0, L.MAX_ENTRIES),
+    },
     events.CosignRequest: {"rid": RID, "old": INDEX, "proof": PROOF, "checkpoint": SIGNED},
     events.CosignResponse: {"rid": RID, "cosignature": SIGNED},
     events.Credit: {"amount": _uint(L.MAX_WINDOW)},
@@ -213,6 +220,13 @@ def _check_relations(msg: events.Message) -> None:
         raise _bad(where, f"index {msg.index} is not below size {msg.size}")
     elif isinstance(msg, events.GetConsistency) and msg.old > msg.new:
         raise _bad(where, f"old size {msg.old} is above new size {msg.new}")
+    elif isinstance(msg, events.GetEntries) and not 0 < msg.end - msg.start <= L.MAX_ENTRIES:
+        raise _bad(where, f"must ask for 1..{L.MAX_ENTRIES} entries (start {msg.start}, end {msg.end})")
+    elif isinstance(msg, events.Entries):
+        if list(msg.hashed) != sorted(set(msg.hashed)) or any(i >= len(msg.entries) for i in msg.hashed):
+            raise _bad(f"{where} field 'hashed'", "must be distinct ascending offsets into 'entries'")
+        if any(len(msg.entries[i]) != L.HASH_SIZE for i in msg.hashed):
+            raise _bad(f"{where} field 'entries'", "a hashed item must be a 32-byte leaf hash")
     elif isinstance(msg, events.Credit) and msg.amount == 0:
         raise _bad(f"{where} field 'amount'", "must be positive")
     elif isinstance(msg, events.Deny):

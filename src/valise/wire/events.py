@@ -285,6 +285,30 @@ class Consistency(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class GetEntries(Message):
+    """Asks for log entries [start, end) of the signed tree (end - start ≤ MAX_ENTRIES)."""
+
+    TYPE: ClassVar[str] = "get-entries"
+    rid: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Entries(Message):
+    """Log entries from `start` on, in order. For the offsets listed in `hashed`, the item is the entry's 32-byte
+    RFC 6962 leaf hash instead of the entry (a record the requester may not read): the requester can still
+    recompute the tree root. The server MAY answer with fewer entries than asked (at least one) to fit a frame.
+    """
+
+    TYPE: ClassVar[str] = "entries"
+    rid: int
+    start: int
+    entries: tuple[bytes, ...]
+    hashed: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CosignRequest(Message):
     """Server → client: please cosign `checkpoint`, consistent with the tree of `old` leaves by `proof`."""
 
@@ -385,6 +409,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Inclusion,
     GetConsistency,
     Consistency,
+    GetEntries,
+    Entries,
     CosignRequest,
     CosignResponse,
     Credit,

@@ -55,6 +55,7 @@ CLIENT_SENDS = frozenset(
         ev.GetCheckpoint,
         ev.GetInclusion,
         ev.GetConsistency,
+        ev.GetEntries,
         ev.CosignResponse,
     }
 )
@@ -74,6 +75,7 @@ SERVER_SENDS = frozenset(
         ev.Checkpoint,
         ev.Inclusion,
         ev.Consistency,
+        ev.Entries,
         ev.CosignRequest,
     }
 )
@@ -108,6 +110,7 @@ ANSWERS: dict[type[ev.Message], tuple[type[ev.Message], ...]] = {
     ev.GetCheckpoint: (ev.Checkpoint,),
     ev.GetInclusion: (ev.Inclusion,),
     ev.GetConsistency: (ev.Consistency,),
+    ev.GetEntries: (ev.Entries,),
     ev.CosignRequest: (ev.CosignResponse,),
 }
 REQUESTS = frozenset(ANSWERS)
