@@ -464,3 +464,14 @@ def test_refold_is_identical(world: World) -> None:
     fast = PolicyState(ORIGIN, world.operator.public, verify_signatures=False)
     fast.apply_all(world.log)
     assert fast.snapshot() == world.state.snapshot()
+
+
+def test_check_is_apply_without_the_change(world: World) -> None:
+    entry = _statement(world)
+    snap = world.state.snapshot()
+    assert world.state.check(entry) is not None
+    assert world.state.check(encoding.pack({"t": "pkt"})) is None
+    assert world.state.snapshot() == snap
+    world.state.apply(entry)
+    with pytest.raises(StatementError, match="replayed"):
+        world.state.check(entry)

@@ -125,10 +125,23 @@ class PolicyState:
 
         Raises PolicyError (StatementError for statements) naming what is wrong; the state is then unchanged.
         """
+        record, commit = self._prepare(entry)
+        # Everything before this point only reads; from here on nothing can fail.
+        if commit is not None:
+            commit()
+        if record is not None:
+            self.seen[record.id] = self.size
+        self.size += 1
+        return record
+
+    def check(self, entry: bytes) -> Record | None:
+        """Would `apply(entry)` succeed as the next entry? Raises as apply would; never changes the state."""
+        return self._prepare(entry)[0]
+
+    def _prepare(self, entry: bytes) -> tuple[Record | None, _Commit | None]:
         record = records.parse(entry)
         if record is None:
-            self.size += 1
-            return None
+            return None, None
         if record.id in self.seen:
             error = StatementError if record.type == STMT else PolicyError
             raise error(
@@ -141,11 +154,7 @@ class PolicyState:
                 f"not {self.origin!r}"
             )
         commit = self._check_statement(record) if record.type == STMT else self._check_operator(record)
-        # Everything above only reads; from here on nothing can fail.
-        commit()
-        self.seen[record.id] = self.size
-        self.size += 1
-        return record
+        return record, commit
 
     def apply_all(self, entries: list[bytes]) -> None:
         for entry in entries:

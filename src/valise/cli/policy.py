@@ -1,0 +1,555 @@
+"""Directory and policy commands (an I/O edge over valise.policy).
+
+The operator works on the broker directory: `valise broker member|group|rule ...` build a record signed by the
+operator key, check it against the policy folded from the log, and append it. Members sign statements offline
+(`valise policy grant|accept|revoke`, which only write a file), and the operator appends them with
+`valise broker statement add`. `valise policy show|explain|matrix` read the policy as of the log's end.
+
+Folding, checking and appending happen under an exclusive lock on the broker directory, so two operator
+commands cannot both build on the same sequence number and leave the log with a record that does not replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import fcntl
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from valise import keyfiles, labels
+from valise.broker.home import BrokerHome
+from valise.cli.main import group
+from valise.errors import LabelError, StoreError, UsageError
+from valise.genesis import Genesis
+from valise.logservice import LogService
+from valise.policy import PacketMeta, PolicyState, channels, decide, records
+from valise.policy.decide import tlp_label
+from valise.store.base import LogStorage
+from valise.store.sqlite import SqliteLog
+
+LOCK_FILE = "policy.lock"
+EXIT_DENIED = 3
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    broker = group(sub, "broker", "create and administer a broker")
+    _register_operator(broker)
+    pol = group(sub, "policy", "sign sharing statements; show, explain and map the policy in force")
+    _register_member(pol)
+    _register_views(pol)
+
+
+def _dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", required=True, type=Path, help="the broker directory")
+
+
+def _register_operator(broker: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    member = broker.add_parser("member", help="admit, suspend, reinstate or remove members").add_subparsers(
+        dest="member_command", metavar="SUBCOMMAND", required=True
+    )
+    p = member.add_parser("add", help="admit a member from its public bundle")
+    _dir(p)
+    p.add_argument("--bundle", required=True, type=Path, help="the member's public bundle (ID.pub)")
+    p.add_argument("--kind", required=True, choices=records.MEMBER_KINDS)
+    p.add_argument("--region", required=True, help="region name, e.g. europe")
+    p.add_argument("--name", help="display name (default: the member id)")
+    p.set_defaults(handler=member_add)
+    for name, text in (("suspend", "suspend a member (it can neither send nor receive)"), ("remove", "remove")):
+        p = member.add_parser(name, help=text)
+        _dir(p)
+        p.add_argument("--id", required=True, dest="member_id")
+        p.add_argument("--reason", required=True, help="why (recorded in the log)")
+        p.set_defaults(handler=member_change, op=f"member-{name}")
+    p = member.add_parser("reinstate", help="lift a suspension")
+    _dir(p)
+    p.add_argument("--id", required=True, dest="member_id")
+    p.set_defaults(handler=member_change, op="member-reinstate")
+
+    grp = broker.add_parser("group", help="regional desks and time-boxed operations").add_subparsers(
+        dest="group_command", metavar="SUBCOMMAND", required=True
+    )
+    p = grp.add_parser("create", help="create a group (an operation when --start or --end is given)")
+    _dir(p)
+    p.add_argument("--name", required=True)
+    p.add_argument("--start", type=parse_time, help="operation start (Unix seconds or ISO 8601, UTC)")
+    p.add_argument("--end", type=parse_time, help="operation end, exclusive")
+    p.set_defaults(handler=group_create)
+    for name in ("add", "remove"):
+        p = grp.add_parser(name, help=f"{name} a member {'to' if name == 'add' else 'from'} a group")
+        _dir(p)
+        p.add_argument("--name", required=True)
+        p.add_argument("--id", required=True, dest="member_id")
+        p.set_defaults(handler=group_change, op=f"group-{name}")
+
+    rule = broker.add_parser("rule", help="operator rules (they only ever restrict)").add_subparsers(
+        dest="rule_command", metavar="SUBCOMMAND", required=True
+    )
+    p = rule.add_parser("ban-category", help="refuse every packet with this category")
+    _dir(p)
+    p.add_argument("--category", required=True)
+    p.set_defaults(handler=add_rule, rule="ban-category", field="category")
+    p = rule.add_parser("max-size", help="refuse packets larger than this many bytes")
+    _dir(p)
+    p.add_argument("--bytes", required=True, type=int, dest="size")
+    p.set_defaults(handler=add_rule, rule="max-size", field="size")
+    p = rule.add_parser("max-tlp", help="refuse packets above this TLP level")
+    _dir(p)
+    p.add_argument("--tlp", required=True)
+    p.set_defaults(handler=add_rule, rule="max-tlp", field="tlp")
+
+    stmt = broker.add_parser("statement", help="append members' signed statements").add_subparsers(
+        dest="statement_command", metavar="SUBCOMMAND", required=True
+    )
+    p = stmt.add_parser("add", help="check and append statement files (all or none)")
+    _dir(p)
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.set_defaults(handler=statement_add)
+
+
+def _statement_args(p: argparse.ArgumentParser, *, terms: bool = True) -> None:
+    p.add_argument("--identity", required=True, type=Path, help="your key directory (from valise keygen)")
+    p.add_argument("--passphrase-env", metavar="VAR", help="the key file's passphrase is in $VAR")
+    p.add_argument("--origin", required=True, help="the broker's log origin (binds the statement to that log)")
+    p.add_argument("-o", "--out", required=True, type=Path, help="the statement file to write")
+    if terms:
+        p.add_argument("--tlp", required=True, help="the highest TLP level covered")
+        p.add_argument("--category", type=_list, help="categories covered, comma-separated (default: any)")
+        p.add_argument("--valid-from", type=parse_time, help="valid from (Unix seconds or ISO 8601, UTC)")
+        p.add_argument("--until", type=parse_time, help="valid until, exclusive")
+
+
+def _register_member(pol: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = pol.add_parser("grant", help="sign a grant: you agree to send to a member or group")
+    _statement_args(p)
+    p.add_argument("--to", required=True, help="a member id or group:NAME")
+    p.add_argument("--max-size", type=int, help="largest packet covered, in bytes")
+    p.set_defaults(handler=sign_grant)
+    p = pol.add_parser("accept", help="sign an acceptance: you agree to receive from a member or group")
+    _statement_args(p)
+    p.add_argument("--from", required=True, dest="source", help="a member id or group:NAME")
+    p.set_defaults(handler=sign_accept)
+    p = pol.add_parser("revoke", help="sign the revocation of one of your statements")
+    _statement_args(p, terms=False)
+    p.add_argument("--statement", required=True, help="the statement id (64 hex digits, see policy show)")
+    p.set_defaults(handler=sign_revoke)
+
+
+def _view(p: argparse.ArgumentParser) -> None:
+    _dir(p)
+    p.add_argument("--verify", action="store_true", help="re-check every record's signature while folding the log")
+
+
+def _register_views(pol: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = pol.add_parser("show", help="members, groups, rules and every statement with its status")
+    _view(p)
+    p.add_argument("--at", type=parse_time, help="status as of this time (default: now)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=show)
+    p = pol.add_parser("explain", help="would a packet be relayed? per recipient, with reasons (exit 3 if not)")
+    _view(p)
+    p.add_argument("--from", required=True, dest="sender")
+    p.add_argument("--to", required=True, type=_list, help="recipients, comma-separated")
+    p.add_argument("--tlp", required=True)
+    p.add_argument("--category", type=_list, default=[], help="the packet's categories, comma-separated")
+    p.add_argument("--operation")
+    p.add_argument("--size", type=int, default=0, help="the packet's size in bytes")
+    p.add_argument("--at", type=parse_time, help="decide as of this time (default: now)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=explain)
+    p = pol.add_parser("matrix", help="the effective channels between all members")
+    _view(p)
+    p.add_argument("--at", type=parse_time, help="as of this time (default: now)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=matrix)
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+
+def parse_time(text: str) -> int:
+    """Unix seconds, or an ISO 8601 date or date-time (UTC unless it says otherwise)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither Unix seconds nor an ISO 8601 time") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return int(value.timestamp())
+
+
+def _list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _iso(t: int | None) -> str | None:
+    return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@contextmanager
+def _locked(home: BrokerHome) -> Iterator[None]:
+    with open(home.root / LOCK_FILE, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_state(home: BrokerHome, store: LogStorage, *, verify: bool = False) -> PolicyState:
+    """Fold the whole log into a PolicyState; the operator key comes from the genesis record (entry 0).
+
+    The broker's own store holds only records whose signatures were checked before they were appended (here or
+    by the daemon), so by default the fold skips the Ed25519 checks (half of its time) and checks all the rest;
+    `--verify` re-checks every signature, as an auditor does with a log it did not write.
+    """
+    cfg = home.config()
+    size = store.size()
+    if size == 0:
+        raise StoreError(f"the log in {home.root} is empty", hint="was it created with valise broker init?")
+    first = store.entries(0, 1)[0]
+    state = PolicyState(cfg.origin, Genesis.parse(first, origin=cfg.origin).operator_key, verify_signatures=verify)
+    step = 10_000
+    for start in range(0, size, step):
+        state.apply_all(store.entries(start, min(size, start + step)))
+    return state
+
+
+def _append(home: BrokerHome, build: Any) -> tuple[list[records.Record], PolicyState]:
+    """Under the lock: fold the log, let `build(state)` make entries, check them in order, append all at once."""
+    home = BrokerHome.open(home.root)
+    with _locked(home):
+        log = LogService(SqliteLog.open(home.db_path), home.config().origin, home.log_key())
+        try:
+            state = load_state(home, log.store)
+            entries: list[bytes] = build(state)
+            applied = []
+            state.verify_signatures = True  # the new entries are checked in full
+            for e in entries:
+                rec = state.apply(e)  # raises, and nothing is appended, if any entry does not fit
+                if rec is None:
+                    raise UsageError("not a policy record")
+                applied.append(rec)
+            log.append_and_sign(entries, time.time())
+        finally:
+            log.store.close()
+    return applied, state
+
+
+def _operator_entry(home: BrokerHome, state: PolicyState, tag: str, value: str, **fields: Any) -> bytes:
+    key = home.operator_key()
+    if key.public != state.operator_key:
+        raise StoreError(f"{home.operator_key_path} is not the operator key named in the log's genesis record")
+    make = records.dir_record if tag == "op" else records.rule_record
+    return make(key, state.origin, state.operator_seq + 1, int(time.time()), value, **fields)
+
+
+def _done(rec: records.Record, text: str) -> int:
+    print(f"{text} (record {rec.id.hex()[:16]}…)")
+    return 0
+
+
+# --- operator commands ------------------------------------------------------------------------------------
+
+
+def member_add(args: argparse.Namespace) -> int:
+    bundle = keyfiles.load_bundle(args.bundle)
+    home = BrokerHome(args.dir)
+    fields = {
+        "id": bundle.member_id,
+        "kind": args.kind,
+        "name": args.name or bundle.member_id,
+        "region": args.region,
+        "bundle": bundle.raw,
+    }
+    (rec,), _ = _append(home, lambda s: [_operator_entry(home, s, "op", "member-add", **fields)])
+    return _done(rec, f"admitted {bundle.member_id} ({args.kind}, {args.region})")
+
+
+def member_change(args: argparse.Namespace) -> int:
+    home = BrokerHome(args.dir)
+    fields = {"id": args.member_id}
+    if args.op != "member-reinstate":
+        fields["reason"] = args.reason
+    (rec,), _ = _append(home, lambda s: [_operator_entry(home, s, "op", args.op, **fields)])
+    verb = {"member-suspend": "suspended", "member-remove": "removed", "member-reinstate": "reinstated"}[args.op]
+    return _done(rec, f"{verb} {args.member_id}")
+
+
+def group_create(args: argparse.Namespace) -> int:
+    home = BrokerHome(args.dir)
+    kind = "operation" if args.start is not None or args.end is not None else "region"
+    fields = {"name": args.name, "kind": kind, "start": args.start, "end": args.end}
+    (rec,), _ = _append(home, lambda s: [_operator_entry(home, s, "op", "group-create", **fields)])
+    return _done(rec, f"created {kind} group {args.name}")
+
+
+def group_change(args: argparse.Namespace) -> int:
+    home = BrokerHome(args.dir)
+    fields = {"name": args.name, "id": args.member_id}
+    (rec,), _ = _append(home, lambda s: [_operator_entry(home, s, "op", args.op, **fields)])
+    verb = "added" if args.op == "group-add" else "removed"
+    return _done(rec, f"{verb} {args.member_id} {'to' if verb == 'added' else 'from'} group {args.name}")
+
+
+def add_rule(args: argparse.Namespace) -> int:
+    home = BrokerHome(args.dir)
+    value = getattr(args, args.field)
+    (rec,), _ = _append(home, lambda s: [_operator_entry(home, s, "rule", args.rule, **{args.field: value})])
+    return _done(rec, f"operator rule {args.rule} {value}")
+
+
+def statement_add(args: argparse.Namespace) -> int:
+    datas = []
+    for path in args.files:
+        try:
+            if path.stat().st_size > records.MAX_ENTRY_SIZE:
+                raise UsageError(f"{path} is larger than any statement ({records.MAX_ENTRY_SIZE} bytes)")
+            datas.append(path.read_bytes())
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    for path, data in zip(args.files, datas, strict=True):
+        rec = records.parse_policy(data)
+        if rec.type != records.STMT:
+            raise UsageError(f"{path} is a {rec.type} record, not a member statement")
+    applied, _ = _append(BrokerHome(args.dir), lambda s: datas)
+    for path, rec in zip(args.files, applied, strict=True):
+        print(f"added {rec.kind} {rec.id.hex()} by {rec.body['author']} ({path})")
+    return 0
+
+
+# --- member commands (offline) --------------------------------------------------------------------------
+
+
+def _write_statement(args: argparse.Namespace, make: Any) -> int:
+    ident = keyfiles.load_identity(args.identity, keyfiles.passphrase_from_env(args.passphrase_env))
+    entry: bytes = make(ident)
+    rec = records.parse_policy(entry)
+    keyfiles.write_public(args.out, entry)
+    print(f"{rec.kind} {rec.id.hex()} by {ident.member_id} written to {args.out}")
+    return 0
+
+
+def _terms(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        tlp = labels.TLP.parse(args.tlp).label
+        cats = list(labels.check_categories(args.category)) if args.category else None
+    except LabelError as exc:
+        raise UsageError(exc.what, hint=exc.hint) from None
+    return {"tlp": tlp, "categories": cats, "valid_from": args.valid_from, "valid_until": args.until}
+
+
+def sign_grant(args: argparse.Namespace) -> int:
+    terms = _terms(args)
+    return _write_statement(
+        args,
+        lambda i: records.grant(
+            i.signing,
+            origin=args.origin,
+            author=i.member_id,
+            created=int(time.time()),
+            to=args.to,
+            max_size=args.max_size,
+            **terms,
+        ),
+    )
+
+
+def sign_accept(args: argparse.Namespace) -> int:
+    terms = _terms(args)
+    return _write_statement(
+        args,
+        lambda i: records.accept(
+            i.signing, origin=args.origin, author=i.member_id, created=int(time.time()), source=args.source, **terms
+        ),
+    )
+
+
+def sign_revoke(args: argparse.Namespace) -> int:
+    try:
+        sid = bytes.fromhex(args.statement)
+    except ValueError:
+        sid = b""
+    if len(sid) != 32:
+        raise UsageError(f"statement id {args.statement[:80]!r} is not 64 hex digits", hint="see valise policy show")
+    return _write_statement(
+        args,
+        lambda i: records.revoke(
+            i.signing, origin=args.origin, author=i.member_id, created=int(time.time()), statement=sid
+        ),
+    )
+
+
+# --- views ------------------------------------------------------------------------------------------------
+
+
+def _read_state(directory: Path, verify: bool) -> PolicyState:
+    home = BrokerHome.open(directory)
+    store = SqliteLog.open(home.db_path)
+    try:
+        return load_state(home, store, verify=verify)
+    finally:
+        store.close()
+
+
+def describe(state: PolicyState, now: int) -> dict[str, Any]:
+    """The policy as plain JSON values (`policy show --json`)."""
+    stmts = []
+    for s in sorted(state.statements.values(), key=lambda s: s.position):
+        if s.kind == records.REVOKE:
+            stmts.append({"id": s.id.hex(), "kind": s.kind, "author": s.author, "revokes": s.counterpart,
+                          "position": s.position, "status": "applied"})  # fmt: skip
+            continue
+        stmts.append(
+            {
+                "id": s.id.hex(),
+                "kind": s.kind,
+                "author": s.author,
+                "counterpart": s.counterpart,
+                "tlp": s.tlp,
+                "categories": None if s.categories is None else sorted(s.categories),
+                "valid_from": _iso(s.valid_from),
+                "valid_until": _iso(s.valid_until),
+                "max_size": s.max_size,
+                "created": _iso(s.created),
+                "position": s.position,
+                "status": state.status(s, now),
+            }
+        )
+    return {
+        "origin": state.origin,
+        "log_size": state.size,
+        "at": _iso(now),
+        "members": [
+            {
+                "id": m.id,
+                "kind": m.kind,
+                "name": m.name,
+                "region": m.region,
+                "status": m.status,
+                "reason": m.reason,
+                "groups": list(state.groups_of.get(m.id, ())),
+                "sign_key": m.sign_key.hex(),
+                "enc_key": m.enc_key.hex(),
+            }
+            for m in sorted(state.members.values(), key=lambda m: m.id)
+        ],
+        "groups": [
+            {
+                "name": g.name,
+                "kind": g.kind,
+                "start": _iso(g.start),
+                "end": _iso(g.end),
+                "running": g.running(now),
+                "members": sorted(g.members),
+            }
+            for g in sorted(state.groups.values(), key=lambda g: g.name)
+        ],
+        "rules": [{"id": r.id.hex(), "kind": r.kind, "value": r.value, "position": r.position} for r in state.rules],
+        "statements": stmts,
+    }
+
+
+def show(args: argparse.Namespace) -> int:
+    now = args.at if args.at is not None else int(time.time())
+    facts = describe(_read_state(args.dir, args.verify), now)
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    print(f"policy of {facts['origin']} at {facts['at']} (log size {facts['log_size']})")
+    print(f"members ({len(facts['members'])}):")
+    for m in facts["members"]:
+        status = m["status"] + (f" ({m['reason']})" if m["reason"] else "")
+        groups = ", ".join(m["groups"]) or "-"
+        print(f"  {m['id']:<12} {m['kind']:<8} {m['region']:<20} {status:<12} groups: {groups}  {m['name']}")
+    print(f"groups ({len(facts['groups'])}):")
+    for g in facts["groups"]:
+        window = f" {g['start'] or '…'} to {g['end'] or '…'}{'' if g['running'] else ' (not running)'}"
+        print(
+            f"  {g['name']:<20} {g['kind']:<9}{window if g['kind'] == 'operation' else ''}: {', '.join(g['members'])}"
+        )
+    print(f"rules ({len(facts['rules'])}):")
+    for r in facts["rules"]:
+        print(f"  {r['id'][:16]}  {r['kind']} {r['value']}")
+    print(f"statements ({len(facts['statements'])}):")
+    for s in facts["statements"]:
+        if s["kind"] == records.REVOKE:
+            print(f"  {s['id']}  revoke  by {s['author']} of {s['revokes'][:16]}…")
+            continue
+        arrow = "->" if s["kind"] == records.GRANT else "<-"
+        cats = ",".join(s["categories"]) if s["categories"] else "any"
+        window = f" from {s['valid_from']}" if s["valid_from"] else ""
+        window += f" until {s['valid_until']}" if s["valid_until"] else ""
+        size = f" max {s['max_size']} bytes" if s["max_size"] else ""
+        print(
+            f"  {s['id']}  {s['kind']:<6} {s['author']} {arrow} {s['counterpart']}  up to {s['tlp']}, {cats}"
+            f"{window}{size}  [{s['status']}]"
+        )
+    return 0
+
+
+def explain(args: argparse.Namespace) -> int:
+    now = args.at if args.at is not None else int(time.time())
+    state = _read_state(args.dir, args.verify)
+    meta = PacketMeta(args.sender, tuple(args.to), args.tlp, tuple(sorted(set(args.category))), args.operation,
+                      args.size)  # fmt: skip
+    decision = decide(state, meta, now)
+    if args.json:
+        out = {
+            "allowed": decision.allowed,
+            "at": _iso(now),
+            "log_size": state.size,
+            "verdicts": [
+                {
+                    "to": v.recipient,
+                    "allowed": v.allowed,
+                    "reason": v.reason,
+                    "grant": v.grant.hex() if v.grant else None,
+                    "accept": v.accept.hex() if v.accept else None,
+                }
+                for v in decision.verdicts
+            ],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        for v in decision.verdicts:
+            print(f"{args.sender} -> {v.recipient}: {'allow' if v.allowed else 'DENY'}: {v.reason}")
+    return 0 if decision.allowed else EXIT_DENIED
+
+
+def matrix(args: argparse.Namespace) -> int:
+    now = args.at if args.at is not None else int(time.time())
+    state = _read_state(args.dir, args.verify)
+    chans = channels(state, now)
+    if args.json:
+        out = [
+            {
+                "from": c.sender,
+                "to": c.recipient,
+                "tlp": tlp_label(c.rank),
+                "categories": None if c.categories is None else sorted(c.categories),
+                "terms": [
+                    {
+                        "tlp": tlp_label(t.rank),
+                        "categories": None if t.categories is None else sorted(t.categories),
+                        "grant": t.grant.id.hex(),
+                        "accept": t.accept.id.hex(),
+                    }
+                    for t in c.terms
+                ],
+            }
+            for c in chans
+        ]
+        print(json.dumps({"at": _iso(now), "log_size": state.size, "channels": out}, indent=2))
+        return 0
+    print(f"{len(chans)} channels at {_iso(now)} (highest TLP and the categories allowed; explain gives exact answers)")
+    for c in chans:
+        cats = "any category" if c.categories is None else ", ".join(sorted(c.categories))
+        print(f"  {c.sender} -> {c.recipient}  up to {tlp_label(c.rank)}: {cats}")
+    return 0

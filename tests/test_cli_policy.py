@@ -1,0 +1,222 @@
+"""The policy CLI end to end, on real broker directories and key files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from valise.broker.home import BrokerHome
+from valise.cli.main import main
+from valise.store.sqlite import SqliteLog
+
+ORIGIN = "test.valise.example/log"
+
+
+def log_size(d: Path) -> int:
+    store = SqliteLog.open(BrokerHome(d).db_path)
+    try:
+        return store.size()
+    finally:
+        store.close()
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def broker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A broker with FRA, DEU (countries, europe) and ACME (partner) admitted; keys under tmp_path/keys/ID."""
+    d = tmp_path / "broker"
+    assert main(["broker", "init", "--dir", str(d), "--origin", ORIGIN]) == 0
+    for mid, kind in (("FRA", "country"), ("DEU", "country"), ("ACME", "partner")):
+        keys = tmp_path / "keys" / mid
+        assert main(["keygen", "--id", mid, "--out", str(keys)]) == 0
+        bundle = str(keys / f"{mid}.pub")
+        assert (
+            main(["broker", "member", "add", "--dir", str(d), "--bundle", bundle, "--kind", kind, "--region", "europe"])
+            == 0
+        )
+    capsys.readouterr()
+    return d
+
+
+def statement(capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str, who: str, *args: str) -> tuple[Path, str]:
+    out = tmp_path / f"{kind}-{who}-{len(list(tmp_path.glob('*.stmt')))}.stmt"
+    code, text, err = run(
+        capsys, "policy", kind, "--identity", str(tmp_path / "keys" / who), "--origin", ORIGIN, *args, "-o", str(out)
+    )
+    assert code == 0, err
+    return out, text.split()[1]  # "<kind> <id hex> by ..."
+
+
+def test_grant_accept_explain_revoke(broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(broker)
+    explain = ("policy", "explain", "--dir", d, "--from", "FRA", "--to", "DEU", "--tlp", "AMBER", "--category", "fraud")
+    code, out, _ = run(capsys, *explain)
+    assert code == 3
+    assert "FRA -> DEU: DENY: FRA has not granted anything to DEU" in out
+
+    g, gid = statement(
+        capsys, tmp_path, "grant", "FRA", "--to", "DEU", "--tlp", "AMBER", "--category", "phishing,malware"
+    )
+    a, _ = statement(capsys, tmp_path, "accept", "DEU", "--from", "FRA", "--tlp", "RED")
+    code, out, err = run(capsys, "broker", "statement", "add", "--dir", d, str(g), str(a))
+    assert code == 0, err
+    assert f"added grant {gid} by FRA" in out
+
+    code, out, _ = run(capsys, *explain)
+    assert code == 3
+    assert f"FRA has not granted DEU category 'fraud' (grant {gid[:8]}… covers malware, phishing)" in out
+    code, out, _ = run(capsys, *explain[:-1], "malware", "--json")
+    assert code == 0
+    verdict = json.loads(out)["verdicts"][0]
+    assert verdict["allowed"]
+    assert verdict["grant"] == gid
+
+    # The same file again is a replay; nothing is appended.
+    size = log_size(broker)
+    code, _, err = run(capsys, "broker", "statement", "add", "--dir", d, str(g))
+    assert code == 1
+    assert "replayed statement" in err
+    assert log_size(broker) == size
+
+    r, _ = statement(capsys, tmp_path, "revoke", "FRA", "--statement", gid)
+    assert run(capsys, "broker", "statement", "add", "--dir", d, str(r))[0] == 0
+    assert run(capsys, *explain[:-1], "malware")[0] == 3
+
+    code, out, _ = run(capsys, "policy", "show", "--dir", d, "--json")
+    facts = json.loads(out)
+    statuses = {s["id"]: s["status"] for s in facts["statements"]}
+    assert statuses[gid] == "revoked"
+    assert [m["id"] for m in facts["members"]] == ["ACME", "DEU", "FRA"]
+    code, out, _ = run(capsys, "policy", "show", "--dir", d)
+    assert code == 0
+    assert f"{gid}  grant  FRA -> DEU  up to AMBER, malware,phishing  [revoked]" in out
+
+
+def test_tampered_or_foreign_statements_are_refused_all_or_none(
+    broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = str(broker)
+    good, _ = statement(capsys, tmp_path, "grant", "FRA", "--to", "DEU", "--tlp", "GREEN")
+    bad = tmp_path / "bad.stmt"
+    data = bytearray(good.read_bytes())
+    data[-10] ^= 1  # a bit of the signature (the map ends with "t": "stmt", 7 bytes)
+    bad.write_bytes(bytes(data))
+    other, _ = statement(capsys, tmp_path, "grant", "FRA", "--to", "DEU", "--tlp", "CLEAR")
+    size = log_size(broker)
+    code, _, err = run(capsys, "broker", "statement", "add", "--dir", d, str(other), str(bad))
+    assert code == 1
+    assert "signature does not verify under the identity key of FRA" in err
+    assert log_size(broker) == size  # the good one was not appended either
+    foreign = tmp_path / "foreign.stmt"
+    code, _, _ = run(
+        capsys, "policy", "grant", "--identity", str(tmp_path / "keys" / "FRA"), "--origin", "other.example/log",
+        "--to", "DEU", "--tlp", "GREEN", "-o", str(foreign),
+    )  # fmt: skip
+    assert code == 0
+    code, _, err = run(capsys, "broker", "statement", "add", "--dir", d, str(foreign))
+    assert code == 1
+    assert "is for log 'other.example/log'" in err
+    assert run(capsys, "broker", "statement", "add", "--dir", d, str(other))[0] == 0
+
+    # Signing offline cannot know the directory; the broker refuses a grant to a member that does not exist.
+    ghost, _ = statement(capsys, tmp_path, "grant", "FRA", "--to", "XXX", "--tlp", "GREEN")
+    code, _, err = run(capsys, "broker", "statement", "add", "--dir", d, str(ghost))
+    assert code == 1
+    assert "XXX is not a member" in err
+
+
+def test_operator_commands(broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(broker)
+    assert run(capsys, "broker", "group", "create", "--dir", d, "--name", "europe")[0] == 0
+    for m in ("DEU", "ACME"):
+        assert run(capsys, "broker", "group", "add", "--dir", d, "--name", "europe", "--id", m)[0] == 0
+    code, _, err = run(capsys, "broker", "group", "add", "--dir", d, "--name", "europe", "--id", "DEU")
+    assert code == 1
+    assert "already in group europe" in err
+    code, out, _ = run(
+        capsys, "broker", "group", "create", "--dir", d, "--name", "TRIDENT",
+        "--start", "2026-01-01", "--end", "2026-02-01T00:00:00Z",
+    )  # fmt: skip
+    assert code == 0
+    assert "created operation group TRIDENT" in out
+
+    g, _ = statement(capsys, tmp_path, "grant", "FRA", "--to", "group:europe", "--tlp", "RED")
+    a1, _ = statement(capsys, tmp_path, "accept", "DEU", "--from", "FRA", "--tlp", "RED")
+    a2, _ = statement(capsys, tmp_path, "accept", "ACME", "--from", "FRA", "--tlp", "RED")
+    assert run(capsys, "broker", "statement", "add", "--dir", d, str(g), str(a1), str(a2))[0] == 0
+
+    base = ("policy", "explain", "--dir", d, "--from", "FRA", "--to", "DEU,ACME")
+    assert run(capsys, *base, "--tlp", "AMBER", "--category", "political")[0] == 0
+    code, out, _ = run(capsys, *base, "--tlp", "AMBER+STRICT")
+    assert code == 3
+    assert "FRA -> DEU: allow" in out
+    assert "never goes to a partner (ACME) through a group grant" in out
+    assert "TLP:RED needs a grant that names DEU individually" in run(capsys, *base, "--tlp", "RED")[1]
+
+    code, out, _ = run(capsys, "policy", "matrix", "--dir", d, "--json")
+    chans = {(c["from"], c["to"]): c["tlp"] for c in json.loads(out)["channels"]}
+    assert chans == {("FRA", "DEU"): "AMBER+STRICT", ("FRA", "ACME"): "AMBER"}
+    assert "FRA -> ACME  up to AMBER: any category" in run(capsys, "policy", "matrix", "--dir", d)[1]
+
+    assert run(capsys, "broker", "rule", "ban-category", "--dir", d, "--category", "political")[0] == 0
+    code, out, _ = run(capsys, *base, "--tlp", "AMBER", "--category", "political")
+    assert code == 3
+    assert "category 'political' is banned by operator rule" in out
+
+    assert run(capsys, "broker", "member", "suspend", "--dir", d, "--id", "DEU", "--reason", "audit")[0] == 0
+    code, out, _ = run(capsys, *base, "--tlp", "GREEN")
+    assert code == 3
+    assert "DEU is suspended (audit)" in out
+    assert run(capsys, "broker", "member", "reinstate", "--dir", d, "--id", "DEU")[0] == 0
+    assert run(capsys, *base, "--tlp", "GREEN")[0] == 0
+    assert run(capsys, "broker", "member", "remove", "--dir", d, "--id", "ACME", "--reason", "contract ended")[0] == 0
+    assert run(capsys, *base, "--tlp", "GREEN")[0] == 3
+
+    code, _, err = run(capsys, "broker", "member", "suspend", "--dir", d, "--id", "XXX", "--reason", "r")
+    assert code == 1
+    assert "XXX is not a member" in err
+    code, _, err = run(capsys, "broker", "rule", "ban-category", "--dir", d, "--category", "Not Valid")
+    assert code == 1
+    assert "is not valid" in err
+
+    # The whole log still folds from scratch: every appended record replays.
+    code, out, _ = run(capsys, "policy", "show", "--dir", d, "--json", "--verify")
+    facts = json.loads(out)
+    assert facts["rules"][0]["value"] == "political"
+    assert {m["id"]: m["status"] for m in facts["members"]} == {"ACME": "removed", "DEU": "active", "FRA": "active"}
+
+
+def test_member_add_refuses_a_second_admission(
+    broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = str(tmp_path / "keys" / "FRA" / "FRA.pub")
+    code, _, err = run(
+        capsys, "broker", "member", "add", "--dir", str(broker), "--bundle", bundle, "--kind", "desk", "--region", "x"
+    )
+    assert code == 1
+    assert "FRA is already in the directory" in err
+
+
+def test_bad_arguments(broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = str(tmp_path / "keys" / "FRA")
+    out = str(tmp_path / "x.stmt")
+    code, _, err = run(
+        capsys, "policy", "grant", "--identity", keys, "--origin", ORIGIN, "--to", "DEU", "--tlp", "PINK", "-o", out
+    )
+    assert code == 2
+    assert "TLP level 'PINK' is not valid" in err
+    code, _, err = run(
+        capsys, "policy", "revoke", "--identity", keys, "--origin", ORIGIN, "--statement", "abc", "-o", out
+    )
+    assert code == 2
+    assert "not 64 hex digits" in err
+    code, _, err = run(capsys, "policy", "show", "--dir", str(tmp_path / "nowhere"))
+    assert code == 1
+    assert "is not a broker directory" in err

@@ -1,0 +1,204 @@
+"""Benchmark the policy engine: decisions per second and the time to rebuild the state from the log.
+
+    .venv/bin/python tools/bench_policy.py [--members 196] [--statements 10000] [--seconds 2]
+
+Builds a directory of `--members` members (4 regional groups, 1 operation), about `--statements` signed
+grants and acceptances (each member grants to and accepts from random others, plus a few group grants),
+2 operator rules; then measures:
+- decisions per second for a packet to 1 recipient (allowed, and denied with its reason built),
+- decisions per second for a packet to all other members (and recipient verdicts per second),
+- `policy matrix` (every channel between every pair of members),
+- the time to fold every record into a new PolicyState, with and without signature verification.
+Keys and statements come from a fixed seed, so runs are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from valise import identity
+from valise.broker.home import BrokerHome
+from valise.cli.main import main as cli
+from valise.crypto import sign
+from valise.genesis import Genesis
+from valise.policy import PacketMeta, PolicyState, channels, decide, records
+from valise.store.sqlite import SqliteLog
+
+ORIGIN = "bench.valise.example/log"
+NOW = 1_790_000_000
+REGIONS = ("africa", "americas", "asia-south-pacific", "europe")
+CATS = ("malware", "phishing", "fraud", "ransomware", "botnet", "cyber-crime", "terrorism", "trafficking")
+TLPS = ("CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED")
+
+
+def seeded(seed: bytes) -> Callable[[int], bytes]:
+    counter = 0
+
+    def draw(n: int) -> bytes:
+        nonlocal counter
+        out = b""
+        while len(out) < n:
+            out += hashlib.sha256(seed + counter.to_bytes(8, "big")).digest()
+            counter += 1
+        return out[:n]
+
+    return draw
+
+
+def build_log(op: sign.SigningKey, n_members: int, n_statements: int) -> tuple[list[bytes], list[str]]:
+    rng = random.Random(7)
+    ids = [f"M{i:03d}" for i in range(n_members)]
+    idents = {m: identity.generate(m, seeded(m.encode()), NOW) for m in ids}
+    log: list[bytes] = []
+    seq = 0
+
+    def operator(rtype: str, tag: str, /, **fields: object) -> None:
+        nonlocal seq
+        seq += 1
+        make = records.dir_record if rtype == "dir" else records.rule_record
+        log.append(make(op, ORIGIN, seq, NOW, tag, **fields))
+
+    for i, m in enumerate(ids):
+        kind = "partner" if i % 10 == 9 else "country"
+        region = REGIONS[i % 4]
+        operator("dir", "member-add", id=m, kind=kind, name=f"Member {i}", region=region, bundle=idents[m].bundle.raw)
+    for r in REGIONS:
+        operator("dir", "group-create", name=r, kind="region", start=None, end=None)
+    operator("dir", "group-create", name="OP-1", kind="operation", start=NOW - 3600, end=NOW + 86_400)
+    for i, m in enumerate(ids):
+        operator("dir", "group-add", name=REGIONS[i % 4], id=m)
+        if i % 7 == 0:
+            operator("dir", "group-add", name="OP-1", id=m)
+    operator("rule", "ban-category", category="political")
+    operator("rule", "max-size", size=64 * 1024 * 1024)
+
+    # Member 0 (the benchmark's sender) grants to and is accepted by everyone, so the 195-recipient packet is
+    # allowed all the way through; the rest is random traffic of grants and acceptances.
+    made = 0
+    zero = idents[ids[0]].signing
+    for other in ids[1:]:
+        log.append(records.grant(zero, origin=ORIGIN, author=ids[0], created=NOW, to=other, tlp="AMBER"))
+        key = idents[other].signing
+        log.append(records.accept(key, origin=ORIGIN, author=other, created=NOW, source=ids[0], tlp="RED"))
+        made += 2
+    while made < n_statements:
+        a, b = rng.sample(ids, 2)
+        cats = sorted(rng.sample(CATS, rng.randint(1, 4))) if rng.random() < 0.7 else None
+        tlp = rng.choice(TLPS)
+        created = NOW - rng.randint(0, 10**6)
+        key = idents[a].signing
+        if rng.random() < 0.02:
+            to = "group:" + rng.choice(REGIONS)
+            log.append(records.grant(key, origin=ORIGIN, author=a, created=created, to=to, tlp=tlp, categories=cats))
+        elif rng.random() < 0.5:
+            log.append(records.grant(key, origin=ORIGIN, author=a, created=created, to=b, tlp=tlp, categories=cats))
+        else:
+            stmt = records.accept(key, origin=ORIGIN, author=a, created=created, source=b, tlp=tlp, categories=cats)
+            log.append(stmt)
+        made += 1
+    return log, ids
+
+
+def rate(fn: Callable[[], object], seconds: float) -> tuple[float, int]:
+    """Calls per second of `fn`, timed over about `seconds`."""
+    n, batch = 0, 1
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for _ in range(batch):
+            fn()
+        n += batch
+        batch = min(batch * 2, 10_000)
+    return n / elapsed, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--members", type=int, default=196)
+    ap.add_argument("--statements", type=int, default=10_000)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    args = ap.parse_args()
+
+    tmp = tempfile.TemporaryDirectory()
+    home = BrokerHome.create(Path(tmp.name) / "broker", ORIGIN, "broker", seeded(b"broker"), NOW)
+    op = home.operator_key()
+    op_key = op.public
+    t0 = time.perf_counter()
+    log, ids = build_log(op, args.members, args.statements)
+    print(f"built {len(log)} records ({sum(map(len, log)) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+
+    for verify in (True, False):
+        t0 = time.perf_counter()
+        state = PolicyState(ORIGIN, op_key, verify_signatures=verify)
+        state.apply_all(log)
+        dt = time.perf_counter() - t0
+        label = "with" if verify else "without"
+        print(f"rebuild state {label} signature checks: {dt * 1000:.0f} ms ({len(log) / dt:,.0f} records/s)")
+    live = sum(state.live.values())
+    print(f"state: {len(state.members)} members, {len(state.groups)} groups, {live} live statements")
+
+    sender = ids[0]
+    one = PacketMeta(sender, (ids[1],), "AMBER", ("malware",), size=10_000, expires=NOW + 3600)
+    assert decide(state, one, NOW).allowed
+    denied = PacketMeta(ids[1], (ids[2],), "RED", ("terrorism",), size=10_000)
+    denial = decide(state, denied, NOW)
+    assert not denial.allowed
+    everyone = PacketMeta(sender, tuple(ids[1:]), "AMBER", ("malware", "phishing"), size=10_000)
+    d = decide(state, everyone, NOW)
+    assert d.allowed, d.denied[:3]
+
+    per_s, _ = rate(lambda: decide(state, one, NOW), args.seconds)
+    print(f"decide, 1 recipient, allowed:   {per_s:,.0f} decisions/s ({1e6 / per_s:.1f} µs each)")
+    per_s, _ = rate(lambda: decide(state, denied, NOW), args.seconds)
+    print(f"decide, 1 recipient, denied:    {per_s:,.0f} decisions/s ({1e6 / per_s:.1f} µs each, with the reason)")
+    print(f"  e.g. {denial.verdicts[0].reason}")
+    per_s, _ = rate(lambda: decide(state, everyone, NOW), args.seconds)
+    n = len(everyone.to)
+    print(f"decide, {n} recipients, allowed: {per_s:,.0f} packets/s ({per_s * n:,.0f} recipient verdicts/s)")
+
+    t0 = time.perf_counter()
+    chans = channels(state, NOW)
+    print(f"matrix: {len(chans)} channels among {len(ids)} members in {(time.perf_counter() - t0) * 1000:.0f} ms")
+
+    # The commands as an operator runs them, on a real broker directory: read the SQLite log, fold it (with
+    # signature checks), then answer.
+    store = SqliteLog.open(home.db_path)
+    store.append([Genesis(ORIGIN, op_key, home.broker_identity().bundle).entry(), *log])
+    store.close()
+    for argv in (
+        ["policy", "matrix", "--json"],
+        ["policy", "matrix", "--json", "--verify"],
+        [
+            "policy",
+            "explain",
+            "--from",
+            ids[0],
+            "--to",
+            ",".join(ids[1:]),
+            "--tlp",
+            "AMBER",
+            "--category",
+            "malware",
+            "--at",
+            str(NOW),
+        ],
+    ):
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = cli([*argv[:2], "--dir", str(home.root), *argv[2:]])
+        print(
+            f"valise {' '.join(argv[:2])} (whole command, {len(log) + 1} log entries): "
+            f"{(time.perf_counter() - t0) * 1000:.0f} ms, exit {code}"
+        )
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
