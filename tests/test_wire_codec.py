@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from valise import encoding
-from valise.errors import LocalProtocolError
+from valise.errors import EncodingError, LocalProtocolError
 from valise.wire import codec, codes
 from valise.wire import events as ev
 from valise.wire.limits import DEFAULT_LIMITS, MAX_BLOB, MAX_CHUNK, MAX_HEAD, MAX_PACKET, MAX_PROOF
@@ -196,8 +196,7 @@ def test_out_of_range_fields_are_refused_on_both_sides(msg: ev.Message, match: s
         codec.encode(msg)
     assert info.value.code == codes.BAD_FIELD
     # ... and decode() refuses the same value built by hand.
-    wire = codec._to_wire(msg)
-    wire["t"] = msg.TYPE
+    wire = codec.to_map(msg)
     with pytest.raises(LocalProtocolError, match=match):
         codec.decode(encoding.pack(wire))
 
@@ -240,3 +239,18 @@ def test_encode_refuses_non_messages_and_non_bytes() -> None:
 def test_entries_relations_are_checked_both_ways(msg: ev.Message, rule: str) -> None:
     with pytest.raises(LocalProtocolError, match=rule):
         codec.encode(msg)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: m.TYPE)
+def test_encoding_is_the_house_canonical_form(msg: ev.Message) -> None:
+    # codec packs with plain msgpack for speed; it must agree byte for byte with valise.encoding.
+    assert codec.encode(msg) == encoding.pack(codec.to_map(msg))
+
+
+def test_decoder_refuses_what_the_house_decoder_refuses() -> None:
+    for payload in [b"\x82\xa1t\xa4ping\xa1n\x01", b"\x82\xa1n\xcc\x01\xa1t\xa4ping", b"\x81\xc4\x01t\xa4ping"]:
+        with pytest.raises(EncodingError):
+            encoding.unpack(payload, what="x", max_size=100)
+        with pytest.raises(LocalProtocolError) as info:
+            codec.decode(payload)
+        assert info.value.code == codes.BAD_ENCODING

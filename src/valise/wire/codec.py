@@ -12,12 +12,12 @@ bytes came from the peer.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from valise import encoding
-from valise.errors import EncodingError, LocalProtocolError
+import msgpack
+
+from valise.errors import LocalProtocolError
 from valise.identity import MEMBER_ID
 from valise.wire import codes, events
 from valise.wire import limits as L
@@ -96,24 +96,51 @@ def _array(inner: Check, low: int, high: int) -> Check:
     return check
 
 
-def _fields(value: Any, where: str, checks: dict[str, Check], skip: str | None = None) -> dict[str, Any]:
-    """Check that `value` is a map with exactly the keys of `checks` (plus `skip`), and convert each value."""
+def _order(names: list[str]) -> tuple[str, ...]:
+    """Canonical key order: ascending UTF-8 bytes."""
+    return tuple(sorted(names, key=lambda k: k.encode()))
+
+
+def _fields(value: Any, where: str, checks: dict[str, Check], order: tuple[str, ...]) -> dict[str, Any]:
+    """Check that `value` is a map whose keys are exactly `order`, in that order, and convert each field.
+
+    `order` holds the keys of `checks` (plus "t" at the top level) in canonical order; comparing the map's keys
+    with it checks the field set and the canonical key order at once.
+    """
     if type(value) is not dict:
         raise _bad(where, "must be a map")
-    names = set(value) - ({skip} if skip else set())
-    missing = sorted(set(checks) - names)
-    extra = sorted(names - set(checks))
-    if missing:
-        raise _bad(where, f"lacks field(s) {', '.join(missing)}")
-    if extra:
-        shown = ", ".join(repr(str(k)[:40]) for k in extra[:5])
-        raise _bad(where, f"has unknown field(s) {shown}")
-    return {name: check(value[name], f"{where} field {name!r}") for name, check in checks.items()}
+    if tuple(value) != order:
+        if any(type(k) is not str for k in value):
+            raise LocalProtocolError(f"{where} has a map key that is not text", code=codes.BAD_ENCODING)
+        names = set(value)
+        missing = sorted(set(order) - names)
+        extra = sorted(names - set(order))
+        if missing:
+            raise _bad(where, f"lacks field(s) {', '.join(missing)}")
+        if extra:
+            shown = ", ".join(repr(k[:40]) for k in extra[:5])
+            raise _bad(where, f"has unknown field(s) {shown}")
+        raise LocalProtocolError(f"{where} keys are not in canonical (sorted) order", code=codes.BAD_ENCODING)
+    out: dict[str, Any] = {}
+    for name, check in checks.items():
+        item = value[name]
+        try:
+            out[name] = check(item, f"{where} field {name!r}")
+        except LocalProtocolError:
+            if type(item) is float or (type(item) is list and any(type(v) is float for v in item)):
+                raise LocalProtocolError(f"{where} field {name!r} is a float", code=codes.BAD_ENCODING) from None
+            raise
+    return out
+
+
+STRUCT_ORDER: dict[type[Any], tuple[str, ...]] = {}
 
 
 def _struct(cls: type[Any], checks: dict[str, Check]) -> Check:
+    order = STRUCT_ORDER[cls] = _order(list(checks))
+
     def check(value: Any, where: str) -> Any:
-        return cls(**_fields(value, where, checks))
+        return cls(**_fields(value, where, checks, order))
 
     return check
 
@@ -190,6 +217,7 @@ SCHEMAS: dict[type[events.Message], dict[str, Check]] = {
     events.Goodbye: {"message": _text},
 }
 BY_TYPE: dict[str, type[events.Message]] = {cls.TYPE: cls for cls in SCHEMAS}
+ORDER: dict[type[events.Message], tuple[str, ...]] = {cls: _order([*checks, "t"]) for cls, checks in SCHEMAS.items()}
 assert set(SCHEMAS) == set(events.MESSAGE_TYPES), "every message type has a schema"
 
 
@@ -244,36 +272,59 @@ def _from_map(value: Any) -> events.Message:
     cls = BY_TYPE.get(kind)
     if cls is None:
         raise LocalProtocolError(f"unknown message type {kind[:40]!r}", code=codes.UNKNOWN_TYPE)
-    msg = cls(**_fields(value, kind, SCHEMAS[cls], skip="t"))
+    msg = cls(**_fields(value, kind, SCHEMAS[cls], ORDER[cls]))
     _check_relations(msg)
     return msg
 
 
 def decode(payload: bytes) -> events.Message:
-    """Parse one frame payload (without its length prefix) into a message, or raise LocalProtocolError."""
+    """Parse one frame payload (without its length prefix) into a message, or raise LocalProtocolError.
+
+    Canonical form (valise.encoding's rules) is checked in two steps that together cost one msgpack round trip:
+    re-encoding the decoded value must give the same bytes (shortest forms, no duplicate keys, no trailing bytes),
+    and every map's keys must be exactly its schema's keys in sorted order (checked by `_fields`), with values of
+    the types the schema allows (so no float, extension, or nesting beyond the schema's).
+    """
+    n = len(payload)
     try:
-        value = encoding.unpack(payload, what="frame payload", max_size=len(payload))
-    except EncodingError as exc:
-        raise LocalProtocolError(exc.what, code=codes.BAD_ENCODING) from None
+        value = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=n,
+            max_str_len=n,
+            max_array_len=n,
+            max_map_len=n,
+            max_ext_len=0,
+        )
+        canonical = msgpack.packb(value, use_bin_type=True) == payload
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError, OverflowError) as exc:
+        raise LocalProtocolError(f"frame payload is not valid msgpack: {exc}", code=codes.BAD_ENCODING) from None
+    if not canonical:
+        raise LocalProtocolError("frame payload is not in canonical msgpack form", code=codes.BAD_ENCODING)
     return _from_map(value)
 
 
 def _to_wire(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    order = STRUCT_ORDER.get(type(value))
+    if order is not None:
+        return {name: _to_wire(getattr(value, name)) for name in order}
     if isinstance(value, tuple | list):
         return [_to_wire(v) for v in value]
     return value
 
 
+def to_map(msg: events.Message) -> dict[str, Any]:
+    """`msg` as the map a frame carries (keys in canonical order, tuples as lists), without any check."""
+    order = ORDER.get(type(msg))
+    if order is None:
+        raise LocalProtocolError(f"{type(msg).__name__} is not a wire message", code=codes.UNKNOWN_TYPE)
+    return {name: msg.TYPE if name == "t" else _to_wire(getattr(msg, name)) for name in order}
+
+
 def encode(msg: events.Message) -> bytes:
     """The canonical payload of `msg`, after the same checks a receiver makes (LocalProtocolError if any fails)."""
-    if type(msg) not in SCHEMAS:
-        raise LocalProtocolError(f"{type(msg).__name__} is not a wire message", code=codes.UNKNOWN_TYPE)
-    wire = _to_wire(msg)
-    wire["t"] = msg.TYPE
-    _from_map(wire)
-    try:
-        return encoding.pack(wire)
-    except EncodingError as exc:  # pragma: no cover - the checks above admit only packable values
-        raise LocalProtocolError(exc.what, code=codes.BAD_ENCODING) from None
+    wire = to_map(msg)
+    _from_map(wire)  # the receiver's checks: types and ranges, so the map below is canonical msgpack
+    return msgpack.packb(wire, use_bin_type=True)
