@@ -121,6 +121,19 @@ class Retraction:
         return Retraction(m["packet_id"], m["digest"], m["sender"], m["reason"], m["at"], raw)
 
     @staticmethod
+    def digest_of(raw: bytes) -> bytes:
+        """The header digest a retraction names (unverified: for routing and lookups only)."""
+        try:
+            body, _ = _split(raw, "retraction")
+            m = encoding.unpack(body, what="retraction body", max_size=NOTICE_MAX)
+        except EncodingError as exc:
+            raise StatementError(f"malformed retraction: {exc.what}") from None
+        digest = m.get("digest") if isinstance(m, dict) else None
+        if not isinstance(digest, bytes) or len(digest) != 32:
+            raise StatementError("malformed retraction: no digest")
+        return digest
+
+    @staticmethod
     def sender_of(raw: bytes) -> str:
         """Who claims to have signed a retraction (to look up the key before `verified`)."""
         try:

@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "valise.cli.keys",
     "valise.cli.packet",
     "valise.cli.broker_log",
+    "valise.cli.broker_serve",
+    "valise.cli.policy",
 ]
 
 # Attribute under which group() keeps a top-level command's sub-subparsers on that command's parser.

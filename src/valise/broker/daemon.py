@@ -1,0 +1,853 @@
+"""The broker daemon: mutual-TLS listener, per-member sessions, group commit, checkpoints, tiles over HTTP.
+
+Structure (trio): one nursery for the daemon's own tasks (committer, checkpointer, purger, policy watcher, the
+TLS and HTTP listeners), and one nursery per connection (its reader, its pusher). All state lives in this
+process's memory or in SQLite; every mutation of the log goes through the committer, which appends a batch in
+one transaction (group commit), folds it into the policy state, applies the mailbox changes of the batch in one
+more transaction, and only then wakes the tasks waiting on it. So a receipt is never sent for a packet that is
+not durable in both the log and the recipients' mailboxes.
+
+Order of checks for a packet: specs/protocol.md, "Relaying a packet" (relay.py holds the pure part).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from valise import encoding, records, tls
+from valise.broker import http, relay
+from valise.broker.home import BrokerHome
+from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
+from valise.broker.spool import Spool, Upload
+from valise.errors import Error, PolicyError, ProtocolError, StatementError
+from valise.genesis import Genesis
+from valise.identity import PublicBundle
+from valise.logservice import LogService
+from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, Header, parse_prefix
+from valise.policy import records as policy_records
+from valise.policy.state import ACTIVE, PolicyState
+from valise.store.sqlite import SqliteLog
+from valise.tlog import checkpoint as tlog_checkpoint
+from valise.tlog import cosignature, merkle, note
+from valise.wire import codes
+from valise.wire import events as ev
+from valise.wire.connection import NEED_DATA, READ_SIZE, Connection, Signal
+from valise.wire.limits import MIN_FRAME, SUPPORTED_VERSIONS, choose_version
+from valise.wire.state import Role
+
+log = logging.getLogger("valise.broker")
+
+HANDSHAKE_TIMEOUT = 10.0
+COSIGN_TIMEOUT = 3.0
+SHUTDOWN_GRACE = 5.0
+MAX_CONNECTIONS = 4096
+
+
+@dataclass(slots=True)
+class Settings:
+    listen: tuple[str, int] = ("127.0.0.1", 7443)
+    http: tuple[str, int] | None = None
+    flush_interval: float = 0.002  # group commit: how long the committer gathers entries before a flush
+    checkpoint_interval: float = 1.0
+    purge_interval: float = 5.0
+    policy_poll: float = 1.0
+    window: int = relay.DEFAULT_WINDOW
+    clock: Callable[[], float] = time.time
+
+
+@dataclass(slots=True)
+class _Waiter:
+    entry: bytes
+    on_commit: Callable[[int], None] | None
+    done: trio.Event = field(default_factory=trio.Event)
+    index: int = -1
+    error: BaseException | None = None
+
+
+class BrokerDaemon:
+    def __init__(self, home: BrokerHome, settings: Settings | None = None) -> None:
+        self.home = home
+        self.settings = settings or Settings()
+        cfg = home.config()
+        self.origin = cfg.origin
+        self.broker_id = cfg.broker_id
+        self.identity = home.broker_identity()
+        self.store = SqliteLog.open(home.db_path)
+        self.log = LogService(self.store, cfg.origin, home.log_key(), interval=self.settings.checkpoint_interval)
+        self.mail = Mailboxes.open(home.root / "mailbox.db")
+        self.spool = Spool(home.root / "spool")
+        self.genesis = Genesis.parse(self.store.entries(0, 1)[0], origin=cfg.origin)
+        # Entries in our own store were verified when they were appended; re-folding them skips the signatures.
+        self.policy = PolicyState(cfg.origin, self.genesis.operator_key, verify_signatures=False)
+        self._fold(self.store.size())
+        self.policy.verify_signatures = True
+        self._reconcile()
+        self.sessions: dict[str, Session] = {}
+        self._waiters: list[_Waiter] = []
+        self._wake_committer = trio.Event()
+        self._policy_lock = trio.Lock()
+        self._published: bytes = self.log.latest.note if self.log.latest else self.log.sign().note
+        self._bundles: dict[bytes, PublicBundle] = {}
+        self._tls_members: dict[bytes, str] = {}
+        self._tls_context: ssl.SSLContext | None = None
+        self._refresh_tls()
+        self._sessions_changed = trio.Event()
+        self.connections = 0
+        self.port = 0
+        self.http_port = 0
+
+    # --- policy and directory ---------------------------------------------------------------------------------
+
+    def now(self) -> int:
+        return int(self.settings.clock())
+
+    def _fold(self, upto: int) -> None:
+        """Fold log entries [policy.size, upto) into the policy state, in order."""
+        while self.policy.size < upto:
+            batch = self.store.entries(self.policy.size, min(upto, self.policy.size + 4096))
+            for entry in batch:
+                try:
+                    self.policy.apply(entry)
+                except (PolicyError, Error) as exc:
+                    # An entry the policy refuses (appended by another writer that raced us) stays in the log
+                    # with no effect; an auditor's replay reports it the same way.
+                    log.error("log entry %d has no policy effect: %s", self.policy.size, exc)
+                    self.policy.size += 1
+
+    def _reconcile(self) -> None:
+        """Queue packets that reached the log but not the mailboxes (a crash between the two steps).
+
+        Only the last batch before a crash can be in that state, so the scan starts after the newest packet the
+        mailboxes know. Their bodies are on disk: a packet is spooled and fsynced before its entry is appended.
+        """
+        start = max(1, self.mail.last_log_index() + 1)
+        size = self.store.size()
+        for index in range(start, size):
+            kind, m = records.entry_type(self.store.entries(index, index + 1)[0])
+            if kind != "pkt":
+                continue
+            header = Header.parse(m["header"])
+            digest = hashlib.sha256(header.raw).digest()
+            path = self.spool.path(digest)
+            if self.mail.packet(digest) is None and path.exists():
+                core = header.core
+                row = PacketRow(digest, core.sender, core.packet_id, index, core.expires, path.stat().st_size, m["at"])
+                self.mail.record_packet(row, core.recipients)
+                log.warning("re-queued packet at log index %d after an interrupted commit", index)
+
+    def _refresh_tls(self) -> None:
+        members = {}
+        for m in self.policy.members.values():
+            if m.status == ACTIVE:
+                try:
+                    members[self._bundle(m.bundle).cert_der] = m.id
+                except Error:
+                    continue  # an unusable bundle cannot log in; the policy fold already reported it
+        if members != self._tls_members or self._tls_context is None:
+            self._tls_members = members
+            ident = self.home.identity_dir / self.broker_id
+            self._tls_context = tls.server_context(
+                ident.with_suffix(".tls.crt"), ident.with_suffix(".tls.key"), list(members)
+            )
+        for member_id, session in list(self.sessions.items()):
+            current = self.policy.members.get(member_id)
+            if current is None or current.status != ACTIVE:
+                session.close_soon(codes.SUSPENDED, f"{member_id} is no longer an active member")
+
+    def _bundle(self, raw: bytes) -> PublicBundle:
+        cached = self._bundles.get(raw)
+        if cached is None:
+            cached = self._bundles[raw] = PublicBundle.from_bytes(raw)
+        return cached
+
+    # --- the committer: group commit ------------------------------------------------------------------------
+
+    async def append(self, entry: bytes, on_commit: Callable[[int], None] | None = None) -> int:
+        """Append `entry` to the log durably; `on_commit(index)` runs in the batch's mailbox transaction."""
+        self.log.add(entry, trio.current_time())
+        waiter = _Waiter(entry, on_commit)
+        self._waiters.append(waiter)
+        self._wake_committer.set()
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.index
+
+    async def _committer(self) -> None:
+        while True:
+            await self._wake_committer.wait()
+            self._wake_committer = trio.Event()
+            await trio.sleep(self.settings.flush_interval)  # gather more entries into this batch
+            self._commit_batch()
+
+    def _commit_batch(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        if not waiters:
+            return
+        try:
+            indexes = self.log.flush()
+        except Exception as exc:  # a store failure: nothing of the batch is in the log; tell every waiter
+            log.exception("log flush failed")
+            for w in waiters:
+                w.error = exc
+                w.done.set()
+            return
+        self._fold(indexes.stop)
+        with self.mail.batch():
+            for w, index in zip(waiters, indexes, strict=True):
+                w.index = index
+                if w.on_commit is not None:
+                    w.on_commit(index)
+        for w in waiters:
+            w.done.set()
+
+    # --- checkpoints and witnesses --------------------------------------------------------------------------
+
+    async def _checkpointer(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(self.settings.checkpoint_interval)
+                # Each round runs on its own, so waiting for cosignatures never holds up the next checkpoint.
+                nursery.start_soon(self.publish_checkpoint)
+
+    async def publish_checkpoint(self) -> None:
+        """Sign a checkpoint of the durable tree, publish it at once, then again with the witnesses' cosignatures.
+
+        Publishing first keeps a slow or absent witness from delaying proofs for everyone; the cosigned note
+        replaces it as soon as the witnesses have answered (or the cosigning deadline has passed).
+        """
+        latest = self.log.latest
+        if latest is not None and self.store.size() == latest.size:
+            return
+        previous = latest.size if latest else 0
+        signed = self.log.sign()
+        self._published = signed.note
+        cosigs = await self._gather_cosignatures(signed.note, previous)
+        if cosigs and self.log.latest is not None and self.log.latest.size == signed.size:
+            self._published = cosignature.add_cosignatures(signed.note, cosigs)
+
+    async def _gather_cosignatures(self, signed_note: bytes, old: int) -> list[note.Signature]:
+        witnesses = [s for s in self.sessions.values() if s.ready]
+        if not witnesses:
+            return []
+        got: list[note.Signature] = []
+        with trio.move_on_after(COSIGN_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for s in witnesses:
+                    nursery.start_soon(s.request_cosignature, signed_note, old, got)
+        return got
+
+    # --- the daemon -------------------------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = self.settings.listen
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.port = listeners[0].socket.getsockname()[1]
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._committer)
+                nursery.start_soon(self._checkpointer)
+                nursery.start_soon(self._purger)
+                nursery.start_soon(self._policy_watcher)
+                if self.settings.http is not None:
+                    h, p = self.settings.http
+                    self.http_port = await nursery.start(http.serve, self._resolve, h, p)
+                nursery.start_soon(trio.serve_listeners, self._handle, listeners)
+                log.info("broker %s serving on %s:%d", self.broker_id, host, self.port)
+                task_status.started()
+        finally:
+            # Plain calls, no awaits: this runs to the end even when we are being cancelled.
+            self._commit_batch()  # entries already queued are made durable before we stop
+            for w in self._waiters:
+                w.error = Error("the broker is shutting down")
+                w.done.set()
+            self.mail.close()
+            self.store.close()
+
+    async def shutdown(self, nursery: trio.Nursery) -> None:
+        """Graceful stop: say goodbye to every session, give them a grace period, then cancel."""
+        for s in list(self.sessions.values()):
+            s.close_soon(codes.SHUTTING_DOWN, "the broker is stopping")
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            while self.sessions:
+                self._sessions_changed = trio.Event()
+                await self._sessions_changed.wait()
+        nursery.cancel_scope.cancel()
+
+    async def _policy_watcher(self) -> None:
+        """Pick up records that operator commands append directly to the store while we run."""
+        while True:
+            await trio.sleep(self.settings.policy_poll)
+            size = self.store.size()
+            if size > self.policy.size and not self._waiters:
+                self._fold(size)
+                self._refresh_tls()
+            elif size == self.policy.size:
+                self._refresh_tls()
+
+    async def _purger(self) -> None:
+        while True:
+            await trio.sleep(self.settings.purge_interval)
+            await self.purge_expired()
+
+    async def purge_expired(self) -> None:
+        now = self.now()
+        for member, row in self.mail.expired_packets(now):
+
+            def done(_index: int, member: str = member, digest: bytes = row.digest) -> None:
+                self.mail.remove(member, "packet", digest)
+                self.spool.drop_unreferenced(self.mail, [digest])
+
+            await self.append(records.purge_entry(row.digest, member, now), done)
+
+    async def _resolve(self, path: str) -> http.Response:
+        if path == "/checkpoint":
+            return http.Response(200, self._published, "text/plain; charset=utf-8")
+        resource = self.log.read(path.lstrip("/"))
+        if resource is None:
+            return http.Response(404, b"not found\n", "text/plain; charset=utf-8")
+        return http.Response(200, resource.body, resource.content_type, immutable=resource.immutable)
+
+    # --- connections ----------------------------------------------------------------------------------------
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        if self.connections >= MAX_CONNECTIONS:
+            await trio.aclose_forcefully(stream)
+            return
+        self.connections += 1
+        assert self._tls_context is not None
+        ssl_stream = trio.SSLStream(stream, self._tls_context, server_side=True)
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+                await ssl_stream.do_handshake()
+            if scope.cancelled_caught:
+                log.info("TLS handshake timed out")
+                return
+            member = self._tls_members.get(tls.peer_certificate(ssl_stream))
+            if member is None:  # a certificate removed from the directory since the context was built
+                return
+            session = Session(self, ssl_stream, member)
+            await session.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, tls.TLSPeerError) as exc:
+            log.info("connection closed: %s", exc.__cause__ or exc)
+        finally:
+            self.connections -= 1
+            await trio.aclose_forcefully(ssl_stream)
+
+    def wake(self, member: str) -> None:
+        session = self.sessions.get(member)
+        if session is not None:
+            session.wake()
+
+
+class Session:
+    """One authenticated member connection: a reader task and a pusher task in one nursery."""
+
+    def __init__(self, daemon: BrokerDaemon, stream: trio.SSLStream[trio.SocketStream], member: str) -> None:
+        self.d = daemon
+        self.stream = stream
+        self.member = member
+        self.conn = Connection(Role.SERVER)
+        self.ready = False
+        self._send_lock = trio.Lock()
+        self._wake = trio.Event()
+        self._credit = trio.Event()
+        self._uploads: dict[int, Upload | None] = {}  # rid → upload being received (None: refused, discard)
+        self._pushed: dict[int, MailItem] = {}  # seq → item pushed and awaiting confirmation
+        self._last_seq = 0
+        self._cosigns: dict[int, tuple[bytes, list[note.Signature], trio.Event]] = {}
+        self._nursery: trio.Nursery | None = None
+        self._closing: tuple[str, str] | None = None
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+
+    async def send(self, msg: ev.Message) -> None:
+        async with self._send_lock:
+            data = self.conn.send(msg)
+            await self.stream.send_all(data)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def close_soon(self, code: str, message: str) -> None:
+        self._closing = (code, message)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_with, code, message)
+
+    async def _close_with(self, code: str, message: str) -> None:
+        try:
+            with trio.move_on_after(1.0):
+                await self.send(
+                    ev.Goodbye(message) if code == codes.SHUTTING_DOWN else ev.ErrorMessage(None, code, message)
+                )
+        except (Error, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _fatal(self, code: str, message: str) -> None:
+        try:
+            with trio.move_on_after(1.0):
+                await self.send(ev.ErrorMessage(None, code, message))
+        except (Error, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+            hello = await self._handshake()
+        if scope.cancelled_caught or hello is None:
+            return
+        old = self.d.sessions.get(self.member)
+        if old is not None:
+            old.close_soon(codes.SHUTTING_DOWN, "replaced by a newer connection of the same member")
+        self.d.sessions[self.member] = self
+        self.ready = True
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._pusher)
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.ready = False
+            if self.d.sessions.get(self.member) is self:
+                del self.d.sessions[self.member]
+            self.d._sessions_changed.set()
+            for upload in self._uploads.values():
+                if upload is not None:
+                    upload.discard()
+
+    async def _receive_event(self) -> ev.Event:
+        while True:
+            event = self.conn.next_event()
+            if not isinstance(event, Signal):
+                return event
+            # PAUSED only happens before our welcome, which _handshake sends before the reader starts.
+            self.conn.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+
+    async def _handshake(self) -> ev.Hello | None:
+        try:
+            self.conn.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+            while self.conn.next_event() is NEED_DATA:
+                self.conn.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+        except ProtocolError as exc:
+            await self._fatal(exc.code, exc.what)
+            return None
+        hello = self.conn.hello
+        if hello is None:
+            return None
+        version = choose_version(hello.versions)
+        member = self.d.policy.members.get(self.member)
+        if version is None:
+            await self._fatal(codes.UNSUPPORTED_VERSION, f"versions {list(hello.versions)} not in {SUPPORTED_VERSIONS}")
+            return None
+        if hello.member != self.member:
+            await self._fatal(codes.UNAUTHENTICATED, f"hello says {hello.member}, the certificate is {self.member}'s")
+            return None
+        if member is None or member.status != ACTIVE:
+            await self._fatal(codes.SUSPENDED, f"{self.member} is not an active member")
+            return None
+        await self.send(ev.Welcome(version, self.d.broker_id, self.d.now(), self.conn.limits))
+        return hello
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                event = await self._receive_event()
+            except ProtocolError as exc:
+                log.info("%s: protocol error: %s", self.member, exc)
+                await self._fatal(exc.code, exc.what)
+                return
+            if isinstance(event, ev.ConnectionClosed):
+                return
+            try:
+                await self._dispatch(event)
+            except ProtocolError as exc:
+                log.warning("%s: %s", self.member, exc)
+                await self._fatal(exc.code, exc.what)
+                return
+
+    async def _dispatch(self, event: ev.Message) -> None:
+        if isinstance(event, ev.SubmitBegin):
+            await self._submit_begin(event)
+        elif isinstance(event, ev.SubmitChunk):
+            await self._submit_chunk(event)
+        elif isinstance(event, ev.SubmitEnd):
+            await self._submit_end(event)
+        elif isinstance(event, ev.SubmitCancel):
+            upload = self._uploads.pop(event.rid, None)
+            if upload is not None:
+                upload.discard()
+                await self.send(ev.ErrorMessage(event.rid, codes.CANCELLED, "upload cancelled"))
+        elif isinstance(event, ev.Credit):
+            self._credit.set()
+        elif isinstance(event, ev.Ack):
+            await self._ack(event)
+        elif isinstance(event, ev.Seen):
+            item = self._pushed.pop(event.seq, None)
+            if item is not None:
+                self.d.mail.remove(self.member, item.kind, item.digest)
+            self._wake.set()
+        elif isinstance(event, ev.Retract):
+            await self._retract(event)
+        elif isinstance(event, ev.Statement):
+            await self._statement(event)
+        elif isinstance(event, ev.GetCheckpoint):
+            await self.send(ev.Checkpoint(event.rid, self.d._published))
+        elif isinstance(event, ev.GetInclusion):
+            await self._proof(event.rid, lambda: self.d.log.inclusion_proof(event.index, event.size), ev.Inclusion)
+        elif isinstance(event, ev.GetConsistency):
+            await self._proof(event.rid, lambda: self.d.log.consistency_proof(event.old, event.new), ev.Consistency)
+        elif isinstance(event, ev.GetEntries):
+            await self._entries(event)
+        elif isinstance(event, ev.CosignResponse):
+            self._cosign_response(event)
+        elif isinstance(event, ev.ErrorMessage) and event.rid is not None and event.rid in self._cosigns:
+            log.warning("%s refused to cosign: %s %s", self.member, event.code, event.message)
+            self._cosigns[event.rid][2].set()
+        elif isinstance(event, ev.Ping):
+            await self.send(ev.Pong(event.n))
+        elif isinstance(event, ev.Goodbye):
+            return
+
+    # --- submissions ----------------------------------------------------------------------------------------
+
+    async def _submit_begin(self, msg: ev.SubmitBegin) -> None:
+        head = relay.parse_submitted_head(msg.head, msg.size)
+        if isinstance(head, relay.Reject):
+            self._uploads[msg.rid] = None
+            await self.send(ev.ErrorMessage(msg.rid, head.code, head.message))
+            return
+        known = self.d.mail.packet_by_id(self.member, head.core.packet_id)
+        outcome = relay.admit(self.d.policy, self.member, head, known, self.d.now(), self.d.settings.window)
+        if isinstance(outcome, relay.Reject):
+            self._uploads[msg.rid] = None
+            await self.send(ev.ErrorMessage(msg.rid, outcome.code, outcome.message))
+        elif isinstance(outcome, relay.Denied):
+            self._uploads[msg.rid] = None
+            reasons = tuple(ev.DenyReason(to, reason) for to, reason in outcome.reasons)
+            await self.send(ev.Deny(msg.rid, head.core.packet_id, reasons))
+        else:
+            # Admitted or a duplicate: receive the ciphertext either way (the grammar needs the upload to end);
+            # a duplicate is checked again against what was spooled and answered with its existing receipt.
+            self._uploads[msg.rid] = self.d.spool.begin(head, msg.head, duplicate=isinstance(outcome, relay.Duplicate))
+
+    async def _submit_chunk(self, msg: ev.SubmitChunk) -> None:
+        upload = self._uploads.get(msg.rid)
+        if upload is not None:
+            try:
+                upload.write(msg.data)
+            except Error as exc:
+                upload.discard()
+                self._uploads[msg.rid] = None
+                await self.send(ev.ErrorMessage(msg.rid, codes.HASH_MISMATCH, str(exc)))
+        # Give the window back as soon as the data is on disk (or discarded), so the client keeps streaming.
+        await self.send(ev.Credit(len(msg.data)))
+
+    async def _submit_end(self, msg: ev.SubmitEnd) -> None:
+        upload = self._uploads.pop(msg.rid, None)
+        if upload is None:
+            return  # already answered (refused or failed)
+        try:
+            path = upload.finish()
+        except Error as exc:
+            await self.send(ev.ErrorMessage(msg.rid, codes.HASH_MISMATCH, str(exc)))
+            return
+        head = upload.head
+        core = head.core
+        known = self.d.mail.packet_by_id(self.member, core.packet_id)
+        if known is None:
+            # Policy may have changed while the ciphertext streamed in: decide again, as of now.
+            outcome = relay.admit(self.d.policy, self.member, head, None, self.d.now(), self.d.settings.window)
+            if isinstance(outcome, relay.Reject | relay.Denied):
+                self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
+                if isinstance(outcome, relay.Reject):
+                    await self.send(ev.ErrorMessage(msg.rid, outcome.code, outcome.message))
+                else:
+                    reasons = tuple(ev.DenyReason(to, r) for to, r in outcome.reasons)
+                    await self.send(ev.Deny(msg.rid, core.packet_id, reasons))
+                return
+            at = self.d.now()
+            size = path.stat().st_size
+
+            def queue(index: int) -> None:
+                row = PacketRow(head.digest, self.member, core.packet_id, index, core.expires, size, at)
+                self.d.mail.record_packet(row, core.recipients)
+
+            entry = records.packet_entry(head.header.raw, head.signature, at)
+            index = await self.d.append(entry, queue)
+        else:
+            # The same packet again (a retry after a lost receipt). Its mailbox rows were made in the same
+            # transaction as its packet row, so there is nothing to queue: only the receipt was lost.
+            index, at = known.log_index, known.received
+        for r in core.recipients:
+            self.d.wake(r)
+        receipt = records.Receipt.make(
+            self.d.identity.signing, self.d.origin, index, head.digest, core.packet_id, self.member, at
+        )
+        await self.send(ev.Receipt(msg.rid, core.packet_id, index, head.digest, receipt.raw))
+
+    # --- confirmations, retractions, statements ------------------------------------------------------------
+
+    async def _ack(self, msg: ev.Ack) -> None:
+        item = self._pushed.pop(msg.seq, None)
+        member = self.d.policy.members.get(self.member)
+        if item is None or member is None:
+            return
+        try:
+            ack = records.Ack.verified(msg.ack, member.sign_key)
+        except Error as exc:
+            raise ProtocolError(f"acknowledgement of seq {msg.seq} refused: {exc}", code=codes.BAD_SIGNATURE) from None
+        if ack.recipient != self.member or ack.digest != item.digest or ack.packet_id != msg.id:
+            raise ProtocolError(f"acknowledgement of seq {msg.seq} is for another packet", code=codes.BAD_PACKET)
+        row = self.d.mail.packet(item.digest)
+        sender = row.sender if row else ack.sender
+
+        def done(index: int) -> None:
+            self.d.mail.remove(self.member, "packet", item.digest)
+            self.d.mail.post(sender, "ack", item.digest, encoding.pack({"index": index, "notice": ack.raw}))
+            self.d.spool.drop_unreferenced(self.d.mail, [item.digest])
+
+        await self.d.append(records.ack_entry(ack), done)
+        self.d.wake(sender)
+        self._wake.set()
+
+    async def _retract(self, msg: ev.Retract) -> None:
+        member = self.d.policy.members.get(self.member)
+        row = self.d.mail.packet_by_id(self.member, msg.id)
+        if member is None or row is None:
+            await self.send(
+                ev.ErrorMessage(msg.rid, codes.NOT_FOUND, f"no packet {msg.id.hex()} sent by {self.member}")
+            )
+            return
+        try:
+            retraction = records.Retraction.verified(msg.retraction, member.sign_key)
+        except Error as exc:
+            await self.send(ev.ErrorMessage(msg.rid, codes.BAD_SIGNATURE, str(exc)))
+            return
+        if retraction.sender != self.member or retraction.packet_id != msg.id or retraction.digest != row.digest:
+            await self.send(ev.ErrorMessage(msg.rid, codes.REFUSED, "the retraction names another packet"))
+            return
+        recipients = Header.parse(records.entry_type(self.store_entry(row.log_index))[1]["header"]).core.recipients
+
+        def done(index: int) -> None:
+            body = encoding.pack({"index": index, "notice": retraction.raw})
+            for r in recipients:
+                # A copy not yet delivered is withdrawn; everyone is told (a delivered copy must be discarded).
+                self.d.mail.remove(r, "packet", row.digest)
+                self.d.mail.post(r, "retract", row.digest, body)
+            self.d.spool.drop_unreferenced(self.d.mail, [row.digest])
+
+        index = await self.d.append(records.retract_entry(retraction), done)
+        for r in recipients:
+            self.d.wake(r)
+        receipt = records.Receipt.make(
+            self.d.identity.signing, self.d.origin, index, row.digest, msg.id, self.member, self.d.now()
+        )
+        await self.send(ev.RetractResult(msg.rid, index, receipt.raw))
+
+    def store_entry(self, index: int) -> bytes:
+        return self.d.store.entries(index, index + 1)[0]
+
+    async def _statement(self, msg: ev.Statement) -> None:
+        async with self.d._policy_lock:
+            try:
+                record = policy_records.parse_policy(msg.statement)
+                if record.type != policy_records.STMT:
+                    raise StatementError("members may submit only grant, accept and revoke statements")
+                if record.body.get("author") != self.member:
+                    raise StatementError(f"the statement's author is not {self.member}")
+                self.d.policy.check(msg.statement)
+            except Error as exc:
+                await self.send(ev.ErrorMessage(msg.rid, codes.REFUSED, str(exc)))
+                return
+            index = await self.d.append(msg.statement)
+        receipt = records.Receipt.make(
+            self.d.identity.signing, self.d.origin, index, record.id, bytes(16), self.member, self.d.now()
+        )
+        await self.send(ev.StatementResult(msg.rid, index, receipt.raw))
+
+    async def _proof(self, rid: int, make: Callable[[], list[bytes]], answer: Any) -> None:
+        try:
+            proof = make()
+        except Error as exc:
+            await self.send(ev.ErrorMessage(rid, codes.NOT_FOUND, str(exc)))
+            return
+        await self.send(answer(rid, tuple(proof)))
+
+    async def _entries(self, msg: ev.GetEntries) -> None:
+        latest = self.d.log.latest
+        limit = latest.size if latest else 0
+        if not 0 <= msg.start < msg.end <= limit:
+            what = f"entries {msg.start}..{msg.end} are not within the signed tree of {limit}"
+            await self.send(ev.ErrorMessage(msg.rid, codes.NOT_FOUND, what))
+            return
+        # Fill the answer up to the peer's frame limit (at least one entry: one entry always fits a frame).
+        budget = (self.conn.peer_limits.frame if self.conn.peer_limits else MIN_FRAME) - 8192
+        items: list[bytes] = []
+        hashed: list[int] = []
+        for offset, entry in enumerate(self.d.store.entries(msg.start, msg.end)):
+            item = entry if self._may_read(entry) else merkle.hash_leaf(entry)
+            budget -= len(item) + 8
+            if items and budget < 0:
+                break
+            if item is not entry:
+                hashed.append(offset)
+            items.append(item)
+        await self.send(ev.Entries(msg.rid, msg.start, tuple(items), tuple(hashed)))
+
+    def _may_read(self, entry: bytes) -> bool:
+        """Directory, policy and genesis records are for every member; traffic records only for those they name
+        (specs/protocol.md, "Reading the log")."""
+        try:
+            kind, m = records.entry_type(entry)
+            if kind == "pkt":
+                return self._named(Header.parse(m["header"]).core)
+            if kind == "ack":
+                ack, _, _ = records.Ack.parse(m["notice"])
+                return self.member in (ack.sender, ack.recipient)
+            if kind == "retract":
+                sender = records.Retraction.sender_of(m["notice"])
+                row = self.d.mail.packet(records.Retraction.digest_of(m["notice"]))
+                if sender == self.member:
+                    return True
+                if row is None:
+                    return False
+                original = records.entry_type(self.store_entry(row.log_index))[1]
+                return self._named(Header.parse(original["header"]).core)
+            if kind == "purge":
+                return bool(m.get("recipient") == self.member)
+        except Error:
+            return False
+        return True
+
+    def _named(self, core: Any) -> bool:
+        return self.member == core.sender or self.member in core.recipients
+
+    # --- pushing mailbox items ---------------------------------------------------------------------------------
+
+    async def _pusher(self) -> None:
+        while True:
+            room = self.conn.push_room
+            items = self.d.mail.pending(self.member, self._last_seq, limit=room) if room else []
+            if not items:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            for item in items:
+                self._last_seq = item.seq
+                if item.kind == "packet":
+                    sent = await self._push_packet(item)
+                    if not sent:
+                        continue
+                else:
+                    body = encoding.unpack(item.body or b"", what="notice", max_size=records.NOTICE_MAX + 64)
+                    notice = body["notice"]
+                    if item.kind == "ack":
+                        ack, _, _ = records.Ack.parse(notice)
+                        await self.send(ev.AckForward(item.seq, ack.packet_id, ack.recipient, body["index"], notice))
+                    else:
+                        by = records.Retraction.sender_of(notice)
+                        row = self.d.mail.packet(item.digest)
+                        pid = row.packet_id if row else bytes(16)
+                        await self.send(ev.RetractForward(item.seq, pid, by, body["index"], notice))
+                self._pushed[item.seq] = item
+
+    async def _push_packet(self, item: MailItem) -> bool:
+        path = self.d.spool.path(item.digest)
+        try:
+            f = path.open("rb")
+        except OSError:
+            log.error("spooled packet %s for %s is missing", item.digest.hex(), self.member)
+            return False
+        with f:
+            prefix = f.read(PREFIX_SIZE)
+            head_size = PREFIX_SIZE + parse_prefix(prefix) + SIGNATURE_SIZE
+            head = prefix + f.read(head_size - PREFIX_SIZE)
+            size = os.fstat(f.fileno()).st_size - head_size
+            await self.send(ev.DeliverBegin(item.seq, head, size))
+            chunk_limit = self.conn.peer_limits.chunk if self.conn.peer_limits else 65536
+            remaining = size
+            while remaining:
+                while self.conn.send_window == 0:
+                    self._credit = trio.Event()
+                    await self._credit.wait()
+                n = min(chunk_limit, self.conn.send_window, remaining)
+                data = f.read(n)
+                await self.send(ev.DeliverChunk(item.seq, data))
+                remaining -= len(data)
+            await self.send(ev.DeliverEnd(item.seq))
+        return True
+
+    # --- witnessing ---------------------------------------------------------------------------------------------
+
+    async def request_cosignature(self, signed_note: bytes, old: int, got: list[note.Signature]) -> None:
+        member = self.d.policy.members.get(self.member)
+        if member is None or not self.ready:
+            return
+        try:
+            proof = self.d.log.consistency_proof(old)
+            rid = self.conn.new_rid()
+            done = trio.Event()
+            self._cosigns[rid] = (signed_note, [], done)
+            await self.send(ev.CosignRequest(rid, old, tuple(proof), signed_note))
+            await done.wait()
+            got.extend(self._cosigns[rid][1])
+        except (Error, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("cosign request to %s failed: %s", self.member, exc)
+        finally:
+            self._cosigns.pop(rid, None) if "rid" in locals() else None
+
+    def _cosign_response(self, msg: ev.CosignResponse) -> None:
+        pending = self._cosigns.get(msg.rid)
+        member = self.d.policy.members.get(self.member)
+        if pending is None or member is None:
+            return
+        signed_note, got, done = pending
+        try:
+            text = note.parse_note(signed_note).text.encode()
+            line = msg.cosignature if msg.cosignature.endswith(b"\n") else msg.cosignature + b"\n"
+            sigs = note.parse_note(text + b"\n" + line).signatures
+            verifier = cosignature.CosignatureVerifier(self.member, member.sign_key)
+            for s in sigs:
+                if (s.name, s.key_id) != (verifier.name, verifier.key_id):
+                    raise Error(f"cosignature names {s.name}, not {self.member}")
+                verifier.verify(text, s.sig)
+            tlog_checkpoint.parse_body(text.decode())
+            got.extend(sigs)
+        except Error as exc:
+            log.warning("cosignature from %s refused: %s", self.member, exc)
+        finally:
+            done.set()
+
+
+def serve_forever(home: BrokerHome, settings: Settings) -> None:
+    """Run the daemon until SIGINT/SIGTERM; then stop gracefully within a deadline."""
+    import signal
+
+    async def main() -> None:
+        daemon = BrokerDaemon(home, settings)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.serve)
+            print(
+                f"broker {daemon.broker_id} listening on {settings.listen[0]}:{daemon.port}"
+                + (f", tiles on http://{settings.http[0]}:{daemon.http_port}/" if settings.http else ""),
+                flush=True,
+            )
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    await daemon.shutdown(nursery)
+                    break
+
+    trio.run(main)

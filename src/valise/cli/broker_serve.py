@@ -1,0 +1,37 @@
+"""`valise broker serve`: run the broker daemon in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from valise.broker.daemon import Settings, serve_forever
+from valise.broker.home import BrokerHome
+from valise.cli.main import group
+from valise.node.home import parse_address
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    broker = group(sub, "broker", "create and administer a broker")
+    p = broker.add_parser("serve", help="run the broker: mutual-TLS relay for members, log tiles over HTTP")
+    p.add_argument("--dir", required=True, type=Path, help="the broker directory (from valise broker init)")
+    p.add_argument("--listen", default="127.0.0.1:7443", help="HOST:PORT for member connections (default %(default)s)")
+    p.add_argument("--http", default=None, help="HOST:PORT to serve the log's tiles (C2SP tlog-tiles) over HTTP")
+    p.add_argument("--checkpoint-interval", type=float, default=1.0, help="seconds between checkpoints")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every connection and decision")
+    p.set_defaults(handler=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    home = BrokerHome.open(args.dir)
+    settings = Settings(
+        listen=parse_address(args.listen),
+        http=parse_address(args.http) if args.http else None,
+        checkpoint_interval=args.checkpoint_interval,
+    )
+    serve_forever(home, settings)
+    return 0

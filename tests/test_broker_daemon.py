@@ -1,0 +1,141 @@
+"""The broker daemon end to end: real TLS on 127.0.0.1, real SQLite, real packets, the real wire protocol."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import trio
+
+from valise import packet, records
+from valise.store.sqlite import SqliteLog
+from valise.tlog import merkle
+from valise.wire import codes
+from valise.wire import events as ev
+
+from .harness import WireClient, World, make_world, running_broker, seal
+
+
+def _world(tmp_path: Path) -> World:
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU", "AMBER", ["malware", "phishing"])
+    world.consent("FRA", "ITA", "AMBER", None)
+    return world
+
+
+async def test_submit_deliver_ack_round_trip(tmp_path: Path) -> None:
+    world = _world(tmp_path)
+    payload = b"indicator " * 20000  # several chunks
+    data = seal(world, "FRA", ["DEU", "ITA"], payload)
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        answer = await fra.submit(data)
+        assert isinstance(answer, ev.Receipt), answer
+        receipt = records.Receipt.verified(answer.receipt, world.home.broker_identity().bundle.sign_key)
+        assert (receipt.index, receipt.digest, receipt.sender) == (answer.index, answer.digest, "FRA")
+        # The log holds the sender's signed header at the receipt's index.
+        with SqliteLog.open(world.home.db_path) as store:
+            kind, entry = records.entry_type(store.entries(answer.index, answer.index + 1)[0])
+        assert kind == "pkt"
+        head = packet.parse_head(data)
+        assert isinstance(head, packet.Head)
+        assert entry["header"] == head.header.raw
+
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            seq, got = await deu.receive_delivery()
+            assert got == data  # relayed byte for byte
+            out = io.BytesIO()
+            packet.open(
+                io.BytesIO(got), out, me=world.members["DEU"], sender=world.members["FRA"].bundle, now=int(time.time())
+            )
+            assert out.getvalue() == payload
+            ack = records.Ack.make(
+                world.members["DEU"].signing, head.core.packet_id, head.digest, "FRA", "DEU", int(time.time())
+            )
+            await deu.send(ev.Ack(seq, head.core.packet_id, ack.raw))
+            forwarded = await fra.next_of(ev.AckForward)
+            assert isinstance(forwarded, ev.AckForward)
+            assert forwarded.by == "DEU"
+            assert records.Ack.verified(forwarded.ack, world.members["DEU"].bundle.sign_key).digest == head.digest
+            await fra.send(ev.Seen(forwarded.seq))
+
+            # The same packet again (a sender whose receipt was lost): the same receipt, no second log entry.
+            again = await fra.submit(data)
+            assert isinstance(again, ev.Receipt)
+            assert again.index == answer.index
+
+            # A checkpoint covering the packet comes with a verifiable inclusion proof.
+            await trio.sleep(0.5)
+            rid = fra.conn.new_rid()
+            await fra.send(ev.GetCheckpoint(rid))
+            cp = await fra.next_of(ev.Checkpoint)
+            assert isinstance(cp, ev.Checkpoint)
+            size = int(cp.checkpoint.split(b"\n")[1])
+            assert size > answer.index
+            rid = fra.conn.new_rid()
+            await fra.send(ev.GetInclusion(rid, answer.index, size))
+            proof = await fra.next_of(ev.Inclusion)
+            assert isinstance(proof, ev.Inclusion)
+            with SqliteLog.open(world.home.db_path) as store:
+                leaf = merkle.hash_leaf(store.entries(answer.index, answer.index + 1)[0])
+                root = merkle.tree_hash(size, store)
+            merkle.verify_inclusion(leaf, answer.index, size, list(proof.proof), root)
+
+    # ITA never connected: its copy is still queued, durably, after the broker stopped.
+    from valise.broker.mailbox import Mailboxes
+
+    mail = Mailboxes.open(world.home.root / "mailbox.db")
+    assert [i.kind for i in mail.pending("ITA")] == ["packet"]
+    assert mail.pending("DEU") == []
+
+
+async def test_refusals_each_have_their_code(tmp_path: Path) -> None:
+    world = _world(tmp_path)
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        # No consent FRA -> DEU for 'fraud': denied whole, with the reason.
+        denied = await fra.submit(seal(world, "FRA", ["DEU"], b"x", categories=("fraud",)))
+        assert isinstance(denied, ev.Deny)
+        assert [r.to for r in denied.reasons] == ["DEU"]
+        assert "fraud" in denied.reasons[0].reason
+        # A packet signed by DEU, submitted on FRA's connection.
+        wrong = await fra.submit(seal(world, "DEU", ["FRA"], b"x"))
+        assert isinstance(wrong, ev.ErrorMessage)
+        assert wrong.code == codes.SENDER_MISMATCH
+        # A flipped byte in the signature, then one inside the header's core.
+        data = seal(world, "FRA", ["DEU"], b"x")
+        head = packet.parse_head(data)
+        assert isinstance(head, packet.Head)
+        forged = bytearray(data)
+        forged[head.head_size - 1] ^= 1
+        bad = await fra.submit(bytes(forged))
+        assert isinstance(bad, ev.ErrorMessage)
+        assert bad.code == codes.BAD_SIGNATURE
+        forged = bytearray(data)
+        forged[data.index(b"malware")] ^= 0x20  # 'Malware': still parses as text, no longer the signed bytes
+        bad = await fra.submit(bytes(forged))
+        assert isinstance(bad, ev.ErrorMessage)
+        assert bad.code in (codes.BAD_SIGNATURE, codes.BAD_PACKET)
+        # Same packet id, different packet: a replay.
+        first = await fra.submit(seal(world, "FRA", ["DEU"], b"one", packet_id=b"fixed"))
+        assert isinstance(first, ev.Receipt)
+        replay = await fra.submit(seal(world, "FRA", ["DEU"], b"two", packet_id=b"fixed"))
+        assert isinstance(replay, ev.ErrorMessage)
+        assert replay.code == codes.REPLAY
+        # Tampered ciphertext: the broker cannot decrypt but holds the sender to the signed hash.
+        data = bytearray(seal(world, "FRA", ["DEU"], b"y" * 1000))
+        data[-5] ^= 1
+        mismatch = await fra.submit(bytes(data))
+        assert isinstance(mismatch, ev.ErrorMessage)
+        assert mismatch.code == codes.HASH_MISMATCH
+        # The connection still works after all of that.
+        ok = await fra.submit(seal(world, "FRA", ["DEU"], b"fine"))
+        assert isinstance(ok, ev.Receipt)
+
+
+async def test_hello_for_another_member_is_refused(tmp_path: Path) -> None:
+    world = _world(tmp_path)
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port, hello=False) as fra:
+        await fra.send(ev.Hello((1,), "DEU", "node", 0, fra.conn.limits))
+        err = await fra.next()
+        assert isinstance(err, ev.ErrorMessage)
+        assert err.code == codes.UNAUTHENTICATED
