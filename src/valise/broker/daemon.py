@@ -332,6 +332,9 @@ class BrokerDaemon:
             if scope.cancelled_caught:
                 log.info("TLS handshake timed out")
                 return
+            if ssl_stream.selected_alpn_protocol() != tls.ALPN:
+                log.info("TLS client did not negotiate %s", tls.ALPN)
+                return
             member = self._tls_members.get(tls.peer_certificate(ssl_stream))
             if member is None:  # a certificate removed from the directory since the context was built
                 return
