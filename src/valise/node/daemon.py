@@ -1,0 +1,431 @@
+"""The node daemon (`valise node run`): holds the unlocked identity, talks to the broker, serves the CLI.
+
+Tasks (one nursery): the connection loop (connect over mutual TLS, hello/welcome, one session at a time,
+reconnect with backoff and full jitter) and the control socket server (ops.py). Durable state lives in the node
+store; the verified view of the log lives in the follower (follower.py), which is the only source of the
+member keys this node seals to and verifies with.
+
+What happens to a submission's answer (specs/protocol.md, "Relaying a packet"):
+- `receipt`: the signed receipt must verify under the pinned broker's identity key and agree with the frame
+  and the packet (id, digest, sender, origin) → `receipted`; later, once a verified checkpoint covers its index,
+  the entry there must be this packet's `pkt` record (else an alarm);
+- `deny`: the policy refused it → `denied` with the reason per recipient;
+- `error` with a final code (outbox.FINAL_CODES) → `denied` with the code and message; any other code → retried
+  later with backoff and jitter. A packet whose `expires` passes in the outbox is marked `expired`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO
+
+import trio
+
+from valise import identity, packet, records, tls
+from valise.errors import CheckpointError, Error, NoteError, RemoteError, UsageError
+from valise.node import outbox
+from valise.node.control import listen, socket_path
+from valise.node.follower import Follower, ForkError, LogMismatchError
+from valise.node.home import NodeHome
+from valise.node.session import Disconnected, Session
+from valise.node.store import NodeStore, OutboxRow
+from valise.tlog import checkpoint, cosignature
+from valise.wire import events as ev
+from valise.wire.connection import NEED_DATA, READ_SIZE, Connection, Signal
+from valise.wire.limits import SUPPORTED_VERSIONS
+from valise.wire.state import Role
+
+log = logging.getLogger("valise.node")
+
+HANDSHAKE_TIMEOUT = 10.0
+POLL_INTERVAL = 5.0
+SHUTDOWN_GRACE = 3.0
+IDLE_CHECK = 1.0  # how often the submitter looks for packets whose retry time has come
+
+Connector = Callable[[], Awaitable[trio.abc.Stream]]
+Random = Callable[[int], bytes]
+
+
+class NodeLock:
+    """An exclusive lock on the node directory: one daemon per directory (released when the process dies)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: IO[bytes] | None = None
+
+    def __enter__(self) -> NodeLock:
+        f = open(self.path, "a+b")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise UsageError(f"another node daemon is running on {self.path.parent}") from None
+        self._f = f
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+class NodeDaemon:
+    def __init__(
+        self,
+        home: NodeHome,
+        me: identity.Identity,
+        *,
+        passphrase: bytes | None = None,
+        connector: Connector | None = None,
+        random: Random = os.urandom,
+        wall: Callable[[], int] = lambda: int(time.time()),
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self.home = home
+        self.config = home.config()
+        if me.member_id != self.config.member_id:
+            raise UsageError(f"the identity is {me.member_id}, the node directory is for {self.config.member_id}")
+        self.identity = me
+        self.member = me.member_id
+        self.broker = home.broker_bundle()
+        self.store = NodeStore.open(home.root)
+        state, kept = self.store.follower_load()
+        self.follower = Follower.restore(
+            self.config.log_vkey, self.member, self.broker.member_id, state, kept, self.broker.sign_key
+        )
+        self._passphrase = passphrase
+        self._connector = connector or self._tls_connect
+        self.random = random
+        self.wall = wall
+        self.poll_interval = poll_interval
+        self.session: Session | None = None
+        self.last_error: str | None = None
+        self._sync_lock = trio.Lock()
+        self._outbox_wake = trio.Event()
+        self._outcome = trio.Event()  # set (and replaced) whenever an outbox row leaves `queued`
+        self._alarmed: set[tuple[str, str]] = {(a.kind, a.message) for a in self.store.alarms()}
+        self.connected_event = trio.Event()  # for tests and `send`: set while a session is open
+
+    # --- small helpers --------------------------------------------------------------------------------------
+
+    def now(self) -> int:
+        return self.wall()
+
+    def alarm(self, kind: str, message: str, evidence: bytes | None = None) -> None:
+        if (kind, message) in self._alarmed:
+            return
+        self._alarmed.add((kind, message))
+        log.error("ALARM (%s): %s", kind, message)
+        self.store.alarm_add(self.now(), kind, message, evidence)
+
+    def wake_outbox(self) -> None:
+        self._outbox_wake.set()
+
+    def _settled(self) -> None:
+        self._outcome.set()
+        self._outcome = trio.Event()
+
+    async def wait_outcome(self, packet_id: bytes, seconds: float) -> OutboxRow | None:
+        """Wait up to `seconds` for a queued packet to be receipted, denied or expired."""
+        with trio.move_on_after(seconds):
+            while True:
+                row = self.store.outbox_get(packet_id)
+                if row is None or row.state != "queued":
+                    return row
+                await self._outcome.wait()
+        return self.store.outbox_get(packet_id)
+
+    # --- running --------------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = await listen(socket_path(self.home.root))
+        from valise.node.ops import serve_control  # ops imports this module's types
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_control, self, listener)
+                nursery.start_soon(self.connection_loop)
+                task_status.started()
+        finally:
+            await listener.aclose()
+            socket_path(self.home.root).unlink(missing_ok=True)
+
+    async def goodbye(self) -> None:
+        session = self.session
+        if session is not None:
+            with trio.move_on_after(SHUTDOWN_GRACE):
+                with contextlib.suppress(Error, trio.BrokenResourceError, trio.ClosedResourceError):
+                    await session.send(ev.Goodbye("node shutting down"))
+
+    async def connection_loop(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                stream, conn = await self._open()
+                attempt = 0
+                await self._serve(stream, conn)
+            except (OSError, Error, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                log.warning("broker connection: %s", self.last_error)
+            finally:
+                self.session = None
+                if self.connected_event.is_set():
+                    self.connected_event = trio.Event()
+            await trio.sleep(outbox.RECONNECT.delay(attempt, self.random))
+            attempt += 1
+
+    async def _tls_connect(self) -> trio.abc.Stream:
+        cfg = self.config
+        ctx = tls.client_context(
+            cfg.identity_dir / f"{self.member}.tls.crt",
+            cfg.identity_dir / f"{self.member}.tls.key",
+            self.broker.cert_der,
+            password=self._passphrase,
+        )
+        tcp = await trio.open_tcp_stream(cfg.broker_host, cfg.broker_port)
+        stream = trio.SSLStream(tcp, ctx, server_hostname=None)
+        try:
+            await stream.do_handshake()
+            tls.check_pinned(tls.peer_certificate(stream), self.broker.cert_der, who="broker")
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    async def _open(self) -> tuple[trio.abc.Stream, Connection]:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            stream = await self._connector()
+            try:
+                conn = Connection(Role.CLIENT)
+                hello = ev.Hello(SUPPORTED_VERSIONS, self.member, "node", self.follower.size, conn.limits)
+                await stream.send_all(conn.send(hello))
+                while True:
+                    data = await stream.receive_some(READ_SIZE)
+                    conn.receive_data(data)
+                    event = conn.next_event()
+                    if isinstance(event, Signal):
+                        assert event is NEED_DATA
+                        continue
+                    if isinstance(event, ev.Welcome):
+                        break
+                    if isinstance(event, ev.ErrorMessage):
+                        raise RemoteError(event.code, f"the broker refused the connection: {event.message}")
+                    raise Disconnected(f"the broker closed the connection during the handshake ({event})")
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+        if event.broker != self.broker.member_id:
+            await trio.aclose_forcefully(stream)
+            raise Disconnected(f"the broker says it is {event.broker!r}, the pinned broker is {self.broker.member_id}")
+        skew = event.time - self.now()
+        if abs(skew) > 60:
+            log.warning("the broker's clock differs from ours by %d s", skew)
+        return stream, conn
+
+    async def _serve(self, stream: trio.abc.Stream, conn: Connection) -> None:
+        session = Session(self, stream, conn)
+        self.session = session
+        self.last_error = None
+        self.connected_event.set()
+        log.info("connected to broker %s", self.broker.member_id)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.reader)
+                nursery.start_soon(session.worker)
+                nursery.start_soon(self._submitter, session)
+                nursery.start_soon(self._poller, session)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    # --- following the log and witnessing -------------------------------------------------------------------
+
+    async def _poller(self, session: Session) -> None:
+        while True:
+            await self.sync(session)
+            await trio.sleep(self.poll_interval)
+
+    async def sync(
+        self, session: Session, note: bytes | None = None, proof: tuple[int, tuple[bytes, ...]] | None = None
+    ) -> bool:
+        """Follow the log to `note` (default: the broker's latest checkpoint). True if the follower is at it."""
+        async with self._sync_lock:
+            if note is None:
+                answer = await session.request(ev.GetCheckpoint)
+                if not isinstance(answer, ev.Checkpoint):
+                    log.info("no checkpoint from the broker: %s", answer)
+                    return False
+                note = answer.checkpoint
+            try:
+                update = self.follower.begin(note, proof)
+            except ForkError as exc:
+                self.alarm("fork", exc.what, exc.evidence)
+                raise
+            except (NoteError, CheckpointError) as exc:
+                log.warning("checkpoint refused: %s", exc.what)
+                raise
+            if update is None:
+                return True
+            while (want := update.wanted()) is not None:
+                start, end = want
+                answer = await session.request(functools.partial(_get_entries, start=start, end=end))
+                if not isinstance(answer, ev.Entries):
+                    raise LogMismatchError(f"the broker did not serve entries {start}..{end}: {answer}")
+                try:
+                    update.add(answer.start, answer.entries, answer.hashed)
+                except LogMismatchError as exc:
+                    self.alarm("log", exc.what)
+                    raise
+            try:
+                done = self.follower.commit(update)
+            except LogMismatchError as exc:
+                self.alarm("log", exc.what)
+                raise
+            self.store.follower_commit(done.state, done.keep, done.mine)
+            for problem in done.problems:
+                self.alarm("policy", problem)
+            log.info("verified checkpoint of size %d", done.size)
+            self.check_receipts()
+            return True
+
+    async def witness(self, session: Session, note: bytes, old: int, proof: tuple[bytes, ...]) -> bytes:
+        """Follow the log to `note` (it must extend everything verified), then cosign it as this member."""
+        await self.sync(session, note, (old, proof))
+        cp = self.follower.open(note)
+        if (cp.size, cp.root) != (self.follower.size, self.follower.root):
+            raise CheckpointError(f"checkpoint of size {cp.size} is not the one this node verified")
+        cosigner = cosignature.Cosigner(self.member, self.identity.signing)
+        return (
+            cosigner.cosign(checkpoint.Checkpoint(cp.origin, cp.size, cp.root, cp.extensions), self.now())
+            .line()
+            .encode()
+        )
+
+    def check_receipts(self) -> None:
+        """Receipts covered by the verified log: the entry at the receipt's index must be this very packet."""
+        for row in self.store.outbox_unchecked(self.follower.size):
+            assert row.log_index is not None
+            digest = self.store.my_entry_digest(row.log_index)
+            if digest == row.digest:
+                self.store.outbox_in_log(row.packet_id, 1)
+            else:
+                self.store.outbox_in_log(row.packet_id, -1)
+                self.alarm(
+                    "receipt",
+                    f"receipt for packet {row.packet_id.hex()} promised log index {row.log_index}, "
+                    "but the verified log holds another entry there",
+                    row.receipt,
+                )
+
+    # --- the outbox -----------------------------------------------------------------------------------------
+
+    async def _submitter(self, session: Session) -> None:
+        while True:
+            rows = self.store.outbox_due(self.now())
+            if not rows:
+                self._outbox_wake = trio.Event()
+                with trio.move_on_after(IDLE_CHECK):
+                    await self._outbox_wake.wait()
+                continue
+            for row in rows:
+                if row.expires <= self.now():
+                    self.store.outbox_expired(row.packet_id)
+                    self._settled()
+                    continue
+                await self._submit(session, row)
+
+    async def _submit(self, session: Session, row: OutboxRow) -> None:
+        conn = session.conn
+        path = self.store.outbox_path(row.packet_id)
+        async with session.requests:
+            with open(path, "rb") as f:  # noqa: ASYNC230 - a local file read in chunks between sends
+                head = packet.read_head(f)
+                f.seek(0)
+                head_bytes = f.read(head.head_size)
+                size = head.header.ct_len
+                rid = conn.new_rid()
+                reply = session.open_request(rid)
+                try:
+                    await session.send(ev.SubmitBegin(rid, head_bytes, size))
+                    sent = 0
+                    chunk = conn.peer_limits.chunk if conn.peer_limits else 65536
+                    while sent < size and not reply.done.is_set():
+                        room = min(conn.send_window, chunk, size - sent)
+                        if room == 0:
+                            await session.changed()
+                            continue
+                        data = f.read(room)
+                        await session.send(ev.SubmitChunk(rid, data))
+                        sent += len(data)
+                    # An early answer (a denial right after submit-begin) ends the upload: cancel the rest.
+                    await session.send(
+                        ev.SubmitEnd(rid) if sent == size and not reply.done.is_set() else ev.SubmitCancel(rid)
+                    )
+                    await reply.done.wait()
+                finally:
+                    session.close_request(rid)
+        assert reply.answer is not None
+        self._answered(row, reply.answer)
+
+    def _answered(self, row: OutboxRow, answer: ev.Message) -> None:
+        pid = row.packet_id.hex()
+        if isinstance(answer, ev.Receipt):
+            try:
+                receipt = records.Receipt.verified(answer.receipt, self.broker.sign_key)
+                facts = (receipt.packet_id, receipt.digest, receipt.index, receipt.sender, receipt.origin)
+                if facts != (row.packet_id, row.digest, answer.index, self.member, self.follower.origin) or (
+                    answer.id,
+                    answer.digest,
+                ) != (row.packet_id, row.digest):
+                    raise Error("the receipt does not match the packet it answers")
+            except Error as exc:
+                self.alarm("receipt", f"bad receipt for packet {pid}: {exc.what}", answer.receipt)
+                self._retry(row, f"bad receipt: {exc.what}")
+                return
+            self.store.outbox_receipted(row.packet_id, answer.receipt, receipt.index)
+            log.info("packet %s receipted at log index %d", pid, receipt.index)
+            self.check_receipts()
+        elif isinstance(answer, ev.Deny):
+            self.store.outbox_denied(row.packet_id, {r.to: r.reason for r in answer.reasons})
+            log.info("packet %s denied: %s", pid, "; ".join(f"{r.to}: {r.reason}" for r in answer.reasons))
+        elif isinstance(answer, ev.ErrorMessage) and outbox.is_final(answer.code):
+            self.store.outbox_failed(row.packet_id, answer.code, answer.message)
+            log.info("packet %s refused (%s): %s", pid, answer.code, answer.message)
+        else:
+            what = f"{answer.code}: {answer.message}" if isinstance(answer, ev.ErrorMessage) else answer.TYPE
+            self._retry(row, what)
+            return
+        self._settled()
+
+    def _retry(self, row: OutboxRow, error: str) -> None:
+        delay = outbox.SEND_RETRY.delay(row.attempts, self.random)
+        self.store.outbox_retry_later(row.packet_id, self.now() + delay, error)
+        log.info("packet %s: %s; retrying in %.1f s", row.packet_id.hex(), error, delay)
+
+
+def _get_entries(rid: int, *, start: int, end: int) -> ev.Message:
+    return ev.GetEntries(rid, start, end)
+
+
+async def run_node(home: NodeHome, me: identity.Identity, passphrase: bytes | None) -> None:
+    """`valise node run`: lock the directory, run until SIGINT/SIGTERM, then stop within a grace period."""
+    with NodeLock(home.lock_path):
+        daemon = NodeDaemon(home, me, passphrase=passphrase)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("signal %d: shutting down", signum)
+                        with trio.move_on_after(SHUTDOWN_GRACE):
+                            await daemon.goodbye()
+                        nursery.cancel_scope.cancel()
+                        break
+        finally:
+            daemon.store.close()

@@ -1,0 +1,402 @@
+"""The control socket's operations (specs/protocol.md, "Control channel"): what `valise send|inbox|read|...` ask.
+
+One request per connection: a map with "op", maybe data frames, then one reply map ("ok", and on failure
+"error" and "code", the CLI's exit code). `read` streams the plaintext as data frames before its reply.
+Sealing and opening run in a worker thread (they are CPU-bound and synchronous); the payload and the plaintext
+flow between that thread and the socket chunk by chunk, so neither is ever written to disk in the clear nor
+held whole in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any, BinaryIO, cast
+
+import trio
+
+from valise import identity, packet, records
+from valise.errors import DeniedError, Error, LimitError, UsageError
+from valise.node import control
+from valise.node.daemon import NodeDaemon
+from valise.node.store import InboxRow, OutboxRow
+from valise.policy import records as policy_records
+from valise.policy.records import GROUP_PREFIX
+from valise.wire import events as ev
+
+log = logging.getLogger("valise.node")
+
+MAX_WAIT = 3600.0
+
+
+async def serve_control(daemon: NodeDaemon, listener: trio.SocketListener) -> None:
+    async with trio.open_nursery() as nursery:
+        while True:
+            stream = await listener.accept()
+            nursery.start_soon(_handle, daemon, stream)
+
+
+async def _handle(daemon: NodeDaemon, stream: trio.SocketStream) -> None:
+    async with stream:
+        reader = control.MessageReader(stream)
+        try:
+            request = await reader.next()
+            if request is None:
+                return
+            op = request.get("op")
+            handler = OPS.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise UsageError(f"unknown control operation {str(op)[:40]!r}")
+            reply = await handler(daemon, request, reader, stream)
+        except Error as exc:
+            reply = {"ok": False, "error": str(exc), "code": exc.exit_code}
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await control.send_msg(stream, reply)
+
+
+def _text(request: dict[str, Any], name: str, default: str | None = None) -> str:
+    value = request.get(name, default)
+    if not isinstance(value, str):
+        raise UsageError(f"control request field {name!r} must be text")
+    return value
+
+
+def _opt(request: dict[str, Any], name: str, kind: type) -> Any:
+    value = request.get(name)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise UsageError(f"control request field {name!r} must be {kind.__name__}")
+    return value
+
+
+# --- recipients and keys, from the verified log only -----------------------------------------------------------
+
+
+def bundle_of(daemon: NodeDaemon, member_id: str) -> identity.PublicBundle | None:
+    """A member's keys as of the verified log (the encryption key may have rotated since its bundle)."""
+    policy = daemon.follower.policy
+    member = policy.members.get(member_id) if policy else None
+    if member is None or member.status == "removed":
+        return None
+    bundle = identity.PublicBundle.from_bytes(member.bundle)
+    return replace(bundle, sign_key=member.sign_key, enc_key=member.enc_key)
+
+
+def expand(daemon: NodeDaemon, names: list[str]) -> tuple[list[str], list[str]]:
+    """Member ids for `names` (ids and group:NAME); and the names the verified log does not know."""
+    policy = daemon.follower.policy
+    out: set[str] = set()
+    unknown: list[str] = []
+    for name in names:
+        if name.startswith(GROUP_PREFIX):
+            group = policy.groups.get(name[len(GROUP_PREFIX) :]) if policy else None
+            if group is None:
+                unknown.append(name)
+            else:
+                out |= group.members - {daemon.member}
+        elif bundle_of(daemon, name) is None:
+            unknown.append(name)
+        else:
+            out.add(name)
+    return sorted(out), unknown
+
+
+async def _recipients(daemon: NodeDaemon, names: list[str]) -> list[identity.PublicBundle]:
+    ids, unknown = expand(daemon, names)
+    if unknown and daemon.session is not None:
+        await daemon.sync(daemon.session)  # maybe the log moved on since the last poll
+        ids, unknown = expand(daemon, names)
+    if unknown:
+        raise UsageError(
+            f"not in the verified directory: {', '.join(unknown)}",
+            hint="check the id, or wait until the node has followed the log",
+        )
+    if not ids:
+        raise UsageError("no recipients left (a group of only this member?)")
+    return [b for b in (bundle_of(daemon, i) for i in ids) if b is not None]
+
+
+# --- send ------------------------------------------------------------------------------------------------------
+
+
+class _Pull(io.RawIOBase):
+    """A file-like object a worker thread reads, pulling data frames from the control socket."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    async def _next(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return b""
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._buf and not self._eof:
+            self._buf = trio.from_thread.run(self._next)
+            self._eof = not self._buf
+        if n < 0:
+            n = len(self._buf)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+
+async def op_send(
+    daemon: NodeDaemon, request: dict[str, Any], reader: control.MessageReader, stream: trio.SocketStream
+) -> dict[str, Any]:
+    to = request.get("to")
+    if not isinstance(to, list) or not to or not all(isinstance(t, str) for t in to):
+        raise UsageError("send needs 'to': a list of member ids or group:NAME")
+    size = _opt(request, "size", int)
+    if size is None or size < 0:
+        raise UsageError("send needs the payload 'size'")
+    categories = request.get("categories") or []
+    if not isinstance(categories, list):
+        raise UsageError("'categories' must be a list")
+    wait = float(_opt(request, "wait", int) or 0)
+    if wait > MAX_WAIT:
+        raise LimitError(f"wait of {wait} s is over {MAX_WAIT}")
+    recipients = await _recipients(daemon, to)
+    now = daemon.now()
+    spool = daemon.store.tmp_path(f"send-{daemon.random(8).hex()}.part")
+    pull = _Pull(reader.data())
+    try:
+        tlp = _text(request, "tlp")
+        expires_at = _opt(request, "expires", int)
+        operation = _opt(request, "operation", str)
+        content_type = _opt(request, "content_type", str)
+
+        def work() -> tuple[packet.Sealed, int]:
+            with open(spool, "w+b") as out:
+                sealed = packet.seal(
+                    cast(BinaryIO, pull),
+                    out,
+                    sender=daemon.identity,
+                    recipients=recipients,
+                    tlp=tlp,
+                    now=now,
+                    random=daemon.random,
+                    expires=expires_at,
+                    categories=categories,
+                    operation=operation,
+                    content_type=content_type,
+                    payload_size=size,
+                )
+                out.seek(0)
+                return sealed, packet.read_head(out).core.expires
+
+        sealed, expires = await trio.to_thread.run_sync(work)
+        ids = [r.member_id for r in recipients]
+        daemon.store.enqueue_file(sealed.packet_id, sealed.header_digest, ids, now, expires, spool)
+    finally:
+        spool.unlink(missing_ok=True)
+    daemon.wake_outbox()
+    pid = sealed.packet_id.hex()
+    log.info("queued packet %s for %s", pid, ", ".join(ids))
+    row = await daemon.wait_outcome(sealed.packet_id, wait) if wait > 0 else daemon.store.outbox_get(sealed.packet_id)
+    assert row is not None
+    return outcome(row, connected=daemon.session is not None)
+
+
+def outcome(row: OutboxRow, *, connected: bool) -> dict[str, Any]:
+    """The reply for a packet's current state (denials carry exit code 3, as DeniedError)."""
+    base: dict[str, Any] = {"id": row.packet_id.hex(), "to": row.recipients, "state": row.state, "connected": connected}
+    if row.state == "receipted":
+        return {"ok": True, **base, "index": row.log_index}
+    if row.state == "queued":
+        return {"ok": True, **base}
+    detail = _json(row.outcome)
+    if row.state == "denied":
+        error = detail.get("error") if isinstance(detail, dict) else None
+        if isinstance(error, dict):
+            msg = f"refused by the broker ({error.get('code')}): {error.get('message')}"
+            return {"ok": False, **base, "error": msg, "code": DeniedError.exit_code, "refused": error}
+        reasons = {str(k): str(v) for k, v in (detail or {}).items()}
+        msg = "denied: " + "; ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+        return {"ok": False, **base, "error": msg, "code": DeniedError.exit_code, "reasons": reasons}
+    return {"ok": False, **base, "error": f"packet {row.state}", "code": 1}
+
+
+def _json(text: str | None) -> Any:
+    return json.loads(text) if text else None
+
+
+# --- inbox, read, retract, status, statement ----------------------------------------------------------------------
+
+
+def inbox_item(row: InboxRow) -> dict[str, Any]:
+    return {
+        "id": row.packet_id.hex(),
+        "digest": row.digest.hex(),
+        "from": row.sender,
+        "received": row.received,
+        "size": row.size,
+        "labels": row.labels,
+        "state": row.state,
+        "acked": row.acked,
+        "retraction": row.retraction,
+    }
+
+
+async def op_inbox(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
+    return {"ok": True, "items": [inbox_item(r) for r in daemon.store.inbox_all()]}
+
+
+def _one(rows: list[Any], prefix: str, where: str) -> Any:
+    if len(prefix) < 4:
+        raise UsageError("give at least 4 hex digits of the packet id")
+    if not rows:
+        raise UsageError(f"no packet {prefix} in the {where}")
+    if len(rows) > 1:
+        raise UsageError(f"{len(rows)} packets in the {where} start with {prefix}", hint="give more digits")
+    return rows[0]
+
+
+async def op_read(
+    daemon: NodeDaemon, request: dict[str, Any], reader: control.MessageReader, stream: trio.SocketStream
+) -> dict[str, Any]:
+    prefix = _text(request, "id")
+    row: InboxRow = _one(daemon.store.inbox_find(prefix), prefix, "inbox")
+    sender = bundle_of(daemon, row.sender)
+    if sender is None:
+        raise UsageError(f"sender {row.sender} is not in the verified directory")
+
+    class Push(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            chunk = bytes(data)
+            for i in range(0, len(chunk), control.CHUNK):
+                trio.from_thread.run(control.send_msg, stream, {"op": "data", "data": chunk[i : i + control.CHUNK]})
+            return len(chunk)
+
+    def work() -> packet.Opened:
+        with open(daemon.store.inbox_path(row.digest), "rb") as src:
+            return packet.open(src, cast(BinaryIO, Push()), me=daemon.identity, sender=sender, now=daemon.now())
+
+    opened = await trio.to_thread.run_sync(work)
+    if row.state == "new":
+        daemon.store.inbox_mark(row.digest, state="read")
+    return {"ok": True, "packet": opened.to_json(), "state": row.state, "retraction": row.retraction}
+
+
+def _session(daemon: NodeDaemon) -> Any:
+    if daemon.session is None:
+        raise Error("the broker is unreachable right now", hint="try again when `valise status` says connected")
+    return daemon.session
+
+
+async def op_retract(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
+    prefix = _text(request, "id").lower()
+    rows = [r for r in daemon.store.outbox_all() if r.packet_id.hex().startswith(prefix)]
+    row: OutboxRow = _one(rows, prefix, "outbox")
+    if row.state != "receipted":
+        raise UsageError(f"packet {row.packet_id.hex()} is {row.state}; only a relayed packet can be retracted")
+    reason = _text(request, "reason", "")
+    retraction = records.Retraction.make(
+        daemon.identity.signing, row.packet_id, row.digest, daemon.member, reason, daemon.now()
+    )
+    answer = await _session(daemon).request(lambda rid: ev.Retract(rid, row.packet_id, retraction.raw))
+    if isinstance(answer, ev.RetractResult):
+        return {"ok": True, "id": row.packet_id.hex(), "index": answer.index}
+    return _refused(answer)
+
+
+def _refused(answer: ev.Message) -> dict[str, Any]:
+    if isinstance(answer, ev.ErrorMessage):
+        return {"ok": False, "error": f"the broker refused ({answer.code}): {answer.message}", "code": 1}
+    return {"ok": False, "error": f"unexpected answer {answer.TYPE}", "code": 1}
+
+
+async def op_status(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
+    f = daemon.follower
+    counts: dict[str, int] = {}
+    for r in daemon.store.outbox_all():
+        counts[r.state] = counts.get(r.state, 0) + 1
+    inbox: dict[str, int] = {}
+    for i in daemon.store.inbox_all():
+        inbox[i.state] = inbox.get(i.state, 0) + 1
+    return {
+        "ok": True,
+        "member": daemon.member,
+        "broker": f"{daemon.config.broker_host}:{daemon.config.broker_port}",
+        "broker_id": daemon.broker.member_id,
+        "connected": daemon.session is not None,
+        "last_error": daemon.last_error,
+        "log": {
+            "origin": f.origin,
+            "size": f.size,
+            "root": f.root.hex(),
+            "members": len(f.policy.members) if f.policy else 0,
+        },
+        "outbox": counts,
+        "inbox": inbox,
+        "alarms": [
+            {"at": a.at, "kind": a.kind, "message": a.message, "evidence": a.evidence.hex() if a.evidence else None}
+            for a in daemon.store.alarms()
+        ],
+    }
+
+
+def build_statement(daemon: NodeDaemon, spec: dict[str, Any]) -> bytes:
+    """Sign a grant, accept or revoke described by `spec` ({"kind", and the fields of policy.records})."""
+    kind = spec.get("kind")
+    key = daemon.identity.signing
+    origin, author, created = daemon.follower.origin, daemon.member, daemon.now()
+    try:
+        if kind == "grant":
+            return policy_records.grant(
+                key, origin=origin, author=author, created=created, to=spec["to"], tlp=spec["tlp"],
+                categories=spec.get("categories"), valid_from=spec.get("valid_from"),
+                valid_until=spec.get("valid_until"), max_size=spec.get("max_size"),
+            )  # fmt: skip
+        if kind == "accept":
+            return policy_records.accept(
+                key, origin=origin, author=author, created=created, source=spec["from"], tlp=spec["tlp"],
+                categories=spec.get("categories"), valid_from=spec.get("valid_from"),
+                valid_until=spec.get("valid_until"),
+            )  # fmt: skip
+        if kind == "revoke":
+            return policy_records.revoke(
+                key, origin=origin, author=author, created=created, statement=bytes.fromhex(spec["statement"])
+            )
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"statement {kind} lacks or has a bad field: {exc}") from None
+    raise UsageError(f"statement kind {str(kind)[:20]!r} is not grant, accept or revoke")
+
+
+async def op_statement(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
+    raw = request.get("statement")
+    spec = request.get("build")
+    if isinstance(spec, dict):
+        raw = build_statement(daemon, spec)
+    if not isinstance(raw, bytes):
+        raise UsageError("statement needs 'statement' (signed bytes) or 'build' (a description to sign)")
+    record = policy_records.parse_policy(raw)
+    if record.type != policy_records.STMT or record.body.get("author") != daemon.member:
+        raise UsageError(f"only this member's own statements can be sent through its node ({daemon.member})")
+    answer = await _session(daemon).request(lambda rid: ev.Statement(rid, raw))
+    if isinstance(answer, ev.StatementResult):
+        return {"ok": True, "index": answer.index, "statement": record.id.hex()}
+    return _refused(answer)
+
+
+OPS = {
+    "send": op_send,
+    "inbox": op_inbox,
+    "read": op_read,
+    "retract": op_retract,
+    "status": op_status,
+    "statement": op_statement,
+}

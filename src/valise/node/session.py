@@ -1,0 +1,345 @@
+"""One connection of the node daemon to the broker (an I/O edge; specs/wire.md, specs/protocol.md "Nodes").
+
+Tasks of one session, in one nursery:
+- the *reader* owns the receive side: it feeds `Connection`, resolves answers to this node's requests (by rid),
+  notes credit, answers pings, and hands every pushed item (deliveries, forwarded notices, cosign requests) to
+  the *worker* through a channel. The reader never awaits an answer itself, so a worker that needs the log
+  (a sender's key, a checkpoint to verify) can always get it;
+- the *worker* handles pushed items in order: it spools a delivery to a file while hashing it, grants credit as
+  bytes reach the file, stores the packet and acknowledges it; it verifies forwarded notices; it witnesses;
+- the *submitter* sends the outbox in order (daemon.py decides what happens with each answer);
+- the *poller* asks for the checkpoint every few seconds and follows the log.
+
+Every frame goes out through `send`, under one lock, so frames of different tasks never interleave.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import trio
+
+from valise import records
+from valise.crypto import sign
+from valise.errors import Error, PacketError, ProtocolError, RemoteError, RemoteProtocolError, SignatureError
+from valise.packet.format import HEADER_DOMAIN, CiphertextHasher, Head, NeedMore, parse_head
+from valise.wire import codes
+from valise.wire import events as ev
+from valise.wire.connection import NEED_DATA, READ_SIZE, Connection, Signal
+
+if TYPE_CHECKING:
+    from valise.node.daemon import NodeDaemon
+
+log = logging.getLogger("valise.node")
+
+# Pushed items the worker may lag behind: deliveries are bounded by the pushes the broker may have in flight and
+# their chunks by the flow-control window this node grants, so the channel can never need more than this.
+INBOUND_SLACK = 64
+
+
+# What the reader hands to the worker, in the order the broker sent them.
+PUSHED = (
+    ev.CosignRequest,
+    ev.DeliverBegin,
+    ev.DeliverChunk,
+    ev.DeliverEnd,
+    ev.DeliverCancel,
+    ev.AckForward,
+    ev.RetractForward,
+)
+
+
+# What the reader hands to the worker, in the order the broker sent them.
+PUSHED = (
+    ev.CosignRequest,
+    ev.DeliverBegin,
+    ev.DeliverChunk,
+    ev.DeliverEnd,
+    ev.DeliverCancel,
+    ev.AckForward,
+    ev.RetractForward,
+)
+
+
+class Disconnected(Error):
+    """The broker closed the connection or said goodbye."""
+
+
+@dataclass(slots=True)
+class Reply:
+    """An answer slot for one request of ours."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    answer: ev.Message | None = None
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A delivery being spooled: where it goes, how much came, and whether it is still acceptable."""
+
+    seq: int
+    head: Head | None
+    file: IO[bytes] | None
+    path: Path | None
+    hasher: CiphertextHasher | None
+    problem: str | None = None
+
+
+class Session:
+    def __init__(self, daemon: NodeDaemon, stream: trio.abc.Stream, conn: Connection) -> None:
+        self.d = daemon
+        self.stream = stream
+        self.conn = conn
+        self._lock = trio.Lock()
+        self._replies: dict[int, Reply] = {}
+        self._changed = trio.Event()  # set on credit and on any answer: submitters re-check their conditions
+        limits = conn.limits
+        size = limits.pushes * 4 + limits.window // 1024 + INBOUND_SLACK
+        self._in_send, self._in_recv = trio.open_memory_channel[ev.Message](size)
+        self._incoming: Incoming | None = None
+        peer = conn.peer_limits
+        self._requests = trio.Semaphore(max(1, (peer.requests if peer else 1) - 1))
+
+    # --- sending --------------------------------------------------------------------------------------------
+
+    async def send(self, msg: ev.Message) -> None:
+        async with self._lock:
+            data = self.conn.send(msg)
+            await self.stream.send_all(data)
+
+    async def request(self, make: Callable[[int], ev.Message]) -> ev.Message:
+        """Send a request (`make(rid)`) and wait for its answer; an `error` answer is returned, not raised."""
+        async with self._requests:
+            rid = self.conn.new_rid()
+            reply = self._replies[rid] = Reply()
+            try:
+                await self.send(make(rid))
+                await reply.done.wait()
+            finally:
+                self._replies.pop(rid, None)
+            assert reply.answer is not None
+            return reply.answer
+
+    def open_request(self, rid: int) -> Reply:
+        """Register an answer slot for a request the caller sends itself (a streamed submission)."""
+        reply = self._replies[rid] = Reply()
+        return reply
+
+    def close_request(self, rid: int) -> None:
+        self._replies.pop(rid, None)
+
+    async def changed(self) -> None:
+        """Wait until credit arrives or some request is answered."""
+        await self._changed.wait()
+
+    def _poke(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    @property
+    def requests(self) -> trio.Semaphore:
+        return self._requests
+
+    # --- the reader -----------------------------------------------------------------------------------------
+
+    async def reader(self) -> None:
+        try:
+            while True:
+                data = await self.stream.receive_some(READ_SIZE)
+                self.conn.receive_data(data)
+                while True:
+                    event = self.conn.next_event()
+                    if isinstance(event, Signal):
+                        assert event is NEED_DATA
+                        break
+                    if isinstance(event, ev.ConnectionClosed):
+                        raise Disconnected("the broker closed the connection" + ("" if event.clean else " abruptly"))
+                    await self._dispatch(event)
+        except RemoteProtocolError as exc:
+            log.warning("broker broke the wire protocol: %s", exc)
+            with trio.move_on_after(1):
+                await self.send(ev.ErrorMessage(None, exc.code, exc.what[:900]))
+            raise
+
+    async def _dispatch(self, msg: ev.Message) -> None:
+        rid = getattr(msg, "rid", None)
+        if isinstance(msg, ev.ErrorMessage) and msg.rid is None:
+            raise msg.as_exception()
+        if isinstance(msg, ev.Goodbye):
+            raise Disconnected(f"the broker said goodbye: {msg.message}")
+        if isinstance(msg, ev.Credit):
+            self._poke()
+        elif isinstance(msg, ev.Ping):
+            await self.send(ev.Pong(msg.n))
+        elif isinstance(msg, ev.Pong):
+            pass
+        elif isinstance(msg, PUSHED):
+            await self._in_send.send(msg)
+        elif rid is not None and rid in self._replies:
+            reply = self._replies[rid]
+            reply.answer = msg
+            reply.done.set()
+            self._poke()
+        else:
+            log.info("ignoring %s rid %s: no request of ours is waiting for it", msg.TYPE, rid)
+
+    # --- the worker -----------------------------------------------------------------------------------------
+
+    async def worker(self) -> None:
+        async with self._in_recv:
+            async for msg in self._in_recv:
+                if isinstance(msg, ev.DeliverBegin):
+                    await self._deliver_begin(msg)
+                elif isinstance(msg, ev.DeliverChunk):
+                    await self._deliver_chunk(msg)
+                elif isinstance(msg, ev.DeliverEnd):
+                    await self._deliver_end(msg)
+                elif isinstance(msg, ev.DeliverCancel):
+                    self._discard()
+                elif isinstance(msg, ev.AckForward):
+                    await self._ack_forward(msg)
+                elif isinstance(msg, ev.RetractForward):
+                    await self._retract_forward(msg)
+                elif isinstance(msg, ev.CosignRequest):
+                    await self._cosign(msg)
+
+    async def sender_key(self, member: str) -> bytes | None:
+        """A member's identity key from the verified log; follows the log once if the member is not known yet."""
+        key = self.d.follower.member_key(member)
+        if key is None:
+            await self.d.sync(self)
+            key = self.d.follower.member_key(member)
+        return key
+
+    async def _deliver_begin(self, msg: ev.DeliverBegin) -> None:
+        self._discard()
+        inc = Incoming(msg.seq, None, None, None, None)
+        self._incoming = inc
+        try:
+            head = parse_head(msg.head)
+            if isinstance(head, NeedMore) or head.head_size != len(msg.head):
+                raise PacketError("deliver-begin head is not exactly one packet head")
+            if head.header.ct_len != msg.size:
+                raise PacketError(f"declared size {msg.size} is not the header's ciphertext length")
+            core = head.core
+            if self.d.member not in core.recipients:
+                raise PacketError(f"packet is for {', '.join(core.recipients)}, not {self.d.member}")
+            key = await self.sender_key(core.sender)
+            if key is None:
+                raise PacketError(f"sender {core.sender} is not a member in the verified log")
+            sign.verify(key, HEADER_DOMAIN, head.header.raw, head.signature, what=f"packet header from {core.sender}")
+        except (Error, SignatureError) as exc:
+            inc.problem = exc.what
+            log.warning("delivery seq %d refused: %s", msg.seq, exc.what)
+            return
+        inc.head = head
+        inc.path = self.d.store.tmp_path(f"deliver-{head.digest.hex()}.part")
+        # A local spool file written chunk by chunk; closed in _discard / _deliver_end.
+        inc.file = open(inc.path, "wb")  # noqa: SIM115, ASYNC230
+        inc.file.write(msg.head)
+        inc.hasher = CiphertextHasher(head.header)
+
+    async def _deliver_chunk(self, msg: ev.DeliverChunk) -> None:
+        inc = self._incoming
+        if inc is not None and inc.seq == msg.seq and inc.problem is None:
+            assert inc.file is not None
+            assert inc.hasher is not None
+            try:
+                inc.hasher.update(msg.data)
+                inc.file.write(msg.data)
+            except Error as exc:
+                inc.problem = exc.what
+        await self._grant()
+
+    async def _grant(self) -> None:
+        # The data is in the file (or dropped): open the window again once half of it is used up.
+        window = self.conn.limits.window
+        if self.conn.receive_window <= window // 2:
+            await self.send(ev.Credit(window - self.conn.receive_window))
+
+    async def _deliver_end(self, msg: ev.DeliverEnd) -> None:
+        inc = self._incoming
+        self._incoming = None
+        if inc is None or inc.seq != msg.seq:
+            return
+        if inc.problem is None:
+            assert inc.hasher is not None
+            try:
+                inc.hasher.finish()
+            except Error as exc:
+                inc.problem = exc.what
+        if inc.problem is not None or inc.head is None or inc.path is None or inc.file is None:
+            self._close(inc)
+            # Not acknowledged: the item stays in the broker's mailbox; the alarm makes the refusal visible.
+            self.d.alarm("delivery", f"refused delivery seq {msg.seq}: {inc.problem}")
+            return
+        inc.file.flush()
+        inc.file.close()
+        head = inc.head
+        core = head.core
+        now = self.d.now()
+        self.d.store.inbox_add_file(head.digest, core.packet_id, core.sender, now, core.labels.to_json(), inc.path)
+        ack = records.Ack.make(self.d.identity.signing, core.packet_id, head.digest, core.sender, self.d.member, now)
+        await self.send(ev.Ack(msg.seq, core.packet_id, ack.raw))
+        self.d.store.inbox_mark(head.digest, acked=True)
+        log.info("received packet %s from %s", core.packet_id.hex(), core.sender)
+
+    def _discard(self) -> None:
+        if self._incoming is not None:
+            self._close(self._incoming)
+            self._incoming = None
+
+    @staticmethod
+    def _close(inc: Incoming) -> None:
+        if inc.file is not None and not inc.file.closed:
+            inc.file.close()
+        if inc.path is not None:
+            inc.path.unlink(missing_ok=True)
+
+    async def _ack_forward(self, msg: ev.AckForward) -> None:
+        try:
+            key = await self.sender_key(msg.by)
+            if key is None:
+                raise SignatureError(f"{msg.by} is not a member in the verified log")
+            ack = records.Ack.verified(msg.ack, key)
+            if ack.recipient != msg.by or ack.sender != self.d.member or ack.packet_id != msg.id:
+                raise SignatureError(f"acknowledgement by {msg.by} does not match the forwarded item")
+        except Error as exc:
+            self.d.alarm("ack", f"forwarded acknowledgement seq {msg.seq} refused: {exc.what}")
+            return
+        self.d.store.record_ack(ack.packet_id, ack.recipient, ack.raw)
+        await self.send(ev.Seen(msg.seq))
+
+    async def _retract_forward(self, msg: ev.RetractForward) -> None:
+        try:
+            if records.Retraction.sender_of(msg.retraction) != msg.by:
+                raise SignatureError(f"retraction seq {msg.seq} is not signed by {msg.by}")
+            key = await self.sender_key(msg.by)
+            if key is None:
+                raise SignatureError(f"{msg.by} is not a member in the verified log")
+            retraction = records.Retraction.verified(msg.retraction, key)
+        except Error as exc:
+            self.d.alarm("retract", f"forwarded retraction seq {msg.seq} refused: {exc.what}")
+            return
+        row = self.d.store.inbox_get(retraction.digest)
+        if row is not None and row.sender == retraction.sender:
+            self.d.store.inbox_mark(retraction.digest, state="retracted", retraction=retraction.reason or "retracted")
+        await self.send(ev.Seen(msg.seq))
+
+    async def _cosign(self, msg: ev.CosignRequest) -> None:
+        try:
+            cp = await self.d.witness(self, msg.checkpoint, msg.old, msg.proof)
+        except Error as exc:
+            code = exc.code if isinstance(exc, ProtocolError | RemoteError) else codes.CONFLICT
+            await self.send(ev.ErrorMessage(msg.rid, code, exc.what[:900]))
+            return
+        await self.send(ev.CosignResponse(msg.rid, cp))
+
+
+def digest_of(header: bytes) -> bytes:
+    return hashlib.sha256(header).digest()

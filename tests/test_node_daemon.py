@@ -1,0 +1,299 @@
+"""The node daemon's protocol handling, driven by a scripted broker: a real `wire.Connection(Role.SERVER)` over trio
+memory streams, a real log (MemoryLog + LogService) with real signed checkpoints, real keys and packets."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+import trio.testing
+
+from valise import identity, keyfiles, packet, records
+from valise.node.daemon import NodeDaemon
+from valise.node.home import NodeHome
+from valise.tlog import cosignature, note
+from valise.wire import events as ev
+from valise.wire.connection import READ_SIZE, Connection, Signal
+from valise.wire.state import Role
+
+from .conftest import NOW, seeded_random
+from .test_node_follower import BROKER_ID, ORIGIN, Log
+
+M = TypeVar("M", bound=ev.Message)
+
+
+class ScriptedBroker:
+    """The broker side of one connection: answers hello and log requests by itself; the test sees the rest."""
+
+    def __init__(self, stream: trio.abc.Stream, log: Log) -> None:
+        self.stream = stream
+        self.log = log
+        self.conn = Connection(Role.SERVER)
+        self.lock = trio.Lock()
+        self.send_events, self.events = trio.open_memory_channel[ev.Message](64)
+        self.entries_served: list[tuple[int, int]] = []
+
+    async def send(self, msg: ev.Message) -> None:
+        async with self.lock:
+            await self.stream.send_all(self.conn.send(msg))
+
+    async def run(self) -> None:
+        while True:
+            data = await self.stream.receive_some(READ_SIZE)
+            self.conn.receive_data(data)
+            while True:
+                event = self.conn.next_event()
+                if event is Signal.PAUSED:
+                    await self.send(ev.Welcome(1, BROKER_ID.member_id, NOW, self.conn.limits))
+                    continue
+                if isinstance(event, Signal):
+                    break
+                if isinstance(event, ev.ConnectionClosed):
+                    return
+                await self.handle(event)
+
+    async def handle(self, msg: ev.Message) -> None:
+        if isinstance(msg, ev.GetCheckpoint):
+            latest = self.log.service.latest
+            assert latest is not None
+            await self.send(ev.Checkpoint(msg.rid, latest.note))
+        elif isinstance(msg, ev.GetEntries):
+            self.entries_served.append((msg.start, msg.end))
+            items, hashed = self.log.page(msg.start, msg.end, "FRA")
+            await self.send(ev.Entries(msg.rid, msg.start, tuple(items), tuple(hashed)))
+        elif not isinstance(msg, ev.Hello):
+            await self.send_events.send(msg)
+
+    async def expect(self, kind: type[M]) -> M:
+        msg = await self.events.receive()
+        assert isinstance(msg, kind), f"expected {kind.TYPE}, got {msg}"
+        return msg
+
+
+@pytest.fixture
+def world(tmp_path: Path, members: dict[str, identity.Identity]) -> dict[str, Any]:
+    keyfiles.save_identity(tmp_path / "keys", members["FRA"], None)
+    broker_pub = tmp_path / "broker.pub"
+    broker_pub.write_bytes(BROKER_ID.bundle.raw)
+    log = Log()
+    for m in ("FRA", "DEU"):
+        log.admit(members[m])
+    home = NodeHome.create(tmp_path / "node", tmp_path / "keys", "127.0.0.1:9", broker_pub, log.vkey)
+    return {"home": home, "log": log}
+
+
+class Harness:
+    def __init__(self, world: dict[str, Any], fra: identity.Identity) -> None:
+        self.log: Log = world["log"]
+        self.brokers: trio.MemorySendChannel[ScriptedBroker]
+        self.brokers, self.accepted = trio.open_memory_channel[ScriptedBroker](4)
+        self.nursery: trio.Nursery | None = None
+        self.daemon = NodeDaemon(
+            world["home"], fra, connector=self.connect, random=seeded_random(b"node"), wall=lambda: NOW,
+            poll_interval=3600,
+        )  # fmt: skip
+
+    async def connect(self) -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+        broker = ScriptedBroker(theirs, self.log)
+        assert self.nursery is not None
+        self.nursery.start_soon(broker.run)
+        await self.brokers.send(broker)
+        return ours
+
+
+async def start(nursery: trio.Nursery, h: Harness) -> ScriptedBroker:
+    h.nursery = nursery
+    nursery.start_soon(h.daemon.connection_loop)
+    broker = await h.accepted.receive()
+    await h.daemon.connected_event.wait()
+    return broker
+
+
+def seal(sender: identity.Identity, to: list[identity.Identity], seed: bytes, size: int = 100_000) -> bytes:
+    out = io.BytesIO()
+    packet.seal(
+        io.BytesIO(bytes(size)), out, sender=sender, recipients=[t.bundle for t in to], tlp="AMBER",
+        now=NOW, random=seeded_random(seed),
+    )  # fmt: skip
+    return out.getvalue()
+
+
+async def wait_for(condition: Any) -> None:
+    with trio.fail_after(10):  # a safety net against a hang, not a timed assertion
+        while not condition():  # noqa: ASYNC110 - polling state the daemon keeps in SQLite and memory
+            await trio.sleep(0.001)
+
+
+async def test_hello_welcome_then_the_node_follows_the_log(world: dict[str, Any], members: dict[str, Any]) -> None:
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        hello = broker.conn.hello
+        assert hello is not None
+        assert (hello.member, hello.role, hello.seen) == ("FRA", "node", 0)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        assert h.daemon.follower.member_key("DEU") == members["DEU"].bundle.sign_key
+        nursery.cancel_scope.cancel()
+    # A restart resumes from the stored verified state: hello says what it has seen.
+    h2 = Harness(world, members["FRA"])
+    assert h2.daemon.follower.size == 3
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h2)
+        assert broker.conn.hello is not None
+        assert broker.conn.hello.seen == 3
+        nursery.cancel_scope.cancel()
+    assert broker.entries_served == []  # nothing refetched
+
+
+async def test_submit_gets_a_verified_receipt(world: dict[str, Any], members: dict[str, Any]) -> None:
+    h = Harness(world, members["FRA"])
+    data = seal(members["FRA"], [members["DEU"]], b"p1")
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        store = h.daemon.store
+        store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+        h.daemon.wake_outbox()
+        begin = await broker.expect(ev.SubmitBegin)
+        assert begin.head == data[: head.head_size]
+        assert begin.size == len(data) - head.head_size
+        got = b""
+        while True:
+            msg = await broker.events.receive()
+            if isinstance(msg, ev.SubmitEnd):
+                break
+            assert isinstance(msg, ev.SubmitChunk)
+            got += msg.data
+            await broker.send(ev.Credit(len(msg.data)))  # keep the window open, as the broker does
+        assert begin.head + got == data
+        # The packet entry goes into the log at index 3; the receipt promises it.
+        h.log.add(records.packet_entry(head.header.raw, head.signature, NOW))
+        receipt = records.Receipt.make(BROKER_ID.signing, ORIGIN, 3, head.digest, head.core.packet_id, "FRA", NOW)
+        await broker.send(ev.Receipt(begin.rid, head.core.packet_id, 3, head.digest, receipt.raw))
+        row = await h.daemon.wait_outcome(head.core.packet_id, 10)
+        assert row is not None
+        assert (row.state, row.log_index, row.receipt) == ("receipted", 3, receipt.raw)
+        # Once the node verifies a checkpoint covering index 3, the receipt is checked against the log.
+        assert h.daemon.session is not None
+        await h.daemon.sync(h.daemon.session)
+        row = store.outbox_get(head.core.packet_id)
+        assert row is not None
+        assert row.in_log == 1
+        assert store.alarms() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_early_denial_cancels_the_upload(world: dict[str, Any], members: dict[str, Any]) -> None:
+    h = Harness(world, members["FRA"])
+    data = seal(members["FRA"], [members["DEU"]], b"p2", size=3_000_000)  # more than one window
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        h.daemon.store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+        h.daemon.wake_outbox()
+        begin = await broker.expect(ev.SubmitBegin)
+        await broker.send(ev.Deny(begin.rid, head.core.packet_id, (ev.DenyReason("DEU", "no acceptance"),)))
+        while not isinstance(msg := await broker.events.receive(), ev.SubmitCancel):
+            assert isinstance(msg, ev.SubmitChunk)  # chunks already under way within the window
+        row = await h.daemon.wait_outcome(head.core.packet_id, 10)
+        assert row is not None
+        assert row.state == "denied"
+        assert row.outcome is not None
+        assert "no acceptance" in row.outcome
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_delivery_is_verified_stored_and_acknowledged(world: dict[str, Any], members: dict[str, Any]) -> None:
+    h = Harness(world, members["FRA"])
+    data = seal(members["DEU"], [members["FRA"]], b"d1", size=1_500_000)
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await broker.send(ev.DeliverBegin(0, data[: head.head_size], len(data) - head.head_size))
+        pos = head.head_size
+        credit = 0
+        while pos < len(data):
+            room = min(broker.conn.send_window, 256 * 1024, len(data) - pos)
+            if room == 0:
+                credit += (await broker.expect(ev.Credit)).amount
+                continue
+            await broker.send(ev.DeliverChunk(0, data[pos : pos + room]))
+            pos += room
+        await broker.send(ev.DeliverEnd(0))
+        while not isinstance(msg := await broker.events.receive(), ev.Ack):
+            assert isinstance(msg, ev.Credit)
+        assert credit > 0  # the node re-opened the window as it wrote
+        ack = records.Ack.verified(msg.ack, members["FRA"].bundle.sign_key)
+        assert (ack.packet_id, ack.digest, ack.sender, ack.recipient) == (
+            head.core.packet_id,
+            head.digest,
+            "DEU",
+            "FRA",
+        )
+        (row,) = h.daemon.store.inbox_all()
+        assert (row.sender, row.acked, row.state) == ("DEU", True, "new")
+        assert h.daemon.store.inbox_path(row.digest).read_bytes() == data
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_forged_delivery_is_not_acknowledged(world: dict[str, Any], members: dict[str, Any]) -> None:
+    h = Harness(world, members["FRA"])
+    data = bytearray(seal(members["DEU"], [members["FRA"]], b"d2", size=1000))
+    head = packet.parse_head(bytes(data))
+    assert isinstance(head, packet.Head)
+    data[-1] ^= 1  # the ciphertext no longer matches the signed hash
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await broker.send(ev.DeliverBegin(0, bytes(data[: head.head_size]), len(data) - head.head_size))
+        await broker.send(ev.DeliverChunk(0, bytes(data[head.head_size :])))
+        await broker.send(ev.DeliverEnd(0))
+        await wait_for(lambda: h.daemon.store.alarms())
+        assert "does not match" in h.daemon.store.alarms()[0].message
+        assert h.daemon.store.inbox_all() == []
+        assert 0 in broker.conn.unconfirmed  # never acknowledged
+        nursery.cancel_scope.cancel()
+
+
+async def test_cosign_request_is_answered_after_following(world: dict[str, Any], members: dict[str, Any]) -> None:
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        new_note = h.log.admit(members["ITA"])
+        proof = h.log.service.consistency_proof(3)
+        await broker.send(ev.CosignRequest(7, 3, tuple(proof), new_note))
+        resp = await broker.expect(ev.CosignResponse)
+        assert resp.rid == 7
+        assert broker.entries_served[-1] == (3, 4)
+        cosigned = note.parse_note(new_note).text.encode() + b"\n" + resp.cosignature
+        verifier = cosignature.CosignatureVerifier("FRA", members["FRA"].bundle.sign_key)
+        opened = note.open_note(cosigned, [verifier])
+        assert [s.name for s in opened.verified] == ["FRA"]
+        assert h.daemon.follower.member_key("ITA") == members["ITA"].bundle.sign_key
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_forked_checkpoint_is_refused_and_kept(world: dict[str, Any], members: dict[str, Any]) -> None:
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        fork = Log()  # same log key and genesis, a different third entry
+        fork.admit(members["FRA"])
+        fork_note = fork.admit(members["ITA"])
+        await broker.send(ev.CosignRequest(8, 3, (), fork_note))
+        err = await broker.expect(ev.ErrorMessage)
+        assert (err.rid, err.code) == (8, "conflict")
+        (alarm,) = h.daemon.store.alarms()
+        assert (alarm.kind, alarm.evidence) == ("fork", fork_note)
+        assert h.daemon.follower.size == 3
+        nursery.cancel_scope.cancel()
