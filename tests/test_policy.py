@@ -475,3 +475,32 @@ def test_check_is_apply_without_the_change(world: World) -> None:
     world.state.apply(entry)
     with pytest.raises(StatementError, match="replayed"):
         world.state.check(entry)
+
+
+def test_spec_vector() -> None:
+    """specs/policy.md, "Worked example and test vector": recomputed, then checked independently."""
+    import hashlib
+
+    import nacl.signing
+
+    seed = bytes.fromhex("ba0a1cab43b91153195e3fa20e9180d4a4a6b1bebe15af4e1efb0939c1b46e5b")
+    key = sign.SigningKey(seed)
+    assert key.public.hex() == "ad571d613a22ae8ae5e202f6a0d53dba4dd50d0880cef3e92d2198295577dea7"
+    entry = records.grant(
+        key, origin="valise.example/log", author="FRA", created=1790000000, to="DEU", tlp="AMBER",
+        categories=["phishing", "malware"], valid_until=1790086400,
+    )  # fmt: skip
+    body = bytes.fromhex(
+        "8ba6617574686f72a3465241aa63617465676f7269657392a76d616c77617265a87068697368696e67a763726561746564"
+        "ce6ab13b80a16ba56772616e74a86d61785f73697a65c0a66f726967696eb276616c6973652e6578616d706c652f6c6f67"
+        "a3746c70a5414d424552a2746fa3444555a17601aa76616c69645f66726f6dc0ab76616c69645f756e74696cce6ab28d00"
+    )
+    sig = bytes.fromhex(
+        "6fc1708581db9b9bd733df8b8b3c8375cb433ca19b56b4dee097a05c2846045a"
+        "7af0dad0402bb40e8407c45a6fd839d5d47c3e6122d7e6150bbeba81ac16680f"
+    )
+    assert entry == b"\x83\xa4body\xc4\x93" + body + b"\xa3sig\xc4\x40" + sig + b"\xa1t\xa4stmt"
+    assert len(entry) == 232
+    nacl.signing.VerifyKey(key.public).verify(b"valise/v1/policy-stmt\x00" + body, sig)
+    assert hashlib.sha256(body).hexdigest() == "416778f9d9e076d642d89bc695de9b1a233a6884d8cba34efdc903e1d72b0f5f"
+    assert records.parse_policy(entry).id == hashlib.sha256(body).digest()
