@@ -194,7 +194,8 @@ def main() -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             code = cli([*argv[:2], "--dir", str(home.root), *argv[2:]])
         print(
-            f"valise {' '.join(argv[:2])} (whole command, {len(log) + 1} log entries): "
+            f"valise {' '.join(argv[:2])}{' --verify' if '--verify' in argv else ''} "
+            f"(whole command, {len(log) + 1} log entries): "
             f"{(time.perf_counter() - t0) * 1000:.0f} ms, exit {code}"
         )
     tmp.cleanup()
