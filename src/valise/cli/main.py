@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "valise.cli.broker_log",
     "valise.cli.broker_serve",
     "valise.cli.policy",
+    "valise.cli.node",
 ]
 
 # Attribute under which group() keeps a top-level command's sub-subparsers on that command's parser.

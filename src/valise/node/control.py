@@ -12,7 +12,7 @@ the daemon holds the unlocked keys, so the CLI never needs the passphrase.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ class MessageReader:
             raise WireError("control message is not a map with 'op' or 'ok'")
         return value
 
-    async def data(self) -> AsyncIterator[bytes]:
+    async def data(self) -> AsyncGenerator[bytes, None]:
         """Yield the bytes of the `data` frames up to the `end` frame."""
         while True:
             msg = await self.next()

@@ -169,37 +169,40 @@ async def op_send(
     recipients = await _recipients(daemon, to)
     now = daemon.now()
     spool = daemon.store.tmp_path(f"send-{daemon.random(8).hex()}.part")
-    pull = _Pull(reader.data())
-    try:
-        tlp = _text(request, "tlp")
-        expires_at = _opt(request, "expires", int)
-        operation = _opt(request, "operation", str)
-        content_type = _opt(request, "content_type", str)
+    async with contextlib.aclosing(reader.data()) as chunks:
+        pull = _Pull(chunks)
+        try:
+            tlp = _text(request, "tlp")
+            expires_at = _opt(request, "expires", int)
+            operation = _opt(request, "operation", str)
+            content_type = _opt(request, "content_type", str)
 
-        def work() -> tuple[packet.Sealed, int]:
-            with open(spool, "w+b") as out:
-                sealed = packet.seal(
-                    cast(BinaryIO, pull),
-                    out,
-                    sender=daemon.identity,
-                    recipients=recipients,
-                    tlp=tlp,
-                    now=now,
-                    random=daemon.random,
-                    expires=expires_at,
-                    categories=categories,
-                    operation=operation,
-                    content_type=content_type,
-                    payload_size=size,
-                )
-                out.seek(0)
-                return sealed, packet.read_head(out).core.expires
+            def work() -> tuple[packet.Sealed, int]:
+                with open(spool, "w+b") as out:
+                    sealed = packet.seal(
+                        cast(BinaryIO, pull),
+                        out,
+                        sender=daemon.identity,
+                        recipients=recipients,
+                        tlp=tlp,
+                        now=now,
+                        random=daemon.random,
+                        expires=expires_at,
+                        categories=categories,
+                        operation=operation,
+                        content_type=content_type,
+                        payload_size=size,
+                    )
+                    if pull.read(1):  # also consumes the `end` frame
+                        raise UsageError(f"payload is longer than the {size} bytes announced")
+                    out.seek(0)
+                    return sealed, packet.read_head(out).core.expires
 
-        sealed, expires = await trio.to_thread.run_sync(work)
-        ids = [r.member_id for r in recipients]
-        daemon.store.enqueue_file(sealed.packet_id, sealed.header_digest, ids, now, expires, spool)
-    finally:
-        spool.unlink(missing_ok=True)
+            sealed, expires = await trio.to_thread.run_sync(work)
+            ids = [r.member_id for r in recipients]
+            daemon.store.enqueue_file(sealed.packet_id, sealed.header_digest, ids, now, expires, spool)
+        finally:
+            spool.unlink(missing_ok=True)
     daemon.wake_outbox()
     pid = sealed.packet_id.hex()
     log.info("queued packet %s for %s", pid, ", ".join(ids))

@@ -1,0 +1,312 @@
+"""`valise node init|run`, and the member's commands that go through the running node: `valise send`, `inbox`,
+`read`, `retract`, `status` (and `submit_statement` for `valise policy ... --node`).
+
+The daemon holds the unlocked identity; these commands only talk to its control socket (mode 0600), so they
+never need the passphrase. Exit codes: 0 done (or queued while the broker is unreachable), 1 an error,
+2 a usage error, 3 the broker denied the packet (the reason per recipient is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import trio
+
+from valise import keyfiles
+from valise.cli.main import group
+from valise.cli.packet import parse_expires
+from valise.errors import Error, UsageError
+from valise.node import control
+from valise.node.home import NodeHome
+
+DEFAULT_WAIT = 10
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    node = group(sub, "node", "run a member node (outbox, inbox, witness) next to the broker")
+    p = node.add_parser("init", help="create a node directory pinned to a broker and its log key")
+    p.add_argument("--dir", required=True, type=Path, help="the node directory to create")
+    p.add_argument("--identity", required=True, type=Path, help="directory of the member's identity (valise keygen)")
+    p.add_argument("--broker", required=True, help="the broker's HOST:PORT")
+    p.add_argument("--broker-pub", required=True, type=Path, help="the broker's public bundle (valise broker info)")
+    p.add_argument("--log-key", required=True, help="the log's verifier key, the vkey of valise broker info")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=init)
+
+    p = node.add_parser("run", help="run the node daemon in the foreground (SIGINT/SIGTERM stop it)")
+    p.add_argument("--dir", required=True, type=Path, help="the node directory")
+    p.add_argument("--passphrase-env", metavar="VAR", help="the identity's passphrase is in $VAR")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every packet and checkpoint")
+    p.set_defaults(handler=run)
+
+    p = sub.add_parser("send", help="seal a file for members and send it through the node")
+    p.add_argument("--node", required=True, type=Path, help="the node directory")
+    p.add_argument("--to", required=True, help="comma-separated member ids and group:NAME")
+    p.add_argument("--tlp", required=True, help="CLEAR, GREEN, AMBER, AMBER+STRICT or RED")
+    p.add_argument("--category", default="", help="comma-separated categories")
+    p.add_argument("--operation", help="operation name")
+    p.add_argument("--content-type", help="media type (default: STIX 2.1 if the payload is a bundle, else bytes)")
+    p.add_argument("--expires", help="expiry, ISO 8601 with a time zone (default: 30 days)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--wait", type=int, default=DEFAULT_WAIT, metavar="SECONDS", help="wait this long for the answer")
+    how.add_argument("--no-wait", action="store_true", help="queue and return at once")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p.add_argument("input", help="payload file, or - for stdin")
+    p.set_defaults(handler=send)
+
+    p = sub.add_parser("inbox", help="list the packets the node received")
+    p.add_argument("--node", required=True, type=Path, help="the node directory")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(handler=inbox)
+
+    p = sub.add_parser("read", help="verify and decrypt a received packet")
+    p.add_argument("--node", required=True, type=Path, help="the node directory")
+    p.add_argument("id", help="packet id (or a unique prefix of at least 4 hex digits)")
+    p.add_argument("-o", "--output", required=True, help="payload file, or - for stdout")
+    p.add_argument("--json", action="store_true", help="print the packet's labels as JSON")
+    p.set_defaults(handler=read)
+
+    p = sub.add_parser("retract", help="retract a packet this member sent (recipients are told to discard it)")
+    p.add_argument("--node", required=True, type=Path, help="the node directory")
+    p.add_argument("id", help="packet id (or a unique prefix)")
+    p.add_argument("--reason", default="", help="why (≤ 512 bytes, logged)")
+    p.set_defaults(handler=retract)
+
+    p = sub.add_parser("status", help="the node's connection, verified log, outbox, inbox and alarms")
+    p.add_argument("--node", required=True, type=Path, help="the node directory")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(handler=status)
+
+
+# --- talking to the daemon --------------------------------------------------------------------------------------
+
+
+async def call(
+    node_dir: Path,
+    request: dict[str, Any],
+    source: BinaryIO | None = None,
+    sink: Callable[[bytes], object] | None = None,
+) -> dict[str, Any]:
+    """Send one request (and a payload) to the node daemon; feed streamed data to `sink`; return the reply."""
+    NodeHome.open(node_dir)
+    path = control.socket_path(node_dir)
+    try:
+        stream = await control.connect(path)
+    except OSError:
+        raise Error(
+            f"the node daemon is not running in {node_dir}", hint=f"start it: valise node run --dir {node_dir}"
+        ) from None
+    async with stream:
+        await control.send_msg(stream, request)
+        if source is not None:
+            # If the daemon refused early it stops reading; its reply still says why.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await control.send_data(stream, source)
+        reader = control.MessageReader(stream)
+        while True:
+            msg = await reader.next()
+            if msg is None:
+                raise Error("the node daemon closed the control connection without an answer")
+            if msg.get("op") == "data" and sink is not None and isinstance(msg.get("data"), bytes):
+                sink(msg["data"])
+                continue
+            return msg
+
+
+def request(node_dir: Path, req: dict[str, Any], source: BinaryIO | None = None, sink: Any = None) -> dict[str, Any]:
+    return trio.run(call, node_dir, req, source, sink)
+
+
+def _check(reply: dict[str, Any]) -> dict[str, Any]:
+    if not reply.get("ok"):
+        raise _ReplyError(str(reply.get("error", "failed")), int(reply.get("code", 1)))
+    return reply
+
+
+class _ReplyError(Error):
+    def __init__(self, what: str, code: int) -> None:
+        super().__init__(what)
+        self.exit_code = code
+
+
+def submit_statement(node_dir: Path, statement: bytes | dict[str, Any]) -> dict[str, Any]:
+    """Send a member statement through the node: signed bytes as they are, or a description the daemon signs
+    ({"kind": "grant", "to": ..., "tlp": ..., ...} as in policy.records). Returns {"ok", "index", "statement"}
+    or {"ok": False, "error", "code"}."""
+    req: dict[str, Any] = {"op": "statement"}
+    if isinstance(statement, bytes):
+        req["statement"] = statement
+    else:
+        req["build"] = statement
+    return request(node_dir, req)
+
+
+# --- commands ---------------------------------------------------------------------------------------------------
+
+
+def init(args: argparse.Namespace) -> int:
+    home = NodeHome.create(args.dir, args.identity, args.broker, args.broker_pub, args.log_key)
+    cfg = home.config()
+    facts = {"dir": str(args.dir), "member": cfg.member_id, "broker": f"{cfg.broker_host}:{cfg.broker_port}"}
+    if args.json:
+        print(json.dumps(facts))
+    else:
+        print(f"node directory {args.dir} for {cfg.member_id}, broker {facts['broker']}")
+        print(f"  start it with: valise node run --dir {args.dir}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from valise.node.daemon import run_node
+
+    home = NodeHome.open(args.dir)
+    passphrase = keyfiles.passphrase_from_env(args.passphrase_env)
+    me = keyfiles.load_identity(home.config().identity_dir, passphrase)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    trio.run(run_node, home, me, passphrase)
+    return 0
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def send(args: argparse.Namespace) -> int:
+    wait = 0 if args.no_wait else args.wait
+    if wait < 0:
+        raise UsageError("--wait must not be negative")
+    req: dict[str, Any] = {
+        "op": "send",
+        "to": _split(args.to),
+        "tlp": args.tlp,
+        "categories": _split(args.category),
+        "operation": args.operation,
+        "content_type": args.content_type,
+        "expires": parse_expires(args.expires) if args.expires else None,
+        "wait": wait,
+    }
+    with _payload(args.input) as src:
+        req["size"] = os.fstat(src.fileno()).st_size - src.tell()
+        reply = request(args.node, req, src)
+    if "id" in reply:
+        print(reply["id"])
+    if args.json:
+        print(json.dumps(reply))
+    if not reply.get("ok"):
+        for to, reason in sorted((reply.get("reasons") or {}).items()):
+            print(f"denied for {to}: {reason}", file=sys.stderr)
+        if not reply.get("reasons"):
+            print(f"valise: {reply.get('error')}", file=sys.stderr)
+        return int(reply.get("code", 1))
+    if not args.json:
+        if reply.get("state") == "receipted":
+            print(f"relayed: log index {reply.get('index')}")
+        elif not reply.get("connected"):
+            print("queued, broker unreachable")
+        else:
+            print("queued, no answer from the broker yet")
+    return 0
+
+
+class _payload:
+    """The payload as a regular file (stdin is spooled: the size must be known before sealing starts)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._f: BinaryIO | None = None
+
+    def __enter__(self) -> BinaryIO:
+        if self.name == "-":
+            spool = tempfile.TemporaryFile()
+            while chunk := sys.stdin.buffer.read(1 << 20):
+                spool.write(chunk)
+            spool.seek(0)
+            self._f = spool
+        else:
+            try:
+                self._f = open(self.name, "rb")
+            except OSError as exc:
+                raise UsageError(f"cannot read {self.name}: {exc.strerror}") from None
+        return self._f
+
+    def __exit__(self, *exc: object) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+def inbox(args: argparse.Namespace) -> int:
+    items = _check(request(args.node, {"op": "inbox"}))["items"]
+    if args.json:
+        print(json.dumps(items))
+        return 0
+    if not items:
+        print("inbox is empty")
+    for it in items:
+        labels = it["labels"]
+        cats = ",".join(labels.get("categories") or []) or "-"
+        print(f"{it['id']}  from {it['from']:<10} TLP:{labels.get('tlp')}  {cats}  {it['size']} bytes  {it['state']}")
+    return 0
+
+
+def read(args: argparse.Namespace) -> int:
+    if args.output == "-":
+        reply = _check(request(args.node, {"op": "read", "id": args.id}, sink=sys.stdout.buffer.write))
+        sys.stdout.buffer.flush()
+    else:
+        target = Path(args.output)
+        fd, tmp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                reply = _check(request(args.node, {"op": "read", "id": args.id}, sink=out.write))
+            os.replace(tmp, target)  # only a packet that verified in full becomes the output
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    if args.json:
+        print(json.dumps(reply["packet"]), file=sys.stderr if args.output == "-" else sys.stdout)
+    if reply.get("state") == "retracted":
+        print(f"note: the sender retracted this packet: {reply.get('retraction')}", file=sys.stderr)
+    return 0
+
+
+def retract(args: argparse.Namespace) -> int:
+    reply = _check(request(args.node, {"op": "retract", "id": args.id, "reason": args.reason}))
+    print(f"retracted {reply['id']}: log index {reply['index']}")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    reply = _check(request(args.node, {"op": "status"}))
+    reply.pop("ok", None)
+    if args.json:
+        print(json.dumps(reply))
+        return 0
+    lg = reply["log"]
+    print(f"member     {reply['member']}")
+    state = "connected" if reply["connected"] else f"not connected ({reply.get('last_error') or 'connecting'})"
+    print(f"broker     {reply['broker_id']} at {reply['broker']}: {state}")
+    print(f"log        {lg['origin']} size {lg['size']} root {lg['root'][:16]}… ({lg['members']} members)")
+    print(f"outbox     {_counts(reply['outbox'])}")
+    print(f"inbox      {_counts(reply['inbox'])}")
+    alarms = reply["alarms"]
+    print(f"alarms     {len(alarms) or 'none'}")
+    for a in alarms:
+        print(f"  ALARM {a['kind']}: {a['message']}")
+    return 0
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "empty"

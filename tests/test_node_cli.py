@@ -1,0 +1,166 @@
+"""`valise send|inbox|read|status` through a running node daemon's real control socket (the CLI runs in a thread,
+as its own `trio.run`), with the scripted broker of test_node_daemon on the other side."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from valise import identity, packet, records
+from valise.cli.main import main
+from valise.cli.node import call
+from valise.errors import UsageError
+from valise.node.daemon import NodeDaemon, NodeLock
+from valise.wire import events as ev
+
+from .conftest import NOW, seeded_random
+from .test_node_daemon import BROKER_ID, ORIGIN, Harness, ScriptedBroker, seal, wait_for, world  # noqa: F401
+
+
+async def cli(*argv: str) -> int:
+    return await trio.to_thread.run_sync(main, list(argv))
+
+
+async def serve_daemon(nursery: trio.Nursery, h: Harness) -> ScriptedBroker:
+    h.nursery = nursery
+    await nursery.start(h.daemon.run)
+    broker = await h.accepted.receive()
+    await h.daemon.connected_event.wait()
+    await wait_for(lambda: h.daemon.follower.size == 3)
+    return broker
+
+
+async def answer_submission(broker: ScriptedBroker, h: Harness, deny: str | None = None) -> None:
+    begin = await broker.expect(ev.SubmitBegin)
+    head = packet.parse_head(begin.head)
+    assert isinstance(head, packet.Head)
+    if deny:
+        await broker.send(ev.Deny(begin.rid, head.core.packet_id, (ev.DenyReason("DEU", deny),)))
+        while not isinstance(await broker.events.receive(), ev.SubmitCancel | ev.SubmitEnd):
+            pass
+        return
+    while not isinstance(msg := await broker.events.receive(), ev.SubmitEnd):
+        assert isinstance(msg, ev.SubmitChunk)
+    index = h.log.service.store.size()
+    h.log.add(records.packet_entry(head.header.raw, head.signature, NOW))
+    receipt = records.Receipt.make(BROKER_ID.signing, ORIGIN, index, head.digest, head.core.packet_id, "FRA", NOW)
+    await broker.send(ev.Receipt(begin.rid, head.core.packet_id, index, head.digest, receipt.raw))
+
+
+async def test_send_prints_the_id_and_the_receipt_or_the_denial(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    h = Harness(world, members["FRA"])
+    node = str(world["home"].root)
+    payload = tmp_path / "bundle.json"
+    payload.write_text(json.dumps({"type": "bundle", "id": "bundle--" + "0" * 36, "objects": []}))
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        nursery.start_soon(answer_submission, broker, h)
+        code = await cli("send", "--node", node, "--to", "DEU", "--tlp", "AMBER", "--category", "malware", str(payload))
+        out = capsys.readouterr().out.splitlines()
+        assert code == 0
+        assert out[1] == "relayed: log index 3"
+        (row,) = h.daemon.store.outbox_all()
+        assert out[0] == row.packet_id.hex()
+        nursery.start_soon(answer_submission, broker, h, "DEU accepts up to TLP:GREEN only")
+        code = await cli("send", "--node", node, "--to", "DEU", "--tlp", "RED", str(payload))
+        captured = capsys.readouterr()
+        assert code == 3
+        assert "denied for DEU: DEU accepts up to TLP:GREEN only" in captured.err
+        code = await cli("send", "--node", node, "--to", "NGA", "--tlp", "RED", str(payload))
+        assert code == 2
+        assert "not in the verified directory: NGA" in capsys.readouterr().err
+        nursery.cancel_scope.cancel()
+
+
+async def test_send_while_the_broker_is_unreachable_queues_durably(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # First follow the log once, so the directory is known; then the broker goes away.
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        nursery.cancel_scope.cancel()
+    h.daemon.store.close()
+
+    async def refuse() -> trio.abc.Stream:
+        raise OSError("connection refused")
+
+    daemon = NodeDaemon(world["home"], members["FRA"], connector=refuse, random=seeded_random(b"x"), wall=lambda: NOW)
+    payload = tmp_path / "p.bin"
+    payload.write_bytes(b"\x00" * 5000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        code = await cli("send", "--node", str(world["home"].root), "--to", "DEU", "--tlp", "GREEN", "--wait", "1",
+                         str(payload))  # fmt: skip
+        out = capsys.readouterr().out.splitlines()
+        assert code == 0
+        assert out[1] == "queued, broker unreachable"
+        (row,) = daemon.store.outbox_all()
+        assert row.state == "queued"
+        assert daemon.store.outbox_path(row.packet_id).stat().st_size == row.size
+        code = await cli("status", "--node", str(world["home"].root), "--json")
+        status = json.loads(capsys.readouterr().out)
+        assert (status["connected"], status["outbox"], status["log"]["size"]) == (False, {"queued": 1}, 3)
+        assert "connection refused" in status["last_error"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_inbox_and_read_stream_the_plaintext(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    h = Harness(world, members["FRA"])
+    plaintext = bytes(range(256)) * 4000  # over one control chunk
+    buf = io.BytesIO()
+    packet.seal(io.BytesIO(plaintext), buf, sender=members["DEU"], recipients=[members["FRA"].bundle], tlp="GREEN",
+                categories=["phishing"], now=NOW, random=seeded_random(b"r"))  # fmt: skip
+    data = buf.getvalue()
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        await broker.send(ev.DeliverBegin(0, data[: head.head_size], len(data) - head.head_size))
+        pos = head.head_size
+        while pos < len(data):
+            room = min(broker.conn.send_window, 256 * 1024, len(data) - pos)
+            if room == 0:
+                await broker.expect(ev.Credit)
+                continue
+            await broker.send(ev.DeliverChunk(0, data[pos : pos + room]))
+            pos += room
+        await broker.send(ev.DeliverEnd(0))
+        while not isinstance(await broker.events.receive(), ev.Ack):
+            pass
+        node = str(world["home"].root)
+        assert await cli("inbox", "--node", node, "--json") == 0
+        (item,) = json.loads(capsys.readouterr().out)
+        assert (item["from"], item["labels"]["categories"], item["state"]) == ("DEU", ["phishing"], "new")
+        out = tmp_path / "out.bin"
+        assert await cli("read", "--node", node, item["id"][:8], "-o", str(out)) == 0
+        assert out.read_bytes() == plaintext
+        reply = await call(world["home"].root, {"op": "inbox"})
+        assert reply["items"][0]["state"] == "read"
+        assert await cli("read", "--node", node, "ffff", "-o", str(tmp_path / "none")) == 2
+        assert not (tmp_path / "none").exists()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_second_daemon_on_the_same_directory_is_refused(world: dict[str, Any]) -> None:  # noqa: F811
+    home = world["home"]
+    with NodeLock(home.lock_path), pytest.raises(UsageError, match="another node daemon"), NodeLock(home.lock_path):
+        pass
