@@ -3,6 +3,8 @@ memory streams, a real log (MemoryLog + LogService) with real signed checkpoints
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 from pathlib import Path
 from typing import Any, TypeVar
@@ -11,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from valise import identity, keyfiles, packet, records
+from valise import identity, keyfiles, packet, records, tls
 from valise.node.daemon import NodeDaemon
 from valise.node.home import NodeHome
 from valise.tlog import cosignature, note
@@ -41,6 +43,10 @@ class ScriptedBroker:
             await self.stream.send_all(self.conn.send(msg))
 
     async def run(self) -> None:
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):  # the test hung up
+            await self._run()
+
+    async def _run(self) -> None:
         while True:
             data = await self.stream.receive_some(READ_SIZE)
             self.conn.receive_data(data)
@@ -296,4 +302,113 @@ async def test_a_forked_checkpoint_is_refused_and_kept(world: dict[str, Any], me
         (alarm,) = h.daemon.store.alarms()
         assert (alarm.kind, alarm.evidence) == ("fork", fork_note)
         assert h.daemon.follower.size == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_transient_errors_retry_later_and_final_ones_stop(world: dict[str, Any], members: dict[str, Any]) -> None:
+    h = Harness(world, members["FRA"])
+    store = h.daemon.store
+    heads = []
+    for seed in (b"t1", b"t2"):
+        data = seal(members["FRA"], [members["DEU"]], seed, size=10)
+        head = packet.parse_head(data)
+        assert isinstance(head, packet.Head)
+        store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+        heads.append(head)
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        for head, code in zip(heads, ("internal", "replay"), strict=True):
+            begin = await broker.expect(ev.SubmitBegin)
+            assert begin.head[-64:] == head.signature
+            while not isinstance(await broker.events.receive(), ev.SubmitEnd):
+                pass
+            await broker.send(ev.ErrorMessage(begin.rid, code, f"{code} happened"))
+        await wait_for(lambda: store.outbox_get(heads[1].core.packet_id).state != "queued")  # type: ignore[union-attr]
+        retry, final = (store.outbox_get(hd.core.packet_id) for hd in heads)
+        assert retry is not None
+        assert final is not None
+        assert (retry.state, retry.attempts) == ("queued", 1)
+        assert NOW < retry.next_try <= NOW + 1  # the first retry waits up to 1 s (full jitter)
+        assert "internal happened" in (retry.outcome or "")
+        assert final.state == "denied"
+        assert "replay happened" in (final.outcome or "")
+        nursery.cancel_scope.cancel()
+
+
+async def test_forwarded_acks_and_retractions_are_verified(world: dict[str, Any], members: dict[str, Any]) -> None:
+    h = Harness(world, members["FRA"])
+    fra, deu = members["FRA"], members["DEU"]
+    data = seal(deu, [fra], b"r1", size=10)
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    pid = head.core.packet_id
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        # DEU acknowledges a packet FRA sent it.
+        ack = records.Ack.make(deu.signing, bytes(16), bytes(32), "FRA", "DEU", NOW)
+        await broker.send(ev.AckForward(0, bytes(16), "DEU", 5, ack.raw))
+        assert (await broker.expect(ev.Seen)).seq == 0
+        assert h.daemon.store.acks_for(bytes(16)) == {"DEU": ack.raw}
+        # An acknowledgement signed by someone else than it claims is refused and not confirmed.
+        forged = records.Ack.make(fra.signing, bytes([1]) * 16, bytes(32), "FRA", "DEU", NOW)
+        await broker.send(ev.AckForward(1, bytes([1]) * 16, "DEU", 6, forged.raw))
+        # DEU delivers a packet, then retracts it.
+        await broker.send(ev.DeliverBegin(2, data[: head.head_size], len(data) - head.head_size))
+        await broker.send(ev.DeliverChunk(2, data[head.head_size :]))
+        await broker.send(ev.DeliverEnd(2))
+        assert (await broker.expect(ev.Ack)).seq == 2
+        retraction = records.Retraction.make(deu.signing, pid, head.digest, "DEU", "sent by mistake", NOW)
+        await broker.send(ev.RetractForward(3, pid, "DEU", 7, retraction.raw))
+        assert (await broker.expect(ev.Seen)).seq == 3
+        (row,) = h.daemon.store.inbox_all()
+        assert (row.state, row.retraction) == ("retracted", "sent by mistake")
+        (alarm,) = h.daemon.store.alarms()
+        assert "seq 1 refused" in alarm.message
+        assert 1 in broker.conn.unconfirmed
+        nursery.cancel_scope.cancel()
+
+
+async def test_connects_over_real_mutual_tls_and_pins_the_broker(
+    tmp_path: Path, world: dict[str, Any], members: dict[str, Any]
+) -> None:
+    keyfiles.save_identity(tmp_path / "bkeys", BROKER_ID, None)
+    bdir = tmp_path / "bkeys"
+    server_ctx = tls.server_context(bdir / "broker.tls.crt", bdir / "broker.tls.key", [members["FRA"].bundle.cert_der])
+    brokers, accepted = trio.open_memory_channel[ScriptedBroker](1)
+
+    async def handler(tcp: trio.SocketStream) -> None:
+        stream = trio.SSLStream(tcp, server_ctx, server_side=True)
+        await stream.do_handshake()
+        broker = ScriptedBroker(stream, world["log"])
+        await brokers.send(broker)
+        await broker.run()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        home = NodeHome.create(
+            tmp_path / "tlsnode", tmp_path / "keys", f"127.0.0.1:{port}", tmp_path / "broker.pub", world["log"].vkey
+        )
+        daemon = NodeDaemon(home, members["FRA"], random=seeded_random(b"t"), wall=lambda: NOW, poll_interval=3600)
+        nursery.start_soon(daemon.connection_loop)
+        broker = await accepted.receive()
+        await daemon.connected_event.wait()
+        await wait_for(lambda: daemon.follower.size == 3)
+        assert broker.conn.hello is not None
+        assert broker.conn.hello.member == "FRA"
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_node_reconnects_after_the_broker_goes_away(world: dict[str, Any], members: dict[str, Any]) -> None:
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        first = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        await first.send(ev.Goodbye("restarting"))
+        await first.stream.aclose()
+        second = await h.accepted.receive()  # the daemon came back by itself, after a jittered backoff
+        await wait_for(lambda: h.daemon.session is not None and h.daemon.session.stream is not first.stream)
+        assert second.conn.hello is not None
+        assert second.conn.hello.seen == 3
         nursery.cancel_scope.cancel()

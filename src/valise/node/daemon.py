@@ -54,6 +54,17 @@ Connector = Callable[[], Awaitable[trio.abc.Stream]]
 Random = Callable[[int], bytes]
 
 
+# What ends a connection without ending the daemon: the loop reconnects after a backoff.
+CONNECTION_ERRORS = (OSError, Error, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 class NodeLock:
     """An exclusive lock on the node directory: one daemon per directory (released when the process dies)."""
 
@@ -171,15 +182,24 @@ class NodeDaemon:
                 stream, conn = await self._open()
                 attempt = 0
                 await self._serve(stream, conn)
-            except (OSError, Error, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
-                self.last_error = str(exc) or type(exc).__name__
-                log.warning("broker connection: %s", self.last_error)
+            except CONNECTION_ERRORS as exc:
+                self._lost(exc)
+            except BaseExceptionGroup as group:  # from the session's nursery
+                expected, rest = group.split(CONNECTION_ERRORS)
+                if rest is not None:
+                    raise
+                assert expected is not None
+                self._lost(_first(expected))
             finally:
                 self.session = None
                 if self.connected_event.is_set():
                     self.connected_event = trio.Event()
             await trio.sleep(outbox.RECONNECT.delay(attempt, self.random))
             attempt += 1
+
+    def _lost(self, exc: BaseException) -> None:
+        self.last_error = str(exc) or type(exc).__name__
+        log.warning("broker connection: %s", self.last_error)
 
     async def _tls_connect(self) -> trio.abc.Stream:
         cfg = self.config
@@ -248,8 +268,16 @@ class NodeDaemon:
 
     async def _poller(self, session: Session) -> None:
         while True:
-            await self.sync(session)
+            await self.try_sync(session)
             await trio.sleep(self.poll_interval)
+
+    async def try_sync(self, session: Session) -> bool:
+        """`sync`, for callers that carry on whatever the log says (a refusal is logged and maybe an alarm)."""
+        try:
+            return await self.sync(session)
+        except Error as exc:
+            log.warning("not following the log: %s", exc)
+            return False
 
     async def sync(
         self, session: Session, note: bytes | None = None, proof: tuple[int, tuple[bytes, ...]] | None = None

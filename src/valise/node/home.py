@@ -46,9 +46,10 @@ class NodeConfig:
         )
 
 
-def parse_address(text: str) -> tuple[str, int]:
+def parse_address(text: str, *, listen: bool = False) -> tuple[str, int]:
+    """HOST:PORT; port 0 (let the system choose) only for an address to listen on."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not (0 if listen else 1) <= int(port) < 65536:
         raise UsageError(f"address {text!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 

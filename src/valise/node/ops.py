@@ -109,7 +109,7 @@ def expand(daemon: NodeDaemon, names: list[str]) -> tuple[list[str], list[str]]:
 async def _recipients(daemon: NodeDaemon, names: list[str]) -> list[identity.PublicBundle]:
     ids, unknown = expand(daemon, names)
     if unknown and daemon.session is not None:
-        await daemon.sync(daemon.session)  # maybe the log moved on since the last poll
+        await daemon.try_sync(daemon.session)  # maybe the log moved on since the last poll
         ids, unknown = expand(daemon, names)
     if unknown:
         raise UsageError(

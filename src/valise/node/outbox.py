@@ -1,4 +1,4 @@
-"""The outbox's decisions: when to retry, which broker answers are final, where a packet's head ends (pure).
+"""The outbox's decisions: when to retry, which broker answers are final (pure).
 
 Retries use exponential backoff with *full jitter* (the delay is drawn uniformly in [0, min(cap, base·2^n)]),
 so that nodes which lost the broker at the same moment do not all come back at the same moment. The randomness
@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from valise.errors import PacketFormatError
-from valise.packet.format import Head, NeedMore, parse_head
 from valise.wire import codes
 
 Random = Callable[[int], bytes]
@@ -57,11 +55,3 @@ FINAL_CODES = frozenset(
 def is_final(code: str) -> bool:
     """Whether an `error` answering a submission ends it for good (else: retry later)."""
     return code in FINAL_CODES
-
-
-def head_size(prefix: bytes) -> Head:
-    """Parse the head at the start of a packet file's first bytes (which must hold the whole head)."""
-    got = parse_head(prefix)
-    if isinstance(got, NeedMore):
-        raise PacketFormatError(f"packet head needs {got.size} bytes, only {len(prefix)} were read")
-    return got

@@ -212,7 +212,7 @@ class Session:
         """A member's identity key from the verified log; follows the log once if the member is not known yet."""
         key = self.d.follower.member_key(member)
         if key is None:
-            await self.d.sync(self)
+            await self.d.try_sync(self)
             key = self.d.follower.member_key(member)
         return key
 
