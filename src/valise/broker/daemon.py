@@ -12,12 +12,14 @@ Order of checks for a packet: specs/protocol.md, "Relaying a packet" (relay.py h
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +97,7 @@ class BrokerDaemon:
         self._waiters: list[_Waiter] = []
         self._wake_committer = trio.Event()
         self._policy_lock = trio.Lock()
+        self._policy_lock_file = open(home.policy_lock_path, "a+b")  # noqa: SIM115 - held for the daemon's life
         self._published: bytes = self.log.latest.note if self.log.latest else self.log.sign().note
         self._bundles: dict[bytes, PublicBundle] = {}
         self._tls_members: dict[bytes, str] = {}
@@ -143,6 +146,19 @@ class BrokerDaemon:
                 row = PacketRow(digest, core.sender, core.packet_id, index, core.expires, path.stat().st_size, m["at"])
                 self.mail.record_packet(row, core.recipients)
                 log.warning("re-queued packet at log index %d after an interrupted commit", index)
+
+    @asynccontextmanager
+    async def policy_writer(self) -> AsyncIterator[None]:
+        """Exclusive right to append a policy record: against our other sessions (a trio lock) and against
+        operator commands in other processes (the flock they take too), with the state folded up to the log's
+        current end, so that a record checked here is still valid where it lands."""
+        async with self._policy_lock:
+            await trio.to_thread.run_sync(fcntl.flock, self._policy_lock_file, fcntl.LOCK_EX)
+            try:
+                self._fold(self.store.size())
+                yield
+            finally:
+                fcntl.flock(self._policy_lock_file, fcntl.LOCK_UN)
 
     def _refresh_tls(self) -> None:
         members = {}
@@ -272,6 +288,7 @@ class BrokerDaemon:
                 w.done.set()
             self.mail.close()
             self.store.close()
+            self._policy_lock_file.close()
 
     async def shutdown(self, nursery: trio.Nursery) -> None:
         """Graceful stop: say goodbye to every session, give them a grace period, then cancel."""
@@ -664,13 +681,17 @@ class Session:
         return self.d.store.entries(index, index + 1)[0]
 
     async def _statement(self, msg: ev.Statement) -> None:
-        async with self.d._policy_lock:
+        try:
+            record = policy_records.parse_policy(msg.statement)
+            if record.type != policy_records.STMT:
+                raise StatementError("members may submit only grant, accept and revoke statements")
+            if record.body.get("author") != self.member:
+                raise StatementError(f"the statement's author is not {self.member}")
+        except Error as exc:
+            await self.send(ev.ErrorMessage(msg.rid, codes.REFUSED, str(exc)))
+            return
+        async with self.d.policy_writer():
             try:
-                record = policy_records.parse_policy(msg.statement)
-                if record.type != policy_records.STMT:
-                    raise StatementError("members may submit only grant, accept and revoke statements")
-                if record.body.get("author") != self.member:
-                    raise StatementError(f"the statement's author is not {self.member}")
                 self.d.policy.check(msg.statement)
             except Error as exc:
                 await self.send(ev.ErrorMessage(msg.rid, codes.REFUSED, str(exc)))

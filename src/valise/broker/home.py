@@ -6,7 +6,9 @@ Layout of `D` (created by `valise broker init --dir D --origin NAME`):
                       what nodes pin, and its desk may be a named recipient like any member;
 - `operator.key`      the operator's Ed25519 key (mode 0600), which signs directory records and operator rules;
 - `log.key`           the log's Ed25519 key (mode 0600), which signs checkpoints (a C2SP signed-note key);
-- `broker.db`         the SQLite store: the log, its hashes and checkpoints, and the delivery queues.
+- `broker.db`         the SQLite store: the log, its hashes and checkpoints;
+- `mailbox.db`, `spool/`  the delivery queues and packet bodies (broker/mailbox.py, broker/spool.py);
+- `policy.lock`       serialises writers of policy records.
 
 Three keys with three jobs: the operator key can be kept offline in a stricter setup without stopping the log,
 and a compromised log key cannot forge admissions.
@@ -89,6 +91,12 @@ class BrokerHome:
     @property
     def db_path(self) -> Path:
         return self.root / "broker.db"
+
+    @property
+    def policy_lock_path(self) -> Path:
+        """flock()ed by whoever appends policy records (operator commands, the daemon for member statements), so
+        that each checks its record against the log as it will stand when the record lands."""
+        return self.root / "policy.lock"
 
     @classmethod
     def create(cls, root: Path, origin: str, broker_id: str, random: identity.Random, now: int) -> BrokerHome:

@@ -29,8 +29,8 @@ def serve(args: argparse.Namespace) -> int:
     )
     home = BrokerHome.open(args.dir)
     settings = Settings(
-        listen=parse_address(args.listen),
-        http=parse_address(args.http) if args.http else None,
+        listen=parse_address(args.listen, listen=True),
+        http=parse_address(args.http, listen=True) if args.http else None,
         checkpoint_interval=args.checkpoint_interval,
     )
     serve_forever(home, settings)

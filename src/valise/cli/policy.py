@@ -32,7 +32,6 @@ from valise.policy.decide import tlp_label
 from valise.store.base import LogStorage
 from valise.store.sqlite import SqliteLog
 
-LOCK_FILE = "policy.lock"
 EXIT_DENIED = 3
 
 
@@ -194,7 +193,7 @@ def _iso(t: int | None) -> str | None:
 
 @contextmanager
 def _locked(home: BrokerHome) -> Iterator[None]:
-    with open(home.root / LOCK_FILE, "a+b") as f:
+    with open(home.policy_lock_path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
