@@ -165,8 +165,9 @@ class NodeDaemon:
                 nursery.start_soon(self.connection_loop)
                 task_status.started()
         finally:
-            await listener.aclose()
             socket_path(self.home.root).unlink(missing_ok=True)
+            with trio.CancelScope(shield=True):  # we are usually here because of a cancellation
+                await listener.aclose()
 
     async def goodbye(self) -> None:
         session = self.session
@@ -262,7 +263,11 @@ class NodeDaemon:
                 nursery.start_soon(self._submitter, session)
                 nursery.start_soon(self._poller, session)
         finally:
-            await trio.aclose_forcefully(stream)
+            # Close properly (a TLS close_notify after our goodbye), even when cancelled, but never wait long.
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.aclose()
 
     # --- following the log and witnessing -------------------------------------------------------------------
 
