@@ -16,6 +16,7 @@ from valise.cli.main import main
 from valise.cli.node import call
 from valise.errors import UsageError
 from valise.node.daemon import NodeDaemon, NodeLock
+from valise.policy import records as policy_records
 from valise.wire import events as ev
 
 from .conftest import NOW, seeded_random
@@ -164,3 +165,39 @@ async def test_a_second_daemon_on_the_same_directory_is_refused(world: dict[str,
     home = world["home"]
     with NodeLock(home.lock_path), pytest.raises(UsageError, match="another node daemon"), NodeLock(home.lock_path):
         pass
+
+
+async def test_statements_are_signed_by_the_daemon_and_sent(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+
+        async def answer() -> None:
+            stmt = await broker.expect(ev.Statement)
+            record = policy_records.parse_policy(stmt.statement)
+            record.verify(members["FRA"].bundle.sign_key, what="grant")
+            assert (record.kind, record.body["to"], record.body["origin"]) == ("grant", "DEU", ORIGIN)
+            await broker.send(ev.StatementResult(stmt.rid, 42, b"receipt"))
+            stmt = await broker.expect(ev.Statement)
+            await broker.send(ev.ErrorMessage(stmt.rid, "refused", "replayed statement"))
+
+        nursery.start_soon(answer)
+        reply = await call(
+            world["home"].root, {"op": "statement", "build": {"kind": "grant", "to": "DEU", "tlp": "AMBER"}}
+        )
+        assert (reply["ok"], reply["index"]) == (True, 42)
+        signed = policy_records.grant(
+            members["FRA"].signing, origin=ORIGIN, author="FRA", created=NOW, to="DEU", tlp="GREEN"
+        )
+        reply = await call(world["home"].root, {"op": "statement", "statement": signed})
+        assert reply["ok"] is False
+        assert "replayed statement" in reply["error"]
+        other = policy_records.grant(
+            members["DEU"].signing, origin=ORIGIN, author="DEU", created=NOW, to="FRA", tlp="RED"
+        )
+        reply = await call(world["home"].root, {"op": "statement", "statement": other})
+        assert (reply["ok"], reply["code"]) == (False, 2)  # only this member's own statements
+        nursery.cancel_scope.cancel()
