@@ -16,6 +16,7 @@ from valise import __version__
 from valise.errors import Error
 
 COMMAND_MODULES = [
+    "valise.cli.demo",
     "valise.cli.keys",
     "valise.cli.packet",
     "valise.cli.broker_log",
