@@ -139,3 +139,28 @@ async def test_hello_for_another_member_is_refused(tmp_path: Path) -> None:
         err = await fra.next()
         assert isinstance(err, ev.ErrorMessage)
         assert err.code == codes.UNAUTHENTICATED
+
+
+async def test_a_peer_that_vanishes_mid_session_does_not_stop_the_broker(tmp_path: Path) -> None:
+    """A node killed without closing TLS (a TCP reset) ends its own session only."""
+    import socket
+    import struct
+
+    world = _world(tmp_path)
+    async with running_broker(world) as broker:
+        for _ in range(3):
+            async with WireClient.connect(world, "DEU", broker.port) as deu:
+                # Start an upload, then vanish: RST instead of a TLS close_notify.
+                data = seal(world, "DEU", ["FRA"], b"z" * 300_000)
+                head = packet.parse_head(data)
+                assert isinstance(head, packet.Head)
+                await deu.send(ev.SubmitBegin(0, data[: head.head_size], len(data) - head.head_size))
+                await deu.send(ev.SubmitChunk(0, data[head.head_size : head.head_size + 1000]))
+                raw = deu.stream.transport_stream.socket
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                raw.close()
+        await trio.sleep(0.2)
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            ok = await fra.submit(seal(world, "FRA", ["DEU"], b"still serving"))
+            assert isinstance(ok, ev.Receipt)
+    assert not list((world.home.root / "spool").glob("*.part")), "a cut upload left its temporary file"

@@ -75,6 +75,17 @@ class _Waiter:
     error: BaseException | None = None
 
 
+# What a peer can cause by going away or by speaking broken TLS: routine, logged at info level.
+DISCONNECTS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, tls.TLSPeerError)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc.__cause__ or exc
+
+
 class BrokerDaemon:
     def __init__(self, home: BrokerHome, settings: Settings | None = None) -> None:
         self.home = home
@@ -357,8 +368,12 @@ class BrokerDaemon:
                 return
             session = Session(self, ssl_stream, member)
             await session.run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, tls.TLSPeerError) as exc:
-            log.info("connection closed: %s", exc.__cause__ or exc)
+        # A session's nursery wraps what its tasks raise in exception groups. Whatever one connection raises ends
+        # that connection only: the daemon keeps serving everyone else. Cancellation is not caught here.
+        except* DISCONNECTS as group:
+            log.info("connection closed: %s", _first(group))
+        except* Exception as group:
+            log.error("connection handler failed; closing that connection", exc_info=group)
         finally:
             self.connections -= 1
             await trio.aclose_forcefully(ssl_stream)
