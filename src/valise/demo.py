@@ -175,7 +175,6 @@ class Demo:
             ("DEU", "accept", "--from", "FRA", "AMBER", "malware,phishing"),
             ("ACME", "accept", "--from", "FRA", "AMBER", "malware"),
             ("FRA", "grant", "--to", "NGA", "GREEN", ""),
-            ("NGA", "accept", "--from", "FRA", "GREEN", ""),
             ("DEU", "grant", "--to", "NGA", "AMBER", "malware"),
             ("FRA", "grant", "--to", "DEU", "AMBER", "political"),
             ("DEU", "accept", "--from", "FRA", "AMBER", "political"),
@@ -245,6 +244,12 @@ class Demo:
         for member, d in nodes.items():
             self.wait_for(f"{member} to connect", functools.partial(self.connected, d))
         self.say("    every node connected over mutual TLS and verified the log from its pinned key")
+        reply = self.json_of(
+            "policy", "accept", "--node", str(nodes["NGA"]), "--from", "FRA", "--tlp", "GREEN", "--json"
+        )
+        self.say(
+            f"    NGA's node signs 'NGA accepts FRA up to TLP:GREEN' and sends it: logged at index {reply['index']}"
+        )
 
         self.step("Sending STIX 2.1 bundles")
         sent, denied = [], []
@@ -359,10 +364,7 @@ class Demo:
         return list(items if isinstance(items, list) else items.get("items", []))
 
     def acks(self, node: Path) -> int:
-        outbox = self.status(node).get("acks")
-        if isinstance(outbox, int):
-            return outbox
-        return int(self.status(node).get("acknowledged", 0) or 0)
+        return int(self.status(node).get("acknowledgements", 0))
 
     def send(self, node: Path, to: str, tlp: str, cats: str, payload: Path) -> dict[str, Any]:
         args = ["send", "--node", str(node), "--to", to, "--tlp", tlp, "--category", cats, "--wait", "20", "--json"]

@@ -299,7 +299,7 @@ def status(args: argparse.Namespace) -> int:
     state = "connected" if reply["connected"] else f"not connected ({reply.get('last_error') or 'connecting'})"
     print(f"broker     {reply['broker_id']} at {reply['broker']}: {state}")
     print(f"log        {lg['origin']} size {lg['size']} root {lg['root'][:16]}… ({lg['members']} members)")
-    print(f"outbox     {_counts(reply['outbox'])}")
+    print(f"outbox     {_counts(reply['outbox'])}; {reply['acknowledgements']} signed acknowledgement(s) received")
     print(f"inbox      {_counts(reply['inbox'])}")
     alarms = reply["alarms"]
     print(f"alarms     {len(alarms) or 'none'}")

@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import fcntl
 import json
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,10 +112,13 @@ def _register_operator(broker: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _statement_args(p: argparse.ArgumentParser, *, terms: bool = True) -> None:
-    p.add_argument("--identity", required=True, type=Path, help="your key directory (from valise keygen)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--identity", type=Path, help="sign offline with your key directory (from valise keygen)")
+    where.add_argument("--node", type=Path, help="have your running node sign it and send it to the broker")
     p.add_argument("--passphrase-env", metavar="VAR", help="the key file's passphrase is in $VAR")
-    p.add_argument("--origin", required=True, help="the broker's log origin (binds the statement to that log)")
-    p.add_argument("-o", "--out", required=True, type=Path, help="the statement file to write")
+    p.add_argument("--origin", help="with --identity: the broker's log origin (binds the statement to that log)")
+    p.add_argument("-o", "--out", type=Path, help="with --identity: the statement file to write")
+    p.add_argument("--json", action="store_true", help="with --node: print the broker's answer as JSON")
     if terms:
         p.add_argument("--tlp", required=True, help="the highest TLP level covered")
         p.add_argument("--category", type=_list, help="categories covered, comma-separated (default: any)")
@@ -326,7 +330,24 @@ def statement_add(args: argparse.Namespace) -> int:
 # --- member commands (offline) --------------------------------------------------------------------------
 
 
+def _via_node(args: argparse.Namespace, spec: dict[str, Any]) -> int:
+    """Let the member's node daemon sign the statement (it holds the unlocked key) and submit it to the broker."""
+    from valise.cli.node import submit_statement  # the node CLI pulls in trio; only this path needs it
+
+    reply = submit_statement(args.node, spec)
+    if args.json:
+        print(json.dumps(reply))
+    if not reply.get("ok"):
+        print(f"valise: error: {reply.get('error')}", file=sys.stderr)
+        return int(reply.get("code", 1))
+    if not args.json:
+        print(f"{spec['kind']} {reply.get('statement')} logged at index {reply.get('index')}")
+    return 0
+
+
 def _write_statement(args: argparse.Namespace, make: Any) -> int:
+    if args.origin is None or args.out is None:
+        raise UsageError("signing offline with --identity needs --origin and -o FILE")
     ident = keyfiles.load_identity(args.identity, keyfiles.passphrase_from_env(args.passphrase_env))
     entry: bytes = make(ident)
     rec = records.parse_policy(entry)
@@ -346,6 +367,8 @@ def _terms(args: argparse.Namespace) -> dict[str, Any]:
 
 def sign_grant(args: argparse.Namespace) -> int:
     terms = _terms(args)
+    if args.node is not None:
+        return _via_node(args, {"kind": "grant", "to": args.to, "max_size": args.max_size, **terms})
     return _write_statement(
         args,
         lambda i: records.grant(
@@ -362,6 +385,8 @@ def sign_grant(args: argparse.Namespace) -> int:
 
 def sign_accept(args: argparse.Namespace) -> int:
     terms = _terms(args)
+    if args.node is not None:
+        return _via_node(args, {"kind": "accept", "from": args.source, **terms})
     return _write_statement(
         args,
         lambda i: records.accept(
@@ -377,6 +402,8 @@ def sign_revoke(args: argparse.Namespace) -> int:
         sid = b""
     if len(sid) != 32:
         raise UsageError(f"statement id {args.statement[:80]!r} is not 64 hex digits", hint="see valise policy show")
+    if args.node is not None:
+        return _via_node(args, {"kind": "revoke", "statement": sid.hex()})
     return _write_statement(
         args,
         lambda i: records.revoke(

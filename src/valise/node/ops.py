@@ -344,6 +344,7 @@ async def op_status(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dic
             "members": len(f.policy.members) if f.policy else 0,
         },
         "outbox": counts,
+        "acknowledgements": daemon.store.ack_count(),
         "inbox": inbox,
         "alarms": [
             {"at": a.at, "kind": a.kind, "message": a.message, "evidence": a.evidence.hex() if a.evidence else None}

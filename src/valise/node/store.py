@@ -248,6 +248,11 @@ class NodeStore:
         cur = self._db.execute("INSERT OR IGNORE INTO acks VALUES (?, ?, ?)", (packet_id, recipient, notice))
         return cur.rowcount > 0
 
+    def ack_count(self) -> int:
+        """How many signed acknowledgements (one per packet and recipient) this member has received."""
+        (n,) = self._db.execute("SELECT count(*) FROM acks").fetchone()
+        return int(n)
+
     def acks_for(self, packet_id: bytes) -> dict[str, bytes]:
         rows = self._db.execute("SELECT recipient, notice FROM acks WHERE packet_id = ?", (packet_id,)).fetchall()
         return {r[0]: r[1] for r in rows}
