@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,13 +15,14 @@ from pathlib import Path
 
 import trio
 
-from valise import identity, keyfiles, packet, tls
+from valise import identity, keyfiles, packet, records, tls
 from valise.broker.daemon import BrokerDaemon, Settings
 from valise.broker.home import BrokerHome
 from valise.cli.main import main as cli
 from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, parse_prefix
 from valise.policy import records as prec
 from valise.store.sqlite import SqliteLog
+from valise.wire import codec, codes, frames
 from valise.wire import events as ev
 from valise.wire.connection import READ_SIZE, Connection, Signal
 from valise.wire.limits import SUPPORTED_VERSIONS
@@ -93,6 +97,7 @@ def seal(
     tlp: str = "AMBER",
     categories: tuple[str, ...] = ("malware",),
     packet_id: bytes | None = None,
+    expires: int | None = None,
 ) -> bytes:
     out = io.BytesIO()
     rnd = seeded_random(packet_id) if packet_id is not None else os.urandom
@@ -106,6 +111,7 @@ def seal(
         content_type="application/octet-stream",
         random=rnd,
         now=int(time.time()),
+        expires=expires,
     )
     return out.getvalue()
 
@@ -129,6 +135,9 @@ class WireClient:
         self.stream = stream
         self.member = member
         self.conn = Connection(Role.CLIENT)
+        # Answer the broker's cosign requests with a refusal inside next() (a member that is not a witness);
+        # off by default so that a test can see the requests.
+        self.refuse_cosign = False
 
     @classmethod
     @asynccontextmanager
@@ -157,6 +166,9 @@ class WireClient:
         with trio.fail_after(within):
             while True:
                 event = self.conn.next_event()
+                if isinstance(event, ev.CosignRequest) and self.refuse_cosign:
+                    await self.send(ev.ErrorMessage(event.rid, codes.REFUSED, f"{self.member} is not a witness"))
+                    continue
                 if not isinstance(event, Signal):
                     return event
                 self.conn.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
@@ -211,3 +223,178 @@ class WireClient:
                 return begin.seq, bytes(data)
             else:
                 raise AssertionError(f"unexpected {event} inside a delivery")
+
+
+# --- fault and abuse helpers (tests/test_broker_faults.py) ----------------------------------------------------------
+
+
+def raw_frame(msg: ev.Message) -> bytes:
+    """The frame for `msg` without the sender's state machine: how a test sends what a correct client never would."""
+    return frames.frame(codec.encode(msg))
+
+
+async def read_until_closed(stream: trio.abc.ReceiveStream, within: float = 10.0) -> bytes:
+    """Everything the peer sends until it closes (EOF or reset); fails if it is still open after `within`."""
+    got = bytearray()
+    with trio.fail_after(within):
+        while True:
+            try:
+                chunk = await stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return bytes(got)
+            if not chunk:
+                return bytes(got)
+            got += chunk
+
+
+def split_frames(data: bytes) -> list[ev.Message]:
+    """Decode a byte stream of whole frames (no state machine: it may start with a server's fatal error)."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        assert pos + 4 + n <= len(data), "the stream ends inside a frame"
+        out.append(codec.decode(data[pos + 4 : pos + 4 + n]))
+        pos += 4 + n
+    return out
+
+
+async def expect_fatal(client: WireClient, code: str) -> ev.ErrorMessage:
+    """The broker's last frame is a fatal `error` (no rid) with `code`, and then it closes the connection.
+
+    Reads the stream directly (the client's state machine has not seen what the test sent behind its back)."""
+    received = split_frames(await read_until_closed(client.stream))
+    assert received, "the broker closed without an error frame"
+    last = received[-1]
+    assert isinstance(last, ev.ErrorMessage), received
+    assert (last.rid, last.code) == (None, code), last
+    return last
+
+
+class Traffic:
+    """A legitimate exchange running in the background: `sender` submits, `recipient` receives and acks, the
+    sender gets the acknowledgement forwarded. Each full round increments `rounds`."""
+
+    def __init__(self, world: World, sender: WireClient, recipient: WireClient) -> None:
+        self.world = world
+        self.sender = sender
+        self.recipient = recipient
+        self.rounds = 0
+        self.stopping = False
+        self._changed = trio.Event()
+
+    async def run(self) -> None:
+        while not self.stopping:
+            data = seal(self.world, self.sender.member, [self.recipient.member], b"legit %d" % self.rounds)
+            answer = await self.sender.submit(data)
+            assert isinstance(answer, ev.Receipt), answer
+            seq, got = await self.recipient.receive_delivery()
+            assert got == data
+            head = packet.parse_head(got)
+            assert isinstance(head, packet.Head)
+            me = self.world.members[self.recipient.member]
+            ack = records.Ack.make(
+                me.signing,
+                head.core.packet_id,
+                head.digest,
+                self.sender.member,
+                self.recipient.member,
+                int(time.time()),
+            )
+            await self.recipient.send(ev.Ack(seq, head.core.packet_id, ack.raw))
+            forwarded = await self.sender.next_of(ev.AckForward)
+            assert isinstance(forwarded, ev.AckForward)
+            assert forwarded.id == head.core.packet_id
+            await self.sender.send(ev.Seen(forwarded.seq))
+            self.rounds += 1
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def progress(self, n: int = 2, within: float = 20.0) -> None:
+        """Wait until `n` more rounds have completed (the legitimate members are still served)."""
+        target = self.rounds + n
+        with trio.fail_after(within):
+            while self.rounds < target:
+                await self._changed.wait()
+
+
+async def close_gracefully(client: WireClient) -> None:
+    """End a session with TLS close_notify, the way a node that shuts down cleanly does."""
+    with trio.move_on_after(2):
+        await client.stream.aclose()
+
+
+@asynccontextmanager
+async def legit_traffic(world: World, port: int, sender: str = "FRA", recipient: str = "DEU") -> AsyncIterator[Traffic]:
+    """Run a Traffic loop for the duration of the block; on exit, require one more round, stop at a round's
+    end and close both sessions cleanly (so that only what the test does is under test)."""
+    async with WireClient.connect(world, sender, port) as s, WireClient.connect(world, recipient, port) as r:
+        s.refuse_cosign = r.refuse_cosign = True
+        traffic = Traffic(world, s, r)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(traffic.run)
+            await traffic.progress(1)
+            yield traffic
+            await traffic.progress(1)
+            traffic.stopping = True
+        await close_gracefully(s)
+        await close_gracefully(r)
+
+
+class BrokerProcess:
+    """`valise broker serve` as a real child process (so that a test can SIGKILL it)."""
+
+    def __init__(self, directory: Path, log_file: Path, checkpoint_interval: float = 0.2) -> None:
+        self.log_file = log_file
+        self._log = log_file.open("ab")
+        cmd = [sys.executable, "-m", "valise.cli.main", "broker", "serve", "--dir", str(directory)]
+        cmd += ["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--checkpoint-interval", str(checkpoint_interval)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log)
+        self.port = 0
+        self.http_port = 0
+
+    async def started(self) -> BrokerProcess:
+        assert self.proc.stdout is not None
+        line = await trio.to_thread.run_sync(self.proc.stdout.readline)
+        found = re.search(rb"listening on 127\.0\.0\.1:(\d+), tiles on http://127\.0\.0\.1:(\d+)/", line)
+        if found is None:
+            self.kill()
+            raise AssertionError(f"broker did not start: {line!r}; log: {self.log_file.read_text()[-2000:]}")
+        self.port, self.http_port = int(found[1]), int(found[2])
+        return self
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+
+
+@asynccontextmanager
+async def broker_process(directory: Path, log_file: Path) -> AsyncIterator[BrokerProcess]:
+    proc = BrokerProcess(directory, log_file)
+    try:
+        yield await proc.started()
+    finally:
+        proc.kill()
+
+
+async def http_get(port: int, path: str, request: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 GET over a fresh connection (Connection: close): status, headers, body."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        req = request or f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        await stream.send_all(req)
+        raw = await read_until_closed(stream)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+    assert int(headers["content-length"]) == len(body), headers
+    return status, headers, body

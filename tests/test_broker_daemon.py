@@ -164,3 +164,28 @@ async def test_a_peer_that_vanishes_mid_session_does_not_stop_the_broker(tmp_pat
             ok = await fra.submit(seal(world, "FRA", ["DEU"], b"still serving"))
             assert isinstance(ok, ev.Receipt)
     assert not list((world.home.root / "spool").glob("*.part")), "a cut upload left its temporary file"
+
+
+async def test_undelivered_packets_are_purged_at_expiry_and_the_purge_is_logged(tmp_path: Path) -> None:
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"short-lived", expires=int(time.time()) + 2)
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    async with running_broker(world, purge_interval=0.2) as broker:
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            receipt = await fra.submit(data)
+            assert isinstance(receipt, ev.Receipt)
+        with trio.fail_after(10):
+            while broker.mail.pending("DEU"):  # noqa: ASYNC110 - polls a table the purger task writes
+                await trio.sleep(0.1)
+        # DEU connects after expiry: nothing is pushed to it (a cosign request may come; it is no delivery).
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            with trio.move_on_after(0.5):
+                while True:
+                    event = await deu.next()
+                    assert not isinstance(event, ev.DeliverBegin), "an expired packet was still pushed"
+    with SqliteLog.open(world.home.db_path) as store:
+        kinds = [records.entry_type(e) for e in store.entries(receipt.index + 1, store.size())]
+    purges = [m for kind, m in kinds if kind == "purge"]
+    assert [(m["digest"], m["recipient"]) for m in purges] == [(head.digest, "DEU")]
+    assert not (world.home.root / "spool" / f"{head.digest.hex()}.pkt").exists()
