@@ -193,3 +193,13 @@ class DeniedError(Error):
     """The broker refused to relay a packet; the message gives the reason per recipient."""
 
     exit_code = 3
+
+
+# --- audit ---------------------------------------------------------------------------------------------
+
+
+class AuditAlarm(CheckpointError):
+    """A checkpoint an auditor must refuse: not signed by the log, quorum not met, older than, or inconsistent with
+    (a fork of) one already verified. The exit code tells scripts this is an alarm, not a usage problem."""
+
+    exit_code = 5

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "valise.cli.broker_serve",
     "valise.cli.policy",
     "valise.cli.node",
+    "valise.cli.audit",
 ]
 
 # Attribute under which group() keeps a top-level command's sub-subparsers on that command's parser.

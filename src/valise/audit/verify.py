@@ -1,0 +1,234 @@
+"""The audit: checkpoint, consistency, tree, then every entry (specs/audit.md, "Order of checks").
+
+`audit(source, policy, state=..., now=...)` reads a log through a `TileSource` and returns a `Report`. It does
+no I/O of its own beyond the source, reads no clock (`now` is passed in) and keeps everything it needs to
+continue in an `AuditState` made of plain values.
+
+Order, each step relying on the one before:
+1. the checkpoint: signed by the log key, cosigned to the quorum (else `CheckpointRefused`);
+2. against the held state, if any: not smaller, the same root at the same size, and a consistency proof
+   assembled from the hash tiles verifies between the two signed roots (else `CheckpointRefused`, with the new
+   checkpoint kept as evidence: two validly signed checkpoints that are not consistent prove a fork);
+3. the new entries, bundle by bundle: their leaf hashes are compared with the level-0 tile, and both are folded
+   into compact ranges; whichever reaches the signed root is the truth. If only the tiles do, each differing
+   entry is named (altered, missing, swapped); if neither does, the tree as a whole is reported;
+4. every entry is replayed (replay.Replayer): form, signatures, consent, acknowledgements, retractions, purges.
+The state advances only when step 3 tied the entries to the signed root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Any
+
+from valise.audit import tree
+from valise.audit.findings import Finding
+from valise.audit.quorum import QuorumPolicy
+from valise.audit.replay import Replayer, SigCheck, verify_batch
+from valise.audit.source import TileSource
+from valise.broker.relay import DEFAULT_WINDOW
+from valise.errors import AuditAlarm, CheckpointError, NoteError, StoreError, TileError, UsageError
+from valise.tlog import checkpoint, note
+
+STATE_FORMAT = "valise-audit/v1"
+CHUNK = 4096  # entries per batch of signature checks sent to a worker
+Progress = Callable[[int, int], None]
+
+
+class CheckpointRefused(AuditAlarm):
+    """The served checkpoint must not be accepted; `evidence` is the refused note when the log key signed it."""
+
+    def __init__(self, what: str, *, evidence: bytes | None = None, held: bytes | None = None) -> None:
+        super().__init__(what)
+        self.evidence = evidence
+        self.held = held
+
+
+@dataclass
+class AuditState:
+    """Everything an audit needs to continue from a verified checkpoint (saved as JSON by audit.state)."""
+
+    origin: str
+    vkey: str
+    checkpoint_note: bytes  # the last verified checkpoint note, verbatim
+    size: int
+    root: bytes
+    compact: tree.Compact
+    replay: Replayer
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "origin": self.origin,
+            "vkey": self.vkey,
+            "checkpoint": self.checkpoint_note.decode("utf-8"),
+            "size": self.size,
+            "root": self.root.hex(),
+            "compact": [h.hex() for h in self.compact.stack],
+            "replay": self.replay.to_json(),
+        }
+
+    @staticmethod
+    def from_json(value: dict[str, Any], log: note.Ed25519Verifier) -> AuditState:
+        if not isinstance(value, dict) or value.get("format") != STATE_FORMAT:
+            raise UsageError(f"not a {STATE_FORMAT} state file")
+        if value["vkey"] != log.vkey():
+            raise UsageError("the state file belongs to another log key", hint="use one state file per log")
+        raw = value["checkpoint"].encode("utf-8")
+        cp, _ = checkpoint.open_checkpoint(raw, log)  # our own file, but never trust a checkpoint unverified
+        size, root = value["size"], bytes.fromhex(value["root"])
+        compact = tree.Compact(size, [bytes.fromhex(h) for h in value["compact"]])
+        if (cp.size, cp.root) != (size, root) or compact.root() != root:
+            raise UsageError("the state file is inconsistent (checkpoint, size, root and compact range disagree)")
+        replay = Replayer.from_json(cp.origin, value["replay"])
+        if replay.size != size:
+            raise UsageError("the state file's replay does not end at its checkpoint")
+        return AuditState(cp.origin, value["vkey"], raw, size, root, compact, replay)
+
+
+@dataclass
+class Report:
+    checkpoint: checkpoint.Checkpoint
+    checkpoint_note: bytes
+    cosigners: list[str]
+    start: int  # first entry verified by this run
+    findings: list[Finding]  # every finding so far (a resumed audit includes the earlier ones)
+    new_findings: list[Finding]
+    summary: dict[str, int]
+    state: AuditState | None  # None when the entries could not be tied to the checkpoint
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "origin": self.checkpoint.origin,
+            "size": self.checkpoint.size,
+            "root": self.checkpoint.root.hex(),
+            "cosigners": self.cosigners,
+            "verified_from": self.start,
+            "tree_verified": self.state is not None,
+            "summary": self.summary,
+            "findings": [f.to_json() for f in self.findings],
+            "new_findings": len(self.new_findings),
+        }
+
+
+def open_checkpoint(source: TileSource, policy: QuorumPolicy) -> tuple[bytes, checkpoint.Checkpoint, list[str]]:
+    raw = source.read("checkpoint")
+    if raw is None:
+        raise StoreError(f"{source.describe()} has no checkpoint")
+    try:
+        cp, cosigners = policy.open(raw)
+    except (NoteError, CheckpointError) as exc:
+        raise CheckpointRefused(f"checkpoint refused: {exc.what}") from None
+    return raw, cp, cosigners
+
+
+def check_extends(source: TileSource, held: AuditState, raw: bytes, cp: checkpoint.Checkpoint) -> None:
+    """Refuse `cp` unless it extends the held checkpoint (step 2); a refusal keeps `raw` as evidence."""
+    old = checkpoint.Checkpoint(held.origin, held.size, held.root)
+    if cp.size < old.size:
+        raise CheckpointRefused(
+            f"checkpoint goes backwards from size {old.size} to {cp.size}", evidence=raw, held=held.checkpoint_note
+        )
+    if cp.size == old.size:
+        if cp.root != old.root:
+            raise CheckpointRefused(
+                f"split view: two checkpoints of size {cp.size} with different roots",
+                evidence=raw,
+                held=held.checkpoint_note,
+            )
+        return
+    try:
+        proof = tree.consistency_proof(source, old.size, cp.size)
+        checkpoint.check_newer(old, cp, proof)
+    except (CheckpointError, TileError) as exc:
+        raise CheckpointRefused(
+            f"checkpoint of size {cp.size} is not consistent with the held one of size {old.size}: {exc.what}",
+            evidence=raw,
+            held=held.checkpoint_note,
+        ) from None
+
+
+def audit(
+    source: TileSource,
+    policy: QuorumPolicy,
+    *,
+    now: int,
+    state: AuditState | None = None,
+    window: int = DEFAULT_WINDOW,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+) -> Report:
+    raw, cp, cosigners = open_checkpoint(source, policy)
+    if state is not None:
+        if state.origin != cp.origin:
+            raise UsageError(f"the state is for log {state.origin!r}, the checkpoint for {cp.origin!r}")
+        check_extends(source, state, raw, cp)
+        replay = state.replay
+        signed, served = state.compact.copy(), state.compact.copy()
+    else:
+        replay = Replayer(cp.origin, window=window)
+        signed, served = tree.Compact(), tree.Compact()
+    start = signed.size
+    tree_findings: list[Finding] = []
+    pending: list[tuple[list[SigCheck], Future[list[int]] | list[int]]] = []
+
+    def flush_checks() -> None:
+        checks = replay.take_checks()
+        if checks:
+            items = [(c.public, c.message, c.signature) for c in checks]
+            pending.append((checks, executor.submit(verify_batch, items) if executor else verify_batch(items)))
+
+    for b in tree.bundles(source, start, cp.size):
+        width = len(b.hashes)
+        leaves = tree.leaf_hashes(b.entries, width)
+        signed.extend(b.hashes)
+        served.extend(leaves)
+        if b.problem is not None:
+            tree_findings.append(
+                Finding(b.first, "bundle-malformed", f"the bundle holding entry {b.first}: {b.problem}")
+            )
+        if leaves != b.hashes:
+            tree_findings.extend(tree.name_differences(b.first, leaves, b.hashes))
+        for i in range(width):
+            index = b.first + i
+            if i < len(b.entries):
+                replay.feed(index, b.entries[i])
+            else:
+                replay.policy.size += 1  # a missing entry: nothing to replay, keep positions aligned
+        if len(replay.checks) >= CHUNK:
+            flush_checks()
+        if progress is not None:
+            progress(b.first + width - start, cp.size - start)
+    flush_checks()
+    for checks, result in pending:
+        bad = result.result() if isinstance(result, Future) else result
+        for i in bad:
+            replay.signature_failed(checks[i])
+
+    tied = True
+    if served.root() != cp.root:
+        if signed.root() == cp.root:
+            replay.findings.extend(tree_findings)  # the tiles hold the signed hashes: the differences are real
+        else:
+            tied = False
+            replay.findings.append(
+                Finding(
+                    None,
+                    "tree-root",
+                    f"neither the entries [{start}, {cp.size}) nor the hash tiles reach the signed root of size "
+                    f"{cp.size}",
+                )
+            )
+            replay.findings.extend(f for f in tree_findings if f.code == "bundle-malformed")
+    replay.findings.sort(key=lambda f: (-1 if f.index is None else f.index, f.code))
+    new_state = None
+    if tied and served.root() == cp.root:
+        new_state = AuditState(cp.origin, policy.log.vkey(), raw, cp.size, cp.root, served, replay)
+    new = [f for f in replay.findings if f.index is None or f.index >= start]
+    return Report(cp, raw, cosigners, start, list(replay.findings), new, replay.summary(now), new_state)

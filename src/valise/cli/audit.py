@@ -1,0 +1,243 @@
+"""`valise audit verify|monitor|proof`: the auditor's commands (an I/O edge over valise.audit).
+
+Exit codes (specs/audit.md, "Exit codes"): 0 the log verified with no finding; 4 findings (listed); 5 alarm: the
+checkpoint was refused (not the log's signature, quorum not met, backwards, inconsistent, split view); 1 the
+audit could not run (unreachable source, missing tile); 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, TextIO
+
+from valise.audit import proof as audit_proof
+from valise.audit import quorum, state
+from valise.audit.source import open_source
+from valise.audit.verify import AuditState, CheckpointRefused, Report, audit
+from valise.cli.main import group
+from valise.errors import NoteError, UsageError
+from valise.tlog import cosignature, note
+
+EXIT_FINDINGS = 4
+EXIT_ALARM = CheckpointRefused.exit_code
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = group(sub, "audit", "verify the broker's log offline: tree, signatures, policy replay, witnesses")
+
+    def trust_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--broker-key", required=True, help="the log's verifier key (vkey), or a file holding it")
+        p.add_argument("--witness", action="append", default=[], metavar="VKEY", help="a trusted witness vkey")
+        p.add_argument("--quorum", type=int, default=None, help="how many --witness must cosign (default: all)")
+        p.add_argument("--policy", type=Path, help="a quorum policy file (instead of --witness/--quorum)")
+
+    p = g.add_parser("verify", help="verify a log: checkpoint, tree, every entry, policy replay")
+    p.add_argument("--log", required=True, help="URL of a tlog-tiles server, or an exported directory")
+    trust_options(p)
+    p.add_argument("--state", type=Path, help="resume from (and save to) this state file")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes checking signatures")
+    p.add_argument("--window", type=int, default=600, help="the broker's allowed clock window, seconds")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(handler=verify_cmd)
+
+    p = g.add_parser("monitor", help="follow a live log: consistency of each checkpoint, then its new entries")
+    p.add_argument("--log", required=True, help="URL of a tlog-tiles server (or a directory)")
+    trust_options(p)
+    p.add_argument("--state", type=Path, required=True, help="the monitor's state file (written atomically)")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between checkpoint fetches")
+    p.add_argument("--once", action="store_true", help="check one checkpoint and exit")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes checking signatures")
+    p.add_argument("--window", type=int, default=600, help="the broker's allowed clock window, seconds")
+    p.add_argument("--json", action="store_true", help="one JSON line per checkpoint and per alarm")
+    p.set_defaults(handler=monitor_cmd)
+
+    p = g.add_parser("proof", help="verify an offline proof bundle (C2SP tlog-proof) that an entry is in the log")
+    p.add_argument("file", type=Path, help="the proof bundle")
+    trust_options(p)
+    p.add_argument("--entry", type=Path, help="the entry bytes, if the bundle does not carry them")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=proof_cmd)
+
+
+def _key_text(value: str) -> str:
+    path = Path(value)
+    if "+" not in value and path.is_file():
+        return path.read_text().strip()
+    return value.strip()
+
+
+def trust(args: argparse.Namespace) -> quorum.QuorumPolicy:
+    try:
+        log = note.parse_vkey(_key_text(args.broker_key))
+    except NoteError as exc:
+        raise UsageError(f"--broker-key: {exc.what}") from None
+    if args.policy is not None:
+        if args.witness or args.quorum is not None:
+            raise UsageError("give either --policy or --witness/--quorum, not both")
+        try:
+            policy = quorum.parse(args.policy.read_text())
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.policy}: {exc.strerror}") from None
+        if policy.log.vkey() != log.vkey():
+            raise UsageError("the quorum policy names another log key than --broker-key")
+        return policy
+    try:
+        witnesses = [cosignature.parse_vkey(_key_text(w)) for w in args.witness]
+    except NoteError as exc:
+        raise UsageError(f"--witness: {exc.what}") from None
+    k = len(witnesses) if args.quorum is None else args.quorum
+    return quorum.QuorumPolicy.simple(log, witnesses, k)
+
+
+class Bar:
+    """A progress bar on stderr, only when it is a terminal (no dependency, redrawn at most 10 times a second)."""
+
+    def __init__(self, out: TextIO, enabled: bool) -> None:
+        self.out = out
+        self.enabled = enabled and out.isatty()
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-6)
+        filled = 30 * done // max(total, 1)
+        self.out.write(f"\r[{'#' * filled}{' ' * (30 - filled)}] {done}/{total} entries, {rate:,.0f}/s ")
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _executor(jobs: int) -> Executor | None:
+    return ProcessPoolExecutor(jobs) if jobs > 1 else None
+
+
+def _print_report(report: Report, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report.to_json(), sort_keys=True))
+        return
+    cp = report.checkpoint
+    print(f"log {cp.origin}: checkpoint of {cp.size} entries, root {cp.root.hex()}")
+    print(f"cosigned by: {', '.join(report.cosigners) or 'no trusted witness'}")
+    tree = "tied to the signed root" if report.state is not None else "NOT tied to the signed root"
+    print(f"verified entries {report.start}..{cp.size - 1}: {tree}")
+    for f in report.findings:
+        print(f.line())
+    s = report.summary
+    print(
+        f"summary: {s['entries']} entries, {s['members']} members ({s['active_members']} active), "
+        f"{s['packets']} packets, {s['acks']} acknowledgements, {s['unacknowledged_past_expiry']} unacknowledged "
+        f"past expiry, {s['retractions']} retractions, {s['purges']} purges, {s['findings']} findings"
+    )
+
+
+def _alarm(exc: CheckpointRefused, state_path: Path | None, as_json: bool) -> int:
+    kept = None
+    if exc.evidence is not None and state_path is not None:
+        kept = state.keep_evidence(state_path, exc.evidence, exc.held)
+    if as_json:
+        print(json.dumps({"alarm": exc.what, "evidence": None if kept is None else str(kept)}, sort_keys=True))
+    else:
+        print(f"ALARM: {exc.what}", file=sys.stderr)
+        if kept is not None:
+            print(f"evidence kept in {kept}", file=sys.stderr)
+    return EXIT_ALARM
+
+
+def verify_cmd(args: argparse.Namespace) -> int:
+    policy = trust(args)
+    source = open_source(args.log)
+    held = state.load(args.state, policy.log) if args.state else None
+    bar = Bar(sys.stderr, not args.json)
+    executor = _executor(args.jobs)
+    try:
+        report = audit(
+            source, policy, now=int(time.time()), state=held, window=args.window, executor=executor, progress=bar
+        )
+    except CheckpointRefused as exc:
+        bar.close()
+        return _alarm(exc, args.state, args.json)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    bar.close()
+    if args.state is not None and report.state is not None:
+        state.save(args.state, report.state)
+    _print_report(report, args.json)
+    return 0 if report.clean else EXIT_FINDINGS
+
+
+def monitor_cmd(args: argparse.Namespace) -> int:
+    policy = trust(args)
+    source = open_source(args.log)
+    held: AuditState | None = state.load(args.state, policy.log)
+    executor = _executor(args.jobs)
+    try:
+        while True:
+            try:
+                report = audit(source, policy, now=int(time.time()), state=held, window=args.window, executor=executor)
+            except CheckpointRefused as exc:
+                return _alarm(exc, args.state, args.json)
+            if report.state is not None:
+                state.save(args.state, report.state)
+                held = report.state
+            _emit(report, args.json)
+            if report.new_findings or report.state is None:
+                return EXIT_FINDINGS
+            if args.once:
+                return 0
+            time.sleep(args.interval)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+
+
+def _emit(report: Report, as_json: bool) -> None:
+    cp = report.checkpoint
+    line: dict[str, Any] = {
+        "size": cp.size,
+        "root": cp.root.hex(),
+        "new_entries": cp.size - report.start,
+        "cosigners": report.cosigners,
+        "tree_verified": report.state is not None,
+        "findings": [f.to_json() for f in report.new_findings],
+    }
+    if as_json:
+        print(json.dumps(line, sort_keys=True), flush=True)
+        return
+    print(f"checkpoint {cp.size} ({cp.size - report.start} new entries) verified", flush=True)
+    for f in report.new_findings:
+        print(f"ALARM: {f.line()}", file=sys.stderr, flush=True)
+
+
+def proof_cmd(args: argparse.Namespace) -> int:
+    policy = trust(args)
+    try:
+        data = args.file.read_bytes()
+        entry = args.entry.read_bytes() if args.entry else None
+    except OSError as exc:
+        raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    proven = audit_proof.verify_proof(data, policy, entry)
+    info = proven.describe()
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+    else:
+        print(f"entry {proven.index} is in the log (checkpoint of {proven.size} entries, root {proven.root.hex()})")
+        for k, v in info.items():
+            if k not in ("index", "checkpoint_size", "root"):
+                print(f"  {k}: {v}")
+    return 0

@@ -1,0 +1,462 @@
+"""The auditor against logs made by a real broker: real TLS traffic, real SQLite, real exported tiles, no mocks.
+
+One log is produced once per module by running real traffic through a broker (packets, acknowledgements, a
+retraction), exported with `valise log export`; each test tampers with its own copy and checks that the audit
+names what was done, at which index, or refuses the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from valise import encoding, packet, records
+from valise.audit import proof as audit_proof
+from valise.audit import quorum
+from valise.audit.source import DirSource, HttpSource
+from valise.audit.verify import CheckpointRefused, audit
+from valise.cli.main import main as cli
+from valise.crypto import sign
+from valise.logservice import LogService
+from valise.store.sqlite import SqliteLog
+from valise.tlog import checkpoint, cosignature, note, tiles
+from valise.wire import events as ev
+
+from .harness import ORIGIN, WireClient, World, make_world, running_broker, seal
+
+
+@dataclass
+class Log:
+    root: Path  # the world's root (broker directory, member keys)
+    export: Path  # the exported tiles of the final log
+    early: Path  # an export made while the broker ran, of a smaller tree
+    vkey: str
+    world: World
+    pkt: list[int]  # log indexes of the relayed packets
+    acks: list[int]
+    retract: int
+
+
+async def _traffic(world: World, early: Path) -> tuple[list[int], list[int], int]:
+    pkts: list[int] = []
+    acks: list[int] = []
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        datas = [seal(world, "FRA", ["DEU"], b"one"), seal(world, "FRA", ["DEU", "ITA"], b"two")]
+        for data in datas:
+            answer = await fra.submit(data)
+            assert isinstance(answer, ev.Receipt), answer
+            pkts.append(answer.index)
+        await trio.sleep(0.5)  # a checkpoint covering them, then an export of that smaller tree
+        assert cli(["log", "export", "--dir", str(world.home.root), "--out", str(early)]) == 0
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            for _ in datas:
+                seq, got = await deu.receive_delivery()
+                head = packet.parse_head(got)
+                assert isinstance(head, packet.Head)
+                ack = records.Ack.make(
+                    world.members["DEU"].signing, head.core.packet_id, head.digest, "FRA", "DEU", int(time.time())
+                )
+                await deu.send(ev.Ack(seq, head.core.packet_id, ack.raw))
+                forwarded = await fra.next_of(ev.AckForward)
+                assert isinstance(forwarded, ev.AckForward)
+                acks.append(forwarded.index)
+        third = seal(world, "FRA", ["ITA"], b"three")
+        answer = await fra.submit(third)
+        assert isinstance(answer, ev.Receipt)
+        pkts.append(answer.index)
+        head = packet.parse_head(third)
+        assert isinstance(head, packet.Head)
+        retraction = records.Retraction.make(
+            world.members["FRA"].signing, head.core.packet_id, head.digest, "FRA", "sent in error", int(time.time())
+        )
+        rid = fra.conn.new_rid()
+        await fra.send(ev.Retract(rid, head.core.packet_id, retraction.raw))
+        result = await fra.next_of(ev.RetractResult)
+        assert isinstance(result, ev.RetractResult)
+        await trio.sleep(0.5)
+    return pkts, acks, result.index
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory: pytest.TempPathFactory) -> Log:
+    root = tmp_path_factory.mktemp("audit")
+    world = make_world(root)
+    world.consent("FRA", "DEU", "AMBER", ["malware"])
+    world.consent("FRA", "ITA", "AMBER", None)
+    pkts, acks, retract = trio.run(_traffic, world, root / "early")
+    assert cli(["log", "export", "--dir", str(world.home.root), "--out", str(root / "export")]) == 0
+    vkey = note.Ed25519Signer(ORIGIN, world.home.log_key()).verifier().vkey()
+    return Log(root, root / "export", root / "early", vkey, world, pkts, acks, retract)
+
+
+def _policy(log: Log, witnesses: list[cosignature.CosignatureVerifier] = (), k: int = 0) -> quorum.QuorumPolicy:  # type: ignore[assignment]
+    return quorum.QuorumPolicy.simple(note.parse_vkey(log.vkey), list(witnesses), k)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _verify(directory: Path, log: Log, *extra: str) -> tuple[int, dict[str, object]]:
+    out = directory.parent / f"{directory.name}.report.json"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = cli(
+            ["audit", "verify", "--log", str(directory), "--broker-key", log.vkey, "--json", "--jobs", "1", *extra]
+        )
+    out.write_text(buf.getvalue())
+    text = buf.getvalue().strip()
+    return code, (json.loads(text.splitlines()[-1]) if text else {})
+
+
+def _findings(report: dict[str, object]) -> list[tuple[int | None, str]]:
+    found = report["findings"]
+    assert isinstance(found, list)
+    return [(f["index"], f["code"]) for f in found]
+
+
+def _bundle_path(directory: Path) -> Path:
+    (cp_size,) = [checkpoint.parse_body(note.parse_note((directory / "checkpoint").read_bytes()).text).size]
+    assert cp_size < 256  # the whole test log is one bundle
+    return directory / tiles.Tile(tiles.ENTRIES, 0, cp_size).path
+
+
+def _rewrite_entries(directory: Path, change: object) -> None:
+    path = _bundle_path(directory)
+    entries = tiles.parse_entries(path.read_bytes(), int(path.name))
+    assert callable(change)
+    change(entries)
+    path.write_bytes(tiles.encode_entries(entries))
+
+
+# --- a clean log ---------------------------------------------------------------------------------------------
+
+
+def test_clean_log_verifies_with_summary(log: Log) -> None:
+    code, report = _verify(log.export, log)
+    assert code == 0, report
+    assert report["findings"] == []
+    assert report["tree_verified"] is True
+    summary = report["summary"]
+    assert isinstance(summary, dict)
+    assert summary["packets"] == 3
+    assert summary["acks"] == 2
+    assert summary["retractions"] == 1
+    assert summary["members"] == 3
+    assert summary["entries"] == report["size"]
+
+
+def test_clean_log_with_worker_processes(log: Log) -> None:
+    report = audit(DirSource(log.export), _policy(log), now=int(time.time()))
+    assert report.clean
+    # The same through the CLI with two signature-checking processes.
+    code, _ = _verify(log.export, log, "--jobs", "2")
+    assert code == 0
+
+
+# --- tampering with the stored log after the fact ------------------------------------------------------------
+
+
+def test_flipped_byte_in_an_entry_is_named(log: Log, tmp_path: Path) -> None:
+    d = _copy(log.export, tmp_path / "x")
+    target = log.acks[0]
+
+    def flip(entries: list[bytes]) -> None:
+        e = bytearray(entries[target])
+        e[len(e) // 2] ^= 0x01
+        entries[target] = bytes(e)
+
+    _rewrite_entries(d, flip)
+    code, report = _verify(d, log)
+    assert code == 4
+    assert (target, "entry-altered") in _findings(report)
+
+
+def test_deleted_entry_is_named(log: Log, tmp_path: Path) -> None:
+    d = _copy(log.export, tmp_path / "x")
+    target = log.pkt[0]
+    _rewrite_entries(d, lambda entries: entries.pop(target))
+    code, report = _verify(d, log)
+    assert code == 4
+    assert (target, "entry-missing") in _findings(report)
+
+
+def test_removed_acknowledgement_is_named(log: Log, tmp_path: Path) -> None:
+    d = _copy(log.export, tmp_path / "x")
+    target = log.acks[1]
+    _rewrite_entries(d, lambda entries: entries.pop(target))
+    code, report = _verify(d, log)
+    assert code == 4
+    found = _findings(report)
+    assert (target, "entry-missing") in found
+    assert not [f for f in found if f[1] == "entry-altered"]
+
+
+def test_swapped_entries_are_named(log: Log, tmp_path: Path) -> None:
+    d = _copy(log.export, tmp_path / "x")
+    a, b = log.pkt[1], log.acks[0]
+
+    def swap(entries: list[bytes]) -> None:
+        entries[a], entries[b] = entries[b], entries[a]
+
+    _rewrite_entries(d, swap)
+    code, report = _verify(d, log)
+    assert code == 4
+    found = report["findings"]
+    assert isinstance(found, list)
+    swapped = [f for f in found if f["code"] == "entries-swapped"]
+    assert [f["index"] for f in swapped] == [min(a, b)]
+    assert f"entries {min(a, b)} and {max(a, b)}" in swapped[0]["what"]
+
+
+def test_flipped_byte_in_the_broker_store_then_exported(log: Log, tmp_path: Path) -> None:
+    """Data at rest altered in SQLite: the stored hashes still say what was signed, so the export betrays it."""
+    root = _copy(log.root, tmp_path / "w")
+    db = root / "broker" / "broker.db"
+    import sqlite3
+
+    target = log.pkt[1]
+    with sqlite3.connect(db) as con:
+        (data,) = con.execute("SELECT data FROM log_entries WHERE idx = ?", (target,)).fetchone()
+        data = bytearray(data)
+        data[-3] ^= 0x40
+        con.execute("UPDATE log_entries SET data = ? WHERE idx = ?", (bytes(data), target))
+    assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(tmp_path / "out")]) == 0
+    code, report = _verify(tmp_path / "out", log)
+    assert code == 4
+    assert (target, "entry-altered") in _findings(report)
+
+
+def test_appended_packet_that_no_policy_allowed(log: Log, tmp_path: Path) -> None:
+    """A correctly signed packet record, DEU → FRA, which DEU never had consent for, appended and signed over."""
+    root = _copy(log.root, tmp_path / "w")
+    data = seal(log.world, "DEU", ["FRA"], b"no consent")
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    from valise.broker.home import BrokerHome
+
+    home = BrokerHome.open(root / "broker")
+    with SqliteLog.open(home.db_path) as store:
+        index = store.append([records.packet_entry(head.header.raw, head.signature, int(time.time()))])
+        LogService(store, ORIGIN, home.log_key()).sign()
+    assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(tmp_path / "out")]) == 0
+    code, report = _verify(tmp_path / "out", log)
+    assert code == 4
+    assert _findings(report) == [(index, "pkt-denied")]
+    found = report["findings"]
+    assert isinstance(found, list)
+    assert "DEU has not granted anything to FRA" in found[0]["what"]
+
+
+def test_forged_acknowledgement_signature(log: Log, tmp_path: Path) -> None:
+    """An acknowledgement signed by ITA's key claiming to be DEU's: logged and signed over by the broker."""
+    root = _copy(log.root, tmp_path / "w")
+    from valise.broker.home import BrokerHome
+
+    home = BrokerHome.open(root / "broker")
+    with SqliteLog.open(home.db_path) as store:
+        _, m = records.entry_type(store.entries(log.pkt[2], log.pkt[2] + 1)[0])
+        header = packet.Header.parse(m["header"])
+        digest = hashlib.sha256(header.raw).digest()
+        ita = log.world.members["ITA"].signing
+        ok = records.Ack.make(ita, header.core.packet_id, digest, "FRA", "ITA", 1)
+        # A body naming DEU (not a recipient of this packet) and signed by ITA's key.
+        body = encoding.pack(
+            {"v": 1, "packet_id": header.core.packet_id, "digest": digest, "sender": "FRA", "recipient": "DEU", "at": 1}
+        )
+        raw = encoding.pack({"body": body, "sig": ita.sign(records.ACK_DOMAIN, body)})
+        forged = records.Ack(header.core.packet_id, digest, "FRA", "DEU", 1, raw)
+        index = store.append([records.ack_entry(forged), records.ack_entry(ok)])
+        LogService(store, ORIGIN, home.log_key()).sign()
+    assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(tmp_path / "out")]) == 0
+    code, report = _verify(tmp_path / "out", log)
+    assert code == 4
+    assert _findings(report) == [(index, "ack-mismatch"), (index, "ack-signature")]
+
+
+# --- checkpoints refused -------------------------------------------------------------------------------------
+
+
+def test_unknown_signer_is_refused(log: Log) -> None:
+    other = note.Ed25519Signer(ORIGIN, sign.SigningKey(bytes(32))).verifier().vkey()
+    code = cli(["audit", "verify", "--log", str(log.export), "--broker-key", other, "--jobs", "1"])
+    assert code == 5
+    with pytest.raises(CheckpointRefused, match="no verifiable signatures"):
+        audit(DirSource(log.export), quorum.QuorumPolicy.simple(note.parse_vkey(other), [], 0), now=0)
+
+
+def _witness(name: str) -> cosignature.Cosigner:
+    return cosignature.Cosigner(name, sign.SigningKey(hashlib.sha256(name.encode()).digest()))
+
+
+def _cosign(directory: Path, witnesses: list[cosignature.Cosigner], *, forge: str | None = None) -> None:
+    raw = (directory / "checkpoint").read_bytes()
+    cp = checkpoint.parse_body(note.parse_note(raw).text)
+    sigs = []
+    for w in witnesses:
+        s = w.cosign(cp, 1_790_000_000)
+        if w.name == forge:
+            s = note.Signature(s.name, s.key_id, s.sig[:-1] + bytes([s.sig[-1] ^ 1]))
+        sigs.append(s)
+    (directory / "checkpoint").write_bytes(cosignature.add_cosignatures(raw, sigs))
+
+
+def test_witness_quorum_and_forged_cosignature(log: Log, tmp_path: Path) -> None:
+    a, b, c = _witness("w.example/a"), _witness("w.example/b"), _witness("w.example/c")
+    d = _copy(log.export, tmp_path / "x")
+    _cosign(d, [a, b])
+    keys = [w.verifier().vkey() for w in (a, b, c)]
+    args = ["--witness", keys[0], "--witness", keys[1], "--witness", keys[2]]
+    assert _verify(d, log, *args, "--quorum", "2")[0] == 0
+    assert _verify(d, log, *args, "--quorum", "3")[0] == 5
+    assert _verify(d, log, *args)[0] == 5  # default quorum: all of them
+    # A policy file: a group of two out of three, then all three.
+    text = f"log {log.vkey}\nwitness a {keys[0]}\nwitness b {keys[1]}\nwitness c {keys[2]}\n"
+    (tmp_path / "two.policy").write_text(text + "group g 2 a b c\nquorum g\n")
+    (tmp_path / "all.policy").write_text(text + "group g all a b c  # every one\nquorum g\n")
+    assert _verify(d, log, "--policy", str(tmp_path / "two.policy"))[0] == 0
+    assert _verify(d, log, "--policy", str(tmp_path / "all.policy"))[0] == 5
+    # A forged cosignature by a configured witness rejects the checkpoint, even when the quorum is otherwise met.
+    f = _copy(log.export, tmp_path / "forged")
+    _cosign(f, [a, b, c], forge="w.example/c")
+    assert _verify(f, log, *args, "--quorum", "2")[0] == 5
+
+
+def test_resume_verifies_only_new_entries(log: Log, tmp_path: Path) -> None:
+    state = tmp_path / "audit.state"
+    code, first = _verify(log.early, log, "--state", str(state))
+    assert code == 0, first
+    assert first["verified_from"] == 0
+    saved = json.loads(state.read_text())
+    assert saved["size"] == first["size"]
+    assert "pickle" not in state.read_text()
+    code, second = _verify(log.export, log, "--state", str(state))
+    assert code == 0, second
+    assert second["verified_from"] == first["size"]
+    assert second["size"] == json.loads(state.read_text())["size"]
+    summary = second["summary"]
+    assert isinstance(summary, dict)
+    assert (summary["packets"], summary["acks"]) == (3, 2)  # counts carry over the resume
+    # The same checkpoint again: nothing new, still clean.
+    assert _verify(log.export, log, "--state", str(state))[0] == 0
+    # And now an older checkpoint: backwards, refused.
+    assert _verify(log.early, log, "--state", str(state))[0] == 5
+
+
+def test_consistency_proof_that_does_not_verify(log: Log, tmp_path: Path) -> None:
+    state = tmp_path / "audit.state"
+    assert _verify(log.early, log, "--state", str(state))[0] == 0
+    d = _copy(log.export, tmp_path / "x")
+    size = checkpoint.parse_body(note.parse_note((d / "checkpoint").read_bytes()).text).size
+    tile = d / tiles.Tile(0, 0, size).path
+    data = bytearray(tile.read_bytes())
+    data[-1] ^= 1  # the last leaf hash: part of every proof from the early tree
+    tile.write_bytes(bytes(data))
+    assert _verify(d, log, "--state", str(state))[0] == 5
+    # The held state is unchanged: the untampered export still verifies from it.
+    assert _verify(log.export, log, "--state", str(state))[0] == 0
+
+
+def _fork(log: Log, where: Path, payloads: list[bytes]) -> Path:
+    """A copy of the broker whose log continues with `payloads` as entries, signed with the real log key."""
+    root = _copy(log.root, where)
+    from valise.broker.home import BrokerHome
+
+    home = BrokerHome.open(root / "broker")
+    with SqliteLog.open(home.db_path) as store:
+        store.append([records.purge_entry(hashlib.sha256(p).digest(), "DEU", 0) for p in payloads])
+        LogService(store, ORIGIN, home.log_key()).sign()
+    out = where.parent / f"{where.name}-export"
+    assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(out)]) == 0
+    return out
+
+
+def test_split_view_is_refused_and_kept_as_evidence(log: Log, tmp_path: Path) -> None:
+    a = _fork(log, tmp_path / "a", [b"a"])
+    b = _fork(log, tmp_path / "b", [b"b"])
+    b2 = _fork(log, tmp_path / "b2", [b"b", b"c"])
+    state = tmp_path / "mon.state"
+    args = ["audit", "monitor", "--broker-key", log.vkey, "--state", str(state), "--once", "--jobs", "1", "--json"]
+    assert cli([*args, "--log", str(log.export)]) == 0
+    held = state.read_bytes()
+    # Fork a extends the export; its purge names no packet, which is a finding (exit 4), but the tree is fine.
+    assert cli([*args, "--log", str(a)]) == 4
+    held = state.read_bytes()
+    assert cli([*args, "--log", str(b)]) == 5  # the same size, another root: a split view
+    assert state.read_bytes() == held  # the held checkpoint did not move
+    evidence = sorted((tmp_path / "mon.state.evidence").iterdir())
+    assert [p.suffix for p in evidence] == [".held", ".refused"]
+    assert evidence[1].read_bytes() == (b / "checkpoint").read_bytes()
+    # Both are validly signed by the log key: a portable proof of the fork.
+    v = note.parse_vkey(log.vkey)
+    cps = [checkpoint.open_checkpoint(p.read_bytes(), v)[0] for p in evidence]
+    assert cps[0].size == cps[1].size
+    assert cps[0].root != cps[1].root
+    assert cli([*args, "--log", str(b2)]) == 5  # larger, but not consistent with the held tree
+
+
+# --- live log over HTTP, and proofs --------------------------------------------------------------------------
+
+
+async def test_monitor_over_http_follows_a_live_broker(tmp_path: Path) -> None:
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU", "AMBER", ["malware"])
+    vkey = note.Ed25519Signer(ORIGIN, world.home.log_key()).verifier().vkey()
+    state = tmp_path / "mon.state"
+
+    def monitor(url: str) -> int:
+        return cli(
+            ["audit", "monitor", "--log", url, "--broker-key", vkey, "--state", str(state), "--once", "--jobs", "1"]
+        )
+
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        url = f"http://127.0.0.1:{broker.http_port}"
+        assert isinstance(await fra.submit(seal(world, "FRA", ["DEU"], b"1")), ev.Receipt)
+        await trio.sleep(0.5)
+        assert await trio.to_thread.run_sync(monitor, url) == 0
+        size1 = json.loads(state.read_text())["size"]
+        for payload in (b"2", b"3"):
+            assert isinstance(await fra.submit(seal(world, "FRA", ["DEU"], payload)), ev.Receipt)
+        await trio.sleep(0.5)
+        assert await trio.to_thread.run_sync(monitor, url) == 0
+        assert json.loads(state.read_text())["size"] == size1 + 2
+        report = await trio.to_thread.run_sync(
+            lambda: audit(HttpSource(url), quorum.QuorumPolicy.simple(note.parse_vkey(vkey), [], 0), now=0)
+        )
+        assert report.clean
+        assert report.summary["packets"] == 3
+
+
+def test_proof_bundle_export_and_verify(log: Log, tmp_path: Path) -> None:
+    policy = _policy(log)
+    index = log.pkt[1]
+    bundle = audit_proof.export_proof(DirSource(log.export), index, policy)
+    path = tmp_path / "p.proof"
+    path.write_bytes(bundle)
+    proven = audit_proof.verify_proof(bundle, policy)
+    assert proven.index == index
+    assert proven.describe()["sender"] == "FRA"
+    assert cli(["audit", "proof", str(path), "--broker-key", log.vkey]) == 0
+    # Another entry in place of the carried one: the inclusion fails.
+    other = audit_proof.export_proof(DirSource(log.export), log.pkt[0], policy)
+    from valise.tlog import proofbundle
+
+    mixed = proofbundle.parse(bundle)
+    carried = proofbundle.parse(other).extra
+    path.write_bytes(proofbundle.create(mixed.index, mixed.proof, mixed.checkpoint_note, carried))
+    assert cli(["audit", "proof", str(path), "--broker-key", log.vkey]) == 1
+    # An unknown log key.
+    other_key = note.Ed25519Signer(ORIGIN, sign.SigningKey(bytes(32))).verifier().vkey()
+    path.write_bytes(bundle)
+    assert cli(["audit", "proof", str(path), "--broker-key", other_key]) != 0
