@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from valise import encoding
 from valise.audit.findings import Finding
 from valise.broker.relay import DEFAULT_WINDOW
@@ -36,10 +38,15 @@ from valise.policy.records import TYPES as POLICY_TYPES
 from valise.policy.state import ACTIVE, PolicyState
 from valise.records import ACK_DOMAIN, ENTRY_MAX, NOTICE_MAX, RETRACT_DOMAIN
 
-_Fields = dict[str, type | tuple[type, ...]]
-_NOTICE: _Fields = {"body": bytes, "sig": bytes}
-_ACK_BODY: _Fields = {"v": int, "packet_id": bytes, "digest": bytes, "sender": str, "recipient": str, "at": int}
-_RETRACT_BODY: _Fields = {"v": int, "packet_id": bytes, "digest": bytes, "sender": str, "reason": str, "at": int}
+# Canonical key order (sorted by UTF-8 bytes) and exact types of every traffic map the audit reads.
+_PKT: dict[str, type] = {"at": int, "header": bytes, "sig": bytes, "t": str}
+_NOTICE_ENTRY: dict[str, type] = {"notice": bytes, "t": str}
+_PURGE: dict[str, type] = {"at": int, "digest": bytes, "recipient": str, "t": str}
+_NOTICE: dict[str, type] = {"body": bytes, "sig": bytes}
+_ACK_BODY: dict[str, type] = {"at": int, "digest": bytes, "packet_id": bytes, "recipient": str, "sender": str, "v": int}
+_RETRACT_BODY: dict[str, type] = {
+    "at": int, "digest": bytes, "packet_id": bytes, "reason": str, "sender": str, "v": int
+}  # fmt: skip
 _NO_KEY = bytes(32)  # stands in for the operator key when entry 0 is not a genesis record: nothing verifies
 
 
@@ -126,13 +133,13 @@ class Replayer:
             self._policy(index, entry)
             return  # the fold advanced (or we did) already
         elif kind == "pkt":
-            self._packet(index, m)
+            self._packet(index, m, entry)
         elif kind == "ack":
-            self._ack(index, m)
+            self._ack(index, m, entry)
         elif kind == "retract":
-            self._retract(index, m)
+            self._retract(index, m, entry)
         elif kind == "purge":
-            self._purge(index, m)
+            self._purge(index, m, entry)
         else:
             self._find(index, "entry-malformed", f"unknown entry type {kind[:40]!r}")
         self.policy.size += 1
@@ -159,9 +166,9 @@ class Replayer:
             return
         self.policy_entries.append((index, entry))
 
-    def _packet(self, index: int, m: dict[str, Any]) -> None:
+    def _packet(self, index: int, m: dict[str, Any], entry: bytes) -> None:
         try:
-            encoding.check_map(m, what="packet record", fields={"t": str, "header": bytes, "sig": bytes, "at": int})
+            _strict(m, entry, "packet record", _PKT)
             header = Header.parse(m["header"])
         except Error as exc:
             self._find(index, "pkt-malformed", exc.what)
@@ -212,21 +219,24 @@ class Replayer:
         self.packets[digest] = Relayed(index, digest, core.sender, core.packet_id, core.recipients, core.expires)
         self.by_id.setdefault((core.sender, core.packet_id), digest)
 
-    def _notice(self, index: int, m: dict[str, Any], what: str, fields: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-        encoding.check_map(m, what=f"{what} record", fields={"t": str, "notice": bytes})
-        outer = encoding.unpack_map(m["notice"], what=what, max_size=NOTICE_MAX, fields=_NOTICE)
-        body = encoding.unpack_map(outer["body"], what=f"{what} body", max_size=NOTICE_MAX, fields=fields)
+    def _notice(
+        self, m: dict[str, Any], entry: bytes, what: str, fields: dict[str, type]
+    ) -> tuple[dict[str, Any], bytes, bytes]:
+        _strict(m, entry, f"{what} record", _NOTICE_ENTRY)
+        if len(m["notice"]) > NOTICE_MAX:
+            raise EncodingError(f"{what} is over {NOTICE_MAX} bytes")
+        outer = _decode(m["notice"], what, _NOTICE)
+        body = _decode(outer["body"], f"{what} body", fields)
         if body["v"] != 1 or len(body["digest"]) != 32 or len(body["packet_id"]) != 16:
             raise EncodingError(f"{what} has a bad version, digest or packet id length")
-        return body, outer["body"]
+        return body, outer["body"], outer["sig"]
 
-    def _ack(self, index: int, m: dict[str, Any]) -> None:
+    def _ack(self, index: int, m: dict[str, Any], entry: bytes) -> None:
         try:
-            body, raw_body = self._notice(index, m, "acknowledgement", _ACK_BODY)
+            body, raw_body, sig = self._notice(m, entry, "acknowledgement", _ACK_BODY)
         except Error as exc:
             self._find(index, "ack-malformed", exc.what)
             return
-        sig = encoding.unpack(m["notice"], what="acknowledgement", max_size=NOTICE_MAX)["sig"]
         self.counts["acks"] += 1
         recipient = body["recipient"]
         pkt = self.packets.get(body["digest"])
@@ -254,13 +264,12 @@ class Replayer:
                      f"the acknowledgement does not verify under {recipient}'s identity key", undo)
         )  # fmt: skip
 
-    def _retract(self, index: int, m: dict[str, Any]) -> None:
+    def _retract(self, index: int, m: dict[str, Any], entry: bytes) -> None:
         try:
-            body, raw_body = self._notice(index, m, "retraction", _RETRACT_BODY)
+            body, raw_body, sig = self._notice(m, entry, "retraction", _RETRACT_BODY)
         except Error as exc:
             self._find(index, "retract-malformed", exc.what)
             return
-        sig = encoding.unpack(m["notice"], what="retraction", max_size=NOTICE_MAX)["sig"]
         self.counts["retractions"] += 1
         pkt = self.packets.get(body["digest"])
         sender = body["sender"]
@@ -286,9 +295,9 @@ class Replayer:
                      f"the retraction does not verify under {sender}'s identity key", undo)
         )  # fmt: skip
 
-    def _purge(self, index: int, m: dict[str, Any]) -> None:
+    def _purge(self, index: int, m: dict[str, Any], entry: bytes) -> None:
         try:
-            encoding.check_map(m, what="purge record", fields={"t": str, "digest": bytes, "recipient": str, "at": int})
+            _strict(m, entry, "purge record", _PURGE)
         except Error as exc:
             self._find(index, "purge-malformed", exc.what)
             return
@@ -376,10 +385,40 @@ class Replayer:
 
 
 def _entry(entry: bytes) -> tuple[str, dict[str, Any]]:
-    m = encoding.unpack(entry, what="log entry", max_size=ENTRY_MAX)
-    if not isinstance(m, dict) or not isinstance(m.get("t"), str):
+    """Decode an entry's outer map (not yet checked for canonical form: `_strict` does that per type)."""
+    if len(entry) > ENTRY_MAX:
+        raise EncodingError(f"log entry is {len(entry)} bytes, over the limit of {ENTRY_MAX}")
+    try:
+        m = msgpack.unpackb(entry, raw=False, strict_map_key=True, max_ext_len=0)
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
+        raise EncodingError(f"log entry is not valid msgpack: {exc}") from None
+    if type(m) is not dict or type(m.get("t")) is not str:
         raise EncodingError("log entry is not a map with a type field 't'")
     return m["t"], m
+
+
+def _strict(value: Any, raw: bytes, what: str, fields: dict[str, type]) -> dict[str, Any]:
+    """`value` (decoded from `raw`) is a map of exactly `fields`, in canonical key order, of exactly those types,
+    and `raw` is its one canonical encoding. Every field is a scalar of a checked type (no float can hide), so
+    re-encoding and comparing proves the shortest forms; the key order check proves the sorting."""
+    if type(value) is not dict or tuple(value) != tuple(fields):
+        if type(value) is dict and set(value) == set(fields):
+            raise EncodingError(f"{what} is not in canonical msgpack form (keys out of order)")
+        return encoding.check_map(value, what=what, fields=dict(fields))  # raises, naming the field
+    for name, kind in fields.items():
+        if type(value[name]) is not kind:
+            raise EncodingError(f"{what} field {name!r} has the wrong type ({type(value[name]).__name__})")
+    if msgpack.packb(value, use_bin_type=True) != raw:
+        raise EncodingError(f"{what} is not in canonical msgpack form")
+    return value
+
+
+def _decode(raw: bytes, what: str, fields: dict[str, type]) -> dict[str, Any]:
+    try:
+        value = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_ext_len=0)
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
+        raise EncodingError(f"{what} is not valid msgpack: {exc}") from None
+    return _strict(value, raw, what, fields)
 
 
 def _discard(s: set[str], item: str) -> Callable[[], None]:

@@ -97,7 +97,8 @@ class Report:
     findings: list[Finding]  # every finding so far (a resumed audit includes the earlier ones)
     new_findings: list[Finding]
     summary: dict[str, int]
-    state: AuditState | None  # None when the entries could not be tied to the checkpoint
+    state: AuditState | None  # None when the entries could not be tied to the checkpoint (or tree_only)
+    tree_verified: bool
 
     @property
     def clean(self) -> bool:
@@ -110,7 +111,7 @@ class Report:
             "root": self.checkpoint.root.hex(),
             "cosigners": self.cosigners,
             "verified_from": self.start,
-            "tree_verified": self.state is not None,
+            "tree_verified": self.tree_verified,
             "summary": self.summary,
             "findings": [f.to_json() for f in self.findings],
             "new_findings": len(self.new_findings),
@@ -163,7 +164,9 @@ def audit(
     window: int = DEFAULT_WINDOW,
     executor: Executor | None = None,
     progress: Progress | None = None,
+    tree_only: bool = False,
 ) -> Report:
+    """Run the audit (steps 1-4; `tree_only` stops after step 3 and then returns no state to resume from)."""
     raw, cp, cosigners = open_checkpoint(source, policy)
     if state is not None:
         if state.origin != cp.origin:
@@ -195,7 +198,7 @@ def audit(
             )
         if leaves != b.hashes:
             tree_findings.extend(tree.name_differences(b.first, leaves, b.hashes))
-        for i in range(width):
+        for i in range(0 if tree_only else width):
             index = b.first + i
             if i < len(b.entries):
                 replay.feed(index, b.entries[i])
@@ -228,7 +231,8 @@ def audit(
             replay.findings.extend(f for f in tree_findings if f.code == "bundle-malformed")
     replay.findings.sort(key=lambda f: (-1 if f.index is None else f.index, f.code))
     new_state = None
-    if tied and served.root() == cp.root:
+    if tied and served.root() == cp.root and not tree_only:
         new_state = AuditState(cp.origin, policy.log.vkey(), raw, cp.size, cp.root, served, replay)
     new = [f for f in replay.findings if f.index is None or f.index >= start]
-    return Report(cp, raw, cosigners, start, list(replay.findings), new, replay.summary(now), new_state)
+    verified = tied and served.root() == cp.root
+    return Report(cp, raw, cosigners, start, list(replay.findings), new, replay.summary(now), new_state, verified)
