@@ -135,7 +135,10 @@ def _print_report(report: Report, as_json: bool) -> None:
     print(f"log {cp.origin}: checkpoint of {cp.size} entries, root {cp.root.hex()}")
     print(f"cosigned by: {', '.join(report.cosigners) or 'no trusted witness'}")
     tree = "tied to the signed root" if report.tree_verified else "NOT tied to the signed root"
-    print(f"verified entries {report.start}..{cp.size - 1}: {tree}")
+    if report.start == cp.size:
+        print(f"no new entries since the held checkpoint; {tree}")
+    else:
+        print(f"verified entries {report.start}..{cp.size - 1}: {tree}")
     for f in report.findings:
         print(f.line())
     s = report.summary
