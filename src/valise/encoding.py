@@ -46,15 +46,15 @@ def pack(value: Any) -> bytes:
     return msgpack.packb(_canonical(value), use_bin_type=True)
 
 
-def unpack(data: bytes, *, what: str, max_size: int) -> Any:
-    """Decode canonical msgpack bytes describing `what`; refuse oversize, malformed or non-canonical input.
+def decode(data: bytes, *, what: str, max_size: int) -> Any:
+    """Parse msgpack with every length bounded by `max_size`; no canonical check (see `unpack`, `repacks_to`).
 
     The size is checked before any parsing, so a hostile length costs nothing.
     """
     if len(data) > max_size:
         raise EncodingError(f"{what} is {len(data)} bytes, over the limit of {max_size}")
     try:
-        value = msgpack.unpackb(
+        return msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
@@ -65,8 +65,21 @@ def unpack(data: bytes, *, what: str, max_size: int) -> Any:
             max_map_len=max_size,
             max_ext_len=0,
         )
-    except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError, OverflowError) as exc:
         raise EncodingError(f"{what} is not valid msgpack: {exc}") from None
+
+
+def repacks_to(value: Any, data: bytes) -> bool:
+    """Whether encoding `value` as decoded (no key sorting) gives `data` back: shortest integer forms, bin vs
+    str, no duplicate keys, nothing trailing. Together with a check that every map's keys are in sorted order
+    and every value has an allowed type, this is exactly the canonical rule, at the cost of one round trip;
+    the packet and wire decoders, which know their schemas, use it on their hot paths."""
+    return bool(msgpack.packb(value, use_bin_type=True) == data)
+
+
+def unpack(data: bytes, *, what: str, max_size: int) -> Any:
+    """Decode canonical msgpack bytes describing `what`; refuse oversize, malformed or non-canonical input."""
+    value = decode(data, what=what, max_size=max_size)
     if pack(value) != data:
         raise EncodingError(f"{what} is not in canonical msgpack form")
     return value

@@ -16,8 +16,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
 from valise import encoding, identity
 from valise.crypto import padding, sign, stream
 from valise.errors import (
@@ -82,25 +80,6 @@ _SORTED_KEYS = {id(f): sorted(f) for f in (_CORE_FIELDS, _HEADER_FIELDS, _STANZA
 _STANZA_KEYS = sorted(_STANZA_FIELDS)
 
 
-def _decode(raw: bytes, *, what: str, max_size: int) -> Any:
-    if len(raw) > max_size:
-        raise EncodingError(f"{what} is {len(raw)} bytes, over the limit of {max_size}")
-    try:
-        return msgpack.unpackb(
-            raw,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_bin_len=max_size,
-            max_str_len=max_size,
-            max_array_len=max_size,
-            max_map_len=max_size,
-            max_ext_len=0,
-        )
-    except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
-        raise EncodingError(f"{what} is not valid msgpack: {exc}") from None
-
-
 def _unpack_map(raw: bytes, *, what: str, max_size: int, fields: dict[str, type]) -> dict[str, Any]:
     """Decode a canonical map of known fields under the rule of `valise.encoding.unpack_map`, faster.
 
@@ -112,8 +91,8 @@ def _unpack_map(raw: bytes, *, what: str, max_size: int, fields: dict[str, type]
     duplicate keys). Together that is exactly "re-encoding canonically gives the same bytes";
     tests/test_packet.py checks both decoders agree.
     """
-    value = _check_fields(_decode(raw, what=what, max_size=max_size), what, fields)
-    if msgpack.packb(value, use_bin_type=True) != raw:
+    value = _check_fields(encoding.decode(raw, what=what, max_size=max_size), what, fields)
+    if not encoding.repacks_to(value, raw):
         raise EncodingError(f"{what} is not in canonical msgpack form")
     return value
 

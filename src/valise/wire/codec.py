@@ -17,7 +17,8 @@ from typing import Any
 
 import msgpack
 
-from valise.errors import LocalProtocolError
+from valise import encoding
+from valise.errors import EncodingError, LocalProtocolError
 from valise.identity import MEMBER_ID
 from valise.wire import codes, events
 from valise.wire import limits as L
@@ -285,23 +286,11 @@ def decode(payload: bytes) -> events.Message:
     and every map's keys must be exactly its schema's keys in sorted order (checked by `_fields`), with values of
     the types the schema allows (so no float, extension, or nesting beyond the schema's).
     """
-    n = len(payload)
     try:
-        value = msgpack.unpackb(
-            payload,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_bin_len=n,
-            max_str_len=n,
-            max_array_len=n,
-            max_map_len=n,
-            max_ext_len=0,
-        )
-        canonical = msgpack.packb(value, use_bin_type=True) == payload
-    except (ValueError, msgpack.UnpackException, TypeError, RecursionError, OverflowError) as exc:
-        raise LocalProtocolError(f"frame payload is not valid msgpack: {exc}", code=codes.BAD_ENCODING) from None
-    if not canonical:
+        value = encoding.decode(payload, what="frame payload", max_size=len(payload))
+    except EncodingError as exc:
+        raise LocalProtocolError(exc.what, code=codes.BAD_ENCODING) from None
+    if not encoding.repacks_to(value, payload):
         raise LocalProtocolError("frame payload is not in canonical msgpack form", code=codes.BAD_ENCODING)
     return _from_map(value)
 
