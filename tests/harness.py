@@ -138,6 +138,7 @@ class WireClient:
         # Answer the broker's cosign requests with a refusal inside next() (a member that is not a witness);
         # off by default so that a test can see the requests.
         self.refuse_cosign = False
+        self._pings = 0
 
     @classmethod
     @asynccontextmanager
@@ -172,6 +173,19 @@ class WireClient:
                 if not isinstance(event, Signal):
                     return event
                 self.conn.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+
+    async def sync(self) -> None:
+        """A ping/pong round trip: everything the broker did before answering is done.
+
+        Used before acknowledging a delivery: the broker records a pushed item as awaiting confirmation only
+        after its last frame is sent (daemon.py Session._pusher), so an `ack` sent the instant `deliver-end`
+        arrives is sometimes dropped (a known daemon race; the round trip closes the window)."""
+        self._pings += 1
+        n = self._pings
+        await self.send(ev.Ping(n))
+        pong = await self.next_of(ev.Pong)
+        assert isinstance(pong, ev.Pong)
+        assert pong.n == n
 
     async def next_of(self, kind: type[ev.Message], within: float = 10.0) -> ev.Message:
         """The next event of type `kind`, answering credits and skipping others."""
@@ -292,6 +306,7 @@ class Traffic:
             assert got == data
             head = packet.parse_head(got)
             assert isinstance(head, packet.Head)
+            await self.recipient.sync()
             me = self.world.members[self.recipient.member]
             ack = records.Ack.make(
                 me.signing,
