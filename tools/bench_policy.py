@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import random
 import tempfile
@@ -28,6 +27,7 @@ from valise import identity
 from valise.broker.home import BrokerHome
 from valise.cli.main import main as cli
 from valise.crypto import sign
+from valise.crypto.seeded import seeded_random
 from valise.genesis import Genesis
 from valise.policy import PacketMeta, PolicyState, channels, decide, records
 from valise.store.sqlite import SqliteLog
@@ -39,24 +39,10 @@ CATS = ("malware", "phishing", "fraud", "ransomware", "botnet", "cyber-crime", "
 TLPS = ("CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED")
 
 
-def seeded(seed: bytes) -> Callable[[int], bytes]:
-    counter = 0
-
-    def draw(n: int) -> bytes:
-        nonlocal counter
-        out = b""
-        while len(out) < n:
-            out += hashlib.sha256(seed + counter.to_bytes(8, "big")).digest()
-            counter += 1
-        return out[:n]
-
-    return draw
-
-
 def build_log(op: sign.SigningKey, n_members: int, n_statements: int) -> tuple[list[bytes], list[str]]:
     rng = random.Random(7)
     ids = [f"M{i:03d}" for i in range(n_members)]
-    idents = {m: identity.generate(m, seeded(m.encode()), NOW) for m in ids}
+    idents = {m: identity.generate(m, seeded_random(m.encode()), NOW) for m in ids}
     log: list[bytes] = []
     seq = 0
 
@@ -127,7 +113,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
-    home = BrokerHome.create(Path(tmp.name) / "broker", ORIGIN, "broker", seeded(b"broker"), NOW)
+    home = BrokerHome.create(Path(tmp.name) / "broker", ORIGIN, "broker", seeded_random(b"broker"), NOW)
     op = home.operator_key()
     op_key = op.public
     t0 = time.perf_counter()

@@ -16,12 +16,12 @@ import hashlib
 import io
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from valise import identity, packet
 from valise.crypto import stream
+from valise.crypto.seeded import seeded_random
 from valise.packet import format as fmt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,25 +30,11 @@ NOW = 1_790_000_000  # 2026-09-21T12:53:20Z
 FULL_HEX_LIMIT = 4096  # packets larger than this are recorded by SHA-256 only
 
 
-def counter_random(seed: bytes) -> Callable[[int], bytes]:
-    counter = 0
-
-    def draw(n: int) -> bytes:
-        nonlocal counter
-        out = b""
-        while len(out) < n:
-            out += hashlib.sha256(seed + counter.to_bytes(8, "big")).digest()
-            counter += 1
-        return out[:n]
-
-    return draw
-
-
 class Recorder:
     """A byte source that remembers every draw, so the vector can list them."""
 
     def __init__(self, seed: bytes) -> None:
-        self._src = counter_random(seed)
+        self._src = seeded_random(seed)
         self.draws: list[bytes] = []
 
     def __call__(self, n: int) -> bytes:
@@ -57,7 +43,7 @@ class Recorder:
 
 
 def member(mid: str) -> identity.Identity:
-    return identity.generate(mid, counter_random(b"valise packet vector " + mid.encode()), NOW - 86400)
+    return identity.generate(mid, seeded_random(b"valise packet vector " + mid.encode()), NOW - 86400)
 
 
 def member_json(m: identity.Identity) -> dict[str, str]:
