@@ -9,6 +9,7 @@ trusts it only after its leaf hash passed the inclusion proof under a checkpoint
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,9 +69,26 @@ def export_proof(source: TileSource, index: int, policy: QuorumPolicy, *, entry_
     if data is None:
         raise StoreError(f"the entry bundle for entry {index} is missing")
     entry = tiles.parse_entries(data, width)[index - n * tiles.WIDTH]
+    return build_proof(raw, index, proof, entry, policy, entry_limit=entry_limit)
+
+
+def build_proof(
+    checkpoint_note: bytes,
+    index: int,
+    proof: Sequence[bytes],
+    entry: bytes,
+    policy: QuorumPolicy,
+    *,
+    entry_limit: int = 4096,
+) -> bytes:
+    """A tlog-proof bundle from its parts, however they were fetched (tiles, or a node's wire requests): checked
+    first as `verify_proof` will check it, so that no bundle is handed out that its holder cannot verify."""
+    cp, _ = policy.open(checkpoint_note)
+    if not 0 <= index < cp.size:
+        raise UsageError(f"entry {index} is not in the checkpoint of {cp.size} entries")
     merkle.verify_inclusion(merkle.hash_leaf(entry), index, cp.size, proof, cp.root)
     extra = entry if 0 < len(entry) <= min(entry_limit, proofbundle.MAX_EXTRA) else None
-    return proofbundle.create(index, proof, raw, extra)
+    return proofbundle.create(index, proof, checkpoint_note, extra)
 
 
 def verify_proof(data: bytes, policy: QuorumPolicy, entry: bytes | None = None) -> ProvenEntry:

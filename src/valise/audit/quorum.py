@@ -66,16 +66,24 @@ class QuorumPolicy:
         group = self.groups[name]
         return sum(1 for m in group.members if self.satisfied(verified, m)) >= group.threshold
 
+    def cosigners(self, msg: bytes) -> tuple[Checkpoint, list[str]]:
+        """Verify a checkpoint note's log signature and every line by a known witness key; return the checkpoint
+        and the names of the witnesses that cosigned, without deciding the quorum (nodes report who is missing).
+
+        Raises NoteError (or CheckpointError) if the log did not sign it or a known key's line does not verify.
+        """
+        verifiers = list(self.witnesses.values())
+        cp, opened = open_checkpoint(msg, self.log, origin=self.log.name, witnesses=verifiers)
+        by_id = {(w.name, bytes(w.key_id)): name for name, w in self.witnesses.items()}
+        return cp, sorted({by_id[(s.name, s.key_id)] for s in opened.verified if (s.name, s.key_id) in by_id})
+
     def open(self, msg: bytes) -> tuple[Checkpoint, list[str]]:
         """Verify a checkpoint note under this policy; return it and the names of the witnesses that cosigned.
 
         Raises NoteError (or CheckpointError) if the log did not sign it, a known key's line does not verify,
         or the quorum is not met.
         """
-        verifiers = list(self.witnesses.values())
-        cp, opened = open_checkpoint(msg, self.log, origin=self.log.name, witnesses=verifiers)
-        by_id = {(w.name, bytes(w.key_id)): name for name, w in self.witnesses.items()}
-        cosigned = sorted({by_id[(s.name, s.key_id)] for s in opened.verified if (s.name, s.key_id) in by_id})
+        cp, cosigned = self.cosigners(msg)
         if not self.satisfied(cosigned):
             raise NoteError(
                 f"checkpoint of size {cp.size} is cosigned by {len(cosigned)} known witness(es) "

@@ -1,5 +1,5 @@
-"""`valise node init|run`, and the member's commands that go through the running node: `valise send`, `inbox`,
-`read`, `retract`, `status` (and `submit_statement` for `valise policy ... --node`).
+"""`valise node init|run|set-policy`, and the member's commands that go through the running node: `valise send`,
+`inbox`, `read`, `retract`, `status`, `receipt export` (and `submit_statement` for `valise policy ... --node`).
 
 The daemon holds the unlocked identity; these commands only talk to its control socket (mode 0600), so they
 never need the passphrase. Exit codes: 0 done (or queued while the broker is unreachable), 1 an error,
@@ -39,8 +39,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--broker", required=True, help="the broker's HOST:PORT")
     p.add_argument("--broker-pub", required=True, type=Path, help="the broker's public bundle (valise broker info)")
     p.add_argument("--log-key", required=True, help="the log's verifier key, the vkey of valise broker info")
+    p.add_argument(
+        "--witness-policy",
+        type=Path,
+        metavar="FILE",
+        help="a witness quorum policy (specs/audit.md): use only checkpoints whose cosignatures meet it",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=init)
+
+    p = node.add_parser("set-policy", help="set (or remove) the node's witness quorum policy; read at daemon start")
+    p.add_argument("--dir", required=True, type=Path, help="the node directory")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("file", nargs="?", type=Path, help="the quorum policy file")
+    which.add_argument("--remove", action="store_true", help="remove the policy: use every verified checkpoint")
+    p.set_defaults(handler=set_policy)
 
     p = node.add_parser("run", help="run the node daemon in the foreground (SIGINT/SIGTERM stop it)")
     p.add_argument("--dir", required=True, type=Path, help="the node directory")
@@ -80,6 +93,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("id", help="packet id (or a unique prefix)")
     p.add_argument("--reason", default="", help="why (≤ 512 bytes, logged)")
     p.set_defaults(handler=retract)
+
+    receipt = group(sub, "receipt", "offline proofs that the packets this member sent are in the log")
+    p = receipt.add_parser("export", help="write a proof bundle (C2SP tlog-proof) that a sent packet was logged")
+    p.add_argument("--node", required=True, type=Path, help="the node directory")
+    p.add_argument("id", help="packet id (or a unique prefix of at least 4 hex digits)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="the bundle file to write")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=export_receipt)
 
     p = sub.add_parser("status", help="the node's connection, verified log, outbox, inbox and alarms")
     p.add_argument("--node", required=True, type=Path, help="the node directory")
@@ -153,15 +174,71 @@ def submit_statement(node_dir: Path, statement: bytes | dict[str, Any]) -> dict[
 # --- commands ---------------------------------------------------------------------------------------------------
 
 
+def _read_policy(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the witness policy {path}: {exc}") from None
+
+
 def init(args: argparse.Namespace) -> int:
-    home = NodeHome.create(args.dir, args.identity, args.broker, args.broker_pub, args.log_key)
+    text = _read_policy(args.witness_policy) if args.witness_policy else None
+    home = NodeHome.create(args.dir, args.identity, args.broker, args.broker_pub, args.log_key, text)
     cfg = home.config()
-    facts = {"dir": str(args.dir), "member": cfg.member_id, "broker": f"{cfg.broker_host}:{cfg.broker_port}"}
+    policy = home.witness_policy()
+    facts = {
+        "dir": str(args.dir),
+        "member": cfg.member_id,
+        "broker": f"{cfg.broker_host}:{cfg.broker_port}",
+        "quorum": policy.quorum if policy else None,
+    }
     if args.json:
         print(json.dumps(facts))
     else:
         print(f"node directory {args.dir} for {cfg.member_id}, broker {facts['broker']}")
+        if policy is not None:
+            print(f"  witness quorum: {policy.quorum} ({len(policy.witnesses)} witness keys)")
         print(f"  start it with: valise node run --dir {args.dir}")
+    return 0
+
+
+def set_policy(args: argparse.Namespace) -> int:
+    home = NodeHome.open(args.dir)
+    policy = home.set_policy(None if args.remove else _read_policy(args.file))
+    if policy is None:
+        print(f"{args.dir}: no witness policy; every verified checkpoint is used")
+    else:
+        print(f"{args.dir}: witness quorum {policy.quorum} ({len(policy.witnesses)} witness keys)")
+    if control.socket_path(args.dir).exists():
+        print("  the node daemon reads it when it starts: restart it", file=sys.stderr)
+    return 0
+
+
+def export_receipt(args: argparse.Namespace) -> int:
+    reply = _check(request(args.node, {"op": "export-receipt", "id": args.id}))
+    bundle, entry = reply["bundle"], reply["entry"]
+    target: Path = args.output
+    keyfiles.write_public(target, bundle)
+    entry_file = None
+    if not reply["carried"]:  # over the bundle's 4096-byte extra data: the verifier needs it beside the bundle
+        entry_file = target.with_name(target.name + ".entry")
+        keyfiles.write_public(entry_file, entry)
+    facts = {
+        "id": reply["id"],
+        "index": reply["index"],
+        "checkpoint_size": reply["checkpoint_size"],
+        "cosigners": reply["cosigners"],
+        "bundle": str(target),
+        "entry": str(entry_file) if entry_file else None,
+    }
+    if args.json:
+        print(json.dumps(facts))
+        return 0
+    cosigned = f", cosigned by {', '.join(reply['cosigners'])}" if reply["cosigners"] else ""
+    print(f"packet {reply['id']} is log entry {reply['index']} of the checkpoint of size {reply['checkpoint_size']}")
+    print(f"proof bundle written to {target}{cosigned}")
+    extra = f" --entry {entry_file}" if entry_file else ""
+    print(f"  verify it anywhere: valise audit proof {target} --broker-key '{reply['vkey']}'{extra}")
     return 0
 
 
@@ -299,6 +376,13 @@ def status(args: argparse.Namespace) -> int:
     state = "connected" if reply["connected"] else f"not connected ({reply.get('last_error') or 'connecting'})"
     print(f"broker     {reply['broker_id']} at {reply['broker']}: {state}")
     print(f"log        {lg['origin']} size {lg['size']} root {lg['root'][:16]}… ({lg['members']} members)")
+    trusted = reply["trusted"]
+    if trusted["quorum"] is not None:
+        print(f"trusted    size {trusted['size']} root {trusted['root'][:16]}… (witness quorum {trusted['quorum']})")
+        if trusted["awaiting"]:
+            print(
+                f"           awaiting quorum for size {lg['size']}: {trusted['detail'] or 'no cosigned checkpoint yet'}"
+            )
     print(f"outbox     {_counts(reply['outbox'])}; {reply['acknowledgements']} signed acknowledgement(s) received")
     print(f"inbox      {_counts(reply['inbox'])}")
     alarms = reply["alarms"]

@@ -33,7 +33,7 @@ from valise import identity, packet, records, tls
 from valise.errors import CheckpointError, Error, NoteError, RemoteError, UsageError
 from valise.node import outbox
 from valise.node.control import listen, socket_path
-from valise.node.follower import Follower, ForkError, LogMismatchError
+from valise.node.follower import AwaitingQuorum, Committed, Follower, ForgedCosignature, ForkError, LogMismatchError
 from valise.node.home import NodeHome
 from valise.node.session import Disconnected, Session
 from valise.node.store import NodeStore, OutboxRow
@@ -107,10 +107,14 @@ class NodeDaemon:
         self.member = me.member_id
         self.broker = home.broker_bundle()
         self.store = NodeStore.open(home.root)
+        self.quorum = home.witness_policy()
         state, kept = self.store.follower_load()
         self.follower = Follower.restore(
-            self.config.log_vkey, self.member, self.broker.member_id, state, kept, self.broker.sign_key
-        )
+            self.config.log_vkey, self.member, self.broker.member_id, state, kept, self.broker.sign_key,
+            quorum=self.quorum, pending=self.store.follower_pending(),
+        )  # fmt: skip
+        # Why the verified log is not (all) in use yet, with a quorum policy: e.g. "cosigned by 1 of ...".
+        self.quorum_wait: str | None = None
         self._passphrase = passphrase
         self._connector = connector or self._tls_connect
         self.random = random
@@ -122,6 +126,9 @@ class NodeDaemon:
         self._outbox_wake = trio.Event()
         self._outcome = trio.Event()  # set (and replaced) whenever an outbox row leaves `queued`
         self._alarmed: set[tuple[str, str]] = {(a.kind, a.message) for a in self.store.alarms()}
+        caught_up = self.follower.catch_up()  # a policy was removed: what it held back is trusted now
+        if caught_up is not None:
+            self._persist(caught_up)
         self.connected_event = trio.Event()  # for tests and `send`: set while a session is open
 
     # --- small helpers --------------------------------------------------------------------------------------
@@ -287,7 +294,10 @@ class NodeDaemon:
     async def sync(
         self, session: Session, note: bytes | None = None, proof: tuple[int, tuple[bytes, ...]] | None = None
     ) -> bool:
-        """Follow the log to `note` (default: the broker's latest checkpoint). True if the follower is at it."""
+        """Follow the log to `note` (default: the broker's latest checkpoint). True if the follower is at it.
+
+        With a witness policy, the note is then also offered for use (`_trust`): it is used only if it meets the
+        quorum, and the verified entries wait until some checkpoint does."""
         async with self._sync_lock:
             if note is None:
                 answer = await session.request(ev.GetCheckpoint)
@@ -295,6 +305,15 @@ class NodeDaemon:
                     log.info("no checkpoint from the broker: %s", answer)
                     return False
                 note = answer.checkpoint
+            if self.quorum is not None and proof is None:
+                try:
+                    older = self.follower.open(note).size < self.follower.size
+                except (NoteError, CheckpointError) as exc:
+                    log.warning("checkpoint refused: %s", exc.what)
+                    raise
+                if older:  # e.g. the cosigned note of a tree this node already went past: no entries to fetch
+                    await self._trust(session, note)
+                    return True
             try:
                 update = self.follower.begin(note, proof)
             except ForkError as exc:
@@ -303,29 +322,63 @@ class NodeDaemon:
             except (NoteError, CheckpointError) as exc:
                 log.warning("checkpoint refused: %s", exc.what)
                 raise
-            if update is None:
-                return True
-            while (want := update.wanted()) is not None:
-                start, end = want
-                answer = await session.request(functools.partial(_get_entries, start=start, end=end))
-                if not isinstance(answer, ev.Entries):
-                    raise LogMismatchError(f"the broker did not serve entries {start}..{end}: {answer}")
+            if update is not None:
+                while (want := update.wanted()) is not None:
+                    start, end = want
+                    answer = await session.request(functools.partial(_get_entries, start=start, end=end))
+                    if not isinstance(answer, ev.Entries):
+                        raise LogMismatchError(f"the broker did not serve entries {start}..{end}: {answer}")
+                    try:
+                        update.add(answer.start, answer.entries, answer.hashed)
+                    except LogMismatchError as exc:
+                        self.alarm("log", exc.what)
+                        raise
                 try:
-                    update.add(answer.start, answer.entries, answer.hashed)
+                    done = self.follower.commit(update)
                 except LogMismatchError as exc:
                     self.alarm("log", exc.what)
                     raise
-            try:
-                done = self.follower.commit(update)
-            except LogMismatchError as exc:
-                self.alarm("log", exc.what)
-                raise
-            self.store.follower_commit(done.state, done.keep, done.mine)
-            for problem in done.problems:
-                self.alarm("policy", problem)
-            log.info("verified checkpoint of size %d", done.size)
-            self.check_receipts()
+                self._persist(done)
+                log.info("verified checkpoint of size %d", done.size)
+            if self.quorum is not None:
+                await self._trust(session, note)
             return True
+
+    async def _trust(self, session: Session, note: bytes) -> None:
+        """Use `note` if its cosignatures meet the quorum (a fork is raised; a shortfall is only remembered)."""
+        f = self.follower
+        cp = f.open(note)
+        proof: tuple[bytes, ...] | None = None
+        if f.trust_needs_proof(cp):
+            answer = await session.request(lambda rid: ev.GetConsistency(rid, cp.size, f.size))
+            if not isinstance(answer, ev.Consistency):
+                log.info("no consistency proof from %d to %d: %s", cp.size, f.size, answer)
+                return
+            proof = answer.proof
+        try:
+            done = f.trust(note, proof)
+        except ForkError as exc:
+            self.alarm("fork", exc.what, exc.evidence)
+            raise
+        except ForgedCosignature as exc:
+            self.alarm("cosignature", exc.what, note)
+            self.quorum_wait = exc.what
+            return
+        except AwaitingQuorum as exc:
+            if f.awaiting:
+                log.info("awaiting quorum: %s", exc.what)
+                self.quorum_wait = exc.what
+            return
+        if done is not None:
+            self._persist(done)
+            log.info("checkpoint of size %d meets the witness quorum: in use", done.trusted)
+        self.quorum_wait = None if not f.awaiting else self.quorum_wait
+
+    def _persist(self, done: Committed) -> None:
+        self.store.follower_commit(done.state, done.keep, done.mine, done.pending, done.trusted)
+        for problem in done.problems:
+            self.alarm("policy", problem)
+        self.check_receipts()
 
     async def witness(self, session: Session, note: bytes, old: int, proof: tuple[bytes, ...]) -> bytes:
         """Follow the log to `note` (it must extend everything verified), then cosign it as this member."""
@@ -341,8 +394,8 @@ class NodeDaemon:
         )
 
     def check_receipts(self) -> None:
-        """Receipts covered by the verified log: the entry at the receipt's index must be this very packet."""
-        for row in self.store.outbox_unchecked(self.follower.size):
+        """Receipts covered by the trusted log: the entry at the receipt's index must be this very packet."""
+        for row in self.store.outbox_unchecked(self.follower.trusted_size):
             assert row.log_index is not None
             digest = self.store.my_entry_digest(row.log_index)
             if digest == row.digest:

@@ -14,6 +14,12 @@ groups and statements) is learned by folding the log entries under a checkpoint 
    record, which names the operator key: the directory is learned from the verified log, never from the
    broker's word.
 
+With a witness quorum policy (audit.quorum), verifying and *using* a checkpoint are two steps. `commit` verifies
+(steps 1-3: what the node witnesses and cosigns), but the entries are only folded, and so only used for keys,
+directory changes and receipts, once `trust` is given a cosigned note of a verified tree that meets the quorum.
+Until then they wait, verified, in `pending`. A quorum can only form after witnesses cosigned, so witnessing
+must never wait for it. Without a policy every verified checkpoint is trusted at once (as before).
+
 Usage: `update = follower.begin(note)`; while `update.wanted()` gives a range, fetch it and `update.add(...)`;
 then `follower.commit(update)`, which returns what changed (for the daemon to persist atomically).
 `Follower.restore` rebuilds the state from what `commit` asked to persist, without refetching anything.
@@ -24,6 +30,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from valise import encoding, records
 from valise.errors import CheckpointError, EncodingError, Error, NoteError, PolicyError
@@ -31,6 +38,9 @@ from valise.genesis import Genesis
 from valise.packet.format import Header
 from valise.policy import PolicyState
 from valise.tlog import checkpoint, merkle, note
+
+if TYPE_CHECKING:
+    from valise.audit.quorum import QuorumPolicy
 
 PAGE = 256  # entries per GetEntries request (the wire's limit)
 STATE_MAX = 1 << 20
@@ -42,6 +52,14 @@ class ForkError(CheckpointError):
     def __init__(self, what: str, *, evidence: bytes) -> None:
         self.evidence = evidence
         super().__init__(what, hint="the broker showed two different logs; keep the evidence")
+
+
+class AwaitingQuorum(NoteError):
+    """A checkpoint the log signed but whose cosignatures do not (yet) meet this node's witness quorum."""
+
+
+class ForgedCosignature(NoteError):
+    """A cosignature line by a witness key of the quorum policy does not verify (the note was tampered with)."""
 
 
 class LogMismatchError(CheckpointError):
@@ -135,31 +153,59 @@ class Committed:
     keep: list[tuple[int, bytes]]  # entries to keep for a re-fold (genesis and policy records), by index
     mine: list[tuple[int, bytes]]  # (index, header digest) of "pkt" entries this member sent
     problems: list[str]  # entries the policy refused although the log holds them (alarms)
+    pending: list[tuple[int, bytes]] = field(default_factory=list)  # verified entries not folded yet (a quorum)
+    trusted: int = 0  # the trusted size after this change: pending entries below it are folded (drop them)
 
 
 class Follower:
-    """The verified view of one log: the last accepted checkpoint and the policy folded from its entries."""
+    """The verified view of one log: the last verified checkpoint, the last trusted one, and the policy folded
+    from the trusted one's entries (the two are the same when no quorum policy is set)."""
 
-    def __init__(self, log_vkey: str, member: str, broker: str, broker_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        log_vkey: str,
+        member: str,
+        broker: str,
+        broker_key: bytes | None = None,
+        quorum: QuorumPolicy | None = None,
+    ) -> None:
         try:
             self.verifier = note.parse_vkey(log_vkey)
         except NoteError as exc:
             raise CheckpointError(f"the pinned log key is not usable: {exc.what}") from None
         self.origin = self.verifier.name  # C2SP: a log's key is named after its origin
+        if quorum is not None and quorum.log.vkey() != self.verifier.vkey():
+            raise CheckpointError("the witness policy names another log key than the one this node pins")
         self.member = member
         self.broker = broker
         self.broker_key = broker_key  # the pinned broker bundle's identity key, if the caller pins one
+        self.quorum = quorum
+        # The verified tree: what this node witnesses (and cosigns); every checkpoint must extend it.
         self.size = 0
         self.root = merkle.EMPTY_ROOT
         self.range = merkle.CompactRange()
         self.note: bytes | None = None
+        # The trusted tree (a prefix of the verified one): the last checkpoint that met the quorum.
+        self.trusted_size = 0
+        self.trusted_root = merkle.EMPTY_ROOT
+        self.trusted_note: bytes | None = None
+        self.pending: dict[int, bytes] = {}  # full entries in [trusted_size, size), verified, not yet folded
         self.policy: PolicyState | None = None
 
     # --- state ------------------------------------------------------------------------------------------------
 
     def dump(self) -> bytes:
         return encoding.pack(
-            {"v": 1, "size": self.size, "root": self.root, "stack": range_stack(self.range), "note": self.note or b""}
+            {
+                "v": 2,
+                "size": self.size,
+                "root": self.root,
+                "stack": range_stack(self.range),
+                "note": self.note or b"",
+                "trusted_size": self.trusted_size,
+                "trusted_root": self.trusted_root,
+                "trusted_note": self.trusted_note or b"",
+            }
         )
 
     @classmethod
@@ -171,27 +217,39 @@ class Follower:
         state: bytes | None,
         kept: Sequence[tuple[int, bytes]],
         broker_key: bytes | None = None,
+        *,
+        quorum: QuorumPolicy | None = None,
+        pending: Sequence[tuple[int, bytes]] = (),
     ) -> Follower:
-        """Rebuild from `dump()` and the entries `commit` asked to keep (re-folded; they were verified before)."""
-        f = cls(log_vkey, member, broker, broker_key)
+        """Rebuild from `dump()` and the entries `commit` asked to keep (re-folded; they were verified before) and
+        to hold pending (verified, not trusted yet). Without a quorum, call `catch_up` next: pending entries left
+        by an earlier policy are then trusted."""
+        f = cls(log_vkey, member, broker, broker_key, quorum)
         if state is None:
             return f
+        v1: dict[str, type | tuple[type, ...]] = {"v": int, "size": int, "root": bytes, "stack": list, "note": bytes}
+        v2 = {**v1, "trusted_size": int, "trusted_root": bytes, "trusted_note": bytes}
         try:
-            m = encoding.unpack_map(
-                state,
-                what="follower state",
-                max_size=STATE_MAX,
-                fields={"v": int, "size": int, "root": bytes, "stack": list, "note": bytes},
-            )
+            version = encoding.unpack(state, what="follower state", max_size=STATE_MAX)
+            fields = v1 if isinstance(version, dict) and version.get("v") == 1 else v2
+            m = encoding.check_map(version, what="follower state", fields=fields)
         except EncodingError as exc:
             raise CheckpointError(f"saved follower state is damaged: {exc.what}") from None
         f.range = range_from(m["size"], m["stack"])
         if f.range.root() != m["root"]:
             raise CheckpointError("saved follower state: the compact range does not give the saved root")
         f.size, f.root, f.note = m["size"], m["root"], m["note"] or None
-        f._fold(sorted(kept), trusted=True)
+        if m["v"] == 1:  # before quorum policies, everything verified was trusted
+            f.trusted_size, f.trusted_root, f.trusted_note = f.size, f.root, f.note
+        else:
+            f.trusted_size, f.trusted_root, f.trusted_note = m["trusted_size"], m["trusted_root"], m["trusted_note"]
+            f.trusted_note = f.trusted_note or None
+            if not 0 <= f.trusted_size <= f.size:
+                raise CheckpointError("saved follower state: the trusted size is beyond the verified size")
+        f._fold(sorted(kept), trusted=True, end=f.trusted_size)
         if f.policy is not None:
             f.policy.verify_signatures = True  # the re-fold trusted our own store; new entries are checked
+        f.pending = {i: e for i, e in pending if f.trusted_size <= i < f.size}
         return f
 
     # --- checkpoints ------------------------------------------------------------------------------------------
@@ -222,7 +280,8 @@ class Follower:
         return Update(cp, msg, range_from(self.range.size, range_stack(self.range)), self.size)
 
     def commit(self, update: Update) -> Committed:
-        """Accept `update` if its leaves give the checkpoint's root; then fold its entries into the policy."""
+        """Accept `update` if its leaves give the checkpoint's root; then fold its entries into the policy (at
+        once without a quorum policy; with one, they wait in `pending` for `trust`)."""
         if update.start != self.size:
             raise LogMismatchError(f"update started at size {update.start}, but the follower is at {self.size}")
         if update.range.size != update.target.size:
@@ -231,10 +290,106 @@ class Follower:
             raise LogMismatchError(
                 f"the entries served do not hash to the root of the checkpoint of size {update.target.size}"
             )
-        entries = sorted(update.full.items())
-        keep, mine, problems = self._fold(entries, trusted=False, end=update.target.size)
+        if self.quorum is None:
+            # Fold first: a log the fold refuses (no genesis, another broker) leaves the follower where it was.
+            entries = sorted({**self.pending, **update.full}.items())
+            keep, mine, problems = self._fold(entries, trusted=False, end=update.target.size)
+            self._verified(update)
+            self.pending.clear()
+            self.trusted_size, self.trusted_root, self.trusted_note = self.size, self.root, self.note
+            return Committed(self.size, self.dump(), keep, mine, problems, [], self.trusted_size)
+        if 0 in update.full:  # a log that is not ours is refused now, not when it reaches the quorum
+            self._genesis(update.full[0])
+        self._verified(update)
+        self.pending.update(update.full)
+        return Committed(self.size, self.dump(), [], [], [], sorted(update.full.items()), self.trusted_size)
+
+    def _verified(self, update: Update) -> None:
         self.size, self.root, self.range, self.note = update.target.size, update.target.root, update.range, update.note
-        return Committed(self.size, self.dump(), keep, mine, problems)
+
+    # --- the quorum -------------------------------------------------------------------------------------------
+
+    def cosigners(self, msg: bytes) -> list[str]:
+        """The policy's witnesses whose cosignatures on `msg` verify (ForgedCosignature if one of them fails)."""
+        assert self.quorum is not None
+        try:
+            _, names = self.quorum.cosigners(msg)
+        except CheckpointError:
+            raise
+        except NoteError as exc:
+            raise ForgedCosignature(f"checkpoint note refused: {exc.what}") from None
+        return names
+
+    def trust_needs_proof(self, cp: checkpoint.Checkpoint) -> bool:
+        """Whether trusting `cp` needs a consistency proof from it to the verified tree (it lies in between)."""
+        return self.trusted_size < cp.size < self.size
+
+    def trust(self, msg: bytes, proof: Sequence[bytes] | None = None) -> Committed | None:
+        """Use the checkpoint `msg` if it meets the quorum and is a tree this node verified; None if it changes
+        nothing (it is not newer than the trusted one).
+
+        Raises AwaitingQuorum if the cosignatures fall short, ForgedCosignature if one is bad, CheckpointError if
+        the tree is not verified yet (call `begin`/`commit` first), and ForkError (with the note) if it contradicts
+        the verified or trusted tree. A tree smaller than the verified one needs `proof`, the consistency proof
+        from it to the verified size (`trust_needs_proof`).
+        """
+        cp = self.open(msg)
+        if self.quorum is None:
+            raise CheckpointError("no witness policy is set: every verified checkpoint is trusted")
+        names = self.cosigners(msg)
+        if not self.quorum.satisfied(names):
+            raise AwaitingQuorum(
+                f"checkpoint of size {cp.size} is cosigned by {len(names)} known witness(es) "
+                f"({', '.join(names) or 'none'}), short of the quorum {self.quorum.quorum!r}"
+            )
+        if cp.size > self.size:
+            raise CheckpointError(f"checkpoint of size {cp.size} is beyond the verified size {self.size}")
+        if cp.size == self.size and cp.root != self.root:
+            raise ForkError(f"two different roots for the log at size {cp.size}", evidence=msg)
+        if cp.size == self.trusted_size and cp.root != self.trusted_root:
+            raise ForkError(f"two different roots for the log at size {cp.size}", evidence=msg)
+        if cp.size <= self.trusted_size:
+            return None
+        if cp.size < self.size:
+            if proof is None:
+                raise CheckpointError(f"trusting the checkpoint of size {cp.size} needs a consistency proof")
+            try:
+                merkle.verify_consistency(cp.size, self.size, proof, cp.root, self.root)
+            except Error as exc:
+                raise ForkError(
+                    f"checkpoint of size {cp.size} is not consistent with the verified size {self.size}: {exc.what}",
+                    evidence=msg,
+                ) from None
+        return self._advance(cp, msg)
+
+    def catch_up(self) -> Committed | None:
+        """Without a quorum policy, trust the verified tree (entries left pending by an earlier policy)."""
+        if self.quorum is not None or self.trusted_size == self.size:
+            return None
+        assert self.note is not None
+        return self._advance(checkpoint.Checkpoint(self.origin, self.size, self.root), self.note)
+
+    def _advance(self, cp: checkpoint.Checkpoint, msg: bytes) -> Committed:
+        """Fold the pending entries below `cp.size` and make `cp` the trusted checkpoint."""
+        entries = sorted((i, e) for i, e in self.pending.items() if i < cp.size)
+        keep, mine, problems = self._fold(entries, trusted=False, end=cp.size)
+        for i, _ in entries:
+            del self.pending[i]
+        self.trusted_size, self.trusted_root, self.trusted_note = cp.size, cp.root, msg
+        return Committed(self.size, self.dump(), keep, mine, problems, [], self.trusted_size)
+
+    @property
+    def awaiting(self) -> bool:
+        """Whether verified entries wait for a checkpoint that meets the quorum."""
+        return self.trusted_size < self.size
+
+    def _genesis(self, entry: bytes) -> Genesis:
+        g = parse_genesis(entry, self.origin)
+        if g.broker.member_id != self.broker or self.broker_key not in (None, g.broker.sign_key):
+            raise LogMismatchError(
+                f"genesis names broker {g.broker.member_id!r}, not the pinned broker {self.broker!r}"
+            )
+        return g
 
     # --- folding ----------------------------------------------------------------------------------------------
 
@@ -248,11 +403,7 @@ class Follower:
         end = self.size if end is None else end
         for index, entry in entries:
             if index == 0:
-                g = parse_genesis(entry, self.origin)
-                if g.broker.member_id != self.broker or self.broker_key not in (None, g.broker.sign_key):
-                    raise LogMismatchError(
-                        f"genesis names broker {g.broker.member_id!r}, not the pinned broker {self.broker!r}"
-                    )
+                g = self._genesis(entry)
                 self.policy = PolicyState(g.origin, g.operator_key, verify_signatures=not trusted)
                 self.policy.apply(entry)  # not a policy type: counts position 0
                 keep.append((0, entry))

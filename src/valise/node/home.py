@@ -4,6 +4,9 @@ Layout of `D` (created by `valise node init`):
 - `config.json`    member id, identity directory, broker address, pinned log key (or none yet);
 - `broker.pub`     the broker's public bundle, copied at init: its TLS certificate is pinned, its identity key
                    verifies receipts;
+- `witness-policy` optional: a witness quorum policy (specs/audit.md, "Quorum"; `--witness-policy` at init or
+                   `valise node set-policy`). With it, a checkpoint is used only once its cosignatures meet the
+                   quorum (node/follower.py); its `log` line must be the pinned log key; read when the daemon starts;
 - `node.db`, `outbox/`, `inbox/`   the durable store (node/store.py);
 - `control.sock`   the control socket while the daemon runs; `node.lock` held by the running daemon.
 
@@ -20,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from valise import identity, keyfiles
-from valise.errors import StoreError, UsageError
+from valise.audit import quorum
+from valise.errors import NoteError, StoreError, UsageError
+from valise.tlog import note
 
 NODE_VERSION = 1
 
@@ -70,8 +75,20 @@ class NodeHome:
     def lock_path(self) -> Path:
         return self.root / "node.lock"
 
+    @property
+    def policy_path(self) -> Path:
+        return self.root / "witness-policy"
+
     @classmethod
-    def create(cls, root: Path, identity_dir: Path, broker: str, broker_pub: Path, log_vkey: str) -> NodeHome:
+    def create(
+        cls,
+        root: Path,
+        identity_dir: Path,
+        broker: str,
+        broker_pub: Path,
+        log_vkey: str,
+        witness_policy: str | None = None,
+    ) -> NodeHome:
         home = cls(root)
         if home.config_path.exists():
             raise UsageError(f"{root} is already a node directory")
@@ -79,11 +96,34 @@ class NodeHome:
         keyfiles.load_bundle(identity_dir / f"{member_id}.pub")  # verifies it
         keyfiles.load_bundle(broker_pub)  # a broken or forged broker bundle is refused now, not at first connect
         host, port = parse_address(broker)
+        if witness_policy is not None:
+            check_policy(witness_policy, log_vkey)
         root.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(broker_pub, home.broker_bundle_path)
+        if witness_policy is not None:
+            keyfiles.write_public(home.policy_path, witness_policy.encode())
         config = NodeConfig(member_id, identity_dir.resolve(), host, port, log_vkey)
         keyfiles.write_public(home.config_path, config.to_json().encode() + b"\n")
         return home
+
+    def set_policy(self, text: str | None) -> quorum.QuorumPolicy | None:
+        """Store (or with None, remove) the witness quorum policy, after checking it against the pinned log key."""
+        if text is None:
+            self.policy_path.unlink(missing_ok=True)
+            return None
+        policy = check_policy(text, self.config().log_vkey)
+        keyfiles.write_public(self.policy_path, text.encode())
+        return policy
+
+    def witness_policy(self) -> quorum.QuorumPolicy | None:
+        """The stored quorum policy, parsed and checked again (None if the node has none)."""
+        try:
+            text = self.policy_path.read_text()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{self.policy_path} is unreadable: {exc}") from None
+        return check_policy(text, self.config().log_vkey)
 
     @classmethod
     def open(cls, root: Path) -> NodeHome:
@@ -106,3 +146,15 @@ class NodeHome:
 
     def broker_bundle(self) -> identity.PublicBundle:
         return keyfiles.load_bundle(self.broker_bundle_path)
+
+
+def check_policy(text: str, log_vkey: str) -> quorum.QuorumPolicy:
+    """Parse a witness quorum policy for a node pinned to `log_vkey`: its `log` line must be that very key."""
+    policy = quorum.parse(text)
+    try:
+        pinned = note.parse_vkey(log_vkey).vkey()
+    except NoteError as exc:
+        raise UsageError(f"the pinned log key is not usable: {exc.what}") from None
+    if policy.log.vkey() != pinned:
+        raise UsageError("the witness policy's 'log' line names another key than the node's pinned log key")
+    return policy

@@ -21,7 +21,7 @@ import trio
 
 from valise import identity, packet, records
 from valise.errors import DeniedError, Error, LimitError, UsageError
-from valise.node import control
+from valise.node import control, receipts
 from valise.node.daemon import NodeDaemon
 from valise.node.store import InboxRow, OutboxRow
 from valise.policy import records as policy_records
@@ -343,6 +343,15 @@ async def op_status(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dic
             "root": f.root.hex(),
             "members": len(f.policy.members) if f.policy else 0,
         },
+        # What the node uses (keys, directory, receipts): the last checkpoint that met the witness quorum, or
+        # with no policy, the verified one. "awaiting" while verified entries wait for a quorum.
+        "trusted": {
+            "size": f.trusted_size,
+            "root": f.trusted_root.hex(),
+            "quorum": daemon.quorum.quorum if daemon.quorum else None,
+            "awaiting": f.awaiting,
+            "detail": daemon.quorum_wait if f.awaiting else None,
+        },
         "outbox": counts,
         "acknowledgements": daemon.store.ack_count(),
         "inbox": inbox,
@@ -396,6 +405,25 @@ async def op_statement(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> 
     return _refused(answer)
 
 
+async def op_export_receipt(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
+    """A tlog-proof bundle that the packet is in the log (node/receipts.py)."""
+    prefix = _text(request, "id").lower()
+    rows = [r for r in daemon.store.outbox_all() if r.packet_id.hex().startswith(prefix)]
+    row: OutboxRow = _one(rows, prefix, "outbox")
+    done = await receipts.export_receipt(daemon, row)
+    return {
+        "ok": True,
+        "id": row.packet_id.hex(),
+        "index": row.log_index,
+        "checkpoint_size": done.size,
+        "cosigners": done.cosigners,
+        "bundle": done.bundle,
+        "entry": done.entry,
+        "carried": done.carried,
+        "vkey": daemon.follower.verifier.vkey(),
+    }
+
+
 OPS = {
     "send": op_send,
     "inbox": op_inbox,
@@ -403,4 +431,5 @@ OPS = {
     "retract": op_retract,
     "status": op_status,
     "statement": op_statement,
+    "export-receipt": op_export_receipt,
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +57,9 @@ CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 -- digests of this member's own "pkt" entries (to check receipts against).
 CREATE TABLE IF NOT EXISTS log_kept (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS log_mine (idx INTEGER PRIMARY KEY, digest BLOB NOT NULL);
+-- Entries served in full that hash to a verified root but wait for a checkpoint meeting the witness quorum
+-- (node/follower.py): not folded, not used, until then.
+CREATE TABLE IF NOT EXISTS log_pending (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS alarms (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     at          INTEGER NOT NULL,
@@ -322,12 +325,28 @@ class NodeStore:
 
     # --- the verified log and alarms ------------------------------------------------------------------
 
-    def follower_commit(self, state: bytes, keep: list[tuple[int, bytes]], mine: list[tuple[int, bytes]]) -> None:
-        """Persist an accepted checkpoint and what it brought, in one transaction (all or nothing)."""
+    def follower_commit(
+        self,
+        state: bytes,
+        keep: list[tuple[int, bytes]],
+        mine: list[tuple[int, bytes]],
+        pending: Sequence[tuple[int, bytes]] = (),
+        trusted: int | None = None,
+    ) -> None:
+        """Persist an accepted checkpoint and what it brought, in one transaction (all or nothing): entries to
+        keep, this member's packets, entries pending a quorum, and (`trusted`) the size below which no entry is
+        pending any more."""
         with self._tx():
             self._db.executemany("INSERT OR REPLACE INTO log_kept VALUES (?, ?)", keep)
             self._db.executemany("INSERT OR REPLACE INTO log_mine VALUES (?, ?)", mine)
+            self._db.executemany("INSERT OR REPLACE INTO log_pending VALUES (?, ?)", pending)
+            if trusted is not None:
+                self._db.execute("DELETE FROM log_pending WHERE idx < ?", (trusted,))
             self.put(FOLLOWER_KEY, state)
+
+    def follower_pending(self) -> list[tuple[int, bytes]]:
+        rows = self._db.execute("SELECT idx, entry FROM log_pending ORDER BY idx").fetchall()
+        return [(r[0], bytes(r[1])) for r in rows]
 
     def follower_load(self) -> tuple[bytes | None, list[tuple[int, bytes]]]:
         rows = self._db.execute("SELECT idx, entry FROM log_kept ORDER BY idx").fetchall()
