@@ -420,7 +420,10 @@ async def test_monitor_over_http_follows_a_live_broker(tmp_path: Path) -> None:
             ["audit", "monitor", "--log", url, "--broker-key", vkey, "--state", str(state), "--once", "--jobs", "1"]
         )
 
-    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+    async with (
+        running_broker(world, serve_entries=True) as broker,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+    ):
         url = f"http://127.0.0.1:{broker.http_port}"
         assert isinstance(await fra.submit(seal(world, "FRA", ["DEU"], b"1")), ev.Receipt)
         await trio.sleep(0.5)

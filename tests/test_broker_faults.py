@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import trio
 
 from valise import packet, records
@@ -293,12 +292,6 @@ def _tile_root(data: bytes) -> bytes:
     return acc.root()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon.py BrokerDaemon._resolve serves tile/entries/<N> on the unauthenticated --http endpoint: "
-    "anyone reads every traffic record (sender, recipients, labels), which specs/protocol.md 'Reading the log' "
-    "reserves to auditors and redacts to leaf hashes even for members over the wire",
-)
 async def test_entry_bundles_are_not_public(tmp_path: Path) -> None:
     world = make_world(tmp_path)
     world.consent("FRA", "DEU")
@@ -316,12 +309,6 @@ async def test_entry_bundles_are_not_public(tmp_path: Path) -> None:
         assert status != 200, f"{bundle.path} is public: {len(body)} bytes of full log entries"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon.py Session._submit_end: a resubmitted packet is spooled and renamed to <digest>.pkt before "
-    "the duplicate branch answers with the old receipt; once every recipient has acknowledged it, no mailbox "
-    "refers to it and nothing ever deletes it (fix: drop_unreferenced for the duplicate, or discard the upload)",
-)
 async def test_resubmitting_a_delivered_packet_leaves_no_body_in_the_spool(tmp_path: Path) -> None:
     world = make_world(tmp_path)
     world.consent("FRA", "DEU")

@@ -530,3 +530,17 @@ def test_new_rid_skips_ids_in_flight() -> None:
 def test_drain_stops_at_need_data() -> None:
     pair = opened()
     assert drain(pair.server) == []
+
+
+def test_the_server_may_give_up_before_hello_with_one_fatal_error_only() -> None:
+    """wire.md, Timeouts: a server that waited in vain for hello says `timeout` and closes; nothing else may come."""
+    pair = ConnectionPair()
+    timeout = ev.ErrorMessage(None, codes.TIMEOUT, "no hello within 10 s")
+    assert pair.send(Role.SERVER, timeout) == [timeout]
+    assert pair.server.state is State.CLOSING
+    pair = ConnectionPair()
+    with pytest.raises(LocalProtocolError, match="before the client's hello"):
+        pair.server.send(ev.Pong(1))
+    pair = ConnectionPair()
+    with pytest.raises(LocalProtocolError, match="before the client's hello"):
+        pair.server.send(ev.ErrorMessage(3, codes.TIMEOUT, "an answer to no request"))

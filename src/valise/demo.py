@@ -218,6 +218,7 @@ class Demo:
             "127.0.0.1:0",
             "--http",
             "127.0.0.1:0",
+            "--serve-entries",  # the demo's auditor reads the entries over HTTP; loopback only
             "--checkpoint-interval",
             "0.5",
             ready=lambda s: "listening on" in s,

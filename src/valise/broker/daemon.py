@@ -51,7 +51,8 @@ log = logging.getLogger("valise.broker")
 HANDSHAKE_TIMEOUT = 10.0
 COSIGN_TIMEOUT = 3.0
 SHUTDOWN_GRACE = 5.0
-MAX_CONNECTIONS = 4096
+# Connections that have not yet completed TLS and hello (see BrokerDaemon._handle).
+MAX_UNAUTHENTICATED = 1024
 
 
 @dataclass(slots=True)
@@ -63,6 +64,7 @@ class Settings:
     purge_interval: float = 5.0
     policy_poll: float = 1.0
     window: int = relay.DEFAULT_WINDOW
+    serve_entries: bool = False  # entry bundles over HTTP (every record in full): for an auditors-only address
     clock: Callable[[], float] = time.time
 
 
@@ -115,6 +117,7 @@ class BrokerDaemon:
         self._tls_context: ssl.SSLContext | None = None
         self._refresh_tls()
         self._sessions_changed = trio.Event()
+        self._unauthenticated: dict[trio.CancelScope, None] = {}  # insertion-ordered: oldest first
         self.connections = 0
         self.port = 0
         self.http_port = 0
@@ -340,6 +343,10 @@ class BrokerDaemon:
     async def _resolve(self, path: str) -> http.Response:
         if path == "/checkpoint":
             return http.Response(200, self._published, "text/plain; charset=utf-8")
+        if path.startswith("/tile/entries/") and not self.settings.serve_entries:
+            # Entry bundles hold every traffic record (who sent what to whom): for auditors, not for the public
+            # (specs/protocol.md, "Reading the log"). Hash tiles and checkpoints stay public.
+            return http.Response(403, b"entry bundles are not public on this broker\n", "text/plain; charset=utf-8")
         resource = self.log.read(path.lstrip("/"))
         if resource is None:
             return http.Response(404, b"not found\n", "text/plain; charset=utf-8")
@@ -348,26 +355,36 @@ class BrokerDaemon:
     # --- connections ----------------------------------------------------------------------------------------
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        if self.connections >= MAX_CONNECTIONS:
-            await trio.aclose_forcefully(stream)
-            return
+        """One connection: TLS and hello within HANDSHAKE_TIMEOUT of connecting, then the member's session.
+
+        Connections still handshaking are capped at MAX_UNAUTHENTICATED; past the cap the oldest of them is
+        dropped, not the newcomer, so a flood of idle connections delays members by at most one round of
+        eviction instead of locking them out until the idle ones time out."""
         self.connections += 1
+        deadline = trio.current_time() + HANDSHAKE_TIMEOUT
+        handshaking = trio.CancelScope()
+        self._unauthenticated[handshaking] = None
+        if len(self._unauthenticated) > MAX_UNAUTHENTICATED:
+            oldest = next(iter(self._unauthenticated))
+            del self._unauthenticated[oldest]
+            oldest.cancel()
         assert self._tls_context is not None
         ssl_stream = trio.SSLStream(stream, self._tls_context, server_side=True)
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
-                await ssl_stream.do_handshake()
-            if scope.cancelled_caught:
-                log.info("TLS handshake timed out")
-                return
-            if ssl_stream.selected_alpn_protocol() != tls.ALPN:
-                log.info("TLS client did not negotiate %s", tls.ALPN)
-                return
-            member = self._tls_members.get(tls.peer_certificate(ssl_stream))
-            if member is None:  # a certificate removed from the directory since the context was built
-                return
-            session = Session(self, ssl_stream, member)
-            await session.run()
+            with handshaking:
+                with trio.move_on_at(deadline) as tls_scope:
+                    await ssl_stream.do_handshake()
+                if tls_scope.cancelled_caught:
+                    log.info("TLS handshake timed out")
+                    return
+                if ssl_stream.selected_alpn_protocol() != tls.ALPN:
+                    log.info("TLS client did not negotiate %s", tls.ALPN)
+                    return
+                member = self._tls_members.get(tls.peer_certificate(ssl_stream))
+                if member is None:  # a certificate removed from the directory since the context was built
+                    return
+                session = Session(self, ssl_stream, member)
+                await session.run(deadline, lambda: self._unauthenticated.pop(handshaking, None))
         # A session's nursery wraps what its tasks raise in exception groups. Whatever one connection raises ends
         # that connection only: the daemon keeps serving everyone else. Cancellation is not caught here.
         except* DISCONNECTS as group:
@@ -375,6 +392,7 @@ class BrokerDaemon:
         except* Exception as group:
             log.error("connection handler failed; closing that connection", exc_info=group)
         finally:
+            self._unauthenticated.pop(handshaking, None)
             self.connections -= 1
             await trio.aclose_forcefully(ssl_stream)
 
@@ -438,11 +456,16 @@ class Session:
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+    async def run(self, deadline: float, authenticated: Callable[[], object]) -> None:
+        """Handshake by `deadline` (trio time), call `authenticated()`, then serve until the connection ends."""
+        with trio.move_on_at(deadline) as scope:
             hello = await self._handshake()
-        if scope.cancelled_caught or hello is None:
+        if scope.cancelled_caught:
+            await self._fatal(codes.TIMEOUT, f"no hello within {HANDSHAKE_TIMEOUT:g} s of connecting")
             return
+        if hello is None:
+            return
+        authenticated()
         old = self.d.sessions.get(self.member)
         if old is not None:
             old.close_soon(codes.SHUTTING_DOWN, "replaced by a newer connection of the same member")
@@ -624,8 +647,11 @@ class Session:
             index = await self.d.append(entry, queue)
         else:
             # The same packet again (a retry after a lost receipt). Its mailbox rows were made in the same
-            # transaction as its packet row, so there is nothing to queue: only the receipt was lost.
+            # transaction as its packet row, so there is nothing to queue: only the receipt was lost. The body
+            # just received replaced the spooled one (same verified bytes); if every copy was already delivered
+            # and acknowledged, nothing refers to it any more.
             index, at = known.log_index, known.received
+            self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
         for r in core.recipients:
             self.d.wake(r)
         receipt = records.Receipt.make(
@@ -786,22 +812,23 @@ class Session:
                 continue
             for item in items:
                 self._last_seq = item.seq
-                if item.kind == "packet":
-                    sent = await self._push_packet(item)
-                    if not sent:
-                        continue
-                else:
-                    body = encoding.unpack(item.body or b"", what="notice", max_size=records.NOTICE_MAX + 64)
-                    notice = body["notice"]
-                    if item.kind == "ack":
-                        ack, _, _ = records.Ack.parse(notice)
-                        await self.send(ev.AckForward(item.seq, ack.packet_id, ack.recipient, body["index"], notice))
-                    else:
-                        by = records.Retraction.sender_of(notice)
-                        row = self.d.mail.packet(item.digest)
-                        pid = row.packet_id if row else bytes(16)
-                        await self.send(ev.RetractForward(item.seq, pid, by, body["index"], notice))
+                # Recorded before the first frame goes out: the member may confirm the moment the last frame
+                # arrives, and its confirmation must find the item (a confirmation for nothing is dropped).
                 self._pushed[item.seq] = item
+                if item.kind == "packet":
+                    if not await self._push_packet(item):
+                        del self._pushed[item.seq]
+                    continue
+                body = encoding.unpack(item.body or b"", what="notice", max_size=records.NOTICE_MAX + 64)
+                notice = body["notice"]
+                if item.kind == "ack":
+                    ack, _, _ = records.Ack.parse(notice)
+                    await self.send(ev.AckForward(item.seq, ack.packet_id, ack.recipient, body["index"], notice))
+                else:
+                    by = records.Retraction.sender_of(notice)
+                    row = self.d.mail.packet(item.digest)
+                    pid = row.packet_id if row else bytes(16)
+                    await self.send(ev.RetractForward(item.seq, pid, by, body["index"], notice))
 
     async def _push_packet(self, item: MailItem) -> bool:
         path = self.d.spool.path(item.digest)
@@ -832,21 +859,27 @@ class Session:
     # --- witnessing ---------------------------------------------------------------------------------------------
 
     async def request_cosignature(self, signed_note: bytes, old: int, got: list[note.Signature]) -> None:
-        member = self.d.policy.members.get(self.member)
-        if member is None or not self.ready:
+        if self.d.policy.members.get(self.member) is None or not self.ready:
             return
+        if self.conn.request_room == 0:
+            # The member has left as many of our requests unanswered as it allows: it is skipped as a witness
+            # (asking anyway would break our own side of the protocol and cut off its deliveries).
+            log.info(
+                "%s has %d requests unanswered; not asking it to cosign", self.member, len(self.conn.pending_requests)
+            )
+            return
+        rid = self.conn.new_rid()
+        done = trio.Event()
+        self._cosigns[rid] = (signed_note, [], done)
         try:
             proof = self.d.log.consistency_proof(old)
-            rid = self.conn.new_rid()
-            done = trio.Event()
-            self._cosigns[rid] = (signed_note, [], done)
             await self.send(ev.CosignRequest(rid, old, tuple(proof), signed_note))
-            await done.wait()
+            await done.wait()  # bounded by the caller's cosigning deadline
             got.extend(self._cosigns[rid][1])
         except (Error, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("cosign request to %s failed: %s", self.member, exc)
         finally:
-            self._cosigns.pop(rid, None) if "rid" in locals() else None
+            self._cosigns.pop(rid, None)
 
     def _cosign_response(self, msg: ev.CosignResponse) -> None:
         pending = self._cosigns.get(msg.rid)

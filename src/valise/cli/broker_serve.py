@@ -18,6 +18,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dir", required=True, type=Path, help="the broker directory (from valise broker init)")
     p.add_argument("--listen", default="127.0.0.1:7443", help="HOST:PORT for member connections (default %(default)s)")
     p.add_argument("--http", default=None, help="HOST:PORT to serve the log's tiles (C2SP tlog-tiles) over HTTP")
+    p.add_argument(
+        "--serve-entries",
+        action="store_true",
+        help="also serve entry bundles over --http (every record in full, who sent what to whom): "
+        "only on an address that just auditors reach",
+    )
     p.add_argument("--checkpoint-interval", type=float, default=1.0, help="seconds between checkpoints")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and decision")
     p.set_defaults(handler=serve)
@@ -32,6 +38,7 @@ def serve(args: argparse.Namespace) -> int:
         listen=parse_address(args.listen, listen=True),
         http=parse_address(args.http, listen=True) if args.http else None,
         checkpoint_interval=args.checkpoint_interval,
+        serve_entries=args.serve_entries,
     )
     serve_forever(home, settings)
     return 0

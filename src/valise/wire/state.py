@@ -202,6 +202,10 @@ class Grammar:
     def _handshake(self, sender: Role, msg: ev.Message) -> None:
         if self.hello is None:
             if sender is Role.SERVER:
+                if isinstance(msg, ev.ErrorMessage) and msg.rid is None:
+                    # The server gave up waiting for hello (wire.md, Timeouts): its one and last word.
+                    self._finish(Role.SERVER)
+                    return
                 raise _unexpected(f"{msg.TYPE} from the server before the client's hello (the client speaks first)")
             if not isinstance(msg, ev.Hello):
                 raise LocalProtocolError(
