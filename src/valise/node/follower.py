@@ -336,21 +336,14 @@ class Follower:
         cp = self.open(msg)
         if self.quorum is None:
             raise CheckpointError("no witness policy is set: every verified checkpoint is trusted")
-        names = self.cosigners(msg)
-        if not self.quorum.satisfied(names):
-            raise AwaitingQuorum(
-                f"checkpoint of size {cp.size} is cosigned by {len(names)} known witness(es) "
-                f"({', '.join(names) or 'none'}), short of the quorum {self.quorum.quorum!r}"
-            )
+        # A fork first: a split view is evidence whether or not witnesses cosigned it.
         if cp.size > self.size:
             raise CheckpointError(f"checkpoint of size {cp.size} is beyond the verified size {self.size}")
-        if cp.size == self.size and cp.root != self.root:
+        if (cp.size == self.size and cp.root != self.root) or (
+            cp.size == self.trusted_size and cp.root != self.trusted_root
+        ):
             raise ForkError(f"two different roots for the log at size {cp.size}", evidence=msg)
-        if cp.size == self.trusted_size and cp.root != self.trusted_root:
-            raise ForkError(f"two different roots for the log at size {cp.size}", evidence=msg)
-        if cp.size <= self.trusted_size:
-            return None
-        if cp.size < self.size:
+        if self.trust_needs_proof(cp):
             if proof is None:
                 raise CheckpointError(f"trusting the checkpoint of size {cp.size} needs a consistency proof")
             try:
@@ -360,6 +353,14 @@ class Follower:
                     f"checkpoint of size {cp.size} is not consistent with the verified size {self.size}: {exc.what}",
                     evidence=msg,
                 ) from None
+        names = self.cosigners(msg)
+        if not self.quorum.satisfied(names):
+            raise AwaitingQuorum(
+                f"checkpoint of size {cp.size} is cosigned by {len(names)} known witness(es) "
+                f"({', '.join(names) or 'none'}), short of the quorum {self.quorum.quorum!r}"
+            )
+        if cp.size <= self.trusted_size:
+            return None
         return self._advance(cp, msg)
 
     def catch_up(self) -> Committed | None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from valise import records
 from valise.audit import proof as audit_proof
 from valise.audit.quorum import QuorumPolicy
-from valise.errors import Error
+from valise.errors import Error, NoteError
 from valise.packet.format import Header
 from valise.tlog import proofbundle
 from valise.wire import events as ev
@@ -65,11 +65,16 @@ async def export_receipt(daemon: NodeDaemon, row: OutboxRow) -> Exported:
             hint="the broker signs a checkpoint every second or so; try again",
         )
     policy = daemon.quorum or QuorumPolicy.simple(f.verifier, [], 0)
-    if daemon.quorum is not None and f.trusted_size < cp.size:
-        raise Error(
-            f"the checkpoint of size {cp.size} is awaiting the witness quorum: {daemon.quorum_wait or 'not met'}",
-            hint="a bundle is only made from a checkpoint this node trusts; try again once witnesses cosigned",
-        )
+    if daemon.quorum is not None:
+        try:
+            daemon.quorum.open(signed)
+        except NoteError as exc:
+            raise Error(
+                f"the checkpoint of size {cp.size} is awaiting the witness quorum: {exc.what}",
+                hint="a bundle is only made from a checkpoint that meets the node's quorum; try again later",
+            ) from None
+        if f.trusted_size < cp.size:  # it met the quorum, so sync trusted it; this guards that rule
+            raise Error(f"the checkpoint of size {cp.size} is not in use by this node yet")
     answer = await session.request(lambda rid: ev.GetInclusion(rid, index, cp.size))
     if not isinstance(answer, ev.Inclusion):
         raise Error(f"the broker gave no inclusion proof for index {index}: {answer}")

@@ -1,0 +1,202 @@
+"""`valise receipt export` end to end: a real broker (TLS on 127.0.0.1, SQLite), a real node daemon connected to it
+(it witnesses the log), the real CLI over the node's control socket, and the bundle checked by `valise audit proof`
+as any auditor would, with nothing but the log key."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from valise.broker.daemon import BrokerDaemon
+from valise.cli.main import main
+from valise.node.daemon import NodeDaemon
+from valise.node.home import NodeHome
+from valise.tlog import cosignature, note, proofbundle
+
+from .harness import ORIGIN, World, make_world, running_broker
+
+
+async def cli(*argv: str) -> tuple[int, str, str]:
+    def run() -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(argv))
+        return code, out.getvalue(), err.getvalue()
+
+    return await trio.to_thread.run_sync(run)
+
+
+def log_vkey(world: World) -> str:
+    return note.Ed25519Signer(ORIGIN, world.home.log_key()).verifier().vkey()
+
+
+def witness_vkey(world: World, member: str) -> str:
+    return cosignature.CosignatureVerifier(member, world.members[member].bundle.sign_key).vkey()
+
+
+@contextlib.asynccontextmanager
+async def node(world: World, broker: BrokerDaemon, where: Path, policy: str | None = None) -> AsyncIterator[NodeDaemon]:
+    """FRA's node daemon, connected over mutual TLS to the running broker, serving its control socket."""
+    home = NodeHome.create(
+        where, world.dirs["FRA"], f"127.0.0.1:{broker.port}", world.home.broker_bundle_path, log_vkey(world), policy
+    )
+    daemon = NodeDaemon(home, world.members["FRA"], poll_interval=0.2)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            with trio.fail_after(10):
+                await daemon.connected_event.wait()
+            yield daemon
+            nursery.cancel_scope.cancel()
+    finally:
+        daemon.store.close()
+
+
+async def until(condition: Callable[[], object]) -> None:
+    with trio.fail_after(10):  # a safety net against a hang, not a timed assertion
+        while not condition():  # noqa: ASYNC110 - polling the daemon's own state
+            await trio.sleep(0.05)
+
+
+async def send(where: Path, tmp_path: Path) -> str:
+    payload = tmp_path / "report.bin"
+    payload.write_bytes(b"indicators" * 100)
+    code, out, err = await cli(
+        "send", "--node", str(where), "--to", "DEU", "--tlp", "AMBER", "--category", "malware", str(payload)
+    )
+    assert code == 0, err
+    packet_id, relayed = out.splitlines()[:2]
+    assert relayed.startswith("relayed: log index")
+    return packet_id
+
+
+async def export(where: Path, packet_id: str, out: Path) -> dict[str, Any]:
+    """Export once a checkpoint covers the packet (the broker signs one every 0.2 s here)."""
+    with trio.fail_after(15):  # a safety net against a hang, not a timed assertion
+        while True:
+            code, stdout, err = await cli(
+                "receipt", "export", "--node", str(where), packet_id, "-o", str(out), "--json"
+            )
+            if code == 0:
+                result: dict[str, Any] = json.loads(stdout)
+                return result
+            assert "does not cover" in err or "awaiting" in err, err
+            await trio.sleep(0.1)
+
+
+async def test_an_exported_receipt_verifies_offline_and_a_changed_byte_is_refused(tmp_path: Path) -> None:
+    world = make_world(tmp_path / "w")
+    world.consent("FRA", "DEU", "AMBER", ["malware"])
+    where = tmp_path / "n"
+    bundle_file = tmp_path / "receipt.proof"
+    async with running_broker(world) as broker, node(world, broker, where) as daemon:
+        await until(lambda: daemon.follower.member_key("DEU"))  # the node learned DEU from the log
+        packet_id = await send(where, tmp_path)
+        (row,) = daemon.store.outbox_all()
+        result = await export(where, packet_id, bundle_file)
+        assert (result["id"], result["index"], result["entry"]) == (packet_id, row.log_index, None)
+        assert result["checkpoint_size"] > row.log_index
+        # A packet id the outbox does not hold.
+        code, _, err = await cli("receipt", "export", "--node", str(where), "ffff", "-o", str(tmp_path / "none"))
+        assert code == 2
+        assert "no packet ffff" in err
+        assert not (tmp_path / "none").exists()
+    # The broker and the node are gone: the bundle stands alone.
+    vkey = log_vkey(world)
+    code, out, err = await cli("audit", "proof", str(bundle_file), "--broker-key", vkey, "--json")
+    assert code == 0, err
+    proven = json.loads(out)
+    assert (proven["type"], proven["sender"], proven["to"]) == ("pkt", "FRA", ["DEU"])
+    assert (proven["index"], proven["packet_id"]) == (row.log_index, packet_id)
+    assert proven["digest"] == row.digest.hex()  # what was logged is what the receipt promised
+    # The bundle carries the checkpoint as the broker published it: cosigned by FRA's node, its witness.
+    bundle = proofbundle.parse(bundle_file.read_bytes())
+    fra = witness_vkey(world, "FRA")
+    code, _, _ = await cli("audit", "proof", str(bundle_file), "--broker-key", vkey, "--witness", fra)
+    assert code == 0
+    assert bundle.extra is not None
+    # One byte changed anywhere (the header, the entry, the index, a proof hash, the checkpoint, a signature):
+    # refused every time. (A cosignature by a key the verifier was not given is ignored, as C2SP signed notes
+    # require; so FRA's key is given here, which makes every line of the bundle count.)
+    data = bundle_file.read_bytes()
+    lines = data.split(b"\n")
+    offsets = []
+    pos = 0
+    for line in lines:
+        if line:
+            offsets.append(pos + len(line) // 2)
+        pos += len(line) + 1
+    assert len(offsets) >= 7
+    altered = tmp_path / "altered.proof"
+    for offset in offsets:
+        changed = bytearray(data)
+        changed[offset] ^= 0x01
+        altered.write_bytes(bytes(changed))
+        code, _, err = await cli("audit", "proof", str(altered), "--broker-key", vkey, "--witness", fra)
+        assert code != 0, f"a change at byte {offset} was accepted"
+    # A bundle for another log key is refused as well.
+    other = note.Ed25519Signer(ORIGIN, world.home.operator_key()).verifier().vkey()
+    assert (await cli("audit", "proof", str(bundle_file), "--broker-key", other))[0] != 0
+
+
+async def test_receipts_under_a_witness_quorum(tmp_path: Path) -> None:
+    """FRA's node is the one witness the broker has here: a policy naming it is met, and the bundle verifies under
+    that same policy file; a policy that also needs DEU (not connected, so it never cosigns) keeps every new
+    checkpoint awaiting the quorum: not used, no bundle made from it."""
+    world = make_world(tmp_path / "w")
+    vkey = log_vkey(world)
+    fra, deu = witness_vkey(world, "FRA"), witness_vkey(world, "DEU")
+    only_fra = tmp_path / "fra.policy"
+    only_fra.write_text(f"log {vkey}\nwitness fra {fra}\nwitness deu {deu}\nquorum fra\n")
+    both = tmp_path / "both.policy"
+    both.write_text(f"log {vkey}\nwitness fra {fra}\nwitness deu {deu}\ngroup both all fra deu\nquorum both\n")
+    where = tmp_path / "n"
+    async with running_broker(world) as broker:
+        async with node(world, broker, where, only_fra.read_text()) as daemon:
+            # The checkpoints signed before FRA's node connected have no cosignature: none is used.
+            assert daemon.follower.policy is None
+            world.consent("FRA", "DEU", "AMBER", ["malware"])  # the log grows: a checkpoint FRA's node cosigns
+            await until(lambda: daemon.follower.member_key("DEU"))
+            first = await send(where, tmp_path)
+            result = await export(where, first, tmp_path / "r.proof")
+            assert result["cosigners"] == ["fra"]
+            assert daemon.follower.trusted_size >= result["checkpoint_size"]
+        code, _, err = await cli("audit", "proof", str(tmp_path / "r.proof"), "--broker-key", vkey, "--policy",
+                                 str(only_fra))  # fmt: skip
+        assert code == 0, err
+        assert (await cli("node", "set-policy", "--dir", str(where), str(both)))[0] == 0
+        async with node_again(world, where) as daemon:
+            trusted = daemon.follower.trusted_size
+            assert daemon.follower.member_key("DEU") is not None  # what was trusted stays trusted
+            second = await send(where, tmp_path)
+            await until(lambda: daemon.follower.size > trusted and daemon.quorum_wait)
+            assert daemon.follower.trusted_size == trusted
+            code, out, _ = await cli("status", "--node", str(where))
+            assert "awaiting quorum" in out
+            assert "short of the quorum 'both'" in out
+            code, _, err = await cli("receipt", "export", "--node", str(where), second, "-o", str(tmp_path / "x"))
+            assert code == 1
+            assert "awaiting the witness quorum" in err
+            assert not (tmp_path / "x").exists()
+            rows = {r.packet_id.hex(): r for r in daemon.store.outbox_all()}
+            assert (rows[first].in_log, rows[second].in_log) == (1, 0)  # the second receipt is not checked yet
+
+
+@contextlib.asynccontextmanager
+async def node_again(world: World, where: Path) -> AsyncIterator[NodeDaemon]:
+    daemon = NodeDaemon(NodeHome.open(where), world.members["FRA"], poll_interval=0.2)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            with trio.fail_after(10):
+                await daemon.connected_event.wait()
+            yield daemon
+            nursery.cancel_scope.cancel()
+    finally:
+        daemon.store.close()
