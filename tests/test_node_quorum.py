@@ -236,12 +236,17 @@ async def test_the_daemon_uses_the_log_only_under_the_quorum(world: dict[str, An
             "eu",
         )
         assert d.store.alarms() == []
+        # A forged cosignature under a policy key: the note is refused and the forgery raised as an alarm.
+        broker.offer = forged(cosign(signed, WITNESSES[0], WITNESSES[1]), WITNESSES[2])
+        assert await d.sync(session)
+        (alarm,) = d.store.alarms()
+        assert (alarm.kind, alarm.evidence) == ("cosignature", broker.offer)
         # A split view with a full quorum, as the latest checkpoint: refused, kept, nothing moves.
         fork_note = cosign(a_fork(members).service.latest.note, *WITNESSES)  # type: ignore[union-attr]
         broker.offer = fork_note
         with pytest.raises(ForkError):
             await d.sync(session)
-        (alarm,) = d.store.alarms()
+        alarm = d.store.alarms()[-1]
         assert (alarm.kind, alarm.evidence) == ("fork", fork_note)
         assert (d.follower.size, d.follower.trusted_size, d.follower.root) == (3, 3, log.service.latest.root)  # type: ignore[union-attr]
         # The same fork as a cosign request: refused, not cosigned.

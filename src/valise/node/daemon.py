@@ -372,7 +372,7 @@ class NodeDaemon:
         if done is not None:
             self._persist(done)
             log.info("checkpoint of size %d meets the witness quorum: in use", done.trusted)
-        self.quorum_wait = None if not f.awaiting else self.quorum_wait
+        self.quorum_wait = f"no cosigned checkpoint of size {f.size} meets the quorum yet" if f.awaiting else None
 
     def _persist(self, done: Committed) -> None:
         self.store.follower_commit(done.state, done.keep, done.mine, done.pending, done.trusted)
