@@ -102,6 +102,9 @@ async def test_an_exported_receipt_verifies_offline_and_a_changed_byte_is_refuse
         result = await export(where, packet_id, bundle_file)
         assert (result["id"], result["index"], result["entry"]) == (packet_id, row.log_index, None)
         assert result["checkpoint_size"] > row.log_index
+        code, out, _ = await cli("receipt", "export", "--node", str(where), packet_id[:8], "-o", str(bundle_file))
+        assert code == 0
+        assert f"valise audit proof {bundle_file} --broker-key '{log_vkey(world)}'" in out
         # A packet id the outbox does not hold.
         code, _, err = await cli("receipt", "export", "--node", str(where), "ffff", "-o", str(tmp_path / "none"))
         assert code == 2
