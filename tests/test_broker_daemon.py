@@ -189,3 +189,24 @@ async def test_undelivered_packets_are_purged_at_expiry_and_the_purge_is_logged(
     purges = [m for kind, m in kinds if kind == "purge"]
     assert [(m["digest"], m["recipient"]) for m in purges] == [(head.digest, "DEU")]
     assert not (world.home.root / "spool" / f"{head.digest.hex()}.pkt").exists()
+
+
+async def test_a_witness_that_connects_is_asked_to_cosign_the_current_checkpoint(tmp_path: Path) -> None:
+    """On a quiet log no new checkpoint comes, so a connecting witness is asked about the current one."""
+    from valise.tlog import checkpoint, cosignature
+
+    world = _world(tmp_path)
+    async with running_broker(world) as broker, WireClient.connect(world, "DEU", broker.port) as deu:
+        request = await deu.next_of(ev.CosignRequest)
+        assert isinstance(request, ev.CosignRequest)
+        assert request.old == 0  # the size our hello said we verified
+        vkey = broker.log.verifier
+        cp, _ = checkpoint.open_checkpoint(request.checkpoint, vkey)
+        checkpoint.check_newer(checkpoint.Checkpoint(cp.origin, 0, merkle.EMPTY_ROOT), cp, list(request.proof))
+        line = cosignature.Cosigner("DEU", world.members["DEU"].signing).cosign(cp, int(time.time())).line()
+        await deu.send(ev.CosignResponse(request.rid, line.encode()))
+        with trio.fail_after(5):
+            while b"\n\xe2\x80\x94 DEU " not in broker._published:  # noqa: ASYNC110 - a value the session sets
+                await trio.sleep(0.02)
+        witness = cosignature.CosignatureVerifier("DEU", world.members["DEU"].bundle.sign_key)
+        checkpoint.open_checkpoint(broker._published, vkey, witnesses=[witness], quorum=1)

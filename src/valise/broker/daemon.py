@@ -475,6 +475,7 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._pusher)
+                nursery.start_soon(self._cosign_on_connect, hello.seen)
                 await self._reader()
                 nursery.cancel_scope.cancel()
         finally:
@@ -880,6 +881,24 @@ class Session:
             log.info("cosign request to %s failed: %s", self.member, exc)
         finally:
             self._cosigns.pop(rid, None)
+
+    async def _cosign_on_connect(self, seen: int) -> None:
+        """Ask a witness that just connected to cosign the current checkpoint, consistent with the size it says
+        it verified. Checkpoints are otherwise cosigned only when the log grows; on a quiet log a node that
+        requires a quorum would wait for one forever."""
+        latest = self.d.log.latest
+        if latest is None or seen > latest.size:
+            return
+        got: list[note.Signature] = []
+        with trio.move_on_after(COSIGN_TIMEOUT):
+            await self.request_cosignature(latest.note, seen, got)
+        current = self.d.log.latest
+        if not got or current is None or current.size != latest.size:
+            return
+        try:
+            self.d._published = cosignature.add_cosignatures(self.d._published, got)
+        except Error as exc:  # already cosigned by this witness (a reconnect): keep the note as it is
+            log.info("not adding %s's cosignature again: %s", self.member, exc)
 
     def _cosign_response(self, msg: ev.CosignResponse) -> None:
         pending = self._cosigns.get(msg.rid)
