@@ -31,7 +31,14 @@ class Response:
 
 Resolver = Callable[[str], Awaitable[Response]]
 
-REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+}
 
 
 def _render(resp: Response, *, head_only: bool, keep_alive: bool) -> bytes:
