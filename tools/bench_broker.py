@@ -204,11 +204,11 @@ class Server:
         with open(f"/proc/{self.pid}/clear_refs", "w") as f:
             f.write("5")
 
-    def cpu(self) -> float:
-        """User + system CPU seconds used so far."""
+    def cpu(self) -> tuple[float, float]:
+        """User and system CPU seconds used so far."""
         with open(f"/proc/{self.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / self._ticks
+        return int(fields[11]) / self._ticks, int(fields[12]) / self._ticks
 
     def stop(self) -> None:
         if self.log.closed:
@@ -269,7 +269,8 @@ class Round:
 class Bench:
     """What the node tasks share: the round being measured and the packets in flight by head (or id)."""
 
-    def __init__(self, log_key: bytes) -> None:
+    def __init__(self, log_key: bytes, witnesses: int) -> None:
+        self.witnesses = witnesses  # nodes with a lower index cosign checkpoints; the others decline
         self.round = Round(0)
         self.by_head: dict[bytes, Pkt] = {}
         self.by_id: dict[bytes, Pkt] = {}
@@ -462,6 +463,9 @@ class ValiseNode:
         r.check()
 
     def cosign(self, msg: ev.CosignRequest) -> None:
+        if self.index >= self.bench.witnesses:
+            self.queue(ev.ErrorMessage(msg.rid, codes.REFUSED, f"{self.name} is not a witness in this benchmark"))
+            return
         try:
             cp = self.bench.witness_check(msg.checkpoint, msg.old, msg.proof)
         except Error as exc:
@@ -582,6 +586,7 @@ class RoundResult:
     p99_ms: float
     max_ms: float
     server_cpu_s: float
+    server_sys_s: float  # of which in the kernel (file system work shows here)
     client_cpu_s: float
     errors: int
 
@@ -621,7 +626,8 @@ async def run_round(
         r.errors.append(
             f"{label}: timed out: {r.receipts} receipts, {r.delivered} delivered, {r.acked} acks of {r.expected}"
         )
-    cpu, client = server.cpu() - cpu0, sum(os.times()[:2]) - client0
+    (user, system), client = server.cpu(), sum(os.times()[:2]) - client0
+    user, system = user - cpu0[0], system - cpu0[1]
     secs = max(r.t_last_receipt - r.t_start, 1e-9)
     for e in r.errors[:3]:
         print(f"  ! {e}", file=sys.stderr)
@@ -633,7 +639,8 @@ async def run_round(
         p50_ms=percentile(r.latencies, 0.5) * 1e3,
         p99_ms=percentile(r.latencies, 0.99) * 1e3,
         max_ms=max(r.latencies, default=math.nan) * 1e3,
-        server_cpu_s=cpu,
+        server_cpu_s=user + system,
+        server_sys_s=system,
         client_cpu_s=client,
         errors=len(r.errors),
     )
@@ -691,6 +698,7 @@ def summarise(rounds: list[RoundResult]) -> dict[str, Any]:
         "p50_ms": round(med("p50_ms"), 2),
         "p99_ms": round(med("p99_ms"), 2),
         "server_cpu_us_per_packet": round(sum(x.server_cpu_s for x in rounds) / pkts * 1e6, 1),
+        "server_sys_us_per_packet": round(sum(x.server_sys_s for x in rounds) / pkts * 1e6, 1),
         "client_cpu_us_per_packet": round(sum(x.client_cpu_s for x in rounds) / pkts * 1e6, 1),
         "errors": sum(x.errors for x in rounds),
         "rounds": [x.__dict__ for x in rounds],
@@ -709,6 +717,7 @@ class Plan:
     open_seconds: float
     open_rounds: int
     big: int
+    witnesses: int
 
 
 async def configuration(world: World, n: int, plan: Plan, work: Path, profile: Path | None) -> dict[str, Any]:
@@ -736,7 +745,7 @@ async def configuration(world: World, n: int, plan: Plan, work: Path, profile: P
 
     broker = start_broker(broker_dir, work)
     relay = start_relay(broker_dir, world.keys, work)
-    bench = Bench(home.log_key().public)
+    bench = Bench(home.log_key().public, plan.witnesses)
     out: dict[str, Any] = {"nodes": n, "depth": depth, "packets_per_round": plan.packets}
     spy: subprocess.Popen[bytes] | None = None
     try:
@@ -844,7 +853,8 @@ class Zeros(io.RawIOBase):
         return n
 
 
-async def big_packet(world: World, size: int, work: Path) -> dict[str, Any]:
+async def big_packet(world: World, plan: Plan, work: Path) -> dict[str, Any]:
+    size = plan.big
     broker_dir = work / "broker-big"
     shutil.copytree(world.template, broker_dir)
     home = BrokerHome.open(broker_dir)
@@ -872,7 +882,7 @@ async def big_packet(world: World, size: int, work: Path) -> dict[str, Any]:
     p = Pkt(head_bytes, head.head_size, head.core.packet_id, head.digest, 0, 1)
     total = path.stat().st_size
     broker = start_broker(broker_dir, work)
-    bench = Bench(home.log_key().public)
+    bench = Bench(home.log_key().public, plan.witnesses)
     try:
         a = ValiseNode(bench, 0, world.members[0], world.keys / name_of(0))
         b = ValiseNode(bench, 1, world.members[1], world.keys / name_of(1))
@@ -966,7 +976,7 @@ async def run(plan: Plan, work: Path, profile: Path | None) -> dict[str, Any]:
         print(f"{n} nodes", file=sys.stderr)
         results["configurations"].append(await configuration(world, n, plan, work, profile))
     print(f"one packet of {plan.big >> 20} MiB", file=sys.stderr)
-    results["big_packet"] = await big_packet(world, plan.big, work)
+    results["big_packet"] = await big_packet(world, plan, work)
     return results
 
 
@@ -1018,7 +1028,7 @@ def print_report(r: dict[str, Any]) -> None:
     print()
     hdr = (
         f"{'nodes':>5} {'':8} {'pkts/s':>8} {'deliv/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'srv µs/pkt':>10} {'cli µs/pkt':>10} {'RSS conn':>9} {'RSS peak':>9}"
+        f"{'srv µs/pkt':>10} {'(sys)':>6} {'cli µs/pkt':>10} {'RSS conn':>9} {'RSS peak':>9}"
     )
     print(hdr)
     for c in r["configurations"]:
@@ -1030,7 +1040,8 @@ def print_report(r: dict[str, Any]) -> None:
             print(
                 f"{c['nodes'] if side == 'valise' else '':>5} {side:8} {s['packets_per_s']:>8,} "
                 f"{s['delivered_per_s']:>8,} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
-                f"{s['server_cpu_us_per_packet']:>10.0f} {s['client_cpu_us_per_packet']:>10.0f} "
+                f"{s['server_cpu_us_per_packet']:>10.0f} {s['server_sys_us_per_packet']:>6.0f} "
+                f"{s['client_cpu_us_per_packet']:>10.0f} "
                 f"{rss0:>7.0f} M {rss1:>7.0f} M"
             )
         print(
@@ -1069,6 +1080,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=None, help="closed-loop rounds per side (default 5; quick 3)")
     ap.add_argument("--packets", type=int, default=None, help="packets per round (default 4000; quick 1500)")
     ap.add_argument("--big", type=int, default=None, metavar="MIB", help="large packet size (default 1024; quick 64)")
+    ap.add_argument(
+        "--witnesses",
+        type=int,
+        default=64,
+        help="how many nodes cosign checkpoints (default %(default)s: more than 99 crash the broker, see the report)",
+    )
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="py-spy the broker into DIR")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
     args = ap.parse_args()
@@ -1083,6 +1100,7 @@ def main() -> int:
         open_seconds=2.0 if args.quick else 5.0,
         open_rounds=3,
         big=(args.big or (64 if args.quick else 1024)) * MiB,
+        witnesses=args.witnesses,
     )
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-broker-") as tmp:
         results = trio.run(run, plan, Path(tmp), args.profile)
