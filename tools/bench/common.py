@@ -1,0 +1,124 @@
+"""Shared pieces of the peer benchmark: STIX bundles, server subprocesses (CPU and RSS from /proc), percentiles,
+the machine's description."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+PYTHON = sys.executable
+TOOLS = Path(__file__).resolve().parent.parent
+REPO = TOOLS.parent
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def stix_bundle(size: int, tag: str = "") -> bytes:
+    """A STIX 2.1 bundle of one indicator, padded in its description to `size` bytes of JSON (ids unique, so a
+    TAXII server that deduplicates by id and version stores every one)."""
+    oid = f"indicator--{uuid.uuid4()}"
+    obj = {
+        "type": "indicator",
+        "spec_version": "2.1",
+        "id": oid,
+        "created": "2026-11-25T00:00:00.000Z",
+        "modified": "2026-11-25T00:00:00.000Z",
+        "name": f"bench {tag}",
+        "description": "",
+        "pattern": "[ipv4-addr:value = '203.0.113.7']",
+        "pattern_type": "stix",
+        "valid_from": "2026-11-25T00:00:00Z",
+    }
+    bundle = {"type": "bundle", "id": f"bundle--{uuid.uuid4()}", "objects": [obj]}
+    base = len(json.dumps(bundle).encode())
+    obj["description"] = "x" * max(0, size - base)
+    return json.dumps(bundle).encode()
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    k = (len(s) - 1) * q
+    lo = math.floor(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+class Proc:
+    """A server subprocess; `port` is parsed from the first stdout line holding `pattern` (None: no wait)."""
+
+    def __init__(self, argv: list[str], log_path: Path, pattern: str | None, env: dict[str, str] | None = None) -> None:
+        self.log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE if pattern else self.log, stderr=self.log, env={**os.environ, **(env or {})}
+        )
+        self.pid = self.proc.pid
+        self.port = 0
+        self._ticks = os.sysconf("SC_CLK_TCK")
+        if pattern is not None:
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline().decode()
+            if pattern not in line:
+                self.stop()
+                raise SystemExit(f"server did not start ({' '.join(argv[:5])}...): {line!r}; see {log_path}")
+            self.port = int(line.split(pattern, 1)[1].strip().split()[0].rsplit(":", 1)[1].rstrip(","))
+
+    def cpu(self) -> float:
+        """User + system CPU seconds used so far by the process (its threads included)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self._ticks
+
+    def rss(self) -> dict[str, float]:
+        """VmRSS and VmHWM (peak) in MiB."""
+        out = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":")[0]] = int(line.split()[1]) / 1024
+        return out
+
+    def reset_peak(self) -> None:
+        """Reset VmHWM to the current RSS (Linux clear_refs 5), so a peak belongs to one phase."""
+        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+            f.write("5")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.log.close()
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "ram_gib": round(mem / (1 << 30), 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
