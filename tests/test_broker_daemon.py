@@ -210,3 +210,23 @@ async def test_a_witness_that_connects_is_asked_to_cosign_the_current_checkpoint
                 await trio.sleep(0.02)
         witness = cosignature.CosignatureVerifier("DEU", world.members["DEU"].bundle.sign_key)
         checkpoint.open_checkpoint(broker._published, vkey, witnesses=[witness], quorum=1)
+
+
+def test_a_published_checkpoint_carries_at_most_the_note_signature_limit() -> None:
+    """196 members may all witness; a note carries at most 100 signature lines (sumdb/note), so the broker keeps
+    the log's own and 99 cosignatures instead of failing to publish (which once stopped its checkpoints)."""
+    from valise.broker.daemon import BrokerDaemon
+    from valise.crypto import sign
+    from valise.crypto.seeded import seeded_random
+    from valise.tlog import checkpoint, cosignature, note
+
+    rnd = seeded_random(b"witnesses")
+    signer = note.Ed25519Signer("test.valise/log", sign.SigningKey(rnd(32)))
+    cp = checkpoint.Checkpoint("test.valise/log", 5, merkle.hash_leaf(b"x"))
+    signed = checkpoint.sign_checkpoint(cp, signer)
+    witnesses = [cosignature.Cosigner(f"W{i:03d}", sign.SigningKey(rnd(32))) for i in range(150)]
+    cosigs = [w.cosign(cp, 1_790_000_000) for w in witnesses]
+    published = BrokerDaemon._with_cosignatures(signed, cosigs)
+    assert len(note.parse_note(published).signatures) == note.MAX_SIGNATURES
+    verifiers = [w.verifier() for w in witnesses[:99]]
+    checkpoint.open_checkpoint(published, signer.verifier(), witnesses=verifiers, quorum=99)

@@ -259,11 +259,25 @@ class BrokerDaemon:
         if latest is not None and self.store.size() == latest.size:
             return
         previous = latest.size if latest else 0
-        signed = self.log.sign()
+        try:
+            signed = self.log.sign()
+        except Error:
+            # The store no longer matches what was signed (altered, or restored from an old backup): refuse to
+            # sign, keep serving the last checkpoint, and say so loudly. Never crash the daemon over it.
+            log.exception("refusing to sign a checkpoint")
+            return
         self._published = signed.note
         cosigs = await self._gather_cosignatures(signed.note, previous)
         if cosigs and self.log.latest is not None and self.log.latest.size == signed.size:
-            self._published = cosignature.add_cosignatures(signed.note, cosigs)
+            self._published = self._with_cosignatures(signed.note, cosigs)
+
+    @staticmethod
+    def _with_cosignatures(signed_note: bytes, cosigs: list[note.Signature]) -> bytes:
+        """The note with as many cosignatures as a note may carry: the log's line plus at most
+        MAX_SIGNATURES - 1 (Go's sumdb/note limit, which tlog clients everywhere enforce), in member-id order."""
+        room = note.MAX_SIGNATURES - len(note.parse_note(signed_note).signatures)
+        chosen = sorted(cosigs, key=lambda s: s.name)[: max(room, 0)]
+        return cosignature.add_cosignatures(signed_note, chosen)
 
     async def _gather_cosignatures(self, signed_note: bytes, old: int) -> list[note.Signature]:
         witnesses = [s for s in self.sessions.values() if s.ready]
@@ -896,7 +910,8 @@ class Session:
         if not got or current is None or current.size != latest.size:
             return
         try:
-            self.d._published = cosignature.add_cosignatures(self.d._published, got)
+            if len(note.parse_note(self.d._published).signatures) < note.MAX_SIGNATURES:
+                self.d._published = cosignature.add_cosignatures(self.d._published, got)
         except Error as exc:  # already cosigned by this witness (a reconnect): keep the note as it is
             log.info("not adding %s's cosignature again: %s", self.member, exc)
 
