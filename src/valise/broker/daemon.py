@@ -332,7 +332,11 @@ class BrokerDaemon:
         """Pick up records that operator commands append directly to the store while we run."""
         while True:
             await trio.sleep(self.settings.policy_poll)
-            size = self.store.size()
+            try:
+                size = self.store.size()
+            except Error:
+                log.exception("reading the log size failed")
+                continue
             if size > self.policy.size and not self._waiters:
                 self._fold(size)
                 self._refresh_tls()
@@ -342,7 +346,10 @@ class BrokerDaemon:
     async def _purger(self) -> None:
         while True:
             await trio.sleep(self.settings.purge_interval)
-            await self.purge_expired()
+            try:
+                await self.purge_expired()
+            except Error:  # e.g. the store is busy or full: try again next round, keep serving meanwhile
+                log.exception("purging expired packets failed")
 
     async def purge_expired(self) -> None:
         now = self.now()
