@@ -9,9 +9,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 
 COLORS = {"valise-nodes": "#1f77b4", "valise-wire": "#2ca02c", "bare relay": "#7f7f7f", "medallion": "#d62728"}
 MARKERS = {"valise-nodes": "s", "valise-wire": "o", "bare relay": "^", "medallion": "D"}
+
+
+def _plain_log(ax: Any) -> None:
+    """Log y axis labelled 1, 10, 100, 1,000 rather than powers of ten; no minor labels."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _curve(ax: Any, rows: dict[str, Any], metric: str, label: str) -> None:
@@ -21,7 +29,7 @@ def _curve(ax: Any, rows: dict[str, Any], metric: str, label: str) -> None:
         if xs:
             ax.plot(xs, ys, marker=MARKERS[system], color=COLORS[system], label=system)
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    _plain_log(ax)
     ax.set_xlabel(label)
     ax.grid(True, which="both", alpha=0.3)
 
@@ -66,7 +74,7 @@ def headline(r: dict[str, Any], out: Path) -> Path:
         bars = ax.bar(systems, vals, color=[COLORS[s] for s in systems])
         ax.set_title(label)
         if log:
-            ax.set_yscale("log")
+            _plain_log(ax)
         for bar, v in zip(bars, vals, strict=True):
             ax.annotate(f"{v:,.1f}" if v < 100 else f"{v:,.0f}", (bar.get_x() + bar.get_width() / 2, v),
                         ha="center", va="bottom", fontsize=9)  # fmt: skip
@@ -94,7 +102,7 @@ def log_curve(r: dict[str, Any], out: Path) -> Path:
     b.set_title("verification of the whole log vs log size")
     for ax in (a, b):
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        _plain_log(ax)
         ax.set_xlabel("log size (entries)")
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -498,11 +498,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, metavar="OUT", help="write every figure to OUT as JSON")
     ap.add_argument("--plots", type=Path, default=REPO / "docs" / "benchmarks", help="where to write the PNGs")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    ap.add_argument("--markdown", type=Path, default=None, metavar="OUT", help="write the tables as Markdown")
+    ap.add_argument("--from-json", type=Path, default=None, metavar="IN", help="report (and plot) a saved run")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
     args = ap.parse_args(argv)
-    plan = plan_for(args.quick)
-    with tempfile.TemporaryDirectory(dir=args.dir, prefix="valise-bench-") as tmp:
-        results = trio.run(run, plan, Path(tmp))
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+    else:
+        plan = plan_for(args.quick)
+        with tempfile.TemporaryDirectory(dir=args.dir, prefix="valise-bench-") as tmp:
+            results = trio.run(run, plan, Path(tmp))
     results["ratios"] = ratios(results)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
@@ -511,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in plots.write_all(results, args.plots):
             say(f"wrote {path}")
+    if args.markdown is not None:
+        import markdown
+
+        args.markdown.write_text(markdown.render(results))
     print(report(results))
     return 0
 
