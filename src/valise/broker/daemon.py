@@ -108,6 +108,7 @@ class BrokerDaemon:
         self._reconcile()
         self.sessions: dict[str, Session] = {}
         self._waiters: list[_Waiter] = []
+        self._confirmations: list[tuple[str, str, bytes]] = []
         self._wake_committer = trio.Event()
         self._policy_lock = trio.Lock()
         self._policy_lock_file = open(home.policy_lock_path, "a+b")  # noqa: SIM115 - held for the daemon's life
@@ -219,9 +220,22 @@ class BrokerDaemon:
             await trio.sleep(self.settings.flush_interval)  # gather more entries into this batch
             self._commit_batch()
 
+    def confirm_later(self, member: str, kind: str, digest: bytes) -> None:
+        """Take a confirmed notice out of a mailbox in the next batch's transaction, not in one of its own.
+
+        A confirmation lost in a crash only means the notice is pushed once more, which members ignore (they keep
+        items by digest), so it need not cost an fsync of its own; batched, thousands cost one."""
+        self._confirmations.append((member, kind, digest))
+        self._wake_committer.set()
+
     def _commit_batch(self) -> None:
         waiters, self._waiters = self._waiters, []
+        confirmations, self._confirmations = self._confirmations, []
         if not waiters:
+            if confirmations:
+                with self.mail.batch():
+                    for member, kind, digest in confirmations:
+                        self.mail.remove(member, kind, digest)
             return
         try:
             indexes = self.log.flush()
@@ -233,6 +247,8 @@ class BrokerDaemon:
             return
         self._fold(indexes.stop)
         with self.mail.batch():
+            for member, kind, digest in confirmations:
+                self.mail.remove(member, kind, digest)
             for w, index in zip(waiters, indexes, strict=True):
                 w.index = index
                 if w.on_commit is not None:
@@ -441,12 +457,17 @@ class Session:
         self._cosigns: dict[int, tuple[bytes, list[note.Signature], trio.Event]] = {}
         self._nursery: trio.Nursery | None = None
         self._closing: tuple[str, str] | None = None
+        self._said_last_word = False
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
     async def send(self, msg: ev.Message) -> None:
         async with self._send_lock:
+            if self._said_last_word:
+                return  # goodbye or a fatal error went out: the other tasks' frames are moot now
             data = self.conn.send(msg)
+            if isinstance(msg, ev.Goodbye) or (isinstance(msg, ev.ErrorMessage) and msg.rid is None):
+                self._said_last_word = True
             await self.stream.send_all(data)
 
     def wake(self) -> None:
@@ -577,7 +598,7 @@ class Session:
         elif isinstance(event, ev.Seen):
             item = self._pushed.pop(event.seq, None)
             if item is not None:
-                self.d.mail.remove(self.member, item.kind, item.digest)
+                self.d.confirm_later(self.member, item.kind, item.digest)
             self._wake.set()
         elif isinstance(event, ev.Retract):
             await self._retract(event)
