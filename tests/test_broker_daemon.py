@@ -189,6 +189,9 @@ async def test_undelivered_packets_are_purged_at_expiry_and_the_purge_is_logged(
     purges = [m for kind, m in kinds if kind == "purge"]
     assert [(m["digest"], m["recipient"]) for m in purges] == [(head.digest, "DEU")]
     assert not (world.home.root / "spool" / f"{head.digest.hex()}.pkt").exists()
+    from valise.broker.mailbox import Mailboxes
+
+    assert Mailboxes.open(world.home.root / "mailbox.db").body(head.digest) is None  # the small body went too
 
 
 async def test_a_witness_that_connects_is_asked_to_cosign_the_current_checkpoint(tmp_path: Path) -> None:
@@ -230,3 +233,27 @@ def test_a_published_checkpoint_carries_at_most_the_note_signature_limit() -> No
     assert len(note.parse_note(published).signatures) == note.MAX_SIGNATURES
     verifiers = [w.verifier() for w in witnesses[:99]]
     checkpoint.open_checkpoint(published, signer.verifier(), witnesses=verifiers, quorum=99)
+
+
+async def test_a_packet_logged_before_a_crash_is_queued_at_its_index_when_resubmitted(tmp_path: Path) -> None:
+    """A crash between the log append and the mailbox commit loses a small packet's body, not the packet: the
+    sender (who got no receipt) resubmits, and the broker queues it at the index already logged, adding nothing."""
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"logged, then the broker died")
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    with SqliteLog.open(world.home.db_path) as store:  # what the committer had made durable before the crash
+        index = store.append([records.packet_entry(head.header.raw, head.signature, int(time.time()))])
+        size = store.size()
+    async with running_broker(world) as broker:
+        assert broker.orphans[("FRA", head.core.packet_id)][0] == index
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            receipt = await fra.submit(data)
+            assert isinstance(receipt, ev.Receipt)
+            assert receipt.index == index
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            _, got = await deu.receive_delivery()
+            assert got == data
+    with SqliteLog.open(world.home.db_path) as store:
+        kinds = [records.entry_type(e)[0] for e in store.entries(size, store.size())]
+    assert "pkt" not in kinds  # nothing was logged twice

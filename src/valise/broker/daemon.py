@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import logging
 import os
 import ssl
@@ -21,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import trio
 
@@ -29,7 +30,7 @@ from valise import encoding, records, tls
 from valise.broker import http, relay
 from valise.broker.home import BrokerHome
 from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
-from valise.broker.spool import Spool, Upload
+from valise.broker.spool import InlineUpload, Spool, Upload
 from valise.errors import Error, PolicyError, ProtocolError, StatementError
 from valise.genesis import Genesis
 from valise.identity import PublicBundle
@@ -105,6 +106,7 @@ class BrokerDaemon:
         self.policy = PolicyState(cfg.origin, self.genesis.operator_key, verify_signatures=False)
         self._fold(self.store.size())
         self.policy.verify_signatures = True
+        self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = {}  # (sender, id) → (index, digest, at)
         self._reconcile()
         self.sessions: dict[str, Session] = {}
         self._waiters: list[_Waiter] = []
@@ -156,11 +158,18 @@ class BrokerDaemon:
             header = Header.parse(m["header"])
             digest = hashlib.sha256(header.raw).digest()
             path = self.spool.path(digest)
-            if self.mail.packet(digest) is None and path.exists():
-                core = header.core
+            if self.mail.packet(digest) is not None:
+                continue
+            core = header.core
+            if path.exists():
                 row = PacketRow(digest, core.sender, core.packet_id, index, core.expires, path.stat().st_size, m["at"])
                 self.mail.record_packet(row, core.recipients)
                 log.warning("re-queued packet at log index %d after an interrupted commit", index)
+            else:
+                # A small packet's body travels in the mailbox transaction that the crash lost. Its sender got no
+                # receipt and will resubmit; that resubmission is queued at this index instead of logged again.
+                self.orphans[(core.sender, core.packet_id)] = (index, digest, m["at"])
+                log.warning("packet at log index %d awaits its sender's resubmission", index)
 
     @asynccontextmanager
     async def policy_writer(self) -> AsyncIterator[None]:
@@ -451,7 +460,8 @@ class Session:
         self._send_lock = trio.Lock()
         self._wake = trio.Event()
         self._credit = trio.Event()
-        self._uploads: dict[int, Upload | None] = {}  # rid → upload being received (None: refused, discard)
+        # rid → the upload being received (None: refused, its chunks are discarded)
+        self._uploads: dict[int, Upload | InlineUpload | None] = {}
         self._pushed: dict[int, MailItem] = {}  # seq → item pushed and awaiting confirmation
         self._last_seq = 0
         self._cosigns: dict[int, tuple[bytes, list[note.Signature], trio.Event]] = {}
@@ -642,7 +652,7 @@ class Session:
         else:
             # Admitted or a duplicate: receive the ciphertext either way (the grammar needs the upload to end);
             # a duplicate is checked again against what was spooled and answered with its existing receipt.
-            self._uploads[msg.rid] = self.d.spool.begin(head, msg.head, duplicate=isinstance(outcome, relay.Duplicate))
+            self._uploads[msg.rid] = self.d.spool.begin(head, msg.head)
 
     async def _submit_chunk(self, msg: ev.SubmitChunk) -> None:
         upload = self._uploads.get(msg.rid)
@@ -661,7 +671,7 @@ class Session:
         if upload is None:
             return  # already answered (refused or failed)
         try:
-            path = upload.finish()
+            stored = upload.finish()  # the verified bytes (small packets) or the spool file
         except Error as exc:
             await self.send(ev.ErrorMessage(msg.rid, codes.HASH_MISMATCH, str(exc)))
             return
@@ -679,15 +689,28 @@ class Session:
                     reasons = tuple(ev.DenyReason(to, r) for to, r in outcome.reasons)
                     await self.send(ev.Deny(msg.rid, core.packet_id, reasons))
                 return
-            at = self.d.now()
-            size = path.stat().st_size
-
-            def queue(index: int) -> None:
+            body = stored if isinstance(stored, bytes) else None
+            size = len(stored) if isinstance(stored, bytes) else stored.stat().st_size
+            orphan = self.d.orphans.pop((self.member, core.packet_id), None)
+            if orphan is not None and orphan[1] != head.digest:
+                self.d.orphans[(self.member, core.packet_id)] = orphan
+                what = f"packet id {core.packet_id.hex()} was already logged by {self.member} for another packet"
+                await self.send(ev.ErrorMessage(msg.rid, codes.REPLAY, what))
+                return
+            if orphan is not None:
+                # Logged before a crash that lost its small body: queue it at its existing index, log nothing new.
+                index, at = orphan[0], orphan[2]
                 row = PacketRow(head.digest, self.member, core.packet_id, index, core.expires, size, at)
-                self.d.mail.record_packet(row, core.recipients)
+                self.d.mail.record_packet(row, core.recipients, body)
+            else:
+                at = self.d.now()
 
-            entry = records.packet_entry(head.header.raw, head.signature, at)
-            index = await self.d.append(entry, queue)
+                def queue(index: int) -> None:
+                    row = PacketRow(head.digest, self.member, core.packet_id, index, core.expires, size, at)
+                    self.d.mail.record_packet(row, core.recipients, body)
+
+                entry = records.packet_entry(head.header.raw, head.signature, at)
+                index = await self.d.append(entry, queue)
         else:
             # The same packet again (a retry after a lost receipt). Its mailbox rows were made in the same
             # transaction as its packet row, so there is nothing to queue: only the receipt was lost. The body
@@ -874,9 +897,9 @@ class Session:
                     await self.send(ev.RetractForward(item.seq, pid, by, body["index"], notice))
 
     async def _push_packet(self, item: MailItem) -> bool:
-        path = self.d.spool.path(item.digest)
+        body = self.d.mail.body(item.digest)
         try:
-            f = path.open("rb")
+            f: BinaryIO = io.BytesIO(body) if body is not None else self.d.spool.path(item.digest).open("rb")
         except OSError:
             log.error("spooled packet %s for %s is missing", item.digest.hex(), self.member)
             return False
@@ -884,7 +907,7 @@ class Session:
             prefix = f.read(PREFIX_SIZE)
             head_size = PREFIX_SIZE + parse_prefix(prefix) + SIGNATURE_SIZE
             head = prefix + f.read(head_size - PREFIX_SIZE)
-            size = os.fstat(f.fileno()).st_size - head_size
+            size = (len(body) if body is not None else os.fstat(f.fileno()).st_size) - head_size
             await self.send(ev.DeliverBegin(item.seq, head, size))
             chunk_limit = self.conn.peer_limits.chunk if self.conn.peer_limits else 65536
             remaining = size
