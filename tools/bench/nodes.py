@@ -44,8 +44,10 @@ def start_nodes(world: World, work: Path, n: int, broker_port: int) -> list[tupl
 
 async def wait_connected(nodes: list[tuple[Path, Proc]]) -> None:
     with trio.fail_after(CONNECT_S):
-        for d, _ in nodes:
+        for d, proc in nodes:
             while True:
+                if proc.proc.poll() is not None:
+                    raise SystemExit(f"the node daemon in {d} exited (see its log next to it)")
                 with contextlib.suppress(Exception):
                     st = await call(d, {"op": "status"})
                     if st.get("connected") and st.get("log", {}).get("members", 0) > 0:
