@@ -257,3 +257,36 @@ async def test_a_packet_logged_before_a_crash_is_queued_at_its_index_when_resubm
     with SqliteLog.open(world.home.db_path) as store:
         kinds = [records.entry_type(e)[0] for e in store.entries(size, store.size())]
     assert "pkt" not in kinds  # nothing was logged twice
+
+
+async def test_pipelined_submissions_share_batches_and_the_same_packet_twice_is_logged_once(tmp_path: Path) -> None:
+    """The reader does not wait for each commit: 16 submissions in flight land in a few batches, and a packet
+    submitted twice while its first copy is still committing gets one log entry and two equal receipts."""
+    world = _world(tmp_path)
+    packets = [seal(world, "FRA", ["DEU"], b"p%d" % i) for i in range(15)]
+    async with (
+        running_broker(world, flush_interval=0.05) as broker,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+    ):
+        rids = []
+        for data in [*packets, packets[0]]:
+            head = packet.parse_head(data)
+            assert isinstance(head, packet.Head)
+            rid = fra.conn.new_rid()
+            await fra.send(ev.SubmitBegin(rid, data[: head.head_size], len(data) - head.head_size))
+            await fra.send(ev.SubmitChunk(rid, data[head.head_size :]))
+            await fra.send(ev.SubmitEnd(rid))
+            rids.append(rid)
+        receipts: dict[int, ev.Receipt] = {}
+        while len(receipts) < len(rids):
+            event = await fra.next()
+            if isinstance(event, ev.Receipt):
+                receipts[event.rid] = event
+        # Waiting for each commit before reading the next submission would take one batch per packet.
+        assert broker.batches <= 5, broker.batches
+    indexes = [receipts[r].index for r in rids]
+    assert indexes[-1] == indexes[0]  # the duplicate got the first copy's index
+    assert len(set(indexes)) == 15
+    with SqliteLog.open(world.home.db_path) as store:
+        kinds = [records.entry_type(e)[0] for e in store.entries(min(indexes), store.size())]
+    assert kinds.count("pkt") == 15

@@ -35,6 +35,7 @@ from valise.errors import Error, PolicyError, ProtocolError, StatementError
 from valise.genesis import Genesis
 from valise.identity import PublicBundle
 from valise.logservice import LogService
+from valise.packet import Head
 from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, Header, parse_prefix
 from valise.policy import records as policy_records
 from valise.policy.state import ACTIVE, PolicyState
@@ -77,6 +78,12 @@ class _Waiter:
     index: int = -1
     error: BaseException | None = None
 
+    async def result(self) -> int:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.index
+
 
 # What a peer can cause by going away or by speaking broken TLS: routine, logged at info level.
 DISCONNECTS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, tls.TLSPeerError)
@@ -111,6 +118,7 @@ class BrokerDaemon:
         self.sessions: dict[str, Session] = {}
         self._waiters: list[_Waiter] = []
         self._confirmations: list[tuple[str, str, bytes]] = []
+        self.batches = 0  # commit batches so far (a log entry's group commit shares one with the others queued)
         self._wake_committer = trio.Event()
         self._policy_lock = trio.Lock()
         self._policy_lock_file = open(home.policy_lock_path, "a+b")  # noqa: SIM115 - held for the daemon's life
@@ -211,16 +219,17 @@ class BrokerDaemon:
 
     # --- the committer: group commit ------------------------------------------------------------------------
 
-    async def append(self, entry: bytes, on_commit: Callable[[int], None] | None = None) -> int:
-        """Append `entry` to the log durably; `on_commit(index)` runs in the batch's mailbox transaction."""
+    def enqueue(self, entry: bytes, on_commit: Callable[[int], None] | None = None) -> _Waiter:
+        """Queue `entry` for the next batch; `on_commit(index)` runs in the batch's mailbox transaction."""
         self.log.add(entry, trio.current_time())
         waiter = _Waiter(entry, on_commit)
         self._waiters.append(waiter)
         self._wake_committer.set()
-        await waiter.done.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.index
+        return waiter
+
+    async def append(self, entry: bytes, on_commit: Callable[[int], None] | None = None) -> int:
+        """Append `entry` to the log durably and return its index."""
+        return await self.enqueue(entry, on_commit).result()
 
     async def _committer(self) -> None:
         while True:
@@ -254,6 +263,7 @@ class BrokerDaemon:
                 w.error = exc
                 w.done.set()
             return
+        self.batches += 1
         self._fold(indexes.stop)
         with self.mail.batch():
             for member, kind, digest in confirmations:
@@ -463,6 +473,7 @@ class Session:
         # rid → the upload being received (None: refused, its chunks are discarded)
         self._uploads: dict[int, Upload | InlineUpload | None] = {}
         self._pushed: dict[int, MailItem] = {}  # seq → item pushed and awaiting confirmation
+        self._inflight: dict[tuple[str, bytes], tuple[bytes, _Waiter, int]] = {}  # (sender, id) → (digest, waiter, at)
         self._last_seq = 0
         self._cosigns: dict[int, tuple[bytes, list[note.Signature], trio.Event]] = {}
         self._nursery: trio.Nursery | None = None
@@ -703,14 +714,26 @@ class Session:
                 row = PacketRow(head.digest, self.member, core.packet_id, index, core.expires, size, at)
                 self.d.mail.record_packet(row, core.recipients, body)
             else:
-                at = self.d.now()
+                key = (self.member, core.packet_id)
+                inflight = self._inflight.get(key)
+                if inflight is not None and inflight[0] != head.digest:
+                    what = f"packet id {core.packet_id.hex()} is in flight from {self.member} for another packet"
+                    await self.send(ev.ErrorMessage(msg.rid, codes.REPLAY, what))
+                    return
+                if inflight is None:
+                    at = self.d.now()
 
-                def queue(index: int) -> None:
-                    row = PacketRow(head.digest, self.member, core.packet_id, index, core.expires, size, at)
-                    self.d.mail.record_packet(row, core.recipients, body)
+                    def queue(index: int) -> None:
+                        row = PacketRow(head.digest, self.member, core.packet_id, index, core.expires, size, at)
+                        self.d.mail.record_packet(row, core.recipients, body)
 
-                entry = records.packet_entry(head.header.raw, head.signature, at)
-                index = await self.d.append(entry, queue)
+                    entry = records.packet_entry(head.header.raw, head.signature, at)
+                    inflight = self._inflight[key] = (head.digest, self.d.enqueue(entry, queue), at)
+                # The reader goes on with the next frames while the batch commits: one connection can then have
+                # many packets in one batch instead of one per commit cycle (the wire's request limit bounds it).
+                assert self._nursery is not None
+                self._nursery.start_soon(self._receipt_after_commit, msg.rid, head, key, inflight)
+                return
         else:
             # The same packet again (a retry after a lost receipt). Its mailbox rows were made in the same
             # transaction as its packet row, so there is nothing to queue: only the receipt was lost. The body
@@ -724,6 +747,26 @@ class Session:
             self.d.identity.signing, self.d.origin, index, head.digest, core.packet_id, self.member, at
         )
         await self.send(ev.Receipt(msg.rid, core.packet_id, index, head.digest, receipt.raw))
+
+    async def _receipt_after_commit(
+        self, rid: int, head: Head, key: tuple[str, bytes], inflight: tuple[bytes, _Waiter, int]
+    ) -> None:
+        _, waiter, at = inflight
+        try:
+            index = await waiter.result()
+        except Error as exc:
+            await self.send(ev.ErrorMessage(rid, codes.INTERNAL, f"the log could not take the packet: {exc}"))
+            return
+        finally:
+            if self._inflight.get(key) is inflight:
+                del self._inflight[key]
+        core = head.core
+        for r in core.recipients:
+            self.d.wake(r)
+        receipt = records.Receipt.make(
+            self.d.identity.signing, self.d.origin, index, head.digest, core.packet_id, self.member, at
+        )
+        await self.send(ev.Receipt(rid, core.packet_id, index, head.digest, receipt.raw))
 
     # --- confirmations, retractions, statements ------------------------------------------------------------
 
