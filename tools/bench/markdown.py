@@ -45,7 +45,8 @@ def curve(r: dict[str, Any], key: str, what: str) -> str:
         cells = []
         for s in present:
             x = row.get(s)
-            cells += [_num(x["packets_per_s"]), _num(x["p99_ms"], 0)] if x else ["—", "—"]
+            flag = f" ({x['errors']} errors)" if x and x["errors"] else ""
+            cells += [_num(x["packets_per_s"]) + flag, _num(x["p99_ms"], 0)] if x else ["—", "—"]
         rows.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
