@@ -290,3 +290,27 @@ async def test_pipelined_submissions_share_batches_and_the_same_packet_twice_is_
     with SqliteLog.open(world.home.db_path) as store:
         kinds = [records.entry_type(e)[0] for e in store.entries(min(indexes), store.size())]
     assert kinds.count("pkt") == 15
+
+
+async def test_the_sender_gets_every_recipients_acknowledgement(tmp_path: Path) -> None:
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU", "ITA"], b"to two desks")
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        assert isinstance(await fra.submit(data), ev.Receipt)
+        for member in ("DEU", "ITA"):
+            async with WireClient.connect(world, member, broker.port) as rcpt:
+                seq, _ = await rcpt.receive_delivery()
+                ack = records.Ack.make(
+                    world.members[member].signing, head.core.packet_id, head.digest, "FRA", member, int(time.time())
+                )
+                await rcpt.send(ev.Ack(seq, head.core.packet_id, ack.raw))
+                await rcpt.send(ev.Ping(1))
+                await rcpt.next_of(ev.Pong)  # the ack was read before we leave
+        by = set()
+        for _ in range(2):
+            forwarded = await fra.next_of(ev.AckForward)
+            assert isinstance(forwarded, ev.AckForward)
+            by.add(forwarded.by)
+        assert by == {"DEU", "ITA"}

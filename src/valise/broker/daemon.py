@@ -786,7 +786,10 @@ class Session:
 
         def done(index: int) -> None:
             self.d.mail.remove(self.member, "packet", item.digest)
-            self.d.mail.post(sender, "ack", item.digest, encoding.pack({"index": index, "notice": ack.raw}))
+            # A notice's mailbox key is the hash of the signed notice: one packet to several recipients brings
+            # its sender one acknowledgement from each, not one in all.
+            notice_key = hashlib.sha256(ack.raw).digest()
+            self.d.mail.post(sender, "ack", notice_key, encoding.pack({"index": index, "notice": ack.raw}))
             self.d.spool.drop_unreferenced(self.d.mail, [item.digest])
 
         await self.d.append(records.ack_entry(ack), done)

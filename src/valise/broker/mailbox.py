@@ -35,11 +35,12 @@ CREATE TABLE IF NOT EXISTS mailbox (
     member  TEXT NOT NULL,
     seq     INTEGER NOT NULL,
     kind    TEXT NOT NULL CHECK (kind IN ('packet', 'ack', 'retract')),
-    digest  BLOB NOT NULL,         -- the packet the item is about
+    digest  BLOB NOT NULL,         -- the packet (a packet or a retraction), or the hash of the signed ack
     body    BLOB,                  -- the signed notice, for 'ack' and 'retract'
     PRIMARY KEY (member, seq)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS mailbox_unique ON mailbox (member, kind, digest);
+CREATE INDEX IF NOT EXISTS mailbox_by_digest ON mailbox (digest, kind);  -- unreferenced(): no table scans
 CREATE TABLE IF NOT EXISTS counters (member TEXT PRIMARY KEY, next_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS bodies (
     digest  BLOB PRIMARY KEY,      -- a small packet kept here, in the batch's transaction, not as a spool file
