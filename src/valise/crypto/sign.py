@@ -49,7 +49,14 @@ class SigningKey:
 
 def verify(public: bytes, label: bytes, message: bytes, signature: bytes, *, what: str) -> None:
     """Check an Ed25519 signature over `label ‖ message`; raise SignatureError naming `what` if it fails."""
-    verify_raw(public, label + message, signature, what=what)
+    # One concatenation and one call layer fewer than verify_raw(label + message): this is the broker's per-packet
+    # path, measured against a raw verify (tools/bench_packet.py).
+    if len(public) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
+        verify_raw(public, message, signature, what=what)  # raises, naming the wrong length
+    try:
+        nacl.bindings.crypto_sign_open(signature + label + message, public)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+        raise SignatureError(f"{what}: signature does not verify") from None
 
 
 def verify_raw(public: bytes, message: bytes, signature: bytes, *, what: str) -> None:
