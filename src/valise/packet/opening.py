@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 
@@ -65,9 +65,11 @@ class Opened:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Inspection:
-    """What a broker sees: no payload, no key, but every signed fact and its verification status."""
+class Inspection(NamedTuple):
+    """What a broker sees: no payload, no key, but every signed fact and its verification status.
+
+    A NamedTuple rather than a frozen dataclass: just as immutable, and built in a third of the time, which
+    counts on the broker's per-packet path (tools/bench_packet.py, inspect+verify against a raw verify)."""
 
     packet_id: bytes
     sender: str
