@@ -504,3 +504,11 @@ def test_spec_vector() -> None:
     nacl.signing.VerifyKey(key.public).verify(b"valise/v1/policy-stmt\x00" + body, sig)
     assert hashlib.sha256(body).hexdigest() == "416778f9d9e076d642d89bc695de9b1a233a6884d8cba34efdc903e1d72b0f5f"
     assert records.parse_policy(entry).id == hashlib.sha256(body).digest()
+
+
+def test_skipped_positions_only_move_forward() -> None:
+    state = PolicyState("test.valise/log", bytes(32))
+    state.skip_to(5)  # five entries this reader holds only as leaf hashes
+    assert state.size == 5
+    with pytest.raises(PolicyError, match="cannot go back"):
+        state.skip_to(4)

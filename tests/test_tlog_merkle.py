@@ -252,3 +252,15 @@ def test_consistency_proofs_verify_and_mutations_fail(case: tuple[int, int], pic
     if 1 < size1 < size2:
         with pytest.raises(ProofError):
             merkle.verify_consistency(size1 - 1, size2, proof, merkle.tree_hash(size1 - 1, BIG), root2)
+
+
+def test_a_compact_range_resumes_from_its_saved_state() -> None:
+    leaves = [merkle.hash_leaf(bytes([i])) for i in range(13)]
+    r = merkle.CompactRange()
+    r.extend(leaves[:7])
+    resumed = merkle.CompactRange.resume(*r.state())
+    resumed.extend(leaves[7:])
+    assert resumed.root() == merkle.root_from_leaf_hashes(leaves)
+    size, stack = r.state()
+    with pytest.raises(ProofError, match="cannot have"):
+        merkle.CompactRange.resume(size + 1, stack)

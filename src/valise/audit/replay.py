@@ -125,7 +125,7 @@ class Replayer:
             kind, m = _entry(entry)
         except EncodingError as exc:
             self._find(index, "genesis" if index == 0 else "entry-malformed", exc.what)
-            self.policy.size += 1
+            self.policy.skip_to(self.policy.size + 1)
             return
         if index == 0 or kind == "genesis":
             self._genesis(index, entry)
@@ -142,7 +142,7 @@ class Replayer:
             self._purge(index, m, entry)
         else:
             self._find(index, "entry-malformed", f"unknown entry type {kind[:40]!r}")
-        self.policy.size += 1
+        self.policy.skip_to(self.policy.size + 1)
 
     def _genesis(self, index: int, entry: bytes) -> None:
         if index != 0:
@@ -162,7 +162,7 @@ class Replayer:
             self.policy.apply(entry)
         except Error as exc:
             self._find(index, "policy-refused", str(exc))
-            self.policy.size += 1
+            self.policy.skip_to(self.policy.size + 1)
             return
         self.policy_entries.append((index, entry))
 
@@ -370,10 +370,10 @@ class Replayer:
             r.policy = PolicyState(origin, key, verify_signatures=False)
         for i, e in value["policy_entries"]:
             entry = bytes.fromhex(e)
-            r.policy.size = i
+            r.policy.skip_to(i)
             r.policy.apply(entry)
             r.policy_entries.append((i, entry))
-        r.policy.size = value["size"]
+        r.policy.skip_to(value["size"])
         r.policy.verify_signatures = True
         for row in value["packets"]:
             p = Relayed.from_json(row)

@@ -203,7 +203,9 @@ def audit(
             if i < len(b.entries):
                 replay.feed(index, b.entries[i])
             else:
-                replay.policy.size += 1  # a missing entry: nothing to replay, keep positions aligned
+                replay.policy.skip_to(
+                    replay.policy.size + 1
+                )  # a missing entry: nothing to replay, keep positions aligned
         if len(replay.checks) >= CHUNK:
             flush_checks()
         if progress is not None:

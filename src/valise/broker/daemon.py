@@ -149,7 +149,7 @@ class BrokerDaemon:
                     # An entry the policy refuses (appended by another writer that raced us) stays in the log
                     # with no effect; an auditor's replay reports it the same way.
                     log.error("log entry %d has no policy effect: %s", self.policy.size, exc)
-                    self.policy.size += 1
+                    self.policy.skip_to(self.policy.size + 1)
 
     def _reconcile(self) -> None:
         """Queue packets that reached the log but not the mailboxes (a crash between the two steps).

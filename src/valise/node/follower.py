@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from valise import encoding, records
-from valise.errors import CheckpointError, EncodingError, Error, NoteError, PolicyError
+from valise.errors import CheckpointError, EncodingError, Error, NoteError, PolicyError, ProofError
 from valise.genesis import Genesis
 from valise.packet.format import Header
 from valise.policy import PolicyState
@@ -78,17 +78,15 @@ def parse_genesis(entry: bytes, origin: str) -> Genesis:
 
 def range_stack(r: merkle.CompactRange) -> list[bytes]:
     """The complete-subtree hashes of a compact range, left to right (what must be saved to resume it)."""
-    return list(r._stack)
+    return r.state()[1]
 
 
 def range_from(size: int, stack: Sequence[bytes]) -> merkle.CompactRange:
     """Rebuild a compact range of `size` leaves from its saved subtree hashes (one per set bit of `size`)."""
-    if len(stack) != bin(size).count("1") or any(len(h) != merkle.HASH_SIZE for h in stack):
-        raise CheckpointError(f"saved compact range does not fit a tree of {size} leaves")
-    r = merkle.CompactRange()
-    r.size = size
-    r._stack = list(stack)
-    return r
+    try:
+        return merkle.CompactRange.resume(size, stack)
+    except ProofError:
+        raise CheckpointError(f"saved compact range does not fit a tree of {size} leaves") from None
 
 
 # --- an update in progress ---------------------------------------------------------------------------------------
@@ -417,7 +415,7 @@ class Follower:
                 record = policy.apply(entry)
             except (PolicyError, EncodingError) as exc:
                 # The log holds it, so positions must stay right; the broker should never have logged it.
-                policy.size += 1
+                policy.skip_to(index + 1)
                 problems.append(f"log entry {index} is refused by the policy: {exc.what}")
                 continue
             if record is not None:
@@ -438,7 +436,7 @@ class Follower:
         # PolicyState records positions (statement and member `position`), so count them.
         if index < policy.size:
             raise LogMismatchError(f"entry {index} folded out of order (policy at {policy.size})")
-        policy.size = index
+        policy.skip_to(index)
 
     # --- views ------------------------------------------------------------------------------------------------
 

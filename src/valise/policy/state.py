@@ -134,6 +134,14 @@ class PolicyState:
         self.size += 1
         return record
 
+    def skip_to(self, position: int) -> None:
+        """Account for log entries up to `position` that have no policy effect here: other members' traffic a
+        reader holds only as leaf hashes, a missing entry, or a record the log holds but policy refuses. Positions
+        matter (statements and members record theirs), so the count must stay aligned with the log."""
+        if position < self.size:
+            raise PolicyError(f"cannot go back from log position {self.size} to {position}")
+        self.size = position
+
     def check(self, entry: bytes) -> Record | None:
         """Would `apply(entry)` succeed as the next entry? Raises as apply would; never changes the state."""
         return self._prepare(entry)[0]

@@ -238,6 +238,20 @@ class CompactRange:
         self.size = 0
         self._stack: list[bytes] = []
 
+    def state(self) -> tuple[int, list[bytes]]:
+        """(size, the complete-subtree hashes left to right): what must be saved to resume the range."""
+        return self.size, list(self._stack)
+
+    @classmethod
+    def resume(cls, size: int, stack: Sequence[bytes]) -> CompactRange:
+        """The range of `size` leaves saved by `state()`; refuses a stack that does not fit the size."""
+        if size < 0 or len(stack) != bin(size).count("1") or any(len(h) != HASH_SIZE for h in stack):
+            raise ProofError(f"a compact range of {size} leaves cannot have these {len(stack)} subtree hashes")
+        r = cls()
+        r.size = size
+        r._stack = list(stack)
+        return r
+
     def append(self, leaf_hash: bytes) -> None:
         _check_hash(leaf_hash, "leaf hash")
         self._push(leaf_hash)
