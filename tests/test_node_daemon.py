@@ -412,3 +412,35 @@ async def test_the_node_reconnects_after_the_broker_goes_away(world: dict[str, A
         assert second.conn.hello is not None
         assert second.conn.hello.seen == 3
         nursery.cancel_scope.cancel()
+
+
+async def test_a_backlog_is_sent_with_several_packets_in_flight(world: dict[str, Any], members: dict[str, Any]) -> None:
+    """The node does not wait for each answer before the next upload: the scripted broker sees all three
+    submissions before it answers any (it would wait forever for the second if the node waited)."""
+    h = Harness(world, members["FRA"])
+    packets = [seal(members["FRA"], [members["DEU"]], b"q%d" % i, size=1000) for i in range(3)]
+    heads = [packet.parse_head(d) for d in packets]
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        for data, head in zip(packets, heads, strict=True):
+            assert isinstance(head, packet.Head)
+            h.daemon.store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+        h.daemon.wake_outbox()
+        begins = []
+        with trio.fail_after(10):
+            while len(begins) < 3:
+                msg = await broker.events.receive()
+                if isinstance(msg, ev.SubmitBegin):
+                    begins.append(msg)
+                elif isinstance(msg, ev.SubmitChunk):
+                    await broker.send(ev.Credit(len(msg.data)))
+        for begin, head in zip(begins, heads, strict=True):
+            assert isinstance(head, packet.Head)
+            await broker.send(ev.Deny(begin.rid, head.core.packet_id, (ev.DenyReason("DEU", "not today"),)))
+        for head in heads:
+            assert isinstance(head, packet.Head)
+            row = await h.daemon.wait_outcome(head.core.packet_id, 10)
+            assert row is not None
+            assert row.state == "denied"
+        nursery.cancel_scope.cancel()

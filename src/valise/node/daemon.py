@@ -35,7 +35,7 @@ from valise.node import outbox
 from valise.node.control import listen, socket_path
 from valise.node.follower import AwaitingQuorum, Committed, Follower, ForgedCosignature, ForkError, LogMismatchError
 from valise.node.home import NodeHome
-from valise.node.session import Disconnected, Session
+from valise.node.session import Disconnected, Reply, Session
 from valise.node.store import NodeStore, OutboxRow
 from valise.tlog import checkpoint, cosignature
 from valise.wire import events as ev
@@ -412,50 +412,74 @@ class NodeDaemon:
     # --- the outbox -----------------------------------------------------------------------------------------
 
     async def _submitter(self, session: Session) -> None:
-        while True:
-            rows = self.store.outbox_due(self.now())
-            if not rows:
-                self._outbox_wake = trio.Event()
-                with trio.move_on_after(IDLE_CHECK):
-                    await self._outbox_wake.wait()
-                continue
-            for row in rows:
-                if row.expires <= self.now():
-                    self.store.outbox_expired(row.packet_id)
-                    self._settled()
+        """Send due packets in order, several in flight: each upload holds one of the broker's request slots until
+        its answer comes, and the next upload starts as soon as the previous one is sent, so a backlog is not
+        paced by one broker round trip per packet."""
+        in_flight: set[bytes] = set()
+        async with trio.open_nursery() as nursery:
+            while True:
+                rows = [r for r in self.store.outbox_due(self.now()) if r.packet_id not in in_flight]
+                if not rows:
+                    self._outbox_wake = trio.Event()
+                    with trio.move_on_after(IDLE_CHECK):
+                        await self._outbox_wake.wait()
                     continue
-                await self._submit(session, row)
+                for row in rows:
+                    if row.expires <= self.now():
+                        self.store.outbox_expired(row.packet_id)
+                        self._settled()
+                        continue
+                    await session.requests.acquire()
+                    in_flight.add(row.packet_id)
+                    try:
+                        rid, reply = await self._upload(session, row)
+                    except BaseException:
+                        session.requests.release()
+                        in_flight.discard(row.packet_id)
+                        raise
+                    nursery.start_soon(self._await_answer, session, row, rid, reply, in_flight)
 
-    async def _submit(self, session: Session, row: OutboxRow) -> None:
+    async def _upload(self, session: Session, row: OutboxRow) -> tuple[int, Reply]:
+        """Stream one packet (head, chunks within the window, end); its answer is awaited by the caller."""
         conn = session.conn
         path = self.store.outbox_path(row.packet_id)
-        async with session.requests:
-            with open(path, "rb") as f:  # noqa: ASYNC230 - a local file read in chunks between sends
-                head = packet.read_head(f)
-                f.seek(0)
-                head_bytes = f.read(head.head_size)
-                size = head.header.ct_len
-                rid = conn.new_rid()
-                reply = session.open_request(rid)
-                try:
-                    await session.send(ev.SubmitBegin(rid, head_bytes, size))
-                    sent = 0
-                    chunk = conn.peer_limits.chunk if conn.peer_limits else 65536
-                    while sent < size and not reply.done.is_set():
-                        room = min(conn.send_window, chunk, size - sent)
-                        if room == 0:
-                            await session.changed()
-                            continue
-                        data = f.read(room)
-                        await session.send(ev.SubmitChunk(rid, data))
-                        sent += len(data)
-                    # An early answer (a denial right after submit-begin) ends the upload: cancel the rest.
-                    await session.send(
-                        ev.SubmitEnd(rid) if sent == size and not reply.done.is_set() else ev.SubmitCancel(rid)
-                    )
-                    await reply.done.wait()
-                finally:
-                    session.close_request(rid)
+        with open(path, "rb") as f:  # noqa: ASYNC230 - a local file read in chunks between sends
+            head = packet.read_head(f)
+            f.seek(0)
+            head_bytes = f.read(head.head_size)
+            size = head.header.ct_len
+            rid = conn.new_rid()
+            reply = session.open_request(rid)
+            try:
+                await session.send(ev.SubmitBegin(rid, head_bytes, size))
+                sent = 0
+                chunk = conn.peer_limits.chunk if conn.peer_limits else 65536
+                while sent < size and not reply.done.is_set():
+                    room = min(conn.send_window, chunk, size - sent)
+                    if room == 0:
+                        await session.changed()
+                        continue
+                    data = f.read(room)
+                    await session.send(ev.SubmitChunk(rid, data))
+                    sent += len(data)
+                # An early answer (a denial right after submit-begin) ends the upload: cancel the rest.
+                await session.send(
+                    ev.SubmitEnd(rid) if sent == size and not reply.done.is_set() else ev.SubmitCancel(rid)
+                )
+            except BaseException:
+                session.close_request(rid)
+                raise
+        return rid, reply
+
+    async def _await_answer(
+        self, session: Session, row: OutboxRow, rid: int, reply: Reply, in_flight: set[bytes]
+    ) -> None:
+        try:
+            await reply.done.wait()
+        finally:
+            session.close_request(rid)
+            session.requests.release()
+            in_flight.discard(row.packet_id)
         assert reply.answer is not None
         self._answered(row, reply.answer)
 
