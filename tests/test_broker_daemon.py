@@ -209,10 +209,10 @@ async def test_a_witness_that_connects_is_asked_to_cosign_the_current_checkpoint
         line = cosignature.Cosigner("DEU", world.members["DEU"].signing).cosign(cp, int(time.time())).line()
         await deu.send(ev.CosignResponse(request.rid, line.encode()))
         with trio.fail_after(5):
-            while b"\n\xe2\x80\x94 DEU " not in broker._published:  # noqa: ASYNC110 - a value the session sets
+            while b"\n\xe2\x80\x94 DEU " not in broker.published:  # noqa: ASYNC110 - a value the session sets
                 await trio.sleep(0.02)
         witness = cosignature.CosignatureVerifier("DEU", world.members["DEU"].bundle.sign_key)
-        checkpoint.open_checkpoint(broker._published, vkey, witnesses=[witness], quorum=1)
+        checkpoint.open_checkpoint(broker.published, vkey, witnesses=[witness], quorum=1)
 
 
 def test_a_published_checkpoint_carries_at_most_the_note_signature_limit() -> None:

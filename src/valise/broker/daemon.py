@@ -122,7 +122,7 @@ class BrokerDaemon:
         self._wake_committer = trio.Event()
         self._policy_lock = trio.Lock()
         self._policy_lock_file = open(home.policy_lock_path, "a+b")  # noqa: SIM115 - held for the daemon's life
-        self._published: bytes = self.log.latest.note if self.log.latest else self.log.sign().note
+        self.published: bytes = self.log.latest.note if self.log.latest else self.log.sign().note
         self._bundles: dict[bytes, PublicBundle] = {}
         self._tls_members: dict[bytes, str] = {}
         self._tls_context: ssl.SSLContext | None = None
@@ -301,10 +301,10 @@ class BrokerDaemon:
             # sign, keep serving the last checkpoint, and say so loudly. Never crash the daemon over it.
             log.exception("refusing to sign a checkpoint")
             return
-        self._published = signed.note
+        self.published = signed.note
         cosigs = await self._gather_cosignatures(signed.note, previous)
         if cosigs and self.log.latest is not None and self.log.latest.size == signed.size:
-            self._published = self._with_cosignatures(signed.note, cosigs)
+            self.published = self._with_cosignatures(signed.note, cosigs)
 
     @staticmethod
     def _with_cosignatures(signed_note: bytes, cosigs: list[note.Signature]) -> bytes:
@@ -398,7 +398,7 @@ class BrokerDaemon:
 
     async def _resolve(self, path: str) -> http.Response:
         if path == "/checkpoint":
-            return http.Response(200, self._published, "text/plain; charset=utf-8")
+            return http.Response(200, self.published, "text/plain; charset=utf-8")
         if path.startswith("/tile/entries/") and not self.settings.serve_entries:
             # Entry bundles hold every traffic record (who sent what to whom): for auditors, not for the public
             # (specs/protocol.md, "Reading the log"). Hash tiles and checkpoints stay public.
@@ -452,6 +452,9 @@ class BrokerDaemon:
             self.connections -= 1
             await trio.aclose_forcefully(ssl_stream)
 
+    def session_ended(self) -> None:
+        self._sessions_changed.set()
+
     def wake(self, member: str) -> None:
         session = self.sessions.get(member)
         if session is not None:
@@ -477,7 +480,6 @@ class Session:
         self._last_seq = 0
         self._cosigns: dict[int, tuple[bytes, list[note.Signature], trio.Event]] = {}
         self._nursery: trio.Nursery | None = None
-        self._closing: tuple[str, str] | None = None
         self._said_last_word = False
 
     # --- plumbing -------------------------------------------------------------------------------------------
@@ -495,7 +497,6 @@ class Session:
         self._wake.set()
 
     def close_soon(self, code: str, message: str) -> None:
-        self._closing = (code, message)
         if self._nursery is not None:
             self._nursery.start_soon(self._close_with, code, message)
 
@@ -545,7 +546,7 @@ class Session:
             self.ready = False
             if self.d.sessions.get(self.member) is self:
                 del self.d.sessions[self.member]
-            self.d._sessions_changed.set()
+            self.d.session_ended()
             for upload in self._uploads.values():
                 if upload is not None:
                     upload.discard()
@@ -626,7 +627,7 @@ class Session:
         elif isinstance(event, ev.Statement):
             await self._statement(event)
         elif isinstance(event, ev.GetCheckpoint):
-            await self.send(ev.Checkpoint(event.rid, self.d._published))
+            await self.send(ev.Checkpoint(event.rid, self.d.published))
         elif isinstance(event, ev.GetInclusion):
             await self._proof(event.rid, lambda: self.d.log.inclusion_proof(event.index, event.size), ev.Inclusion)
         elif isinstance(event, ev.GetConsistency):
@@ -1007,8 +1008,8 @@ class Session:
         if not got or current is None or current.size != latest.size:
             return
         try:
-            if len(note.parse_note(self.d._published).signatures) < note.MAX_SIGNATURES:
-                self.d._published = cosignature.add_cosignatures(self.d._published, got)
+            if len(note.parse_note(self.d.published).signatures) < note.MAX_SIGNATURES:
+                self.d.published = cosignature.add_cosignatures(self.d.published, got)
         except Error as exc:  # already cosigned by this witness (a reconnect): keep the note as it is
             log.info("not adding %s's cosignature again: %s", self.member, exc)
 
