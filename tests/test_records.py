@@ -35,7 +35,7 @@ def test_signatures_do_not_cross_kinds(members: dict[str, Identity]) -> None:
 def test_retraction_and_receipt(members: dict[str, Identity]) -> None:
     fra = members["FRA"]
     r = records.Retraction.make(fra.signing, PID, DIGEST, "FRA", "sent in error", 99)
-    assert records.Retraction.sender_of(r.raw) == "FRA"
+    assert records.Retraction.parse(r.raw)[0].sender == "FRA"
     assert records.Retraction.verified(r.raw, fra.bundle.sign_key).reason == "sent in error"
     with pytest.raises(SignatureError):
         records.Retraction.verified(r.raw, members["DEU"].bundle.sign_key)

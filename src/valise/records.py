@@ -36,9 +36,37 @@ def _signed(body: bytes, sig: bytes) -> bytes:
     return encoding.pack({"body": body, "sig": sig})
 
 
-def _split(data: bytes, what: str) -> tuple[bytes, bytes]:
-    m = encoding.unpack_map(data, what=what, max_size=NOTICE_MAX, fields={"body": bytes, "sig": bytes})
-    return m["body"], m["sig"]
+def _notice(raw: bytes, what: str, fields: dict[str, type | tuple[type, ...]]) -> tuple[dict[str, Any], bytes, bytes]:
+    """Decode a signed notice {"body", "sig"} without verifying it: (body fields, body bytes, signature).
+
+    Sizes and forms are checked here, before any signature is, and every notice names a packet by its 16-byte id
+    and 32-byte header digest."""
+    try:
+        outer = encoding.unpack_map(raw, what=what, max_size=NOTICE_MAX, fields={"body": bytes, "sig": bytes})
+        m = encoding.unpack_map(outer["body"], what=f"{what} body", max_size=NOTICE_MAX, fields=fields)
+    except EncodingError as exc:
+        raise StatementError(f"malformed {what}: {exc.what}") from None
+    if m["v"] != 1 or len(m["digest"]) != 32 or len(m["packet_id"]) != 16:
+        raise StatementError(f"malformed {what}: bad version, digest or packet id length")
+    return m, outer["body"], outer["sig"]
+
+
+_ACK_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "v": int,
+    "packet_id": bytes,
+    "digest": bytes,
+    "sender": str,
+    "recipient": str,
+    "at": int,
+}
+_RETRACT_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "v": int,
+    "packet_id": bytes,
+    "digest": bytes,
+    "sender": str,
+    "reason": str,
+    "at": int,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,19 +89,8 @@ class Ack:
 
     @staticmethod
     def parse(raw: bytes) -> tuple[Ack, bytes, bytes]:
-        """Decode without verifying; returns (ack, body, sig). Call `verify` with the recipient's key."""
-        try:
-            body, sig = _split(raw, "acknowledgement")
-            m = encoding.unpack_map(
-                body,
-                what="acknowledgement body",
-                max_size=NOTICE_MAX,
-                fields={"v": int, "packet_id": bytes, "digest": bytes, "sender": str, "recipient": str, "at": int},
-            )
-        except EncodingError as exc:
-            raise StatementError(f"malformed acknowledgement: {exc.what}") from None
-        if m["v"] != 1 or len(m["digest"]) != 32 or len(m["packet_id"]) != 16:
-            raise StatementError("malformed acknowledgement: bad version, digest or packet id length")
+        """Decode without verifying; returns (ack, body, sig). `verified` also checks the recipient's signature."""
+        m, body, sig = _notice(raw, "acknowledgement", _ACK_FIELDS)
         return Ack(m["packet_id"], m["digest"], m["sender"], m["recipient"], m["at"], raw), body, sig
 
     @staticmethod
@@ -104,47 +121,16 @@ class Retraction:
         return Retraction(packet_id, digest, sender, reason, at, _signed(body, key.sign(RETRACT_DOMAIN, body)))
 
     @staticmethod
+    def parse(raw: bytes) -> tuple[Retraction, bytes, bytes]:
+        """Decode without verifying (to route it, or to find the sender's key); returns (retraction, body, sig)."""
+        m, body, sig = _notice(raw, "retraction", _RETRACT_FIELDS)
+        return Retraction(m["packet_id"], m["digest"], m["sender"], m["reason"], m["at"], raw), body, sig
+
+    @staticmethod
     def verified(raw: bytes, sender_key: bytes) -> Retraction:
-        try:
-            body, sig = _split(raw, "retraction")
-            m = encoding.unpack_map(
-                body,
-                what="retraction body",
-                max_size=NOTICE_MAX,
-                fields={"v": int, "packet_id": bytes, "digest": bytes, "sender": str, "reason": str, "at": int},
-            )
-        except EncodingError as exc:
-            raise StatementError(f"malformed retraction: {exc.what}") from None
-        if m["v"] != 1 or len(m["digest"]) != 32 or len(m["packet_id"]) != 16:
-            raise StatementError("malformed retraction: bad version, digest or packet id length")
-        sign.verify(sender_key, RETRACT_DOMAIN, body, sig, what=f"retraction by {m['sender']}")
-        return Retraction(m["packet_id"], m["digest"], m["sender"], m["reason"], m["at"], raw)
-
-    @staticmethod
-    def digest_of(raw: bytes) -> bytes:
-        """The header digest a retraction names (unverified: for routing and lookups only)."""
-        try:
-            body, _ = _split(raw, "retraction")
-            m = encoding.unpack(body, what="retraction body", max_size=NOTICE_MAX)
-        except EncodingError as exc:
-            raise StatementError(f"malformed retraction: {exc.what}") from None
-        digest = m.get("digest") if isinstance(m, dict) else None
-        if not isinstance(digest, bytes) or len(digest) != 32:
-            raise StatementError("malformed retraction: no digest")
-        return digest
-
-    @staticmethod
-    def sender_of(raw: bytes) -> str:
-        """Who claims to have signed a retraction (to look up the key before `verified`)."""
-        try:
-            body, _ = _split(raw, "retraction")
-            m = encoding.unpack(body, what="retraction body", max_size=NOTICE_MAX)
-        except EncodingError as exc:
-            raise StatementError(f"malformed retraction: {exc.what}") from None
-        sender = m.get("sender") if isinstance(m, dict) else None
-        if not isinstance(sender, str):
-            raise StatementError("malformed retraction: no sender")
-        return sender
+        retraction, body, sig = Retraction.parse(raw)
+        sign.verify(sender_key, RETRACT_DOMAIN, body, sig, what=f"retraction by {retraction.sender}")
+        return retraction
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +165,8 @@ class Receipt:
     @staticmethod
     def verified(raw: bytes, broker_key: bytes) -> Receipt:
         try:
-            body, sig = _split(raw, "receipt")
+            outer = encoding.unpack_map(raw, what="receipt", max_size=NOTICE_MAX, fields={"body": bytes, "sig": bytes})
+            body, sig = outer["body"], outer["sig"]
             m = encoding.unpack_map(
                 body,
                 what="receipt body",

@@ -896,8 +896,9 @@ class Session:
                 ack, _, _ = records.Ack.parse(m["notice"])
                 return self.member in (ack.sender, ack.recipient)
             if kind == "retract":
-                sender = records.Retraction.sender_of(m["notice"])
-                row = self.d.mail.packet(records.Retraction.digest_of(m["notice"]))
+                retraction, _, _ = records.Retraction.parse(m["notice"])
+                sender = retraction.sender
+                row = self.d.mail.packet(retraction.digest)
                 if sender == self.member:
                     return True
                 if row is None:
@@ -938,7 +939,7 @@ class Session:
                     ack, _, _ = records.Ack.parse(notice)
                     await self.send(ev.AckForward(item.seq, ack.packet_id, ack.recipient, body["index"], notice))
                 else:
-                    by = records.Retraction.sender_of(notice)
+                    by = records.Retraction.parse(notice)[0].sender
                     row = self.d.mail.packet(item.digest)
                     pid = row.packet_id if row else bytes(16)
                     await self.send(ev.RetractForward(item.seq, pid, by, body["index"], notice))

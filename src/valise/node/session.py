@@ -317,7 +317,7 @@ class Session:
 
     async def _retract_forward(self, msg: ev.RetractForward) -> None:
         try:
-            if records.Retraction.sender_of(msg.retraction) != msg.by:
+            if records.Retraction.parse(msg.retraction)[0].sender != msg.by:
                 raise SignatureError(f"retraction seq {msg.seq} is not signed by {msg.by}")
             key = await self.sender_key(msg.by)
             if key is None:
