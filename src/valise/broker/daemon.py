@@ -141,15 +141,17 @@ class BrokerDaemon:
     def _fold(self, upto: int) -> None:
         """Fold log entries [policy.size, upto) into the policy state, in order."""
         while self.policy.size < upto:
-            batch = self.store.entries(self.policy.size, min(upto, self.policy.size + 4096))
-            for entry in batch:
-                try:
-                    self.policy.apply(entry)
-                except (PolicyError, Error) as exc:
-                    # An entry the policy refuses (appended by another writer that raced us) stays in the log
-                    # with no effect; an auditor's replay reports it the same way.
-                    log.error("log entry %d has no policy effect: %s", self.policy.size, exc)
-                    self.policy.skip_to(self.policy.size + 1)
+            self._apply(self.store.entries(self.policy.size, min(upto, self.policy.size + 4096)))
+
+    def _apply(self, entries: list[bytes]) -> None:
+        for entry in entries:
+            try:
+                self.policy.apply(entry)
+            except (PolicyError, Error) as exc:
+                # An entry the policy refuses (appended by another writer that raced us) stays in the log
+                # with no effect; an auditor's replay reports it the same way.
+                log.error("log entry %d has no policy effect: %s", self.policy.size, exc)
+                self.policy.skip_to(self.policy.size + 1)
 
     def _reconcile(self) -> None:
         """Queue packets that reached the log but not the mailboxes (a crash between the two steps).
@@ -264,6 +266,10 @@ class BrokerDaemon:
                 w.done.set()
             return
         self.batches += 1
+        if indexes.start == self.policy.size:
+            # The usual case: nobody else appended in between, and the batch's bytes are at hand; reading them
+            # back from the store would cost a query per batch on the hot path for nothing.
+            self._apply([w.entry for w in waiters])
         self._fold(indexes.stop)
         with self.mail.batch():
             for member, kind, digest in confirmations:
