@@ -6,7 +6,8 @@ import dataclasses
 import hashlib
 import io
 import random as stdlib_random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgpack
 import pytest
@@ -530,3 +531,120 @@ def test_fast_decoder_accepts_nothing_encoding_refuses(members: Members) -> None
             accepted += 1  # e.g. a changed byte inside a key or a hash: still well-formed
             assert _canonical_per_encoding(bytes(bad)), (i, delta)
     assert accepted > 0
+
+
+def _agree(fast: Callable[[bytes], object], checked: Callable[[bytes], object], raw: bytes) -> bool:
+    """Whether the fast parser's answer on `raw` is the checked parser's; return whether it answered at all."""
+    answer = fast(raw)
+    try:
+        reference: object = checked(raw)
+    except PacketError as exc:
+        reference = exc
+    assert answer is None or answer == reference
+    return answer is not None
+
+
+def test_fast_parsers_agree_with_the_checked_ones(members: Members) -> None:
+    """The fast parsers (format._fast_header, _fast_core) may only answer with what the checked parsers return
+    for the same bytes; on anything else they must hand over (None) so the checked parser names the fault.
+    Every single-byte change of a real header and of its core is tried; each changed core is also carried in a
+    header, so that the header path's use of the core is covered too."""
+    data = seal(members, b"agree", to=["DEU", "ITA"], categories=["malware"], operation="OP-1")
+    header = head_of(data).header
+    pq = {"type": "MLKEM768-X25519-v0", "to": "DEU", "body": b"\x07" * 1120}
+    several = head_of(rebuild(data, members["FRA"], stanzas=[pq, *(s.to_map() for s in header.stanzas)])).header
+    for valid in (header, several):  # valid headers take the fast path, to the same result
+        assert fmt._fast_header(valid.raw) == fmt._parse_header(valid.raw) == valid
+        assert fmt._fast_core(valid.core.raw) == fmt._parse_core(valid.core.raw) == valid.core
+    fields = msgpack.unpackb(header.raw)
+    answered = handed_over = 0
+    for i in range(len(header.raw) + len(header.core.raw)):
+        for delta in (1, 0x10, 0x7F, 0x80, 0xFF):
+            if i < len(header.raw):
+                bad = bytearray(header.raw)
+                bad[i] = (bad[i] + delta) % 256
+                results = [_agree(fmt._fast_header, fmt._parse_header, bytes(bad))]
+            else:
+                bad = bytearray(header.core.raw)
+                bad[i - len(header.raw)] = (bad[i - len(header.raw)] + delta) % 256
+                carried = encoding.pack({**fields, "core": bytes(bad)})
+                results = [
+                    _agree(fmt._fast_core, fmt._parse_core, bytes(bad)),
+                    _agree(fmt._fast_header, fmt._parse_header, carried),
+                ]
+            answered += results.count(True)
+            handed_over += results.count(False)
+    assert answered > 0
+    assert handed_over > 0
+
+
+def test_fast_parsers_hand_every_refusal_to_the_checked_ones(members: Members) -> None:
+    """Headers that break one rule each (found by meaning, where single-byte changes rarely reach): the fast
+    parsers hand each over, and the checked parser refuses it."""
+    data = seal(members, b"x", to=["DEU", "ITA"], categories=["malware"])
+    h = head_of(data).header
+    core = msgpack.unpackb(h.core.raw)
+    stanzas = [s.to_map() for s in h.stanzas]
+    x25519 = stanzas[0]
+
+    def header(**changes: Any) -> bytes:
+        core_map = {**core, **{k[5:]: v for k, v in changes.items() if k.startswith("core_")}}
+        m = {"core": encoding.pack(core_map), "ct_len": h.ct_len, "ct_sha256": h.ct_sha256, "key_commit": h.key_commit}
+        m["stanzas"] = stanzas
+        m.update({k: v for k, v in changes.items() if not k.startswith("core_")})
+        return encoding.pack(m)
+
+    def core_bytes(old: bytes, new: bytes) -> bytes:
+        assert h.core.raw.count(old) == 1
+        return header(core=h.core.raw.replace(old, new))
+
+    cases = {
+        "version": header(core_v=2),
+        "bool version": header(core_v=True),
+        "short id": header(core_id=bytes(15)),
+        "times equal": header(core_created=core["expires"]),
+        "negative time": header(core_created=-1),
+        "time overflow": header(core_expires=2**63),
+        "bad sender": header(core_from="F RA"),
+        "no recipients": header(core_to=[], stanzas=[]),
+        "unsorted recipients": header(core_to=["ITA", "DEU"]),
+        "repeated recipient": header(core_to=["DEU", "DEU"]),
+        "recipient not text": header(core_to=["DEU", 5]),
+        "bad recipient": header(core_to=["D EU"], stanzas=[{**x25519, "to": "D EU"}]),
+        "bad labels": header(core_labels={**core["labels"], "tlp": "PURPLE"}),
+        "extra core field": header(core_x=1),
+        "zero ct_len": header(ct_len=0),
+        "huge ct_len": header(ct_len=fmt.MAX_CIPHERTEXT + 1),
+        "unpadded ct_len": header(ct_len=next(n for n in range(h.ct_len, 2 * h.ct_len) if not fmt._padded_ok(n))),
+        "short hash": header(ct_sha256=bytes(31)),
+        "long commitment": header(key_commit=bytes(33)),
+        "text commitment": header(key_commit="k" * 32),
+        "extra header field": header(x=1),
+        "no stanzas": header(stanzas=[]),
+        "stanzas reversed": header(stanzas=stanzas[::-1]),
+        "stanza repeated": header(stanzas=[x25519, *stanzas]),
+        "short X25519 body": header(stanzas=[{**x25519, "body": bytes(79)}, stanzas[1]]),
+        "bad stanza type": header(stanzas=[{**x25519, "type": "bad type"}, stanzas[1]]),
+        "huge stanza body": header(stanzas=[{**x25519, "type": "PQ", "body": bytes(4097)}, *stanzas]),
+        "stanza body text": header(stanzas=[{**x25519, "type": "PQ", "body": "b"}, *stanzas]),
+        "extra stanza field": header(stanzas=[{**x25519, "x": 1}, stanzas[1]]),
+        "stranger's stanza": header(stanzas=[*stanzas, {**x25519, "to": "ZZZ"}]),
+        "too many stanzas": header(stanzas=[{**x25519, "type": f"T{i}"} for i in range(9)] + stanzas),
+        "core map16": core_bytes(b"\x87\xa7created", b"\xde\x00\x07\xa7created"),
+        "core long int": core_bytes(b"\xa1v\x01", b"\xa1v\xcc\x01"),
+        "core str8": core_bytes(b"\xa4from\xa3FRA", b"\xa4from\xd9\x03FRA"),
+        "core bin16": core_bytes(b"\xa2id\xc4\x10", b"\xa2id\xc5\x00\x10"),
+        "core array16": core_bytes(b"\xa2to\x92", b"\xa2to\xdc\x00\x02"),
+        "core ext": core_bytes(b"\xa1v\x01", b"\xa1v\xd4\x01\x01"),
+        "header map16": b"\xde\x00\x05" + header()[1:],
+        "header long int": header().replace(
+            b"\xa6ct_len" + msgpack.packb(h.ct_len), b"\xa6ct_len\xcf" + h.ct_len.to_bytes(8, "big")
+        ),
+        "trailing byte": header() + b"\x00",
+    }
+    assert fmt._fast_header(header()) == h  # the unchanged header is taken by the fast path
+    for name, raw in cases.items():
+        assert raw != h.raw, name
+        assert fmt._fast_header(raw) is None, name
+        with pytest.raises(PacketError):
+            fmt._parse_header(raw)

@@ -12,6 +12,7 @@ they received and only then decode, so re-serialisation is never needed to verif
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import msgpack
@@ -74,7 +75,18 @@ def repacks_to(value: Any, data: bytes) -> bool:
     str, no duplicate keys, nothing trailing. Together with a check that every map's keys are in sorted order
     and every value has an allowed type, this is exactly the canonical rule, at the cost of one round trip;
     the packet and wire decoders, which know their schemas, use it on their hot paths."""
-    return bool(msgpack.packb(value, use_bin_type=True) == data)
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return bool(packer.pack(value) == data)
+
+
+# One Packer per thread for `repacks_to`: `msgpack.packb` builds a Packer per call, which is 40% of the cost of
+# re-encoding a packet core (0.5 of 1.1 µs). A Packer holds a buffer while it packs, so threads do not share one;
+# it empties the buffer after every pack, failed or not, and packing decoded (built-in) values runs no Python
+# code, so no pack starts inside another on the same thread.
+_local = threading.local()
 
 
 def unpack(data: bytes, *, what: str, max_size: int) -> Any:

@@ -37,6 +37,7 @@ from valise.packet.format import (
 # packet stamped days ahead is a mistake or an attempt to outlive its expiry checks.
 MAX_CLOCK_SKEW = 300
 _ONE_READ = 1 << 20  # ciphertexts up to this size are read and hashed at once by inspect
+_new = tuple.__new__  # builds a NamedTuple without its generated __new__ (a Python call) on the broker's path
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +112,7 @@ def read_head(src: BinaryIO) -> Head:
     if len(rest) < header_len + SIGNATURE_SIZE:
         raise TruncatedError(f"packet ends inside its header ({PREFIX_SIZE + len(rest)} bytes)")
     header = Header.parse(rest[:header_len])
-    return Head(header, rest[header_len:], PREFIX_SIZE + header_len + SIGNATURE_SIZE)
+    return _new(Head, (header, rest[header_len:], PREFIX_SIZE + header_len + SIGNATURE_SIZE))
 
 
 def check_time(head: Head, now: int) -> None:
@@ -207,42 +208,50 @@ def inspect_packet(
     """Parse a packet as a broker would; verify the signature if `sender` is given, and (by default) that the
     ciphertext has the signed length and hash and that nothing follows it."""
     head = read_head(src)
+    header = head.header
+    ct_len = header.ct_len
     if sender is not None:
         head.verify(sender)
-    if check_ciphertext and head.header.ct_len <= _ONE_READ:
+    if check_ciphertext and ct_len <= _ONE_READ:
         # Small packets (the common case for a broker) in one read and one hash, without the streaming hasher.
-        data = src.read(head.header.ct_len + 1)
-        if len(data) > head.header.ct_len:
+        data = src.read(ct_len + 1)
+        if len(data) > ct_len:
             raise TrailingDataError("bytes follow the end of the packet")
-        if len(data) < head.header.ct_len:
-            raise TruncatedError(f"ciphertext ends after {len(data)} of {head.header.ct_len} bytes")
-        if hashlib.sha256(data).digest() != head.header.ct_sha256:
+        if len(data) < ct_len:
+            raise TruncatedError(f"ciphertext ends after {len(data)} of {ct_len} bytes")
+        if hashlib.sha256(data).digest() != header.ct_sha256:
             raise PayloadError("ciphertext does not match the SHA-256 in the signed header")
     elif check_ciphertext:
-        hasher = CiphertextHasher(head.header)
-        while hasher.received < head.header.ct_len:
-            data = src.read(min(1 << 20, head.header.ct_len - hasher.received))
+        hasher = CiphertextHasher(header)
+        while hasher.received < ct_len:
+            data = src.read(min(1 << 20, ct_len - hasher.received))
             if not data:
                 break
             hasher.update(data)
         if src.read(1):
             raise TrailingDataError("bytes follow the end of the packet")
         hasher.finish()
-    core = head.core
-    return Inspection(
-        core.packet_id,
-        core.sender,
-        core.recipients,
-        core.labels,
-        core.created,
-        core.expires,
-        len(head.header.raw),
-        head.header.ct_len,
-        head.total_size,
-        head.digest,
-        tuple(sorted({s.type for s in head.header.stanzas})),
-        sender is not None,
-        check_ciphertext,
+    core = header.core
+    stanzas = header.stanzas
+    # One stanza per recipient is the common case; its type set needs no set or sort.
+    types = (stanzas[0].type,) if len(stanzas) == 1 else tuple(sorted({s.type for s in stanzas}))
+    return _new(
+        Inspection,
+        (
+            core.packet_id,
+            core.sender,
+            core.recipients,
+            core.labels,
+            core.created,
+            core.expires,
+            len(header.raw),
+            ct_len,
+            head.head_size + ct_len,
+            hashlib.sha256(header.raw).digest(),
+            types,
+            sender is not None,
+            check_ciphertext,
+        ),
     )
 
 
