@@ -420,7 +420,7 @@ def _fast_header(raw: bytes) -> Header | None:
         and len(key_commit) == HASH_SIZE
         and type(raw_stanzas) is list
         and type(m["core"]) is bytes
-        and _padded_ok(ct_len)
+        and (ct_len in _PADDED_SEEN or _padded_ok(ct_len))
         and encoding.repacks_to(m, raw)
     ):
         return None
@@ -458,7 +458,16 @@ def _fast_header(raw: bytes) -> Header | None:
 
 def _padded_ok(ct_len: int) -> bool:
     padded = stream.padded_size_of(ct_len)
-    return padded is not None and padding.padme(padded) == padded
+    ok = padded is not None and padding.padme(padded) == padded
+    if ok and len(_PADDED_SEEN) < _PADDED_SEEN_MAX:
+        _PADDED_SEEN.add(ct_len)
+    return ok
+
+
+# Ciphertext lengths found valid, so that a broker, which sees the same few again and again (padmé leaves
+# few), checks one with a set lookup (0.05 µs) instead of two calls (0.45 µs). Bounded like `_LABELS_CACHE`.
+_PADDED_SEEN: set[int] = set()
+_PADDED_SEEN_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
