@@ -293,7 +293,7 @@ def _parse_header(raw: bytes) -> Header:
         m = _unpack_map(raw, what="packet header", max_size=MAX_HEADER, fields=_HEADER_FIELDS)
     except EncodingError as exc:
         raise PacketFormatError(f"malformed packet: {exc.what}") from None
-    core = Core.parse(m["core"])
+    core = _parse_core(m["core"])
     ct_len = m["ct_len"]
     if not 0 < ct_len <= MAX_CIPHERTEXT:
         raise PacketLimitError(f"ciphertext length {ct_len} is outside 1..{MAX_CIPHERTEXT}")
