@@ -329,7 +329,8 @@ async def test_policy_that_changes_while_a_packet_streams_in_is_applied_at_its_e
         rid = fra.conn.new_rid()
         await fra.send(ev.SubmitBegin(rid, data[: head.head_size], len(data) - head.head_size))
         await fra.send(ev.SubmitChunk(rid, data[head.head_size : head.head_size + 1000]))
-        await fra.next_of(ev.Credit)  # the broker took the head and the first chunk: the packet was admitted
+        await fra.send(ev.Ping(1))
+        await fra.next_of(ev.Pong)  # frames are handled in order: the broker has admitted the packet by now
         world.rule("ban-category", category="malware")
         with trio.fail_after(10):
             while "malware" not in broker.policy.banned:  # noqa: ASYNC110 - polling the daemon's own state

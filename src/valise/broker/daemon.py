@@ -737,8 +737,12 @@ class Session:
                 upload.discard()
                 self._uploads[msg.rid] = None
                 await self.send(ev.ErrorMessage(msg.rid, codes.HASH_MISMATCH, str(exc)))
-        # Give the window back as soon as the data is on disk (or discarded), so the client keeps streaming.
-        self.queue(ev.Credit(len(msg.data)))
+        # The data is on disk (or discarded): give the window back once half of it is used up, as nodes do. One
+        # credit per half window, not one per chunk, spares a frame and often a write per small packet, and the
+        # client always has half a window to send meanwhile (specs/wire.md, rule 16).
+        window = self.conn.limits.window
+        if self.conn.receive_window <= window // 2:
+            self.queue(ev.Credit(window - self.conn.receive_window))
 
     async def _submit_end(self, msg: ev.SubmitEnd) -> None:
         upload = self._uploads.pop(msg.rid, None)
