@@ -314,3 +314,37 @@ async def test_the_sender_gets_every_recipients_acknowledgement(tmp_path: Path) 
             assert isinstance(forwarded, ev.AckForward)
             by.add(forwarded.by)
         assert by == {"DEU", "ITA"}
+
+
+async def test_policy_that_changes_while_a_packet_streams_in_is_applied_at_its_end(tmp_path: Path) -> None:
+    """The broker decides at submit-begin and again at submit-end: a ban that lands in between denies the packet."""
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"indicator " * 20000, categories=("malware",))
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    async with (
+        running_broker(world, policy_poll=0.05) as broker,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+    ):
+        rid = fra.conn.new_rid()
+        await fra.send(ev.SubmitBegin(rid, data[: head.head_size], len(data) - head.head_size))
+        await fra.send(ev.SubmitChunk(rid, data[head.head_size : head.head_size + 1000]))
+        await fra.send(ev.Ping(1))
+        await fra.next_of(ev.Pong)  # frames are handled in order: the broker has admitted the packet by now
+        world.rule("ban-category", category="malware")
+        with trio.fail_after(10):
+            while "malware" not in broker.policy.banned:  # noqa: ASYNC110 - polling the daemon's own state
+                await trio.sleep(0.02)
+        pos = head.head_size + 1000
+        while pos < len(data):
+            while fra.conn.send_window == 0:
+                await fra.next_of(ev.Credit)
+            n = min(fra.conn.send_window, 16384, len(data) - pos)
+            await fra.send(ev.SubmitChunk(rid, data[pos : pos + n]))
+            pos += n
+        await fra.send(ev.SubmitEnd(rid))
+        answer = await fra.next_of(ev.Deny)
+        assert isinstance(answer, ev.Deny)
+        assert answer.id == head.core.packet_id
+        assert [r.to for r in answer.reasons] == ["DEU"]
+        assert "malware" in answer.reasons[0].reason

@@ -410,7 +410,9 @@ class ValiseNode:
             self.delivery[3] += len(event.data)
             if self.delivery[4] is not None:
                 self.delivery[4].update(event.data)
-            self.queue(ev.Credit(len(event.data)))
+            window = self.conn.limits.window  # grant once half the window is used up, as the node does
+            if self.conn.receive_window <= window // 2:
+                self.queue(ev.Credit(window - self.conn.receive_window))
         elif isinstance(event, ev.DeliverBegin):
             hasher = None
             if self.verify_big:

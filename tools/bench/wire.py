@@ -255,7 +255,9 @@ class ValiseMember(Member):
         if isinstance(event, ev.DeliverChunk):
             assert self.delivery is not None
             self.delivery[3] += len(event.data)
-            self.queue(ev.Credit(len(event.data)))
+            window = self.conn.limits.window  # grant once half the window is used up, as the node does
+            if self.conn.receive_window <= window // 2:
+                self.queue(ev.Credit(window - self.conn.receive_window))
         elif isinstance(event, ev.DeliverBegin):
             self.delivery = [event.seq, event.head, event.size, 0]
         elif isinstance(event, ev.DeliverEnd):

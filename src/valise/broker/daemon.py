@@ -53,6 +53,7 @@ log = logging.getLogger("valise.broker")
 HANDSHAKE_TIMEOUT = 10.0
 COSIGN_TIMEOUT = 3.0
 SHUTDOWN_GRACE = 5.0
+FLUSH_AT = 256 * 1024  # write queued frames once this many bytes wait (a few TLS records' worth)
 # Connections that have not yet completed TLS and hello (see BrokerDaemon._handle).
 MAX_UNAUTHENTICATED = 1024
 
@@ -74,6 +75,8 @@ class Settings:
 class _Waiter:
     entry: bytes
     on_commit: Callable[[int], None] | None
+    on_error: Callable[[BaseException], None] | None = None
+    traffic: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     index: int = -1
     error: BaseException | None = None
@@ -221,17 +224,28 @@ class BrokerDaemon:
 
     # --- the committer: group commit ------------------------------------------------------------------------
 
-    def enqueue(self, entry: bytes, on_commit: Callable[[int], None] | None = None) -> _Waiter:
-        """Queue `entry` for the next batch; `on_commit(index)` runs in the batch's mailbox transaction."""
+    def enqueue(
+        self,
+        entry: bytes,
+        on_commit: Callable[[int], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        *,
+        traffic: bool = False,
+    ) -> _Waiter:
+        """Queue `entry` for the next batch; `on_commit(index)` runs in the batch's mailbox transaction,
+        `on_error(exc)` if the batch fails. `traffic`: a packet, acknowledgement, retraction or purge record,
+        which the policy does not fold (so it is not parsed again after the commit)."""
         self.log.add(entry, trio.current_time())
-        waiter = _Waiter(entry, on_commit)
+        waiter = _Waiter(entry, on_commit, on_error, traffic)
         self._waiters.append(waiter)
         self._wake_committer.set()
         return waiter
 
-    async def append(self, entry: bytes, on_commit: Callable[[int], None] | None = None) -> int:
+    async def append(
+        self, entry: bytes, on_commit: Callable[[int], None] | None = None, *, traffic: bool = False
+    ) -> int:
         """Append `entry` to the log durably and return its index."""
-        return await self.enqueue(entry, on_commit).result()
+        return await self.enqueue(entry, on_commit, traffic=traffic).result()
 
     async def _committer(self) -> None:
         while True:
@@ -264,12 +278,18 @@ class BrokerDaemon:
             for w in waiters:
                 w.error = exc
                 w.done.set()
+                if w.on_error is not None:
+                    w.on_error(exc)
             return
         self.batches += 1
         if indexes.start == self.policy.size:
             # The usual case: nobody else appended in between, and the batch's bytes are at hand; reading them
             # back from the store would cost a query per batch on the hot path for nothing.
-            self._apply([w.entry for w in waiters])
+            for w in waiters:
+                if w.traffic:
+                    self.policy.skip_to(self.policy.size + 1)
+                else:
+                    self._apply([w.entry])
         self._fold(indexes.stop)
         with self.mail.batch():
             for member, kind, digest in confirmations:
@@ -400,7 +420,7 @@ class BrokerDaemon:
                 self.mail.remove(member, "packet", digest)
                 self.spool.drop_unreferenced(self.mail, [digest])
 
-            await self.append(records.purge_entry(row.digest, member, now), done)
+            await self.append(records.purge_entry(row.digest, member, now), done, traffic=True)
 
     async def _resolve(self, path: str) -> http.Response:
         if path == "/checkpoint":
@@ -477,6 +497,11 @@ class Session:
         self.conn = Connection(Role.SERVER)
         self.ready = False
         self._send_lock = trio.Lock()
+        self._out: list[bytes] = []  # encoded frames not yet written
+        self._out_bytes = 0
+        self._queued = 0  # frames queued since the connection began (tickets)
+        self._written = 0  # frames written to the stream
+        self._write_failed: BaseException | None = None
         self._wake = trio.Event()
         self._credit = trio.Event()
         # rid → the upload being received (None: refused, its chunks are discarded)
@@ -490,14 +515,42 @@ class Session:
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
-    async def send(self, msg: ev.Message) -> None:
+    def queue(self, msg: ev.Message) -> int:
+        """Encode `msg` into the output buffer and return its ticket; it goes out with the next `flush`.
+
+        Frames are written in batches: each write is a TLS record and a system call, which cost more than most
+        frames' own handling, so the frames that tasks queue while a write is under way go out together."""
+        if self._said_last_word:
+            return self._queued  # goodbye or a fatal error went out: the other tasks' frames are moot now
+        data = self.conn.send(msg)
+        if isinstance(msg, ev.Goodbye) or (isinstance(msg, ev.ErrorMessage) and msg.rid is None):
+            self._said_last_word = True
+        self._out.append(data)
+        self._out_bytes += len(data)
+        self._queued += 1
+        return self._queued
+
+    async def flush(self, ticket: int | None = None) -> None:
+        """Return once every frame queued up to `ticket` (default: all) is written to the stream."""
+        ticket = self._queued if ticket is None else ticket
         async with self._send_lock:
-            if self._said_last_word:
-                return  # goodbye or a fatal error went out: the other tasks' frames are moot now
-            data = self.conn.send(msg)
-            if isinstance(msg, ev.Goodbye) or (isinstance(msg, ev.ErrorMessage) and msg.rid is None):
-                self._said_last_word = True
-            await self.stream.send_all(data)
+            if self._written >= ticket:
+                return  # the write of another task carried it
+            if self._write_failed is not None:
+                raise trio.BrokenResourceError(f"an earlier write failed: {self._write_failed}")
+            data = b"".join(self._out)
+            self._out.clear()
+            self._out_bytes = 0
+            upto = self._queued
+            try:
+                await self.stream.send_all(data)
+            except BaseException as exc:
+                self._write_failed = exc  # the frames in `data` are lost; so is the stream, for everyone
+                raise
+            self._written = upto
+
+    async def send(self, msg: ev.Message) -> None:
+        await self.flush(self.queue(msg))
 
     def wake(self) -> None:
         self._wake.set()
@@ -563,6 +616,8 @@ class Session:
             if not isinstance(event, Signal):
                 return event
             # PAUSED only happens before our welcome, which _handshake sends before the reader starts.
+            if self._queued > self._written:
+                await self.flush()  # the answers to everything read so far go out in one write
             self.conn.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
 
     async def _handshake(self) -> ev.Hello | None:
@@ -670,7 +725,8 @@ class Session:
         else:
             # Admitted or a duplicate: receive the ciphertext either way (the grammar needs the upload to end);
             # a duplicate is checked again against what was spooled and answered with its existing receipt.
-            self._uploads[msg.rid] = self.d.spool.begin(head, msg.head)
+            signed_by = self.d.policy.members[self.member].sign_key  # admit checked the signature with it
+            self._uploads[msg.rid] = self.d.spool.begin(head, msg.head, signed_by)
 
     async def _submit_chunk(self, msg: ev.SubmitChunk) -> None:
         upload = self._uploads.get(msg.rid)
@@ -681,8 +737,12 @@ class Session:
                 upload.discard()
                 self._uploads[msg.rid] = None
                 await self.send(ev.ErrorMessage(msg.rid, codes.HASH_MISMATCH, str(exc)))
-        # Give the window back as soon as the data is on disk (or discarded), so the client keeps streaming.
-        await self.send(ev.Credit(len(msg.data)))
+        # The data is on disk (or discarded): give the window back once half of it is used up, as nodes do. One
+        # credit per half window, not one per chunk, spares a frame and often a write per small packet, and the
+        # client always has half a window to send meanwhile (specs/wire.md, rule 16).
+        window = self.conn.limits.window
+        if self.conn.receive_window <= window // 2:
+            self.queue(ev.Credit(window - self.conn.receive_window))
 
     async def _submit_end(self, msg: ev.SubmitEnd) -> None:
         upload = self._uploads.pop(msg.rid, None)
@@ -697,8 +757,17 @@ class Session:
         core = head.core
         known = self.d.mail.packet_by_id(self.member, core.packet_id)
         if known is None:
-            # Policy may have changed while the ciphertext streamed in: decide again, as of now.
-            outcome = relay.admit(self.d.policy, self.member, head, None, self.d.now(), self.d.settings.window)
+            # Policy may have changed while the ciphertext streamed in: decide again, as of now (the signature
+            # was checked at submit-begin, and is checked again only if the sender's key changed meanwhile).
+            outcome = relay.admit(
+                self.d.policy,
+                self.member,
+                head,
+                None,
+                self.d.now(),
+                self.d.settings.window,
+                signature_checked_with=upload.signed_by,
+            )
             if isinstance(outcome, relay.Reject | relay.Denied):
                 self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
                 if isinstance(outcome, relay.Reject):
@@ -735,7 +804,7 @@ class Session:
                         self.d.mail.record_packet(row, core.recipients, body)
 
                     entry = records.packet_entry(head.header.raw, head.signature, at)
-                    inflight = self._inflight[key] = (head.digest, self.d.enqueue(entry, queue), at)
+                    inflight = self._inflight[key] = (head.digest, self.d.enqueue(entry, queue, traffic=True), at)
                 # The reader goes on with the next frames while the batch commits: one connection can then have
                 # many packets in one batch instead of one per commit cycle (the wire's request limit bounds it).
                 assert self._nursery is not None
@@ -798,10 +867,16 @@ class Session:
             notice_key = hashlib.sha256(ack.raw).digest()
             self.d.mail.post(sender, "ack", notice_key, encoding.pack({"index": index, "notice": ack.raw}))
             self.d.spool.drop_unreferenced(self.d.mail, [item.digest])
+            self.d.wake(sender)
+            self._wake.set()
 
-        await self.d.append(records.ack_entry(ack), done)
-        self.d.wake(sender)
-        self._wake.set()
+        def failed(exc: BaseException) -> None:
+            # The item stays in the mailbox; a new connection pushes it again.
+            self.close_soon(codes.INTERNAL, f"the log could not take the acknowledgement: {exc}")
+
+        # Not awaited: the reader goes on with the next frames while the batch commits, so a member's
+        # acknowledgements share commits instead of taking one commit cycle each.
+        self.d.enqueue(records.ack_entry(ack), done, failed, traffic=True)
 
     async def _retract(self, msg: ev.Retract) -> None:
         member = self.d.policy.members.get(self.member)
@@ -829,7 +904,7 @@ class Session:
                 self.d.mail.post(r, "retract", row.digest, body)
             self.d.spool.drop_unreferenced(self.d.mail, [row.digest])
 
-        index = await self.d.append(records.retract_entry(retraction), done)
+        index = await self.d.append(records.retract_entry(retraction), done, traffic=True)
         for r in recipients:
             self.d.wake(r)
         receipt = records.Receipt.make(
@@ -943,12 +1018,15 @@ class Session:
                 notice = body["notice"]
                 if item.kind == "ack":
                     ack, _, _ = records.Ack.parse(notice)
-                    await self.send(ev.AckForward(item.seq, ack.packet_id, ack.recipient, body["index"], notice))
+                    self.queue(ev.AckForward(item.seq, ack.packet_id, ack.recipient, body["index"], notice))
                 else:
                     by = records.Retraction.parse(notice)[0].sender
                     row = self.d.mail.packet(item.digest)
                     pid = row.packet_id if row else bytes(16)
-                    await self.send(ev.RetractForward(item.seq, pid, by, body["index"], notice))
+                    self.queue(ev.RetractForward(item.seq, pid, by, body["index"], notice))
+                if self._out_bytes >= FLUSH_AT:
+                    await self.flush()
+            await self.flush()  # the whole batch of items in as few writes as it takes
 
     async def _push_packet(self, item: MailItem) -> bool:
         body = self.d.mail.body(item.digest)
@@ -962,18 +1040,21 @@ class Session:
             head_size = PREFIX_SIZE + parse_prefix(prefix) + SIGNATURE_SIZE
             head = prefix + f.read(head_size - PREFIX_SIZE)
             size = (len(body) if body is not None else os.fstat(f.fileno()).st_size) - head_size
-            await self.send(ev.DeliverBegin(item.seq, head, size))
+            self.queue(ev.DeliverBegin(item.seq, head, size))
             chunk_limit = self.conn.peer_limits.chunk if self.conn.peer_limits else 65536
             remaining = size
             while remaining:
                 while self.conn.send_window == 0:
+                    await self.flush()  # the member grants credit for what it has received, so it must receive
                     self._credit = trio.Event()
                     await self._credit.wait()
                 n = min(chunk_limit, self.conn.send_window, remaining)
                 data = f.read(n)
-                await self.send(ev.DeliverChunk(item.seq, data))
+                self.queue(ev.DeliverChunk(item.seq, data))
                 remaining -= len(data)
-            await self.send(ev.DeliverEnd(item.seq))
+                if self._out_bytes >= FLUSH_AT:
+                    await self.flush()
+            self.queue(ev.DeliverEnd(item.seq))
         return True
 
     # --- witnessing ---------------------------------------------------------------------------------------------

@@ -175,9 +175,14 @@ class Mailboxes:
         r = self._db.execute("SELECT data FROM bodies WHERE digest = ?", (digest,)).fetchone()
         return bytes(r[0]) if r else None
 
-    def drop_bodies(self, digests: Sequence[bytes]) -> None:
+    def drop_bodies(self, digests: Sequence[bytes]) -> set[bytes]:
+        """Delete the kept bodies of `digests`; return the digests that had one."""
+        dropped = set()
         with self._transaction():
-            self._db.executemany("DELETE FROM bodies WHERE digest = ?", [(d,) for d in digests])
+            for d in digests:
+                if self._db.execute("DELETE FROM bodies WHERE digest = ?", (d,)).rowcount:
+                    dropped.add(d)
+        return dropped
 
     def unreferenced(self, digests: Sequence[bytes]) -> list[bytes]:
         """Of `digests`, those no mailbox item refers to any more (their spooled bodies may be deleted)."""

@@ -91,18 +91,31 @@ def meta_of(head: Head) -> PacketMeta:
 
 
 def admit(
-    state: PolicyState, peer: str, head: Head, known: PacketRow | None, now: int, window: int = DEFAULT_WINDOW
+    state: PolicyState,
+    peer: str,
+    head: Head,
+    known: PacketRow | None,
+    now: int,
+    window: int = DEFAULT_WINDOW,
+    *,
+    signature_checked_with: bytes | None = None,
 ) -> Outcome:
+    """Decide on a submitted packet. `signature_checked_with` is the key a previous `admit` of this same `head`
+    verified its signature with: deciding again (the policy may have changed while the ciphertext streamed in)
+    then checks the signature again only if the sender's key has changed since."""
     core = head.core
     if core.sender != peer:
         return Reject(codes.SENDER_MISMATCH, f"packet is from {core.sender}, but this connection is {peer}'s")
     member = state.members.get(peer)
     if member is None or member.status != ACTIVE:
         return Reject(codes.SUSPENDED if member else codes.UNKNOWN_MEMBER, f"{peer} may not send now")
-    try:
-        sign.verify(member.sign_key, HEADER_DOMAIN, head.header.raw, head.signature, what=f"header signed by {peer}")
-    except SignatureError as exc:
-        return Reject(codes.BAD_SIGNATURE, str(exc))
+    if signature_checked_with != member.sign_key:
+        try:
+            sign.verify(
+                member.sign_key, HEADER_DOMAIN, head.header.raw, head.signature, what=f"header signed by {peer}"
+            )
+        except SignatureError as exc:
+            return Reject(codes.BAD_SIGNATURE, str(exc))
     if known is not None:
         if known.digest == head.digest:
             return Duplicate(known)

@@ -25,14 +25,15 @@ INLINE_MAX = 32 * 1024
 class _Refs(Protocol):
     def unreferenced(self, digests: Sequence[bytes]) -> list[bytes]: ...
 
-    def drop_bodies(self, digests: Sequence[bytes]) -> None: ...
+    def drop_bodies(self, digests: Sequence[bytes]) -> set[bytes]: ...
 
 
 class InlineUpload:
     """A small packet received into memory; `finish()` returns its verified bytes for the mailbox transaction."""
 
-    def __init__(self, head: Head, head_bytes: bytes) -> None:
+    def __init__(self, head: Head, head_bytes: bytes, signed_by: bytes) -> None:
         self.head = head
+        self.signed_by = signed_by  # the sender key the head's signature was verified with
         self._hasher = CiphertextHasher(head.header)
         self._data = bytearray(head_bytes)
 
@@ -49,8 +50,9 @@ class InlineUpload:
 
 
 class Upload:
-    def __init__(self, head: Head, tmp: Path, final: Path, head_bytes: bytes) -> None:
+    def __init__(self, head: Head, tmp: Path, final: Path, head_bytes: bytes, signed_by: bytes) -> None:
         self.head = head
+        self.signed_by = signed_by  # the sender key the head's signature was verified with
         self._tmp = tmp
         self._final = final
         self._hasher = CiphertextHasher(head.header)
@@ -100,16 +102,20 @@ class Spool:
     def path(self, digest: bytes) -> Path:
         return self.root / f"{digest.hex()}.pkt"
 
-    def begin(self, head: Head, head_bytes: bytes) -> Upload | InlineUpload:
-        """Receive a packet: into memory when small (see INLINE_MAX), else into a temporary file. A duplicate is
-        received and checked like any upload; replacing a body with identical verified bytes is harmless."""
+    def begin(self, head: Head, head_bytes: bytes, signed_by: bytes) -> Upload | InlineUpload:
+        """Receive a packet whose head's signature `signed_by` verified: into memory when small (see INLINE_MAX),
+        else into a temporary file. A duplicate is received and checked like any upload; replacing a body with
+        identical verified bytes is harmless."""
         if head.total_size <= INLINE_MAX:
-            return InlineUpload(head, head_bytes)
-        return Upload(head, self.root / f"{secrets.token_hex(8)}.part", self.path(head.digest), head_bytes)
+            return InlineUpload(head, head_bytes, signed_by)
+        tmp = self.root / f"{secrets.token_hex(8)}.part"
+        return Upload(head, tmp, self.path(head.digest), head_bytes, signed_by)
 
     def drop_unreferenced(self, refs: _Refs, digests: Sequence[bytes]) -> None:
         gone = refs.unreferenced(digests)
-        if gone:
-            refs.drop_bodies(gone)
+        if not gone:
+            return
+        inline = refs.drop_bodies(gone)
         for digest in gone:
-            self.path(digest).unlink(missing_ok=True)
+            if digest not in inline:  # a small packet's body lives in the mailbox database, never in a file
+                self.path(digest).unlink(missing_ok=True)
