@@ -54,3 +54,33 @@ def test_expired_and_unreferenced(tmp_path: Path) -> None:
     assert mb.unreferenced([_row(1).digest]) == []
     mb.remove("ITA", "packet", _row(1).digest)
     assert mb.unreferenced([_row(1).digest, _row(2).digest]) == [_row(1).digest]
+
+
+def test_a_rolled_back_batch_takes_no_sequence_numbers_and_an_emptied_mailbox_keeps_counting(tmp_path: Path) -> None:
+    mb = Mailboxes.open(tmp_path / "q.db")
+    mb.record_packet(_row(1), ["DEU"])
+    try:
+        with mb.batch():
+            mb.record_packet(_row(2), ["DEU"])
+            mb.post("DEU", "retract", _row(1).digest, b"signed-retraction")
+            raise RuntimeError("the batch fails after queueing")
+    except RuntimeError:
+        pass
+    assert [(i.seq, i.digest[0]) for i in mb.pending("DEU")] == [(1, 1)]
+    mb.record_packet(_row(3), ["DEU"])
+    assert [i.seq for i in mb.pending("DEU")] == [1, 2]  # seq 2 again: the failed batch's numbers were not kept
+    # Emptied, closed and reopened: numbering goes on from the last committed counter.
+    assert mb.remove("DEU", "packet", _row(1).digest)
+    assert mb.remove("DEU", "packet", _row(3).digest)
+    mb.close()
+    mb = Mailboxes.open(tmp_path / "q.db")
+    mb.record_packet(_row(4), ["DEU"])
+    assert [i.seq for i in mb.pending("DEU")] == [3]
+
+
+def test_a_duplicate_item_is_queued_once_and_takes_no_sequence_number(tmp_path: Path) -> None:
+    mb = Mailboxes.open(tmp_path / "q.db")
+    mb.post("FRA", "ack", b"a" * 32, b"signed-ack")
+    mb.post("FRA", "ack", b"a" * 32, b"signed-ack")
+    mb.post("FRA", "ack", b"b" * 32, b"another-ack")
+    assert [(i.seq, i.digest[:1]) for i in mb.pending("FRA")] == [(1, b"a"), (2, b"b")]

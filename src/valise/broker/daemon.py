@@ -122,6 +122,7 @@ class BrokerDaemon:
         self._waiters: list[_Waiter] = []
         self._confirmations: list[tuple[str, str, bytes]] = []
         self.batches = 0  # commit batches so far (a log entry's group commit shares one with the others queued)
+        self.recorded = 0  # bumped whenever packets may have been recorded in the mailboxes since
         self._wake_committer = trio.Event()
         self._policy_lock = trio.Lock()
         self._policy_lock_file = open(home.policy_lock_path, "a+b")  # noqa: SIM115 - held for the daemon's life
@@ -282,6 +283,7 @@ class BrokerDaemon:
                     w.on_error(exc)
             return
         self.batches += 1
+        self.recorded += 1
         if indexes.start == self.policy.size:
             # The usual case: nobody else appended in between, and the batch's bytes are at hand; reading them
             # back from the store would cost a query per batch on the hot path for nothing.
@@ -506,6 +508,7 @@ class Session:
         self._credit = trio.Event()
         # rid → the upload being received (None: refused, its chunks are discarded)
         self._uploads: dict[int, Upload | InlineUpload | None] = {}
+        self._unknown_at: dict[int, int] = {}  # rid → `recorded` when submit-begin found its packet id unused
         self._pushed: dict[int, MailItem] = {}  # seq → item pushed and awaiting confirmation
         self._inflight: dict[tuple[str, bytes], tuple[bytes, _Waiter, int]] = {}  # (sender, id) → (digest, waiter, at)
         self._last_seq = 0
@@ -671,6 +674,7 @@ class Session:
             await self._submit_end(event)
         elif isinstance(event, ev.SubmitCancel):
             upload = self._uploads.pop(event.rid, None)
+            self._unknown_at.pop(event.rid, None)
             if upload is not None:
                 upload.discard()
                 await self.send(ev.ErrorMessage(event.rid, codes.CANCELLED, "upload cancelled"))
@@ -727,6 +731,8 @@ class Session:
             # a duplicate is checked again against what was spooled and answered with its existing receipt.
             signed_by = self.d.policy.members[self.member].sign_key  # admit checked the signature with it
             self._uploads[msg.rid] = self.d.spool.begin(head, msg.head, signed_by)
+            if known is None:
+                self._unknown_at[msg.rid] = self.d.recorded
 
     async def _submit_chunk(self, msg: ev.SubmitChunk) -> None:
         upload = self._uploads.get(msg.rid)
@@ -746,6 +752,7 @@ class Session:
 
     async def _submit_end(self, msg: ev.SubmitEnd) -> None:
         upload = self._uploads.pop(msg.rid, None)
+        unknown_at = self._unknown_at.pop(msg.rid, None)
         if upload is None:
             return  # already answered (refused or failed)
         try:
@@ -755,7 +762,8 @@ class Session:
             return
         head = upload.head
         core = head.core
-        known = self.d.mail.packet_by_id(self.member, core.packet_id)
+        # Unused at submit-begin and nothing recorded since: still unused (a query per packet saved).
+        known = None if unknown_at == self.d.recorded else self.d.mail.packet_by_id(self.member, core.packet_id)
         if known is None:
             # Policy may have changed while the ciphertext streamed in: decide again, as of now (the signature
             # was checked at submit-begin, and is checked again only if the sender's key changed meanwhile).
@@ -789,6 +797,7 @@ class Session:
                 index, at = orphan[0], orphan[2]
                 row = PacketRow(head.digest, self.member, core.packet_id, index, core.expires, size, at)
                 self.d.mail.record_packet(row, core.recipients, body)
+                self.d.recorded += 1
             else:
                 key = (self.member, core.packet_id)
                 inflight = self._inflight.get(key)

@@ -75,6 +75,10 @@ class Mailboxes:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._db = conn
         self._depth = 0
+        # Next seq per member, read once and then kept here; counters changed in a transaction are written back
+        # once at its commit (not at every post), and forgotten if it rolls back.
+        self._seqs: dict[str, int] = {}
+        self._dirty: set[str] = set()
 
     @classmethod
     def open(cls, path: Path) -> Mailboxes:
@@ -91,14 +95,18 @@ class Mailboxes:
         self._db.close()
 
     def _next_seq(self, member: str) -> int:
-        row = self._db.execute("SELECT next_seq FROM counters WHERE member = ?", (member,)).fetchone()
-        seq = row[0] if row else 1
-        self._db.execute(
+        seq = self._seqs.get(member)
+        if seq is None:
+            row = self._db.execute("SELECT next_seq FROM counters WHERE member = ?", (member,)).fetchone()
+            seq = self._seqs[member] = int(row[0]) if row else 1
+        return seq
+
+    def _write_counters(self) -> None:
+        self._db.executemany(
             "INSERT INTO counters (member, next_seq) VALUES (?, ?) "
             "ON CONFLICT (member) DO UPDATE SET next_seq = excluded.next_seq",
-            (member, seq + 1),
+            [(m, self._seqs[m]) for m in sorted(self._dirty)],
         )
-        return int(seq)
 
     def record_packet(self, row: PacketRow, recipients: Iterable[str], body: bytes | None = None) -> None:
         """Record a logged packet and queue it for each recipient; filling in only what is missing.
@@ -121,13 +129,16 @@ class Mailboxes:
             self._post_locked(member, kind, digest, body)
 
     def _post_locked(self, member: str, kind: str, digest: bytes, body: bytes | None) -> None:
-        exists = self._db.execute(
-            "SELECT 1 FROM mailbox WHERE member = ? AND kind = ? AND digest = ?", (member, kind, digest)
-        ).fetchone()
-        if not exists:
-            self._db.execute(
-                "INSERT INTO mailbox VALUES (?, ?, ?, ?, ?)", (member, self._next_seq(member), kind, digest, body)
-            )
+        seq = self._next_seq(member)
+        # The unique index on (member, kind, digest) keeps an item from being queued twice; any other conflict
+        # (a seq already taken: the cached counter would be wrong) raises instead of losing the item.
+        cur = self._db.execute(
+            "INSERT INTO mailbox VALUES (?, ?, ?, ?, ?) ON CONFLICT (member, kind, digest) DO NOTHING",
+            (member, seq, kind, digest, body),
+        )
+        if cur.rowcount:
+            self._seqs[member] = seq + 1
+            self._dirty.add(member)
 
     def packet(self, digest: bytes) -> PacketRow | None:
         r = self._db.execute("SELECT * FROM packets WHERE digest = ?", (digest,)).fetchone()
@@ -217,10 +228,15 @@ class Mailboxes:
         self._depth = 1
         try:
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
+            if self._dirty:
+                self._write_counters()
             self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            for member in self._dirty:
+                self._seqs.pop(member, None)  # read again from what is committed
+            raise
         finally:
             self._depth = 0
+            self._dirty.clear()
