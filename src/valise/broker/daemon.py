@@ -1008,10 +1008,13 @@ class Session:
 
     async def _pusher(self) -> None:
         while True:
+            # Made before the query, so whatever is queued after the query sets this event: when the query
+            # returns fewer items than there was room for, it got everything, and no second query is needed to
+            # learn that the mailbox is empty before waiting.
+            self._wake = trio.Event()
             room = self.conn.push_room
             items = self.d.mail.pending(self.member, self._last_seq, limit=room) if room else []
             if not items:
-                self._wake = trio.Event()
                 await self._wake.wait()
                 continue
             for item in items:
@@ -1023,7 +1026,8 @@ class Session:
                     if not await self._push_packet(item):
                         del self._pushed[item.seq]
                     continue
-                body = encoding.unpack(item.body or b"", what="notice", max_size=records.NOTICE_MAX + 64)
+                # Our own record, written canonically by post(): decoding is enough.
+                body = encoding.decode(item.body or b"", what="notice", max_size=records.NOTICE_MAX + 64)
                 notice = body["notice"]
                 if item.kind == "ack":
                     ack, _, _ = records.Ack.parse(notice)
@@ -1036,6 +1040,8 @@ class Session:
                 if self._out_bytes >= FLUSH_AT:
                     await self.flush()
             await self.flush()  # the whole batch of items in as few writes as it takes
+            if len(items) < room:
+                await self._wake.wait()
 
     async def _push_packet(self, item: MailItem) -> bool:
         body = self.d.mail.body(item.digest)
