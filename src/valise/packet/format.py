@@ -362,14 +362,20 @@ _CORE_KEYS = _SORTED_KEYS[id(_CORE_FIELDS)]
 _MAX_TIME = 2**63
 
 
-def _fast_core(raw: bytes) -> Core | None:
-    if len(raw) > MAX_CORE:
+def _fast_map(raw: bytes, limit: int, keys: list[str]) -> dict[str, Any] | None:
+    """`raw` decoded, if it is a map of exactly `keys` in that order within `limit` bytes; else None."""
+    if len(raw) > limit:
         return None
     try:
         m = _unpackb(raw, max_ext_len=0)
     except Exception:  # the checked parser says what is wrong
         return None
-    if type(m) is not dict or list(m) != _CORE_KEYS:
+    return m if type(m) is dict and list(m) == keys else None
+
+
+def _fast_core(raw: bytes) -> Core | None:
+    m = _fast_map(raw, MAX_CORE, _CORE_KEYS)
+    if m is None:
         return None
     v, packet_id, created, expires, sender, to = m["v"], m["id"], m["created"], m["expires"], m["from"], m["to"]
     if not (
@@ -402,13 +408,8 @@ def _fast_core(raw: bytes) -> Core | None:
 
 
 def _fast_header(raw: bytes) -> Header | None:
-    if len(raw) > MAX_HEADER:
-        return None
-    try:
-        m = _unpackb(raw, max_ext_len=0)
-    except Exception:  # the checked parser says what is wrong
-        return None
-    if type(m) is not dict or list(m) != _HEADER_KEYS:
+    m = _fast_map(raw, MAX_HEADER, _HEADER_KEYS)
+    if m is None:
         return None
     ct_len, ct_sha256, key_commit, raw_stanzas = m["ct_len"], m["ct_sha256"], m["key_commit"], m["stanzas"]
     if not (
