@@ -235,6 +235,21 @@ def test_a_published_checkpoint_carries_at_most_the_note_signature_limit() -> No
     checkpoint.open_checkpoint(published, signer.verifier(), witnesses=verifiers, quorum=99)
 
 
+def test_with_more_witnesses_than_a_note_carries_they_take_turns() -> None:
+    """196 witnesses, 99 cosignature lines: each checkpoint asks 99 (no more: the rest would be wasted work on both
+    sides), a different window each time, and two turns reach every witness."""
+    from valise.broker.daemon import pick_witnesses
+
+    names = [f"N{i:03d}" for i in range(196)]
+    first, second = pick_witnesses(names, 0, 99), pick_witnesses(names, 1, 99)
+    assert len(first) == len(second) == 99
+    assert len(set(first)) == len(set(second)) == 99
+    assert set(first) | set(second) == set(names)
+    assert pick_witnesses(names, 2, 99) != first  # the window goes on moving (196 is not a multiple of 99)
+    assert pick_witnesses(list(reversed(names[:5])), 7, 99) == names[:5]  # few enough: all of them, every time
+    assert pick_witnesses(names, 3, 0) == []
+
+
 async def test_a_packet_logged_before_a_crash_is_queued_at_its_index_when_resubmitted(tmp_path: Path) -> None:
     """A crash between the log append and the mailbox commit loses a small packet's body, not the packet: the
     sender (who got no receipt) resubmits, and the broker queues it at the index already logged, adding nothing."""

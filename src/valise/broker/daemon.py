@@ -99,6 +99,16 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc.__cause__ or exc
 
 
+def pick_witnesses(names: list[str], turn: int, limit: int) -> list[str]:
+    """The witnesses to ask on cosigning `turn`: all of `names` if they fit in `limit`, else a window of `limit`
+    names (in sorted order, wrapping) that moves on by `limit` each turn, so every witness cosigns in turn."""
+    ordered = sorted(names)
+    if len(ordered) <= limit:
+        return ordered
+    start = (turn * limit) % len(ordered)
+    return [ordered[(start + i) % len(ordered)] for i in range(max(limit, 0))]
+
+
 class BrokerDaemon:
     def __init__(self, home: BrokerHome, settings: Settings | None = None) -> None:
         self.home = home
@@ -123,6 +133,7 @@ class BrokerDaemon:
         self._confirmations: list[tuple[str, str, bytes]] = []
         self.batches = 0  # commit batches so far (a log entry's group commit shares one with the others queued)
         self.recorded = 0  # bumped whenever packets may have been recorded in the mailboxes since
+        self._cosign_turn = 0  # checkpoints sent out for cosigning (see pick_witnesses)
         self._wake_committer = trio.Event()
         self._policy_lock = trio.Lock()
         self._policy_lock_file = open(home.policy_lock_path, "a+b")  # noqa: SIM115 - held for the daemon's life
@@ -343,7 +354,12 @@ class BrokerDaemon:
         return cosignature.add_cosignatures(signed_note, chosen)
 
     async def _gather_cosignatures(self, signed_note: bytes, old: int) -> list[note.Signature]:
-        witnesses = [s for s in self.sessions.values() if s.ready]
+        ready = {s.member: s for s in self.sessions.values() if s.ready}
+        room = note.MAX_SIGNATURES - len(note.parse_note(signed_note).signatures)
+        # A note carries at most `room` cosignatures: asking more witnesses than that would cost them and us a
+        # signature, a proof and a verification each for nothing. They take turns instead.
+        witnesses = [ready[m] for m in pick_witnesses(list(ready), self._cosign_turn, room)]
+        self._cosign_turn += 1
         if not witnesses:
             return []
         got: list[note.Signature] = []
