@@ -363,3 +363,40 @@ async def test_policy_that_changes_while_a_packet_streams_in_is_applied_at_its_e
         assert answer.id == head.core.packet_id
         assert [r.to for r in answer.reasons] == ["DEU"]
         assert "malware" in answer.reasons[0].reason
+
+
+async def test_packets_larger_than_the_window_reach_a_member_that_grants_credit_at_half_window(tmp_path: Path) -> None:
+    """The broker waits for credit mid-delivery; a member's credit can arrive while the broker is still writing,
+    and must not be missed (the delivery would stall for good)."""
+    world = _world(tmp_path)
+    # Sizes that are no multiple of the chunk: the window runs out mid-chunk, when the broker has a partial chunk
+    # queued and must write it out before it can wait for the credit that writing it will bring.
+    payloads = [bytes([i]) * 1_000_000 for i in range(4)] + [bytes([9]) * (3 * 1024 * 1024)]
+    sealed = [seal(world, "FRA", ["DEU"], p) for p in payloads]
+    async with (
+        running_broker(world) as broker,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+        WireClient.connect(world, "DEU", broker.port) as deu,
+    ):
+        for data in sealed:
+            assert isinstance(await fra.submit(data), ev.Receipt)
+        window = deu.conn.limits.window
+        for data in sealed:
+            begin = await deu.next_of(ev.DeliverBegin, within=20)
+            assert isinstance(begin, ev.DeliverBegin)
+            got = bytearray(begin.head)
+            while True:
+                event = await deu.next(within=20)
+                if isinstance(event, ev.DeliverChunk):
+                    got += event.data
+                    if deu.conn.receive_window <= window // 2:  # as a node grants: half a window at a time
+                        await deu.send(ev.Credit(window - deu.conn.receive_window))
+                elif isinstance(event, ev.DeliverEnd):
+                    break
+            assert bytes(got) == data
+            head = packet.parse_head(data)
+            assert isinstance(head, packet.Head)
+            ack = records.Ack.make(
+                world.members["DEU"].signing, head.core.packet_id, head.digest, "FRA", "DEU", int(time.time())
+            )
+            await deu.send(ev.Ack(begin.seq, head.core.packet_id, ack.raw))

@@ -228,8 +228,8 @@ class ValiseMember(Member):
         sent = 0
         while sent < len(body):
             while self.conn.send_window == 0:
+                self.credit = trio.Event()  # armed before the flush: the credit may come back while it writes
                 await self.flush()
-                self.credit = trio.Event()
                 await self.credit.wait()
             n = min(chunk, self.conn.send_window, len(body) - sent)
             self.queue(ev.SubmitChunk(rid, bytes(body[sent : sent + n])))

@@ -1076,8 +1076,10 @@ class Session:
             remaining = size
             while remaining:
                 while self.conn.send_window == 0:
-                    await self.flush()  # the member grants credit for what it has received, so it must receive
+                    # Armed before the flush: the member grants credit only for what it has received, and its
+                    # credit may arrive while the flush is still writing.
                     self._credit = trio.Event()
+                    await self.flush()
                     await self._credit.wait()
                 n = min(chunk_limit, self.conn.send_window, remaining)
                 data = f.read(n)
