@@ -30,10 +30,17 @@ def headline(r: dict[str, Any], label: str) -> str:
 
 
 def ratios(r: dict[str, Any]) -> str:
-    rows = ["| | vs medallion | vs bare relay | vs crypto ceiling |", "|---|---:|---:|---:|"]
+    rows = [
+        "| | vs medallion | vs bare relay | vs crypto ceiling | vs per-packet crypto ceiling |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for v, x in r["ratios"].items():
         c = x["vs crypto ceiling (packets/s over verify/s)"]
-        rows.append(f"| {v} (packets/s) | {x['vs medallion']:.2f}× | {x['vs bare relay']:.1%} | {c:.2%} |")
+        pp = x.get("vs per-packet crypto ceiling (packets/s over verify/s / (1 + M))")
+        rows.append(
+            f"| {v} (packets/s) | {x['vs medallion']:.2f}× | {x['vs bare relay']:.1%} | {c:.2%} "
+            f"| {'—' if pp is None else f'{pp:.1%}'} |"
+        )
     return "\n".join(rows)
 
 

@@ -431,6 +431,9 @@ SYSTEMS = ("valise-nodes", "valise-wire", "bare relay", "medallion")
 def ratios(r: dict[str, Any]) -> dict[str, Any]:
     small = r["headline"]["small"]
     ceiling = r["ceiling"]["verify_per_s_all_cores"]
+    # The broker verifies the header and every recipient's acknowledgement: 1 + M verifications per packet, so no
+    # broker can relay more than verify/s ÷ (1 + M) packets/s on these cores, whatever else it does or skips.
+    per_packet = ceiling / (1 + r["plan"]["headline_m"])
     out = {}
     for v in ("valise-nodes", "valise-wire"):
         x = small[v]["packets_per_s"]
@@ -438,6 +441,7 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
             "vs medallion": round(x / small["medallion"]["packets_per_s"], 2),
             "vs bare relay": round(x / small["bare relay"]["packets_per_s"], 3),
             "vs crypto ceiling (packets/s over verify/s)": round(x / ceiling, 4),
+            "vs per-packet crypto ceiling (packets/s over verify/s / (1 + M))": round(x / per_packet, 4),
         }
     return out
 
