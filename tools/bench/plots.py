@@ -83,6 +83,10 @@ def headline(r: dict[str, Any], out: Path) -> Path:
     ceiling = r["ceiling"]["verify_per_s_all_cores"]
     axes[0].axhline(ceiling, color="black", linestyle="--", linewidth=1)
     axes[0].annotate(f"Ed25519 verify ceiling {ceiling:,}/s", (0, ceiling), va="bottom", fontsize=8)
+    # 1 + M verifications per packet (header, and each recipient's acknowledgement): the most any broker could relay.
+    per_packet = ceiling // (1 + r["plan"]["headline_m"])
+    axes[0].axhline(per_packet, color="black", linestyle=":", linewidth=1)
+    axes[0].annotate(f"per-packet ceiling {per_packet:,}/s", (0, per_packet), va="bottom", fontsize=8)
     p = r["plan"]
     fig.suptitle(f"{p['headline_n']} members, each publishing ~1 KiB STIX bundles to {p['headline_m']} recipients")
     fig.tight_layout()
