@@ -1,7 +1,7 @@
 """Smoke test of the peer benchmark (tools/bench/run.py --quick): it runs end to end and reports every figure.
 
-No speed is asserted. It needs the `bench` extra (medallion, taxii2-client, matplotlib); CI installs only
-`.[dev]`, so there it is skipped.
+No speed is asserted. It needs the `bench` extra (medallion, taxii2-client, matplotlib), which the README's test
+command and `.ci/run` install; without it the test is skipped.
 """
 
 from __future__ import annotations
