@@ -26,6 +26,7 @@ from valise.packet.format import (
     SIGNATURE_SIZE,
     X25519_STANZA,
     CiphertextHasher,
+    Core,
     Head,
     Header,
     parse_prefix,
@@ -191,15 +192,15 @@ def open_packet(
     except ValueError as exc:
         raise PayloadError(f"payload {exc}") from None
     return Opened(
-        core.packet_id,
-        core.sender,
-        core.recipients,
-        core.labels,
-        core.created,
-        core.expires,
+        *_described(core),
         head.digest,
         size,
     )
+
+
+def _described(core: Core) -> tuple[bytes, str, tuple[str, ...], Labels, int, int]:
+    """The signed facts `Opened` and `Inspection` both begin with, in their order."""
+    return core.packet_id, core.sender, core.recipients, core.labels, core.created, core.expires
 
 
 def inspect_packet(
@@ -238,12 +239,7 @@ def inspect_packet(
     return _new(
         Inspection,
         (
-            core.packet_id,
-            core.sender,
-            core.recipients,
-            core.labels,
-            core.created,
-            core.expires,
+            *_described(core),
             len(header.raw),
             ct_len,
             head.head_size + ct_len,
