@@ -56,7 +56,7 @@ from valise.errors import Error
 from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, parse_prefix
 from valise.policy import records as prec
 from valise.store.sqlite import SqliteLog
-from valise.tlog import checkpoint, cosignature, note
+from valise.tlog import cosignature
 from valise.wire import codes
 from valise.wire import events as ev
 from valise.wire.connection import READ_SIZE, Connection, Signal
@@ -64,10 +64,11 @@ from valise.wire.limits import SUPPORTED_VERSIONS
 from valise.wire.state import Role
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 import relay_baseline as rb  # a sibling tool: the baseline's frame format
+from common import Proc, WitnessCache, percentile, start_broker, start_relay  # the peer benchmark's shared pieces
 
 ORIGIN = "bench.valise/log"
-TOOLS = Path(__file__).resolve().parent
 PAYLOAD = 1024
 ROUND_TIMEOUT = 300.0
 TARGETS = {"packets_per_s": 5000, "p99_ms_at_1000": 50.0, "rss_196_mib": 300.0, "big_rss_growth_mib": 100.0}
@@ -174,76 +175,6 @@ def seal_many(world: World, jobs: list[tuple[int, int]]) -> list[Pkt]:
 # --- server processes ----------------------------------------------------------------------------------------
 
 
-class Server:
-    """A server subprocess (the broker or the baseline relay) that prints its port on its first line."""
-
-    def __init__(self, argv: list[str], log_path: Path, pattern: str) -> None:
-        self.log_path = log_path
-        self.log = log_path.open("wb")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
-        if pattern not in line:
-            self.stop()
-            raise SystemExit(f"server did not start ({argv[:4]}...): {line!r}; see {log_path}")
-        self.port = int(line.strip().rsplit(":", 1)[1].split(",")[0])
-        self.pid = self.proc.pid
-        self._ticks = os.sysconf("SC_CLK_TCK")
-
-    def status(self) -> dict[str, float]:
-        """VmRSS and VmHWM in MiB (from /proc: the server's own figures, not the client's)."""
-        out = {}
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    out[line.split(":")[0]] = int(line.split()[1]) / 1024
-        return out
-
-    def reset_peak(self) -> None:
-        """Reset VmHWM to the current RSS (Linux: writing 5 to clear_refs), so a peak belongs to one phase."""
-        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
-            f.write("5")
-
-    def cpu(self) -> tuple[float, float]:
-        """User and system CPU seconds used so far."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) / self._ticks, int(fields[12]) / self._ticks
-
-    def stop(self) -> None:
-        if self.log.closed:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-def start_broker(broker_dir: Path, logs: Path) -> Server:
-    argv = [sys.executable, "-m", "valise", "broker", "serve", "--dir", str(broker_dir), "--listen", "127.0.0.1:0"]
-    return Server(argv, logs / f"{broker_dir.name}.log", "listening on")
-
-
-def start_relay(broker_dir: Path, keys: Path, logs: Path) -> Server:
-    home = BrokerHome.open(broker_dir)
-    ident = home.identity_dir / home.config().broker_id
-    argv = [
-        sys.executable,
-        str(TOOLS / "relay_baseline.py"),
-        "--cert",
-        str(ident.with_suffix(".tls.crt")),
-        "--key",
-        str(ident.with_suffix(".tls.key")),
-        "--members",
-        str(keys),
-    ]
-    return Server(argv, logs / f"relay-{broker_dir.name}.log", "listening on")
-
-
 # --- measurement state ---------------------------------------------------------------------------------------
 
 
@@ -274,21 +205,7 @@ class Bench:
         self.round = Round(0)
         self.by_head: dict[bytes, Pkt] = {}
         self.by_id: dict[bytes, Pkt] = {}
-        self.log_verifier = note.Ed25519Verifier(ORIGIN, log_key)
-        self.checkpoints: dict[tuple[bytes, int], checkpoint.Checkpoint] = {}
-        self.roots: dict[int, bytes] = {}
-
-    def witness_check(self, signed: bytes, old: int, proof: tuple[bytes, ...]) -> checkpoint.Checkpoint:
-        """Verify the log's signature and consistency with the older checkpoint we saw (once for all nodes)."""
-        key = (signed, old)
-        cp = self.checkpoints.get(key)
-        if cp is None:
-            cp, _ = checkpoint.open_checkpoint(signed, self.log_verifier, origin=ORIGIN)
-            if old in self.roots and old > 0:
-                checkpoint.check_newer(checkpoint.Checkpoint(ORIGIN, old, self.roots[old]), cp, proof)
-            self.roots[cp.size] = cp.root
-            self.checkpoints[key] = cp
-        return cp
+        self.witness = WitnessCache(ORIGIN, log_key)
 
 
 # --- a valise node: the real wire protocol over real TLS -----------------------------------------------------
@@ -469,7 +386,7 @@ class ValiseNode:
             self.queue(ev.ErrorMessage(msg.rid, codes.REFUSED, f"{self.name} is not a witness in this benchmark"))
             return
         try:
-            cp = self.bench.witness_check(msg.checkpoint, msg.old, msg.proof)
+            cp = self.bench.witness.check(msg.checkpoint, msg.old, msg.proof)
         except Error as exc:
             self.queue(ev.ErrorMessage(msg.rid, codes.CONFLICT, exc.what[:900]))
             return
@@ -593,16 +510,6 @@ class RoundResult:
     errors: int
 
 
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return math.nan
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def register(bench: Bench, pkts: list[Pkt]) -> None:
     bench.by_head.clear()
     bench.by_id.clear()
@@ -614,11 +521,11 @@ def register(bench: Bench, pkts: list[Pkt]) -> None:
 
 
 async def run_round(
-    bench: Bench, server: Server, pkts: list[Pkt], drive: Callable[[trio.Nursery], None], label: str
+    bench: Bench, server: Proc, pkts: list[Pkt], drive: Callable[[trio.Nursery], None], label: str
 ) -> RoundResult:
     register(bench, pkts)
     r = bench.round = Round(len(pkts))
-    cpu0, client0 = server.cpu(), sum(os.times()[:2])
+    cpu0, client0 = server.cpu_split(), sum(os.times()[:2])
     r.t_start = trio.current_time()
     with trio.move_on_after(ROUND_TIMEOUT) as scope:
         async with trio.open_nursery() as nursery:
@@ -628,7 +535,7 @@ async def run_round(
         r.errors.append(
             f"{label}: timed out: {r.receipts} receipts, {r.delivered} delivered, {r.acked} acks of {r.expected}"
         )
-    (user, system), client = server.cpu(), sum(os.times()[:2]) - client0
+    (user, system), client = server.cpu_split(), sum(os.times()[:2]) - client0
     user, system = user - cpu0[0], system - cpu0[1]
     secs = max(r.t_last_receipt - r.t_start, 1e-9)
     for e in r.errors[:3]:
@@ -767,8 +674,8 @@ async def configuration(world: World, n: int, plan: Plan, work: Path, profile: P
                 nursery.start_soon(node.reader)
             await trio.sleep(1.5)  # let the first checkpoint round with its cosignatures pass
             out["connect_s"] = round(connect_s, 2)
-            out["broker_rss_connected_mib"] = round(broker.status()["VmRSS"], 1)
-            out["relay_rss_connected_mib"] = round(relay.status()["VmRSS"], 1)
+            out["broker_rss_connected_mib"] = round(broker.rss()["VmRSS"], 1)
+            out["relay_rss_connected_mib"] = round(relay.rss()["VmRSS"], 1)
             broker.reset_peak()
             relay.reset_peak()
             await run_round(bench, broker, warm_p, closed_loop(vnodes, warm_p, depth), "warm-up")
@@ -796,8 +703,8 @@ async def configuration(world: World, n: int, plan: Plan, work: Path, profile: P
                 spy = None
             out["valise"] = summarise(v_rounds)
             out["baseline"] = summarise(b_rounds)
-            out["broker_rss_peak_mib"] = round(broker.status()["VmHWM"], 1)
-            out["relay_rss_peak_mib"] = round(relay.status()["VmHWM"], 1)
+            out["broker_rss_peak_mib"] = round(broker.rss()["VmHWM"], 1)
+            out["relay_rss_peak_mib"] = round(relay.rss()["VmHWM"], 1)
             out["ratio_packets_per_s"] = round(out["valise"]["packets_per_s"] / out["baseline"]["packets_per_s"], 3)
             if open_p:
                 broker.reset_peak()
@@ -816,7 +723,7 @@ async def configuration(world: World, n: int, plan: Plan, work: Path, profile: P
                     "seconds": plan.open_seconds,
                     "valise": summarise(vo),
                     "baseline": summarise(bo),
-                    "broker_rss_peak_mib": round(broker.status()["VmHWM"], 1),
+                    "broker_rss_peak_mib": round(broker.rss()["VmHWM"], 1),
                 }
             for node in everyone:
                 await node.close()
@@ -897,14 +804,14 @@ async def big_packet(world: World, plan: Plan, work: Path) -> dict[str, Any]:
         async def sample() -> None:
             nonlocal peak
             while True:
-                peak = max(peak, broker.status()["VmRSS"])
+                peak = max(peak, broker.rss()["VmRSS"])
                 await trio.sleep(0.01)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(a.reader)
             nursery.start_soon(b.reader)
             await trio.sleep(1.5)
-            before = broker.status()["VmRSS"]
+            before = broker.rss()["VmRSS"]
             broker.reset_peak()
             nursery.start_soon(sample)
             register(bench, [p])
@@ -913,7 +820,7 @@ async def big_packet(world: World, plan: Plan, work: Path) -> dict[str, Any]:
             await a.submit_file(path, p)
             with trio.move_on_after(ROUND_TIMEOUT):
                 await r.done.wait()
-            after = broker.status()
+            after = broker.rss()
             for node in (a, b):
                 await node.close()
             nursery.cancel_scope.cancel()

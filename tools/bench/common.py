@@ -1,5 +1,6 @@
-"""Shared pieces of the peer benchmark: STIX bundles, server subprocesses (CPU and RSS from /proc), percentiles,
-the machine's description."""
+"""Shared pieces of the benchmarks (tools/bench/ and tools/bench_broker.py): STIX bundles, server subprocesses
+(the broker, the bare relay; CPU and RSS from /proc), the witness check members share, percentiles, the
+machine's description."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import sys
 import uuid
 from pathlib import Path
 from typing import Any
+
+from valise.broker.home import BrokerHome
+from valise.tlog import checkpoint, note
 
 PYTHON = sys.executable
 TOOLS = Path(__file__).resolve().parent.parent
@@ -72,9 +76,13 @@ class Proc:
 
     def cpu(self) -> float:
         """User + system CPU seconds used so far by the process (its threads included)."""
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """User and system CPU seconds used so far (system: the kernel's share, where file-system work shows)."""
         with open(f"/proc/{self.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / self._ticks
+        return int(fields[11]) / self._ticks, int(fields[12]) / self._ticks
 
     def rss(self) -> dict[str, float]:
         """VmRSS and VmHWM (peak) in MiB."""
@@ -122,3 +130,41 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
     }
+
+
+def start_broker(broker_dir: Path, logs: Path) -> Proc:
+    """`valise broker serve` on a free port of 127.0.0.1, in its own process (so its CPU and memory are its own)."""
+    argv = [PYTHON, "-m", "valise", "broker", "serve", "--dir", str(broker_dir), "--listen", "127.0.0.1:0"]
+    return Proc(argv, logs / f"{broker_dir.name}.log", "listening on")
+
+
+def start_relay(broker_dir: Path, keys: Path, logs: Path) -> Proc:
+    """tools/relay_baseline.py with the broker's TLS identity, admitting the members whose keys are in `keys`."""
+    home = BrokerHome.open(broker_dir)
+    ident = home.identity_dir / home.config().broker_id
+    argv = [PYTHON, str(TOOLS / "relay_baseline.py"), "--cert", str(ident.with_suffix(".tls.crt")),
+            "--key", str(ident.with_suffix(".tls.key")), "--members", str(keys)]  # fmt: skip
+    return Proc(argv, logs / f"relay-{broker_dir.name}.log", "listening on")
+
+
+class WitnessCache:
+    """The witness check every member task makes before cosigning (the log's signature, and consistency with the
+    older checkpoint named in the request), done once per request for all of them: members in one process would
+    otherwise repeat the same verification hundreds of times and measure the client, not the broker."""
+
+    def __init__(self, origin: str, log_key: bytes) -> None:
+        self.origin = origin
+        self.verifier = note.Ed25519Verifier(origin, log_key)
+        self.checkpoints: dict[tuple[bytes, int], checkpoint.Checkpoint] = {}
+        self.roots: dict[int, bytes] = {}
+
+    def check(self, signed: bytes, old: int, proof: tuple[bytes, ...]) -> checkpoint.Checkpoint:
+        key = (signed, old)
+        cp = self.checkpoints.get(key)
+        if cp is None:
+            cp, _ = checkpoint.open_checkpoint(signed, self.verifier, origin=self.origin)
+            if old in self.roots and old > 0:
+                checkpoint.check_newer(checkpoint.Checkpoint(self.origin, old, self.roots[old]), cp, proof)
+            self.roots[cp.size] = cp.root
+            self.checkpoints[key] = cp
+        return cp

@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trio
-from common import PYTHON, REPO, TOOLS, Proc, machine, stix_bundle
+from common import REPO, machine, start_broker, start_relay, stix_bundle
 from world import World, make_world
 
 from valise.broker.home import BrokerHome
@@ -158,19 +158,6 @@ def copy_broker(world: World, work: Path, name: str) -> Path:
     d = work / name
     shutil.copytree(world.template, d)
     return d
-
-
-def start_broker(broker_dir: Path, logs: Path) -> Proc:
-    argv = [PYTHON, "-m", "valise", "broker", "serve", "--dir", str(broker_dir), "--listen", "127.0.0.1:0"]
-    return Proc(argv, logs / f"{broker_dir.name}.log", "listening on")
-
-
-def start_relay(broker_dir: Path, keys: Path, logs: Path) -> Proc:
-    home = BrokerHome.open(broker_dir)
-    ident = home.identity_dir / home.config().broker_id
-    argv = [PYTHON, str(TOOLS / "relay_baseline.py"), "--cert", str(ident.with_suffix(".tls.crt")),
-            "--key", str(ident.with_suffix(".tls.key")), "--members", str(keys)]  # fmt: skip
-    return Proc(argv, logs / f"relay-{broker_dir.name}.log", "listening on")
 
 
 # --- valise-wire and the bare relay, side by side ------------------------------------------------------------

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from common import TOOLS, percentile
+from common import TOOLS, WitnessCache, percentile
 from world import ORIGIN, World, name_of
 
 from valise import identity, packet, records, tls
 from valise.errors import Error
-from valise.tlog import checkpoint, cosignature, note
+from valise.tlog import cosignature
 from valise.wire import codes
 from valise.wire import events as ev
 from valise.wire.connection import READ_SIZE, Connection, Signal
@@ -115,9 +115,8 @@ class Round:
     done: trio.Event = field(default_factory=trio.Event)
 
     def check(self) -> None:
-        # Acknowledgements are not waited for: the broker forwards a sender at most one pending acknowledgement
-        # per packet (mailbox_unique on member, kind, digest), so a multi-recipient packet's sender may see fewer
-        # ack-forwards than recipients. Every ack still reaches the broker and its log.
+        # Throughput counts until every copy is available to its recipient; acknowledgements travel meanwhile (each
+        # is verified, logged and forwarded by the broker) but are not waited for.
         if self.receipts + len(self.errors) >= self.packets and self.delivered >= self.deliveries:
             self.done.set()
 
@@ -129,22 +128,7 @@ class Shared:
         self.round = Round(0, 0)
         self.by_head: dict[bytes, Pkt] = {}
         self.by_id: dict[bytes, Pkt] = {}
-        self.verifier = note.Ed25519Verifier(ORIGIN, log_key) if log_key else None
-        self.checkpoints: dict[tuple[bytes, int], checkpoint.Checkpoint] = {}
-        self.roots: dict[int, bytes] = {}
-
-    def witness_check(self, signed: bytes, old: int, proof: tuple[bytes, ...]) -> checkpoint.Checkpoint:
-        """Check the log signature and consistency with an older checkpoint (once for all members)."""
-        key = (signed, old)
-        cp = self.checkpoints.get(key)
-        if cp is None:
-            assert self.verifier is not None
-            cp, _ = checkpoint.open_checkpoint(signed, self.verifier, origin=ORIGIN)
-            if old in self.roots and old > 0:
-                checkpoint.check_newer(checkpoint.Checkpoint(ORIGIN, old, self.roots[old]), cp, proof)
-            self.roots[cp.size] = cp.root
-            self.checkpoints[key] = cp
-        return cp
+        self.witness = WitnessCache(ORIGIN, log_key) if log_key else None
 
 
 class Member:
@@ -304,7 +288,8 @@ class ValiseMember(Member):
 
     def cosign(self, msg: ev.CosignRequest) -> None:
         try:
-            cp = self.shared.witness_check(msg.checkpoint, msg.old, msg.proof)
+            assert self.shared.witness is not None
+            cp = self.shared.witness.check(msg.checkpoint, msg.old, msg.proof)
         except Error as exc:
             self.queue(ev.ErrorMessage(msg.rid, codes.CONFLICT, exc.what[:900]))
             return
