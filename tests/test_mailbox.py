@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+
+import pytest
 
 from valise.broker.mailbox import Mailboxes, PacketRow
 
@@ -84,3 +87,18 @@ def test_a_duplicate_item_is_queued_once_and_takes_no_sequence_number(tmp_path: 
     mb.post("FRA", "ack", b"a" * 32, b"signed-ack")
     mb.post("FRA", "ack", b"b" * 32, b"another-ack")
     assert [(i.seq, i.digest[:1]) for i in mb.pending("FRA")] == [(1, b"a"), (2, b"b")]
+
+
+def test_a_counter_another_writer_moved_fails_loudly_once_then_is_read_again(tmp_path: Path) -> None:
+    mb = Mailboxes.open(tmp_path / "q.db")
+    mb.record_packet(_row(1), ["DEU"])  # DEU's next seq (2) is now cached
+    other = sqlite3.connect(tmp_path / "q.db", isolation_level=None)
+    other.execute("INSERT INTO mailbox VALUES ('DEU', 2, 'retract', ?, x'00')", (_row(1).digest,))
+    other.execute("UPDATE counters SET next_seq = 3 WHERE member = 'DEU'")
+    other.close()
+    # Seq 2 is taken: the insert must fail, never be dropped as a duplicate...
+    with pytest.raises(sqlite3.IntegrityError):
+        mb.post("DEU", "ack", b"a" * 32, b"signed-ack")
+    # ...and the counter is read again from what is committed, even though that transaction had changed none.
+    mb.post("DEU", "ack", b"a" * 32, b"signed-ack")
+    assert [(i.seq, i.kind) for i in mb.pending("DEU")] == [(1, "packet"), (2, "retract"), (3, "ack")]

@@ -131,6 +131,14 @@ class LogService:
         self._pending.append(bytes(entry))
         return len(self._pending) - 1
 
+    def discard_pending(self) -> int:
+        """Drop the entries waiting for a flush (after a failed flush whose callers were all told it failed);
+        return how many there were."""
+        n = len(self._pending)
+        self._pending.clear()
+        self._oldest = None
+        return n
+
     def due(self, now: float) -> bool:
         """Whether the cadence asks for a flush now."""
         if not self._pending:

@@ -34,7 +34,7 @@ from valise.broker.spool import InlineUpload, Spool, Upload
 from valise.errors import Error, PolicyError, ProtocolError, StatementError
 from valise.genesis import Genesis
 from valise.identity import PublicBundle
-from valise.logservice import LogService
+from valise.logservice import DEFAULT_MAX_PENDING, LogService
 from valise.packet import Head
 from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, Header, parse_prefix
 from valise.policy import records as policy_records
@@ -54,6 +54,7 @@ HANDSHAKE_TIMEOUT = 10.0
 COSIGN_TIMEOUT = 3.0
 SHUTDOWN_GRACE = 5.0
 FLUSH_AT = 256 * 1024  # write queued frames once this many bytes wait (a few TLS records' worth)
+WRITE_TIMEOUT = 10.0  # a member that accepts no bytes for this long is disconnected (it reconnects and resumes)
 # Connections that have not yet completed TLS and hello (see BrokerDaemon._handle).
 MAX_UNAUTHENTICATED = 1024
 
@@ -118,7 +119,16 @@ class BrokerDaemon:
         self.broker_id = cfg.broker_id
         self.identity = home.broker_identity()
         self.store = SqliteLog.open(home.db_path)
-        self.log = LogService(self.store, cfg.origin, home.log_key(), interval=self.settings.checkpoint_interval)
+        # One transaction per flush (max_batch = max_pending): a batch is in the log whole or not at all, which the
+        # committer's bookkeeping (every waiter told the same outcome) relies on.
+        self.log = LogService(
+            self.store,
+            cfg.origin,
+            home.log_key(),
+            interval=self.settings.checkpoint_interval,
+            max_batch=DEFAULT_MAX_PENDING,
+            max_pending=DEFAULT_MAX_PENDING,
+        )
         self.mail = Mailboxes.open(home.root / "mailbox.db")
         self.spool = Spool(home.root / "spool")
         self.genesis = Genesis.parse(self.store.entries(0, 1)[0], origin=cfg.origin)
@@ -134,6 +144,7 @@ class BrokerDaemon:
         self.batches = 0  # commit batches so far (a log entry's group commit shares one with the others queued)
         self.recorded = 0  # bumped whenever packets may have been recorded in the mailboxes since
         self._cosign_turn = 0  # checkpoints sent out for cosigning (see pick_witnesses)
+        self.acks_pending: set[tuple[str, bytes]] = set()  # (recipient, digest): acknowledgements being logged
         self._wake_committer = trio.Event()
         self._policy_lock = trio.Lock()
         self._policy_lock_file = open(home.policy_lock_path, "a+b")  # noqa: SIM115 - held for the daemon's life
@@ -285,13 +296,19 @@ class BrokerDaemon:
             return
         try:
             indexes = self.log.flush()
-        except Exception as exc:  # a store failure: nothing of the batch is in the log; tell every waiter
+        except Exception as exc:  # a store failure: nothing of the batch is in the log (one transaction)
             log.exception("log flush failed")
+            # Every waiter is told, so the batch's entries must not go out with the next one either.
+            self.log.discard_pending()
             for w in waiters:
                 w.error = exc
                 w.done.set()
+            for w in waiters:
                 if w.on_error is not None:
-                    w.on_error(exc)
+                    try:
+                        w.on_error(exc)
+                    except Exception:
+                        log.exception("handling a failed log entry")
             return
         self.batches += 1
         self.recorded += 1
@@ -562,9 +579,17 @@ class Session:
             self._out_bytes = 0
             upto = self._queued
             try:
-                await self.stream.send_all(data)
+                # The writer may be carrying other tasks' frames: its own deadline (a cosigning round's, say) must
+                # not cut the write short, which would break the stream for everyone. A peer that does not read
+                # for WRITE_TIMEOUT ends its session instead.
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + WRITE_TIMEOUT
+                    await self.stream.send_all(data)
+                if scope.cancelled_caught:
+                    raise trio.BrokenResourceError(f"the member read nothing for {WRITE_TIMEOUT:g} s")
             except BaseException as exc:
                 self._write_failed = exc  # the frames in `data` are lost; so is the stream, for everyone
+                self._end()
                 raise
             self._written = upto
 
@@ -575,8 +600,14 @@ class Session:
         self._wake.set()
 
     def close_soon(self, code: str, message: str) -> None:
+        """Say `code` to the member and close the connection; nothing to do if the session has already ended."""
         if self._nursery is not None:
             self._nursery.start_soon(self._close_with, code, message)
+
+    def _end(self) -> None:
+        """Cancel the session's tasks, which closes the connection (a no-op once the session has ended)."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     async def _close_with(self, code: str, message: str) -> None:
         try:
@@ -621,6 +652,7 @@ class Session:
                 await self._reader()
                 nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None  # nothing may be started in it any more (close_soon checks)
             self.ready = False
             if self.d.sessions.get(self.member) is self:
                 del self.d.sessions[self.member]
@@ -635,7 +667,7 @@ class Session:
             if not isinstance(event, Signal):
                 return event
             # PAUSED only happens before our welcome, which _handshake sends before the reader starts.
-            if self._queued > self._written:
+            if self._out:
                 await self.flush()  # the answers to everything read so far go out in one write
             self.conn.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
 
@@ -764,7 +796,7 @@ class Session:
         # client always has half a window to send meanwhile (specs/wire.md, rule 16).
         window = self.conn.limits.window
         if self.conn.receive_window <= window // 2:
-            self.queue(ev.Credit(window - self.conn.receive_window))
+            await self.send(ev.Credit(window - self.conn.receive_window))
 
     async def _submit_end(self, msg: ev.SubmitEnd) -> None:
         upload = self._uploads.pop(msg.rid, None)
@@ -835,6 +867,12 @@ class Session:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._receipt_after_commit, msg.rid, head, key, inflight)
                 return
+        elif known.digest != head.digest:
+            # Logged since this upload began, under the same id, for another packet (two uploads of one id in
+            # flight at once): a receipt here would promise a digest the log does not hold at that index.
+            what = f"packet id {core.packet_id.hex()} was already used by {self.member} for another packet"
+            await self.send(ev.ErrorMessage(msg.rid, codes.REPLAY, what))
+            return
         else:
             # The same packet again (a retry after a lost receipt). Its mailbox rows were made in the same
             # transaction as its packet row, so there is nothing to queue: only the receipt was lost. The body
@@ -882,6 +920,12 @@ class Session:
             raise ProtocolError(f"acknowledgement of seq {msg.seq} refused: {exc}", code=codes.BAD_SIGNATURE) from None
         if ack.recipient != self.member or ack.digest != item.digest or ack.packet_id != msg.id:
             raise ProtocolError(f"acknowledgement of seq {msg.seq} is for another packet", code=codes.BAD_PACKET)
+        pending = (self.member, item.digest)
+        if pending in self.d.acks_pending:
+            # Pushed again (a reconnection) while the first acknowledgement's batch commits: that one will take the
+            # item out of the mailbox; logging and forwarding a second would say the packet arrived twice.
+            return
+        self.d.acks_pending.add(pending)
         row = self.d.mail.packet(item.digest)
         sender = row.sender if row else ack.sender
 
@@ -892,11 +936,13 @@ class Session:
             notice_key = hashlib.sha256(ack.raw).digest()
             self.d.mail.post(sender, "ack", notice_key, encoding.pack({"index": index, "notice": ack.raw}))
             self.d.spool.drop_unreferenced(self.d.mail, [item.digest])
+            self.d.acks_pending.discard(pending)
             self.d.wake(sender)
             self._wake.set()
 
         def failed(exc: BaseException) -> None:
             # The item stays in the mailbox; a new connection pushes it again.
+            self.d.acks_pending.discard(pending)
             self.close_soon(codes.INTERNAL, f"the log could not take the acknowledgement: {exc}")
 
         # Not awaited: the reader goes on with the next frames while the batch commits, so a member's

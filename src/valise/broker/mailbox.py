@@ -234,8 +234,9 @@ class Mailboxes:
         except BaseException:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-            for member in self._dirty:
-                self._seqs.pop(member, None)  # read again from what is committed
+            # Read every counter again from what is committed: a failed insert may mean a cached one was wrong
+            # (another writer), and it need not be one this transaction had changed.
+            self._seqs.clear()
             raise
         finally:
             self._depth = 0
