@@ -39,6 +39,7 @@ def test_quick_bench_reports_every_system(tmp_path: Path) -> None:
         assert small[system]["packets_per_s"] > 0
     assert r["ceiling"]["verify_per_s_all_cores"] > 0
     assert [row["size"] for row in r["log_curve"]] == [1000, 10_000]
+    assert all(row["audit_entries_per_s"] > 0 for row in r["log_curve"])  # the real auditor ran, and found it clean
     assert {p.name for p in (tmp_path / "png").iterdir()} == {
         "headline.png",
         "members.png",

@@ -60,13 +60,17 @@ def curve(r: dict[str, Any], key: str, what: str) -> str:
 
 def log_table(r: dict[str, Any]) -> str:
     rows = [
-        "| log size | durable append, entries/s | export tiles, s | recompute root from tiles, s | entries/s |",
-        "|---:|---:|---:|---:|---:|",
+        "| log size | durable append, entries/s | export tiles, s | recompute root from tiles, s | entries/s "
+        "| full audit (`valise audit verify`), s | entries/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for x in r["log_curve"]:
+        audit = (
+            f"{x['audit_s']:.3f} | {x['audit_entries_per_s']:,}" if "audit_s" in x else "— | —"
+        )  # older runs had no audit
         rows.append(
             f"| {x['size']:,} | {x['append_entries_per_s']:,} | {x['export_s']:.3f} | {x['verify_s']:.3f} "
-            f"| {x['verify_entries_per_s']:,} |"
+            f"| {x['verify_entries_per_s']:,} | {audit} |"
         )
     return "\n".join(rows)
 
