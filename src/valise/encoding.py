@@ -79,7 +79,13 @@ def repacks_to(value: Any, data: bytes) -> bool:
         packer = _local.packer
     except AttributeError:
         packer = _local.packer = msgpack.Packer(use_bin_type=True)
-    return bool(packer.pack(value) == data)
+    try:
+        return bool(packer.pack(value) == data)
+    except (ValueError, TypeError, OverflowError):
+        # Something msgpack decodes but will not encode again (e.g. nesting past the packer's limit, which
+        # msgpack < 1.2 sets below its decoder's): not canonical, so a refusal, never an exception.
+        packer.reset()
+        return False
 
 
 # One Packer per thread for `repacks_to`: `msgpack.packb` builds a Packer per call, which is 40% of the cost of
@@ -107,6 +113,8 @@ def check_map(value: Any, *, what: str, fields: dict[str, type | tuple[type, ...
     """Check that `value` is a map with exactly `fields`, each of the stated type (bool is not an int)."""
     if not isinstance(value, dict):
         raise EncodingError(f"{what} is not a map")
+    if any(type(k) is not str for k in value):  # msgpack decodes bin keys too; naming them below needs text
+        raise EncodingError(f"{what} has a map key that is not text")
     missing = sorted(set(fields) - set(value))
     extra = sorted(set(value) - set(fields))
     if missing:

@@ -307,6 +307,7 @@ def _parse_header(raw: bytes) -> Header:
         raise PacketLimitError(f"packet has {len(raw_stanzas)} stanzas for {len(core.recipients)} recipients")
     stanzas = []
     holders: list[str] = []  # recipients holding stanzas, in order, without repeats
+    held = 0  # stanzas of the last holder so far: at most MAX_STANZAS_PER_RECIPIENT each (specs/packet.md)
     prev: tuple[str, str] | None = None
     for i, value in enumerate(raw_stanzas):
         stanza = _parse_stanza(value, i)
@@ -315,6 +316,10 @@ def _parse_header(raw: bytes) -> Header:
             raise StanzaError("stanzas are not sorted by (recipient, type) and unique")
         if not holders or holders[-1] != stanza.recipient:
             holders.append(stanza.recipient)
+            held = 0
+        held += 1
+        if held > MAX_STANZAS_PER_RECIPIENT:
+            raise PacketLimitError(f"{stanza.recipient} holds more than {MAX_STANZAS_PER_RECIPIENT} stanzas")
         prev = key
         stanzas.append(stanza)
     if tuple(holders) != core.recipients:
@@ -433,6 +438,7 @@ def _fast_header(raw: bytes) -> Header | None:
         return None
     stanzas = []
     holders: list[str] = []  # recipients holding stanzas, in order, without repeats
+    held = 0  # stanzas of the last holder so far: at most MAX_STANZAS_PER_RECIPIENT each (specs/packet.md)
     prev: tuple[str, str] | None = None
     for value in raw_stanzas:
         if type(value) is not dict or list(value) != _STANZA_KEYS:
@@ -450,6 +456,10 @@ def _fast_header(raw: bytes) -> Header | None:
             return None
         if not holders or holders[-1] != to:
             holders.append(to)
+            held = 0
+        held += 1
+        if held > MAX_STANZAS_PER_RECIPIENT:
+            return None
         prev = key
         stanzas.append(_new(Stanza, (kind, to, body)))
     if tuple(holders) != recipients:
