@@ -708,6 +708,8 @@ async def configuration(world: World, n: int, plan: Plan, work: Path, profile: P
             out["ratio_packets_per_s"] = round(out["valise"]["packets_per_s"] / out["baseline"]["packets_per_s"], 3)
             if open_p:
                 broker.reset_peak()
+                if profile is not None:
+                    spy = start_profiler(broker.pid, profile / f"broker-{n}-nodes-open-loop.txt")
                 vo, bo = [], []
                 for i, pkts in enumerate(open_p):
                     base = baseline_packets(pkts)
@@ -718,6 +720,9 @@ async def configuration(world: World, n: int, plan: Plan, work: Path, profile: P
                         f"p99 {vo[-1].p99_ms:.1f} ms; baseline p50 {bo[-1].p50_ms:.1f} p99 {bo[-1].p99_ms:.1f} ms",
                         file=sys.stderr,
                     )
+                if spy is not None:
+                    stop_profiler(spy)
+                    spy = None
                 out["open_loop"] = {
                     "rate": plan.open_rate,
                     "seconds": plan.open_seconds,
@@ -995,6 +1000,9 @@ def main() -> int:
         default=None,
         help="how many nodes cosign checkpoints as witnesses (default: every node, as real nodes do)",
     )
+    ap.add_argument(
+        "--open-rate", type=float, default=1000.0, metavar="PER_S", help="open-loop offered load (default %(default)s)"
+    )
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="py-spy the broker into DIR")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
     args = ap.parse_args()
@@ -1005,7 +1013,7 @@ def main() -> int:
         groups=groups,
         rounds=args.rounds or (3 if args.quick else 5),
         packets=args.packets or (1500 if args.quick else 4000),
-        open_rate=1000.0,
+        open_rate=args.open_rate,
         open_seconds=2.0 if args.quick else 5.0,
         open_rounds=3,
         big=(args.big or (64 if args.quick else 1024)) * MiB,
