@@ -853,6 +853,9 @@ async def big_packet(world: World, plan: Plan, work: Path) -> dict[str, Any]:
 # --- profiling -----------------------------------------------------------------------------------------------
 
 
+PROFILE_IDLE = True  # --profile-cpu turns it off
+
+
 def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
@@ -860,7 +863,9 @@ def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
     # --idle: wall-clock samples, so time the event loop spends blocked (fsync) or waiting (epoll) shows too.
-    argv = [spy, "record", "--pid", str(pid), "--rate", "250", "--idle", "--format", "raw", "--output", str(out)]
+    argv = [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--output", str(out)]
+    if PROFILE_IDLE:
+        argv.append("--idle")
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -1004,8 +1009,11 @@ def main() -> int:
         "--open-rate", type=float, default=1000.0, metavar="PER_S", help="open-loop offered load (default %(default)s)"
     )
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="py-spy the broker into DIR")
+    ap.add_argument("--profile-cpu", action="store_true", help="profile CPU only (no samples of a blocked broker)")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
     args = ap.parse_args()
+    global PROFILE_IDLE
+    PROFILE_IDLE = not args.profile_cpu
     groups = tuple(sorted(int(x) for x in args.nodes.split(",")))
     if min(groups) < 2:
         ap.error("every configuration needs at least 2 nodes")

@@ -40,7 +40,6 @@ from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, Header, parse_pref
 from valise.policy import records as policy_records
 from valise.policy.state import ACTIVE, PolicyState
 from valise.store.sqlite import SqliteLog
-from valise.tlog import checkpoint as tlog_checkpoint
 from valise.tlog import cosignature, merkle, note
 from valise.wire import codes
 from valise.wire import events as ev
@@ -70,6 +69,22 @@ class Settings:
     window: int = relay.DEFAULT_WINDOW
     serve_entries: bool = False  # entry bundles over HTTP (every record in full): for an auditors-only address
     clock: Callable[[], float] = time.time
+
+
+@dataclass(frozen=True, slots=True)
+class CosignRound:
+    """One request to witnesses: the same note and consistency proof for each of them, made once per round (a
+    proof reads the tree from the store; a round asks up to 99 witnesses)."""
+
+    signed_note: bytes
+    text: bytes  # the note's text, which each cosignature signs
+    old: int
+    proof: tuple[bytes, ...]
+
+    @classmethod
+    def make(cls, log: LogService, signed_note: bytes, old: int) -> CosignRound:
+        text = note.parse_note(signed_note).text.encode()
+        return cls(signed_note, text, old, tuple(log.consistency_proof(old)))
 
 
 @dataclass(slots=True)
@@ -379,11 +394,16 @@ class BrokerDaemon:
         self._cosign_turn += 1
         if not witnesses:
             return []
+        try:
+            round_ = CosignRound.make(self.log, signed_note, old)
+        except Error as exc:
+            log.warning("no cosigning round for checkpoint: %s", exc)
+            return []
         got: list[note.Signature] = []
         with trio.move_on_after(COSIGN_TIMEOUT):
             async with trio.open_nursery() as nursery:
                 for s in witnesses:
-                    nursery.start_soon(s.request_cosignature, signed_note, old, got)
+                    nursery.start_soon(s.request_cosignature, round_, got)
         return got
 
     # --- the daemon -------------------------------------------------------------------------------------------
@@ -545,7 +565,7 @@ class Session:
         self._pushed: dict[int, MailItem] = {}  # seq → item pushed and awaiting confirmation
         self._inflight: dict[tuple[str, bytes], tuple[bytes, _Waiter, int]] = {}  # (sender, id) → (digest, waiter, at)
         self._last_seq = 0
-        self._cosigns: dict[int, tuple[bytes, list[note.Signature], trio.Event]] = {}
+        self._cosigns: dict[int, tuple[CosignRound, list[note.Signature], trio.Event]] = {}
         self._nursery: trio.Nursery | None = None
         self._said_last_word = False
 
@@ -1138,7 +1158,7 @@ class Session:
 
     # --- witnessing ---------------------------------------------------------------------------------------------
 
-    async def request_cosignature(self, signed_note: bytes, old: int, got: list[note.Signature]) -> None:
+    async def request_cosignature(self, round_: CosignRound, got: list[note.Signature]) -> None:
         if self.d.policy.members.get(self.member) is None or not self.ready:
             return
         if self.conn.request_room == 0:
@@ -1150,10 +1170,9 @@ class Session:
             return
         rid = self.conn.new_rid()
         done = trio.Event()
-        self._cosigns[rid] = (signed_note, [], done)
+        self._cosigns[rid] = (round_, [], done)
         try:
-            proof = self.d.log.consistency_proof(old)
-            await self.send(ev.CosignRequest(rid, old, tuple(proof), signed_note))
+            await self.send(ev.CosignRequest(rid, round_.old, round_.proof, round_.signed_note))
             await done.wait()  # bounded by the caller's cosigning deadline
             got.extend(self._cosigns[rid][1])
         except (Error, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -1169,8 +1188,13 @@ class Session:
         if latest is None or seen > latest.size:
             return
         got: list[note.Signature] = []
+        try:
+            round_ = CosignRound.make(self.d.log, latest.note, seen)
+        except Error as exc:
+            log.info("not asking %s to cosign: %s", self.member, exc)
+            return
         with trio.move_on_after(COSIGN_TIMEOUT):
-            await self.request_cosignature(latest.note, seen, got)
+            await self.request_cosignature(round_, got)
         current = self.d.log.latest
         if not got or current is None or current.size != latest.size:
             return
@@ -1185,9 +1209,9 @@ class Session:
         member = self.d.policy.members.get(self.member)
         if pending is None or member is None:
             return
-        signed_note, got, done = pending
+        round_, got, done = pending
+        text = round_.text
         try:
-            text = note.parse_note(signed_note).text.encode()
             line = msg.cosignature if msg.cosignature.endswith(b"\n") else msg.cosignature + b"\n"
             sigs = note.parse_note(text + b"\n" + line).signatures
             verifier = cosignature.CosignatureVerifier(self.member, member.sign_key)
@@ -1195,7 +1219,6 @@ class Session:
                 if (s.name, s.key_id) != (verifier.name, verifier.key_id):
                     raise Error(f"cosignature names {s.name}, not {self.member}")
                 verifier.verify(text, s.sig)
-            tlog_checkpoint.parse_body(text.decode())
             got.extend(sigs)
         except Error as exc:
             log.warning("cosignature from %s refused: %s", self.member, exc)
