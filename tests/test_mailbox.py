@@ -23,6 +23,20 @@ def test_packets_are_queued_in_order_per_recipient(tmp_path: Path) -> None:
     assert [i.seq for i in mb.pending("DEU", after_seq=1)] == [2]
 
 
+def test_pending_packets_carry_their_sender_and_kept_bytes(tmp_path: Path) -> None:
+    # The pusher sends a packet's kept bytes and the acknowledgement goes to its sender without a query of its own.
+    mb = Mailboxes.open(tmp_path / "q.db")
+    mb.record_packet(_row(1), ["DEU"], b"small packet")
+    mb.record_packet(PacketRow(bytes([2]) * 32, "NGA", bytes([2]) * 16, 2, 2000, 10**9, 1000), ["DEU"])  # spooled
+    mb.post("DEU", "retract", _row(1).digest, b"signed-retraction")
+    items = mb.pending("DEU")
+    assert [(i.kind, i.sender, i.body) for i in items] == [
+        ("packet", "FRA", b"small packet"),
+        ("packet", "NGA", None),
+        ("retract", None, b"signed-retraction"),
+    ]
+
+
 def test_record_packet_is_idempotent_and_fills_gaps(tmp_path: Path) -> None:
     mb = Mailboxes.open(tmp_path / "q.db")
     mb.record_packet(_row(1), ["DEU"])

@@ -93,6 +93,7 @@ class _Waiter:
     on_commit: Callable[[int], None] | None
     on_error: Callable[[BaseException], None] | None = None
     traffic: bool = False
+    on_durable: Callable[[int], None] | None = None  # after the batch's mailbox transaction has committed too
     done: trio.Event = field(default_factory=trio.Event)
     index: int = -1
     error: BaseException | None = None
@@ -269,12 +270,14 @@ class BrokerDaemon:
         on_error: Callable[[BaseException], None] | None = None,
         *,
         traffic: bool = False,
+        on_durable: Callable[[int], None] | None = None,
     ) -> _Waiter:
         """Queue `entry` for the next batch; `on_commit(index)` runs in the batch's mailbox transaction,
-        `on_error(exc)` if the batch fails. `traffic`: a packet, acknowledgement, retraction or purge record,
-        which the policy does not fold (so it is not parsed again after the commit)."""
+        `on_durable(index)` once that has committed too, `on_error(exc)` if the batch fails. `traffic`: a
+        packet, acknowledgement, retraction or purge record, which the policy does not fold (so it is not
+        parsed again after the commit)."""
         self.log.add(entry, trio.current_time())
-        waiter = _Waiter(entry, on_commit, on_error, traffic)
+        waiter = _Waiter(entry, on_commit, on_error, traffic, on_durable)
         self._waiters.append(waiter)
         self._wake_committer.set()
         return waiter
@@ -345,6 +348,11 @@ class BrokerDaemon:
                     w.on_commit(index)
         for w in waiters:
             w.done.set()
+            if w.on_durable is not None:
+                try:
+                    w.on_durable(w.index)
+                except Exception:
+                    log.exception("handling a durable log entry")
 
     # --- checkpoints and witnesses --------------------------------------------------------------------------
 
@@ -559,6 +567,7 @@ class Session:
         self._write_failed: BaseException | None = None
         self._wake = trio.Event()
         self._credit = trio.Event()
+        self._flush_wanted = trio.Event()  # frames were queued outside any task (a batch's callbacks)
         # rid → the upload being received (None: refused, its chunks are discarded)
         self._uploads: dict[int, Upload | InlineUpload | None] = {}
         self._unknown_at: dict[int, int] = {}  # rid → `recorded` when submit-begin found its packet id unused
@@ -616,6 +625,25 @@ class Session:
     async def send(self, msg: ev.Message) -> None:
         await self.flush(self.queue(msg))
 
+    def send_soon(self, msg: ev.Message) -> None:
+        """Queue `msg` from synchronous code (a commit callback); the session's flusher writes it. Nothing to do
+        once the session has ended (its answers are moot: the member reconnects and asks again)."""
+        if self._nursery is None:
+            return
+        try:
+            self.queue(msg)
+        except Error as exc:  # our side broke the protocol: that ends this connection, as it would in a task
+            log.error("%s: cannot send %s: %s", self.member, msg.TYPE, exc)
+            self._end()
+            return
+        self._flush_wanted.set()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            await self.flush()
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -668,6 +696,7 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._pusher)
+                nursery.start_soon(self._flusher)
                 nursery.start_soon(self._cosign_on_connect, hello.seen)
                 await self._reader()
                 nursery.cancel_scope.cancel()
@@ -874,18 +903,14 @@ class Session:
                     await self.send(ev.ErrorMessage(msg.rid, codes.REPLAY, what))
                     return
                 if inflight is None:
-                    at = self.d.now()
-
-                    def queue(index: int) -> None:
-                        row = PacketRow(head.digest, self.member, core.packet_id, index, core.expires, size, at)
-                        self.d.mail.record_packet(row, core.recipients, body)
-
-                    entry = records.packet_entry(head.header.raw, head.signature, at)
-                    inflight = self._inflight[key] = (head.digest, self.d.enqueue(entry, queue, traffic=True), at)
-                # The reader goes on with the next frames while the batch commits: one connection can then have
-                # many packets in one batch instead of one per commit cycle (the wire's request limit bounds it).
-                assert self._nursery is not None
-                self._nursery.start_soon(self._receipt_after_commit, msg.rid, head, key, inflight)
+                    # The reader goes on with the next frames while the batch commits: one connection can then
+                    # have many packets in one batch instead of one per commit cycle (the wire's request limit
+                    # bounds it). The receipt goes out from the batch's callback: no task per packet.
+                    self._enqueue_packet(msg.rid, head, key, size, body)
+                else:
+                    # The same packet again while its batch commits (a retry that overtook its receipt).
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._receipt_after_commit, msg.rid, head, key, inflight)
                 return
         elif known.digest != head.digest:
             # Logged since this upload began, under the same id, for another packet (two uploads of one id in
@@ -906,6 +931,31 @@ class Session:
             self.d.identity.signing, self.d.origin, index, head.digest, core.packet_id, self.member, at
         )
         await self.send(ev.Receipt(msg.rid, core.packet_id, index, head.digest, receipt.raw))
+
+    def _enqueue_packet(self, rid: int, head: Head, key: tuple[str, bytes], size: int, body: bytes | None) -> None:
+        core = head.core
+        at = self.d.now()
+
+        def queue(index: int) -> None:
+            row = PacketRow(head.digest, self.member, core.packet_id, index, core.expires, size, at)
+            self.d.mail.record_packet(row, core.recipients, body)
+
+        def durable(index: int) -> None:
+            self._inflight.pop(key, None)
+            for r in core.recipients:
+                self.d.wake(r)
+            receipt = records.Receipt.make(
+                self.d.identity.signing, self.d.origin, index, head.digest, core.packet_id, self.member, at
+            )
+            self.send_soon(ev.Receipt(rid, core.packet_id, index, head.digest, receipt.raw))
+
+        def failed(exc: BaseException) -> None:
+            self._inflight.pop(key, None)
+            self.send_soon(ev.ErrorMessage(rid, codes.INTERNAL, f"the log could not take the packet: {exc}"))
+
+        entry = records.packet_entry(head.header.raw, head.signature, at)
+        waiter = self.d.enqueue(entry, queue, failed, traffic=True, on_durable=durable)
+        self._inflight[key] = (head.digest, waiter, at)
 
     async def _receipt_after_commit(
         self, rid: int, head: Head, key: tuple[str, bytes], inflight: tuple[bytes, _Waiter, int]
@@ -946,8 +996,7 @@ class Session:
             # item out of the mailbox; logging and forwarding a second would say the packet arrived twice.
             return
         self.d.acks_pending.add(pending)
-        row = self.d.mail.packet(item.digest)
-        sender = row.sender if row else ack.sender
+        sender = item.sender or ack.sender
 
         def done(index: int) -> None:
             self.d.mail.remove(self.member, "packet", item.digest)
@@ -1126,7 +1175,7 @@ class Session:
                 await self._wake.wait()
 
     async def _push_packet(self, item: MailItem) -> bool:
-        body = self.d.mail.body(item.digest)
+        body = item.body
         try:
             f: BinaryIO = io.BytesIO(body) if body is not None else self.d.spool.path(item.digest).open("rb")
         except OSError:

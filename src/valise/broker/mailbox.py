@@ -66,7 +66,8 @@ class MailItem:
     seq: int
     kind: str
     digest: bytes
-    body: bytes | None
+    body: bytes | None  # the signed notice ('ack', 'retract'); a packet's bytes if kept here (None: spooled)
+    sender: str | None = None  # a packet's sender
 
 
 class Mailboxes:
@@ -149,9 +150,13 @@ class Mailboxes:
         return PacketRow(*r) if r else None
 
     def pending(self, member: str, after_seq: int = 0, limit: int = 100) -> list[MailItem]:
-        """Items waiting for `member`, in order, after `after_seq`."""
+        """Items waiting for `member`, in order, after `after_seq`; a packet's with its sender and kept bytes (one
+        query, where pushing and acknowledging each packet would otherwise cost two more)."""
         rows = self._db.execute(
-            "SELECT member, seq, kind, digest, body FROM mailbox WHERE member = ? AND seq > ? ORDER BY seq LIMIT ?",
+            "SELECT m.member, m.seq, m.kind, m.digest, COALESCE(m.body, b.data), p.sender FROM mailbox AS m"
+            " LEFT JOIN packets AS p ON m.kind = 'packet' AND p.digest = m.digest"
+            " LEFT JOIN bodies AS b ON m.kind = 'packet' AND b.digest = m.digest"
+            " WHERE m.member = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
             (member, after_seq, limit),
         ).fetchall()
         return [MailItem(*r) for r in rows]
