@@ -41,6 +41,7 @@ from valise.policy import records as policy_records
 from valise.policy.state import ACTIVE, PolicyState
 from valise.store.sqlite import SqliteLog
 from valise.tlog import cosignature, merkle, note
+from valise.tlsstream import TLSSocketStream
 from valise.wire import codes
 from valise.wire import events as ev
 from valise.wire.connection import NEED_DATA, READ_SIZE, Connection, Signal
@@ -53,6 +54,8 @@ HANDSHAKE_TIMEOUT = 10.0
 COSIGN_TIMEOUT = 3.0
 SHUTDOWN_GRACE = 5.0
 FLUSH_AT = 256 * 1024  # write queued frames once this many bytes wait (a few TLS records' worth)
+# After a refused handshake, how long the peer may take to read the TLS alert that says why before the close.
+REFUSAL_LINGER = 1.0
 WRITE_TIMEOUT = 10.0  # a member that accepts no bytes for this long is disconnected (it reconnects and resumes)
 # Connections that have not yet completed TLS and hello (see BrokerDaemon._handle).
 MAX_UNAUTHENTICATED = 1024
@@ -514,11 +517,16 @@ class BrokerDaemon:
             del self._unauthenticated[oldest]
             oldest.cancel()
         assert self._tls_context is not None
-        ssl_stream = trio.SSLStream(stream, self._tls_context, server_side=True)
+        ssl_stream = TLSSocketStream.wrap(stream, self._tls_context, server_side=True)
         try:
             with handshaking:
                 with trio.move_on_at(deadline) as tls_scope:
-                    await ssl_stream.do_handshake()
+                    try:
+                        await ssl_stream.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        log.info("TLS handshake refused: %s", exc.__cause__ or exc)
+                        await ssl_stream.close_after_refusal(REFUSAL_LINGER)
+                        return
                 if tls_scope.cancelled_caught:
                     log.info("TLS handshake timed out")
                     return
@@ -553,7 +561,7 @@ class BrokerDaemon:
 class Session:
     """One authenticated member connection: a reader task and a pusher task in one nursery."""
 
-    def __init__(self, daemon: BrokerDaemon, stream: trio.SSLStream[trio.SocketStream], member: str) -> None:
+    def __init__(self, daemon: BrokerDaemon, stream: TLSSocketStream, member: str) -> None:
         self.d = daemon
         self.stream = stream
         self.member = member
