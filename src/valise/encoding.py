@@ -24,16 +24,26 @@ MAX_DEPTH = 16
 
 
 def _canonical(value: Any, depth: int = 0) -> Any:
+    # Exact type checks first, most common first: this runs for every frame and record valise writes.
     if depth > MAX_DEPTH:
         raise EncodingError(f"value nests deeper than {MAX_DEPTH} levels")
+    t = type(value)
+    if t is bytes or t is str or t is bool or value is None:
+        return value
+    if t is int:
+        if not -(2**63) <= value < 2**64:
+            raise EncodingError(f"integer {value} does not fit in 64 bits")
+        return value
     if isinstance(value, dict):
         for key in value:
             if not isinstance(key, str):
                 raise EncodingError(f"map key {key!r} is not text")
-        return {k: _canonical(value[k], depth + 1) for k in sorted(value, key=lambda k: k.encode())}
+        # Code point order is UTF-8 byte order (UTF-8 was designed so), so plain string order is the canonical
+        # one without encoding each key; a key UTF-8 cannot encode (a lone surrogate) fails in packb.
+        return {k: _canonical(value[k], depth + 1) for k in sorted(value)}
     if isinstance(value, list | tuple):
         return [_canonical(v, depth + 1) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str | bytes):
+    if isinstance(value, bool | str | bytes):  # subclasses (an IntEnum is handled below)
         return value
     if isinstance(value, int):
         if not -(2**63) <= value < 2**64:
