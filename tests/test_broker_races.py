@@ -3,6 +3,7 @@ broker, real TLS and real SQLite (a second connection holding the log's write lo
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from valise.store import sqlite as sqlite_store
 from valise.store.sqlite import SqliteLog
 from valise.wire import codes
 from valise.wire import events as ev
+from valise.wire.connection import Connection, Role
+from valise.wire.limits import DEFAULT_LIMITS, SUPPORTED_VERSIONS
 
 from .harness import WireClient, World, make_world, running_broker, seal
 
@@ -152,3 +155,27 @@ async def test_two_uploads_of_one_packet_id_in_flight_get_one_receipt_and_one_re
         assert isinstance(answer, ev.ErrorMessage)
         assert (answer.rid, answer.code) == (r2, codes.REPLAY)
     assert _kinds(world).count("pkt") == 1
+
+
+async def test_a_full_push_window_goes_on_as_the_member_confirms(tmp_path: Path) -> None:
+    """A member that allows two unconfirmed pushes still gets all five packets, in order: the pusher waits while
+    the window is full and each acknowledgement wakes it (a wake only when it waits: specs/wire.md, `pushes`)."""
+    world = _world(tmp_path)
+    packets = [seal(world, "FRA", ["DEU"], f"indicator {i}".encode()) for i in range(5)]
+    async with running_broker(world) as broker:
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            for data in packets:
+                assert isinstance(await fra.submit(data), ev.Receipt)
+        async with WireClient.connect(world, "DEU", broker.port, hello=False) as deu:
+            deu.conn = Connection(Role.CLIENT, dataclasses.replace(DEFAULT_LIMITS, pushes=2))
+            await deu.send(ev.Hello(SUPPORTED_VERSIONS, "DEU", "node", 0, deu.conn.limits))
+            assert isinstance(await deu.next(), ev.Welcome)
+            got = []
+            for _ in packets:
+                seq, data = await deu.receive_delivery()
+                head = _head(data)
+                key = world.members["DEU"].signing
+                ack = records.Ack.make(key, head.core.packet_id, head.digest, "FRA", "DEU", int(time.time()))
+                await deu.send(ev.Ack(seq, head.core.packet_id, ack.raw))
+                got.append(data)
+    assert got == packets

@@ -574,6 +574,7 @@ class Session:
         self._written = 0  # frames written to the stream
         self._write_failed: BaseException | None = None
         self._wake = trio.Event()
+        self._room_full = False  # the pusher waits for the member to confirm items (then confirmations wake it)
         self._credit = trio.Event()
         self._flush_wanted = trio.Event()  # frames were queued outside any task (a batch's callbacks)
         # rid → the upload being received (None: refused, its chunks are discarded)
@@ -791,7 +792,7 @@ class Session:
             item = self._pushed.pop(event.seq, None)
             if item is not None:
                 self.d.confirm_later(self.member, item.kind, item.digest)
-            self._wake.set()
+            self._room_freed()
         elif isinstance(event, ev.Retract):
             await self._retract(event)
         elif isinstance(event, ev.Statement):
@@ -989,6 +990,7 @@ class Session:
 
     async def _ack(self, msg: ev.Ack) -> None:
         item = self._pushed.pop(msg.seq, None)
+        self._room_freed()
         member = self.d.policy.members.get(self.member)
         if item is None or member is None:
             return
@@ -1015,7 +1017,6 @@ class Session:
             self.d.spool.drop_unreferenced(self.d.mail, [item.digest])
             self.d.acks_pending.discard(pending)
             self.d.wake(sender)
-            self._wake.set()
 
         def failed(exc: BaseException) -> None:
             # The item stays in the mailbox; a new connection pushes it again.
@@ -1152,6 +1153,7 @@ class Session:
             # learn that the mailbox is empty before waiting.
             self._wake = trio.Event()
             room = self.conn.push_room
+            self._room_full = not room
             items = self.d.mail.pending(self.member, self._last_seq, limit=room) if room else []
             if not items:
                 await self._wake.wait()
@@ -1181,6 +1183,12 @@ class Session:
             await self.flush()  # the whole batch of items in as few writes as it takes
             if len(items) < room:
                 await self._wake.wait()
+
+    def _room_freed(self) -> None:
+        """A confirmation frees room in the push window: wake the pusher only if it is waiting for room (waking
+        it otherwise costs a mailbox query that finds nothing new, twice per packet)."""
+        if self._room_full:
+            self._wake.set()
 
     async def _push_packet(self, item: MailItem) -> bool:
         body = item.body
