@@ -8,7 +8,9 @@ explicit `progress` calls, made while the bad connection is still open) and afte
 from __future__ import annotations
 
 import resource
+import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +90,24 @@ async def test_random_bytes_instead_of_tls_close_the_connection(tmp_path: Path) 
                 assert len(got) < 64  # at most a TLS alert
             await traffic.progress(1)
         assert broker.connections == 2  # only the legitimate pair is left
+
+
+async def test_connections_reset_before_tls_do_not_stop_the_broker(tmp_path: Path) -> None:
+    """A client that connects and resets at once (with or without sending a byte first) ends only its own
+    connection: wrapping a socket whose peer is gone fails, and it once stopped the whole broker."""
+    world = _world(tmp_path)
+    async with running_broker(world) as broker, legit_traffic(world, broker.port) as traffic:
+        for i in range(20):
+            s = socket.create_connection(("127.0.0.1", broker.port))
+            if i % 2:
+                s.sendall(b"\x16")  # the first byte of a TLS record: the broker may see data, then the reset
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # SO_LINGER 0: a reset, often before the broker's handler has run
+            await trio.sleep(0.02)
+        await traffic.progress(2)
+        with trio.fail_after(5):
+            while broker.connections != 2:  # noqa: ASYNC110 - waits for the broker to drop the reset ones
+                await trio.sleep(0.05)
 
 
 # --- frames over the limit, frames out of order ---------------------------------------------------------------------

@@ -38,13 +38,22 @@ class TLSSocketStream(trio.abc.Stream):
 
     @classmethod
     def wrap(cls, stream: trio.SocketStream, context: ssl.SSLContext, *, server_side: bool) -> TLSSocketStream:
+        """Take the socket out of `stream` and put TLS on it; `trio.BrokenResourceError` if the peer is already
+        gone (then the socket is closed, and `stream` holds nothing to close)."""
         raw = stream.socket
         family, type_, proto = raw.family, raw.type, raw.proto
         sock = socket.socket(family, type_, proto, fileno=raw.detach())
-        sock.setblocking(False)
-        tls = context.wrap_socket(
-            sock, server_side=server_side, do_handshake_on_connect=False, suppress_ragged_eofs=False
-        )
+        try:
+            # Checked here first: `wrap_socket` checks too, but if that fails it leaves the socket it made to the
+            # garbage collector (a reset can still come between the two; then the collector closes it).
+            sock.getpeername()
+            sock.setblocking(False)
+            tls = context.wrap_socket(
+                sock, server_side=server_side, do_handshake_on_connect=False, suppress_ragged_eofs=False
+            )
+        except OSError as exc:  # ssl.SSLError included ("closed before TLS handshake with data in recv buffer")
+            sock.close()
+            raise trio.BrokenResourceError(f"the connection was lost before TLS: {exc}") from exc
         return cls(tls)
 
     # --- what the broker reads off the handshake ------------------------------------------------------------

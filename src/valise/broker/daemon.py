@@ -517,8 +517,11 @@ class BrokerDaemon:
             del self._unauthenticated[oldest]
             oldest.cancel()
         assert self._tls_context is not None
-        ssl_stream = TLSSocketStream.wrap(stream, self._tls_context, server_side=True)
+        ssl_stream: TLSSocketStream | None = None
         try:
+            # Inside the try: a peer that resets before TLS makes wrapping fail, and that must end this
+            # connection only (uncaught, it would reach the listener and stop the broker).
+            ssl_stream = TLSSocketStream.wrap(stream, self._tls_context, server_side=True)
             with handshaking:
                 with trio.move_on_at(deadline) as tls_scope:
                     try:
@@ -547,7 +550,7 @@ class BrokerDaemon:
         finally:
             self._unauthenticated.pop(handshaking, None)
             self.connections -= 1
-            await trio.aclose_forcefully(ssl_stream)
+            await trio.aclose_forcefully(ssl_stream if ssl_stream is not None else stream)
 
     def session_ended(self) -> None:
         self._sessions_changed.set()
