@@ -164,6 +164,7 @@ class BrokerDaemon:
         self.recorded = 0  # bumped whenever packets may have been recorded in the mailboxes since
         self._cosign_turn = 0  # checkpoints sent out for cosigning (see pick_witnesses)
         self.acks_pending: set[tuple[str, bytes]] = set()  # (recipient, digest): acknowledgements being logged
+        self.withdrawals = 0  # packets taken out of mailboxes undelivered (retracted, purged) so far
         self._wake_committer = trio.Event()
         self._policy_lock = trio.Lock()
         self._policy_lock_file = open(home.policy_lock_path, "a+b")  # noqa: SIM115 - held for the daemon's life
@@ -483,6 +484,7 @@ class BrokerDaemon:
         for member, row in self.mail.expired_packets(now):
 
             def done(_index: int, member: str = member, digest: bytes = row.digest) -> None:
+                self.withdrawals += 1
                 self.mail.remove(member, "packet", digest)
                 self.spool.drop_unreferenced(self.mail, [digest])
 
@@ -1049,6 +1051,7 @@ class Session:
         recipients = Header.parse(records.entry_type(self.store_entry(row.log_index))[1]["header"]).core.recipients
 
         def done(index: int) -> None:
+            self.d.withdrawals += 1
             body = encoding.pack({"index": index, "notice": retraction.raw})
             for r in recipients:
                 # A copy not yet delivered is withdrawn; everyone is told (a delivered copy must be discarded).
@@ -1157,6 +1160,7 @@ class Session:
             self._wake = trio.Event()
             room = self.conn.push_room
             self._room_full = not room
+            withdrawals = self.d.withdrawals
             items = self.d.mail.pending(self.member, self._last_seq, limit=room) if room else []
             if not items:
                 await self._wake.wait()
@@ -1167,7 +1171,12 @@ class Session:
                 # arrives, and its confirmation must find the item (a confirmation for nothing is dropped).
                 self._pushed[item.seq] = item
                 if item.kind == "packet":
-                    if not await self._push_packet(item):
+                    # The items came with their bytes; one retracted or purged since (while earlier items went
+                    # out) must not go out after all. Rare: a query only when some packet was withdrawn.
+                    gone = self.d.withdrawals != withdrawals and not self.d.mail.has_item(
+                        self.member, "packet", item.digest
+                    )
+                    if gone or not await self._push_packet(item):
                         del self._pushed[item.seq]
                     continue
                 # Our own record, written canonically by post(): decoding is enough.
