@@ -102,7 +102,11 @@ async def test_a_failed_batch_holding_the_ack_of_a_member_that_left_does_not_sto
             seq, _ = await deu.receive_delivery()
             await _ack(deu, world, seq, head)
         with log_write_locked(world):  # the ack's batch commits 0.3 s after it came, with DEU gone: it fails
-            await trio.sleep(0.6)
+            # Held until the broker has given up on that batch: the acknowledgement is no longer pending and the
+            # packet is still in DEU's mailbox (a batch that succeeded would have taken it out).
+            with trio.fail_after(10):
+                while broker.acks_pending or not broker.mail.pending("DEU"):  # noqa: ASYNC110 - polls the broker
+                    await trio.sleep(0.05)
         # Still serving: DEU comes back, is pushed the packet again, and its acknowledgement reaches FRA.
         async with WireClient.connect(world, "DEU", broker.port) as deu:
             seq, got = await deu.receive_delivery()
