@@ -6,6 +6,7 @@ import io
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
 from valise import packet, records
@@ -213,6 +214,51 @@ async def test_a_witness_that_connects_is_asked_to_cosign_the_current_checkpoint
                 await trio.sleep(0.02)
         witness = cosignature.CosignatureVerifier("DEU", world.members["DEU"].bundle.sign_key)
         checkpoint.open_checkpoint(broker.published, vkey, witnesses=[witness], quorum=1)
+
+
+async def test_witnesses_asked_in_waves_all_cosign_the_new_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round asks its witnesses a wave at a time (here one per wave): every one of them is still asked, and the
+    published note carries all their cosignatures."""
+    from valise.broker import daemon as broker_daemon
+    from valise.tlog import checkpoint, cosignature
+
+    monkeypatch.setattr(broker_daemon, "COSIGN_WAVE", 1)
+    world = _world(tmp_path)
+
+    async def witness(client: WireClient) -> None:
+        cosigner = cosignature.Cosigner(client.member, world.members[client.member].signing)
+        while True:
+            event = await client.next(within=30)
+            if isinstance(event, ev.CosignRequest):
+                cp, _ = checkpoint.open_checkpoint(event.checkpoint, broker.log.verifier)
+                await client.send(ev.CosignResponse(event.rid, cosigner.cosign(cp, int(time.time())).line().encode()))
+
+    async with (
+        running_broker(world) as broker,
+        WireClient.connect(world, "DEU", broker.port) as deu,
+        WireClient.connect(world, "ITA", broker.port) as ita,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(witness, deu)
+        nursery.start_soon(witness, ita)
+        receipt = await fra.submit(seal(world, "FRA", ["DEU"], b"indicator"))
+        assert isinstance(receipt, ev.Receipt)
+        nursery.start_soon(witness, fra)
+        verifiers = [
+            cosignature.CosignatureVerifier(m, world.members[m].bundle.sign_key) for m in ("DEU", "FRA", "ITA")
+        ]
+        with trio.fail_after(10):
+            while True:
+                cp, _ = checkpoint.open_checkpoint(broker.published, broker.log.verifier)
+                names = [f"\u2014 {m} ".encode() for m in ("DEU", "FRA", "ITA")]
+                if cp.size > receipt.index and all(n in broker.published for n in names):
+                    break
+                await trio.sleep(0.05)
+        checkpoint.open_checkpoint(broker.published, broker.log.verifier, witnesses=verifiers, quorum=3)
+        nursery.cancel_scope.cancel()
 
 
 def test_a_published_checkpoint_carries_at_most_the_note_signature_limit() -> None:
