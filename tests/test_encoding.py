@@ -78,6 +78,7 @@ def test_the_deepest_allowed_nesting_packs() -> None:
     assert encoding.pack(_nest(encoding.MAX_DEPTH)).endswith(b"\xc4\x04leaf")
 
 
-def test_a_key_utf8_cannot_encode_is_refused() -> None:
-    with pytest.raises(UnicodeEncodeError, match="surrogate"):
-        encoding.pack({"\ud800": 1})
+@pytest.mark.parametrize("value", [{"\ud800": 1}, {"k": "a\udfffb"}, ["\ud800"]])
+def test_text_utf8_cannot_encode_is_refused_as_an_encoding_error(value: Any) -> None:
+    with pytest.raises(EncodingError, match="cannot be encoded as UTF-8"):
+        encoding.pack(value)

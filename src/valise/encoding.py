@@ -39,7 +39,7 @@ def _canonical(value: Any, depth: int = 0) -> Any:
             if not isinstance(key, str):
                 raise EncodingError(f"map key {key!r} is not text")
         # Code point order is UTF-8 byte order (UTF-8 was designed so), so plain string order is the canonical
-        # one without encoding each key; a key UTF-8 cannot encode (a lone surrogate) fails in packb.
+        # one without encoding each key; a key UTF-8 cannot encode (a lone surrogate) is refused by `pack`.
         return {k: _canonical(value[k], depth + 1) for k in sorted(value)}
     if isinstance(value, list | tuple):
         return [_canonical(v, depth + 1) for v in value]
@@ -54,7 +54,10 @@ def _canonical(value: Any, depth: int = 0) -> Any:
 
 def pack(value: Any) -> bytes:
     """Encode `value` canonically (maps sorted by key bytes, no floats)."""
-    return msgpack.packb(_canonical(value), use_bin_type=True)
+    try:
+        return msgpack.packb(_canonical(value), use_bin_type=True)
+    except UnicodeEncodeError as exc:  # a lone surrogate: text that has no UTF-8 form
+        raise EncodingError(f"text {exc.object[exc.start : exc.end]!r} cannot be encoded as UTF-8") from None
 
 
 def decode(data: bytes, *, what: str, max_size: int) -> Any:
