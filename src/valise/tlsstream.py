@@ -15,8 +15,11 @@ partial record to be retried with the same bytes, which a later send would not d
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
+from collections.abc import Callable
+from typing import TypeVar
 
 import trio
 
@@ -24,6 +27,8 @@ DEFAULT_READ = 64 * 1024
 # SSL_read may want to write (and SSL_write to read) only in rare post-handshake exchanges; the other direction's
 # task may be waiting on the socket meanwhile, so the retry polls instead of waiting on the same socket twice.
 _POLL = 0.001
+
+T = TypeVar("T")
 
 
 class TLSSocketStream(trio.abc.Stream):
@@ -73,21 +78,39 @@ class TLSSocketStream(trio.abc.Stream):
         if self._broken is not None:
             raise trio.BrokenResourceError(f"the TLS stream broke earlier: {self._broken}")
 
+    async def _io(self, op: Callable[[], T], what: str, *, reading: bool) -> T:
+        """Run `op` (an SSLSocket call) until it completes, waiting on the socket as OpenSSL asks. The direction
+        this call is not for is polled instead of waited on: SSL_read may want to write (and SSL_write to read)
+        only in rare post-handshake exchanges, and another task may be waiting on the socket that way already
+        (trio allows one waiter per direction)."""
+        while True:
+            try:
+                return op()
+            except ssl.SSLWantReadError:
+                if reading:
+                    await trio.lowlevel.wait_readable(self._tls)
+                else:
+                    await trio.sleep(_POLL)
+            except ssl.SSLWantWriteError:
+                if reading:
+                    await trio.sleep(_POLL)
+                else:
+                    await trio.lowlevel.wait_writable(self._tls)
+            except OSError as exc:  # ssl.SSLError included: an alert, a refused certificate, garbage, a reset
+                if self._closed:
+                    raise trio.ClosedResourceError("the TLS stream was closed") from None
+                raise trio.BrokenResourceError(f"TLS {what} failed: {exc}") from exc
+
     async def do_handshake(self) -> None:
         self._check()
         await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            try:
-                self._tls.do_handshake()
-            except ssl.SSLWantReadError:
-                await trio.lowlevel.wait_readable(self._tls)
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(self._tls)
-            except OSError as exc:  # ssl.SSLError included: a refused certificate, an alert, garbage
-                self._broken = exc
-                raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
-            else:
-                break
+        try:
+            # (A handshake message waits for room in the socket's send buffer only if the peer reads nothing;
+            # a poll is good enough there.)
+            await self._io(self._tls.do_handshake, "handshake", reading=True)
+        except trio.BrokenResourceError as exc:
+            self._broken = exc
+            raise
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -96,21 +119,12 @@ class TLSSocketStream(trio.abc.Stream):
             raise trio.BusyResourceError("another task is already receiving on this TLS stream")
         await trio.lowlevel.checkpoint_if_cancelled()
         self._receiving = True
+        size = max_bytes or DEFAULT_READ
         try:
-            while True:
-                try:
-                    data = self._tls.recv(max_bytes or DEFAULT_READ)
-                except ssl.SSLWantReadError:
-                    await trio.lowlevel.wait_readable(self._tls)
-                except ssl.SSLWantWriteError:
-                    await trio.sleep(_POLL)
-                except OSError as exc:
-                    if self._closed:
-                        raise trio.ClosedResourceError("the TLS stream was closed") from None
-                    self._broken = exc
-                    raise trio.BrokenResourceError(f"TLS receive failed: {exc}") from exc
-                else:
-                    break
+            data = await self._io(functools.partial(self._tls.recv, size), "receive", reading=True)
+        except trio.BrokenResourceError as exc:
+            self._broken = exc
+            raise
         finally:
             self._receiving = False
         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -125,18 +139,8 @@ class TLSSocketStream(trio.abc.Stream):
         view = memoryview(data)
         try:
             while view:
-                try:
-                    n = self._tls.send(view)
-                except ssl.SSLWantWriteError:
-                    await trio.lowlevel.wait_writable(self._tls)
-                except ssl.SSLWantReadError:
-                    await trio.sleep(_POLL)
-                except OSError as exc:
-                    if self._closed:
-                        raise trio.ClosedResourceError("the TLS stream was closed") from None
-                    raise trio.BrokenResourceError(f"TLS send failed: {exc}") from exc
-                else:
-                    view = view[n:]
+                n = await self._io(functools.partial(self._tls.send, view), "send", reading=False)
+                view = view[n:]
         except BaseException as exc:
             if view:  # part of a record may be out: nothing else can be sent on this stream
                 self._broken = exc
