@@ -49,7 +49,7 @@ from typing import Any
 
 import trio
 
-from valise import identity, keyfiles, packet, records, tls
+from valise import identity, keyfiles, packet, records
 from valise.broker.home import BrokerHome
 from valise.cli.main import main as cli
 from valise.errors import Error
@@ -57,6 +57,7 @@ from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, parse_prefix
 from valise.policy import records as prec
 from valise.store.sqlite import SqliteLog
 from valise.tlog import cosignature
+from valise.tlsstream import TLSSocketStream
 from valise.wire import codes
 from valise.wire import events as ev
 from valise.wire.connection import READ_SIZE, Connection, Signal
@@ -66,7 +67,7 @@ from valise.wire.state import Role
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 import relay_baseline as rb  # a sibling tool: the baseline's frame format
-from common import Proc, WitnessCache, percentile, start_broker, start_relay  # the peer benchmark's shared pieces
+from common import Proc, WitnessCache, open_member_tls, percentile, start_broker, start_relay  # shared with tools/bench
 
 ORIGIN = "bench.valise/log"
 PAYLOAD = 1024
@@ -228,13 +229,11 @@ class ValiseNode:
         self.credit = trio.Event()
         self.delivery: list[Any] | None = None  # [seq, head, size, received, hasher]
         self.verify_big = False
-        self.stream: trio.SSLStream[trio.SocketStream]
+        self.stream: TLSSocketStream
 
     async def connect(self, port: int, broker_cert: bytes) -> None:
         name = self.name
-        ctx = tls.client_context(self.keydir / f"{name}.tls.crt", self.keydir / f"{name}.tls.key", broker_cert)
-        self.stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx)
-        await self.stream.do_handshake()
+        self.stream = await open_member_tls(self.keydir, name, port, broker_cert)
         self.queue(ev.Hello(SUPPORTED_VERSIONS, name, "node", 0, self.conn.limits))
         await self.flush()
         while True:
@@ -407,13 +406,11 @@ class BaselineNode:
         self.closing = False
         self.lock = trio.Lock()
         self.slots = trio.Semaphore(1)
-        self.stream: trio.SSLStream[trio.SocketStream]
+        self.stream: TLSSocketStream
 
     async def connect(self, port: int, broker_cert: bytes) -> None:
         name = self.name
-        ctx = tls.client_context(self.keydir / f"{name}.tls.crt", self.keydir / f"{name}.tls.key", broker_cert)
-        self.stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx)
-        await self.stream.do_handshake()
+        self.stream = await open_member_tls(self.keydir, name, port, broker_cert)
 
     async def flush(self) -> None:
         async with self.lock:

@@ -1,10 +1,11 @@
-"""The baseline for tools/bench_broker.py: a bare trio TLS relay with no crypto of its own, no policy and no log.
+"""The baseline for tools/bench_broker.py: a bare TLS relay on trio with no crypto of its own, no policy and no log.
 
     python tools/relay_baseline.py --cert C --key K --members KEYS [--listen 127.0.0.1:0]
 
 It speaks the same transport as the broker (TLS 1.3, mutual authentication with the same pinned Ed25519
-certificates, the same ALPN, the same read size), so the ratio valise/baseline isolates what the broker adds on
-top of moving bytes: wire-protocol parsing, signature checks, policy, the log, the mailboxes and their fsyncs.
+certificates, the same ALPN, the same read size, the same TLS stream: valise.tlsstream), so the ratio
+valise/baseline isolates what the broker adds on top of moving bytes: wire-protocol parsing, signature checks,
+policy, the log, the mailboxes and their fsyncs.
 
 A frame is a 4-byte big-endian length, then `kind` (1 byte) and a peer index (2 bytes, big-endian), then opaque
 bytes. A member's index is its position in the sorted list of directories under `--members` (each holding
@@ -28,6 +29,7 @@ from pathlib import Path
 import trio
 
 from valise import tls
+from valise.tlsstream import TLSSocketStream
 
 HEADER = struct.Struct(">IBH")  # length of what follows the 4 length bytes, kind, peer index
 DATA, RECEIPT, ACK = 1, 2, 3
@@ -43,7 +45,7 @@ class Relay:
     def __init__(self, context: ssl.SSLContext, members: dict[bytes, int]) -> None:
         self.context = context
         self.members = members
-        self.peers: dict[int, tuple[trio.SSLStream[trio.SocketStream], trio.Lock]] = {}
+        self.peers: dict[int, tuple[TLSSocketStream, trio.Lock]] = {}
 
     async def send(self, peer: int, data: bytes) -> None:
         target = self.peers.get(peer)
@@ -55,7 +57,10 @@ class Relay:
                 await stream.send_all(data)
 
     async def handle(self, tcp: trio.SocketStream) -> None:
-        stream = trio.SSLStream(tcp, self.context, server_side=True)
+        try:
+            stream = TLSSocketStream.wrap(tcp, self.context, server_side=True)
+        except trio.BrokenResourceError:
+            return
         try:
             await stream.do_handshake()
             me = self.members.get(tls.peer_certificate(stream))

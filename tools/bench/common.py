@@ -14,8 +14,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import trio
+
+from valise import tls
 from valise.broker.home import BrokerHome
 from valise.tlog import checkpoint, note
+from valise.tlsstream import TLSSocketStream
 
 PYTHON = sys.executable
 TOOLS = Path(__file__).resolve().parent.parent
@@ -130,6 +134,15 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
     }
+
+
+async def open_member_tls(keydir: Path, name: str, port: int, broker_cert: bytes) -> TLSSocketStream:
+    """A member's TLS connection to the broker (or the baseline relay) on 127.0.0.1, the way `valise node` opens
+    it: the member's certificate, the broker pinned, OpenSSL on the socket (valise.tlsstream)."""
+    ctx = tls.client_context(keydir / f"{name}.tls.crt", keydir / f"{name}.tls.key", broker_cert)
+    stream = TLSSocketStream.wrap(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_side=False)
+    await stream.do_handshake()
+    return stream
 
 
 def start_broker(broker_dir: Path, logs: Path) -> Proc:

@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from common import TOOLS, WitnessCache, percentile
+from common import TOOLS, WitnessCache, open_member_tls, percentile
 from world import ORIGIN, World, name_of
 
-from valise import identity, packet, records, tls
+from valise import identity, packet, records
 from valise.errors import Error
 from valise.tlog import cosignature
+from valise.tlsstream import TLSSocketStream
 from valise.wire import codes
 from valise.wire import events as ev
 from valise.wire.connection import READ_SIZE, Connection, Signal
@@ -144,13 +145,11 @@ class Member:
         self.lock = trio.Lock()
         self.slots = trio.Semaphore(1)
         self.wake = trio.Event()
-        self.stream: trio.SSLStream[trio.SocketStream]
+        self.stream: TLSSocketStream
 
     async def open_tls(self, port: int, broker_cert: bytes) -> None:
         name = self.name
-        ctx = tls.client_context(self.keydir / f"{name}.tls.crt", self.keydir / f"{name}.tls.key", broker_cert)
-        self.stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx)
-        await self.stream.do_handshake()
+        self.stream = await open_member_tls(self.keydir, name, port, broker_cert)
 
     async def flush(self) -> None:
         async with self.lock:

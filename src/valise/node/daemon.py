@@ -38,6 +38,7 @@ from valise.node.home import NodeHome
 from valise.node.session import Disconnected, Reply, Session
 from valise.node.store import NodeStore, OutboxRow
 from valise.tlog import checkpoint, cosignature
+from valise.tlsstream import TLSSocketStream
 from valise.wire import events as ev
 from valise.wire.connection import NEED_DATA, READ_SIZE, Connection, Signal
 from valise.wire.limits import SUPPORTED_VERSIONS
@@ -218,7 +219,8 @@ class NodeDaemon:
             password=self._passphrase,
         )
         tcp = await trio.open_tcp_stream(cfg.broker_host, cfg.broker_port)
-        stream = trio.SSLStream(tcp, ctx, server_hostname=None)
+        # OpenSSL on the socket, as the broker does (valise.tlsstream): less CPU per record than trio.SSLStream.
+        stream = TLSSocketStream.wrap(tcp, ctx, server_side=False)
         try:
             await stream.do_handshake()
             tls.check_pinned(tls.peer_certificate(stream), self.broker.cert_der, who="broker")
