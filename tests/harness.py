@@ -177,9 +177,9 @@ class WireClient:
     async def sync(self) -> None:
         """A ping/pong round trip: everything the broker did before answering is done.
 
-        Used before acknowledging a delivery: the broker records a pushed item as awaiting confirmation only
-        after its last frame is sent (daemon.py Session._pusher), so an `ack` sent the instant `deliver-end`
-        arrives is sometimes dropped (a known daemon race; the round trip closes the window)."""
+        (It once closed a race: the broker recorded a pushed item only after its last frame, so an `ack` sent the
+        instant `deliver-end` arrived could be dropped. The broker now records it before the first frame, and
+        test_broker_races acknowledges at once; Traffic still syncs, which costs a round trip and nothing else.)"""
         self._pings += 1
         n = self._pings
         await self.send(ev.Ping(n))
