@@ -128,6 +128,13 @@ async def running_broker(world: World, **settings: object) -> AsyncIterator[Brok
         nursery.cancel_scope.cancel()
 
 
+def _not_closed(event: ev.Event) -> None:
+    # A closed connection yields ConnectionClosed again at once on every read, without a checkpoint: a loop that
+    # waits for an answer must stop there, or it spins where no timeout can cancel it (a broker that died).
+    if isinstance(event, ev.ConnectionClosed):
+        raise AssertionError("the broker closed the connection")
+
+
 class WireClient:
     """A member's side of one connection, speaking the real wire protocol over real TLS."""
 
@@ -205,6 +212,7 @@ class WireClient:
         while pos < len(data) and answer is None:
             while self.conn.send_window == 0:
                 event = await self.next()
+                _not_closed(event)
                 if isinstance(event, ev.Receipt | ev.Deny | ev.ErrorMessage):
                     answer = event
                     break
@@ -219,6 +227,7 @@ class WireClient:
             await self.send(ev.SubmitCancel(rid) if pos < len(data) else ev.SubmitEnd(rid))
         while answer is None:
             event = await self.next()
+            _not_closed(event)
             if isinstance(event, ev.Receipt | ev.Deny | ev.ErrorMessage) and getattr(event, "rid", None) == rid:
                 answer = event
         return answer
