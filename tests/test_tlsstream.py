@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -181,3 +182,24 @@ async def test_a_send_cut_short_breaks_the_stream(tmp_path: Path) -> None:
         await trio.sleep(1.0)
     assert len(results) == 1
     assert "broke earlier" in str(results[0])
+
+
+async def test_a_context_that_cannot_wrap_the_socket_leaves_no_socket_open() -> None:
+    # A client context that checks host names needs one; wrapping without it fails, and the socket it took from
+    # the trio stream must be closed, not left to the garbage collector.
+    bad = ssl.create_default_context()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, lambda s: s.aclose(), 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+            try:
+                TLSSocketStream.wrap(tcp, bad, server_side=False)
+            except ValueError:
+                pass
+            else:
+                raise AssertionError("wrapping without a host name for a checking context should fail")
+        await trio.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) == before
+        nursery.cancel_scope.cancel()

@@ -59,6 +59,9 @@ class TLSSocketStream(trio.abc.Stream):
         except OSError as exc:  # ssl.SSLError included ("closed before TLS handshake with data in recv buffer")
             sock.close()
             raise trio.BrokenResourceError(f"the connection was lost before TLS: {exc}") from exc
+        except BaseException:  # a context that cannot wrap this socket (ValueError): not ours to keep open either
+            sock.close()
+            raise
         return cls(tls)
 
     # --- what the broker reads off the handshake ------------------------------------------------------------

@@ -141,7 +141,11 @@ async def open_member_tls(keydir: Path, name: str, port: int, broker_cert: bytes
     it: the member's certificate, the broker pinned, OpenSSL on the socket (valise.tlsstream)."""
     ctx = tls.client_context(keydir / f"{name}.tls.crt", keydir / f"{name}.tls.key", broker_cert)
     stream = TLSSocketStream.wrap(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_side=False)
-    await stream.do_handshake()
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
     return stream
 
 
