@@ -946,12 +946,7 @@ class Session:
             # and acknowledged, nothing refers to it any more.
             index, at = known.log_index, known.received
             self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
-        for r in core.recipients:
-            self.d.wake(r)
-        receipt = records.Receipt.make(
-            self.d.identity.signing, self.d.origin, index, head.digest, core.packet_id, self.member, at
-        )
-        await self.send(ev.Receipt(msg.rid, core.packet_id, index, head.digest, receipt.raw))
+        await self.send(self._packet_receipt(msg.rid, head, index, at))
 
     def _enqueue_packet(self, rid: int, head: Head, key: tuple[str, bytes], size: int, body: bytes | None) -> None:
         core = head.core
@@ -963,12 +958,7 @@ class Session:
 
         def durable(index: int) -> None:
             self._inflight.pop(key, None)
-            for r in core.recipients:
-                self.d.wake(r)
-            receipt = records.Receipt.make(
-                self.d.identity.signing, self.d.origin, index, head.digest, core.packet_id, self.member, at
-            )
-            self.send_soon(ev.Receipt(rid, core.packet_id, index, head.digest, receipt.raw))
+            self.send_soon(self._packet_receipt(rid, head, index, at))
 
         def failed(exc: BaseException) -> None:
             self._inflight.pop(key, None)
@@ -990,13 +980,17 @@ class Session:
         finally:
             if self._inflight.get(key) is inflight:
                 del self._inflight[key]
+        await self.send(self._packet_receipt(rid, head, index, at))
+
+    def _packet_receipt(self, rid: int, head: Head, index: int, at: int) -> ev.Receipt:
+        """The packet is durable at `index`: wake its recipients' pushers, and sign the sender's receipt."""
         core = head.core
         for r in core.recipients:
             self.d.wake(r)
         receipt = records.Receipt.make(
             self.d.identity.signing, self.d.origin, index, head.digest, core.packet_id, self.member, at
         )
-        await self.send(ev.Receipt(rid, core.packet_id, index, head.digest, receipt.raw))
+        return ev.Receipt(rid, core.packet_id, index, head.digest, receipt.raw)
 
     # --- confirmations, retractions, statements ------------------------------------------------------------
 
