@@ -304,8 +304,16 @@ async def test_entry_bundles_are_not_public(tmp_path: Path) -> None:
                 await trio.sleep(0.05)
         size = broker.log.latest.size
         bundle = tiles.entry_tiles_for_size(size)[0]
+        # Every spelling a client might try: a doubled leading slash once got round a prefix check on the path.
+        for path in ("/" + bundle.path, "//" + bundle.path, "///" + bundle.path, "/./" + bundle.path, bundle.path):
+            status, _, body = await http_get(broker.http_port, path)
+            assert status in (403, 404), f"{path} is public: {len(body)} bytes of full log entries"
+            assert b"DEU" not in body
         status, _, body = await http_get(broker.http_port, "/" + bundle.path)
-        assert status != 200, f"{bundle.path} is public: {len(body)} bytes of full log entries"
+        assert status == 403
+        assert b"not public" in body
+        status, _, _ = await http_get(broker.http_port, "//checkpoint")
+        assert status == 404
 
 
 async def test_resubmitting_a_delivered_packet_leaves_no_body_in_the_spool(tmp_path: Path) -> None:

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from valise.crypto import sign
-from valise.errors import CheckpointError, LimitError, NoteError, ProofError, StoreError, TileError, UsageError
+from valise.errors import (
+    AccessError,
+    CheckpointError,
+    LimitError,
+    NoteError,
+    ProofError,
+    StoreError,
+    TileError,
+    UsageError,
+)
 from valise.logservice import LogService
 from valise.store import MAX_ENTRY_SIZE, MemoryLog
 from valise.store.export import all_tiles, export_tiles, verify_export
@@ -249,6 +258,17 @@ def test_read_side_serves_checkpoint_and_tiles() -> None:
     assert tiles.parse_entries(bundle.body, 2) == [entry(768), entry(769)]
     for missing in ("tile/0/003.p/6", "tile/0/004", "tile/1/000", "tile/entries/003", "tile/0/1", "tile/0/x000/001"):
         assert log.read(missing) is None
+
+
+def test_read_side_can_withhold_entry_bundles() -> None:
+    log = service()
+    log.append_and_sign([entry(i) for i in range(300)], now=0.0)
+    with pytest.raises(AccessError, match=r"tile/entries/001\.p/44: entry bundles are not served"):
+        log.read("tile/entries/001.p/44", entry_bundles=False)
+    with pytest.raises(AccessError):
+        log.read("tile/entries/000", entry_bundles=False)
+    assert log.read("tile/0/000", entry_bundles=False) is not None  # hash tiles stay public
+    assert log.read("/tile/entries/000", entry_bundles=True) is None  # not a path of the layout
 
 
 # --- export ----------------------------------------------------------------------------------------------

@@ -140,6 +140,10 @@ class StoreError(Error):
     """The durable store is missing, corrupt, or refused an operation."""
 
 
+class AccessError(Error):
+    """What was asked for exists but is not served to this caller (entry bundles on a public address)."""
+
+
 # --- policy --------------------------------------------------------------------------------------------
 
 

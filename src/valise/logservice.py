@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from valise.crypto import sign
-from valise.errors import CheckpointError, LimitError, ProofError, StoreError, UsageError
+from valise.errors import AccessError, CheckpointError, LimitError, ProofError, StoreError, UsageError
 from valise.store.base import MAX_ENTRY_SIZE, LogStorage
 from valise.tlog import checkpoint, merkle, note, tiles
 
@@ -226,13 +226,21 @@ class LogService:
             return tiles.encode_entries(self.store.entries(first, first + tile.width))
         return tiles.read_tile(tile, self.store)
 
-    def read(self, path: str) -> Resource | None:
-        """Serve one path of the tlog-tiles layout (`checkpoint`, `tile/...`); None if there is no such file."""
+    def read(self, path: str, *, entry_bundles: bool = True) -> Resource | None:
+        """Serve one path of the tlog-tiles layout (`checkpoint`, `tile/...`); None if there is no such file.
+
+        `entry_bundles=False` refuses entry bundles (AccessError): they hold every traffic record. The decision
+        is made on the parsed tile, so no spelling of a path can get round it."""
         if path == "checkpoint":
             latest = self._latest
             return None if latest is None else Resource(latest.note, False, "text/plain; charset=utf-8")
         try:
             tile = tiles.parse_path(path)
+        except ProofError:  # TileError is a ProofError
+            return None
+        if tile.level == tiles.ENTRIES and not entry_bundles:
+            raise AccessError(f"{path}: entry bundles are not served here")
+        try:
             return Resource(self.tile(tile), immutable=tile.width == tiles.WIDTH)
-        except (ProofError, StoreError):  # TileError is a ProofError
+        except (ProofError, StoreError):
             return None

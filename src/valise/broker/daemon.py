@@ -31,7 +31,7 @@ from valise.broker import http, relay
 from valise.broker.home import BrokerHome
 from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
 from valise.broker.spool import InlineUpload, Spool, Upload
-from valise.errors import Error, PolicyError, ProtocolError, StatementError
+from valise.errors import AccessError, Error, PolicyError, ProtocolError, StatementError
 from valise.genesis import Genesis
 from valise.identity import PublicBundle
 from valise.logservice import DEFAULT_MAX_PENDING, LogService
@@ -500,11 +500,15 @@ class BrokerDaemon:
     async def _resolve(self, path: str) -> http.Response:
         if path == "/checkpoint":
             return http.Response(200, self.published, "text/plain; charset=utf-8")
-        if path.startswith("/tile/entries/") and not self.settings.serve_entries:
+        # Exactly one leading slash: "//tile/..." names no file of the layout (and once got round the gate below).
+        if not path.startswith("/") or path.startswith("//"):
+            return http.Response(404, b"not found\n", "text/plain; charset=utf-8")
+        try:
             # Entry bundles hold every traffic record (who sent what to whom): for auditors, not for the public
             # (specs/protocol.md, "Reading the log"). Hash tiles and checkpoints stay public.
+            resource = self.log.read(path[1:], entry_bundles=self.settings.serve_entries)
+        except AccessError:
             return http.Response(403, b"entry bundles are not public on this broker\n", "text/plain; charset=utf-8")
-        resource = self.log.read(path.lstrip("/"))
         if resource is None:
             return http.Response(404, b"not found\n", "text/plain; charset=utf-8")
         return http.Response(200, resource.body, resource.content_type, immutable=resource.immutable)
