@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from valise import identity, keyfiles, tls
+from valise import identity, keyfiles, packet, records, tls
 from valise.broker import daemon as broker_daemon
 from valise.wire import codes
 from valise.wire import events as ev
@@ -361,3 +361,53 @@ async def test_a_member_that_never_answers_cosign_requests_still_gets_its_packet
         timed_out = isinstance(event, ev.ErrorMessage) and event.code == codes.TIMEOUT
         assert isinstance(event, ev.DeliverBegin) or timed_out, event
         await close_gracefully(silent)
+
+
+# --- a hostile recipient ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("what", "sender", "ack_id", "frame_id"),
+    [
+        ("another sender", "ITA", None, None),
+        ("another packet id, in the ack and the frame", None, b"\xee" * 16, b"\xee" * 16),
+        ("another packet id in the frame only", None, None, b"\xee" * 16),
+    ],
+    ids=["sender", "packet-id", "frame-id"],
+)
+async def test_an_acknowledgement_that_misnames_the_packet_is_refused(
+    tmp_path: Path, what: str, sender: str | None, ack_id: bytes | None, frame_id: bytes | None
+) -> None:
+    """A recipient signs an ack for the packet's digest but names another sender or packet id. Logged, it would
+    be forwarded to the sender, shown to the member it names, and counted against the broker by the auditor."""
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU", "AMBER", ["malware"])
+    data = seal(world, "FRA", ["DEU"], b"indicator")
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    real_id = head.core.packet_id
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        fra.refuse_cosign = True
+        assert isinstance(await fra.submit(data), ev.Receipt)
+        size = broker.store.size()
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            deu.refuse_cosign = True
+            seq, _ = await deu.receive_delivery()
+            ack = records.Ack.make(
+                world.members["DEU"].signing, ack_id or real_id, head.digest, sender or "FRA", "DEU", int(time.time())
+            )
+            await deu.send(ev.Ack(seq, frame_id or real_id, ack.raw))
+            fatal = await expect_fatal(deu, codes.BAD_PACKET)
+            assert "does not match the packet" in fatal.message, what
+        await fra.sync()
+        assert broker.store.size() == size  # nothing logged
+        # The item is still DEU's: pushed again on the next connection, and a true ack goes through.
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            deu.refuse_cosign = True
+            seq, got = await deu.receive_delivery()
+            assert got == data
+            ack = records.Ack.make(world.members["DEU"].signing, real_id, head.digest, "FRA", "DEU", int(time.time()))
+            await deu.send(ev.Ack(seq, real_id, ack.raw))
+            forwarded = await fra.next_of(ev.AckForward)
+            assert isinstance(forwarded, ev.AckForward)
+            assert records.Ack.parse(forwarded.ack)[0].sender == "FRA"

@@ -96,8 +96,13 @@ class Ack:
     @staticmethod
     def verified(raw: bytes, recipient_key: bytes) -> Ack:
         ack, body, sig = Ack.parse(raw)
-        sign.verify(recipient_key, ACK_DOMAIN, body, sig, what=f"acknowledgement by {ack.recipient}")
+        Ack.check(body, sig, recipient_key, ack.recipient)
         return ack
+
+    @staticmethod
+    def check(body: bytes, sig: bytes, recipient_key: bytes, recipient: str) -> None:
+        """Check the signature of a parsed acknowledgement (`parse` gave `body` and `sig`) by `recipient`."""
+        sign.verify(recipient_key, ACK_DOMAIN, body, sig, what=f"acknowledgement by {recipient}")
 
 
 @dataclass(frozen=True, slots=True)

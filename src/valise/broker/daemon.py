@@ -1005,18 +1005,35 @@ class Session:
         if item is None or member is None:
             return
         try:
-            ack = records.Ack.verified(msg.ack, member.sign_key)
+            ack, body, sig = records.Ack.parse(msg.ack)
+        except Error as exc:
+            raise ProtocolError(f"acknowledgement of seq {msg.seq} refused: {exc}", code=codes.BAD_PACKET) from None
+        # Every field the log and the sender will read must be the packet's own: the frame's `id` and the ack's
+        # `packet_id` are the client's to choose, so they are checked against the mailbox's record, as the
+        # auditor does (an ack naming another sender would be logged and shown to that member).
+        if (
+            ack.recipient != self.member
+            or ack.digest != item.digest
+            or ack.sender != item.sender
+            or ack.packet_id != item.packet_id
+            or msg.id != item.packet_id
+        ):
+            raise ProtocolError(
+                f"acknowledgement of seq {msg.seq} does not match the packet: it must name recipient {self.member},"
+                f" sender {item.sender} and packet id {(item.packet_id or b'').hex()}",
+                code=codes.BAD_PACKET,
+            )
+        try:  # after the cheap checks: a mismatched ack costs no signature check
+            records.Ack.check(body, sig, member.sign_key, self.member)
         except Error as exc:
             raise ProtocolError(f"acknowledgement of seq {msg.seq} refused: {exc}", code=codes.BAD_SIGNATURE) from None
-        if ack.recipient != self.member or ack.digest != item.digest or ack.packet_id != msg.id:
-            raise ProtocolError(f"acknowledgement of seq {msg.seq} is for another packet", code=codes.BAD_PACKET)
         pending = (self.member, item.digest)
         if pending in self.d.acks_pending:
             # Pushed again (a reconnection) while the first acknowledgement's batch commits: that one will take the
             # item out of the mailbox; logging and forwarding a second would say the packet arrived twice.
             return
         self.d.acks_pending.add(pending)
-        sender = item.sender or ack.sender
+        sender = ack.sender
 
         def done(index: int) -> None:
             self.d.mail.remove(self.member, "packet", item.digest)

@@ -68,6 +68,7 @@ class MailItem:
     digest: bytes
     body: bytes | None  # the signed notice ('ack', 'retract'); a packet's bytes if kept here (None: spooled)
     sender: str | None = None  # a packet's sender
+    packet_id: bytes | None = None  # a packet's id (its acknowledgement must name this sender and id)
 
 
 class Mailboxes:
@@ -150,10 +151,11 @@ class Mailboxes:
         return PacketRow(*r) if r else None
 
     def pending(self, member: str, after_seq: int = 0, limit: int = 100) -> list[MailItem]:
-        """Items waiting for `member`, in order, after `after_seq`; a packet's with its sender and kept bytes (one
-        query, where pushing and acknowledging each packet would otherwise cost two more)."""
+        """Items waiting for `member`, in order, after `after_seq`; a packet's with its sender, id and kept bytes
+        (one query, where pushing and acknowledging each packet would otherwise cost two more)."""
         rows = self._db.execute(
-            "SELECT m.member, m.seq, m.kind, m.digest, COALESCE(m.body, b.data), p.sender FROM mailbox AS m"
+            "SELECT m.member, m.seq, m.kind, m.digest, COALESCE(m.body, b.data), p.sender, p.packet_id"
+            " FROM mailbox AS m"
             " LEFT JOIN packets AS p ON m.kind = 'packet' AND p.digest = m.digest"
             " LEFT JOIN bodies AS b ON m.kind = 'packet' AND b.digest = m.digest"
             " WHERE m.member = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
