@@ -21,6 +21,7 @@ from valise import packet, records
 from valise.policy import records as prec
 from valise.store.sqlite import SqliteLog
 from valise.tlog import checkpoint, merkle, note, tiles
+from valise.wire import codes
 from valise.wire import events as ev
 
 from .harness import (
@@ -314,6 +315,50 @@ async def test_entry_bundles_are_not_public(tmp_path: Path) -> None:
         assert b"not public" in body
         status, _, _ = await http_get(broker.http_port, "//checkpoint")
         assert status == 404
+
+
+async def _upload_body(client: WireClient, rid: int, data: bytes) -> None:
+    """The ciphertext of an upload whose submit-begin went out, within the send window, without its end."""
+    pos = _head(data).head_size
+    while pos < len(data):
+        while client.conn.send_window == 0:
+            event = await client.next()
+            assert not isinstance(event, ev.ConnectionClosed | ev.ErrorMessage), event
+        n = min(client.conn.send_window, 256 * 1024, len(data) - pos)
+        await client.send(ev.SubmitChunk(rid, data[pos : pos + n]))
+        pos += n
+
+
+async def test_a_large_upload_refused_as_a_replay_leaves_no_body_in_the_spool(tmp_path: Path) -> None:
+    """Two large uploads under one packet id, open at once: the first is logged, the second refused at its end,
+    once its body has its final name in the spool. A member repeating this must not fill the disk."""
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU")
+    pid = b"\x07" * 16
+    one = seal(world, "FRA", ["DEU"], b"A" * 200_000, packet_id=pid)
+    two = seal(world, "FRA", ["DEU"], b"B" * 300_000, packet_id=pid)
+    spool = world.home.root / "spool"
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        fra.refuse_cosign = True
+        r1, r2 = fra.conn.new_rid(), fra.conn.new_rid()
+        for rid, data in ((r1, one), (r2, two)):
+            head = _head(data)
+            await fra.send(ev.SubmitBegin(rid, data[: head.head_size], len(data) - head.head_size))
+        await _upload_body(fra, r1, one)
+        await fra.send(ev.SubmitEnd(r1))
+        receipt = await fra.next_of(ev.Receipt)
+        assert isinstance(receipt, ev.Receipt)
+        assert receipt.digest == _head(one).digest
+        await _upload_body(fra, r2, two)
+        await fra.send(ev.SubmitEnd(r2))
+        refused = await fra.next()
+        while isinstance(refused, ev.Credit):
+            refused = await fra.next()
+        assert isinstance(refused, ev.ErrorMessage)
+        assert (refused.rid, refused.code) == (r2, codes.REPLAY)
+        await fra.sync()
+        assert sorted(p.name for p in spool.iterdir()) == [f"{_head(one).digest.hex()}.pkt"]
+        await close_gracefully(fra)
 
 
 async def test_resubmitting_a_delivered_packet_leaves_no_body_in_the_spool(tmp_path: Path) -> None:

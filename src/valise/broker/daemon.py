@@ -912,7 +912,7 @@ class Session:
             if orphan is not None and orphan[1] != head.digest:
                 self.d.orphans[(self.member, core.packet_id)] = orphan
                 what = f"packet id {core.packet_id.hex()} was already logged by {self.member} for another packet"
-                await self.send(ev.ErrorMessage(msg.rid, codes.REPLAY, what))
+                await self._refuse_stored(msg.rid, head, what)
                 return
             if orphan is not None:
                 # Logged before a crash that lost its small body: queue it at its existing index, log nothing new.
@@ -925,7 +925,7 @@ class Session:
                 inflight = self._inflight.get(key)
                 if inflight is not None and inflight[0] != head.digest:
                     what = f"packet id {core.packet_id.hex()} is in flight from {self.member} for another packet"
-                    await self.send(ev.ErrorMessage(msg.rid, codes.REPLAY, what))
+                    await self._refuse_stored(msg.rid, head, what)
                     return
                 if inflight is None:
                     # The reader goes on with the next frames while the batch commits: one connection can then
@@ -941,7 +941,7 @@ class Session:
             # Logged since this upload began, under the same id, for another packet (two uploads of one id in
             # flight at once): a receipt here would promise a digest the log does not hold at that index.
             what = f"packet id {core.packet_id.hex()} was already used by {self.member} for another packet"
-            await self.send(ev.ErrorMessage(msg.rid, codes.REPLAY, what))
+            await self._refuse_stored(msg.rid, head, what)
             return
         else:
             # The same packet again (a retry after a lost receipt). Its mailbox rows were made in the same
@@ -951,6 +951,12 @@ class Session:
             index, at = known.log_index, known.received
             self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
         await self.send(self._packet_receipt(msg.rid, head, index, at))
+
+    async def _refuse_stored(self, rid: int, head: Head, what: str) -> None:
+        """Refuse a completed upload as a replay. Its bytes are already in place (a large packet's spool file has
+        its final name): nothing refers to them, so they go now, or each refusal would leave a file for good."""
+        self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
+        await self.send(ev.ErrorMessage(rid, codes.REPLAY, what))
 
     def _enqueue_packet(self, rid: int, head: Head, key: tuple[str, bytes], size: int, body: bytes | None) -> None:
         core = head.core
