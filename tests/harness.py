@@ -368,11 +368,23 @@ async def legit_traffic(world: World, port: int, sender: str = "FRA", recipient:
 class BrokerProcess:
     """`valise broker serve` as a real child process (so that a test can SIGKILL it)."""
 
-    def __init__(self, directory: Path, log_file: Path, checkpoint_interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        log_file: Path,
+        checkpoint_interval: float = 0.2,
+        *,
+        nofile: tuple[int, int] | None = None,
+    ) -> None:
+        """`nofile`: the child's (soft, hard) RLIMIT_NOFILE, as a service manager would set it."""
         self.log_file = log_file
         self._log = log_file.open("ab")
         cmd = [sys.executable, "-m", "valise.cli.main", "broker", "serve", "--dir", str(directory)]
         cmd += ["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--checkpoint-interval", str(checkpoint_interval)]
+        if nofile is not None:
+            # Set in a small launcher that then becomes the broker (exec): preexec_fn is unsafe with threads.
+            launcher = "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); os.execv(sys.executable, [sys.executable, *sys.argv[3:]])"  # noqa: E501
+            cmd = [sys.executable, "-c", launcher, str(nofile[0]), str(nofile[1]), *cmd[1:]]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log)
         self.port = 0
         self.http_port = 0
@@ -401,8 +413,10 @@ class BrokerProcess:
 
 
 @asynccontextmanager
-async def broker_process(directory: Path, log_file: Path) -> AsyncIterator[BrokerProcess]:
-    proc = BrokerProcess(directory, log_file)
+async def broker_process(
+    directory: Path, log_file: Path, *, nofile: tuple[int, int] | None = None
+) -> AsyncIterator[BrokerProcess]:
+    proc = BrokerProcess(directory, log_file, nofile=nofile)
     try:
         yield await proc.started()
     finally:

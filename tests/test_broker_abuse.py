@@ -7,6 +7,7 @@ explicit `progress` calls, made while the bad connection is still open) and afte
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import socket
 import ssl
@@ -26,10 +27,13 @@ from valise.wire.limits import DEFAULT_LIMITS, HANDSHAKE_FRAME, SUPPORTED_VERSIO
 
 from .conftest import seeded_random
 from .harness import (
+    ORIGIN,
     WireClient,
     World,
+    broker_process,
     close_gracefully,
     expect_fatal,
+    http_get,
     legit_traffic,
     make_world,
     raw_frame,
@@ -411,3 +415,62 @@ async def test_an_acknowledgement_that_misnames_the_packet_is_refused(
             forwarded = await fra.next_of(ev.AckForward)
             assert isinstance(forwarded, ev.AckForward)
             assert records.Ack.parse(forwarded.ack)[0].sender == "FRA"
+
+
+# --- descriptors ----------------------------------------------------------------------------------------------------
+
+
+def _soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no 'Max open files' line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads the broker's limits from /proc")
+async def test_the_broker_raises_its_descriptor_limit_to_the_hard_one(tmp_path: Path) -> None:
+    world = _world(tmp_path)
+    async with broker_process(world.home.root, tmp_path / "broker.log", nofile=(256, 1024)) as proc:
+        assert _soft_nofile(proc.proc.pid) == 1024
+
+
+async def test_a_flood_of_unauthenticated_connections_cannot_use_up_the_descriptors(tmp_path: Path) -> None:
+    """A broker limited to 256 descriptors (soft = hard: it cannot raise them), 300 held TCP connections to each of
+    its ports: the HTTP ones asking for the checkpoint every second, the TLS ones idle. Members still connect and
+    the log is still read; before the broker kept its unauthenticated peers to a share of its descriptors, accept
+    failed with EMFILE and the member timed out."""
+    world = _world(tmp_path)
+    flood = 300
+    async with broker_process(world.home.root, tmp_path / "broker.log", nofile=(256, 256)) as proc:
+        held: list[trio.SocketStream] = []
+
+        async def keep_asking(s: trio.SocketStream) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while True:
+                    await s.send_all(b"GET /checkpoint HTTP/1.1\r\nHost: x\r\n\r\n")
+                    await trio.sleep(1)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for port in (proc.http_port, proc.port):
+                    for _ in range(flood):
+                        with trio.fail_after(10):
+                            s = await trio.open_tcp_stream("127.0.0.1", port)
+                        held.append(s)
+                        if port == proc.http_port:
+                            nursery.start_soon(keep_asking, s)
+                await trio.sleep(1.5)
+                with trio.fail_after(10):
+                    async with WireClient.connect(world, "FRA", proc.port) as fra:
+                        fra.refuse_cosign = True
+                        await fra.send(ev.GetCheckpoint(fra.conn.new_rid()))
+                        assert isinstance(await fra.next_of(ev.Checkpoint), ev.Checkpoint)
+                        await close_gracefully(fra)
+                    status, _, body = await http_get(proc.http_port, "/checkpoint")
+                assert status == 200
+                assert body.startswith(ORIGIN.encode())
+                nursery.cancel_scope.cancel()
+        finally:
+            for s in held:
+                await trio.aclose_forcefully(s)
+        assert proc.alive()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import socket
 
+import pytest
 import trio
 
 from valise.broker import http
@@ -46,4 +48,54 @@ async def test_get_head_errors_and_keepalive() -> None:
         assert b"400" in await _exchange(port, b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello")
         # An oversized head gets a 400, not an unbounded buffer.
         assert b"too large" in await _exchange(port, b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n")
+        nursery.cancel_scope.cancel()
+
+
+async def _big(path: str) -> http.Response:
+    return http.Response(200, b"x" * 8192)  # a full hash tile
+
+
+async def test_a_client_that_reads_no_answers_is_broken_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipelined requests and a client that never reads: without a write deadline its task and descriptor are held
+    for good (past HEAD_TIMEOUT and the request cap: the handler is stuck in a write)."""
+    monkeypatch.setattr(http, "WRITE_TIMEOUT", 0.5)
+    ended = trio.Event()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await http.handle_connection(stream, _big)
+        ended.set()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, handler, listeners)
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port))
+        await sock.send(b"GET /tile/0/000 HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+        with trio.fail_after(5):
+            await ended.wait()
+        sock.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_past_the_cap_the_oldest_connection_goes() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(http.serve, _resolve, "127.0.0.1", 0, max_connections=4))
+        held = []
+        for _ in range(4):  # keep-alive readers, each with an answered request
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            await s.send_all(b"GET /checkpoint HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await s.receive_some(65536)).startswith(b"HTTP/1.1 200")
+            held.append(s)
+        # A fifth is served at once, and the oldest is closed to make room.
+        out = await _exchange(port, b"GET /checkpoint HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200")
+        with trio.fail_after(5):
+            assert await held[0].receive_some(65536) == b""
+        for s in held[1:]:  # the others are still served
+            await s.send_all(b"GET /checkpoint HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await s.receive_some(65536)).startswith(b"HTTP/1.1 200")
+        for s in held:
+            await s.aclose()
         nursery.cancel_scope.cancel()

@@ -13,6 +13,7 @@ Order of checks for a packet: specs/protocol.md, "Relaying a packet" (relay.py h
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import io
 import logging
@@ -27,7 +28,7 @@ from typing import Any, BinaryIO
 import trio
 
 from valise import encoding, records, tls
-from valise.broker import http, relay
+from valise.broker import fds, http, relay
 from valise.broker.home import BrokerHome
 from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
 from valise.broker.spool import InlineUpload, Spool, Upload
@@ -180,6 +181,7 @@ class BrokerDaemon:
         self._refresh_tls()
         self._sessions_changed = trio.Event()
         self._unauthenticated: dict[trio.CancelScope, None] = {}  # insertion-ordered: oldest first
+        self._max_unauthenticated = MAX_UNAUTHENTICATED  # lowered to the descriptor budget in serve()
         self.connections = 0
         self.port = 0
         self.http_port = 0
@@ -429,6 +431,8 @@ class BrokerDaemon:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = self.settings.listen
+        # Below the descriptor limit, or eviction never starts: the process runs out first (see fds.py).
+        self._max_unauthenticated = fds.unauthenticated_share(fds.soft_limit(), MAX_UNAUTHENTICATED)
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
         try:
@@ -439,7 +443,9 @@ class BrokerDaemon:
                 nursery.start_soon(self._policy_watcher)
                 if self.settings.http is not None:
                     h, p = self.settings.http
-                    self.http_port = await nursery.start(http.serve, self._resolve, h, p)
+                    cap = fds.unauthenticated_share(fds.soft_limit(), http.MAX_CONNECTIONS)
+                    serve_http = functools.partial(http.serve, self._resolve, h, p, max_connections=cap)
+                    self.http_port = await nursery.start(serve_http)
                 nursery.start_soon(trio.serve_listeners, self._handle, listeners)
                 log.info("broker %s serving on %s:%d", self.broker_id, host, self.port)
                 task_status.started()
@@ -518,14 +524,14 @@ class BrokerDaemon:
     async def _handle(self, stream: trio.SocketStream) -> None:
         """One connection: TLS and hello within HANDSHAKE_TIMEOUT of connecting, then the member's session.
 
-        Connections still handshaking are capped at MAX_UNAUTHENTICATED; past the cap the oldest of them is
+        Connections still handshaking are capped (MAX_UNAUTHENTICATED, or less: fds.py); past the cap the oldest is
         dropped, not the newcomer, so a flood of idle connections delays members by at most one round of
         eviction instead of locking them out until the idle ones time out."""
         self.connections += 1
         deadline = trio.current_time() + HANDSHAKE_TIMEOUT
         handshaking = trio.CancelScope()
         self._unauthenticated[handshaking] = None
-        if len(self._unauthenticated) > MAX_UNAUTHENTICATED:
+        if len(self._unauthenticated) > self._max_unauthenticated:
             oldest = next(iter(self._unauthenticated))
             del self._unauthenticated[oldest]
             oldest.cancel()
@@ -1334,6 +1340,8 @@ class Session:
 def serve_forever(home: BrokerHome, settings: Settings) -> None:
     """Run the daemon until SIGINT/SIGTERM; then stop gracefully within a deadline."""
     import signal
+
+    fds.raise_soft_limit()
 
     async def main() -> None:
         daemon = BrokerDaemon(home, settings)

@@ -1,8 +1,9 @@
 """A minimal HTTP/1.1 GET server for the log's read side (C2SP tlog-tiles), on trio.
 
 Only what a tiles client needs: GET and HEAD of static-looking paths, keep-alive, nothing else. The request head
-is capped (8 KiB) and must arrive within a deadline, so a slow or hostile client costs one small buffer and one
-task for a bounded time; the content is public, so there is no authentication here. The tiles spec asks for
+is capped (8 KiB) and must arrive within a deadline, each answer must be taken within another, and connections are
+capped (the oldest goes first), so a slow or hostile client costs one small buffer, one task and one descriptor
+for a bounded time; the content is public, so there is no authentication here. The tiles spec asks for
 immutable caching of full tiles; the checkpoint must not be cached.
 """
 
@@ -18,7 +19,9 @@ log = logging.getLogger("valise.http")
 
 MAX_HEAD = 8192
 HEAD_TIMEOUT = 10.0
+WRITE_TIMEOUT = 10.0  # a client that reads nothing of an answer for this long is closed
 MAX_REQUESTS_PER_CONNECTION = 1000
+MAX_CONNECTIONS = 1024  # past this the oldest connection is closed (the daemon may set a lower cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +79,19 @@ async def _read_head(stream: trio.abc.Stream, buf: bytearray) -> bytes | None:
         buf += chunk
 
 
+async def _send(stream: trio.abc.Stream, data: bytes) -> None:
+    """Write an answer; a client that does not take it within WRITE_TIMEOUT is broken off (it would otherwise hold
+    its task and descriptor for as long as it likes, whatever the other deadlines say)."""
+    with trio.move_on_after(WRITE_TIMEOUT) as scope:
+        await stream.send_all(data)
+    if scope.cancelled_caught:
+        raise trio.BrokenResourceError(f"the client took nothing for {WRITE_TIMEOUT:g} s")
+
+
 async def _refuse(stream: trio.abc.Stream, status: int, message: str) -> None:
     """Answer with an error and close gracefully: drain briefly what the client still sends, so the kernel does
     not reset the connection (and discard our answer) because of unread bytes."""
-    await stream.send_all(_render(_text(status, message), head_only=False, keep_alive=False))
+    await _send(stream, _render(_text(status, message), head_only=False, keep_alive=False))
     if isinstance(stream, trio.SocketStream):
         await stream.send_eof()
         with trio.move_on_after(1.0):
@@ -121,7 +133,7 @@ async def handle_connection(stream: trio.abc.Stream, resolve: Resolver) -> None:
                 except Exception:
                     log.exception("http: resolving %s failed", path)
                     resp = _text(500, "internal error")
-            await stream.send_all(_render(resp, head_only=method == "HEAD", keep_alive=keep_alive))
+            await _send(stream, _render(resp, head_only=method == "HEAD", keep_alive=keep_alive))
             if not keep_alive:
                 return
     except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -131,13 +143,32 @@ async def handle_connection(stream: trio.abc.Stream, resolve: Resolver) -> None:
 
 
 async def serve(
-    resolve: Resolver, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    resolve: Resolver,
+    host: str,
+    port: int,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; reports the bound port through `task_status`."""
+    """Serve until cancelled; reports the bound port through `task_status`.
+
+    At most `max_connections` at once: a newcomer past the cap closes the oldest connection, so a flood of held
+    connections delays a reader by one eviction instead of using up the process's descriptors."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
+    open_ones: dict[trio.CancelScope, None] = {}  # insertion order: oldest first
 
     async def handler(stream: trio.SocketStream) -> None:
-        await handle_connection(stream, resolve)
+        scope = trio.CancelScope()
+        open_ones[scope] = None
+        if len(open_ones) > max_connections:
+            oldest = next(iter(open_ones))
+            del open_ones[oldest]
+            oldest.cancel()
+        try:
+            with scope:
+                await handle_connection(stream, resolve)  # closes the stream however it ends
+        finally:
+            open_ones.pop(scope, None)
 
     await trio.serve_listeners(handler, listeners)
