@@ -43,7 +43,7 @@ from valise.policy.state import ACTIVE, PolicyState
 from valise.store.sqlite import SqliteLog
 from valise.tlog import cosignature, merkle, note
 from valise.tlsstream import TLSSocketStream
-from valise.wire import codes
+from valise.wire import codes, liveness
 from valise.wire import events as ev
 from valise.wire.connection import NEED_DATA, READ_SIZE, Connection, Signal
 from valise.wire.limits import MIN_FRAME, SUPPORTED_VERSIONS, choose_version
@@ -608,6 +608,9 @@ class Session:
         self._cosigns: dict[int, tuple[CosignRound, list[note.Signature], trio.Event]] = {}
         self._nursery: trio.Nursery | None = None
         self._said_last_word = False
+        self._liveness = liveness.Liveness.starting(trio.current_time())
+        self._pings = 0
+        self._upload_moved: dict[int, float] = {}  # rid → when an accepted upload last got data (or began)
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
@@ -728,6 +731,7 @@ class Session:
                 self._nursery = nursery
                 nursery.start_soon(self._pusher)
                 nursery.start_soon(self._flusher)
+                nursery.start_soon(self._watchdog)
                 nursery.start_soon(self._cosign_on_connect, hello.seen)
                 await self._reader()
                 nursery.cancel_scope.cancel()
@@ -750,6 +754,7 @@ class Session:
             if self._out:
                 await self.flush()  # the answers to everything read so far go out in one write
             self.conn.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+            self._liveness.heard(trio.current_time())
 
     async def _handshake(self) -> ev.Hello | None:
         try:
@@ -803,6 +808,7 @@ class Session:
         elif isinstance(event, ev.SubmitCancel):
             upload = self._uploads.pop(event.rid, None)
             self._unknown_at.pop(event.rid, None)
+            self._upload_moved.pop(event.rid, None)
             if upload is not None:
                 upload.discard()
                 await self.send(ev.ErrorMessage(event.rid, codes.CANCELLED, "upload cancelled"))
@@ -859,12 +865,14 @@ class Session:
             # a duplicate is checked again against what was spooled and answered with its existing receipt.
             signed_by = self.d.policy.members[self.member].sign_key  # admit checked the signature with it
             self._uploads[msg.rid] = self.d.spool.begin(head, msg.head, signed_by)
+            self._upload_moved[msg.rid] = trio.current_time()
             if known is None:
                 self._unknown_at[msg.rid] = self.d.recorded
 
     async def _submit_chunk(self, msg: ev.SubmitChunk) -> None:
         upload = self._uploads.get(msg.rid)
         if upload is not None:
+            self._upload_moved[msg.rid] = trio.current_time()
             try:
                 upload.write(msg.data)
             except Error as exc:
@@ -881,8 +889,9 @@ class Session:
     async def _submit_end(self, msg: ev.SubmitEnd) -> None:
         upload = self._uploads.pop(msg.rid, None)
         unknown_at = self._unknown_at.pop(msg.rid, None)
+        self._upload_moved.pop(msg.rid, None)
         if upload is None:
-            return  # already answered (refused or failed)
+            return  # already answered (refused, failed or abandoned)
         try:
             stored = upload.finish()  # the verified bytes (small packets) or the spool file
         except Error as exc:
@@ -1184,6 +1193,38 @@ class Session:
     def _named(self, core: Any) -> bool:
         return self.member == core.sender or self.member in core.recipients
 
+    # --- liveness -----------------------------------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        """Ping a quiet member and give it up if nothing comes back; abandon uploads that stopped getting data
+        (specs/wire.md, "Timeouts"). Otherwise a vanished peer would hold its uploads' files and its mailbox slot
+        until the operating system noticed, which can take hours."""
+        while True:
+            await trio.sleep(liveness.CHECK_EVERY)
+            now = trio.current_time()
+            step = self._liveness.step(now)
+            if step is liveness.Step.DEAD:
+                log.info("%s: %s", self.member, self._liveness.silence(now))
+                await self._close_with(codes.TIMEOUT, self._liveness.silence(now))
+                return
+            if step is liveness.Step.PING and not self.conn.outstanding_pings:
+                self._pings += 1
+                self.send_soon(ev.Ping(self._pings))
+            for rid, moved in list(self._upload_moved.items()):
+                if now - moved >= liveness.STALL:
+                    self._abandon_upload(rid)
+
+    def _abandon_upload(self, rid: int) -> None:
+        """Give up an upload that got no data for liveness.STALL seconds: its file goes, its later chunks are
+        discarded, and the member is told (it may submit the packet again)."""
+        del self._upload_moved[rid]
+        self._unknown_at.pop(rid, None)
+        upload = self._uploads.get(rid)
+        if upload is not None:
+            upload.discard()
+            self._uploads[rid] = None
+            self.send_soon(ev.ErrorMessage(rid, codes.TIMEOUT, f"no data for this upload for {liveness.STALL:g} s"))
+
     # --- pushing mailbox items ---------------------------------------------------------------------------------
 
     async def _pusher(self) -> None:
@@ -1257,7 +1298,13 @@ class Session:
                     # credit may arrive while the flush is still writing.
                     self._credit = trio.Event()
                     await self.flush()
-                    await self._credit.wait()
+                    with trio.move_on_after(liveness.STALL) as stalled:
+                        await self._credit.wait()
+                    if stalled.cancelled_caught:
+                        # The item stays in the mailbox for the next connection; this one ends here.
+                        what = f"no credit for {liveness.STALL:g} s while delivering seq {item.seq}"
+                        await self._close_with(codes.TIMEOUT, what)
+                        await trio.sleep_forever()  # the close cancelled this session's tasks
                 n = min(chunk_limit, self.conn.send_window, remaining)
                 data = f.read(n)
                 self.queue(ev.DeliverChunk(item.seq, data))

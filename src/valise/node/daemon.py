@@ -269,6 +269,7 @@ class NodeDaemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.reader)
                 nursery.start_soon(session.worker)
+                nursery.start_soon(session.watchdog)
                 nursery.start_soon(self._submitter, session)
                 nursery.start_soon(self._poller, session)
         finally:

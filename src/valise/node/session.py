@@ -28,7 +28,7 @@ from valise import records
 from valise.crypto import sign
 from valise.errors import Error, PacketError, ProtocolError, RemoteError, RemoteProtocolError, SignatureError
 from valise.packet.format import HEADER_DOMAIN, CiphertextHasher, Head, NeedMore, parse_head
-from valise.wire import codes
+from valise.wire import codes, liveness
 from valise.wire import events as ev
 from valise.wire.connection import NEED_DATA, READ_SIZE, Connection, Signal
 
@@ -104,6 +104,8 @@ class Session:
         self._incoming: Incoming | None = None
         peer = conn.peer_limits
         self._requests = trio.Semaphore(max(1, (peer.requests if peer else 1) - 1))
+        self._liveness = liveness.Liveness.starting(trio.current_time())
+        self._pings = 0
 
     # --- sending --------------------------------------------------------------------------------------------
 
@@ -151,6 +153,7 @@ class Session:
         try:
             while True:
                 data = await self.stream.receive_some(READ_SIZE)
+                self._liveness.heard(trio.current_time())
                 self.conn.receive_data(data)
                 while True:
                     event = self.conn.next_event()
@@ -187,6 +190,23 @@ class Session:
             self._poke()
         else:
             log.info("ignoring %s rid %s: no request of ours is waiting for it", msg.TYPE, rid)
+
+    async def watchdog(self) -> None:
+        """Ping a quiet broker, and give the connection up if nothing comes back (specs/wire.md, "Timeouts"): a
+        broker that vanished without closing the connection would otherwise leave every request of ours waiting
+        for good, and the node would never reconnect."""
+        while True:
+            await trio.sleep(liveness.CHECK_EVERY)
+            now = trio.current_time()
+            step = self._liveness.step(now)
+            if step is liveness.Step.DEAD:
+                raise Disconnected(f"the broker is not answering: {self._liveness.silence(now)}")
+            if step is liveness.Step.PING and not self.conn.outstanding_pings:
+                self._pings += 1
+                with trio.move_on_after(liveness.ANSWER) as scope:
+                    await self.send(ev.Ping(self._pings))
+                if scope.cancelled_caught:
+                    raise Disconnected(f"the broker took nothing we sent for {liveness.ANSWER:g} s")
 
     # --- the worker -----------------------------------------------------------------------------------------
 
