@@ -325,7 +325,12 @@ class _payload:
 
 
 def inbox(args: argparse.Namespace) -> int:
-    items = _check(request(args.node, {"op": "inbox"}))["items"]
+    items: list[dict[str, Any]] = []
+    after: int | None = 0
+    while after is not None:  # page by page: the daemon answers within one control frame
+        reply = _check(request(args.node, {"op": "inbox", "after": after}))
+        items += reply["items"]
+        after = reply["next"]
     if args.json:
         print(json.dumps(items))
         return 0
@@ -386,7 +391,9 @@ def status(args: argparse.Namespace) -> int:
     print(f"outbox     {_counts(reply['outbox'])}; {reply['acknowledgements']} signed acknowledgement(s) received")
     print(f"inbox      {_counts(reply['inbox'])}")
     alarms = reply["alarms"]
-    print(f"alarms     {len(alarms) or 'none'}")
+    total = reply.get("alarms_total", len(alarms))
+    shown = f" (the latest {len(alarms)} below)" if total > len(alarms) else ""
+    print(f"alarms     {total or 'none'}{shown}")
     for a in alarms:
         print(f"  ALARM {a['kind']}: {a['message']}")
     return 0

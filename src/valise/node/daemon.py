@@ -47,6 +47,7 @@ from valise.wire.state import Role
 log = logging.getLogger("valise.node")
 
 HANDSHAKE_TIMEOUT = 10.0
+ALARM_TEXT = 1000  # characters of an alarm's message kept
 POLL_INTERVAL = 5.0
 SHUTDOWN_GRACE = 3.0
 IDLE_CHECK = 1.0  # how often the submitter looks for packets whose retry time has come
@@ -138,6 +139,10 @@ class NodeDaemon:
         return self.wall()
 
     def alarm(self, kind: str, message: str, evidence: bytes | None = None) -> None:
+        # Much of an alarm's text comes from the broker or a sender: bounded here, so a hostile one cannot make
+        # alarms that fill the disk or a status answer.
+        if len(message) > ALARM_TEXT:
+            message = message[:ALARM_TEXT] + f"… ({len(message)} characters)"
         if (kind, message) in self._alarmed:
             return
         self._alarmed.add((kind, message))

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, cast
 
 import trio
 
-from valise import identity, packet, records
+from valise import encoding, identity, packet, records
 from valise.errors import DeniedError, Error, LimitError, UsageError
 from valise.node import control, receipts
 from valise.node.daemon import NodeDaemon
@@ -31,6 +31,7 @@ from valise.wire import events as ev
 log = logging.getLogger("valise.node")
 
 MAX_WAIT = 3600.0
+STATUS_ALARMS = 50  # the latest alarms `status` shows (with the total)
 
 
 async def serve_control(daemon: NodeDaemon, listener: trio.SocketListener) -> None:
@@ -41,8 +42,11 @@ async def serve_control(daemon: NodeDaemon, listener: trio.SocketListener) -> No
 
 
 async def _handle(daemon: NodeDaemon, stream: trio.SocketStream) -> None:
+    """One control connection. Whatever goes wrong answers this client only: the daemon, its other clients and
+    its broker connection carry on (a request that raised anything but an Error once stopped them all)."""
     async with stream:
         reader = control.MessageReader(stream)
+        op: object = None
         try:
             request = await reader.next()
             if request is None:
@@ -56,8 +60,15 @@ async def _handle(daemon: NodeDaemon, stream: trio.SocketStream) -> None:
             reply = {"ok": False, "error": str(exc), "code": exc.exit_code}
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+        except Exception as exc:
+            log.exception("control operation %.40r failed", op)
+            reply = {"ok": False, "error": f"internal error in {str(op)[:40]!r}: {type(exc).__name__}", "code": 1}
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await control.send_msg(stream, reply)
+            try:
+                await control.send_msg(stream, reply)
+            except LimitError as exc:  # an answer over the frame limit: say so instead of vanishing
+                log.error("control operation %.40r: %s", op, exc)
+                await control.send_msg(stream, {"ok": False, "error": f"the answer is too large: {exc}", "code": 1})
 
 
 def _text(request: dict[str, Any], name: str, default: str | None = None) -> str:
@@ -251,8 +262,27 @@ def inbox_item(row: InboxRow) -> dict[str, Any]:
     }
 
 
+# An answer's items stop at this many encoded bytes (under control.MAX_FRAME with room to spare): an inbox of any
+# size, or with senders' labels of any length, is listed page by page instead of in one frame too large to send.
+PAGE_BYTES = 256 * 1024
+PAGE_ROWS = 500
+
+
 async def op_inbox(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
-    return {"ok": True, "items": [inbox_item(r) for r in daemon.store.inbox_all()]}
+    """One page of the inbox after position `after` (0: the start); `next` is where the next page starts, or
+    None at the end."""
+    after = _opt(request, "after", int) or 0
+    items: list[dict[str, Any]] = []
+    size = 0
+    rows = daemon.store.inbox_page(after, PAGE_ROWS)
+    for position, row in rows:
+        item = inbox_item(row)
+        size += len(encoding.pack(item))
+        if items and size > PAGE_BYTES:
+            return {"ok": True, "items": items, "next": after}
+        items.append(item)
+        after = position
+    return {"ok": True, "items": items, "next": after if len(rows) == PAGE_ROWS else None}
 
 
 def _one(rows: list[Any], prefix: str, where: str) -> Any:
@@ -355,10 +385,13 @@ async def op_status(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dic
         "outbox": counts,
         "acknowledgements": daemon.store.ack_count(),
         "inbox": inbox,
+        # The latest alarms, and how many there are in all (a broker can raise them without end; the answer
+        # must stay within one control frame).
         "alarms": [
             {"at": a.at, "kind": a.kind, "message": a.message, "evidence": a.evidence.hex() if a.evidence else None}
-            for a in daemon.store.alarms()
+            for a in daemon.store.alarms(latest=STATUS_ALARMS)
         ],
+        "alarms_total": daemon.store.alarm_count(),
     }
 
 
@@ -384,8 +417,8 @@ def build_statement(daemon: NodeDaemon, spec: dict[str, Any]) -> bytes:
             return policy_records.revoke(
                 key, origin=origin, author=author, created=created, statement=bytes.fromhex(spec["statement"])
             )
-    except (KeyError, ValueError) as exc:
-        raise UsageError(f"statement {kind} lacks or has a bad field: {exc}") from None
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:  # a field missing or of the wrong type
+        raise UsageError(f"statement {str(kind)[:20]} lacks or has a bad field: {exc}") from None
     raise UsageError(f"statement kind {str(kind)[:20]!r} is not grant, accept or revoke")
 
 

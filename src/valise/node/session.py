@@ -88,6 +88,7 @@ class Incoming:
     path: Path | None
     hasher: CiphertextHasher | None
     problem: str | None = None
+    what: str = "a delivery"  # how alarms name it
 
 
 class Session:
@@ -253,10 +254,14 @@ class Session:
             if key is None:
                 raise PacketError(f"sender {core.sender} is not a member in the verified log")
             sign.verify(key, HEADER_DOMAIN, head.header.raw, head.signature, what=f"packet header from {core.sender}")
+            if core.expires <= self.d.now():  # it could not be read any more: not taken, not acknowledged
+                raise PacketError(f"packet {core.packet_id.hex()} from {core.sender} expired at {core.expires}")
         except (Error, SignatureError) as exc:
             inc.problem = exc.what
+            inc.what = _delivery_name(msg.head)
             log.warning("delivery seq %d refused: %s", msg.seq, exc.what)
             return
+        inc.what = _delivery_name(msg.head, head)
         inc.head = head
         inc.path = self.d.store.tmp_path(f"deliver-{head.digest.hex()}.part")
         # A local spool file written chunk by chunk; closed in _discard / _deliver_end.
@@ -295,15 +300,20 @@ class Session:
                 inc.problem = exc.what
         if inc.problem is not None or inc.head is None or inc.path is None or inc.file is None:
             self._close(inc)
-            # Not acknowledged: the item stays in the broker's mailbox; the alarm makes the refusal visible.
-            self.d.alarm("delivery", f"refused delivery seq {msg.seq}: {inc.problem}")
+            # Not acknowledged: the item stays in the broker's mailbox; the alarm makes the refusal visible. Named
+            # by the packet, not the seq, so the same refusal after each reconnection is one alarm.
+            self.d.alarm("delivery", f"refused {inc.what}: {inc.problem}")
             return
         inc.file.flush()
         inc.file.close()
         head = inc.head
         core = head.core
         now = self.d.now()
-        self.d.store.inbox_add_file(head.digest, core.packet_id, core.sender, now, core.labels.to_json(), inc.path)
+        try:
+            self.d.store.inbox_add_file(head.digest, core.packet_id, core.sender, now, core.labels.to_json(), inc.path)
+        except PacketError as exc:
+            self.d.alarm("delivery", f"refused {inc.what}: {exc.what}")
+            return
         ack = records.Ack.make(self.d.identity.signing, core.packet_id, head.digest, core.sender, self.d.member, now)
         await self.send(ev.Ack(msg.seq, core.packet_id, ack.raw))
         self.d.store.inbox_mark(head.digest, acked=True)
@@ -359,6 +369,12 @@ class Session:
             await self.send(ev.ErrorMessage(msg.rid, code, exc.what[:900]))
             return
         await self.send(ev.CosignResponse(msg.rid, cp))
+
+
+def _delivery_name(head_bytes: bytes, head: Head | None = None) -> str:
+    if head is not None:
+        return f"packet {head.core.packet_id.hex()} from {head.core.sender} (header digest {head.digest.hex()[:16]})"
+    return f"a delivery whose head does not parse (SHA-256 {hashlib.sha256(head_bytes).hexdigest()[:16]})"
 
 
 def digest_of(header: bytes) -> bytes:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from valise.errors import StoreError
+from valise.errors import PacketError, StoreError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -282,10 +282,17 @@ class NodeStore:
     def inbox_add_file(
         self, digest: bytes, packet_id: bytes, sender: str, received: int, labels: dict[str, object], path: Path
     ) -> bool:
-        """Keep a delivered packet spooled at `path` (moved in). False if it was already there (a redelivery)."""
+        """Keep a delivered packet spooled at `path` (moved in). False if it was already there (a redelivery).
+
+        Another packet under a packet id this sender already used is refused (PacketError) and its file removed:
+        one sender's packet id names one packet (the broker refuses such a replay; this holds if it does not)."""
         if self.inbox_get(digest) is not None:
             path.unlink(missing_ok=True)
             return False
+        row = self._db.execute("SELECT digest FROM inbox WHERE sender = ? AND packet_id = ?", (sender, packet_id))
+        if row.fetchone() is not None:
+            path.unlink(missing_ok=True)
+            raise PacketError(f"packet id {packet_id.hex()} from {sender} is already in the inbox for another packet")
         size = path.stat().st_size
         _move_in(path, self.inbox_path(digest))
         cur = self._db.execute(
@@ -298,6 +305,11 @@ class NodeStore:
     def _inbox(self, where: str, args: tuple[object, ...]) -> list[InboxRow]:
         rows = self._db.execute(f"SELECT * FROM inbox {where}", args).fetchall()
         return [InboxRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], bool(r[7]), r[8]) for r in rows]
+
+    def inbox_page(self, after: int, limit: int) -> list[tuple[int, InboxRow]]:
+        """Up to `limit` rows after position `after`, in the order they arrived, each with its position."""
+        rows = self._db.execute("SELECT rowid, * FROM inbox WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit))
+        return [(r[0], InboxRow(r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], bool(r[8]), r[9])) for r in rows]
 
     def inbox_get(self, digest: bytes) -> InboxRow | None:
         rows = self._inbox("WHERE digest = ?", (digest,))
@@ -361,9 +373,16 @@ class NodeStore:
             "INSERT INTO alarms (at, kind, message, evidence) VALUES (?, ?, ?, ?)", (at, kind, message, evidence)
         )
 
-    def alarms(self) -> list[Alarm]:
-        rows = self._db.execute("SELECT id, at, kind, message, evidence FROM alarms ORDER BY id").fetchall()
+    def alarms(self, *, latest: int | None = None) -> list[Alarm]:
+        """The alarms, oldest first; only the `latest` ones if given."""
+        query = "SELECT id, at, kind, message, evidence FROM alarms ORDER BY id"
+        if latest is not None:
+            query = f"SELECT * FROM ({query} DESC LIMIT {int(latest)}) ORDER BY id"
+        rows = self._db.execute(query).fetchall()
         return [Alarm(r[0], r[1], r[2], r[3], None if r[4] is None else bytes(r[4])) for r in rows]
+
+    def alarm_count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM alarms").fetchone()[0])
 
     @contextmanager
     def _tx(self) -> Iterator[None]:

@@ -1,0 +1,151 @@
+"""A node facing a hostile broker or a careless local client: the daemon stays up, refuses what it cannot keep, and
+its answers stay within the control protocol's frame limit. The broker is the scripted one of test_node_daemon
+(over a memory stream); the control socket is real."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+import trio
+
+from valise import identity, packet
+from valise.cli.node import call
+from valise.node import ops
+from valise.node.daemon import ALARM_TEXT
+from valise.wire import events as ev
+
+from .conftest import NOW, seeded_random
+from .test_node_cli import cli, serve_daemon
+from .test_node_daemon import Harness, ScriptedBroker, seal, wait_for, world  # noqa: F401
+
+
+async def _deliver(broker: ScriptedBroker, seq: int, data: bytes) -> None:
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    await broker.send(ev.DeliverBegin(seq, data[: head.head_size], len(data) - head.head_size))
+    await broker.send(ev.DeliverChunk(seq, data[head.head_size :]))
+    await broker.send(ev.DeliverEnd(seq))
+
+
+async def _no_ack(broker: ScriptedBroker, h: Harness, alarms: int) -> None:
+    """No acknowledgement comes (a ping round trip shows the node has handled everything sent before it)."""
+    await wait_for(lambda: len(h.daemon.store.alarms()) >= alarms)
+    await broker.send(ev.Ping(99))
+    reply = await broker.events.receive()
+    assert isinstance(reply, ev.Pong), reply
+
+
+MALFORMED: list[dict[str, Any]] = [
+    {"op": "statement", "build": {"kind": "revoke", "statement": 5}},
+    {"op": "statement", "build": {"kind": "grant", "to": "DEU", "tlp": "AMBER", "categories": 3}},
+    {"op": "statement", "build": {"kind": "accept", "from": ["x"], "tlp": "AMBER"}},
+    {"op": "statement", "build": {"kind": "grant", "to": 5, "tlp": 7}},
+    {"op": 5},
+    {"op": "inbox", "after": "x"},
+]
+
+
+async def test_malformed_control_requests_leave_the_daemon_running(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        for request in MALFORMED:
+            with trio.fail_after(10):
+                reply = await call(h.daemon.home.root, request)
+            assert reply["ok"] is False, request
+            assert reply["error"], request
+        with trio.fail_after(10):
+            status = await call(h.daemon.home.root, {"op": "status"})
+        assert status["ok"]
+        assert status["connected"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_many_long_alarms_still_fit_a_status_answer(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Alarm text is mostly the broker's or a sender's: each is bounded, and status shows the latest ones."""
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        for i in range(400):
+            h.daemon.alarm("delivery", f"refused packet {i}: " + "recipient-" * 2000)
+        assert await cli("status", "--node", str(h.daemon.home.root), "--json") == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["alarms_total"] == 400
+        assert len(status["alarms"]) == ops.STATUS_ALARMS
+        assert status["alarms"][-1]["message"].startswith("refused packet 399: ")
+        assert all(len(a["message"]) < ALARM_TEXT + 40 for a in status["alarms"])
+        assert await cli("status", "--node", str(h.daemon.home.root)) == 0
+        assert f"alarms     400 (the latest {ops.STATUS_ALARMS} below)" in capsys.readouterr().out
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_inbox_of_any_size_is_listed_page_by_page(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """1,200 packets with long (signed, sender-chosen) labels: over a megabyte of listing, more than one frame."""
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        store = h.daemon.store
+        labels = {"tlp": "AMBER", "categories": ["malware"], "note": "n" * 2000}
+        for i in range(1200):
+            spool = store.tmp_path(f"{i}.part")
+            spool.write_bytes(b"ciphertext")
+            store.inbox_add_file(i.to_bytes(32, "big"), i.to_bytes(16, "big"), "DEU", NOW, labels, spool)
+        assert await cli("inbox", "--node", str(h.daemon.home.root), "--json") == 0
+        items = json.loads(capsys.readouterr().out)
+        assert [it["id"] for it in items] == [i.to_bytes(16, "big").hex() for i in range(1200)]
+        assert (await call(h.daemon.home.root, {"op": "status"}))["ok"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_expired_packet_is_refused_not_acknowledged(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    h = Harness(world, members["FRA"])
+    out = io.BytesIO()
+    packet.seal(io.BytesIO(b"old"), out, sender=members["DEU"], recipients=[members["FRA"].bundle], tlp="AMBER",
+                now=NOW - 86400 * 60, random=seeded_random(b"old"))  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        await _deliver(broker, 0, out.getvalue())
+        await _no_ack(broker, h, 1)
+        (alarm,) = h.daemon.store.alarms()
+        assert "expired at" in alarm.message
+        assert h.daemon.store.inbox_all() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_second_packet_under_one_packet_id_is_refused_and_not_kept(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    h = Harness(world, members["FRA"])
+    first = seal(members["DEU"], [members["FRA"]], b"same", size=10)
+    other = seal(members["DEU"], [members["FRA"]], b"same", size=20)  # same randomness: same id, another header
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        await _deliver(broker, 0, first)
+        assert isinstance(await broker.expect(ev.Ack), ev.Ack)
+        for seq in (1, 2):  # pushed again after a reconnection: still one alarm
+            await _deliver(broker, seq, other)
+            await _no_ack(broker, h, 1)
+        (alarm,) = h.daemon.store.alarms()
+        assert "already in the inbox for another packet" in alarm.message
+        (row,) = h.daemon.store.inbox_all()
+        assert row.digest == packet.parse_head(first).digest  # type: ignore[union-attr]
+        assert len(list((h.daemon.store.root / "inbox").iterdir())) == 1
+        nursery.cancel_scope.cancel()
