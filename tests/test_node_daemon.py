@@ -305,6 +305,46 @@ async def test_a_forked_checkpoint_is_refused_and_kept(world: dict[str, Any], me
         nursery.cancel_scope.cancel()
 
 
+async def _answer_consistency(broker: ScriptedBroker, h: Harness) -> None:
+    ask = await broker.expect(ev.GetConsistency)
+    await broker.send(ev.Consistency(ask.rid, tuple(h.log.service.consistency_proof(ask.old, ask.new))))
+
+
+async def test_a_cosigning_request_overtaken_by_a_newer_tree_is_refused_without_alarm(
+    world: dict[str, Any], members: dict[str, Any]
+) -> None:
+    """The broker asks about checkpoint N; before the node gets to it, it has followed N+1 (an honest race: the
+    request waited behind a delivery). Refused as C2SP witnesses do (conflict); no fork alarm for a note that
+    fits the verified tree."""
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        note4 = h.log.admit(members["ITA"])
+        proof_3_4 = h.log.service.consistency_proof(3)
+        h.log.admit(members["NGA"])
+        assert h.daemon.session is not None
+        await h.daemon.sync(h.daemon.session)
+        assert h.daemon.follower.size == 5
+        await broker.send(ev.CosignRequest(9, 3, tuple(proof_3_4), note4))
+        await _answer_consistency(broker, h)
+        err = await broker.expect(ev.ErrorMessage)
+        assert (err.rid, err.code) == (9, "conflict")
+        assert "older than the verified size 5" in err.message
+        assert h.daemon.store.alarms() == []
+        # An older note that does not fit the verified tree is a fork all the same.
+        fork = Log()
+        for m in ("FRA", "ITA", "NGA"):
+            fork_note = fork.admit(members[m])
+        await broker.send(ev.CosignRequest(10, 3, (), fork_note))
+        await _answer_consistency(broker, h)
+        err = await broker.expect(ev.ErrorMessage)
+        assert (err.rid, err.code) == (10, "conflict")
+        (alarm,) = h.daemon.store.alarms()
+        assert (alarm.kind, alarm.evidence) == ("fork", fork_note)
+        nursery.cancel_scope.cancel()
+
+
 async def test_transient_errors_retry_later_and_final_ones_stop(world: dict[str, Any], members: dict[str, Any]) -> None:
     h = Harness(world, members["FRA"])
     store = h.daemon.store

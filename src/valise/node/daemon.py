@@ -390,6 +390,12 @@ class NodeDaemon:
 
     async def witness(self, session: Session, note: bytes, old: int, proof: tuple[bytes, ...]) -> bytes:
         """Follow the log to `note` (it must extend everything verified), then cosign it as this member."""
+        cp = self.follower.open(note)
+        if cp.size < self.follower.size:
+            await self._check_superseded(session, note, cp)
+            raise CheckpointError(
+                f"checkpoint of size {cp.size} is older than the verified size {self.follower.size}: not cosigned"
+            )
         await self.sync(session, note, (old, proof))
         cp = self.follower.open(note)
         if (cp.size, cp.root) != (self.follower.size, self.follower.root):
@@ -400,6 +406,23 @@ class NodeDaemon:
             .line()
             .encode()
         )
+
+    async def _check_superseded(self, session: Session, note: bytes, cp: checkpoint.Checkpoint) -> None:
+        """A cosigning request for a tree smaller than the one this node verified since. Usually a race, not a
+        fork: an honest broker asks about each checkpoint as it signs it, and the request may wait behind a
+        delivery while the node follows a newer one. A witness cosigns only its latest tree (C2SP
+        tlog-witness answers such a request with a conflict), so it is refused either way; it is an alarm only
+        if a consistency proof shows it does not fit the verified tree."""
+        f = self.follower
+        answer = await session.request(lambda rid: ev.GetConsistency(rid, cp.size, f.size))
+        if not isinstance(answer, ev.Consistency):
+            log.info("no consistency proof from %d to %d: %s", cp.size, f.size, answer)
+            return
+        ours = checkpoint.Checkpoint(f.origin, f.size, f.root)
+        try:
+            checkpoint.check_newer(checkpoint.Checkpoint(cp.origin, cp.size, cp.root), ours, answer.proof)
+        except CheckpointError as exc:
+            self.alarm("fork", f"checkpoint of size {cp.size} does not fit the verified log: {exc.what}", note)
 
     def check_receipts(self) -> None:
         """Receipts covered by the trusted log: the entry at the receipt's index must be this very packet."""
