@@ -16,8 +16,10 @@ import trio.testing
 from valise import identity, keyfiles, packet, records, tls
 from valise.node.daemon import NodeDaemon
 from valise.node.home import NodeHome
+from valise.node.session import Disconnected
 from valise.tlog import cosignature, note
 from valise.wire import events as ev
+from valise.wire import liveness
 from valise.wire.connection import READ_SIZE, Connection, Signal
 from valise.wire.state import Role
 
@@ -451,6 +453,28 @@ async def test_the_node_reconnects_after_the_broker_goes_away(world: dict[str, A
         await wait_for(lambda: h.daemon.session is not None and h.daemon.session.stream is not first.stream)
         assert second.conn.hello is not None
         assert second.conn.hello.seen == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_the_broker_leaves_unanswered_ends_the_connection(
+    world: dict[str, Any], members: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker keeps the connection (it would answer pings) but not a request: the caller is not held for good;
+    the node gives the connection up and reconnects (specs/wire.md, "Timeouts"; shortened here)."""
+    monkeypatch.setattr(liveness, "STALL", 0.3)
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        first = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        session = h.daemon.session
+        assert session is not None
+        with pytest.raises(Disconnected, match="left get-consistency unanswered"), trio.fail_after(10):
+            await session.request(lambda rid: ev.GetConsistency(rid, 1, 3))
+        assert isinstance(await first.expect(ev.GetConsistency), ev.GetConsistency)
+        second = await h.accepted.receive()  # it came back by itself
+        assert second is not first
+        assert h.daemon.last_error is not None
+        assert "unanswered" in h.daemon.last_error
         nursery.cancel_scope.cancel()
 
 

@@ -272,6 +272,7 @@ class NodeDaemon:
         log.info("connected to broker %s", self.broker.member_id)
         try:
             async with trio.open_nursery() as nursery:
+                session.scope = nursery.cancel_scope
                 nursery.start_soon(session.reader)
                 nursery.start_soon(session.worker)
                 nursery.start_soon(session.watchdog)
@@ -506,7 +507,7 @@ class NodeDaemon:
         self, session: Session, row: OutboxRow, rid: int, reply: Reply, in_flight: set[bytes]
     ) -> None:
         try:
-            await reply.done.wait()
+            await session.answer(reply, "a submission")
         finally:
             session.close_request(rid)
             session.requests.release()

@@ -107,6 +107,7 @@ class Session:
         self._requests = trio.Semaphore(max(1, (peer.requests if peer else 1) - 1))
         self._liveness = liveness.Liveness.starting(trio.current_time())
         self._pings = 0
+        self.scope: trio.CancelScope | None = None  # the connection's tasks (the daemon sets it): cancel to end it
 
     # --- sending --------------------------------------------------------------------------------------------
 
@@ -121,12 +122,28 @@ class Session:
             rid = self.conn.new_rid()
             reply = self._replies[rid] = Reply()
             try:
-                await self.send(make(rid))
-                await reply.done.wait()
+                msg = make(rid)
+                await self.send(msg)
+                await self.answer(reply, msg.TYPE)
             finally:
                 self._replies.pop(rid, None)
             assert reply.answer is not None
             return reply.answer
+
+    async def answer(self, reply: Reply, what: str) -> None:
+        """Wait for the answer to a request of ours, within liveness.STALL seconds (specs/wire.md, "Timeouts").
+        A broker that keeps the connection alive but leaves a request unanswered would otherwise hold the
+        caller for good (a control client; the log follower, and with it deliveries and cosigning): the
+        connection is given up instead, and the node reconnects."""
+        with trio.move_on_after(liveness.STALL):
+            await reply.done.wait()
+            return
+        reason = f"the broker left {what} unanswered for {liveness.STALL:g} s"
+        log.warning("%s; reconnecting", reason)
+        self.d.last_error = reason
+        if self.scope is not None:
+            self.scope.cancel()
+        raise Disconnected(reason)
 
     def open_request(self, rid: int) -> Reply:
         """Register an answer slot for a request the caller sends itself (a streamed submission)."""
