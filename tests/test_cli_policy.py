@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,11 @@ def statement(capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str, who
     )
     assert code == 0, err
     return out, text.split()[1]  # "<kind> <id hex> by ..."
+
+
+def test_the_broker_directory_is_its_owners_only(broker: Path) -> None:
+    # The mailboxes, the spool and the full log say who sent what to whom: nobody else on the host may read them.
+    assert stat.S_IMODE(broker.stat().st_mode) == 0o700
 
 
 def test_grant_accept_explain_revoke(broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ real witness cosignatures (C2SP cosignature/v1), the real follower, and the real
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,8 @@ def test_node_init_and_set_policy_check_the_policy(
     assert "threshold 4 is not between 1 and its 3 members" in capsys.readouterr().err
     assert main([*base, "--dir", str(tmp_path / "n1"), "--witness-policy", str(good)]) == 0
     assert "witness quorum: eu (3 witness keys)" in capsys.readouterr().out
+    # Only its owner may enter a node's directory: its database says who sent what to whom.
+    assert stat.S_IMODE((tmp_path / "n1").stat().st_mode) == 0o700
     home = NodeHome.open(tmp_path / "n1")
     assert home.policy_path.read_text() == good.read_text()
     policy = home.witness_policy()

@@ -54,6 +54,13 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def make_private_dir(path: Path) -> None:
+    """Create `path` (and its parents) readable by its owner only: a node's or broker's directory holds who sent
+    what to whom (mailboxes, inboxes, the full log) even where the packets themselves stay encrypted."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
 def write_public(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)

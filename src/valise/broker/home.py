@@ -106,7 +106,7 @@ class BrokerHome:
         home = cls(root)
         if home.config_path.exists():
             raise UsageError(f"{root} is already a broker directory")
-        root.mkdir(parents=True, exist_ok=True)
+        keyfiles.make_private_dir(root)
         keyfiles.save_identity(home.identity_dir, identity.generate(broker_id, random, now), None)
         write_seed_file(home.operator_key_path, "operator", random(32))
         write_seed_file(home.log_key_path, "log", random(32))

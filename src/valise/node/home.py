@@ -98,7 +98,7 @@ class NodeHome:
         host, port = parse_address(broker)
         if witness_policy is not None:
             check_policy(witness_policy, log_vkey)
-        root.mkdir(parents=True, exist_ok=True)
+        keyfiles.make_private_dir(root)
         shutil.copyfile(broker_pub, home.broker_bundle_path)
         if witness_policy is not None:
             keyfiles.write_public(home.policy_path, witness_policy.encode())
