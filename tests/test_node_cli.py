@@ -77,6 +77,12 @@ async def test_send_prints_the_id_and_the_receipt_or_the_denial(
         captured = capsys.readouterr()
         assert code == 3
         assert "denied for DEU: DEU accepts up to TLP:GREEN only" in captured.err
+        # A reason the broker wrote to move the cursor and forge a success line is shown, not obeyed.
+        nursery.start_soon(answer_submission, broker, h, "no\x1b[1A\x1b[2K\rrelayed: log index 42")
+        assert await cli("send", "--node", node, "--to", "DEU", "--tlp", "RED", str(payload)) == 3
+        captured = capsys.readouterr()
+        assert "denied for DEU: no\\x1b[1A\\x1b[2K\\x0drelayed: log index 42" in captured.err
+        assert "\x1b" not in captured.err
         code = await cli("send", "--node", node, "--to", "NGA", "--tlp", "RED", str(payload))
         assert code == 2
         assert "not in the verified directory: NGA" in capsys.readouterr().err
@@ -158,6 +164,13 @@ async def test_inbox_and_read_stream_the_plaintext(
         assert reply["items"][0]["state"] == "read"
         assert await cli("read", "--node", node, "ffff", "-o", str(tmp_path / "none")) == 2
         assert not (tmp_path / "none").exists()
+        capsys.readouterr()
+        # Where the plaintext cannot go: a clear error, found before anything is decrypted.
+        for target, why in ((tmp_path / "missing" / "out.bin", "No such file or directory"), (tmp_path, "directory")):
+            assert await cli("read", "--node", node, item["id"][:8], "-o", str(target)) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"valise: error: cannot write {target}")
+            assert why in err
         nursery.cancel_scope.cancel()
 
 

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from valise import __version__
+from valise.cli.text import shown
 from valise.errors import Error
 
 COMMAND_MODULES = [
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = handler(args)
     except Error as exc:
-        print(f"valise: error: {exc}", file=sys.stderr)
+        print(f"valise: error: {shown(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("valise: interrupted", file=sys.stderr)

@@ -24,6 +24,7 @@ import trio
 from valise import keyfiles
 from valise.cli.main import group
 from valise.cli.packet import parse_expires
+from valise.cli.text import shown
 from valise.errors import Error, UsageError
 from valise.node import control
 from valise.node.home import NodeHome
@@ -284,9 +285,9 @@ def send(args: argparse.Namespace) -> int:
         print(json.dumps(reply))
     if not reply.get("ok"):
         for to, reason in sorted((reply.get("reasons") or {}).items()):
-            print(f"denied for {to}: {reason}", file=sys.stderr)
+            print(f"denied for {shown(to)}: {shown(reason)}", file=sys.stderr)
         if not reply.get("reasons"):
-            print(f"valise: {reply.get('error')}", file=sys.stderr)
+            print(f"valise: {shown(reply.get('error'))}", file=sys.stderr)
         return int(reply.get("code", 1))
     if not args.json:
         if reply.get("state") == "receipted":
@@ -338,8 +339,9 @@ def inbox(args: argparse.Namespace) -> int:
         print("inbox is empty")
     for it in items:
         labels = it["labels"]
-        cats = ",".join(labels.get("categories") or []) or "-"
-        print(f"{it['id']}  from {it['from']:<10} TLP:{labels.get('tlp')}  {cats}  {it['size']} bytes  {it['state']}")
+        cats = shown(",".join(labels.get("categories") or []) or "-")
+        tlp = shown(labels.get("tlp"))
+        print(f"{it['id']}  from {shown(it['from']):<10} TLP:{tlp}  {cats}  {it['size']} bytes  {it['state']}")
     return 0
 
 
@@ -349,18 +351,26 @@ def read(args: argparse.Namespace) -> int:
         sys.stdout.buffer.flush()
     else:
         target = Path(args.output)
-        fd, tmp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.", suffix=".tmp")
+        if target.is_dir():  # found out before the daemon decrypts anything, not after
+            raise UsageError(f"cannot write {target}: it is a directory", hint="give a file name")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise UsageError(f"cannot write {target}: {exc.strerror}") from None
         try:
             with os.fdopen(fd, "wb") as out:
                 reply = _check(request(args.node, {"op": "read", "id": args.id}, sink=out.write))
             os.replace(tmp, target)  # only a packet that verified in full becomes the output
+        except OSError as exc:
+            os.unlink(tmp)
+            raise UsageError(f"cannot write {target}: {exc.strerror}") from None
         except BaseException:
             os.unlink(tmp)
             raise
     if args.json:
         print(json.dumps(reply["packet"]), file=sys.stderr if args.output == "-" else sys.stdout)
     if reply.get("state") == "retracted":
-        print(f"note: the sender retracted this packet: {reply.get('retraction')}", file=sys.stderr)
+        print(f"note: the sender retracted this packet: {shown(reply.get('retraction'))}", file=sys.stderr)
     return 0
 
 
@@ -378,7 +388,7 @@ def status(args: argparse.Namespace) -> int:
         return 0
     lg = reply["log"]
     print(f"member     {reply['member']}")
-    state = "connected" if reply["connected"] else f"not connected ({reply.get('last_error') or 'connecting'})"
+    state = "connected" if reply["connected"] else f"not connected ({shown(reply.get('last_error') or 'connecting')})"
     print(f"broker     {reply['broker_id']} at {reply['broker']}: {state}")
     print(f"log        {lg['origin']} size {lg['size']} root {lg['root'][:16]}… ({lg['members']} members)")
     trusted = reply["trusted"]
@@ -386,16 +396,17 @@ def status(args: argparse.Namespace) -> int:
         print(f"trusted    size {trusted['size']} root {trusted['root'][:16]}… (witness quorum {trusted['quorum']})")
         if trusted["awaiting"]:
             print(
-                f"           awaiting quorum for size {lg['size']}: {trusted['detail'] or 'no cosigned checkpoint yet'}"
+                f"           awaiting quorum for size {lg['size']}: "
+                + shown(trusted["detail"] or "no cosigned checkpoint yet")
             )
     print(f"outbox     {_counts(reply['outbox'])}; {reply['acknowledgements']} signed acknowledgement(s) received")
     print(f"inbox      {_counts(reply['inbox'])}")
     alarms = reply["alarms"]
     total = reply.get("alarms_total", len(alarms))
-    shown = f" (the latest {len(alarms)} below)" if total > len(alarms) else ""
-    print(f"alarms     {total or 'none'}{shown}")
+    latest = f" (the latest {len(alarms)} below)" if total > len(alarms) else ""
+    print(f"alarms     {total or 'none'}{latest}")
     for a in alarms:
-        print(f"  ALARM {a['kind']}: {a['message']}")
+        print(f"  ALARM {a['kind']}: {shown(a['message'])}")
     return 0
 
 
