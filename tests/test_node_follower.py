@@ -15,6 +15,7 @@ from valise.genesis import Genesis
 from valise.logservice import LogService
 from valise.node.follower import PAGE, Committed, Follower, ForkError, LogMismatchError, Update
 from valise.policy import records as policy_records
+from valise.policy.state import MAX_LIVE_STATEMENTS
 from valise.store.memory import MemoryLog
 from valise.tlog import merkle
 
@@ -118,6 +119,30 @@ def test_follows_the_log_and_learns_the_directory_from_it(members: dict[str, ide
     assert f.policy.size == 3
     assert [i for i, _ in done.keep] == [0, 1, 2]
     assert follow(f, log, note) is None  # the same checkpoint again changes nothing
+
+
+def test_a_logged_statement_over_a_limit_is_refused_and_the_follower_goes_on(
+    members: dict[str, identity.Identity],
+) -> None:
+    """The broker should never log a statement past a member's limit of live statements; if it does (a bug, or
+    on purpose), that entry is a refused one like any the policy rejects, not an error that stops following."""
+    log = Log()
+    log.admit(members["FRA"])
+    note = log.admit(members["DEU"])
+    f = Follower(log.vkey, "FRA", BROKER)
+    assert follow(f, log, note) is not None
+    deu = members["DEU"].signing
+    log.add(*[
+        policy_records.grant(deu, origin=ORIGIN, author="DEU", created=NOW + i, to="FRA", tlp="AMBER")
+        for i in range(MAX_LIVE_STATEMENTS + 1)
+    ])  # fmt: skip
+    note = log.admit(members["ITA"])
+    done = follow(f, log, note)
+    assert done is not None
+    assert f.size == 3 + MAX_LIVE_STATEMENTS + 2
+    (problem,) = done.problems
+    assert f"log entry {3 + MAX_LIVE_STATEMENTS} is refused by the policy" in problem
+    assert f.member_key("ITA") == members["ITA"].bundle.sign_key  # what came after it was folded
 
 
 def test_redacted_traffic_keeps_positions_and_my_packets_are_noted(members: dict[str, identity.Identity]) -> None:

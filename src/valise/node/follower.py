@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from valise import encoding, records
-from valise.errors import CheckpointError, EncodingError, Error, NoteError, PolicyError, ProofError
+from valise.errors import CheckpointError, EncodingError, Error, NoteError, ProofError
 from valise.genesis import Genesis
 from valise.packet.format import Header
 from valise.policy import PolicyState
@@ -413,7 +413,7 @@ class Follower:
             self._skip_to(policy, index)
             try:
                 record = policy.apply(entry)
-            except (PolicyError, EncodingError) as exc:
+            except Error as exc:  # refused by the rules, malformed, or over a limit (a LimitError once wedged us)
                 # The log holds it, so positions must stay right; the broker should never have logged it.
                 policy.skip_to(index + 1)
                 problems.append(f"log entry {index} is refused by the policy: {exc.what}")
