@@ -456,6 +456,47 @@ async def test_the_node_reconnects_after_the_broker_goes_away(world: dict[str, A
         nursery.cancel_scope.cancel()
 
 
+async def test_a_receipt_whose_index_the_log_never_reaches_is_an_alarm(
+    world: dict[str, Any], members: dict[str, Any]
+) -> None:
+    """The receipt promises the next checkpoint holds the entry. One for an index far beyond the tree took the
+    packet out of the outbox and was never checked; checkpoints followed well after it now raise an alarm."""
+    h = Harness(world, members["FRA"])
+    clock = [NOW]
+    h.daemon.wall = lambda: clock[0]
+    data = seal(members["FRA"], [members["DEU"]], b"far", size=10)
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    far = 10**12
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        h.daemon.store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+        h.daemon.wake_outbox()
+        begin = await broker.expect(ev.SubmitBegin)
+        while not isinstance(await broker.events.receive(), ev.SubmitEnd):
+            pass
+        receipt = records.Receipt.make(BROKER_ID.signing, ORIGIN, far, head.digest, head.core.packet_id, "FRA", NOW)
+        await broker.send(ev.Receipt(begin.rid, head.core.packet_id, far, head.digest, receipt.raw))
+        row = await h.daemon.wait_outcome(head.core.packet_id, 10)
+        assert row is not None
+        assert row.state == "receipted"
+        session = h.daemon.session
+        assert session is not None
+        h.log.admit(members["ITA"])
+        clock[0] = NOW + 60  # a minute on: checkpoints may lag, no alarm yet
+        await h.daemon.sync(session)
+        assert h.daemon.store.alarms() == []
+        h.log.admit(members["NGA"])
+        clock[0] = NOW + 3600  # an hour on, the log still short of the index: the promise was broken
+        await h.daemon.sync(session)
+        (alarm,) = h.daemon.store.alarms()
+        assert alarm.kind == "receipt"
+        assert f"promised log index {far}" in alarm.message
+        assert alarm.evidence == receipt.raw
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_request_the_broker_leaves_unanswered_ends_the_connection(
     world: dict[str, Any], members: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

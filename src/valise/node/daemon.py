@@ -48,6 +48,9 @@ log = logging.getLogger("valise.node")
 
 HANDSHAKE_TIMEOUT = 10.0
 ALARM_TEXT = 1000  # characters of an alarm's message kept
+# How long after a receipt the log may still fall short of its index (checkpoints come every second or so;
+# this leaves room for clock skew and a broker that was briefly down).
+RECEIPT_GRACE = 300
 POLL_INTERVAL = 5.0
 SHUTDOWN_GRACE = 3.0
 IDLE_CHECK = 1.0  # how often the submitter looks for packets whose retry time has come
@@ -351,6 +354,7 @@ class NodeDaemon:
                 log.info("verified checkpoint of size %d", done.size)
             if self.quorum is not None:
                 await self._trust(session, note)
+            self.check_overdue_receipts()
             return True
 
     async def _trust(self, session: Session, note: bytes) -> None:
@@ -424,6 +428,25 @@ class NodeDaemon:
             checkpoint.check_newer(checkpoint.Checkpoint(cp.origin, cp.size, cp.root), ours, answer.proof)
         except CheckpointError as exc:
             self.alarm("fork", f"checkpoint of size {cp.size} does not fit the verified log: {exc.what}", note)
+
+    def check_overdue_receipts(self) -> None:
+        """A receipt promises that the next checkpoint at or past its index + 1 holds the entry, and the broker
+        signs one every few seconds. A checkpoint followed RECEIPT_GRACE seconds after a receipt that still falls
+        short of it shows the promise broken (a receipt for an index the log never reaches would otherwise leave
+        its packet out of the outbox and never checked): an alarm, once per receipt."""
+        size, now = self.follower.size, self.now()
+        for row in self.store.outbox_receipted_beyond(size):
+            if now - row.created <= RECEIPT_GRACE:
+                continue  # received after it was made, so not overdue either (and no signature to check again)
+            assert row.receipt is not None
+            at = records.Receipt.verified(row.receipt, self.broker.sign_key).at
+            if now - at > RECEIPT_GRACE:
+                self.alarm(
+                    "receipt",
+                    f"receipt for packet {row.packet_id.hex()} promised log index {row.log_index} at {at}, but "
+                    f"the broker's checkpoint {now - at} s later holds only {size} entries",
+                    row.receipt,
+                )
 
     def check_receipts(self) -> None:
         """Receipts covered by the trusted log: the entry at the receipt's index must be this very packet."""

@@ -243,6 +243,10 @@ class NodeStore:
         """Receipted packets whose log index is below `below` (a verified size) and not yet checked in the log."""
         return self._outbox("WHERE state = 'receipted' AND in_log = 0 AND log_index < ? ORDER BY log_index", (below,))
 
+    def outbox_receipted_beyond(self, size: int) -> list[OutboxRow]:
+        """Receipted packets whose log index a tree of `size` entries does not reach yet."""
+        return self._outbox("WHERE state = 'receipted' AND in_log = 0 AND log_index >= ? ORDER BY log_index", (size,))
+
     def outbox_in_log(self, packet_id: bytes, value: int) -> None:
         """1: the verified log holds the receipt's entry; -1: it holds something else there (an alarm)."""
         self._db.execute("UPDATE outbox SET in_log = ? WHERE packet_id = ?", (value, packet_id))
