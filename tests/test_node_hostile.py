@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,11 +16,12 @@ from valise import identity, packet
 from valise.cli.node import call
 from valise.node import ops
 from valise.node.daemon import ALARM_TEXT
+from valise.policy import records as policy_records
 from valise.wire import events as ev
 
 from .conftest import NOW, seeded_random
 from .test_node_cli import cli, serve_daemon
-from .test_node_daemon import Harness, ScriptedBroker, seal, wait_for, world  # noqa: F401
+from .test_node_daemon import ORIGIN, Harness, ScriptedBroker, seal, wait_for, world  # noqa: F401
 
 
 async def _deliver(broker: ScriptedBroker, seq: int, data: bytes) -> None:
@@ -148,4 +150,34 @@ async def test_a_second_packet_under_one_packet_id_is_refused_and_not_kept(
         (row,) = h.daemon.store.inbox_all()
         assert row.digest == packet.parse_head(first).digest  # type: ignore[union-attr]
         assert len(list((h.daemon.store.root / "inbox").iterdir())) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_packet_from_a_member_removed_since_is_still_read_with_a_note(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Sent while DEU was a member (the broker takes packets from active members only), delivered after its
+    removal: taken, acknowledged, and readable, with the removal and its reason shown beside it."""
+    h = Harness(world, members["FRA"])
+    h.log.seq += 1
+    removal = policy_records.dir_record(h.log.operator, ORIGIN, h.log.seq, NOW, "member-remove", id="DEU",
+                                        reason="key stolen")  # fmt: skip
+    h.log.add(removal)
+    data = seal(members["DEU"], [members["FRA"]], b"before the removal", size=10)
+    async with trio.open_nursery() as nursery:
+        h.nursery = nursery
+        await nursery.start(h.daemon.run)
+        broker = await h.accepted.receive()
+        await wait_for(lambda: h.daemon.follower.size == 4)
+        await _deliver(broker, 0, data)
+        assert isinstance(await broker.expect(ev.Ack), ev.Ack)
+        (row,) = h.daemon.store.inbox_all()
+        out = tmp_path / "out.bin"
+        code = await cli("read", "--node", str(h.daemon.home.root), row.packet_id.hex(), "-o", str(out))
+        assert code == 0
+        assert out.read_bytes() == bytes(10)
+        assert "the sender has since been removed from the directory (key stolen)" in capsys.readouterr().err
         nursery.cancel_scope.cancel()

@@ -371,6 +371,9 @@ def read(args: argparse.Namespace) -> int:
         print(json.dumps(reply["packet"]), file=sys.stderr if args.output == "-" else sys.stdout)
     if reply.get("state") == "retracted":
         print(f"note: the sender retracted this packet: {shown(reply.get('retraction'))}", file=sys.stderr)
+    if reply.get("sender_removed") is not None:
+        why = shown(reply["sender_removed"])
+        print(f"note: the sender has since been removed from the directory ({why})", file=sys.stderr)
     return 0
 
 

@@ -88,11 +88,12 @@ def _opt(request: dict[str, Any], name: str, kind: type) -> Any:
 # --- recipients and keys, from the verified log only -----------------------------------------------------------
 
 
-def bundle_of(daemon: NodeDaemon, member_id: str) -> identity.PublicBundle | None:
-    """A member's keys as of the verified log (the encryption key may have rotated since its bundle)."""
+def bundle_of(daemon: NodeDaemon, member_id: str, *, removed_too: bool = False) -> identity.PublicBundle | None:
+    """A member's keys as of the verified log (the encryption key may have rotated since its bundle). A removed
+    member's only with `removed_too`: nobody sends to one, but what it sent before is still read."""
     policy = daemon.follower.policy
     member = policy.members.get(member_id) if policy else None
-    if member is None or member.status == "removed":
+    if member is None or (member.status == "removed" and not removed_too):
         return None
     bundle = identity.PublicBundle.from_bytes(member.bundle)
     return replace(bundle, sign_key=member.sign_key, enc_key=member.enc_key)
@@ -300,9 +301,14 @@ async def op_read(
 ) -> dict[str, Any]:
     prefix = _text(request, "id")
     row: InboxRow = _one(daemon.store.inbox_find(prefix), prefix, "inbox")
-    sender = bundle_of(daemon, row.sender)
+    # A sender removed since still signed this while a member: the broker takes packets from active members only,
+    # and the node acknowledged it. It is readable, with the removal said beside it (it may be why it was removed).
+    sender = bundle_of(daemon, row.sender, removed_too=True)
     if sender is None:
         raise UsageError(f"sender {row.sender} is not in the verified directory")
+    policy = daemon.follower.policy
+    member = policy.members.get(row.sender) if policy else None
+    removed = None if member is None or member.status != "removed" else (member.reason or "no reason given")
 
     class Push(io.RawIOBase):
         def writable(self) -> bool:
@@ -321,7 +327,8 @@ async def op_read(
     opened = await trio.to_thread.run_sync(work)
     if row.state == "new":
         daemon.store.inbox_mark(row.digest, state="read")
-    return {"ok": True, "packet": opened.to_json(), "state": row.state, "retraction": row.retraction}
+    reply = {"ok": True, "packet": opened.to_json(), "state": row.state, "retraction": row.retraction}
+    return reply | ({"sender_removed": removed} if removed is not None else {})
 
 
 def _session(daemon: NodeDaemon) -> Any:
