@@ -81,3 +81,13 @@ def test_follower_commit_is_all_or_nothing(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.IntegrityError):  # the second row breaks NOT NULL after the first went in
         st.follower_commit(b"state", [(0, b"a")], [(1, DIG), (2, None)])  # type: ignore[list-item]
     assert st.follower_load() == (None, [])
+
+
+def test_scratch_files_left_by_a_crash_are_removed_when_the_store_opens(tmp_path: Path) -> None:
+    st = NodeStore.open(tmp_path)
+    cut = st.tmp_path("deliver-00.part")
+    cut.write_bytes(b"half a delivery")
+    st.close()
+    st = NodeStore.open(tmp_path)
+    assert not cut.exists()
+    st.close()

@@ -153,6 +153,10 @@ class NodeStore:
     def open(cls, root: Path) -> NodeStore:
         for sub in ("outbox", "inbox"):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        # Sends and deliveries cut off by a crash: nothing refers to them (a delivery is pushed again, a send was
+        # never queued), and nothing else would ever delete them. Only the daemon opens the store (under its lock).
+        for stale in (root / "tmp").glob("*.part"):
+            stale.unlink(missing_ok=True)
         try:
             conn = sqlite3.connect(root / "node.db", isolation_level=None, timeout=30.0)
             conn.execute("PRAGMA journal_mode=WAL")
