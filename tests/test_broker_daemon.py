@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from valise import packet, records
+from valise import encoding, packet, records
 from valise.store.sqlite import SqliteLog
 from valise.tlog import merkle
 from valise.wire import codes
@@ -375,6 +376,25 @@ async def test_the_sender_gets_every_recipients_acknowledgement(tmp_path: Path) 
             assert isinstance(forwarded, ev.AckForward)
             by.add(forwarded.by)
         assert by == {"DEU", "ITA"}
+
+
+async def test_an_acknowledgement_queued_in_the_older_record_form_is_still_forwarded(tmp_path: Path) -> None:
+    """Mailbox records of forwarded acks now carry the packet id and recipient beside the signed ack; one queued
+    by an older broker (the ack alone) must still reach its sender with the right fields."""
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"before the upgrade")
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    ack = records.Ack.make(world.members["DEU"].signing, head.core.packet_id, head.digest, "FRA", "DEU", 1)
+    async with running_broker(world) as broker:
+        broker.mail.post("FRA", "ack", hashlib.sha256(ack.raw).digest(), encoding.pack({"index": 7, "notice": ack.raw}))
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            fra.refuse_cosign = True
+            forwarded = await fra.next_of(ev.AckForward)
+            assert isinstance(forwarded, ev.AckForward)
+            assert (forwarded.id, forwarded.by, forwarded.index, forwarded.ack) == (
+                head.core.packet_id, "DEU", 7, ack.raw,
+            )  # fmt: skip
 
 
 async def test_policy_that_changes_while_a_packet_streams_in_is_applied_at_its_end(tmp_path: Path) -> None:

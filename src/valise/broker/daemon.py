@@ -1061,7 +1061,9 @@ class Session:
             # A notice's mailbox key is the hash of the signed notice: one packet to several recipients brings
             # its sender one acknowledgement from each, not one in all.
             notice_key = hashlib.sha256(ack.raw).digest()
-            self.d.mail.post(sender, "ack", notice_key, encoding.pack({"index": index, "notice": ack.raw}))
+            # With the packet id and the recipient beside it: pushing it then needs no second parse of the ack.
+            record = {"index": index, "notice": ack.raw, "id": ack.packet_id, "by": ack.recipient}
+            self.d.mail.post(sender, "ack", notice_key, encoding.pack(record))
             self.d.spool.drop_unreferenced(self.d.mail, [item.digest])
             self.d.acks_pending.discard(pending)
             self.d.wake(sender)
@@ -1258,8 +1260,12 @@ class Session:
                 body = encoding.decode(item.body or b"", what="notice", max_size=records.NOTICE_MAX + 64)
                 notice = body["notice"]
                 if item.kind == "ack":
-                    ack, _, _ = records.Ack.parse(notice)
-                    self.queue(ev.AckForward(item.seq, ack.packet_id, ack.recipient, body["index"], notice))
+                    if "id" in body:
+                        pid, by = body["id"], body["by"]
+                    else:  # recorded before the fields were kept beside the notice
+                        ack, _, _ = records.Ack.parse(notice)
+                        pid, by = ack.packet_id, ack.recipient
+                    self.queue(ev.AckForward(item.seq, pid, by, body["index"], notice))
                 else:
                     by = records.Retraction.parse(notice)[0].sender
                     row = self.d.mail.packet(item.digest)

@@ -331,6 +331,8 @@ def inbox(args: argparse.Namespace) -> int:
     while after is not None:  # page by page: the daemon answers within one control frame
         reply = _check(request(args.node, {"op": "inbox", "after": after}))
         items += reply["items"]
+        if reply["next"] is not None and reply["next"] <= after:
+            raise Error(f"the node's inbox listing does not advance past {after}")
         after = reply["next"]
     if args.json:
         print(json.dumps(items))
