@@ -19,9 +19,12 @@ from valise import identity, keyfiles, packet, records, tls
 from valise.broker.daemon import BrokerDaemon, Settings
 from valise.broker.home import BrokerHome
 from valise.cli.main import main as cli
+from valise.node.daemon import NodeDaemon
+from valise.node.home import NodeHome
 from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, parse_prefix
 from valise.policy import records as prec
 from valise.store.sqlite import SqliteLog
+from valise.tlog import note
 from valise.wire import codec, codes, frames
 from valise.wire import events as ev
 from valise.wire.connection import READ_SIZE, Connection, Signal
@@ -436,3 +439,29 @@ async def http_get(port: int, path: str, request: bytes | None = None) -> tuple[
     headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
     assert int(headers["content-length"]) == len(body), headers
     return status, headers, body
+
+
+def log_vkey(world: World) -> str:
+    """The broker's log key as a note verifier key (what a node pins)."""
+    return note.Ed25519Signer(ORIGIN, world.home.log_key()).verifier().vkey()
+
+
+@asynccontextmanager
+async def running_node(
+    world: World, port: int, where: Path, *, policy: str | None = None, poll_interval: float = 0.2
+) -> AsyncIterator[NodeDaemon]:
+    """FRA's node daemon in `where`, connected over mutual TLS to the broker on `port`, serving its control
+    socket."""
+    home = NodeHome.create(
+        where, world.dirs["FRA"], f"127.0.0.1:{port}", world.home.broker_bundle_path, log_vkey(world), policy
+    )
+    daemon = NodeDaemon(home, world.members["FRA"], poll_interval=poll_interval)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            with trio.fail_after(10):
+                await daemon.connected_event.wait()
+            yield daemon
+            nursery.cancel_scope.cancel()
+    finally:
+        daemon.store.close()

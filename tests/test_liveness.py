@@ -11,15 +11,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from valise.node.daemon import NodeDaemon
-from valise.node.home import NodeHome
 from valise.packet import Head, parse_head
-from valise.tlog import note
 from valise.wire import codes, liveness
 from valise.wire import events as ev
 
 from .harness import (
-    ORIGIN,
     WireClient,
     World,
     broker_process,
@@ -27,6 +23,7 @@ from .harness import (
     expect_fatal,
     make_world,
     running_broker,
+    running_node,
     seal,
 )
 
@@ -147,27 +144,17 @@ async def test_a_node_gives_up_a_stopped_broker_and_comes_back(tmp_path: Path, q
     """The broker's process is stopped (no close, no reset: a vanished host). The node's requests would wait for
     good; instead it pings, gives the connection up, and reconnects once the broker runs again."""
     world = _world(tmp_path)
-    async with broker_process(world.home.root, tmp_path / "broker.log") as proc:
-        vkey = note.Ed25519Signer(ORIGIN, world.home.log_key()).verifier().vkey()
-        home = NodeHome.create(
-            tmp_path / "node", world.dirs["FRA"], f"127.0.0.1:{proc.port}", world.home.broker_bundle_path, vkey
-        )
-        daemon = NodeDaemon(home, world.members["FRA"], poll_interval=3600)
+    async with (
+        broker_process(world.home.root, tmp_path / "broker.log") as proc,
+        running_node(world, proc.port, tmp_path / "node", poll_interval=3600) as daemon,
+    ):
+        first = daemon.session
+        os.kill(proc.proc.pid, signal.SIGSTOP)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(daemon.run)
-                with trio.fail_after(10):
-                    await daemon.connected_event.wait()
-                first = daemon.session
-                os.kill(proc.proc.pid, signal.SIGSTOP)
-                try:
-                    await _wait_for(lambda: daemon.session is not first)
-                    # Given up by the silence (no pong) or by an unanswered request, whichever came first.
-                    assert daemon.last_error is not None
-                    assert "not answering" in daemon.last_error or "unanswered" in daemon.last_error
-                finally:
-                    os.kill(proc.proc.pid, signal.SIGCONT)
-                await _wait_for(lambda: daemon.session is not None and daemon.session is not first)
-                nursery.cancel_scope.cancel()
+            await _wait_for(lambda: daemon.session is not first)
+            # Given up by the silence (no pong) or by an unanswered request, whichever came first.
+            assert daemon.last_error is not None
+            assert "not answering" in daemon.last_error or "unanswered" in daemon.last_error
         finally:
-            daemon.store.close()
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        await _wait_for(lambda: daemon.session is not None and daemon.session is not first)

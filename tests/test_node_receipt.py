@@ -13,13 +13,12 @@ from typing import Any
 
 import trio
 
-from valise.broker.daemon import BrokerDaemon
 from valise.cli.main import main
 from valise.node.daemon import NodeDaemon
 from valise.node.home import NodeHome
 from valise.tlog import cosignature, note, proofbundle
 
-from .harness import ORIGIN, World, make_world, running_broker
+from .harness import ORIGIN, World, log_vkey, make_world, running_broker, running_node
 
 
 async def cli(*argv: str) -> tuple[int, str, str]:
@@ -32,30 +31,8 @@ async def cli(*argv: str) -> tuple[int, str, str]:
     return await trio.to_thread.run_sync(run)
 
 
-def log_vkey(world: World) -> str:
-    return note.Ed25519Signer(ORIGIN, world.home.log_key()).verifier().vkey()
-
-
 def witness_vkey(world: World, member: str) -> str:
     return cosignature.CosignatureVerifier(member, world.members[member].bundle.sign_key).vkey()
-
-
-@contextlib.asynccontextmanager
-async def node(world: World, broker: BrokerDaemon, where: Path, policy: str | None = None) -> AsyncIterator[NodeDaemon]:
-    """FRA's node daemon, connected over mutual TLS to the running broker, serving its control socket."""
-    home = NodeHome.create(
-        where, world.dirs["FRA"], f"127.0.0.1:{broker.port}", world.home.broker_bundle_path, log_vkey(world), policy
-    )
-    daemon = NodeDaemon(home, world.members["FRA"], poll_interval=0.2)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.run)
-            with trio.fail_after(10):
-                await daemon.connected_event.wait()
-            yield daemon
-            nursery.cancel_scope.cancel()
-    finally:
-        daemon.store.close()
 
 
 async def until(condition: Callable[[], object]) -> None:
@@ -95,7 +72,7 @@ async def test_an_exported_receipt_verifies_offline_and_a_changed_byte_is_refuse
     world.consent("FRA", "DEU", "AMBER", ["malware"])
     where = tmp_path / "n"
     bundle_file = tmp_path / "receipt.proof"
-    async with running_broker(world) as broker, node(world, broker, where) as daemon:
+    async with running_broker(world) as broker, running_node(world, broker.port, where) as daemon:
         await until(lambda: daemon.follower.member_key("DEU"))  # the node learned DEU from the log
         packet_id = await send(where, tmp_path)
         (row,) = daemon.store.outbox_all()
@@ -161,7 +138,7 @@ async def test_receipts_under_a_witness_quorum(tmp_path: Path) -> None:
     both.write_text(f"log {vkey}\nwitness fra {fra}\nwitness deu {deu}\ngroup both all fra deu\nquorum both\n")
     where = tmp_path / "n"
     async with running_broker(world) as broker:
-        async with node(world, broker, where, only_fra.read_text()) as daemon:
+        async with running_node(world, broker.port, where, policy=only_fra.read_text()) as daemon:
             # The checkpoints signed before FRA's node connected have no cosignature: none is used.
             assert daemon.follower.policy is None
             world.consent("FRA", "DEU", "AMBER", ["malware"])  # the log grows: a checkpoint FRA's node cosigns
