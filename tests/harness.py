@@ -450,11 +450,18 @@ def log_vkey(world: World) -> str:
 async def running_node(
     world: World, port: int, where: Path, *, policy: str | None = None, poll_interval: float = 0.2
 ) -> AsyncIterator[NodeDaemon]:
-    """FRA's node daemon in `where`, connected over mutual TLS to the broker on `port`, serving its control
-    socket."""
+    """FRA's node daemon in a new directory `where`, connected over mutual TLS to the broker on `port`, serving
+    its control socket."""
     home = NodeHome.create(
         where, world.dirs["FRA"], f"127.0.0.1:{port}", world.home.broker_bundle_path, log_vkey(world), policy
     )
+    async with serving_node(world, home, poll_interval=poll_interval) as daemon:
+        yield daemon
+
+
+@asynccontextmanager
+async def serving_node(world: World, home: NodeHome, *, poll_interval: float = 0.2) -> AsyncIterator[NodeDaemon]:
+    """FRA's node daemon on an existing directory, until the block ends; it has connected when the block starts."""
     daemon = NodeDaemon(home, world.members["FRA"], poll_interval=poll_interval)
     try:
         async with trio.open_nursery() as nursery:

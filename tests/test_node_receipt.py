@@ -7,18 +7,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from valise.cli.main import main
-from valise.node.daemon import NodeDaemon
 from valise.node.home import NodeHome
 from valise.tlog import cosignature, note, proofbundle
 
-from .harness import ORIGIN, World, log_vkey, make_world, running_broker, running_node
+from .harness import ORIGIN, World, log_vkey, make_world, running_broker, running_node, serving_node
 
 
 async def cli(*argv: str) -> tuple[int, str, str]:
@@ -151,7 +150,7 @@ async def test_receipts_under_a_witness_quorum(tmp_path: Path) -> None:
                                  str(only_fra))  # fmt: skip
         assert code == 0, err
         assert (await cli("node", "set-policy", "--dir", str(where), str(both)))[0] == 0
-        async with node_again(world, where) as daemon:
+        async with serving_node(world, NodeHome.open(where)) as daemon:
             trusted = daemon.follower.trusted_size
             assert daemon.follower.member_key("DEU") is not None  # what was trusted stays trusted
             second = await send(where, tmp_path)
@@ -166,17 +165,3 @@ async def test_receipts_under_a_witness_quorum(tmp_path: Path) -> None:
             assert not (tmp_path / "x").exists()
             rows = {r.packet_id.hex(): r for r in daemon.store.outbox_all()}
             assert (rows[first].in_log, rows[second].in_log) == (1, 0)  # the second receipt is not checked yet
-
-
-@contextlib.asynccontextmanager
-async def node_again(world: World, where: Path) -> AsyncIterator[NodeDaemon]:
-    daemon = NodeDaemon(NodeHome.open(where), world.members["FRA"], poll_interval=0.2)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.run)
-            with trio.fail_after(10):
-                await daemon.connected_event.wait()
-            yield daemon
-            nursery.cancel_scope.cancel()
-    finally:
-        daemon.store.close()
