@@ -145,6 +145,29 @@ def test_a_logged_statement_over_a_limit_is_refused_and_the_follower_goes_on(
     assert f.member_key("ITA") == members["ITA"].bundle.sign_key  # what came after it was folded
 
 
+def test_traffic_served_in_full_is_not_held_until_the_commit(members: dict[str, identity.Identity]) -> None:
+    """A broker that serves every entry in full (other members' traffic too, against the redaction rule): the
+    update keeps only what the fold uses (genesis, policy records, this member's packets), so a large tree does
+    not grow the node's memory with it; the checkpoint is still verified and followed."""
+    fra, deu, ita = members["FRA"], members["DEU"], members["ITA"]
+    log = Log()
+    for m in (fra, deu, ita):
+        log.admit(m)
+    log.add(*[pkt_entry(deu, [ita], b"o%d" % i) for i in range(PAGE + 10)])
+    mine = pkt_entry(fra, [deu], b"mine")
+    note = log.add(mine)
+    f = Follower(log.vkey, "FRA", BROKER)
+    update = f.begin(note)
+    assert update is not None
+    while (want := update.wanted()) is not None:
+        start, end = want
+        update.add(start, log.service.store.entries(start, end), ())  # everything in full
+    assert sorted(update.full) == [0, 1, 2, 3, 4 + PAGE + 10]  # genesis, three admissions, FRA's packet
+    done = f.commit(update)
+    assert f.size == 4 + PAGE + 10 + 1
+    assert [i for i, _ in done.mine] == [4 + PAGE + 10]
+
+
 def test_redacted_traffic_keeps_positions_and_my_packets_are_noted(members: dict[str, identity.Identity]) -> None:
     fra, deu, ita = members["FRA"], members["DEU"], members["ITA"]
     log = Log()

@@ -37,6 +37,7 @@ from valise.errors import CheckpointError, EncodingError, Error, NoteError, Proo
 from valise.genesis import Genesis
 from valise.packet.format import Header
 from valise.policy import PolicyState
+from valise.policy import records as policy_records
 from valise.tlog import checkpoint, merkle, note
 
 if TYPE_CHECKING:
@@ -100,7 +101,8 @@ class Update:
     note: bytes
     range: merkle.CompactRange
     start: int
-    full: dict[int, bytes] = field(default_factory=dict)  # index -> entry served in full
+    member: str  # whose node follows: its own packets' entries are kept
+    full: dict[int, bytes] = field(default_factory=dict)  # index -> entry served in full and needed by the fold
 
     @property
     def next_index(self) -> int:
@@ -136,7 +138,10 @@ class Update:
                 if len(item) > records.ENTRY_MAX:
                     raise LogMismatchError(f"entry {index} is {len(item)} bytes, over {records.ENTRY_MAX}")
                 self.range.append(merkle.hash_leaf(item))
-                self.full[index] = item
+                # Held until the commit only if the fold will use it: a broker that served other members'
+                # traffic in full (all of a large tree, say) would otherwise grow this node's memory without end.
+                if index == 0 or _needed(item, self.member):
+                    self.full[index] = item
 
 
 # --- what a commit changed -----------------------------------------------------------------------------------
@@ -275,7 +280,7 @@ class Follower:
                 checkpoint.check_newer(checkpoint.Checkpoint(self.origin, self.size, self.root), cp, proof[1])
             except CheckpointError as exc:
                 raise ForkError(exc.what, evidence=msg) from None
-        return Update(cp, msg, range_from(self.range.size, range_stack(self.range)), self.size)
+        return Update(cp, msg, range_from(self.range.size, range_stack(self.range)), self.size, self.member)
 
     def commit(self, update: Update) -> Committed:
         """Accept `update` if its leaves give the checkpoint's root; then fold its entries into the policy (at
@@ -444,6 +449,18 @@ class Follower:
         """The identity key of `member_id` as of the verified log (None if not a member)."""
         m = self.policy.members.get(member_id) if self.policy else None
         return None if m is None else m.sign_key
+
+
+def _needed(entry: bytes, member: str) -> bool:
+    """Whether the fold uses `entry`: a policy record, a packet `member` sent, or one that does not parse (the
+    fold reports it); other traffic only holds a position, which its leaf hash already gives."""
+    try:
+        kind, _ = records.entry_type(entry)
+    except Error:
+        return True
+    if kind in (policy_records.DIR, policy_records.RULE, policy_records.STMT):
+        return True
+    return kind == "pkt" and _my_packet(entry, member) is not None
 
 
 def _my_packet(entry: bytes, member: str) -> bytes | None:
