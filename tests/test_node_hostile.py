@@ -14,7 +14,7 @@ import trio
 
 from valise import identity, packet
 from valise.cli.node import call
-from valise.node import ops
+from valise.node import control, ops
 from valise.node.daemon import ALARM_TEXT
 from valise.policy import records as policy_records
 from valise.wire import events as ev
@@ -180,4 +180,30 @@ async def test_a_packet_from_a_member_removed_since_is_still_read_with_a_note(
         assert code == 0
         assert out.read_bytes() == bytes(10)
         assert "the sender has since been removed from the directory (key stolen)" in capsys.readouterr().err
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_local_client_that_stalls_mid_send_is_dropped(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`send` seals on a worker thread that pulls the payload from the socket: a client that stops sending would
+    hold that thread (shared by every send and read) for good. It is dropped after CONTROL_IDLE (shortened)."""
+    monkeypatch.setattr(ops, "CONTROL_IDLE", 0.5)
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        client = await control.connect(control.socket_path(h.daemon.home.root))
+        request = {"op": "send", "to": ["DEU"], "tlp": "AMBER", "size": 100_000}
+        await control.send_msg(client, request)
+        await control.send_msg(client, {"op": "data", "data": bytes(1000)})  # then nothing more
+        with trio.fail_after(10):
+            reply = await control.MessageReader(client).next()
+        assert reply is not None
+        assert reply["ok"] is False
+        assert "sent nothing for 0.5 s" in reply["error"]
+        await client.aclose()
+        assert not list((h.daemon.store.root / "tmp").glob("send-*"))
+        assert h.daemon.store.outbox_all() == []
         nursery.cancel_scope.cancel()

@@ -11,6 +11,7 @@ the daemon holds the unlocked keys, so the CLI never needs the passphrase.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -25,23 +26,33 @@ MAX_FRAME = 1 << 20  # a control frame; bulk data is split into chunks of at mos
 CHUNK = 512 * 1024
 
 
-async def send_msg(stream: trio.abc.SendStream, message: dict[str, Any]) -> None:
+async def send_msg(stream: trio.abc.SendStream, message: dict[str, Any], *, within: float | None = None) -> None:
+    """Send one message; with `within`, a peer that takes nothing for that long is a WireError."""
     body = encoding.pack(message)
     if len(body) > MAX_FRAME:
         raise LimitError(f"control message of {len(body)} bytes is over the limit of {MAX_FRAME}")
-    await stream.send_all(len(body).to_bytes(4, "big") + body)
+    with trio.move_on_after(math.inf if within is None else within) as scope:
+        await stream.send_all(len(body).to_bytes(4, "big") + body)
+    if scope.cancelled_caught:
+        raise WireError(f"the control client took nothing for {within:g} s")
 
 
 class MessageReader:
-    """Reads frames from a stream, buffering at most one frame."""
+    """Reads frames from a stream, buffering at most one frame. With `idle`, a peer that sends nothing for that
+    long is a WireError (the daemon's side: a stalled local client must not hold a task, and for `send` a
+    worker thread, for good; the CLI waits as long as its `--wait` says)."""
 
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+    def __init__(self, stream: trio.abc.ReceiveStream, *, idle: float | None = None) -> None:
         self._stream = stream
         self._buf = bytearray()
+        self._idle = math.inf if idle is None else idle
 
     async def _fill(self, n: int) -> bool:
         while len(self._buf) < n:
-            chunk = await self._stream.receive_some(max(65536, n - len(self._buf)))
+            with trio.move_on_after(self._idle) as scope:
+                chunk = await self._stream.receive_some(max(65536, n - len(self._buf)))
+            if scope.cancelled_caught:
+                raise WireError(f"the control client sent nothing for {self._idle:g} s")
             if not chunk:
                 return False
             self._buf += chunk

@@ -10,6 +10,7 @@ held whole in memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -20,7 +21,7 @@ from typing import Any, BinaryIO, cast
 import trio
 
 from valise import encoding, identity, packet, records
-from valise.errors import DeniedError, Error, LimitError, UsageError
+from valise.errors import DeniedError, Error, LimitError, UsageError, WireError
 from valise.node import control, receipts
 from valise.node.daemon import NodeDaemon
 from valise.node.store import InboxRow, OutboxRow
@@ -31,6 +32,9 @@ from valise.wire import events as ev
 log = logging.getLogger("valise.node")
 
 MAX_WAIT = 3600.0
+# A local client that sends nothing, or takes nothing we send, for this long is dropped: it would otherwise hold
+# a task and, in `send` and `read`, one of the worker threads that every `send` and `read` shares.
+CONTROL_IDLE = 60.0
 STATUS_ALARMS = 50  # the latest alarms `status` shows (with the total)
 
 
@@ -45,7 +49,7 @@ async def _handle(daemon: NodeDaemon, stream: trio.SocketStream) -> None:
     """One control connection. Whatever goes wrong answers this client only: the daemon, its other clients and
     its broker connection carry on (a request that raised anything but an Error once stopped them all)."""
     async with stream:
-        reader = control.MessageReader(stream)
+        reader = control.MessageReader(stream, idle=CONTROL_IDLE)
         op: object = None
         try:
             request = await reader.next()
@@ -65,10 +69,13 @@ async def _handle(daemon: NodeDaemon, stream: trio.SocketStream) -> None:
             reply = {"ok": False, "error": f"internal error in {str(op)[:40]!r}: {type(exc).__name__}", "code": 1}
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             try:
-                await control.send_msg(stream, reply)
+                await control.send_msg(stream, reply, within=CONTROL_IDLE)
             except LimitError as exc:  # an answer over the frame limit: say so instead of vanishing
                 log.error("control operation %.40r: %s", op, exc)
-                await control.send_msg(stream, {"ok": False, "error": f"the answer is too large: {exc}", "code": 1})
+                error = {"ok": False, "error": f"the answer is too large: {exc}", "code": 1}
+                await control.send_msg(stream, error, within=CONTROL_IDLE)
+            except WireError as exc:
+                log.info("control operation %.40r: %s", op, exc)
 
 
 def _text(request: dict[str, Any], name: str, default: str | None = None) -> str:
@@ -317,7 +324,8 @@ async def op_read(
         def write(self, data: Any) -> int:
             chunk = bytes(data)
             for i in range(0, len(chunk), control.CHUNK):
-                trio.from_thread.run(control.send_msg, stream, {"op": "data", "data": chunk[i : i + control.CHUNK]})
+                frame = {"op": "data", "data": chunk[i : i + control.CHUNK]}
+                trio.from_thread.run(functools.partial(control.send_msg, stream, frame, within=CONTROL_IDLE))
             return len(chunk)
 
     def work() -> packet.Opened:
