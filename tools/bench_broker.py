@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import math
@@ -49,7 +50,7 @@ from typing import Any
 
 import trio
 
-from valise import identity, keyfiles, packet, records
+from valise import gctune, identity, keyfiles, packet, records
 from valise.broker.home import BrokerHome
 from valise.cli.main import main as cli
 from valise.errors import Error
@@ -73,6 +74,7 @@ ORIGIN = "bench.valise/log"
 PAYLOAD = 1024
 ROUND_TIMEOUT = 300.0
 TARGETS = {"packets_per_s": 5000, "p99_ms_at_1000": 50.0, "rss_196_mib": 300.0, "big_rss_growth_mib": 100.0}
+DEFAULT_GC_THRESHOLD = gc.get_threshold()
 MiB = 1 << 20
 
 
@@ -678,6 +680,9 @@ async def configuration(world: World, n: int, plan: Plan, work: Path, profile: P
             await run_round(bench, broker, warm_p, closed_loop(vnodes, warm_p, depth), "warm-up")
             warm_b = baseline_packets(warm_p)
             await run_round(bench, relay, warm_b, closed_loop(bnodes, warm_b, depth), "warm-up")
+            # The client's own collector pauses (~25 ms for a full collection over the sealed packets) would count
+            # in the latencies of both sides; it gets the daemons' settings (valise.gctune), undone at the end.
+            gctune.settle_for_serving()
             if profile is not None:
                 spy = start_profiler(broker.pid, profile / f"broker-{n}-nodes.txt")
             v_rounds, b_rounds = [], []
@@ -737,6 +742,8 @@ async def configuration(world: World, n: int, plan: Plan, work: Path, profile: P
             print(f"--- {server.log_path.name} (last lines) ---\n{tail}", file=sys.stderr)
         raise
     finally:
+        gc.unfreeze()  # this configuration's packets and nodes may go now
+        gc.set_threshold(*DEFAULT_GC_THRESHOLD)
         if spy is not None:
             stop_profiler(spy)
         broker.stop()

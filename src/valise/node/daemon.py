@@ -29,7 +29,7 @@ from typing import IO
 
 import trio
 
-from valise import identity, packet, records, tls
+from valise import gctune, identity, packet, records, tls
 from valise.errors import CheckpointError, Error, NoteError, RemoteError, UsageError
 from valise.node import outbox
 from valise.node.control import listen, socket_path
@@ -585,6 +585,7 @@ async def run_node(home: NodeHome, me: identity.Identity, passphrase: bytes | No
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.run)
+                gctune.settle_for_serving()
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
                         log.info("signal %d: shutting down", signum)
