@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 import trio
 
-from valise import encoding, records, tls
+from valise import encoding, gctune, records, tls
 from valise.broker import fds, http, relay
 from valise.broker.home import BrokerHome
 from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
@@ -53,11 +53,13 @@ log = logging.getLogger("valise.broker")
 
 HANDSHAKE_TIMEOUT = 10.0
 COSIGN_TIMEOUT = 3.0
-# Witnesses are asked in waves, not all at once: a round asks up to 99, and their answers (a signature to verify
-# each) arriving together held up every packet in flight for ~15 ms once a second, which set the broker's p99
-# latency. 10 every 10 ms spreads a full round over ~0.1 s, a small delay for the cosigned note.
+# Witnesses are asked in waves, not all at once: a round asks up to 99, and each costs the broker ~0.25 ms (a
+# request, an answer, a signature to verify). All at once, they held up every packet in flight for ~15 ms once a
+# second, which set the broker's p99 latency; 10 every 10 ms still made a backlog that a broker near its core's
+# capacity took a few hundred ms to drain. 10 every 40 ms spreads a full round over ~0.4 s (at most half the
+# checkpoint interval, so a round's cosigned note is out before the next checkpoint replaces it).
 COSIGN_WAVE = 10
-COSIGN_PACE = 0.01
+COSIGN_PACE = 0.04
 SHUTDOWN_GRACE = 5.0
 FLUSH_AT = 256 * 1024  # write queued frames once this many bytes wait (a few TLS records' worth)
 # After a refused handshake, how long the peer may take to read the TLS alert that says why before the close.
@@ -123,6 +125,15 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc.__cause__ or exc
+
+
+def wave_pace(witnesses: int, checkpoint_interval: float) -> float:
+    """The pause between two waves of a cosigning round: COSIGN_PACE, or less if the round's waves would not
+    all be asked within half the checkpoint interval (whose next checkpoint would replace the note first)."""
+    waves = -(-witnesses // COSIGN_WAVE)
+    if waves <= 1:
+        return 0.0
+    return min(COSIGN_PACE, checkpoint_interval / 2 / (waves - 1))
 
 
 def pick_witnesses(names: list[str], turn: int, limit: int) -> list[str]:
@@ -419,11 +430,12 @@ class BrokerDaemon:
             log.warning("no cosigning round for checkpoint: %s", exc)
             return []
         got: list[note.Signature] = []
+        pace = wave_pace(len(witnesses), self.settings.checkpoint_interval)
         with trio.move_on_after(COSIGN_TIMEOUT):
             async with trio.open_nursery() as nursery:
                 for i, s in enumerate(witnesses):
                     if i and i % COSIGN_WAVE == 0:
-                        await trio.sleep(COSIGN_PACE)
+                        await trio.sleep(pace)
                     nursery.start_soon(s.request_cosignature, round_, got)
         return got
 
@@ -1400,6 +1412,7 @@ def serve_forever(home: BrokerHome, settings: Settings) -> None:
         daemon = BrokerDaemon(home, settings)
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.serve)
+            gctune.settle_for_serving()
             print(
                 f"broker {daemon.broker_id} listening on {settings.listen[0]}:{daemon.port}"
                 + (f", tiles on http://{settings.http[0]}:{daemon.http_port}/" if settings.http else ""),
