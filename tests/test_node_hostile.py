@@ -15,6 +15,7 @@ import trio
 from valise import identity, packet
 from valise.cli.node import call
 from valise.node import control, ops
+from valise.node import session as session_module
 from valise.node.daemon import ALARM_TEXT
 from valise.policy import records as policy_records
 from valise.wire import events as ev
@@ -206,4 +207,85 @@ async def test_a_local_client_that_stalls_mid_send_is_dropped(
         await client.aclose()
         assert not list((h.daemon.store.root / "tmp").glob("send-*"))
         assert h.daemon.store.outbox_all() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_deliveries_from_a_sender_the_log_never_shows_are_held_within_bounds_then_refused(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broker can name any sender. Deliveries from one the verified log does not show wait for it, unacknowledged,
+    at most HOLD_COUNT of them; past HOLD_TIME they are refused with an alarm and their files removed."""
+    monkeypatch.setattr(session_module, "HOLD_COUNT", 3)
+    monkeypatch.setattr(session_module, "HOLD_TIME", 0.3)
+    monkeypatch.setattr(session_module, "HOLD_RECHECK", 0.05)
+    h = Harness(world, members["FRA"])
+    tmp = h.daemon.store.tmp_path("x").parent
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        for seq in range(3):
+            await _deliver(broker, seq, seal(members["ITA"], [members["FRA"]], b"held %d" % seq, size=10))
+        await wait_for(lambda: h.daemon.holding() == 3)
+        assert len(list(tmp.iterdir())) == 3
+        await _deliver(broker, 3, seal(members["ITA"], [members["FRA"]], b"one too many", size=10))
+        await _no_ack(broker, h, 1)
+        (alarm,) = h.daemon.store.alarms()
+        assert "ITA is not a member in the verified log, and 3 deliveries" in alarm.message
+        await wait_for(lambda: h.daemon.holding() == 0)
+        await _no_ack(broker, h, 4)
+        assert (
+            sum("still not a member in the verified log after 0.3 s" in a.message for a in h.daemon.store.alarms()) == 3
+        )
+        assert list(tmp.iterdir()) == []
+        assert h.daemon.store.inbox_all() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_held_delivery_is_checked_once_its_sender_is_known_and_a_forged_one_refused(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    """Held unverified, a delivery gets the same checks as any other once the log shows its sender: a forged header
+    is refused with an alarm, the genuine packet is taken and acknowledged under its own seq."""
+    h = Harness(world, members["FRA"])
+    genuine = seal(members["ITA"], [members["FRA"]], b"from a new member", size=10)
+    head = packet.parse_head(genuine)
+    assert isinstance(head, packet.Head)
+    forged = bytearray(seal(members["ITA"], [members["FRA"]], b"forged", size=10))
+    forged[head.head_size - 1] ^= 1  # the last byte of the header's signature
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        await _deliver(broker, 0, bytes(forged))
+        await _deliver(broker, 1, genuine)
+        await wait_for(lambda: h.daemon.holding() == 2)
+        h.log.admit(members["ITA"])
+        session = h.daemon.session
+        assert session is not None
+        assert await h.daemon.sync(session)
+        ack = await broker.expect(ev.Ack)
+        assert (ack.seq, ack.id) == (1, head.core.packet_id)
+        await _no_ack(broker, h, 1)
+        (alarm,) = h.daemon.store.alarms()
+        assert "packet header from ITA" in alarm.message
+        assert h.daemon.holding() == 0
+        (row,) = h.daemon.store.inbox_all()
+        assert row.digest == head.digest
+        nursery.cancel_scope.cancel()
+
+
+async def test_held_deliveries_are_dropped_with_their_connection(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    """Nothing acknowledged them, so the broker pushes them again on the next connection; their files go now."""
+    h = Harness(world, members["FRA"])
+    tmp = h.daemon.store.tmp_path("x").parent
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        await _deliver(broker, 0, seal(members["ITA"], [members["FRA"]], b"held", size=10))
+        await wait_for(lambda: h.daemon.holding() == 1)
+        await broker.stream.aclose()
+        await wait_for(lambda: h.daemon.session is None)
+        assert list(tmp.iterdir()) == []
         nursery.cancel_scope.cancel()

@@ -406,6 +406,8 @@ def status(args: argparse.Namespace) -> int:
             )
     print(f"outbox     {_counts(reply['outbox'])}; {reply['acknowledgements']} signed acknowledgement(s) received")
     print(f"inbox      {_counts(reply['inbox'])}")
+    if reply.get("held"):
+        print(f"held       {reply['held']} delivery(ies) waiting for the verified log to show their sender")
     alarms = reply["alarms"]
     total = reply.get("alarms_total", len(alarms))
     latest = f" (the latest {len(alarms)} below)" if total > len(alarms) else ""

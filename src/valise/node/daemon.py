@@ -131,6 +131,7 @@ class NodeDaemon:
         self._outbox_wake = trio.Event()
         self._outcome = trio.Event()  # set (and replaced) whenever an outbox row leaves `queued`
         self._alarmed: set[tuple[str, str]] = {(a.kind, a.message) for a in self.store.alarms()}
+        self.log_advanced = trio.Event()  # set (and replaced) whenever the verified or trusted log moves on
         caught_up = self.follower.catch_up()  # a policy was removed: what it held back is trusted now
         if caught_up is not None:
             self._persist(caught_up)
@@ -279,6 +280,7 @@ class NodeDaemon:
                 nursery.start_soon(session.reader)
                 nursery.start_soon(session.worker)
                 nursery.start_soon(session.watchdog)
+                nursery.start_soon(session.releaser)
                 nursery.start_soon(self._submitter, session)
                 nursery.start_soon(self._poller, session)
         finally:
@@ -392,6 +394,13 @@ class NodeDaemon:
         for problem in done.problems:
             self.alarm("policy", problem)
         self.check_receipts()
+        # Deliveries held for a sender the log did not show may be taken now (Session.releaser).
+        self.log_advanced.set()
+        self.log_advanced = trio.Event()
+
+    def holding(self) -> int:
+        """Deliveries waiting for the verified log to show their sender (Session.held)."""
+        return len(self.session.held) if self.session is not None else 0
 
     async def witness(self, session: Session, note: bytes, old: int, proof: tuple[bytes, ...]) -> bytes:
         """Follow the log to `note` (it must extend everything verified), then cosign it as this member."""

@@ -398,6 +398,8 @@ async def op_status(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dic
             "detail": daemon.quorum_wait if f.awaiting else None,
         },
         "outbox": counts,
+        # Deliveries that wait, unacknowledged, for the verified log to show their sender (a new member).
+        "held": daemon.holding(),
         "acknowledgements": daemon.store.ack_count(),
         "inbox": inbox,
         # The latest alarms, and how many there are in all (a broker can raise them without end; the answer

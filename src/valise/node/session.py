@@ -41,17 +41,13 @@ log = logging.getLogger("valise.node")
 # their chunks by the flow-control window this node grants, so the channel can never need more than this.
 INBOUND_SLACK = 64
 
-
-# What the reader hands to the worker, in the order the broker sent them.
-PUSHED = (
-    ev.CosignRequest,
-    ev.DeliverBegin,
-    ev.DeliverChunk,
-    ev.DeliverEnd,
-    ev.DeliverCancel,
-    ev.AckForward,
-    ev.RetractForward,
-)
+# Deliveries from a sender the verified log does not show yet (specs/protocol.md, "Nodes"): the usual case is a
+# member admitted after the checkpoint this node last verified, or above its trusted one under a quorum policy.
+# They wait, spooled and unacknowledged, for the log to catch up; bounded, as a broker can claim any sender.
+HOLD_COUNT = 64  # the pushes a broker may have unconfirmed: more can never be waiting anyway
+HOLD_BYTES = 256 * 1024 * 1024  # spool space for unverified data; a larger delivery is refused until a reconnect
+HOLD_TIME = 600.0  # seconds; past that, the sender is refused with an alarm (the item stays in the mailbox)
+HOLD_RECHECK = 5.0  # seconds between checks for deliveries held too long
 
 
 # What the reader hands to the worker, in the order the broker sent them.
@@ -89,6 +85,18 @@ class Incoming:
     hasher: CiphertextHasher | None
     problem: str | None = None
     what: str = "a delivery"  # how alarms name it
+    awaiting: str | None = None  # a sender the verified log does not show yet: held at the end, not refused
+
+
+@dataclass(slots=True)
+class Held:
+    """A complete delivery whose sender's key the verified log does not show yet (see HOLD_COUNT)."""
+
+    seq: int
+    head: Head
+    path: Path
+    since: float  # trio time
+    what: str
 
 
 class Session:
@@ -103,6 +111,7 @@ class Session:
         size = limits.pushes * 4 + limits.window // 1024 + INBOUND_SLACK
         self._in_send, self._in_recv = trio.open_memory_channel[ev.Message](size)
         self._incoming: Incoming | None = None
+        self.held: dict[int, Held] = {}
         peer = conn.peer_limits
         self._requests = trio.Semaphore(max(1, (peer.requests if peer else 1) - 1))
         self._liveness = liveness.Liveness.starting(trio.current_time())
@@ -269,10 +278,9 @@ class Session:
                 raise PacketError(f"packet is for {', '.join(core.recipients)}, not {self.d.member}")
             key = await self.sender_key(core.sender)
             if key is None:
-                raise PacketError(f"sender {core.sender} is not a member in the verified log")
-            sign.verify(key, HEADER_DOMAIN, head.header.raw, head.signature, what=f"packet header from {core.sender}")
-            if core.expires <= self.d.now():  # it could not be read any more: not taken, not acknowledged
-                raise PacketError(f"packet {core.packet_id.hex()} from {core.sender} expired at {core.expires}")
+                self._room_to_hold(core.sender, msg.size)
+                inc.awaiting = core.sender  # its signature is checked once the log shows the sender's key
+            self._check(head, key)
         except (Error, SignatureError) as exc:
             inc.problem = exc.what
             inc.what = _delivery_name(msg.head)
@@ -285,6 +293,15 @@ class Session:
         inc.file = open(inc.path, "wb")  # noqa: SIM115, ASYNC230
         inc.file.write(msg.head)
         inc.hasher = CiphertextHasher(head.header)
+
+    def _check(self, head: Head, key: bytes | None) -> None:
+        """The header's signature under the sender's key (None: not known yet, checked when it is), and that
+        the packet has not expired (it could not be read any more: not taken, not acknowledged)."""
+        core = head.core
+        if key is not None:
+            sign.verify(key, HEADER_DOMAIN, head.header.raw, head.signature, what=f"packet header from {core.sender}")
+        if core.expires <= self.d.now():
+            raise PacketError(f"packet {core.packet_id.hex()} from {core.sender} expired at {core.expires}")
 
     async def _deliver_chunk(self, msg: ev.DeliverChunk) -> None:
         inc = self._incoming
@@ -323,18 +340,69 @@ class Session:
             return
         inc.file.flush()
         inc.file.close()
-        head = inc.head
+        if inc.awaiting is not None:
+            self.held[msg.seq] = Held(msg.seq, inc.head, inc.path, trio.current_time(), inc.what)
+            log.info("holding %s until the verified log shows %s", inc.what, inc.awaiting)
+            return
+        await self._accept(msg.seq, inc.head, inc.path, inc.what)
+
+    async def _accept(self, seq: int, head: Head, path: Path, what: str) -> None:
+        """Store a verified, complete delivery in the inbox and acknowledge it."""
         core = head.core
         now = self.d.now()
         try:
-            self.d.store.inbox_add_file(head.digest, core.packet_id, core.sender, now, core.labels.to_json(), inc.path)
+            self.d.store.inbox_add_file(head.digest, core.packet_id, core.sender, now, core.labels.to_json(), path)
         except PacketError as exc:
-            self.d.alarm("delivery", f"refused {inc.what}: {exc.what}")
+            self.d.alarm("delivery", f"refused {what}: {exc.what}")
             return
         ack = records.Ack.make(self.d.identity.signing, core.packet_id, head.digest, core.sender, self.d.member, now)
-        await self.send(ev.Ack(msg.seq, core.packet_id, ack.raw))
+        await self.send(ev.Ack(seq, core.packet_id, ack.raw))
         self.d.store.inbox_mark(head.digest, acked=True)
         log.info("received packet %s from %s", core.packet_id.hex(), core.sender)
+
+    # --- deliveries that wait for the log -------------------------------------------------------------------
+
+    def _room_to_hold(self, sender: str, size: int) -> None:
+        """Raise unless one more delivery of `size` bytes may wait for the log to show `sender`."""
+        waiting = sum(h.head.header.ct_len for h in self.held.values())
+        if len(self.held) >= HOLD_COUNT or waiting + size > HOLD_BYTES:
+            raise PacketError(
+                f"sender {sender} is not a member in the verified log, and {len(self.held)} deliveries "
+                f"({waiting} bytes) already wait for it to catch up"
+            )
+
+    async def releaser(self) -> None:
+        """Take held deliveries once the verified log shows their sender; refuse those that waited too long.
+        Held files are this connection's: the broker pushes every unacknowledged item again on the next one."""
+        try:
+            while True:
+                advanced = self.d.log_advanced
+                with trio.move_on_after(HOLD_RECHECK):
+                    await advanced.wait()
+                await self._release(trio.current_time())
+        finally:
+            for held in self.held.values():
+                held.path.unlink(missing_ok=True)
+            self.held.clear()
+
+    async def _release(self, now: float) -> None:
+        for seq, held in list(self.held.items()):
+            core = held.head.core
+            key = self.d.follower.member_key(core.sender)
+            if key is None and now - held.since < HOLD_TIME:
+                continue
+            del self.held[seq]
+            try:
+                if key is None:
+                    raise PacketError(
+                        f"sender {core.sender} is still not a member in the verified log after {HOLD_TIME:g} s"
+                    )
+                self._check(held.head, key)
+            except (Error, SignatureError) as exc:
+                held.path.unlink(missing_ok=True)
+                self.d.alarm("delivery", f"refused {held.what}: {exc.what}")
+                continue
+            await self._accept(seq, held.head, held.path, held.what)
 
     def _discard(self) -> None:
         if self._incoming is not None:
