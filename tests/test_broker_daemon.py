@@ -485,3 +485,48 @@ async def test_packets_larger_than_the_window_reach_a_member_that_grants_credit_
                 world.members["DEU"].signing, head.core.packet_id, head.digest, "FRA", "DEU", int(time.time())
             )
             await deu.send(ev.Ack(begin.seq, head.core.packet_id, ack.raw))
+
+
+async def test_a_refused_delivery_frees_its_push_slot_and_stays_in_the_mailbox(tmp_path: Path) -> None:
+    """A member that refuses an item (wire.md rule 13) gets the next one on the same connection, even with a
+    single push slot; the refused item is pushed again on its next connection."""
+    import dataclasses
+
+    from valise.wire import SUPPORTED_VERSIONS
+    from valise.wire.connection import Connection
+    from valise.wire.state import Role
+
+    world = _world(tmp_path)
+    first, second = (seal(world, "FRA", ["DEU"], p) for p in (b"refused at first", b"taken"))
+    async with running_broker(world) as broker:
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            for data in (first, second):
+                assert isinstance(await fra.submit(data), ev.Receipt)
+        async with WireClient.connect(world, "DEU", broker.port, hello=False) as deu:
+            deu.conn = Connection(Role.CLIENT, dataclasses.replace(deu.conn.limits, pushes=1))
+            await deu.send(ev.Hello(SUPPORTED_VERSIONS, "DEU", "node", 0, deu.conn.limits))
+            assert isinstance(await deu.next(), ev.Welcome)
+            seq, data = await deu.receive_delivery()
+            assert data == first
+            await deu.send(ev.Refuse(seq, codes.BAD_SIGNATURE, "a test that says no"))
+            seq2, data = await deu.receive_delivery()  # the slot is free again: the next item comes
+            assert seq2 > seq
+            assert data == second
+            await deu.send(ev.Ack(seq2, *_ack_fields(world, data)))
+            await deu.sync()
+        assert broker.refusals == 1
+        digest = hashlib.sha256(packet.parse_head(first).header.raw).digest()  # type: ignore[union-attr]
+        assert broker.mail.has_item("DEU", "packet", digest)
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            _, data = await deu.receive_delivery()
+            assert data == first
+
+
+def _ack_fields(world: World, data: bytes) -> tuple[bytes, bytes]:
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    core = head.core
+    ack = records.Ack.make(
+        world.members["DEU"].signing, core.packet_id, head.digest, core.sender, "DEU", int(time.time())
+    )
+    return core.packet_id, ack.raw

@@ -392,9 +392,11 @@ async def test_forwarded_acks_and_retractions_are_verified(world: dict[str, Any]
         await broker.send(ev.AckForward(0, bytes(16), "DEU", 5, ack.raw))
         assert (await broker.expect(ev.Seen)).seq == 0
         assert h.daemon.store.acks_for(bytes(16)) == {"DEU": ack.raw}
-        # An acknowledgement signed by someone else than it claims is refused and not confirmed.
+        # An acknowledgement signed by someone else than it claims is refused (`refuse`, not `seen`).
         forged = records.Ack.make(fra.signing, bytes([1]) * 16, bytes(32), "FRA", "DEU", NOW)
         await broker.send(ev.AckForward(1, bytes([1]) * 16, "DEU", 6, forged.raw))
+        refusal = await broker.expect(ev.Refuse)
+        assert (refusal.seq, refusal.code) == (1, "bad-signature")
         # DEU delivers a packet, then retracts it.
         await broker.send(ev.DeliverBegin(2, data[: head.head_size], len(data) - head.head_size))
         await broker.send(ev.DeliverChunk(2, data[head.head_size :]))
@@ -407,7 +409,8 @@ async def test_forwarded_acks_and_retractions_are_verified(world: dict[str, Any]
         assert (row.state, row.retraction) == ("retracted", "sent by mistake")
         (alarm,) = h.daemon.store.alarms()
         assert "seq 1 refused" in alarm.message
-        assert 1 in broker.conn.unconfirmed
+        assert broker.conn.unconfirmed == frozenset()  # the refusal confirmed it
+        assert h.daemon.store.acks_for(bytes([1]) * 16) == {}
         nursery.cancel_scope.cancel()
 
 

@@ -18,6 +18,7 @@ from valise.node import control, ops
 from valise.node import session as session_module
 from valise.node.daemon import ALARM_TEXT
 from valise.policy import records as policy_records
+from valise.wire import codes
 from valise.wire import events as ev
 
 from .conftest import NOW, seeded_random
@@ -33,12 +34,14 @@ async def _deliver(broker: ScriptedBroker, seq: int, data: bytes) -> None:
     await broker.send(ev.DeliverEnd(seq))
 
 
-async def _no_ack(broker: ScriptedBroker, h: Harness, alarms: int) -> None:
-    """No acknowledgement comes (a ping round trip shows the node has handled everything sent before it)."""
-    await wait_for(lambda: len(h.daemon.store.alarms()) >= alarms)
-    await broker.send(ev.Ping(99))
-    reply = await broker.events.receive()
-    assert isinstance(reply, ev.Pong), reply
+async def _refused(broker: ScriptedBroker, *codes_in_order: str) -> list[ev.Refuse]:
+    """The node answers each item with a `refuse` (never an `ack`), which frees its push slot at the broker."""
+    got = []
+    for code in codes_in_order:
+        msg = await broker.expect(ev.Refuse)
+        assert msg.code == code, msg
+        got.append(msg)
+    return got
 
 
 MALFORMED: list[dict[str, Any]] = [
@@ -125,9 +128,12 @@ async def test_an_expired_packet_is_refused_not_acknowledged(
     async with trio.open_nursery() as nursery:
         broker = await serve_daemon(nursery, h)
         await _deliver(broker, 0, out.getvalue())
-        await _no_ack(broker, h, 1)
+        (refusal,) = await _refused(broker, codes.STALE)
+        assert refusal.seq == 0
         (alarm,) = h.daemon.store.alarms()
         assert "expired at" in alarm.message
+        assert alarm.message.startswith("refused packet ")  # named by the packet, whose head parses
+        assert refusal.message == alarm.message
         assert h.daemon.store.inbox_all() == []
         nursery.cancel_scope.cancel()
 
@@ -145,7 +151,7 @@ async def test_a_second_packet_under_one_packet_id_is_refused_and_not_kept(
         assert isinstance(await broker.expect(ev.Ack), ev.Ack)
         for seq in (1, 2):  # pushed again after a reconnection: still one alarm
             await _deliver(broker, seq, other)
-            await _no_ack(broker, h, 1)
+            await _refused(broker, codes.REPLAY)
         (alarm,) = h.daemon.store.alarms()
         assert "already in the inbox for another packet" in alarm.message
         (row,) = h.daemon.store.inbox_all()
@@ -229,11 +235,12 @@ async def test_deliveries_from_a_sender_the_log_never_shows_are_held_within_boun
         await wait_for(lambda: h.daemon.holding() == 3)
         assert len(list(tmp.iterdir())) == 3
         await _deliver(broker, 3, seal(members["ITA"], [members["FRA"]], b"one too many", size=10))
-        await _no_ack(broker, h, 1)
+        await _refused(broker, codes.UNKNOWN_MEMBER)
         (alarm,) = h.daemon.store.alarms()
         assert "ITA is not a member in the verified log, and 3 deliveries" in alarm.message
-        await wait_for(lambda: h.daemon.holding() == 0)
-        await _no_ack(broker, h, 4)
+        refusals = await _refused(broker, *[codes.UNKNOWN_MEMBER] * 3)
+        assert sorted(r.seq for r in refusals) == [0, 1, 2]
+        assert h.daemon.holding() == 0
         assert (
             sum("still not a member in the verified log after 0.3 s" in a.message for a in h.daemon.store.alarms()) == 3
         )
@@ -263,9 +270,10 @@ async def test_a_held_delivery_is_checked_once_its_sender_is_known_and_a_forged_
         session = h.daemon.session
         assert session is not None
         assert await h.daemon.sync(session)
+        (refusal,) = await _refused(broker, codes.BAD_SIGNATURE)
+        assert refusal.seq == 0
         ack = await broker.expect(ev.Ack)
         assert (ack.seq, ack.id) == (1, head.core.packet_id)
-        await _no_ack(broker, h, 1)
         (alarm,) = h.daemon.store.alarms()
         assert "packet header from ITA" in alarm.message
         assert h.daemon.holding() == 0
@@ -274,17 +282,24 @@ async def test_a_held_delivery_is_checked_once_its_sender_is_known_and_a_forged_
         nursery.cancel_scope.cancel()
 
 
-async def test_held_deliveries_are_dropped_with_their_connection(
+async def test_held_and_partial_deliveries_are_dropped_with_their_connection(
     world: dict[str, Any],  # noqa: F811
     members: dict[str, identity.Identity],
 ) -> None:
-    """Nothing acknowledged them, so the broker pushes them again on the next connection; their files go now."""
+    """Nothing acknowledged them, so the broker pushes them again on the next connection; their files go now (a
+    delivery cut off midway left its partial file, and an open file, until the daemon restarted)."""
     h = Harness(world, members["FRA"])
     tmp = h.daemon.store.tmp_path("x").parent
     async with trio.open_nursery() as nursery:
         broker = await serve_daemon(nursery, h)
         await _deliver(broker, 0, seal(members["ITA"], [members["FRA"]], b"held", size=10))
         await wait_for(lambda: h.daemon.holding() == 1)
+        partial = seal(members["DEU"], [members["FRA"]], b"cut off", size=1000)
+        head = packet.parse_head(partial)
+        assert isinstance(head, packet.Head)
+        await broker.send(ev.DeliverBegin(1, partial[: head.head_size], len(partial) - head.head_size))
+        await broker.send(ev.DeliverChunk(1, partial[head.head_size : head.head_size + 100]))
+        await wait_for(lambda: len(list(tmp.iterdir())) == 2)
         await broker.stream.aclose()
         await wait_for(lambda: h.daemon.session is None)
         assert list(tmp.iterdir()) == []

@@ -36,6 +36,7 @@ SAMPLES: list[ev.Message] = [
     ev.RetractForward(seq=7, id=PID, by="FRA", index=44, retraction=b"signed retraction"),
     ev.Ack(seq=5, id=PID, ack=b"signed ack"),
     ev.Seen(seq=6),
+    ev.Refuse(seq=7, code=codes.BAD_SIGNATURE, message="packet header from DEU does not verify"),
     ev.Retract(rid=3, id=PID, retraction=b"signed retraction"),
     ev.RetractResult(rid=3, index=44, receipt=b"signed receipt"),
     ev.Statement(rid=4, statement=b"signed statement"),

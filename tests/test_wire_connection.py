@@ -402,6 +402,24 @@ def test_ack_and_seen_must_match_what_was_pushed() -> None:
     assert violation(pair, C, ev.Ack(1, PID, b"a")).code == codes.UNEXPECTED_FRAME  # not delivered in full yet
 
 
+def test_a_refusal_confirms_any_pushed_item_once_and_frees_its_slot() -> None:
+    """`refuse` confirms a delivery or a notice the node will not take (it stays in the broker's mailbox)."""
+    pair = opened(client=SMALL)
+    pair.send(S, ev.DeliverBegin(1, b"h", 0), ev.DeliverEnd(1), ev.AckForward(2, PID, "DEU", 1, b"a"))
+    assert pair.server.push_room == 0
+    refusals = [ev.Refuse(1, codes.BAD_SIGNATURE, "forged"), ev.Refuse(2, codes.BAD_SIGNATURE, "forged ack")]
+    assert pair.send(C, *refusals) == refusals
+    assert pair.server.unconfirmed == frozenset()
+    assert pair.server.push_room == 2
+    assert violation(pair, C, ev.Refuse(1, codes.REFUSED, "twice")).code == codes.UNEXPECTED_FRAME
+    pair = opened()
+    pair.send(S, ev.DeliverBegin(1, b"h", 3))
+    assert violation(pair, C, ev.Refuse(1, codes.BAD_PACKET, "early")).code == codes.UNEXPECTED_FRAME  # still open
+    pair = opened()
+    pair.send(S, ev.DeliverBegin(1, b"h", 0), ev.DeliverEnd(1))
+    assert refused_locally(pair.server, ev.Refuse(1, codes.REFUSED, "x")).code == codes.UNEXPECTED_FRAME  # C→S only
+
+
 def test_unconfirmed_pushes_are_bounded() -> None:
     pair = opened(client=SMALL)
     pair.send(S, ev.DeliverBegin(1, b"h", 0), ev.DeliverEnd(1), ev.AckForward(2, PID, "DEU", 1, b"a"))

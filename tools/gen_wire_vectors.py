@@ -55,7 +55,8 @@ def _hex_lines(data: bytes, width: int = 32) -> list[str]:
 
 
 def session() -> list[tuple[Role, ev.Message]]:
-    """The scripted session of the transcript: handshake, submit, receipt, delivery, ack, queries, goodbye."""
+    """The scripted session of the transcript: handshake, submit, receipt, deliveries (one taken, one refused),
+    ack, queries, goodbye."""
     pair = ConnectionPair()
     script: list[tuple[Role, ev.Message]] = [
         (Role.CLIENT, pair.hello(member="FRA", seen=41)),
@@ -73,6 +74,11 @@ def session() -> list[tuple[Role, ev.Message]]:
         (Role.CLIENT, ev.Credit(amount=len(CIPHERTEXT))),
         (Role.SERVER, ev.AckForward(seq=8, id=PID, by="DEU", index=43, ack=b"<signed ack>")),
         (Role.CLIENT, ev.Seen(seq=8)),
+        (Role.SERVER, ev.DeliverBegin(seq=9, head=HEAD, size=len(CIPHERTEXT))),
+        (Role.SERVER, ev.DeliverChunk(seq=9, data=CIPHERTEXT)),
+        (Role.SERVER, ev.DeliverEnd(seq=9)),
+        (Role.CLIENT, ev.Refuse(seq=9, code=codes.BAD_SIGNATURE, message="packet header from DEU does not verify")),
+        (Role.CLIENT, ev.Credit(amount=len(CIPHERTEXT))),
         (Role.CLIENT, ev.GetInclusion(rid=2, index=42, size=44)),
         (Role.SERVER, ev.Inclusion(rid=2, proof=(bytes(range(32)), bytes(range(32, 64))))),
         (Role.CLIENT, ev.Ping(n=1)),

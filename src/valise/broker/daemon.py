@@ -182,6 +182,7 @@ class BrokerDaemon:
         self._cosign_turn = 0  # checkpoints sent out for cosigning (see pick_witnesses)
         self.acks_pending: set[tuple[str, bytes]] = set()  # (recipient, digest): acknowledgements being logged
         self.withdrawals = 0  # packets taken out of mailboxes undelivered (retracted, purged) so far
+        self.refusals = 0  # pushed items members refused (`refuse`): they stay in the mailboxes
         self._wake_committer = trio.Event()
         self._policy_lock = trio.Lock()
         self._policy_lock_file = open(home.policy_lock_path, "a+b")  # noqa: SIM115 - held for the daemon's life
@@ -832,6 +833,14 @@ class Session:
             item = self._pushed.pop(event.seq, None)
             if item is not None:
                 self.d.confirm_later(self.member, item.kind, item.digest)
+            self._room_freed()
+        elif isinstance(event, ev.Refuse):
+            # The member will not take the item: its push slot is free again, the item stays in the mailbox (the
+            # pusher moves on past its seq; a later connection, or the purge at its expiry, settles it).
+            item = self._pushed.pop(event.seq, None)
+            what = f"{item.kind} {item.digest.hex()[:16]}" if item is not None else "an item"
+            log.warning("%s refused %s (seq %d): %s: %r", self.member, what, event.seq, event.code, event.message)
+            self.d.refusals += 1
             self._room_freed()
         elif isinstance(event, ev.Retract):
             await self._retract(event)

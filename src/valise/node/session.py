@@ -30,6 +30,7 @@ from valise.errors import Error, PacketError, ProtocolError, RemoteError, Remote
 from valise.packet.format import HEADER_DOMAIN, CiphertextHasher, Head, NeedMore, parse_head
 from valise.wire import codes, liveness
 from valise.wire import events as ev
+from valise.wire import limits as L
 from valise.wire.connection import NEED_DATA, READ_SIZE, Connection, Signal
 
 if TYPE_CHECKING:
@@ -66,6 +67,20 @@ class Disconnected(Error):
     """The broker closed the connection or said goodbye."""
 
 
+class Refusal(PacketError):
+    """A pushed item this node will not take, with the wire code its `refuse` carries."""
+
+    def __init__(self, code: str, what: str) -> None:
+        super().__init__(what)
+        self.code = code
+
+
+def refusal_code(exc: Error) -> str:
+    if isinstance(exc, Refusal):
+        return exc.code
+    return codes.BAD_SIGNATURE if isinstance(exc, SignatureError) else codes.BAD_PACKET
+
+
 @dataclass(slots=True)
 class Reply:
     """An answer slot for one request of ours."""
@@ -84,6 +99,7 @@ class Incoming:
     path: Path | None
     hasher: CiphertextHasher | None
     problem: str | None = None
+    code: str = codes.BAD_PACKET  # the `refuse` code that goes with `problem`
     what: str = "a delivery"  # how alarms name it
     awaiting: str | None = None  # a sender the verified log does not show yet: held at the end, not refused
 
@@ -238,6 +254,12 @@ class Session:
     # --- the worker -----------------------------------------------------------------------------------------
 
     async def worker(self) -> None:
+        try:
+            await self._work()
+        finally:
+            self._discard()  # a delivery cut off with the connection: its partial file goes (it is pushed again)
+
+    async def _work(self) -> None:
         async with self._in_recv:
             async for msg in self._in_recv:
                 if isinstance(msg, ev.DeliverBegin):
@@ -267,10 +289,12 @@ class Session:
         self._discard()
         inc = Incoming(msg.seq, None, None, None, None)
         self._incoming = inc
+        parsed: Head | None = None
         try:
             head = parse_head(msg.head)
             if isinstance(head, NeedMore) or head.head_size != len(msg.head):
                 raise PacketError("deliver-begin head is not exactly one packet head")
+            parsed = head
             if head.header.ct_len != msg.size:
                 raise PacketError(f"declared size {msg.size} is not the header's ciphertext length")
             core = head.core
@@ -281,9 +305,10 @@ class Session:
                 self._room_to_hold(core.sender, msg.size)
                 inc.awaiting = core.sender  # its signature is checked once the log shows the sender's key
             self._check(head, key)
-        except (Error, SignatureError) as exc:
+        except Error as exc:
             inc.problem = exc.what
-            inc.what = _delivery_name(msg.head)
+            inc.code = refusal_code(exc)
+            inc.what = _delivery_name(msg.head, parsed)
             log.warning("delivery seq %d refused: %s", msg.seq, exc.what)
             return
         inc.what = _delivery_name(msg.head, head)
@@ -301,7 +326,7 @@ class Session:
         if key is not None:
             sign.verify(key, HEADER_DOMAIN, head.header.raw, head.signature, what=f"packet header from {core.sender}")
         if core.expires <= self.d.now():
-            raise PacketError(f"packet {core.packet_id.hex()} from {core.sender} expired at {core.expires}")
+            raise Refusal(codes.STALE, f"packet {core.packet_id.hex()} from {core.sender} expired at {core.expires}")
 
     async def _deliver_chunk(self, msg: ev.DeliverChunk) -> None:
         inc = self._incoming
@@ -313,6 +338,7 @@ class Session:
                 inc.file.write(msg.data)
             except Error as exc:
                 inc.problem = exc.what
+                inc.code = codes.HASH_MISMATCH
         await self._grant()
 
     async def _grant(self) -> None:
@@ -332,11 +358,10 @@ class Session:
                 inc.hasher.finish()
             except Error as exc:
                 inc.problem = exc.what
+                inc.code = codes.HASH_MISMATCH
         if inc.problem is not None or inc.head is None or inc.path is None or inc.file is None:
             self._close(inc)
-            # Not acknowledged: the item stays in the broker's mailbox; the alarm makes the refusal visible. Named
-            # by the packet, not the seq, so the same refusal after each reconnection is one alarm.
-            self.d.alarm("delivery", f"refused {inc.what}: {inc.problem}")
+            await self._refuse(msg.seq, inc.code, f"refused {inc.what}: {inc.problem}")
             return
         inc.file.flush()
         inc.file.close()
@@ -353,12 +378,19 @@ class Session:
         try:
             self.d.store.inbox_add_file(head.digest, core.packet_id, core.sender, now, core.labels.to_json(), path)
         except PacketError as exc:
-            self.d.alarm("delivery", f"refused {what}: {exc.what}")
+            await self._refuse(seq, codes.REPLAY, f"refused {what}: {exc.what}")
             return
         ack = records.Ack.make(self.d.identity.signing, core.packet_id, head.digest, core.sender, self.d.member, now)
         await self.send(ev.Ack(seq, core.packet_id, ack.raw))
         self.d.store.inbox_mark(head.digest, acked=True)
         log.info("received packet %s from %s", core.packet_id.hex(), core.sender)
+
+    async def _refuse(self, seq: int, code: str, alarm: str, kind: str = "delivery") -> None:
+        """Refuse a pushed item: an alarm, and a `refuse` so that it no longer holds one of the broker's push slots
+        (it stays in the broker's mailbox). The alarm is named by the packet, not the seq, so the same refusal
+        after each reconnection is one alarm."""
+        self.d.alarm(kind, alarm)
+        await self.send(ev.Refuse(seq, code, _cut(alarm, L.MAX_TEXT)))
 
     # --- deliveries that wait for the log -------------------------------------------------------------------
 
@@ -366,9 +398,10 @@ class Session:
         """Raise unless one more delivery of `size` bytes may wait for the log to show `sender`."""
         waiting = sum(h.head.header.ct_len for h in self.held.values())
         if len(self.held) >= HOLD_COUNT or waiting + size > HOLD_BYTES:
-            raise PacketError(
+            raise Refusal(
+                codes.UNKNOWN_MEMBER,
                 f"sender {sender} is not a member in the verified log, and {len(self.held)} deliveries "
-                f"({waiting} bytes) already wait for it to catch up"
+                f"({waiting} bytes) already wait for it to catch up",
             )
 
     async def releaser(self) -> None:
@@ -394,13 +427,14 @@ class Session:
             del self.held[seq]
             try:
                 if key is None:
-                    raise PacketError(
-                        f"sender {core.sender} is still not a member in the verified log after {HOLD_TIME:g} s"
+                    raise Refusal(
+                        codes.UNKNOWN_MEMBER,
+                        f"sender {core.sender} is still not a member in the verified log after {HOLD_TIME:g} s",
                     )
                 self._check(held.head, key)
-            except (Error, SignatureError) as exc:
+            except Error as exc:
                 held.path.unlink(missing_ok=True)
-                self.d.alarm("delivery", f"refused {held.what}: {exc.what}")
+                await self._refuse(seq, refusal_code(exc), f"refused {held.what}: {exc.what}")
                 continue
             await self._accept(seq, held.head, held.path, held.what)
 
@@ -425,7 +459,9 @@ class Session:
             if ack.recipient != msg.by or ack.sender != self.d.member or ack.packet_id != msg.id:
                 raise SignatureError(f"acknowledgement by {msg.by} does not match the forwarded item")
         except Error as exc:
-            self.d.alarm("ack", f"forwarded acknowledgement seq {msg.seq} refused: {exc.what}")
+            await self._refuse(
+                msg.seq, refusal_code(exc), f"forwarded acknowledgement seq {msg.seq} refused: {exc.what}", "ack"
+            )
             return
         self.d.store.record_ack(ack.packet_id, ack.recipient, ack.raw)
         await self.send(ev.Seen(msg.seq))
@@ -439,7 +475,9 @@ class Session:
                 raise SignatureError(f"{msg.by} is not a member in the verified log")
             retraction = records.Retraction.verified(msg.retraction, key)
         except Error as exc:
-            self.d.alarm("retract", f"forwarded retraction seq {msg.seq} refused: {exc.what}")
+            await self._refuse(
+                msg.seq, refusal_code(exc), f"forwarded retraction seq {msg.seq} refused: {exc.what}", "retract"
+            )
             return
         row = self.d.store.inbox_get(retraction.digest)
         if row is not None and row.sender == retraction.sender:
@@ -460,6 +498,11 @@ def _delivery_name(head_bytes: bytes, head: Head | None = None) -> str:
     if head is not None:
         return f"packet {head.core.packet_id.hex()} from {head.core.sender} (header digest {head.digest.hex()[:16]})"
     return f"a delivery whose head does not parse (SHA-256 {hashlib.sha256(head_bytes).hexdigest()[:16]})"
+
+
+def _cut(text: str, limit: int) -> str:
+    """At most `limit` bytes of UTF-8, cut on a character boundary."""
+    return text.encode()[:limit].decode(errors="ignore")
 
 
 def digest_of(header: bytes) -> bytes:

@@ -192,6 +192,7 @@ SCHEMAS: dict[type[events.Message], dict[str, Check]] = {
     events.RetractForward: {"seq": SEQ, "id": PACKET_ID, "by": _member, "index": INDEX, "retraction": SIGNED},
     events.Ack: {"seq": SEQ, "id": PACKET_ID, "ack": SIGNED},
     events.Seen: {"seq": SEQ},
+    events.Refuse: {"seq": SEQ, "code": _code, "message": _text},
     events.Retract: {"rid": RID, "id": PACKET_ID, "retraction": SIGNED},
     events.RetractResult: {"rid": RID, "index": INDEX, "receipt": SIGNED},
     events.Statement: {"rid": RID, "statement": SIGNED},

@@ -199,6 +199,17 @@ class Seen(Message):
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class Refuse(Message):
+    """Confirms a pushed item (a delivery or a notice) without taking it: it failed the node's checks. The broker
+    stops counting it against `pushes` but keeps it in the mailbox (wire.md rule 13)."""
+
+    TYPE: ClassVar[str] = "refuse"
+    seq: int
+    code: str
+    message: str
+
+
 # --- other requests and their answers -------------------------------------------------------------------------
 
 
@@ -399,6 +410,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     RetractForward,
     Ack,
     Seen,
+    Refuse,
     Retract,
     RetractResult,
     Statement,

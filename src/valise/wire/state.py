@@ -50,6 +50,7 @@ CLIENT_SENDS = frozenset(
         ev.SubmitCancel,
         ev.Ack,
         ev.Seen,
+        ev.Refuse,
         ev.Retract,
         ev.Statement,
         ev.GetCheckpoint,
@@ -88,6 +89,7 @@ NODE_ONLY = frozenset(
         ev.SubmitCancel,
         ev.Ack,
         ev.Seen,
+        ev.Refuse,
         ev.Retract,
         ev.Statement,
         ev.Receipt,
@@ -316,11 +318,11 @@ class Grammar:
             self._check_push(msg.TYPE, msg.seq)
             self.last_seq = msg.seq
             self.unacked[msg.seq] = type(msg)
-        elif isinstance(msg, ev.Ack | ev.Seen):
+        elif isinstance(msg, ev.Ack | ev.Seen | ev.Refuse):
             pushed = self.unacked.get(msg.seq)
-            wanted = isinstance(msg, ev.Ack) == (pushed is ev.DeliverBegin)
+            wanted = isinstance(msg, ev.Refuse) or isinstance(msg, ev.Ack) == (pushed is ev.DeliverBegin)
             if pushed is None or not wanted:
-                what = "a delivered packet" if isinstance(msg, ev.Ack) else "a forwarded notice"
+                what = {ev.Ack: "a delivered packet", ev.Seen: "a forwarded notice"}.get(type(msg), "a pushed item")
                 raise _unexpected(f"{msg.TYPE} for seq {msg.seq}, which is not {what} awaiting confirmation")
             del self.unacked[msg.seq]
         elif isinstance(msg, ev.Credit):
