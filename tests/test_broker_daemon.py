@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sqlite3
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import trio
 
 from valise import encoding, packet, records
+from valise.broker.daemon import BrokerDaemon
 from valise.store.sqlite import SqliteLog
 from valise.tlog import merkle
 from valise.wire import codes
@@ -530,3 +532,70 @@ def _ack_fields(world: World, data: bytes) -> tuple[bytes, bytes]:
         world.members["DEU"].signing, core.packet_id, head.digest, core.sender, "DEU", int(time.time())
     )
     return core.packet_id, ack.raw
+
+
+async def _follow(client: WireClient, size: int) -> tuple[bytes, list[int], int]:
+    """Fetch entries [0, size) as a node does; return the root they give, the indexes served in full, and how
+    many items came."""
+    r = merkle.CompactRange()
+    full: list[int] = []
+    items = 0
+    while r.size < size:
+        await client.send(ev.GetEntries(client.conn.new_rid(), r.size, size))
+        answer = await client.next_of(ev.Entries)
+        assert isinstance(answer, ev.Entries)
+        assert answer.start == r.size
+        spans = dict(zip(answer.hashed, answer.levels, strict=True))
+        for i, item in enumerate(answer.entries):
+            if i in spans:
+                r.append_subtree(item, spans[i])
+            else:
+                full.append(r.size)
+                r.append(merkle.hash_leaf(item))
+        items += len(answer.entries)
+    return r.root(), full, items
+
+
+async def test_a_member_follows_the_log_at_the_cost_of_what_it_may_read(tmp_path: Path) -> None:
+    """Runs of other members' traffic come as a few stored subtree hashes, not one hash per entry: a broker that
+    parsed and hashed every entry for every member could not serve 196 following nodes (protocol.md, "Reading
+    the log"). What the member may read comes in full, including a record an operator command appended while
+    the broker ran, and the items still give the checkpoint's root."""
+    from valise.broker.readers import EVERYONE, readers_of
+
+    world = _world(tmp_path)
+    async with running_broker(world, checkpoint_interval=3600) as broker:
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            for i in range(120):
+                to = ["DEU"] if i == 60 else ["ITA"]
+                assert isinstance(await fra.submit(seal(world, "FRA", to, b"%d" % i)), ev.Receipt)
+        world.operator("group-create", name="europe", kind="region", start=None, end=None)  # as the CLI, another writer
+        await wait_for_fold(broker)
+        await broker.publish_checkpoint()
+        size = broker.log.latest.size  # type: ignore[union-attr]
+        entries = broker.store.entries(0, size)
+        mine = [i for i, e in enumerate(entries) if {"DEU", EVERYONE} & set(readers_of(e, lambda _: None))]
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            deu.refuse_cosign = True
+            root, full, items = await _follow(deu, size)
+        assert root == broker.log.latest.root  # type: ignore[union-attr]
+        assert full == mine
+        assert len(mine) < 12  # genesis, three admissions, two consents, DEU's packet, the group
+        assert items < len(mine) + 2 * 8 * 3  # a few subtrees per run of ITA's traffic, not 119 leaf hashes
+    # A broker directory from before readers were recorded (or a crash before the batch's mailbox commit): the
+    # broker records them from the log when it starts.
+    with sqlite3.connect(world.home.root / "mailbox.db") as db:
+        db.execute("DELETE FROM readers")
+        db.execute("DELETE FROM meta")
+    async with (
+        running_broker(world, checkpoint_interval=3600) as broker,
+        WireClient.connect(world, "DEU", broker.port) as deu,
+    ):
+        deu.refuse_cosign = True
+        assert await _follow(deu, size) == (root, full, items)
+
+
+async def wait_for_fold(broker: BrokerDaemon) -> None:
+    with trio.fail_after(10):
+        while broker.policy.size < broker.store.size():  # noqa: ASYNC110 - the broker folds on its own poll
+            await trio.sleep(0.02)

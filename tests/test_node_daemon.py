@@ -70,8 +70,8 @@ class ScriptedBroker:
             await self.send(ev.Checkpoint(msg.rid, latest.note))
         elif isinstance(msg, ev.GetEntries):
             self.entries_served.append((msg.start, msg.end))
-            items, hashed = self.log.page(msg.start, msg.end, "FRA")
-            await self.send(ev.Entries(msg.rid, msg.start, tuple(items), tuple(hashed)))
+            items, hashed, levels = self.log.page(msg.start, msg.end, "FRA")
+            await self.send(ev.Entries(msg.rid, msg.start, tuple(items), tuple(hashed), tuple(levels)))
         elif not isinstance(msg, ev.Hello):
             await self.send_events.send(msg)
 

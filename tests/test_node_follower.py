@@ -62,18 +62,30 @@ class Log:
             )
         )
 
-    def page(self, start: int, end: int, member: str) -> tuple[list[bytes], list[int]]:
-        """Entries [start, end) as served to `member`: other members' traffic as leaf hashes."""
+    def page(self, start: int, end: int, member: str) -> tuple[list[bytes], list[int], list[int]]:
+        """Entries [start, end) as the broker serves them to `member` (at most a tile's worth of items): entries it
+        may read in full, the runs of other members' traffic in between as stored complete-subtree hashes."""
+        store = self.service.store
+        readable = []
+        for i, e in enumerate(store.entries(start, end)):
+            kind, m = records.entry_type(e)
+            if kind != "pkt" or member in _parties(m["header"]):
+                readable.append(start + i)
+        plan = merkle.covering(start, end, readable, 256)
+        subtrees = store.read_hashes(
+            [merkle.stored_hash_index(level, at >> level) for at, level in plan if level is not None]
+        )
         out: list[bytes] = []
         hashed: list[int] = []
-        for i, e in enumerate(self.service.store.entries(start, end)):
-            kind, m = records.entry_type(e)
-            if kind == "pkt" and member not in _parties(m["header"]):
-                out.append(merkle.hash_leaf(e))
-                hashed.append(i)
+        levels: list[int] = []
+        for at, level in plan:
+            if level is None:
+                out.append(store.entries(at, at + 1)[0])
             else:
-                out.append(e)
-        return out, hashed
+                hashed.append(len(out))
+                levels.append(level)
+                out.append(subtrees.pop(0))
+        return out, hashed, levels
 
 
 def _parties(header: bytes) -> set[str]:
@@ -100,8 +112,8 @@ def follow(f: Follower, log: Log, note: bytes, serve: Serve | None = None) -> Co
     if update is None:
         return None
     while (want := update.wanted()) is not None:
-        entries, hashed = (serve or (lambda s, e: log.page(s, e, f.member)))(*want)
-        update.add(want[0], entries, hashed)
+        entries, hashed, levels = (serve or (lambda s, e: log.page(s, e, f.member)))(*want)
+        update.add(want[0], entries, hashed, levels)
     return f.commit(update)
 
 
@@ -161,7 +173,7 @@ def test_traffic_served_in_full_is_not_held_until_the_commit(members: dict[str, 
     assert update is not None
     while (want := update.wanted()) is not None:
         start, end = want
-        update.add(start, log.service.store.entries(start, end), ())  # everything in full
+        update.add(start, log.service.store.entries(start, end)[:256], (), ())  # everything in full
     assert sorted(update.full) == [0, 1, 2, 3, 4 + PAGE + 10]  # genesis, three admissions, FRA's packet
     done = f.commit(update)
     assert f.size == 4 + PAGE + 10 + 1
@@ -183,14 +195,18 @@ def test_redacted_traffic_keeps_positions_and_my_packets_are_noted(members: dict
     f = Follower(log.vkey, "FRA", BROKER)
     served: list[tuple[int, int]] = []
 
-    def serve(s: int, e: int) -> tuple[list[bytes], list[int]]:
+    answers: list[int] = []
+
+    def serve(s: int, e: int) -> tuple[list[bytes], list[int], list[int]]:
         served.append((s, e))
-        return log.page(s, e, "FRA")
+        page = log.page(s, e, "FRA")
+        answers.append(len(page[0]))
+        return page
 
     done = follow(f, log, note, serve)
     assert done is not None
-    assert len(served) == 2
-    assert all(e - s <= PAGE for s, e in served)
+    assert served == [(0, log.service.store.size())]  # one request: the others' traffic came as a few subtrees
+    assert answers[0] < 4 + 2 * (PAGE + 10).bit_length() + 2
     size = log.service.store.size()
     assert f.size == size
     mine_index = size - 2
@@ -258,10 +274,10 @@ def test_served_entries_must_hash_to_the_root(members: dict[str, identity.Identi
     note = log.admit(members["DEU"])
     f = Follower(log.vkey, "FRA", BROKER)
 
-    def lie(s: int, e: int) -> tuple[list[bytes], list[int]]:
-        entries, hashed = log.page(s, e, "FRA")
+    def lie(s: int, e: int) -> tuple[list[bytes], list[int], list[int]]:
+        entries, hashed, levels = log.page(s, e, "FRA")
         entries[2] = log.service.store.entries(1, 2)[0]  # serve FRA's admission twice
-        return entries, hashed
+        return entries, hashed, levels
 
     with pytest.raises(LogMismatchError, match="do not hash to the root"):
         follow(f, log, note, lie)
@@ -274,9 +290,11 @@ def test_hiding_the_genesis_or_a_wrong_genesis_is_refused(members: dict[str, ide
     f = Follower(log.vkey, "FRA", BROKER)
     update = f.begin(note)
     assert isinstance(update, Update)
-    entries, _ = log.page(0, 2, "FRA")
+    entries, _, _ = log.page(0, 2, "FRA")
     with pytest.raises(LogMismatchError, match="genesis"):
-        update.add(0, [merkle.hash_leaf(entries[0]), entries[1]], [0])
+        update.add(0, [merkle.hash_leaf(entries[0]), entries[1]], [0], [0])
+    with pytest.raises(LogMismatchError, match="genesis"):  # inside a subtree hash
+        update.add(0, [log.service.store.read_hashes([merkle.stored_hash_index(1, 0)])[0]], [0], [1])
     with pytest.raises(LogMismatchError, match="pinned broker"):
         follow(Follower(log.vkey, "FRA", "other-broker"), log, note)
     with pytest.raises(LogMismatchError, match="pinned broker"):  # right name, another key
@@ -290,7 +308,7 @@ def test_a_log_without_genesis_is_refused(members: dict[str, identity.Identity])
     f = Follower(service.verifier.vkey(), "FRA", BROKER)
     update = f.begin(cp.note)
     assert update is not None
-    update.add(0, service.store.entries(0, 1), [])
+    update.add(0, service.store.entries(0, 1), [], [])
     with pytest.raises(LogMismatchError, match="genesis"):
         f.commit(update)
 
@@ -303,3 +321,39 @@ def test_checkpoints_from_another_key_are_refused(members: dict[str, identity.Id
         f.begin(note)
     with pytest.raises(CheckpointError, match="not usable"):
         Follower("not a vkey", "FRA", BROKER)
+
+
+def test_subtree_hashes_that_do_not_fit_the_tree_are_refused(members: dict[str, identity.Identity]) -> None:
+    """A broker's subtree items must start where such a subtree can, stay within the checkpoint, and say their
+    level; anything else is refused before the root is even compared."""
+    fra, deu, ita = members["FRA"], members["DEU"], members["ITA"]
+    log = Log()
+    for m in (fra, deu, ita):
+        log.admit(m)
+    note = log.add(*[pkt_entry(deu, [ita], b"s%d" % i) for i in range(12)])  # entries 4..15: ITA's and DEU's
+    f = Follower(log.vkey, "FRA", BROKER)
+    store = log.service.store
+    head = store.entries(0, 4)
+
+    def attempt(items: list[bytes], hashed: list[int], levels: list[int]) -> None:
+        update = f.begin(note)
+        assert update is not None
+        update.add(0, head, [], [])
+        update.add(4, items, hashed, levels)
+
+    four = store.read_hashes([merkle.stored_hash_index(2, 1)])[0]  # the subtree of entries 4..7
+    with pytest.raises(LogMismatchError, match="cannot start after 5 leaves"):
+        attempt([store.entries(4, 5)[0], four], [1], [2])
+    with pytest.raises(LogMismatchError, match="beyond the checkpoint"):
+        attempt([four, four, four, four], [0, 1, 2, 3], [2, 2, 2, 2])
+    with pytest.raises(LogMismatchError, match="a level for some"):
+        attempt([four], [0], [])
+    with pytest.raises(LogMismatchError, match="outside the page, or twice"):
+        attempt([four], [3], [2])
+    update = f.begin(note)
+    assert update is not None
+    update.add(0, head, [], [])
+    update.add(4, [four, four, four], [0, 1, 2], [2, 2, 2])  # the right shape, the wrong subtrees
+    with pytest.raises(LogMismatchError, match="do not hash to the root"):
+        f.commit(update)
+    assert f.size == 0

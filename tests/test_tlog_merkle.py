@@ -264,3 +264,67 @@ def test_a_compact_range_resumes_from_its_saved_state() -> None:
     size, stack = r.state()
     with pytest.raises(ProofError, match="cannot have"):
         merkle.CompactRange.resume(size + 1, stack)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 300), st.integers(0, 300))
+def test_aligned_subtrees_cover_a_range_and_fold_into_its_root(a: int, b: int) -> None:
+    """A run of leaves given as stored complete-subtree hashes folds into a compact range like the leaves one by
+    one would: how a member follows the log without a hash per entry it may not read."""
+    start, end = min(a, b), max(a, b)
+    store = build(end)
+    leaves = [merkle.hash_leaf(b"leaf %d" % i) for i in range(end)]
+    subtrees = merkle.aligned_subtrees(start, end)
+    position = start
+    for level, n in subtrees:
+        assert n << level == position  # contiguous, left to right, each aligned at its own size
+        position += 1 << level
+    assert position == end
+    assert len(subtrees) <= 2 * max(1, (end - start).bit_length())
+    r = merkle.CompactRange()
+    r.extend(leaves[:start])
+    hashes = store.read_hashes([merkle.stored_hash_index(level, n) for level, n in subtrees])
+    for (level, _), h in zip(subtrees, hashes, strict=True):
+        r.append_subtree(h, level)
+    assert r.size == end
+    assert r.root() == reference_root(leaves)
+
+
+def test_a_subtree_that_does_not_start_at_its_own_alignment_is_refused() -> None:
+    r = merkle.CompactRange()
+    r.extend([merkle.hash_leaf(b"x")] * 3)
+    with pytest.raises(ProofError, match="cannot start after 3 leaves"):
+        r.append_subtree(bytes(32), 1)
+    with pytest.raises(ProofError, match="subtree hash is 31 bytes"):
+        r.append_subtree(bytes(31), 0)
+    with pytest.raises(ProofError, match="cannot start"):
+        r.append_subtree(bytes(32), merkle.MAX_LEVEL + 1)
+    r.append_subtree(bytes(32), 0)
+    r.append_subtree(bytes(32), 2)
+    assert r.size == 8
+    with pytest.raises(ProofError, match="not a range"):
+        merkle.aligned_subtrees(5, 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 200), st.integers(0, 200), st.sets(st.integers(0, 199)), st.integers(1, 20))
+def test_covering_shows_what_may_be_read_and_hashes_the_rest(a: int, b: int, shown: set[int], limit: int) -> None:
+    start, end = min(a, b), max(a, b)
+    readable = sorted(i for i in shown if start <= i < end)
+    items = merkle.covering(start, end, readable, limit)
+    assert len(items) <= limit
+    position = start
+    for at, level in items:
+        assert at == position
+        if level is None:
+            assert at in readable
+            position += 1
+        else:
+            assert at % (1 << level) == 0
+            assert not any(at <= r < at + (1 << level) for r in readable)  # nothing readable is hidden
+            position += 1 << level
+    assert position <= end
+    if len(items) < limit:
+        assert position == end  # only the limit cuts an answer short
+    with pytest.raises(ProofError, match="not ascending"):
+        merkle.covering(start, end, [end + 1], limit)

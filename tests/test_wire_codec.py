@@ -47,8 +47,8 @@ SAMPLES: list[ev.Message] = [
     ev.Inclusion(rid=6, proof=HASHES),
     ev.GetConsistency(rid=7, old=0, new=46),
     ev.Consistency(rid=7, proof=()),
-    ev.GetEntries(rid=8, start=0, end=256),
-    ev.Entries(rid=8, start=0, entries=(b"\x81\xa1t\xa7genesis", b"\x07" * 32), hashed=(1,)),
+    ev.GetEntries(rid=8, start=0, end=1 << 40),
+    ev.Entries(rid=8, start=0, entries=(b"\x81\xa1t\xa7genesis", b"\x07" * 32), hashed=(1,), levels=(5,)),
     ev.CosignRequest(rid=0, old=40, proof=HASHES, checkpoint=b"checkpoint"),
     ev.CosignResponse(rid=0, cosignature=b"cosignature"),
     ev.Credit(amount=65536),
@@ -230,11 +230,13 @@ def test_encode_refuses_non_messages_and_non_bytes() -> None:
 @pytest.mark.parametrize(
     ("msg", "rule"),
     [
-        (ev.GetEntries(rid=1, start=5, end=5), "1..256 entries"),
-        (ev.GetEntries(rid=1, start=0, end=257), "1..256 entries"),
-        (ev.Entries(rid=1, start=0, entries=(b"abc",), hashed=(0,)), "32-byte leaf hash"),
-        (ev.Entries(rid=1, start=0, entries=(b"a", b"b"), hashed=(1, 1)), "distinct ascending"),
-        (ev.Entries(rid=1, start=0, entries=(b"a",), hashed=(1,)), "offsets into"),
+        (ev.GetEntries(rid=1, start=5, end=5), "at least one entry"),
+        (ev.GetEntries(rid=1, start=6, end=5), "at least one entry"),
+        (ev.Entries(rid=1, start=0, entries=(b"abc",), hashed=(0,), levels=(0,)), "32-byte subtree hash"),
+        (ev.Entries(rid=1, start=0, entries=(b"a", b"b"), hashed=(1, 1), levels=(0, 0)), "distinct ascending"),
+        (ev.Entries(rid=1, start=0, entries=(b"a",), hashed=(1,), levels=(0,)), "offsets into"),
+        (ev.Entries(rid=1, start=0, entries=(bytes(32),), hashed=(0,), levels=()), "one level per offset"),
+        (ev.Entries(rid=1, start=0, entries=(bytes(32),), hashed=(0,), levels=(63,)), "0..62"),
     ],
 )
 def test_entries_relations_are_checked_both_ways(msg: ev.Message, rule: str) -> None:

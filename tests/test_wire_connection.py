@@ -310,7 +310,7 @@ def test_every_request_and_its_answer() -> None:
         (ev.GetCheckpoint(3), ev.Checkpoint(3, b"checkpoint")),
         (ev.GetInclusion(4, 50, 52), ev.Inclusion(4, (b"\x01" * 32,))),
         (ev.GetConsistency(5, 40, 52), ev.Consistency(5, (b"\x02" * 32,) * 3)),
-        (ev.GetEntries(7, 0, 2), ev.Entries(7, 0, (b"entry", b"\x04" * 32), (1,))),
+        (ev.GetEntries(7, 0, 3), ev.Entries(7, 0, (b"entry", b"\x04" * 32), (1,), (1,))),
         (ev.Statement(6, b"bad"), ev.ErrorMessage(6, codes.REFUSED, "statement signed by the wrong key")),
     ]
     for request, answer in exchanges:

@@ -20,7 +20,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -31,6 +31,7 @@ from valise import encoding, gctune, records, tls
 from valise.broker import fds, http, relay
 from valise.broker.home import BrokerHome
 from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
+from valise.broker.readers import readers_of
 from valise.broker.spool import InlineUpload, Spool, Upload
 from valise.errors import AccessError, Error, PolicyError, ProtocolError, StatementError
 from valise.genesis import Genesis
@@ -46,7 +47,7 @@ from valise.tlsstream import TLSSocketStream
 from valise.wire import codes, liveness
 from valise.wire import events as ev
 from valise.wire.connection import NEED_DATA, READ_SIZE, Connection, Signal
-from valise.wire.limits import MIN_FRAME, SUPPORTED_VERSIONS, choose_version
+from valise.wire.limits import MAX_ENTRIES, MIN_FRAME, SUPPORTED_VERSIONS, choose_version
 from valise.wire.state import Role
 
 log = logging.getLogger("valise.broker")
@@ -105,6 +106,7 @@ class _Waiter:
     on_error: Callable[[BaseException], None] | None = None
     traffic: bool = False
     on_durable: Callable[[int], None] | None = None  # after the batch's mailbox transaction has committed too
+    readers: tuple[str, ...] | None = None  # who may read the entry in full (readers.py); None: parsed at commit
     done: trio.Event = field(default_factory=trio.Event)
     index: int = -1
     error: BaseException | None = None
@@ -174,6 +176,8 @@ class BrokerDaemon:
         self.policy.verify_signatures = True
         self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = {}  # (sender, id) → (index, digest, at)
         self._reconcile()
+        with self.mail.batch():
+            self._record_readers(self.store.size())  # a log from before readers were kept, or a crash's tail
         self.sessions: dict[str, Session] = {}
         self._waiters: list[_Waiter] = []
         self._confirmations: list[tuple[str, str, bytes]] = []
@@ -294,22 +298,29 @@ class BrokerDaemon:
         *,
         traffic: bool = False,
         on_durable: Callable[[int], None] | None = None,
+        readers: tuple[str, ...] | None = None,
     ) -> _Waiter:
         """Queue `entry` for the next batch; `on_commit(index)` runs in the batch's mailbox transaction,
         `on_durable(index)` once that has committed too, `on_error(exc)` if the batch fails. `traffic`: a
         packet, acknowledgement, retraction or purge record, which the policy does not fold (so it is not
-        parsed again after the commit)."""
+        parsed again after the commit). `readers`: who may read the entry in full, if the caller knows (else the
+        batch parses it)."""
         self.log.add(entry, trio.current_time())
-        waiter = _Waiter(entry, on_commit, on_error, traffic, on_durable)
+        waiter = _Waiter(entry, on_commit, on_error, traffic, on_durable, readers)
         self._waiters.append(waiter)
         self._wake_committer.set()
         return waiter
 
     async def append(
-        self, entry: bytes, on_commit: Callable[[int], None] | None = None, *, traffic: bool = False
+        self,
+        entry: bytes,
+        on_commit: Callable[[int], None] | None = None,
+        *,
+        traffic: bool = False,
+        readers: tuple[str, ...] | None = None,
     ) -> int:
         """Append `entry` to the log durably and return its index."""
-        return await self.enqueue(entry, on_commit, traffic=traffic).result()
+        return await self.enqueue(entry, on_commit, traffic=traffic, readers=readers).result()
 
     async def _committer(self) -> None:
         while True:
@@ -363,6 +374,10 @@ class BrokerDaemon:
                     self._apply([w.entry])
         self._fold(indexes.stop)
         with self.mail.batch():
+            self._record_readers(indexes.start)  # entries other writers appended before this batch
+            self.mail.record_readers(
+                indexes.start, [w.readers if w.readers is not None else self._readers(w.entry) for w in waiters]
+            )
             for member, kind, digest in confirmations:
                 self.mail.remove(member, kind, digest)
             for w, index in zip(waiters, indexes, strict=True):
@@ -376,6 +391,27 @@ class BrokerDaemon:
                     w.on_durable(w.index)
                 except Exception:
                     log.exception("handling a durable log entry")
+
+    # --- who may read which entry (readers.py) -------------------------------------------------------------
+
+    def _readers(self, entry: bytes) -> tuple[str, ...]:
+        return readers_of(entry, self._recipients_of)
+
+    def _recipients_of(self, digest: bytes) -> Sequence[str] | None:
+        row = self.mail.packet(digest)
+        if row is None:
+            return None
+        kind, m = records.entry_type(self.store.entries(row.log_index, row.log_index + 1)[0])
+        return Header.parse(m["header"]).core.recipients if kind == "pkt" else None
+
+    def _record_readers(self, upto: int) -> None:
+        """Record the readers of entries [readers_size, upto) by parsing them: entries appended by operator
+        commands (other processes), and at start-up any this broker appended before it kept readers."""
+        start = self.mail.readers_size()
+        while start < upto:
+            entries = self.store.entries(start, min(upto, start + 4096))
+            self.mail.record_readers(start, [self._readers(e) for e in entries])
+            start += len(entries)
 
     # --- checkpoints and witnesses --------------------------------------------------------------------------
 
@@ -397,6 +433,8 @@ class BrokerDaemon:
             return
         previous = latest.size if latest else 0
         try:
+            with self.mail.batch():  # what operator commands appended since the last batch, before anyone reads it
+                self._record_readers(self.store.size())
             signed = self.log.sign()
         except Error:
             # The store no longer matches what was signed (altered, or restored from an old backup): refuse to
@@ -514,7 +552,7 @@ class BrokerDaemon:
                 self.mail.remove(member, "packet", digest)
                 self.spool.drop_unreferenced(self.mail, [digest])
 
-            await self.append(records.purge_entry(row.digest, member, now), done, traffic=True)
+            await self.append(records.purge_entry(row.digest, member, now), done, traffic=True, readers=(member,))
 
     async def _resolve(self, path: str) -> http.Response:
         if path == "/checkpoint":
@@ -1011,7 +1049,8 @@ class Session:
             self.send_soon(ev.ErrorMessage(rid, codes.INTERNAL, f"the log could not take the packet: {exc}"))
 
         entry = records.packet_entry(head.header.raw, head.signature, at)
-        waiter = self.d.enqueue(entry, queue, failed, traffic=True, on_durable=durable)
+        readers = (self.member, *core.recipients)
+        waiter = self.d.enqueue(entry, queue, failed, traffic=True, on_durable=durable, readers=readers)
         self._inflight[key] = (head.digest, waiter, at)
 
     async def _receipt_after_commit(
@@ -1096,7 +1135,7 @@ class Session:
 
         # Not awaited: the reader goes on with the next frames while the batch commits, so a member's
         # acknowledgements share commits instead of taking one commit cycle each.
-        self.d.enqueue(records.ack_entry(ack), done, failed, traffic=True)
+        self.d.enqueue(records.ack_entry(ack), done, failed, traffic=True, readers=(ack.sender, ack.recipient))
 
     async def _retract(self, msg: ev.Retract) -> None:
         member = self.d.policy.members.get(self.member)
@@ -1125,7 +1164,8 @@ class Session:
                 self.d.mail.post(r, "retract", row.digest, body)
             self.d.spool.drop_unreferenced(self.d.mail, [row.digest])
 
-        index = await self.d.append(records.retract_entry(retraction), done, traffic=True)
+        readers = (self.member, *recipients)
+        index = await self.d.append(records.retract_entry(retraction), done, traffic=True, readers=readers)
         for r in recipients:
             self.d.wake(r)
         receipt = records.Receipt.make(
@@ -1173,48 +1213,32 @@ class Session:
             what = f"entries {msg.start}..{msg.end} are not within the signed tree of {limit}"
             await self.send(ev.ErrorMessage(msg.rid, codes.NOT_FOUND, what))
             return
-        # Fill the answer up to the peer's frame limit (at least one entry: one entry always fits a frame).
+        # What this member may read in full, and for each run in between the stored roots of the complete subtrees
+        # that cover it: the cost follows what the member may read, not the size of the range.
+        readable = self.d.mail.readable(self.member, msg.start, msg.end, MAX_ENTRIES)
+        plan = merkle.covering(msg.start, msg.end, readable, MAX_ENTRIES)
+        full = {at for at, level in plan if level is None}
+        entries = {at: self.store_entry(at) for at in full}
+        subtrees = iter(
+            self.d.store.read_hashes(
+                [merkle.stored_hash_index(level, at >> level) for at, level in plan if level is not None]
+            )
+        )
+        # Fill the answer up to the peer's frame limit (at least one item: one entry always fits a frame).
         budget = (self.conn.peer_limits.frame if self.conn.peer_limits else MIN_FRAME) - 8192
         items: list[bytes] = []
         hashed: list[int] = []
-        for offset, entry in enumerate(self.d.store.entries(msg.start, msg.end)):
-            item = entry if self._may_read(entry) else merkle.hash_leaf(entry)
+        levels: list[int] = []
+        for at, level in plan:
+            item = entries[at] if level is None else next(subtrees)
             budget -= len(item) + 8
             if items and budget < 0:
                 break
-            if item is not entry:
-                hashed.append(offset)
+            if level is not None:
+                hashed.append(len(items))
+                levels.append(level)
             items.append(item)
-        await self.send(ev.Entries(msg.rid, msg.start, tuple(items), tuple(hashed)))
-
-    def _may_read(self, entry: bytes) -> bool:
-        """Directory, policy and genesis records are for every member; traffic records only for those they name
-        (specs/protocol.md, "Reading the log")."""
-        try:
-            kind, m = records.entry_type(entry)
-            if kind == "pkt":
-                return self._named(Header.parse(m["header"]).core)
-            if kind == "ack":
-                ack, _, _ = records.Ack.parse(m["notice"])
-                return self.member in (ack.sender, ack.recipient)
-            if kind == "retract":
-                retraction, _, _ = records.Retraction.parse(m["notice"])
-                sender = retraction.sender
-                row = self.d.mail.packet(retraction.digest)
-                if sender == self.member:
-                    return True
-                if row is None:
-                    return False
-                original = records.entry_type(self.store_entry(row.log_index))[1]
-                return self._named(Header.parse(original["header"]).core)
-            if kind == "purge":
-                return bool(m.get("recipient") == self.member)
-        except Error:
-            return False
-        return True
-
-    def _named(self, core: Any) -> bool:
-        return self.member == core.sender or self.member in core.recipients
+        await self.send(ev.Entries(msg.rid, msg.start, tuple(items), tuple(hashed), tuple(levels)))
 
     # --- liveness -----------------------------------------------------------------------------------------------
 

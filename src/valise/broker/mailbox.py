@@ -46,6 +46,12 @@ CREATE TABLE IF NOT EXISTS bodies (
     digest  BLOB PRIMARY KEY,      -- a small packet kept here, in the batch's transaction, not as a spool file
     data    BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS readers (  -- who may read log entry idx in full ('*': everyone; readers.py)
+    member  TEXT NOT NULL,
+    idx     INTEGER NOT NULL,
+    PRIMARY KEY (member, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
@@ -209,6 +215,40 @@ class Mailboxes:
             for d in digests
             if self._db.execute("SELECT 1 FROM mailbox WHERE digest = ? AND kind = 'packet'", (d,)).fetchone() is None
         ]
+
+    # --- who may read which log entry (readers.py) ------------------------------------------------------------
+
+    def readers_size(self) -> int:
+        """Log entries [0, readers_size) have their readers recorded."""
+        r = self._db.execute("SELECT value FROM meta WHERE key = 'readers_size'").fetchone()
+        return int(r[0]) if r else 0
+
+    def record_readers(self, start: int, readers: Sequence[Sequence[str]]) -> None:
+        """Record the readers of log entries start, start + 1, ... (in a batch: with the mailbox changes)."""
+        if start != (size := self.readers_size()):
+            raise StoreError(f"readers recorded up to log entry {size}, not {start}")
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO readers (member, idx) VALUES (?, ?)",
+                [(m, start + i) for i, names in enumerate(readers) for m in names],
+            )
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('readers_size', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (start + len(readers),),
+            )
+
+    def readable(self, member: str, start: int, end: int, limit: int) -> list[int]:
+        """The first `limit` log entries in [start, end) that `member` may read in full, ascending."""
+        # One ordered index range per name, merged here: `member IN (...) ORDER BY idx` would sort every match.
+        found: set[int] = set()
+        for name in (member, "*"):
+            rows = self._db.execute(
+                "SELECT idx FROM readers WHERE member = ? AND idx >= ? AND idx < ? ORDER BY idx LIMIT ?",
+                (name, start, end, limit),
+            ).fetchall()
+            found.update(r[0] for r in rows)
+        return sorted(found)[:limit]
 
     def last_log_index(self) -> int:
         """The log index of the newest packet recorded here (0 if none)."""

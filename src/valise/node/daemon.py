@@ -343,7 +343,7 @@ class NodeDaemon:
                     if not isinstance(answer, ev.Entries):
                         raise LogMismatchError(f"the broker did not serve entries {start}..{end}: {answer}")
                     try:
-                        update.add(answer.start, answer.entries, answer.hashed)
+                        update.add(answer.start, answer.entries, answer.hashed, answer.levels)
                     except LogMismatchError as exc:
                         self.alarm("log", exc.what)
                         raise

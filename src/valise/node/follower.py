@@ -43,7 +43,7 @@ from valise.tlog import checkpoint, merkle, note
 if TYPE_CHECKING:
     from valise.audit.quorum import QuorumPolicy
 
-PAGE = 256  # entries per GetEntries request (the wire's limit)
+PAGE = 256  # items per `entries` answer (the wire's limit)
 STATE_MAX = 1 << 20
 
 
@@ -109,31 +109,40 @@ class Update:
         return self.range.size
 
     def wanted(self) -> tuple[int, int] | None:
-        """The next page [start, end) to fetch, or None when every entry is in."""
+        """The entries [start, end) still to fetch, or None when every entry is in (the broker answers a prefix)."""
         if self.range.size >= self.target.size:
             return None
-        return self.range.size, min(self.target.size, self.range.size + PAGE)
+        return self.range.size, self.target.size
 
-    def add(self, start: int, entries: Sequence[bytes], hashed: Sequence[int]) -> None:
-        """Take one page: `entries[i]` is entry `start + i`, or its leaf hash if `i` is in `hashed`."""
+    def add(self, start: int, entries: Sequence[bytes], hashed: Sequence[int], levels: Sequence[int]) -> None:
+        """Take one answer: items stand for entries from `start` on, in order; `entries[i]` is an entry, or, if `i`
+        is in `hashed`, the root of the complete subtree of 2^level entries that starts there (the matching
+        `levels` item; 0: one entry's leaf hash): records this member may not read (protocol.md, "Reading the
+        log"). Nothing here is trusted until the commit compares the root with the checkpoint."""
         if start != self.range.size:
             raise LogMismatchError(f"entries page starts at {start}, expected {self.range.size}")
-        if not entries or start + len(entries) > self.target.size:
+        if len(levels) != len(hashed):
+            raise LogMismatchError("entries page gives a level for some hashed items and not others")
+        spans = dict(zip(hashed, levels, strict=True))
+        if len(spans) != len(hashed) or any(not 0 <= i < len(entries) for i in spans):
+            raise LogMismatchError("entries page names a hashed offset outside the page, or twice")
+        covered = len(entries) - len(spans) + sum(1 << min(level, merkle.MAX_LEVEL + 1) for level in spans.values())
+        if not entries or start + covered > self.target.size:
             raise LogMismatchError(
-                f"entries page [{start}, {start + len(entries)}) is empty or beyond the checkpoint of "
-                f"{self.target.size}"
+                f"entries page [{start}, {start + covered}) is empty or beyond the checkpoint of {self.target.size}"
             )
-        redacted = set(hashed)
-        if any(not 0 <= i < len(entries) for i in redacted):
-            raise LogMismatchError("entries page names a hashed offset outside the page")
         for i, item in enumerate(entries):
-            index = start + i
-            if i in redacted:
+            index = self.range.size
+            level = spans.get(i)
+            if level is not None:
                 if index == 0:
                     raise LogMismatchError("the genesis record (entry 0) must be served in full")
                 if len(item) != merkle.HASH_SIZE:
-                    raise LogMismatchError(f"leaf hash of entry {index} is {len(item)} bytes, expected 32")
-                self.range.append(item)
+                    raise LogMismatchError(f"subtree hash at entry {index} is {len(item)} bytes, expected 32")
+                try:
+                    self.range.append_subtree(item, level)
+                except ProofError as exc:
+                    raise LogMismatchError(f"subtree hash at entry {index}: {exc.what}") from None
             else:
                 if len(item) > records.ENTRY_MAX:
                     raise LogMismatchError(f"entry {index} is {len(item)} bytes, over {records.ENTRY_MAX}")

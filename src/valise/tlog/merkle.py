@@ -38,6 +38,7 @@ EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 # Tree sizes are uint64 on the wire (checkpoints, proof bundles); nothing larger is meaningful.
 MAX_TREE_SIZE = 2**63 - 1
+MAX_LEVEL = 62  # the highest level of a complete subtree in a tree of at most MAX_TREE_SIZE leaves
 
 _sha256 = hashlib.sha256
 
@@ -262,6 +263,21 @@ class CompactRange:
                 _check_hash(h, "leaf hash")
             self._push(h)
 
+    def append_subtree(self, subtree_hash: bytes, level: int) -> None:
+        """Append the root of a complete subtree of 2^level leaves (a stored hash). The range's size must be a
+        multiple of 2^level: in a tree, such a subtree can only start there."""
+        _check_hash(subtree_hash, "subtree hash")
+        if not 0 <= level <= MAX_LEVEL or self.size & ((1 << level) - 1):
+            raise ProofError(f"a complete subtree of 2^{level} leaves cannot start after {self.size} leaves")
+        stack = self._stack
+        h = subtree_hash
+        n = self.size >> level
+        while n & 1:  # as _push, one level up: each 1 bit left of `level` is a subtree this one pairs with
+            h = _sha256(b"\x01" + stack.pop() + h).digest()
+            n >>= 1
+        stack.append(h)
+        self.size += 1 << level
+
     def _push(self, h: bytes) -> None:
         stack = self._stack
         n = self.size
@@ -279,6 +295,43 @@ class CompactRange:
         for i in range(len(stack) - 2, -1, -1):
             h = _sha256(b"\x01" + stack[i] + h).digest()
         return h
+
+
+def aligned_subtrees(start: int, end: int) -> list[tuple[int, int]]:
+    """The complete subtrees that cover leaves [start, end) exactly, left to right, each as large as its position
+    allows: (level, n) is the n-th subtree of 2^level leaves, i.e. leaves [n·2^level, (n+1)·2^level), whose root
+    is the stored hash at `stored_hash_index(level, n)`. At most about 2·log2(end − start) of them."""
+    if not 0 <= start <= end <= MAX_TREE_SIZE:
+        raise ProofError(f"[{start}, {end}) is not a range of leaves")
+    out: list[tuple[int, int]] = []
+    while start < end:
+        level = (start & -start).bit_length() - 1 if start else MAX_LEVEL
+        while (1 << level) > end - start:
+            level -= 1
+        out.append((level, start >> level))
+        start += 1 << level
+    return out
+
+
+def covering(start: int, end: int, shown: Iterable[int], limit: int) -> list[tuple[int, int | None]]:
+    """How to stand for leaves [start, end) when only the leaves `shown` (ascending) may be given in full: at most
+    `limit` items, left to right, each (position, None) for a leaf given in full or (position, level) for the
+    stored root of the complete subtree of 2^level leaves that starts at `position` (`aligned_subtrees` of each
+    run in between). The items cover a prefix of the range when `limit` runs out first."""
+    out: list[tuple[int, int | None]] = []
+    position = start
+    for leaf in (*shown, end):
+        if leaf < position or leaf > end:
+            raise ProofError(f"leaf {leaf} to show is not ascending within [{start}, {end})")
+        for level, n in aligned_subtrees(position, leaf):
+            if len(out) >= limit:
+                return out
+            out.append((n << level, level))
+        if leaf == end or len(out) >= limit:
+            return out
+        out.append((leaf, None))
+        position = leaf + 1
+    return out
 
 
 def root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:

@@ -209,6 +209,7 @@ SCHEMAS: dict[type[events.Message], dict[str, Check]] = {
         "start": INDEX,
         "entries": _array(_blob(1, L.MAX_ENTRY), 1, L.MAX_ENTRIES),
         "hashed": _array(_uint(L.MAX_ENTRIES - 1), 0, L.MAX_ENTRIES),
+        "levels": _array(_uint(L.MAX_LEVEL), 0, L.MAX_ENTRIES),
     },
     events.CosignRequest: {"rid": RID, "old": INDEX, "proof": PROOF, "checkpoint": SIGNED},
     events.CosignResponse: {"rid": RID, "cosignature": SIGNED},
@@ -250,13 +251,15 @@ def _check_relations(msg: events.Message) -> None:
         raise _bad(where, f"index {msg.index} is not below size {msg.size}")
     elif isinstance(msg, events.GetConsistency) and msg.old > msg.new:
         raise _bad(where, f"old size {msg.old} is above new size {msg.new}")
-    elif isinstance(msg, events.GetEntries) and not 0 < msg.end - msg.start <= L.MAX_ENTRIES:
-        raise _bad(where, f"must ask for 1..{L.MAX_ENTRIES} entries (start {msg.start}, end {msg.end})")
+    elif isinstance(msg, events.GetEntries) and msg.end <= msg.start:
+        raise _bad(where, f"must ask for at least one entry (start {msg.start}, end {msg.end})")
     elif isinstance(msg, events.Entries):
         if list(msg.hashed) != sorted(set(msg.hashed)) or any(i >= len(msg.entries) for i in msg.hashed):
             raise _bad(f"{where} field 'hashed'", "must be distinct ascending offsets into 'entries'")
+        if len(msg.levels) != len(msg.hashed):
+            raise _bad(f"{where} field 'levels'", "must give one level per offset in 'hashed'")
         if any(len(msg.entries[i]) != L.HASH_SIZE for i in msg.hashed):
-            raise _bad(f"{where} field 'entries'", "a hashed item must be a 32-byte leaf hash")
+            raise _bad(f"{where} field 'entries'", "a hashed item must be a 32-byte subtree hash")
     elif isinstance(msg, events.Credit) and msg.amount == 0:
         raise _bad(f"{where} field 'amount'", "must be positive")
     elif isinstance(msg, events.Deny):

@@ -307,9 +307,11 @@ class GetEntries(Message):
 
 @dataclass(frozen=True, slots=True)
 class Entries(Message):
-    """Log entries from `start` on, in order. For the offsets listed in `hashed`, the item is the entry's 32-byte
-    RFC 6962 leaf hash instead of the entry (a record the requester may not read): the requester can still
-    recompute the tree root. The server MAY answer with fewer entries than asked (at least one) to fit a frame.
+    """Log entries from `start` on, in order. For the offsets listed in `hashed`, the item is instead the 32-byte
+    RFC 6962 root of the complete subtree of 2^`levels[i]` entries that starts there (level 0: one entry's leaf
+    hash), standing for records the requester may not read: it can still recompute the tree root, at a cost
+    that grows with what it may read, not with the log. The server MAY cover less than asked (at least one
+    item) to fit a frame.
     """
 
     TYPE: ClassVar[str] = "entries"
@@ -317,6 +319,11 @@ class Entries(Message):
     start: int
     entries: tuple[bytes, ...]
     hashed: tuple[int, ...]
+    levels: tuple[int, ...]
+
+    def covered(self) -> int:
+        """How many log entries the items stand for."""
+        return len(self.entries) - len(self.hashed) + sum(1 << level for level in self.levels)
 
 
 @dataclass(frozen=True, slots=True)

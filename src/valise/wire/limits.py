@@ -40,8 +40,9 @@ MAX_BLOB = 64 * KiB
 # Merkle proofs: an inclusion proof has at most 63 hashes for a tree below 2^63 leaves, a consistency proof at most
 # about twice that; 128 covers both with a margin while bounding the list.
 MAX_PROOF = 128
-# Entries per `get-entries`: one level-0 tile (C2SP tlog-tiles width); each entry is at most MAX_ENTRY bytes.
+# Items per `entries` answer: one level-0 tile (C2SP tlog-tiles width); each entry is at most MAX_ENTRY bytes.
 MAX_ENTRIES = 256
+MAX_LEVEL = 62  # of a complete subtree standing for entries in an `entries` answer (trees hold < 2^63 leaves)
 MAX_ENTRY = 65535
 HASH_SIZE = 32
 PACKET_ID_SIZE = 16
