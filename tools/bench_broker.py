@@ -57,7 +57,7 @@ from valise.errors import Error
 from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, parse_prefix
 from valise.policy import records as prec
 from valise.store.sqlite import SqliteLog
-from valise.tlog import cosignature
+from valise.tlog import checkpoint, cosignature, merkle, note
 from valise.tlsstream import TLSSocketStream
 from valise.wire import codes
 from valise.wire import events as ev
@@ -75,6 +75,9 @@ PAYLOAD = 1024
 ROUND_TIMEOUT = 300.0
 TARGETS = {"packets_per_s": 5000, "p99_ms_at_1000": 50.0, "rss_196_mib": 300.0, "big_rss_growth_mib": 100.0}
 DEFAULT_GC_THRESHOLD = gc.get_threshold()
+# Brokers before 253937d answered get-entries with one item per entry and at most 256 entries a request; the
+# follow mode still speaks to them, for comparisons run against an older checkout's src.
+SUBTREES = "levels" in ev.Entries.__dataclass_fields__
 MiB = 1 << 20
 
 
@@ -203,8 +206,11 @@ class Round:
 class Bench:
     """What the node tasks share: the round being measured and the packets in flight by head (or id)."""
 
-    def __init__(self, log_key: bytes, witnesses: int) -> None:
+    def __init__(self, log_key: bytes, witnesses: int, follow: float | None = None) -> None:
         self.witnesses = witnesses  # nodes with a lower index cosign checkpoints; the others decline
+        self.follow = follow  # seconds between a node's rounds of following the log (None: they do not)
+        self.followed = [0, 0, 0]  # entries followed, items received, requests
+        self.following = False  # only during valise rounds: the baseline's share of the client stays its own
         self.round = Round(0)
         self.by_head: dict[bytes, Pkt] = {}
         self.by_id: dict[bytes, Pkt] = {}
@@ -232,6 +238,8 @@ class ValiseNode:
         self.delivery: list[Any] | None = None  # [seq, head, size, received, hasher]
         self.verify_big = False
         self.stream: TLSSocketStream
+        self.asks: dict[int, list[Any]] = {}  # rid -> [event, answer]: requests of our own (following the log)
+        self.tree = merkle.CompactRange()
 
     async def connect(self, port: int, broker_cert: bytes) -> None:
         name = self.name
@@ -262,6 +270,48 @@ class ValiseNode:
         self.closing = True
         with trio.move_on_after(1):
             await trio.aclose_forcefully(self.stream)
+
+    async def ask(self, make: Callable[[int], ev.Message]) -> ev.Message:
+        rid = self.conn.new_rid()
+        slot: list[Any] = [trio.Event(), None]
+        self.asks[rid] = slot
+        self.queue(make(rid))
+        await self.flush()
+        await slot[0].wait()
+        answer: ev.Message = slot[1]
+        return answer
+
+    async def follower(self, interval: float, offset: float) -> None:
+        """Follow the log as a node daemon does (at a steady pace here): the latest checkpoint, then every entry
+        since the last one, as the broker serves them to this member; the root must match."""
+        await trio.sleep(offset)
+        while True:
+            if not self.bench.following:
+                await trio.sleep(interval)
+                continue
+            answer = await self.ask(ev.GetCheckpoint)
+            assert isinstance(answer, ev.Checkpoint), answer
+            cp = checkpoint.parse_body(note.parse_note(answer.checkpoint).text)
+            start = self.tree.size
+            while self.tree.size < cp.size:
+                end = cp.size if SUBTREES else min(cp.size, self.tree.size + 256)
+                got = await self.ask(lambda rid, a=self.tree.size, b=end: ev.GetEntries(rid, a, b))
+                assert isinstance(got, ev.Entries), got
+                spans = dict(zip(got.hashed, getattr(got, "levels", [0] * len(got.hashed)), strict=True))
+                for i, item in enumerate(got.entries):
+                    level = spans.get(i)
+                    if level is None:
+                        self.tree.append(merkle.hash_leaf(item))
+                    elif level == 0:
+                        self.tree.append(item)  # one entry's leaf hash
+                    else:
+                        self.tree.append_subtree(item, level)
+                self.bench.followed[1] += len(got.entries)
+                self.bench.followed[2] += 1
+            self.bench.followed[0] += cp.size - start
+            if self.tree.root() != cp.root:
+                raise SystemExit(f"{self.name}: the entries served do not give the checkpoint's root")
+            await trio.sleep(interval)
 
     async def submit(self, p: Pkt, t0: float) -> None:
         """Submit a whole small packet (begin, one chunk, end in one write); the receipt comes to the reader."""
@@ -340,6 +390,10 @@ class ValiseNode:
             self.delivery = [event.seq, event.head, event.size, 0, hasher]
         elif isinstance(event, ev.DeliverEnd):
             self.delivered()
+        elif isinstance(event, ev.Checkpoint | ev.Entries | ev.ErrorMessage) and event.rid in self.asks:
+            slot = self.asks.pop(event.rid)
+            slot[1] = event
+            slot[0].set()
         elif isinstance(event, ev.Receipt | ev.Deny | ev.ErrorMessage) and event.rid in self.inflight:
             self.inflight.pop(event.rid)
             self.slots.release()
@@ -523,6 +577,7 @@ async def run_round(
     bench: Bench, server: Proc, pkts: list[Pkt], drive: Callable[[trio.Nursery], None], label: str
 ) -> RoundResult:
     register(bench, pkts)
+    bench.following = label in ("v", "ov")
     r = bench.round = Round(len(pkts))
     cpu0, client0 = server.cpu_split(), sum(os.times()[:2])
     r.t_start = trio.current_time()
@@ -530,6 +585,7 @@ async def run_round(
         async with trio.open_nursery() as nursery:
             drive(nursery)
             await r.done.wait()
+    bench.following = False
     if scope.cancelled_caught:
         r.errors.append(
             f"{label}: timed out: {r.receipts} receipts, {r.delivered} delivered, {r.acked} acks of {r.expected}"
@@ -582,7 +638,7 @@ def open_loop(nodes: Sequence[Node], pkts: list[Pkt], rate: float) -> Callable[[
 
     async def scheduler(nursery: trio.Nursery) -> None:
         for node in nodes:
-            node.slots = trio.Semaphore(16)
+            node.slots = trio.Semaphore(15 if isinstance(node, ValiseNode) and node.bench.follow else 16)
         start = trio.current_time() + 0.01
         for k, p in enumerate(pkts):
             due = start + k / rate
@@ -626,6 +682,7 @@ class Plan:
     open_rounds: int
     big: int
     witnesses: int
+    follow: float | None = None  # seconds between a node's rounds of following the log
 
 
 async def configuration(world: World, n: int, plan: Plan, work: Path, profile: Path | None) -> dict[str, Any]:
@@ -633,7 +690,8 @@ async def configuration(world: World, n: int, plan: Plan, work: Path, profile: P
     shutil.copytree(world.template, broker_dir)
     home = BrokerHome.open(broker_dir)
     broker_cert = home.broker_identity().bundle.cert_der
-    depth = max(1, min(16, math.ceil(64 / n)))
+    # The broker takes 16 requests in flight per member; a node that follows the log keeps one for that.
+    depth = max(1, min(15 if plan.follow else 16, math.ceil(64 / n)))
     closed = [(s, r) for _ in range(math.ceil(plan.packets / n)) for s, r in ring(n)][: plan.packets]
     warm = closed[: max(n, plan.packets // 5)]
     jobs = warm + closed * plan.rounds
@@ -653,7 +711,7 @@ async def configuration(world: World, n: int, plan: Plan, work: Path, profile: P
 
     broker = start_broker(broker_dir, work)
     relay = start_relay(broker_dir, world.keys, work)
-    bench = Bench(home.log_key().public, plan.witnesses)
+    bench = Bench(home.log_key().public, plan.witnesses, plan.follow)
     out: dict[str, Any] = {"nodes": n, "depth": depth, "packets_per_round": plan.packets}
     spy: subprocess.Popen[bytes] | None = None
     try:
@@ -671,6 +729,16 @@ async def configuration(world: World, n: int, plan: Plan, work: Path, profile: P
             everyone: list[Node] = [*vnodes, *bnodes]
             for node in everyone:
                 nursery.start_soon(node.reader)
+            followers = trio.CancelScope()
+            if plan.follow:
+
+                async def follow_all() -> None:
+                    with followers:
+                        async with trio.open_nursery() as each:
+                            for v in vnodes:
+                                each.start_soon(v.follower, plan.follow, plan.follow * v.index / n)
+
+                nursery.start_soon(follow_all)
             await trio.sleep(1.5)  # let the first checkpoint round with its cosignatures pass
             out["connect_s"] = round(connect_s, 2)
             out["broker_rss_connected_mib"] = round(broker.rss()["VmRSS"], 1)
@@ -732,6 +800,10 @@ async def configuration(world: World, n: int, plan: Plan, work: Path, profile: P
                     "baseline": summarise(bo),
                     "broker_rss_peak_mib": round(broker.rss()["VmHWM"], 1),
                 }
+            followers.cancel()
+            if plan.follow:
+                entries, items, requests = bench.followed
+                out["followed"] = {"every_s": plan.follow, "entries": entries, "items": items, "requests": requests}
             for node in everyone:
                 await node.close()
             nursery.cancel_scope.cancel()
@@ -972,6 +1044,13 @@ def print_report(r: dict[str, Any]) -> None:
             f"{c['depth']} per node; {c['valise']['errors']} errors)"
         )
     for c in r["configurations"]:
+        f = c.get("followed")
+        if f:
+            print(
+                f"{c['nodes']} nodes followed the log every {f['every_s']:g} s: {f['entries']:,} entries came as "
+                f"{f['items']:,} items in {f['requests']:,} requests"
+            )
+    for c in r["configurations"]:
         o = c.get("open_loop")
         if o:
             print()
@@ -1012,6 +1091,13 @@ def main() -> int:
     ap.add_argument(
         "--open-rate", type=float, default=1000.0, metavar="PER_S", help="open-loop offered load (default %(default)s)"
     )
+    ap.add_argument(
+        "--follow",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="every node also follows the log, as node daemons do, every SECONDS (default: they do not)",
+    )
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="py-spy the broker into DIR")
     ap.add_argument("--profile-cpu", action="store_true", help="profile CPU only (no samples of a blocked broker)")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
@@ -1030,6 +1116,7 @@ def main() -> int:
         open_rounds=3,
         big=(args.big or (64 if args.quick else 1024)) * MiB,
         witnesses=max(groups) if args.witnesses is None else args.witnesses,
+        follow=args.follow,
     )
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-broker-") as tmp:
         results = trio.run(run, plan, Path(tmp), args.profile)

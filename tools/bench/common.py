@@ -63,6 +63,7 @@ class Proc:
     """A server subprocess; `port` is parsed from the first stdout line holding `pattern` (None: no wait)."""
 
     def __init__(self, argv: list[str], log_path: Path, pattern: str | None, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
         self.log = log_path.open("wb")
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE if pattern else self.log, stderr=self.log, env={**os.environ, **(env or {})}
