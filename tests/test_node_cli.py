@@ -14,8 +14,9 @@ import trio
 from valise import identity, packet, records
 from valise.cli.main import main
 from valise.cli.node import call
+from valise.daemonlock import DaemonLock
 from valise.errors import UsageError
-from valise.node.daemon import NodeDaemon, NodeLock
+from valise.node.daemon import NodeDaemon
 from valise.policy import records as policy_records
 from valise.wire import events as ev
 
@@ -86,6 +87,13 @@ async def test_send_prints_the_id_and_the_receipt_or_the_denial(
         code = await cli("send", "--node", node, "--to", "NGA", "--tlp", "RED", str(payload))
         assert code == 2
         assert "not in the verified directory: NGA" in capsys.readouterr().err
+        # --json: stdout is one JSON value (the id printed before it made it unparseable).
+        nursery.start_soon(answer_submission, broker, h)
+        code = await cli("send", "--node", node, "--to", "DEU", "--tlp", "AMBER", "--json", str(payload))
+        assert code == 0
+        reply = json.loads(capsys.readouterr().out)
+        assert (reply["state"], reply["index"]) == ("receipted", 4)
+        assert bytes.fromhex(reply["id"]) in {r.packet_id for r in h.daemon.store.outbox_all()}
         nursery.cancel_scope.cancel()
 
 
@@ -176,7 +184,11 @@ async def test_inbox_and_read_stream_the_plaintext(
 
 async def test_a_second_daemon_on_the_same_directory_is_refused(world: dict[str, Any]) -> None:  # noqa: F811
     home = world["home"]
-    with NodeLock(home.lock_path), pytest.raises(UsageError, match="another node daemon"), NodeLock(home.lock_path):
+    with (
+        DaemonLock(home.lock_path, "node daemon"),
+        pytest.raises(UsageError, match="another node daemon"),
+        DaemonLock(home.lock_path, "node daemon"),
+    ):
         pass
 
 

@@ -29,10 +29,12 @@ import trio
 
 from valise import encoding, gctune, records, tls
 from valise.broker import fds, http, relay
+from valise.broker.fds import listen_tcp
 from valise.broker.home import BrokerHome
 from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
 from valise.broker.readers import readers_of
 from valise.broker.spool import InlineUpload, Spool, Upload
+from valise.daemonlock import DaemonLock
 from valise.errors import AccessError, Error, PolicyError, ProtocolError, StatementError
 from valise.genesis import Genesis
 from valise.identity import PublicBundle
@@ -484,9 +486,9 @@ class BrokerDaemon:
         host, port = self.settings.listen
         # Below the descriptor limit, or eviction never starts: the process runs out first (see fds.py).
         self._max_unauthenticated = fds.unauthenticated_share(fds.soft_limit(), MAX_UNAUTHENTICATED)
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        self.port = listeners[0].socket.getsockname()[1]
         try:
+            listeners = await listen_tcp(host, port, "--listen")
+            self.port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._committer)
                 nursery.start_soon(self._checkpointer)
@@ -1436,24 +1438,25 @@ class Session:
 
 
 def serve_forever(home: BrokerHome, settings: Settings) -> None:
-    """Run the daemon until SIGINT/SIGTERM; then stop gracefully within a deadline."""
+    """Run the daemon until SIGINT/SIGTERM; then stop gracefully within a deadline. One per directory."""
+    fds.raise_soft_limit()
+    with DaemonLock(home.serve_lock_path, "broker"):
+        trio.run(_serve, home, settings)
+
+
+async def _serve(home: BrokerHome, settings: Settings) -> None:
     import signal
 
-    fds.raise_soft_limit()
-
-    async def main() -> None:
-        daemon = BrokerDaemon(home, settings)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.serve)
-            gctune.settle_for_serving()
-            print(
-                f"broker {daemon.broker_id} listening on {settings.listen[0]}:{daemon.port}"
-                + (f", tiles on http://{settings.http[0]}:{daemon.http_port}/" if settings.http else ""),
-                flush=True,
-            )
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    await daemon.shutdown(nursery)
-                    break
-
-    trio.run(main)
+    daemon = BrokerDaemon(home, settings)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.serve)
+        gctune.settle_for_serving()
+        print(
+            f"broker {daemon.broker_id} listening on {settings.listen[0]}:{daemon.port}"
+            + (f", tiles on http://{settings.http[0]}:{daemon.http_port}/" if settings.http else ""),
+            flush=True,
+        )
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                await daemon.shutdown(nursery)
+                break

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import resource
+from errno import EADDRINUSE
+
+import trio
+
+from valise.errors import Error
 
 # Without an enforced hard limit, ask for this many (Linux also caps it at /proc/sys/fs/nr_open).
 UNBOUNDED_TARGET = 1 << 20
@@ -41,3 +46,13 @@ def raise_soft_limit() -> int:
 def unauthenticated_share(limit: int, cap: int) -> int:
     """How many unauthenticated peers of one kind to keep at once: a quarter of `limit`, at most `cap`."""
     return max(MIN_SHARE, min(cap, limit // SHARE_DIVISOR))
+
+
+async def listen_tcp(host: str, port: int, option: str) -> list[trio.SocketListener]:
+    """`trio.open_tcp_listeners`, failing with an error that names the address and the option that chose it:
+    the system's alone says only "Address already in use", which is the usual first failure of a new broker."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        hint = "another broker or program is listening there: pick another port" if exc.errno == EADDRINUSE else None
+        raise Error(f"cannot listen on {host}:{port} ({option}): {exc.strerror or exc}", hint=hint) from None

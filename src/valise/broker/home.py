@@ -8,7 +8,8 @@ Layout of `D` (created by `valise broker init --dir D --origin NAME`):
 - `log.key`           the log's Ed25519 key (mode 0600), which signs checkpoints (a C2SP signed-note key);
 - `broker.db`         the SQLite store: the log, its hashes and checkpoints;
 - `mailbox.db`, `spool/`  the delivery queues and packet bodies (broker/mailbox.py, broker/spool.py);
-- `policy.lock`       serialises writers of policy records.
+- `policy.lock`       serialises writers of policy records;
+- `serve.lock`        held by the running broker: one per directory.
 
 Three keys with three jobs: the operator key can be kept offline in a stricter setup without stopping the log,
 and a compromised log key cannot forge admissions.
@@ -91,6 +92,11 @@ class BrokerHome:
     @property
     def db_path(self) -> Path:
         return self.root / "broker.db"
+
+    @property
+    def serve_lock_path(self) -> Path:
+        """flock()ed by the running broker (`valise broker serve`): one per directory."""
+        return self.root / "serve.lock"
 
     @property
     def policy_lock_path(self) -> Path:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import trio
 
+from valise.broker.fds import listen_tcp
+
 log = logging.getLogger("valise.http")
 
 MAX_HEAD = 8192
@@ -154,7 +156,7 @@ async def serve(
 
     At most `max_connections` at once: a newcomer past the cap closes the oldest connection, so a flood of held
     connections delays a reader by one eviction instead of using up the process's descriptors."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await listen_tcp(host, port, "--http")
     task_status.started(listeners[0].socket.getsockname()[1])
     open_ones: dict[trio.CancelScope, None] = {}  # insertion order: oldest first
 

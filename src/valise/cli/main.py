@@ -78,15 +78,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code: int = handler(args)
-    except Error as exc:
+    except BaseExceptionGroup as group:  # from a daemon's nursery: one failure, usually, wrapped by trio
+        return _failed(_first(group), group)
+    except (Error, KeyboardInterrupt, OSError) as exc:
+        return _failed(exc, exc)
+    return code
+
+
+def _failed(exc: BaseException, original: BaseException) -> int:
+    """Report a failure the user can act on in one line; anything else is a bug, and keeps its traceback."""
+    if isinstance(exc, Error):
         print(f"valise: error: {shown(exc)}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    if isinstance(exc, KeyboardInterrupt):
         print("valise: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    if isinstance(exc, BrokenPipeError):
         return 1
-    return code
+    if isinstance(exc, OSError):
+        # A port in use, a directory that does not exist or cannot be written: the system's words, and the path.
+        if exc.filename is not None and exc.strerror:
+            what = f"{exc.strerror}: {exc.filename}"
+        else:  # e.g. trio's "error while attempting to bind on address (...): address already in use"
+            what = str(exc).removeprefix(f"[Errno {exc.errno}] ")
+        print(f"valise: error: {shown(what)}", file=sys.stderr)
+        return 1
+    raise original
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":

@@ -279,10 +279,10 @@ def send(args: argparse.Namespace) -> int:
     with _payload(args.input) as src:
         req["size"] = os.fstat(src.fileno()).st_size - src.tell()
         reply = request(args.node, req, src)
-    if "id" in reply:
-        print(reply["id"])
     if args.json:
-        print(json.dumps(reply))
+        print(json.dumps(reply))  # the packet id is in it: one JSON value on stdout, nothing else
+    elif "id" in reply:
+        print(reply["id"])
     if not reply.get("ok"):
         for to, reason in sorted((reply.get("reasons") or {}).items()):
             print(f"denied for {shown(to)}: {shown(reason)}", file=sys.stderr)

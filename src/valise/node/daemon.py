@@ -17,19 +17,17 @@ What happens to a submission's answer (specs/protocol.md, "Relaying a packet"):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import logging
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import IO
 
 import trio
 
 from valise import gctune, identity, packet, records, tls
+from valise.daemonlock import DaemonLock
 from valise.errors import CheckpointError, Error, NoteError, RemoteError, UsageError
 from valise.node import outbox
 from valise.node.control import listen, socket_path
@@ -68,28 +66,6 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
-
-
-class NodeLock:
-    """An exclusive lock on the node directory: one daemon per directory (released when the process dies)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._f: IO[bytes] | None = None
-
-    def __enter__(self) -> NodeLock:
-        f = open(self.path, "a+b")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            raise UsageError(f"another node daemon is running on {self.path.parent}") from None
-        self._f = f
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._f is not None:
-            self._f.close()
 
 
 class NodeDaemon:
@@ -589,7 +565,7 @@ def _get_entries(rid: int, *, start: int, end: int) -> ev.Message:
 
 async def run_node(home: NodeHome, me: identity.Identity, passphrase: bytes | None) -> None:
     """`valise node run`: lock the directory, run until SIGINT/SIGTERM, then stop within a grace period."""
-    with NodeLock(home.lock_path):
+    with DaemonLock(home.lock_path, "node daemon"):
         daemon = NodeDaemon(home, me, passphrase=passphrase)
         try:
             async with trio.open_nursery() as nursery:

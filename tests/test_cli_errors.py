@@ -1,0 +1,52 @@
+"""Failures a user can act on are one line on stderr with an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from valise.cli.main import main as cli
+
+from .harness import broker_process, make_world
+
+
+def test_a_broker_port_in_use_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    world = make_world(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = cli(["broker", "serve", "--dir", str(world.home.root), "--listen", f"127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("valise: error: ")
+    assert f"cannot listen on 127.0.0.1:{port} (--listen): Address already in use" in err
+    assert "pick another port" in err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_an_output_path_that_cannot_be_written_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    code = cli(["keygen", "--id", "FRA", "--out", str(not_a_dir / "keys")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == f"valise: error: Not a directory: {not_a_dir / 'keys'}\n"
+
+
+async def test_a_second_broker_on_one_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two brokers on one directory would both sign checkpoints and push the same mailboxes."""
+    world = make_world(tmp_path)
+    async with broker_process(world.home.root, tmp_path / "broker.log") as first:
+        code = cli(["broker", "serve", "--dir", str(world.home.root), "--listen", "127.0.0.1:0"])
+        assert code == 2
+        assert capsys.readouterr().err == f"valise: error: another broker is running on {world.home.root}\n"
+        assert first.alive()
+    # Released with the process (SIGKILL here): the next broker starts.
+    async with broker_process(world.home.root, tmp_path / "broker2.log") as second:
+        assert second.alive()
