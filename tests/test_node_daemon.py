@@ -264,10 +264,11 @@ async def test_a_forged_delivery_is_not_acknowledged(world: dict[str, Any], memb
         await broker.send(ev.DeliverBegin(0, bytes(data[: head.head_size]), len(data) - head.head_size))
         await broker.send(ev.DeliverChunk(0, bytes(data[head.head_size :])))
         await broker.send(ev.DeliverEnd(0))
-        await wait_for(lambda: h.daemon.store.alarms())
+        refusal = await broker.expect(ev.Refuse)  # refused, not acknowledged (wire.md rule 13)
+        assert (refusal.seq, refusal.code) == (0, "hash-mismatch")
         assert "does not match" in h.daemon.store.alarms()[0].message
         assert h.daemon.store.inbox_all() == []
-        assert 0 in broker.conn.unconfirmed  # never acknowledged
+        assert broker.conn.unconfirmed == frozenset()
         nursery.cancel_scope.cancel()
 
 

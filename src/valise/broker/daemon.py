@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import trio
@@ -176,10 +177,18 @@ class BrokerDaemon:
         self.policy = PolicyState(cfg.origin, self.genesis.operator_key, verify_signatures=False)
         self._fold(self.store.size())
         self.policy.verify_signatures = True
-        self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = {}  # (sender, id) → (index, digest, at)
-        self._reconcile()
+        self._unlinks: list[Path] = []  # spool files of bodies dropped in the open batch: unlinked after it commits
+        # A crash between the log's commit and the mailboxes' leaves the last batch's mailbox changes undone: they
+        # are redone from the log, from the mark the mailboxes keep (`applied_size`), before anyone connects.
+        applied = self.mail.applied_size()
         with self.mail.batch():
-            self._record_readers(self.store.size())  # a log from before readers were kept, or a crash's tail
+            # A mailbox database from before the mark: only packets after the newest it knows can be missing.
+            self._catch_up(self.store.size(), effects_from=applied if applied is not None else self._legacy_mark())
+        self._unlink_released()
+        if swept := self.spool.sweep(self.mail):
+            log.warning("removed %d spool file(s) that no mailbox item refers to", swept)
+        # (sender, packet id) → (index, digest, at) of packets logged whose body a crash lost (see _replay_packet).
+        self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = self.mail.orphans()
         self.sessions: dict[str, Session] = {}
         self._waiters: list[_Waiter] = []
         self._confirmations: list[tuple[str, str, bytes]] = []
@@ -224,33 +233,102 @@ class BrokerDaemon:
                 log.error("log entry %d has no policy effect: %s", self.policy.size, exc)
                 self.policy.skip_to(self.policy.size + 1)
 
-    def _reconcile(self) -> None:
-        """Queue packets that reached the log but not the mailboxes (a crash between the two steps).
+    def _legacy_mark(self) -> int:
+        return max(1, self.mail.last_log_index() + 1)
 
-        Only the last batch before a crash can be in that state, so the scan starts after the newest packet the
-        mailboxes know. Their bodies are on disk: a packet is spooled and fsynced before its entry is appended.
-        """
-        start = max(1, self.mail.last_log_index() + 1)
-        size = self.store.size()
-        for index in range(start, size):
-            kind, m = records.entry_type(self.store.entries(index, index + 1)[0])
-            if kind != "pkt":
-                continue
-            header = Header.parse(m["header"])
-            digest = hashlib.sha256(header.raw).digest()
-            path = self.spool.path(digest)
-            if self.mail.packet(digest) is not None:
-                continue
-            core = header.core
-            if path.exists():
-                row = PacketRow(digest, core.sender, core.packet_id, index, core.expires, path.stat().st_size, m["at"])
-                self.mail.record_packet(row, core.recipients)
-                log.warning("re-queued packet at log index %d after an interrupted commit", index)
+    def _catch_up(self, upto: int, effects_from: int | None = None) -> None:
+        """Within a mailbox batch: apply the mailbox changes of log entries [applied_size, upto) and record their
+        readers, moving the mark past them. Normally these are only records other writers appended (operator
+        commands: no mailbox changes); after a crash, also the last batch's traffic, whose mailbox transaction the
+        crash lost (specs/protocol.md, "Store and forward")."""
+        start = self.mail.applied_size() or 0
+        effects_from = start if effects_from is None else effects_from
+        while start < upto:
+            entries = self.store.entries(start, min(upto, start + 4096))
+            for offset, entry in enumerate(entries):
+                if start + offset >= effects_from:
+                    self._replay(start + offset, entry)
+            self.mail.record_readers(start, [self._readers(e) for e in entries])
+            start += len(entries)
+
+    def _replay(self, index: int, entry: bytes) -> None:
+        """Redo the mailbox changes of a logged traffic record (each is idempotent)."""
+        try:
+            kind, m = records.entry_type(entry)
+            if kind == "pkt":
+                self._replay_packet(index, m)
+            elif kind == "ack":
+                self.ack_effects(records.Ack.parse(m["notice"])[0], index)
+            elif kind == "retract":
+                retraction = records.Retraction.parse(m["notice"])[0]
+                recipients = self._recipients_of(retraction.digest)
+                if recipients is not None:
+                    self.retract_effects(retraction, recipients, index)
+            elif kind == "purge":
+                self.purge_effects(m["recipient"], m["digest"])
             else:
-                # A small packet's body travels in the mailbox transaction that the crash lost. Its sender got no
-                # receipt and will resubmit; that resubmission is queued at this index instead of logged again.
-                self.orphans[(core.sender, core.packet_id)] = (index, digest, m["at"])
-                log.warning("packet at log index %d awaits its sender's resubmission", index)
+                return
+        except (Error, KeyError) as exc:
+            log.error("log entry %d: its mailbox changes cannot be redone: %s", index, exc)
+            return
+        log.warning("redid the mailbox changes of log entry %d (%s) after an interrupted commit", index, kind)
+
+    def _replay_packet(self, index: int, m: dict[str, Any]) -> None:
+        header = Header.parse(m["header"])
+        digest = hashlib.sha256(header.raw).digest()
+        if self.mail.packet(digest) is not None:
+            return
+        core = header.core
+        path = self.spool.path(digest)
+        if path.exists():  # a large packet is spooled and fsynced before its entry is appended
+            row = PacketRow(digest, core.sender, core.packet_id, index, core.expires, path.stat().st_size, m["at"])
+            self.mail.record_packet(row, core.recipients)
+        else:
+            # A small packet's body travels in the mailbox transaction that the crash lost. Its sender got no
+            # receipt and will resubmit; that resubmission is queued at this index instead of logged again. Kept
+            # in the database: a second crash before the resubmission must not forget it.
+            self.mail.add_orphan(core.sender, core.packet_id, index, digest, m["at"])
+
+    def orphan_row(self, sender: str, packet_id: bytes) -> PacketRow | None:
+        """An orphan as the packet row its resubmission will get (expiry and size unknown until then)."""
+        orphan = self.orphans.get((sender, packet_id))
+        if orphan is None:
+            return None
+        index, digest, at = orphan
+        return PacketRow(digest, sender, packet_id, index, 0, 0, at)
+
+    # --- the mailbox changes of each kind of traffic record (in the batch's transaction, or replayed) -----------
+
+    def ack_effects(self, ack: records.Ack, index: int) -> None:
+        """The packet leaves the recipient's mailbox; the acknowledgement enters the sender's."""
+        self.mail.remove(ack.recipient, "packet", ack.digest)
+        # A notice's mailbox key is the hash of the signed notice: one packet to several recipients brings its
+        # sender one acknowledgement from each, not one in all. With the packet id and the recipient beside it:
+        # pushing it then needs no second parse of the ack.
+        record = {"index": index, "notice": ack.raw, "id": ack.packet_id, "by": ack.recipient}
+        self.mail.post(ack.sender, "ack", hashlib.sha256(ack.raw).digest(), encoding.pack(record))
+        self.release([ack.digest])
+
+    def retract_effects(self, retraction: records.Retraction, recipients: Sequence[str], index: int) -> None:
+        """A copy not yet delivered is withdrawn; every recipient is told (a delivered copy must be discarded)."""
+        body = encoding.pack({"index": index, "notice": retraction.raw})
+        for r in recipients:
+            self.mail.remove(r, "packet", retraction.digest)
+            self.mail.post(r, "retract", retraction.digest, body)
+        self.release([retraction.digest])
+
+    def purge_effects(self, member: str, digest: bytes) -> None:
+        self.mail.remove(member, "packet", digest)
+        self.release([digest])
+
+    def release(self, digests: Sequence[bytes]) -> None:
+        """Within a mailbox batch: drop the bodies nothing refers to any more; their files go after the commit."""
+        self._unlinks += self.spool.release(self.mail, digests)
+
+    def _unlink_released(self) -> None:
+        unlinks, self._unlinks = self._unlinks, []
+        for path in unlinks:
+            path.unlink(missing_ok=True)
 
     @asynccontextmanager
     async def policy_writer(self) -> AsyncIterator[None]:
@@ -376,7 +454,7 @@ class BrokerDaemon:
                     self._apply([w.entry])
         self._fold(indexes.stop)
         with self.mail.batch():
-            self._record_readers(indexes.start)  # entries other writers appended before this batch
+            self._catch_up(indexes.start)  # entries other writers appended before this batch
             self.mail.record_readers(
                 indexes.start, [w.readers if w.readers is not None else self._readers(w.entry) for w in waiters]
             )
@@ -386,6 +464,7 @@ class BrokerDaemon:
                 w.index = index
                 if w.on_commit is not None:
                     w.on_commit(index)
+        self._unlink_released()
         for w in waiters:
             w.done.set()
             if w.on_durable is not None:
@@ -405,15 +484,6 @@ class BrokerDaemon:
             return None
         kind, m = records.entry_type(self.store.entries(row.log_index, row.log_index + 1)[0])
         return Header.parse(m["header"]).core.recipients if kind == "pkt" else None
-
-    def _record_readers(self, upto: int) -> None:
-        """Record the readers of entries [readers_size, upto) by parsing them: entries appended by operator
-        commands (other processes), and at start-up any this broker appended before it kept readers."""
-        start = self.mail.readers_size()
-        while start < upto:
-            entries = self.store.entries(start, min(upto, start + 4096))
-            self.mail.record_readers(start, [self._readers(e) for e in entries])
-            start += len(entries)
 
     # --- checkpoints and witnesses --------------------------------------------------------------------------
 
@@ -436,7 +506,7 @@ class BrokerDaemon:
         previous = latest.size if latest else 0
         try:
             with self.mail.batch():  # what operator commands appended since the last batch, before anyone reads it
-                self._record_readers(self.store.size())
+                self._catch_up(self.store.size())
             signed = self.log.sign()
         except Error:
             # The store no longer matches what was signed (altered, or restored from an old backup): refuse to
@@ -551,8 +621,7 @@ class BrokerDaemon:
 
             def done(_index: int, member: str = member, digest: bytes = row.digest) -> None:
                 self.withdrawals += 1
-                self.mail.remove(member, "packet", digest)
-                self.spool.drop_unreferenced(self.mail, [digest])
+                self.purge_effects(member, digest)
 
             await self.append(records.purge_entry(row.digest, member, now), done, traffic=True, readers=(member,))
 
@@ -912,7 +981,10 @@ class Session:
             self._uploads[msg.rid] = None
             await self.send(ev.ErrorMessage(msg.rid, head.code, head.message))
             return
-        known = self.d.mail.packet_by_id(self.member, head.core.packet_id)
+        # An orphan (logged, its body lost in a crash) is known too: its retry is a duplicate, not decided again.
+        known = self.d.mail.packet_by_id(self.member, head.core.packet_id) or self.d.orphan_row(
+            self.member, head.core.packet_id
+        )
         outcome = relay.admit(self.d.policy, self.member, head, known, self.d.now(), self.d.settings.window)
         if isinstance(outcome, relay.Reject):
             self._uploads[msg.rid] = None
@@ -963,38 +1035,43 @@ class Session:
         # Unused at submit-begin and nothing recorded since: still unused (a query per packet saved).
         known = None if unknown_at == self.d.recorded else self.d.mail.packet_by_id(self.member, core.packet_id)
         if known is None:
-            # Policy may have changed while the ciphertext streamed in: decide again, as of now (the signature
-            # was checked at submit-begin, and is checked again only if the sender's key changed meanwhile).
-            outcome = relay.admit(
-                self.d.policy,
-                self.member,
-                head,
-                None,
-                self.d.now(),
-                self.d.settings.window,
-                signature_checked_with=upload.signed_by,
-            )
-            if isinstance(outcome, relay.Reject | relay.Denied):
-                self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
-                if isinstance(outcome, relay.Reject):
-                    await self.send(ev.ErrorMessage(msg.rid, outcome.code, outcome.message))
-                else:
-                    reasons = tuple(ev.DenyReason(to, r) for to, r in outcome.reasons)
-                    await self.send(ev.Deny(msg.rid, core.packet_id, reasons))
-                return
-            body = stored if isinstance(stored, bytes) else None
-            size = len(stored) if isinstance(stored, bytes) else stored.stat().st_size
-            orphan = self.d.orphans.pop((self.member, core.packet_id), None)
+            orphan = self.d.orphans.get((self.member, core.packet_id))
             if orphan is not None and orphan[1] != head.digest:
-                self.d.orphans[(self.member, core.packet_id)] = orphan
                 what = f"packet id {core.packet_id.hex()} was already logged by {self.member} for another packet"
                 await self._refuse_stored(msg.rid, head, what)
                 return
+            if orphan is None:
+                # Policy may have changed while the ciphertext streamed in: decide again, as of now (the signature
+                # was checked at submit-begin, and is checked again only if the sender's key changed meanwhile).
+                outcome = relay.admit(
+                    self.d.policy,
+                    self.member,
+                    head,
+                    None,
+                    self.d.now(),
+                    self.d.settings.window,
+                    signature_checked_with=upload.signed_by,
+                )
+                if isinstance(outcome, relay.Reject | relay.Denied):
+                    self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
+                    if isinstance(outcome, relay.Reject):
+                        await self.send(ev.ErrorMessage(msg.rid, outcome.code, outcome.message))
+                    else:
+                        reasons = tuple(ev.DenyReason(to, r) for to, r in outcome.reasons)
+                        await self.send(ev.Deny(msg.rid, core.packet_id, reasons))
+                    return
+            body = stored if isinstance(stored, bytes) else None
+            size = len(stored) if isinstance(stored, bytes) else stored.stat().st_size
             if orphan is not None:
-                # Logged before a crash that lost its small body: queue it at its existing index, log nothing new.
+                # Logged, so admitted, before a crash that lost its small body: queued at its existing index, with
+                # nothing logged again and nothing decided again (the time window or the policy may have moved on
+                # since; refusing now would contradict the log, which says the packet was relayed).
+                del self.d.orphans[(self.member, core.packet_id)]
                 index, at = orphan[0], orphan[2]
                 row = PacketRow(head.digest, self.member, core.packet_id, index, core.expires, size, at)
-                self.d.mail.record_packet(row, core.recipients, body)
+                with self.d.mail.batch():
+                    self.d.mail.record_packet(row, core.recipients, body)
+                    self.d.mail.remove_orphan(self.member, core.packet_id)
                 self.d.recorded += 1
             else:
                 key = (self.member, core.packet_id)
@@ -1119,14 +1196,7 @@ class Session:
         sender = ack.sender
 
         def done(index: int) -> None:
-            self.d.mail.remove(self.member, "packet", item.digest)
-            # A notice's mailbox key is the hash of the signed notice: one packet to several recipients brings
-            # its sender one acknowledgement from each, not one in all.
-            notice_key = hashlib.sha256(ack.raw).digest()
-            # With the packet id and the recipient beside it: pushing it then needs no second parse of the ack.
-            record = {"index": index, "notice": ack.raw, "id": ack.packet_id, "by": ack.recipient}
-            self.d.mail.post(sender, "ack", notice_key, encoding.pack(record))
-            self.d.spool.drop_unreferenced(self.d.mail, [item.digest])
+            self.d.ack_effects(ack, index)
             self.d.acks_pending.discard(pending)
             self.d.wake(sender)
 
@@ -1159,12 +1229,7 @@ class Session:
 
         def done(index: int) -> None:
             self.d.withdrawals += 1
-            body = encoding.pack({"index": index, "notice": retraction.raw})
-            for r in recipients:
-                # A copy not yet delivered is withdrawn; everyone is told (a delivered copy must be discarded).
-                self.d.mail.remove(r, "packet", row.digest)
-                self.d.mail.post(r, "retract", row.digest, body)
-            self.d.spool.drop_unreferenced(self.d.mail, [row.digest])
+            self.d.retract_effects(retraction, recipients, index)
 
         readers = (self.member, *recipients)
         index = await self.d.append(records.retract_entry(retraction), done, traffic=True, readers=readers)

@@ -52,6 +52,14 @@ CREATE TABLE IF NOT EXISTS readers (  -- who may read log entry idx in full ('*'
     PRIMARY KEY (member, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS orphans (  -- logged packets whose small body a crash lost: the sender's retry brings it
+    sender     TEXT NOT NULL,
+    packet_id  BLOB NOT NULL,
+    log_index  INTEGER NOT NULL,
+    digest     BLOB NOT NULL,
+    received   INTEGER NOT NULL,
+    PRIMARY KEY (sender, packet_id)
+);
 """
 
 
@@ -218,14 +226,17 @@ class Mailboxes:
 
     # --- who may read which log entry (readers.py) ------------------------------------------------------------
 
-    def readers_size(self) -> int:
-        """Log entries [0, readers_size) have their readers recorded."""
+    def applied_size(self) -> int | None:
+        """Log entries [0, applied_size) have their mailbox changes and readers recorded here: the mark is written
+        in the same transaction as they are, so after a crash the entries past it are the ones to catch up on.
+        None: a mailbox database from before the mark was kept."""
         r = self._db.execute("SELECT value FROM meta WHERE key = 'readers_size'").fetchone()
-        return int(r[0]) if r else 0
+        return int(r[0]) if r else None
 
     def record_readers(self, start: int, readers: Sequence[Sequence[str]]) -> None:
-        """Record the readers of log entries start, start + 1, ... (in a batch: with the mailbox changes)."""
-        if start != (size := self.readers_size()):
+        """Record the readers of log entries start, start + 1, ..., and move the mark past them (in a batch: with
+        the entries' mailbox changes)."""
+        if start != (size := self.applied_size() or 0):
             raise StoreError(f"readers recorded up to log entry {size}, not {start}")
         with self._transaction():
             self._db.executemany(
@@ -249,6 +260,21 @@ class Mailboxes:
             ).fetchall()
             found.update(r[0] for r in rows)
         return sorted(found)[:limit]
+
+    def add_orphan(self, sender: str, packet_id: bytes, index: int, digest: bytes, received: int) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR IGNORE INTO orphans VALUES (?, ?, ?, ?, ?)", (sender, packet_id, index, digest, received)
+            )
+
+    def orphans(self) -> dict[tuple[str, bytes], tuple[int, bytes, int]]:
+        """(sender, packet id) -> (log index, header digest, received) of every orphan."""
+        rows = self._db.execute("SELECT sender, packet_id, log_index, digest, received FROM orphans").fetchall()
+        return {(r[0], bytes(r[1])): (r[2], bytes(r[3]), r[4]) for r in rows}
+
+    def remove_orphan(self, sender: str, packet_id: bytes) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM orphans WHERE sender = ? AND packet_id = ?", (sender, packet_id))
 
     def last_log_index(self) -> int:
         """The log index of the newest packet recorded here (0 if none)."""

@@ -112,10 +112,29 @@ class Spool:
         return Upload(head, tmp, self.path(head.digest), head_bytes, signed_by)
 
     def drop_unreferenced(self, refs: _Refs, digests: Sequence[bytes]) -> None:
+        """Outside a mailbox transaction: drop the bodies of `digests` that no mailbox item refers to."""
+        for path in self.release(refs, digests):
+            path.unlink(missing_ok=True)
+
+    def release(self, refs: _Refs, digests: Sequence[bytes]) -> list[Path]:
+        """Inside a mailbox transaction: drop the kept bodies of `digests` that no item refers to any more (with
+        the transaction), and return their spool files, to unlink once it has committed. Unlinked before, a
+        crash or a rollback would leave items whose body is gone for good."""
         gone = refs.unreferenced(digests)
         if not gone:
-            return
-        inline = refs.drop_bodies(gone)
+            return []
+        inline = refs.drop_bodies(gone)  # a small packet's body lives in the mailbox database, never in a file
+        return [self.path(d) for d in gone if d not in inline]
+
+    def sweep(self, refs: _Refs) -> int:
+        """Remove spool files no mailbox item refers to (left by a crash between a commit and an unlink, or by
+        an upload logged never); run at start-up, after the mailboxes have caught up with the log."""
+        files = {bytes.fromhex(p.stem): p for p in self.root.glob("*.pkt") if _is_digest(p.stem)}
+        gone = refs.unreferenced(list(files))
         for digest in gone:
-            if digest not in inline:  # a small packet's body lives in the mailbox database, never in a file
-                self.path(digest).unlink(missing_ok=True)
+            files[digest].unlink(missing_ok=True)
+        return len(gone)
+
+
+def _is_digest(stem: str) -> bool:
+    return len(stem) == 64 and all(c in "0123456789abcdef" for c in stem)

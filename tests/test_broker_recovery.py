@@ -1,0 +1,169 @@
+"""The broker catches up with its own log after a crash between the log's commit and the mailboxes' commit.
+
+The two are separate SQLite files, so a crash can leave traffic records in the log whose mailbox changes were
+lost: an acknowledgement never forwarded, a retraction never relayed, a purge that left the item queued, a packet
+whose small body travelled in the lost transaction. Here the crash's result is made directly: the records are
+appended to the log while the broker is stopped, as a broker that died after its log commit would leave them.
+A crash-injection review (SIGKILL at those points, real processes) found each of these; see the commit message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import trio
+
+from valise import packet, records
+from valise.broker.daemon import BrokerDaemon
+from valise.store.sqlite import SqliteLog
+from valise.wire import events as ev
+
+from .harness import WireClient, World, make_world, running_broker, seal
+
+
+def _world(tmp_path: Path) -> World:
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU", "AMBER", ["malware"])
+    return world
+
+
+def _head(data: bytes) -> packet.Head:
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    return head
+
+
+async def _relayed(world: World, data: bytes) -> int:
+    """Submit `data` from FRA through a broker that then stops; return its log index."""
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        receipt = await fra.submit(data)
+        assert isinstance(receipt, ev.Receipt), receipt
+        return receipt.index
+
+
+def _ack(world: World, head: packet.Head) -> records.Ack:
+    now = int(time.time())
+    return records.Ack.make(world.members["DEU"].signing, head.core.packet_id, head.digest, "FRA", "DEU", now)
+
+
+def _log_size(world: World) -> int:
+    with SqliteLog.open(world.home.db_path) as store:
+        return store.size()
+
+
+async def test_an_acknowledgement_logged_before_a_crash_is_forwarded_and_its_packet_dequeued(tmp_path: Path) -> None:
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"x" * 100_000)  # spooled: its file must go only with the last reference
+    head = _head(data)
+    await _relayed(world, data)
+    ack = records.Ack.make(
+        world.members["DEU"].signing, head.core.packet_id, head.digest, "FRA", "DEU", int(time.time())
+    )
+    world.append(records.ack_entry(ack))  # logged; the crash took the mailbox transaction with it
+    index = _log_size(world) - 1
+    async with running_broker(world) as broker:
+        assert not broker.mail.has_item("DEU", "packet", head.digest)
+        assert not broker.spool.path(head.digest).exists()
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            fra.refuse_cosign = True
+            forwarded = await fra.next_of(ev.AckForward)
+            assert isinstance(forwarded, ev.AckForward)
+            assert (forwarded.ack, forwarded.index, forwarded.by) == (ack.raw, index, "DEU")
+
+
+async def test_a_retraction_logged_before_a_crash_is_relayed(tmp_path: Path) -> None:
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"sent by mistake")
+    head = _head(data)
+    await _relayed(world, data)
+    retraction = records.Retraction.make(
+        world.members["FRA"].signing, head.core.packet_id, head.digest, "FRA", "mistake", int(time.time())
+    )
+    world.append(records.retract_entry(retraction))
+    async with running_broker(world) as broker, WireClient.connect(world, "DEU", broker.port) as deu:
+        deu.refuse_cosign = True
+        notice = await deu.next_of(ev.RetractForward)
+        assert isinstance(notice, ev.RetractForward)
+        assert notice.retraction == retraction.raw
+        assert not broker.mail.has_item("DEU", "packet", head.digest)  # withdrawn undelivered
+
+
+async def test_a_purge_logged_before_a_crash_dequeues_the_packet(tmp_path: Path) -> None:
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"y" * 100_000)
+    head = _head(data)
+    await _relayed(world, data)
+    world.append(records.purge_entry(head.digest, "DEU", int(time.time())))
+    async with running_broker(world) as broker:
+        assert not broker.mail.has_item("DEU", "packet", head.digest)
+        assert not broker.spool.path(head.digest).exists()
+
+
+async def test_a_packet_whose_body_a_crash_lost_waits_for_its_sender_across_restarts(tmp_path: Path) -> None:
+    """Its entry is in the log, its small body was in the lost transaction. The resubmission is queued at the
+    logged index, even after a second restart with other traffic in between (the orphan was kept only in memory:
+    the retry was logged a second time, which the auditor reports as pkt-duplicate) and even once the sender's
+    time window has passed (it was refused as stale: relayed by the log, refused to the sender)."""
+    world = _world(tmp_path)
+    lost = seal(world, "FRA", ["DEU"], b"body lost with the mailbox transaction")
+    head = _head(lost)
+    world.append(records.packet_entry(head.header.raw, head.signature, int(time.time())))
+    logged_at = _log_size(world) - 1
+    await _relayed(world, seal(world, "FRA", ["DEU"], b"later traffic"))  # the first restart, and more packets
+    size = _log_size(world)
+    later = time.time() + 3600  # past the 600 s window
+    async with (
+        running_broker(world, clock=lambda: later) as broker,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+    ):
+        receipt = await fra.submit(lost)
+        assert isinstance(receipt, ev.Receipt), receipt
+        assert receipt.index == logged_at
+        assert broker.mail.has_item("DEU", "packet", head.digest)
+        assert broker.store.size() == size  # nothing logged again
+    async with running_broker(world) as broker:
+        assert broker.orphans == {}
+        assert broker.mail.orphans() == {}
+
+
+async def test_a_body_released_in_a_batch_that_does_not_commit_stays(tmp_path: Path) -> None:
+    """A spool file was unlinked inside the mailbox transaction: a crash (or a rollback) before the commit left
+    a queued item with no body, for good. Files now go only after the commit."""
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"z" * 100_000)
+    head = _head(data)
+    await _relayed(world, data)
+    ack = records.Ack.make(
+        world.members["DEU"].signing, head.core.packet_id, head.digest, "FRA", "DEU", int(time.time())
+    )
+    async with running_broker(world) as broker:
+        await _rolled_back(broker, ack)
+        assert broker.spool.path(head.digest).exists()
+        assert broker.mail.has_item("DEU", "packet", head.digest)
+
+
+async def _rolled_back(broker: BrokerDaemon, ack: records.Ack) -> None:
+    class Crash(Exception):
+        pass
+
+    try:
+        with broker.mail.batch():
+            broker.ack_effects(ack, 7)
+            raise Crash
+    except Crash:
+        pass
+    await trio.lowlevel.checkpoint()
+
+
+async def test_spool_files_nothing_refers_to_are_removed_at_start(tmp_path: Path) -> None:
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"w" * 100_000)
+    await _relayed(world, data)
+    stray = world.home.root / "spool" / (hashlib.sha256(b"never logged").hexdigest() + ".pkt")
+    stray.write_bytes(b"left by a crash")
+    kept = world.home.root / "spool" / (_head(data).digest.hex() + ".pkt")
+    async with running_broker(world):
+        assert not stray.exists()
+        assert kept.exists()  # still queued for DEU
