@@ -553,3 +553,61 @@ async def test_a_backlog_is_sent_with_several_packets_in_flight(world: dict[str,
             assert row is not None
             assert row.state == "denied"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_cosigning_request_overtaken_while_it_waits_for_the_log_is_no_fork(
+    world: dict[str, Any], members: dict[str, Any]
+) -> None:
+    """The request for N passes the witness's first size check; while it waits for the log lock, the poller
+    follows N+1. That was a fork alarm (following a tree smaller than the verified one), raised on an honest log
+    after reconnections by the crash review; now it is refused as overtaken, with no alarm."""
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        note4 = h.log.admit(members["ITA"])
+        proof_3_4 = h.log.service.consistency_proof(3)
+        note5 = h.log.admit(members["NGA"])
+        async with h.daemon._sync_lock:  # the poller is following
+            await broker.send(ev.CosignRequest(9, 3, tuple(proof_3_4), note4))
+            await trio.testing.wait_all_tasks_blocked()  # the request has passed the first check, waits for the lock
+            update = h.daemon.follower.begin(note5)
+            assert update is not None
+            while (want := update.wanted()) is not None:
+                items, hashed, levels = h.log.page(*want, "FRA")
+                update.add(want[0], items, hashed, levels)
+            h.daemon._persist(h.daemon.follower.commit(update))
+        await _answer_consistency(broker, h)
+        err = await broker.expect(ev.ErrorMessage)
+        assert (err.rid, err.code) == (9, "conflict")
+        assert "older than the verified size 5" in err.message
+        assert h.daemon.store.alarms() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_in_flight_when_the_connection_ends_fails_at_once(
+    world: dict[str, Any], members: dict[str, Any]
+) -> None:
+    """A control client waiting for the broker's answer (`valise retract`, say) was held for the full 60 s stall
+    timeout after the connection dropped, though the node reconnected within a second."""
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        session = h.daemon.session
+        assert session is not None
+        outcome: list[BaseException] = []
+
+        async def ask() -> None:
+            try:
+                await session.request(lambda rid: ev.GetInclusion(rid, 0, 1))
+            except Disconnected as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(10):  # a safety net against a hang, not a timed assertion
+            async with trio.open_nursery() as asking:
+                asking.start_soon(ask)
+                await broker.expect(ev.GetInclusion)  # sent, never answered
+                await broker.stream.aclose()
+        (lost,) = outcome
+        assert "the connection to broker" in str(lost)
+        nursery.cancel_scope.cancel()

@@ -91,3 +91,16 @@ def test_scratch_files_left_by_a_crash_are_removed_when_the_store_opens(tmp_path
     st = NodeStore.open(tmp_path)
     assert not cut.exists()
     st.close()
+
+
+def test_an_outbox_file_without_its_row_is_removed_when_the_store_opens(tmp_path: Path) -> None:
+    """A send is its file first, then its row: a crash in between left a file that nothing would ever delete."""
+    st = NodeStore.open(tmp_path)
+    st.enqueue(b"\x01" * 16, b"\x02" * 32, ["DEU"], 1, 2, b"queued packet")
+    orphan = st.outbox_path(b"\x03" * 16)
+    orphan.write_bytes(b"sealed, never queued")
+    st.close()
+    st = NodeStore.open(tmp_path)
+    assert not orphan.exists()
+    assert st.outbox_path(b"\x01" * 16).read_bytes() == b"queued packet"
+    st.close()

@@ -68,6 +68,10 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc
 
 
+class _Superseded(Exception):
+    """A cosigning request for a tree smaller than the verified one (NodeDaemon.witness)."""
+
+
 class NodeDaemon:
     def __init__(
         self,
@@ -260,6 +264,7 @@ class NodeDaemon:
                 nursery.start_soon(self._submitter, session)
                 nursery.start_soon(self._poller, session)
         finally:
+            session.lose_replies(f"the connection to broker {self.broker.member_id} ended; try again")
             # Close properly (a TLS close_notify after our goodbye), even when cancelled, but never wait long.
             with trio.move_on_after(1) as scope:
                 scope.shield = True
@@ -304,6 +309,8 @@ class NodeDaemon:
                 if older:  # e.g. the cosigned note of a tree this node already went past: no entries to fetch
                     await self._trust(session, note)
                     return True
+            if proof is not None and self.follower.open(note).size < self.follower.size:
+                raise _Superseded  # a cosigning request overtaken by a newer tree while we waited for the lock
             try:
                 update = self.follower.begin(note, proof)
             except ForkError as exc:
@@ -381,12 +388,17 @@ class NodeDaemon:
     async def witness(self, session: Session, note: bytes, old: int, proof: tuple[bytes, ...]) -> bytes:
         """Follow the log to `note` (it must extend everything verified), then cosign it as this member."""
         cp = self.follower.open(note)
-        if cp.size < self.follower.size:
+        try:
+            # Checked again inside sync, under its lock: the poller may move the node past `cp` meanwhile, and
+            # following a tree smaller than the verified one is (rightly) a fork alarm there.
+            if cp.size < self.follower.size:
+                raise _Superseded
+            await self.sync(session, note, (old, proof))
+        except _Superseded:
             await self._check_superseded(session, note, cp)
             raise CheckpointError(
                 f"checkpoint of size {cp.size} is older than the verified size {self.follower.size}: not cosigned"
-            )
-        await self.sync(session, note, (old, proof))
+            ) from None
         cp = self.follower.open(note)
         if (cp.size, cp.root) != (self.follower.size, self.follower.root):
             raise CheckpointError(f"checkpoint of size {cp.size} is not the one this node verified")

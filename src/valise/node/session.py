@@ -87,6 +87,7 @@ class Reply:
 
     done: trio.Event = field(default_factory=trio.Event)
     answer: ev.Message | None = None
+    lost: Disconnected | None = None  # the connection ended first
 
 
 @dataclass(slots=True)
@@ -162,6 +163,8 @@ class Session:
         connection is given up instead, and the node reconnects."""
         with trio.move_on_after(liveness.STALL):
             await reply.done.wait()
+            if reply.lost is not None:
+                raise reply.lost
             return
         reason = f"the broker left {what} unanswered for {liveness.STALL:g} s"
         log.warning("%s; reconnecting", reason)
@@ -177,6 +180,14 @@ class Session:
 
     def close_request(self, rid: int) -> None:
         self._replies.pop(rid, None)
+
+    def lose_replies(self, reason: str) -> None:
+        """The connection has ended: whoever waits for an answer (a control client, the log follower) hears so
+        at once, instead of after liveness.STALL with the node long reconnected."""
+        for reply in self._replies.values():
+            if not reply.done.is_set():
+                reply.lost = Disconnected(reason)
+                reply.done.set()
 
     async def changed(self) -> None:
         """Wait until credit arrives or some request is answered."""

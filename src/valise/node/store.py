@@ -164,7 +164,17 @@ class NodeStore:
             conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open node store in {root}: {exc}") from None
-        return cls(root, conn)
+        store = cls(root, conn)
+        store._sweep_outbox()
+        return store
+
+    def _sweep_outbox(self) -> None:
+        """A send is its file first, then its row: a crash in between left a file nothing refers to (and `send`
+        reported a failure), which nothing else would ever delete."""
+        queued = {bytes(r[0]).hex() for r in self._db.execute("SELECT packet_id FROM outbox")}
+        for path in (self.root / "outbox").glob("*.pkt"):
+            if path.stem not in queued:
+                path.unlink(missing_ok=True)
 
     def close(self) -> None:
         self._db.close()
