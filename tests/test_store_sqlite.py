@@ -67,3 +67,13 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError, match="cannot open the log store"):
         SqliteLog.open(path)
+
+
+def test_entries_at_reads_scattered_entries_in_the_order_asked(tmp_path: Path) -> None:
+    with SqliteLog.open(tmp_path / "log.db") as store:
+        store.append([b"entry %d" % i for i in range(1200)])
+        wanted = [1199, 3, 700, 3, 0]
+        assert store.entries_at(wanted) == [b"entry %d" % i for i in wanted]
+        assert store.entries_at([]) == []
+        with pytest.raises(StoreError, match="entry 1200 does not exist"):
+            store.entries_at([5, 1200])

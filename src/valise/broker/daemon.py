@@ -1284,8 +1284,8 @@ class Session:
         # that cover it: the cost follows what the member may read, not the size of the range.
         readable = self.d.mail.readable(self.member, msg.start, msg.end, MAX_ENTRIES)
         plan = merkle.covering(msg.start, msg.end, readable, MAX_ENTRIES)
-        full = {at for at, level in plan if level is None}
-        entries = {at: self.store_entry(at) for at in full}
+        full = [at for at, level in plan if level is None]
+        entries = dict(zip(full, self.d.store.entries_at(full), strict=True))
         subtrees = iter(
             self.d.store.read_hashes(
                 [merkle.stored_hash_index(level, at >> level) for at, level in plan if level is not None]
