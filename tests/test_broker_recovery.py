@@ -167,3 +167,27 @@ async def test_spool_files_nothing_refers_to_are_removed_at_start(tmp_path: Path
     async with running_broker(world):
         assert not stray.exists()
         assert kept.exists()  # still queued for DEU
+
+
+async def test_retracting_a_packet_again_gets_the_first_answer_and_logs_nothing(tmp_path: Path) -> None:
+    """A retry after a lost answer, or a second `valise retract`, was logged and relayed once more each time."""
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"sent by mistake")
+    head = _head(data)
+    await _relayed(world, data)
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        fra.refuse_cosign = True
+        answers = []
+        for reason in ("mistake", "mistake, again"):
+            retraction = records.Retraction.make(
+                world.members["FRA"].signing, head.core.packet_id, head.digest, "FRA", reason, int(time.time())
+            )
+            rid = fra.conn.new_rid()
+            await fra.send(ev.Retract(rid, head.core.packet_id, retraction.raw))
+            answer = await fra.next_of(ev.RetractResult)
+            assert isinstance(answer, ev.RetractResult)
+            answers.append(answer.index)
+            size = broker.store.size()
+        assert answers[0] == answers[1] == size - 1
+        kinds = [records.entry_type(e)[0] for e in broker.store.entries(0, size)]
+        assert kinds.count("retract") == 1

@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from valise.cli.main import main
+from valise.node.daemon import NodeDaemon
 from valise.node.home import NodeHome
 from valise.tlog import cosignature, note, proofbundle
 
@@ -165,3 +166,26 @@ async def test_receipts_under_a_witness_quorum(tmp_path: Path) -> None:
             assert not (tmp_path / "x").exists()
             rows = {r.packet_id.hex(): r for r in daemon.store.outbox_all()}
             assert (rows[first].in_log, rows[second].in_log) == (1, 0)  # the second receipt is not checked yet
+
+
+async def test_a_member_the_broker_does_not_know_is_told_what_that_means(tmp_path: Path) -> None:
+    """A node whose member was never admitted (or was removed) got only "TLSV1_ALERT_UNKNOWN_CA", every second."""
+    world = make_world(tmp_path)
+    world.operator("member-remove", id="FRA", reason="never admitted, in effect")
+    async with running_broker(world) as broker:
+        home = NodeHome.create(
+            tmp_path / "node", world.dirs["FRA"], f"127.0.0.1:{broker.port}", world.home.broker_bundle_path,
+            log_vkey(world), None,
+        )  # fmt: skip
+        daemon = NodeDaemon(home, world.members["FRA"], poll_interval=0.2)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.connection_loop)
+                with trio.fail_after(10):  # a safety net against a hang, not a timed assertion
+                    while daemon.last_error is None:  # noqa: ASYNC110 - state the daemon sets
+                        await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+        finally:
+            daemon.store.close()
+    assert "the broker does not accept this member's certificate" in daemon.last_error
+    assert "valise broker member add" in daemon.last_error

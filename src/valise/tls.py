@@ -27,6 +27,22 @@ class TLSPeerError(Error):
     """The TLS peer presented no certificate, or one that is not the pinned one."""
 
 
+def explain_failure(text: str) -> str:
+    """`text` (an OpenSSL error as a member sees it), with what it usually means for a node and what to do: the
+    bare alert names a certificate authority, which says nothing to someone who has never seen the code."""
+    if any(alert in text for alert in ("ALERT_UNKNOWN_CA", "ALERT_CERTIFICATE_UNKNOWN", "ALERT_BAD_CERTIFICATE")):
+        return (
+            f"{text}: the broker does not accept this member's certificate (not admitted yet, removed or "
+            "suspended, or keys other than the admitted ones; the operator admits with `valise broker member add`)"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return (
+            f"{text}: the broker's certificate is not the pinned one (the node's --broker-pub must be the file "
+            "`valise broker info` gives as broker_pub)"
+        )
+    return text
+
+
 def cert_fingerprint(cert_der: bytes) -> str:
     """SHA-256 of a DER certificate, hex: how certificates are named in logs and messages."""
     return hashlib.sha256(cert_der).hexdigest()

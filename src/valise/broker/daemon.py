@@ -315,6 +315,7 @@ class BrokerDaemon:
         for r in recipients:
             self.mail.remove(r, "packet", retraction.digest)
             self.mail.post(r, "retract", retraction.digest, body)
+        self.mail.record_retraction(retraction.digest, index)
         self.release([retraction.digest])
 
     def purge_effects(self, member: str, digest: bytes) -> None:
@@ -1224,6 +1225,15 @@ class Session:
             return
         if retraction.sender != self.member or retraction.packet_id != msg.id or retraction.digest != row.digest:
             await self.send(ev.ErrorMessage(msg.rid, codes.REFUSED, "the retraction names another packet"))
+            return
+        prior = self.d.mail.retraction_index(row.digest)
+        if prior is not None:
+            # Retracted already (a retry after a lost answer, or a second `valise retract`): the same answer, with
+            # nothing logged or relayed again.
+            receipt = records.Receipt.make(
+                self.d.identity.signing, self.d.origin, prior, row.digest, msg.id, self.member, self.d.now()
+            )
+            await self.send(ev.RetractResult(msg.rid, prior, receipt.raw))
             return
         recipients = Header.parse(records.entry_type(self.store_entry(row.log_index))[1]["header"]).core.recipients
 

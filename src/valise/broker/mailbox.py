@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS readers (  -- who may read log entry idx in full ('*'
     PRIMARY KEY (member, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS retractions (  -- a packet's retraction is logged once; asking again gets this index
+    digest     BLOB PRIMARY KEY,
+    log_index  INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS orphans (  -- logged packets whose small body a crash lost: the sender's retry brings it
     sender     TEXT NOT NULL,
     packet_id  BLOB NOT NULL,
@@ -260,6 +264,15 @@ class Mailboxes:
             ).fetchall()
             found.update(r[0] for r in rows)
         return sorted(found)[:limit]
+
+    def record_retraction(self, digest: bytes, index: int) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR IGNORE INTO retractions VALUES (?, ?)", (digest, index))
+
+    def retraction_index(self, digest: bytes) -> int | None:
+        """Where the packet's retraction was logged, if it was."""
+        r = self._db.execute("SELECT log_index FROM retractions WHERE digest = ?", (digest,)).fetchone()
+        return int(r[0]) if r else None
 
     def add_orphan(self, sender: str, packet_id: bytes, index: int, digest: bytes, received: int) -> None:
         with self._transaction():

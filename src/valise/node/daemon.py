@@ -196,7 +196,7 @@ class NodeDaemon:
             attempt += 1
 
     def _lost(self, exc: BaseException) -> None:
-        self.last_error = str(exc) or type(exc).__name__
+        self.last_error = tls.explain_failure(str(exc) or type(exc).__name__)
         log.warning("broker connection: %s", self.last_error)
 
     async def _tls_connect(self) -> trio.abc.Stream:

@@ -96,6 +96,12 @@ class NodeHome:
         keyfiles.load_bundle(identity_dir / f"{member_id}.pub")  # verifies it
         keyfiles.load_bundle(broker_pub)  # a broken or forged broker bundle is refused now, not at first connect
         host, port = parse_address(broker)
+        try:  # refused now, not at the first checkpoint as "not usable"
+            note.parse_vkey(log_vkey)
+        except NoteError as exc:
+            raise UsageError(
+                f"--log-key is not a log verifier key: {exc.what}", hint="`valise broker info` gives it as vkey"
+            ) from None
         if witness_policy is not None:
             check_policy(witness_policy, log_vkey)
         keyfiles.make_private_dir(root)
