@@ -6,10 +6,11 @@ import socket
 from pathlib import Path
 
 import pytest
+import trio
 
 from valise.cli.main import main as cli
 
-from .harness import broker_process, make_world
+from .harness import broker_process, log_vkey, make_world
 
 
 def test_a_broker_port_in_use_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -50,3 +51,19 @@ async def test_a_second_broker_on_one_directory_is_refused(tmp_path: Path, capsy
     # Released with the process (SIGKILL here): the next broker starts.
     async with broker_process(world.home.root, tmp_path / "broker2.log") as second:
         assert second.alive()
+
+
+async def test_auditing_an_address_that_does_not_serve_entries_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's own broker serves no entry bundles on --http (they say who sent what to whom): the audit said
+    only "HTTP 403"."""
+    world = make_world(tmp_path)
+    async with broker_process(world.home.root, tmp_path / "broker.log") as broker:
+        url = f"http://127.0.0.1:{broker.http_port}"
+        argv = ["audit", "verify", "--log", url, "--broker-key", log_vkey(world)]
+        code = await trio.to_thread.run_sync(cli, argv)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "HTTP 403: this address does not serve the log's entries" in err
+    assert "--serve-entries" in err

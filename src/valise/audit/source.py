@@ -68,6 +68,12 @@ class HttpSource:
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return None
+            if exc.code == 403 and path.startswith("tile/entries/"):
+                # A broker serves full records (who sent what to whom) only on an address for auditors.
+                raise StoreError(
+                    f"GET {url}: HTTP 403: this address does not serve the log's entries",
+                    hint="audit an export (`valise log export`), or a broker address started with --serve-entries",
+                ) from None
             raise StoreError(f"GET {url}: HTTP {exc.code}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise StoreError(f"GET {url}: {getattr(exc, 'reason', exc)}") from None

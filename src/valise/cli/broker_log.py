@@ -33,7 +33,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=info)
 
     log = group(sub, "log", "the broker's transparency log")
-    p = log.add_parser("export", help="write the log as C2SP tlog-tiles files (checkpoint, tile/...) to a directory")
+    p = log.add_parser(
+        "export",
+        help="write the log as C2SP tlog-tiles files (checkpoint, tile/...) to a directory, for auditors: its "
+        "entry bundles say who sent what to whom",
+    )
     p.add_argument("--dir", required=True, type=Path, help="the broker directory")
     p.add_argument("--out", required=True, type=Path, help="directory to write (any static web server can serve it)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
