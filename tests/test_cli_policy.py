@@ -11,6 +11,7 @@ import pytest
 from valise.broker.home import BrokerHome
 from valise.cli.main import main
 from valise.store.sqlite import SqliteLog
+from valise.tlog import cosignature
 
 ORIGIN = "test.valise.example/log"
 
@@ -103,6 +104,12 @@ def test_grant_accept_explain_revoke(broker: Path, tmp_path: Path, capsys: pytes
     code, out, _ = run(capsys, "policy", "show", "--dir", d)
     assert code == 0
     assert f"{gid}  grant  FRA -> DEU  up to AMBER, malware,phishing  [revoked]" in out
+    # Each member's witness key, for quorum policies: no command gave it, so witnessing could not be set up.
+    fra = next(m for m in facts["members"] if m["id"] == "FRA")
+    verifier = cosignature.parse_vkey(fra["witness_key"])
+    assert verifier.name == "FRA"
+    assert verifier.public == bytes.fromhex(fra["sign_key"])
+    assert f"  witness FRA {fra['witness_key']}" in out
 
 
 def test_tampered_or_foreign_statements_are_refused_all_or_none(

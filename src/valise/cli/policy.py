@@ -32,6 +32,7 @@ from valise.policy import PacketMeta, PolicyState, channels, decide, records
 from valise.policy.decide import tlp_label
 from valise.store.base import LogStorage
 from valise.store.sqlite import SqliteLog
+from valise.tlog import cosignature
 
 EXIT_DENIED = 3
 
@@ -463,6 +464,8 @@ def describe(state: PolicyState, now: int) -> dict[str, Any]:
                 "groups": list(state.groups_of.get(m.id, ())),
                 "sign_key": m.sign_key.hex(),
                 "enc_key": m.enc_key.hex(),
+                # What a quorum policy's `witness` line (audit.md) or `audit --witness` needs for this member.
+                "witness_key": cosignature.CosignatureVerifier(m.id, m.sign_key).vkey(),
             }
             for m in sorted(state.members.values(), key=lambda m: m.id)
         ],
@@ -494,6 +497,10 @@ def show(args: argparse.Namespace) -> int:
         status = m["status"] + (f" ({m['reason']})" if m["reason"] else "")
         groups = ", ".join(m["groups"]) or "-"
         print(f"  {m['id']:<12} {m['kind']:<8} {m['region']:<20} {status:<12} groups: {groups}  {m['name']}")
+    print("witness keys (a quorum policy's `witness NAME KEY` lines; `valise audit --witness KEY`):")
+    for m in facts["members"]:
+        if m["status"] == "active":
+            print(f"  witness {m['id']} {m['witness_key']}")
     print(f"groups ({len(facts['groups'])}):")
     for g in facts["groups"]:
         window = f" {g['start'] or '…'} to {g['end'] or '…'}{'' if g['running'] else ' (not running)'}"
