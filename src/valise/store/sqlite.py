@@ -128,17 +128,21 @@ class SqliteLog(LogBackend):
             raise StoreError(f"writing a batch to {self.path} failed: {exc}") from None
 
     def read_hashes(self, indexes: Sequence[int]) -> list[bytes]:
+        return self._by_index("log_hashes", "hash", indexes, "stored hash")
+
+    def _by_index(self, table: str, column: str, indexes: Sequence[int], what: str) -> list[bytes]:
+        """Rows of `table` at `indexes` (any order, repeats allowed), one query per _READ_CHUNK."""
         found: dict[int, bytes] = {}
         with self._lock:
             db = self._db()
             for lo in range(0, len(indexes), _READ_CHUNK):
                 part = indexes[lo : lo + _READ_CHUNK]
-                sql = f"SELECT idx, hash FROM log_hashes WHERE idx IN ({','.join('?' * len(part))})"
+                sql = f"SELECT idx, {column} FROM {table} WHERE idx IN ({','.join('?' * len(part))})"
                 found.update(db.execute(sql, part).fetchall())
         try:
             return [found[i] for i in indexes]
         except KeyError as exc:
-            raise StoreError(f"stored hash {exc.args[0]} does not exist in {self.path}") from None
+            raise StoreError(f"{what} {exc.args[0]} does not exist in {self.path}") from None
 
     def entries(self, start: int, end: int) -> list[bytes]:
         with self._lock:
@@ -153,19 +157,9 @@ class SqliteLog(LogBackend):
         return [r[0] for r in rows]
 
     def entries_at(self, indexes: Sequence[int]) -> list[bytes]:
-        """The entries at `indexes` (any order), in one query per _READ_CHUNK: what a member may read of a range
-        is scattered through it, and a query per entry was most of the cost of serving the log."""
-        found: dict[int, bytes] = {}
-        with self._lock:
-            db = self._db()
-            for lo in range(0, len(indexes), _READ_CHUNK):
-                part = indexes[lo : lo + _READ_CHUNK]
-                sql = f"SELECT idx, data FROM log_entries WHERE idx IN ({','.join('?' * len(part))})"
-                found.update(db.execute(sql, part).fetchall())
-        try:
-            return [found[i] for i in indexes]
-        except KeyError as exc:
-            raise StoreError(f"entry {exc.args[0]} does not exist in {self.path}") from None
+        """The entries at `indexes` (any order): what a member may read of a range is scattered through it, and a
+        query per entry was most of the cost of serving the log."""
+        return self._by_index("log_entries", "data", indexes, "entry")
 
     def load_checkpoint(self) -> tuple[int, bytes] | None:
         with self._lock:
