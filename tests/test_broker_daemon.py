@@ -599,3 +599,46 @@ async def wait_for_fold(broker: BrokerDaemon) -> None:
     with trio.fail_after(10):
         while broker.policy.size < broker.store.size():  # noqa: ASYNC110 - the broker folds on its own poll
             await trio.sleep(0.02)
+
+
+async def test_a_log_export_carries_the_witnesses_cosignatures(tmp_path: Path) -> None:
+    """The store keeps the log's signature only, so an export's checkpoint had no cosignatures and an offline
+    audit with a witness quorum refused it (the README's own flow, found by the fresh-user review)."""
+    from valise.cli.main import main as cli
+    from valise.tlog import checkpoint, cosignature
+
+    world = _world(tmp_path)
+
+    async def witness(client: WireClient) -> None:
+        cosigner = cosignature.Cosigner(client.member, world.members[client.member].signing)
+        while True:
+            event = await client.next(within=30)
+            if isinstance(event, ev.CosignRequest):
+                cp, _ = checkpoint.open_checkpoint(event.checkpoint, broker.log.verifier)
+                await client.send(ev.CosignResponse(event.rid, cosigner.cosign(cp, int(time.time())).line().encode()))
+
+    async with (
+        running_broker(world) as broker,
+        WireClient.connect(world, "DEU", broker.port) as deu,
+        WireClient.connect(world, "ITA", broker.port) as ita,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(witness, deu)
+        nursery.start_soon(witness, ita)
+        assert isinstance(await fra.submit(seal(world, "FRA", ["DEU"], b"indicator")), ev.Receipt)
+        with trio.fail_after(10):
+            while not all(f"\u2014 {m} ".encode() in broker.published for m in ("DEU", "ITA")):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        size = broker.log.latest.size  # type: ignore[union-attr]
+        out = tmp_path / "export"
+        assert (
+            await trio.to_thread.run_sync(cli, ["log", "export", "--dir", str(world.home.root), "--out", str(out)]) == 0
+        )
+        nursery.cancel_scope.cancel()
+    exported = (out / "checkpoint").read_bytes()
+    assert checkpoint.open_checkpoint(exported, broker.log.verifier)[0].size == size
+    keys = [cosignature.CosignatureVerifier(m, world.members[m].bundle.sign_key).vkey() for m in ("DEU", "ITA")]
+    vkey = broker.log.verifier.vkey()
+    argv = ["audit", "verify", "--log", str(out), "--broker-key", vkey, "--witness", keys[0], "--witness", keys[1]]
+    assert cli([*argv, "--quorum", "2"]) == 0

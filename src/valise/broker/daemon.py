@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 import trio
 
-from valise import encoding, gctune, records, tls
+from valise import encoding, gctune, keyfiles, records, tls
 from valise.broker import fds, http, relay
 from valise.broker.fds import listen_tcp
 from valise.broker.home import BrokerHome
@@ -517,7 +517,16 @@ class BrokerDaemon:
         self.published = signed.note
         cosigs = await self._gather_cosignatures(signed.note, previous)
         if cosigs and self.log.latest is not None and self.log.latest.size == signed.size:
-            self.published = self._with_cosignatures(signed.note, cosigs)
+            self.publish(self._with_cosignatures(signed.note, cosigs))
+
+    def publish(self, cosigned: bytes) -> None:
+        """Serve `cosigned` as the checkpoint, and keep it for `valise log export` (an auditor's offline copy
+        must carry the cosignatures its witness quorum checks). Not fsynced: it is redone at each checkpoint."""
+        self.published = cosigned
+        try:
+            keyfiles.write_public(self.home.cosigned_path, cosigned)
+        except OSError as exc:
+            log.warning("cannot keep the cosigned checkpoint for exports: %s", exc)
 
     @staticmethod
     def _with_cosignatures(signed_note: bytes, cosigs: list[note.Signature]) -> bytes:
@@ -1486,7 +1495,7 @@ class Session:
             return
         try:
             if len(note.parse_note(self.d.published).signatures) < note.MAX_SIGNATURES:
-                self.d.published = cosignature.add_cosignatures(self.d.published, got)
+                self.d.publish(cosignature.add_cosignatures(self.d.published, got))
         except Error as exc:  # already cosigned by this witness (a reconnect): keep the note as it is
             log.info("not adding %s's cosignature again: %s", self.member, exc)
 

@@ -9,7 +9,8 @@ Layout of `D` (created by `valise broker init --dir D --origin NAME`):
 - `broker.db`         the SQLite store: the log, its hashes and checkpoints;
 - `mailbox.db`, `spool/`  the delivery queues and packet bodies (broker/mailbox.py, broker/spool.py);
 - `policy.lock`       serialises writers of policy records;
-- `serve.lock`        held by the running broker: one per directory.
+- `serve.lock`        held by the running broker: one per directory;
+- `checkpoint.cosigned`  the latest checkpoint with its cosignatures, for `valise log export`.
 
 Three keys with three jobs: the operator key can be kept offline in a stricter setup without stopping the log,
 and a compromised log key cannot forge admissions.
@@ -92,6 +93,12 @@ class BrokerHome:
     @property
     def db_path(self) -> Path:
         return self.root / "broker.db"
+
+    @property
+    def cosigned_path(self) -> Path:
+        """The latest checkpoint with its witnesses' cosignatures, as the running broker publishes it (the store
+        keeps the log's signature only): what `valise log export` writes when it is of the latest tree."""
+        return self.root / "checkpoint.cosigned"
 
     @property
     def serve_lock_path(self) -> Path:

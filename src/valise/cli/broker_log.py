@@ -10,10 +10,12 @@ from pathlib import Path
 
 from valise.broker.home import BrokerHome
 from valise.cli.main import group
+from valise.errors import NoteError
 from valise.genesis import Genesis
 from valise.logservice import LogService
 from valise.store.export import export_tiles
 from valise.store.sqlite import SqliteLog
+from valise.tlog import note
 
 DEFAULT_BROKER_ID = "broker"
 
@@ -95,12 +97,24 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cosigned(home: BrokerHome, signed: bytes) -> bytes:
+    """The running broker's cosigned copy of checkpoint `signed`, if it has one (same text: same tree), else
+    `signed`: an auditor's quorum of witnesses can only be checked on the cosigned note."""
+    try:
+        cosigned = home.cosigned_path.read_bytes()
+        if note.parse_note(cosigned).text == note.parse_note(signed).text:
+            return cosigned
+    except (OSError, NoteError):
+        pass  # none yet, or unreadable: the log's own signature is still a valid checkpoint
+    return signed
+
+
 def export(args: argparse.Namespace) -> int:
     home = BrokerHome.open(args.dir)
     log = _service(home)
     try:
         latest = log.latest or log.sign()
-        done = export_tiles(args.out, latest.note, log.tile, origin=log.origin)
+        done = export_tiles(args.out, _cosigned(home, latest.note), log.tile, origin=log.origin)
     finally:
         log.store.close()
     _print({"out": str(args.out), "size": done.size, "files_written": done.written}, args.json)
