@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -67,3 +68,19 @@ async def test_auditing_an_address_that_does_not_serve_entries_says_why(
     assert code != 0
     assert "HTTP 403: this address does not serve the log's entries" in err
     assert "--serve-entries" in err
+
+
+async def test_a_tree_only_audit_needs_no_entries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--tree-only` checks the checkpoint and the tree, which the public hash tiles give; it fetched the entry
+    bundles anyway, and so failed (403) on every broker address but an auditors' one."""
+    world = make_world(tmp_path)
+    capsys.readouterr()  # what `broker init` printed
+    async with broker_process(world.home.root, tmp_path / "broker.log") as broker:
+        url = f"http://127.0.0.1:{broker.http_port}"
+        argv = ["audit", "verify", "--log", url, "--broker-key", log_vkey(world), "--tree-only", "--json"]
+        code = await trio.to_thread.run_sync(cli, argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["tree_verified"] is True
+    assert report["findings"] == []

@@ -72,8 +72,10 @@ def _fetch(source: TileSource, tile: tiles.Tile) -> bytes:
     return data
 
 
-def bundles(source: TileSource, start: int, size: int) -> Iterator[Bundle]:
-    """The entries [start, size) with their tile hashes, one entry bundle at a time.
+def bundles(source: TileSource, start: int, size: int, *, with_entries: bool = True) -> Iterator[Bundle]:
+    """The entries [start, size) with their tile hashes, one entry bundle at a time (with `with_entries` False, the
+    hashes only: the public hash tiles suffice to check the tree, and a broker serves entry bundles only to
+    auditors).
 
     A bundle that does not parse as exactly its width is read leniently (as many entries as it holds) and
     flagged, so that the auditor can still say which index went missing.
@@ -83,6 +85,10 @@ def bundles(source: TileSource, start: int, size: int) -> Iterator[Bundle]:
         width = min(tiles.WIDTH, size - n * tiles.WIDTH)
         skip = max(0, start - n * tiles.WIDTH)
         hashes = tiles.split_tile(_fetch(source, tiles.Tile(0, n, width)), width)
+        if not with_entries:
+            yield Bundle(n * tiles.WIDTH + skip, [], hashes[skip:], None)
+            n += 1
+            continue
         data = _fetch(source, tiles.Tile(tiles.ENTRIES, n, width))
         problem = None
         try:

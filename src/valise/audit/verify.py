@@ -187,9 +187,10 @@ def audit(
             items = [(c.public, c.message, c.signature) for c in checks]
             pending.append((checks, executor.submit(verify_batch, items) if executor else verify_batch(items)))
 
-    for b in tree.bundles(source, start, cp.size):
+    for b in tree.bundles(source, start, cp.size, with_entries=not tree_only):
         width = len(b.hashes)
-        leaves = tree.leaf_hashes(b.entries, width)
+        # Tree only: the hash tiles are all there is, and tying them to the signed root is the whole check.
+        leaves = list(b.hashes) if tree_only else tree.leaf_hashes(b.entries, width)
         signed.extend(b.hashes)
         served.extend(leaves)
         if b.problem is not None:
