@@ -219,6 +219,18 @@ async def test_a_witness_that_connects_is_asked_to_cosign_the_current_checkpoint
         checkpoint.open_checkpoint(broker.published, vkey, witnesses=[witness], quorum=1)
 
 
+async def _witness(world: World, broker: BrokerDaemon, client: WireClient) -> None:
+    """Cosign every checkpoint the broker asks about, as an honest witness does."""
+    from valise.tlog import checkpoint, cosignature
+
+    cosigner = cosignature.Cosigner(client.member, world.members[client.member].signing)
+    while True:
+        event = await client.next(within=30)
+        if isinstance(event, ev.CosignRequest):
+            cp, _ = checkpoint.open_checkpoint(event.checkpoint, broker.log.verifier)
+            await client.send(ev.CosignResponse(event.rid, cosigner.cosign(cp, int(time.time())).line().encode()))
+
+
 async def test_witnesses_asked_in_waves_all_cosign_the_new_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,14 +242,6 @@ async def test_witnesses_asked_in_waves_all_cosign_the_new_checkpoint(
     monkeypatch.setattr(broker_daemon, "COSIGN_WAVE", 1)
     world = _world(tmp_path)
 
-    async def witness(client: WireClient) -> None:
-        cosigner = cosignature.Cosigner(client.member, world.members[client.member].signing)
-        while True:
-            event = await client.next(within=30)
-            if isinstance(event, ev.CosignRequest):
-                cp, _ = checkpoint.open_checkpoint(event.checkpoint, broker.log.verifier)
-                await client.send(ev.CosignResponse(event.rid, cosigner.cosign(cp, int(time.time())).line().encode()))
-
     async with (
         running_broker(world) as broker,
         WireClient.connect(world, "DEU", broker.port) as deu,
@@ -245,11 +249,11 @@ async def test_witnesses_asked_in_waves_all_cosign_the_new_checkpoint(
         WireClient.connect(world, "FRA", broker.port) as fra,
         trio.open_nursery() as nursery,
     ):
-        nursery.start_soon(witness, deu)
-        nursery.start_soon(witness, ita)
+        nursery.start_soon(_witness, world, broker, deu)
+        nursery.start_soon(_witness, world, broker, ita)
         receipt = await fra.submit(seal(world, "FRA", ["DEU"], b"indicator"))
         assert isinstance(receipt, ev.Receipt)
-        nursery.start_soon(witness, fra)
+        nursery.start_soon(_witness, world, broker, fra)
         verifiers = [
             cosignature.CosignatureVerifier(m, world.members[m].bundle.sign_key) for m in ("DEU", "FRA", "ITA")
         ]
@@ -609,14 +613,6 @@ async def test_a_log_export_carries_the_witnesses_cosignatures(tmp_path: Path) -
 
     world = _world(tmp_path)
 
-    async def witness(client: WireClient) -> None:
-        cosigner = cosignature.Cosigner(client.member, world.members[client.member].signing)
-        while True:
-            event = await client.next(within=30)
-            if isinstance(event, ev.CosignRequest):
-                cp, _ = checkpoint.open_checkpoint(event.checkpoint, broker.log.verifier)
-                await client.send(ev.CosignResponse(event.rid, cosigner.cosign(cp, int(time.time())).line().encode()))
-
     async with (
         running_broker(world) as broker,
         WireClient.connect(world, "DEU", broker.port) as deu,
@@ -624,8 +620,8 @@ async def test_a_log_export_carries_the_witnesses_cosignatures(tmp_path: Path) -
         WireClient.connect(world, "FRA", broker.port) as fra,
         trio.open_nursery() as nursery,
     ):
-        nursery.start_soon(witness, deu)
-        nursery.start_soon(witness, ita)
+        nursery.start_soon(_witness, world, broker, deu)
+        nursery.start_soon(_witness, world, broker, ita)
         assert isinstance(await fra.submit(seal(world, "FRA", ["DEU"], b"indicator")), ev.Receipt)
         with trio.fail_after(10):
             while not all(f"\u2014 {m} ".encode() in broker.published for m in ("DEU", "ITA")):  # noqa: ASYNC110
