@@ -191,3 +191,23 @@ async def test_retracting_a_packet_again_gets_the_first_answer_and_logs_nothing(
         assert answers[0] == answers[1] == size - 1
         kinds = [records.entry_type(e)[0] for e in broker.store.entries(0, size)]
         assert kinds.count("retract") == 1
+
+
+async def test_an_orphan_its_sender_never_sends_again_is_purged_at_its_expiry(tmp_path: Path) -> None:
+    """Logged, body lost, sender gone for good (a wiped node): it expires like any packet, each recipient's copy
+    purged in the log, instead of staying relayed-but-never-settled for ever."""
+    world = _world(tmp_path)
+    lost = seal(world, "FRA", ["DEU"], b"never sent again", expires=int(time.time()) + 3600)
+    head = _head(lost)
+    world.append(records.packet_entry(head.header.raw, head.signature, int(time.time())))
+    later = time.time() + 7200
+    async with running_broker(world, clock=lambda: later, purge_interval=3600) as broker:
+        assert (("FRA", head.core.packet_id)) in broker.orphans
+        size = broker.store.size()
+        await broker.purge_expired()
+        purges = [records.entry_type(e)[1] for e in broker.store.entries(size, broker.store.size())]
+        assert [(p["t"], p["digest"], p["recipient"]) for p in purges] == [("purge", head.digest, "DEU")]
+        assert broker.orphans == {}
+        assert broker.mail.orphans() == {}
+        await broker.purge_expired()
+        assert broker.store.size() == size + 1  # once

@@ -634,6 +634,29 @@ class BrokerDaemon:
                 self.purge_effects(member, digest)
 
             await self.append(records.purge_entry(row.digest, member, now), done, traffic=True, readers=(member,))
+        await self._purge_orphans(now)
+
+    async def _purge_orphans(self, now: int) -> None:
+        """An orphan whose sender never sent it again (a node wiped after a crash) expires like any packet: each
+        recipient's copy is purged in the log, so the log does not show it relayed and never settled. The purges
+        of one orphan go in one batch, whose mailbox transaction also forgets the orphan."""
+        for (sender, packet_id), (index, digest, _) in list(self.orphans.items()):
+            core = Header.parse(records.entry_type(self.store.entries(index, index + 1)[0])[1]["header"]).core
+            if core.expires > now:
+                continue
+
+            def done(_index: int, sender: str = sender, packet_id: bytes = packet_id) -> None:
+                self.withdrawals += 1
+                self.mail.remove_orphan(sender, packet_id)
+
+            # Out of the orphans at once: a retry racing the purge is then decided as new, and refused as expired.
+            del self.orphans[(sender, packet_id)]
+            waiters = [
+                self.enqueue(records.purge_entry(digest, r, now), done, traffic=True, readers=(r,))
+                for r in core.recipients
+            ]
+            for w in waiters:
+                await w.result()
 
     async def _resolve(self, path: str) -> http.Response:
         if path == "/checkpoint":
