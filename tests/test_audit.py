@@ -285,6 +285,26 @@ def test_forged_acknowledgement_signature(log: Log, tmp_path: Path) -> None:
     assert _findings(report) == [(index, "ack-mismatch"), (index, "ack-signature")]
 
 
+def test_an_acknowledgement_or_purge_logged_twice_is_named(log: Log, tmp_path: Path) -> None:
+    """What a broker that lost its mailbox transaction in a crash used to do: log the recipient's re-sent
+    acknowledgement again (the first never forwarded), or purge a copy twice. The auditor could not see it."""
+    root = _copy(log.root, tmp_path / "w")
+    from valise.broker.home import BrokerHome
+
+    home = BrokerHome.open(root / "broker")
+    with SqliteLog.open(home.db_path) as store:
+        ack = store.entries(log.acks[0], log.acks[0] + 1)[0]
+        _, m = records.entry_type(store.entries(log.pkt[0], log.pkt[0] + 1)[0])
+        header = packet.Header.parse(m["header"])
+        purge = records.purge_entry(hashlib.sha256(header.raw).digest(), header.core.recipients[0], 2**40)
+        index = store.append([ack, purge, purge])
+        LogService(store, ORIGIN, home.log_key()).sign()
+    assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(tmp_path / "out")]) == 0
+    code, report = _verify(tmp_path / "out", log)
+    assert code == 4
+    assert _findings(report) == [(index, "ack-duplicate"), (index + 2, "purge-duplicate")]
+
+
 # --- checkpoints refused -------------------------------------------------------------------------------------
 
 

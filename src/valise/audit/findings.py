@@ -35,6 +35,8 @@ WHY: dict[str, str] = {
     "ack-signature": "the acknowledgement is not signed by the recipient's key: a delivery was claimed for someone",
     "ack-unknown-packet": "the acknowledgement names no packet relayed before it",
     "ack-mismatch": "the acknowledgement does not fit the packet it names (sender, id or recipient)",
+    "ack-duplicate": "the recipient's acknowledgement of this packet was already logged: the broker logs one and "
+    "forwards that one to the sender",
     # retractions
     "retract-malformed": "the retraction cannot be read",
     "retract-signature": "the retraction is not signed by the packet's sender: only the sender may withdraw it",
@@ -45,6 +47,7 @@ WHY: dict[str, str] = {
     "purge-unknown-packet": "the purge names no packet relayed before it",
     "purge-not-recipient": "the purge names a member the packet was not addressed to",
     "purge-early": "the broker dropped a packet before it expired, which it may not do",
+    "purge-duplicate": "this recipient's copy of the packet was already purged; a copy is purged once",
 }
 
 

@@ -250,7 +250,9 @@ class Replayer:
             )  # fmt: skip
             pkt = None
         undo = None
-        if pkt is not None and recipient not in pkt.acked:
+        if pkt is not None and recipient in pkt.acked:
+            self._find(index, "ack-duplicate", f"{recipient} already acknowledged entry {pkt.index}")
+        elif pkt is not None:
             pkt.acked.add(recipient)
             undo = _discard(pkt.acked, recipient)
         member = self.policy.members.get(recipient)
@@ -311,6 +313,8 @@ class Replayer:
             return
         if m["at"] < pkt.expires:
             self._find(index, "purge-early", f"purged at {m['at']}, but entry {pkt.index} expires at {pkt.expires}")
+        if m["recipient"] in pkt.purged:
+            self._find(index, "purge-duplicate", f"{m['recipient']}'s copy of entry {pkt.index} was purged before")
         pkt.purged.add(m["recipient"])
 
     # --- signatures run by the caller ------------------------------------------------------------------------
