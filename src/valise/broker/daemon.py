@@ -481,10 +481,14 @@ class BrokerDaemon:
 
     def _recipients_of(self, digest: bytes) -> Sequence[str] | None:
         row = self.mail.packet(digest)
-        if row is None:
-            return None
-        kind, m = records.entry_type(self.store.entries(row.log_index, row.log_index + 1)[0])
-        return Header.parse(m["header"]).core.recipients if kind == "pkt" else None
+        return None if row is None else self.logged_header(row.log_index).core.recipients
+
+    def logged_header(self, index: int) -> Header:
+        """The header of the packet logged at `index` (the broker's own entry: it parses, or the log is damaged)."""
+        kind, m = records.entry_type(self.store.entries(index, index + 1)[0])
+        if kind != "pkt":
+            raise Error(f"log entry {index} is a {kind!r} record, not a packet")
+        return Header.parse(m["header"])
 
     # --- checkpoints and witnesses --------------------------------------------------------------------------
 
@@ -641,7 +645,7 @@ class BrokerDaemon:
         recipient's copy is purged in the log, so the log does not show it relayed and never settled. The purges
         of one orphan go in one batch, whose mailbox transaction also forgets the orphan."""
         for (sender, packet_id), (index, digest, _) in list(self.orphans.items()):
-            core = Header.parse(records.entry_type(self.store.entries(index, index + 1)[0])[1]["header"]).core
+            core = self.logged_header(index).core
             if core.expires > now:
                 continue
 
@@ -1267,7 +1271,7 @@ class Session:
             )
             await self.send(ev.RetractResult(msg.rid, prior, receipt.raw))
             return
-        recipients = Header.parse(records.entry_type(self.store_entry(row.log_index))[1]["header"]).core.recipients
+        recipients = self.d.logged_header(row.log_index).core.recipients
 
         def done(index: int) -> None:
             self.d.withdrawals += 1
@@ -1281,9 +1285,6 @@ class Session:
             self.d.identity.signing, self.d.origin, index, row.digest, msg.id, self.member, self.d.now()
         )
         await self.send(ev.RetractResult(msg.rid, index, receipt.raw))
-
-    def store_entry(self, index: int) -> bytes:
-        return self.d.store.entries(index, index + 1)[0]
 
     async def _statement(self, msg: ev.Statement) -> None:
         try:
