@@ -211,3 +211,21 @@ async def test_an_orphan_its_sender_never_sends_again_is_purged_at_its_expiry(tm
         assert broker.mail.orphans() == {}
         await broker.purge_expired()
         assert broker.store.size() == size + 1  # once
+
+
+async def test_a_packet_redone_while_the_broker_runs_is_an_orphan_at_once(tmp_path: Path) -> None:
+    """The replay also runs before each batch (a mailbox transaction that failed without the process dying): a
+    packet it finds without its body must be an orphan for the running broker too, not only in the database,
+    or its retry is logged a second time."""
+    world = _world(tmp_path)
+    lost = seal(world, "FRA", ["DEU"], b"body lost with a failed mailbox transaction")
+    head = _head(lost)
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        world.append(records.packet_entry(head.header.raw, head.signature, int(time.time())))
+        logged_at = broker.store.size() - 1
+        assert isinstance(await fra.submit(seal(world, "FRA", ["DEU"], b"the next batch")), ev.Receipt)
+        size = broker.store.size()
+        receipt = await fra.submit(lost)
+        assert isinstance(receipt, ev.Receipt), receipt
+        assert receipt.index == logged_at
+        assert broker.store.size() == size  # nothing logged again

@@ -178,6 +178,8 @@ class BrokerDaemon:
         self._fold(self.store.size())
         self.policy.verify_signatures = True
         self._unlinks: list[Path] = []  # spool files of bodies dropped in the open batch: unlinked after it commits
+        # (sender, packet id) → (index, digest, at) of packets logged whose body a crash lost (see _replay_packet).
+        self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = {}
         # A crash between the log's commit and the mailboxes' leaves the last batch's mailbox changes undone: they
         # are redone from the log, from the mark the mailboxes keep (`applied_size`), before anyone connects.
         applied = self.mail.applied_size()
@@ -187,8 +189,7 @@ class BrokerDaemon:
         self._unlink_released()
         if swept := self.spool.sweep(self.mail):
             log.warning("removed %d spool file(s) that no mailbox item refers to", swept)
-        # (sender, packet id) → (index, digest, at) of packets logged whose body a crash lost (see _replay_packet).
-        self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = self.mail.orphans()
+        self.orphans.update(self.mail.orphans())  # and those of earlier crashes
         self.sessions: dict[str, Session] = {}
         self._waiters: list[_Waiter] = []
         self._confirmations: list[tuple[str, str, bytes]] = []
@@ -288,6 +289,7 @@ class BrokerDaemon:
             # receipt and will resubmit; that resubmission is queued at this index instead of logged again. Kept
             # in the database: a second crash before the resubmission must not forget it.
             self.mail.add_orphan(core.sender, core.packet_id, index, digest, m["at"])
+            self.orphans[(core.sender, core.packet_id)] = (index, digest, m["at"])
 
     def orphan_row(self, sender: str, packet_id: bytes) -> PacketRow | None:
         """An orphan as the packet row its resubmission will get (expiry and size unknown until then)."""
