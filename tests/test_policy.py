@@ -249,6 +249,48 @@ def test_operator_rules_only_restrict(world: World) -> None:
     assert world.allowed("FRA", "DEU", tlp="AMBER", size=5000)
 
 
+def test_lifting_a_rule_returns_the_decision_to_the_members(world: World) -> None:
+    world.grant("FRA", "DEU", tlp="RED", categories=["malware", "political"])
+    world.accept("DEU", "FRA", tlp="RED")
+    ban = records.parse_policy(world.rule("ban-category", category="political")).id
+    small = records.parse_policy(world.rule("max-size", size=100)).id
+    world.rule("max-size", size=5000)
+    before = refold(world)
+    world.rule("lift", lifts=ban)
+    assert world.allowed("FRA", "DEU", categories=("political",))
+    assert not decide(before, PacketMeta("FRA", ("DEU",), "AMBER", categories=("political",)), NOW).allowed
+    # The tightest size limit is recomputed from the rules still in force, not forgotten.
+    assert "over the operator's limit of 100" in world.reason("FRA", "DEU", size=101)
+    world.rule("lift", lifts=small)
+    assert "over the operator's limit of 5000" in world.reason("FRA", "DEU", size=5001)
+    assert world.allowed("FRA", "DEU", size=5000, categories=("malware",))
+    # A lift never allows what the members did not agree: ITA never had a grant.
+    assert "grant" in world.reason("FRA", "ITA", categories=("political",))
+    assert refold(world).snapshot() == world.state.snapshot()
+
+
+@pytest.mark.parametrize("target", ["lifted", "unknown", "a statement"])
+def test_a_lift_must_name_a_rule_in_force(world: World, target: str) -> None:
+    ban = records.parse_policy(world.rule("ban-category", category="political")).id
+    world.rule("lift", lifts=ban)
+    rule_id = {"lifted": ban, "unknown": bytes(32), "a statement": world.grant("FRA", "DEU")}[target]
+    state = world.state.snapshot()
+    lift = records.rule_record(world.operator, ORIGIN, world.state.operator_seq + 1, NOW, "lift", lifts=rule_id)
+    with pytest.raises(PolicyError, match=f"operator rule {records.short(rule_id)} is not in force") as info:
+        world.state.apply(lift)
+    assert ("it was lifted at log position" in info.value.what) == (target == "lifted")
+    assert world.state.snapshot() == state
+
+
+def test_a_lift_names_a_whole_rule_id(world: World) -> None:
+    body = records.operator_body(ORIGIN, world.state.operator_seq + 1, NOW, "rule", "lift", lifts=bytes(16))
+    body_bytes = encoding.pack(body)
+    sig = world.operator.sign(records.DOMAINS[records.RULE], body_bytes)
+    lift = encoding.pack({"t": records.RULE, "body": body_bytes, "sig": sig})
+    with pytest.raises(PolicyError, match="the lifted rule id is not 32 bytes"):
+        world.state.apply(lift)
+
+
 def test_one_packet_many_recipients(world: World) -> None:
     world.grant("FRA", "DEU")
     world.accept("DEU", "FRA")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from valise import identity
 from valise.errors import PolicyError
 from valise.labels import TLP
-from valise.policy import PacketMeta, PolicyState, Statement, decide
+from valise.policy import PacketMeta, PolicyState, Statement, decide, records
 
 from .conftest import NOW
 from .test_policy import ORIGIN, World
@@ -162,6 +162,34 @@ def test_an_operator_rule_never_turns_a_deny_into_an_allow(
     before = allowed_set(w.state, metas, now)
     w.rule(new[0], **new[1])
     assert allowed_set(w.state, metas, now) <= before
+
+
+@SETTINGS
+@given(
+    actions=story,
+    metas=st.lists(packet, min_size=1, max_size=8),
+    now=at,
+    rules=st.lists(st.tuples(rule, st.booleans()), min_size=1, max_size=5),
+)
+def test_lifting_rules_leaves_the_policy_of_the_rules_kept(
+    members: dict[str, identity.Identity],
+    actions: list[tuple[Any, ...]],
+    metas: list[PacketMeta],
+    now: int,
+    rules: list[tuple[tuple[str, dict[str, Any]], bool]],
+) -> None:
+    """Rules made then some lifted decide exactly as the kept rules alone: a lift never allows beyond them."""
+    w, kept = build(members, actions), build(members, actions)
+    made = []
+    for (kind, fields), lift in rules:
+        made.append((records.parse_policy(w.rule(kind, **fields)).id, lift))
+        if not lift:
+            kept.rule(kind, **fields)
+    for rule_id, lift in made:
+        if lift:
+            w.rule("lift", lifts=rule_id)
+    assert allowed_set(w.state, metas, now) == allowed_set(kept.state, metas, now)
+    assert [r.id for r in w.state.rules] == [rid for rid, lift in made if not lift]
 
 
 @SETTINGS

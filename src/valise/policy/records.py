@@ -63,6 +63,7 @@ RULE_KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "ban-category": {"category": str},
     "max-size": {"size": int},
     "max-tlp": {"tlp": str},
+    "lift": {"lifts": bytes},  # the id of a rule in force, which stops applying from this record's position
 }
 STMT_KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     GRANT: {
@@ -206,6 +207,8 @@ def check_body(rtype: str, body: dict[str, Any], what: str) -> str:
             raise PolicyError(f"{what}: size must be positive")
         elif kind == "max-tlp":
             check_tlp(body["tlp"], what)
+        elif kind == "lift" and len(body["lifts"]) != 32:
+            raise PolicyError(f"{what}: the lifted rule id is not 32 bytes")
     return kind
 
 

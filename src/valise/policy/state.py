@@ -112,7 +112,8 @@ class PolicyState:
         self.grants: dict[str, dict[str, list[Statement]]] = {}  # author -> counterpart -> live grants, log order
         self.accepts: dict[str, dict[str, list[Statement]]] = {}
         self.live: dict[str, int] = {}  # author -> live statement count
-        self.rules: list[Rule] = []
+        self.rules: list[Rule] = []  # the rules in force, in log order
+        self.lifted: dict[bytes, int] = {}  # rule id -> log position of the record that lifted it
         self.banned: dict[str, Rule] = {}  # category -> the rule that banned it first
         self.size_limit: Rule | None = None  # the tightest max-size rule
         self.tlp_limit: Rule | None = None  # the tightest max-tlp rule
@@ -299,22 +300,46 @@ class PolicyState:
 
     def _check_rule(self, record: Record) -> _Commit:
         b = record.body
+        if record.kind == "lift":
+            return self._check_lift(record)
         value: str | int = b.get("category", b.get("size", b.get("tlp", "")))
         rule = Rule(record.id, records.short(record.id), record.kind, value, self.size, record.raw)
 
         def commit() -> None:
             self.rules.append(rule)
-            if rule.kind == "ban-category":
-                self.banned.setdefault(str(rule.value), rule)
-            elif rule.kind == "max-size":
-                if self.size_limit is None or int(rule.value) < int(self.size_limit.value):
-                    self.size_limit = rule
-            elif self.tlp_limit is None or labels.tlp_rank(str(rule.value)) < labels.tlp_rank(
-                str(self.tlp_limit.value)
-            ):
-                self.tlp_limit = rule
+            self._restrict(rule)
 
         return commit
+
+    def _check_lift(self, record: Record) -> _Commit:
+        target: bytes = record.body["lifts"]
+        if not any(r.id == target for r in self.rules):
+            lifted = self.lifted.get(target)
+            raise PolicyError(
+                f"operator rule {records.short(target)} is not in force"
+                + (f": it was lifted at log position {lifted}" if lifted is not None else ""),
+                hint="valise policy show lists the rules in force with their ids",
+            )
+        position = self.size
+
+        def commit() -> None:
+            self.rules = [r for r in self.rules if r.id != target]
+            self.lifted[target] = position
+            # The limits are the tightest of the rules still in force: recompute them from scratch.
+            self.banned, self.size_limit, self.tlp_limit = {}, None, None
+            for rule in self.rules:
+                self._restrict(rule)
+
+        return commit
+
+    def _restrict(self, rule: Rule) -> None:
+        if rule.kind == "ban-category":
+            self.banned.setdefault(str(rule.value), rule)
+        elif rule.kind == "max-size":
+            if self.size_limit is None or int(rule.value) < int(self.size_limit.value):
+                self.size_limit = rule
+        elif self.tlp_limit is None or labels.tlp_rank(str(rule.value)) < labels.tlp_rank(str(self.tlp_limit.value)):
+            self.tlp_limit = rule
 
     # --- member statements ----------------------------------------------------------------------------
 
@@ -420,6 +445,7 @@ class PolicyState:
             "accepts": {a: {c: [s.id for s in v] for c, v in d.items()} for a, d in sorted(self.accepts.items())},
             "live": dict(sorted(self.live.items())),
             "rules": [r.id for r in self.rules],
+            "lifted": sorted(self.lifted.items()),
             "seen": sorted(self.seen.items()),
         }
 
