@@ -206,6 +206,67 @@ def test_operator_commands(broker: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert {m["id"]: m["status"] for m in facts["members"]} == {"ACME": "removed", "DEU": "active", "FRA": "active"}
 
 
+def test_an_operator_lifts_a_mistaken_rule(broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(broker)
+    g, _ = statement(capsys, tmp_path, "grant", "FRA", "--to", "DEU", "--tlp", "AMBER")
+    a, _ = statement(capsys, tmp_path, "accept", "DEU", "--from", "FRA", "--tlp", "AMBER")
+    assert run(capsys, "broker", "statement", "add", "--dir", d, str(g), str(a))[0] == 0
+    explain = ("policy", "explain", "--dir", d, "--from", "FRA", "--to", "DEU", "--tlp", "GREEN", "--size", "500")
+    assert run(capsys, *explain)[0] == 0
+
+    code, out, _ = run(capsys, "broker", "rule", "max-size", "--dir", d, "--bytes", "10")  # meant 10 MB
+    assert code == 0
+    assert f"to lift it: valise broker rule lift --dir {d} --id " in out
+    rule_id = out.rsplit("--id ", 1)[1].strip()
+    code, out, _ = run(capsys, "broker", "rule", "ban-category", "--dir", d, "--category", "political", "--json")
+    ban = json.loads(out)
+    assert (ban["type"], ban["kind"], ban["index"]) == ("rule", "ban-category", log_size(broker) - 1)
+    assert run(capsys, *explain)[0] == 3
+
+    code, _, err = run(capsys, "broker", "rule", "lift", "--dir", d, "--id", "ffff")
+    assert code == 2
+    assert "matches no rule in force" in err
+    assert rule_id in err  # the error lists the rules one may lift
+    size = log_size(broker)
+    code, out, _ = run(capsys, "broker", "rule", "lift", "--dir", d, "--id", rule_id, "--json")
+    lifted = json.loads(out)
+    assert (lifted["kind"], lifted["index"]) == ("lift", size)
+    assert lifted["done"] == "lifted operator rule " + rule_id + " (max-size 10)"
+    assert run(capsys, *explain)[0] == 0  # the members' consent decides again
+    code, _, err = run(capsys, "broker", "rule", "lift", "--dir", d, "--id", rule_id)
+    assert code == 2
+    assert f"operator rule {rule_id} was already lifted (log index {size})" in err
+    assert log_size(broker) == size + 1
+
+    code, out, _ = run(capsys, "policy", "show", "--dir", d, "--json", "--verify")
+    facts = json.loads(out)
+    assert [r["id"] for r in facts["rules"]] == [ban["record"]]
+    assert [(r["id"][:16], r["lifted_at"]) for r in facts["lifted_rules"]] == [(rule_id, size)]
+    assert "rules in force (1; 1 lifted):" in run(capsys, "policy", "show", "--dir", d)[1]
+    code, out, _ = run(capsys, *explain[:-4], "--tlp", "GREEN", "--category", "political")
+    assert code == 3
+    assert "category 'political' is banned by operator rule" in out
+
+
+def test_operator_commands_report_as_json(broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(broker)
+    size = log_size(broker)
+    code, out, _ = run(capsys, "broker", "member", "suspend", "--dir", d, "--id", "DEU", "--reason", "audit", "--json")
+    assert code == 0
+    got = json.loads(out)
+    assert (got["type"], got["kind"], got["index"], got["done"]) == ("dir", "member-suspend", size, "suspended DEU")
+    assert len(bytes.fromhex(got["record"])) == 32
+    g, gid = statement(capsys, tmp_path, "grant", "FRA", "--to", "ACME", "--tlp", "GREEN")
+    a, aid = statement(capsys, tmp_path, "accept", "ACME", "--from", "FRA", "--tlp", "GREEN")
+    code, out, _ = run(capsys, "broker", "statement", "add", "--dir", d, str(g), str(a), "--json")
+    assert code == 0
+    added = json.loads(out)["added"]
+    assert [(x["record"], x["kind"], x["author"], x["index"]) for x in added] == [
+        (gid, "grant", "FRA", size + 1),
+        (aid, "accept", "ACME", size + 2),
+    ]
+
+
 def test_member_add_refuses_a_second_admission(
     broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -294,8 +294,12 @@ class Demo:
                     f"    {member} holds {item['id'][:12]}… from {item['from']}, TLP:{item['labels'].get('tlp')}"
                     f" {','.join(item['labels'].get('categories', []))} (acknowledged: {item['acked']})"
                 )
-        self.valise("retract", "--node", str(nodes["FRA"]), mistake["id"], "--reason", "sent to the wrong desk")
-        self.say(f"    FRA retracts {mistake['id'][:12]}…; DEU is told to discard it")
+        retracted = self.json_of(
+            "retract", "--node", str(nodes["FRA"]), mistake["id"], "--reason", "sent to the wrong desk", "--json"
+        )
+        if retracted.get("id") != mistake["id"]:
+            raise DemoFailure(f"the broker logged the retraction of {retracted.get('id')}, not {mistake['id']}")
+        self.say(f"    FRA retracts {mistake['id'][:12]}… (log index {retracted['index']}); DEU is told to discard it")
         self.wait_for(
             "the retraction to reach DEU",
             lambda: any(i["id"] == mistake["id"] and i["state"] == "retracted" for i in self.inbox(nodes["DEU"])),

@@ -93,6 +93,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--node", required=True, type=Path, help="the node directory")
     p.add_argument("id", help="packet id (or a unique prefix)")
     p.add_argument("--reason", default="", help="why (≤ 512 bytes, logged)")
+    p.add_argument("--json", action="store_true", help="print the broker's answer (packet id, log index) as JSON")
     p.set_defaults(handler=retract)
 
     receipt = group(sub, "receipt", "offline proofs that the packets this member sent are in the log")
@@ -381,6 +382,9 @@ def read(args: argparse.Namespace) -> int:
 
 def retract(args: argparse.Namespace) -> int:
     reply = _check(request(args.node, {"op": "retract", "id": args.id, "reason": args.reason}))
+    if args.json:
+        print(json.dumps({"id": reply["id"], "index": reply["index"]}))
+        return 0
     print(f"retracted {reply['id']}: log index {reply['index']}")
     return 0
 

@@ -30,6 +30,7 @@ from valise.genesis import Genesis
 from valise.logservice import LogService
 from valise.policy import PacketMeta, PolicyState, channels, decide, records
 from valise.policy.decide import tlp_label
+from valise.policy.state import Rule
 from valise.store.base import LogStorage
 from valise.store.sqlite import SqliteLog
 from valise.tlog import cosignature
@@ -49,12 +50,17 @@ def _dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", required=True, type=Path, help="the broker directory")
 
 
+def _operator(p: argparse.ArgumentParser) -> None:
+    _dir(p)
+    p.add_argument("--json", action="store_true", help="print what was appended as JSON (record id, log index)")
+
+
 def _register_operator(broker: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     member = broker.add_parser("member", help="admit, suspend, reinstate or remove members").add_subparsers(
         dest="member_command", metavar="SUBCOMMAND", required=True
     )
     p = member.add_parser("add", help="admit a member from its public bundle")
-    _dir(p)
+    _operator(p)
     p.add_argument("--bundle", required=True, type=Path, help="the member's public bundle (ID.pub)")
     p.add_argument("--kind", required=True, choices=records.MEMBER_KINDS)
     p.add_argument("--region", required=True, help="region name, e.g. europe")
@@ -62,12 +68,12 @@ def _register_operator(broker: argparse._SubParsersAction[argparse.ArgumentParse
     p.set_defaults(handler=member_add)
     for name, text in (("suspend", "suspend a member (it can neither send nor receive)"), ("remove", "remove")):
         p = member.add_parser(name, help=text)
-        _dir(p)
+        _operator(p)
         p.add_argument("--id", required=True, dest="member_id")
         p.add_argument("--reason", required=True, help="why (recorded in the log)")
         p.set_defaults(handler=member_change, op=f"member-{name}")
     p = member.add_parser("reinstate", help="lift a suspension")
-    _dir(p)
+    _operator(p)
     p.add_argument("--id", required=True, dest="member_id")
     p.set_defaults(handler=member_change, op="member-reinstate")
 
@@ -75,39 +81,43 @@ def _register_operator(broker: argparse._SubParsersAction[argparse.ArgumentParse
         dest="group_command", metavar="SUBCOMMAND", required=True
     )
     p = grp.add_parser("create", help="create a group (an operation when --start or --end is given)")
-    _dir(p)
+    _operator(p)
     p.add_argument("--name", required=True)
     p.add_argument("--start", type=parse_time, help="operation start (Unix seconds or ISO 8601, UTC)")
     p.add_argument("--end", type=parse_time, help="operation end, exclusive")
     p.set_defaults(handler=group_create)
     for name in ("add", "remove"):
         p = grp.add_parser(name, help=f"{name} a member {'to' if name == 'add' else 'from'} a group")
-        _dir(p)
+        _operator(p)
         p.add_argument("--name", required=True)
         p.add_argument("--id", required=True, dest="member_id")
         p.set_defaults(handler=group_change, op=f"group-{name}")
 
-    rule = broker.add_parser("rule", help="operator rules (they only ever restrict)").add_subparsers(
+    rule = broker.add_parser("rule", help="operator rules (they only ever restrict; lift ends one)").add_subparsers(
         dest="rule_command", metavar="SUBCOMMAND", required=True
     )
     p = rule.add_parser("ban-category", help="refuse every packet with this category")
-    _dir(p)
+    _operator(p)
     p.add_argument("--category", required=True)
     p.set_defaults(handler=add_rule, rule="ban-category", field="category")
     p = rule.add_parser("max-size", help="refuse packets larger than this many bytes")
-    _dir(p)
+    _operator(p)
     p.add_argument("--bytes", required=True, type=int, dest="size")
     p.set_defaults(handler=add_rule, rule="max-size", field="size")
     p = rule.add_parser("max-tlp", help="refuse packets above this TLP level")
-    _dir(p)
+    _operator(p)
     p.add_argument("--tlp", required=True)
     p.set_defaults(handler=add_rule, rule="max-tlp", field="tlp")
+    p = rule.add_parser("lift", help="stop applying a rule in force (members' consent still decides)")
+    _operator(p)
+    p.add_argument("--id", required=True, dest="rule_id", help="the rule's id or a unique prefix (policy show)")
+    p.set_defaults(handler=lift_rule)
 
     stmt = broker.add_parser("statement", help="append members' signed statements").add_subparsers(
         dest="statement_command", metavar="SUBCOMMAND", required=True
     )
     p = stmt.add_parser("add", help="check and append statement files (all or none)")
-    _dir(p)
+    _operator(p)
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.set_defaults(handler=statement_add)
 
@@ -225,8 +235,9 @@ def load_state(home: BrokerHome, store: LogStorage, *, verify: bool = False) -> 
     return state
 
 
-def _append(home: BrokerHome, build: Any) -> tuple[list[records.Record], PolicyState]:
-    """Under the lock: fold the log, let `build(state)` make entries, check them in order, append all at once."""
+def _append(home: BrokerHome, build: Any) -> list[tuple[records.Record, int]]:
+    """Under the lock: fold the log, let `build(state)` make entries, check them in order, append all at once.
+    Returns each record with its log index."""
     home = BrokerHome.open(home.root)
     with _locked(home):
         log = LogService(SqliteLog.open(home.db_path), home.config().origin, home.log_key())
@@ -240,10 +251,10 @@ def _append(home: BrokerHome, build: Any) -> tuple[list[records.Record], PolicyS
                 if rec is None:
                     raise UsageError("not a policy record")
                 applied.append(rec)
-            log.append_and_sign(entries, time.time())
+            indexes, _ = log.append_and_sign(entries, time.time())
         finally:
             log.store.close()
-    return applied, state
+    return list(zip(applied, indexes, strict=True))
 
 
 def _operator_entry(home: BrokerHome, state: PolicyState, tag: str, value: str, **fields: Any) -> bytes:
@@ -254,8 +265,13 @@ def _operator_entry(home: BrokerHome, state: PolicyState, tag: str, value: str, 
     return make(key, state.origin, state.operator_seq + 1, int(time.time()), value, **fields)
 
 
-def _done(rec: records.Record, text: str) -> int:
-    print(f"{text} (record {rec.id.hex()[:16]}…)")
+def _done(args: argparse.Namespace, appended: list[tuple[records.Record, int]], text: str) -> int:
+    """Say what was appended: a sentence, or with --json an object a script can keep (ids and log indexes)."""
+    ((rec, index),) = appended
+    if args.json:
+        print(json.dumps({"done": text, "record": rec.id.hex(), "type": rec.type, "kind": rec.kind, "index": index}))
+    else:
+        print(f"{text} (record {rec.id.hex()[:16]}…, log index {index})")
     return 0
 
 
@@ -272,8 +288,8 @@ def member_add(args: argparse.Namespace) -> int:
         "region": args.region,
         "bundle": bundle.raw,
     }
-    (rec,), _ = _append(home, lambda s: [_operator_entry(home, s, "op", "member-add", **fields)])
-    return _done(rec, f"admitted {bundle.member_id} ({args.kind}, {args.region})")
+    appended = _append(home, lambda s: [_operator_entry(home, s, "op", "member-add", **fields)])
+    return _done(args, appended, f"admitted {bundle.member_id} ({args.kind}, {args.region})")
 
 
 def member_change(args: argparse.Namespace) -> int:
@@ -281,32 +297,57 @@ def member_change(args: argparse.Namespace) -> int:
     fields = {"id": args.member_id}
     if args.op != "member-reinstate":
         fields["reason"] = args.reason
-    (rec,), _ = _append(home, lambda s: [_operator_entry(home, s, "op", args.op, **fields)])
+    appended = _append(home, lambda s: [_operator_entry(home, s, "op", args.op, **fields)])
     verb = {"member-suspend": "suspended", "member-remove": "removed", "member-reinstate": "reinstated"}[args.op]
-    return _done(rec, f"{verb} {args.member_id}")
+    return _done(args, appended, f"{verb} {args.member_id}")
 
 
 def group_create(args: argparse.Namespace) -> int:
     home = BrokerHome(args.dir)
     kind = "operation" if args.start is not None or args.end is not None else "region"
     fields = {"name": args.name, "kind": kind, "start": args.start, "end": args.end}
-    (rec,), _ = _append(home, lambda s: [_operator_entry(home, s, "op", "group-create", **fields)])
-    return _done(rec, f"created {kind} group {args.name}")
+    appended = _append(home, lambda s: [_operator_entry(home, s, "op", "group-create", **fields)])
+    return _done(args, appended, f"created {kind} group {args.name}")
 
 
 def group_change(args: argparse.Namespace) -> int:
     home = BrokerHome(args.dir)
     fields = {"name": args.name, "id": args.member_id}
-    (rec,), _ = _append(home, lambda s: [_operator_entry(home, s, "op", args.op, **fields)])
+    appended = _append(home, lambda s: [_operator_entry(home, s, "op", args.op, **fields)])
     verb = "added" if args.op == "group-add" else "removed"
-    return _done(rec, f"{verb} {args.member_id} {'to' if verb == 'added' else 'from'} group {args.name}")
+    return _done(args, appended, f"{verb} {args.member_id} {'to' if verb == 'added' else 'from'} group {args.name}")
 
 
 def add_rule(args: argparse.Namespace) -> int:
     home = BrokerHome(args.dir)
     value = getattr(args, args.field)
-    (rec,), _ = _append(home, lambda s: [_operator_entry(home, s, "rule", args.rule, **{args.field: value})])
-    return _done(rec, f"operator rule {args.rule} {value}")
+    appended = _append(home, lambda s: [_operator_entry(home, s, "rule", args.rule, **{args.field: value})])
+    _done(args, appended, f"operator rule {args.rule} {value}")
+    if not args.json:  # a rule stops traffic at once; say how to undo a mistaken one
+        rule_id = appended[0][0].id.hex()[:16]
+        print(f"in force from now on; to lift it: valise broker rule lift --dir {args.dir} --id {rule_id}")
+    return 0
+
+
+def lift_rule(args: argparse.Namespace) -> int:
+    home = BrokerHome(args.dir)
+    prefix = args.rule_id.lower()
+
+    def build(state: PolicyState) -> list[bytes]:
+        found = [r for r in state.rules if r.id.hex().startswith(prefix)]
+        was = [(rid, at) for rid, at in state.lifted.items() if rid.hex().startswith(prefix)]
+        if not found and len(was) == 1:
+            raise UsageError(f"operator rule {was[0][0].hex()[:16]} was already lifted (log index {was[0][1]})")
+        if len(found) != 1:
+            known = ", ".join(f"{r.id.hex()[:16]} ({r.kind} {r.value})" for r in state.rules) or "none"
+            what = "matches no rule in force" if not found else "matches several rules"
+            raise UsageError(f"rule id {args.rule_id!r} {what}; rules in force: {known}")
+        lifted.append(found[0])
+        return [_operator_entry(home, state, "rule", "lift", lifts=found[0].id)]
+
+    lifted: list[Rule] = []
+    appended = _append(home, build)
+    return _done(args, appended, f"lifted operator rule {lifted[0].id.hex()[:16]} ({lifted[0].kind} {lifted[0].value})")
 
 
 def statement_add(args: argparse.Namespace) -> int:
@@ -322,9 +363,16 @@ def statement_add(args: argparse.Namespace) -> int:
         rec = records.parse_policy(data)
         if rec.type != records.STMT:
             raise UsageError(f"{path} is a {rec.type} record, not a member statement")
-    applied, _ = _append(BrokerHome(args.dir), lambda s: datas)
-    for path, rec in zip(args.files, applied, strict=True):
-        print(f"added {rec.kind} {rec.id.hex()} by {rec.body['author']} ({path})")
+    appended = _append(BrokerHome(args.dir), lambda s: datas)
+    if args.json:
+        added = [
+            {"file": str(path), "record": rec.id.hex(), "kind": rec.kind, "author": rec.body["author"], "index": i}
+            for path, (rec, i) in zip(args.files, appended, strict=True)
+        ]
+        print(json.dumps({"added": added}))
+        return 0
+    for path, (rec, i) in zip(args.files, appended, strict=True):
+        print(f"added {rec.kind} {rec.id.hex()} by {rec.body['author']} ({path}, log index {i})")
     return 0
 
 
@@ -481,6 +529,7 @@ def describe(state: PolicyState, now: int) -> dict[str, Any]:
             for g in sorted(state.groups.values(), key=lambda g: g.name)
         ],
         "rules": [{"id": r.id.hex(), "kind": r.kind, "value": r.value, "position": r.position} for r in state.rules],
+        "lifted_rules": [{"id": rid.hex(), "lifted_at": at} for rid, at in state.lifted.items()],
         "statements": stmts,
     }
 
@@ -507,7 +556,8 @@ def show(args: argparse.Namespace) -> int:
         print(
             f"  {g['name']:<20} {g['kind']:<9}{window if g['kind'] == 'operation' else ''}: {', '.join(g['members'])}"
         )
-    print(f"rules ({len(facts['rules'])}):")
+    lifted = f"; {len(facts['lifted_rules'])} lifted" if facts["lifted_rules"] else ""
+    print(f"rules in force ({len(facts['rules'])}{lifted}):")
     for r in facts["rules"]:
         print(f"  {r['id'][:16]}  {r['kind']} {r['value']}")
     print(f"statements ({len(facts['statements'])}):")
