@@ -415,6 +415,39 @@ async def test_forwarded_acks_and_retractions_are_verified(world: dict[str, Any]
         nursery.cancel_scope.cancel()
 
 
+async def test_acknowledgements_the_broker_logged_reach_the_sender_through_the_log(
+    world: dict[str, Any], members: dict[str, Any]
+) -> None:
+    """A broker that logs a recipient's acknowledgement but never forwards it cannot hide it: the sender's node
+    reads it in the verified log. One the recipient did not sign is an alarm, not an acknowledgement."""
+    h = Harness(world, members["FRA"])
+    fra, deu = members["FRA"], members["DEU"]
+    data = seal(fra, [deu], b"a1", size=10)
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    pid = head.core.packet_id
+    async with trio.open_nursery() as nursery:
+        await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        ack = records.Ack.make(deu.signing, pid, head.digest, "FRA", "DEU", NOW)
+        forged = records.Ack.make(fra.signing, bytes([1]) * 16, bytes(32), "FRA", "DEU", NOW)
+        others = records.Ack.make(fra.signing, bytes([2]) * 16, bytes(32), "DEU", "FRA", NOW)  # DEU's packet
+        h.log.add(
+            records.packet_entry(head.header.raw, head.signature, NOW),
+            records.ack_entry(ack),
+            records.ack_entry(forged),
+            records.ack_entry(others),
+        )
+        assert h.daemon.session is not None
+        await h.daemon.sync(h.daemon.session)
+        assert h.daemon.follower.size == 7
+        assert h.daemon.store.acks_for(pid) == {"DEU": ack.raw}
+        assert h.daemon.store.ack_count() == 1
+        (alarm,) = h.daemon.store.alarms()
+        assert alarm.message.startswith("log entry 5 is an acknowledgement that does not verify")
+        nursery.cancel_scope.cancel()
+
+
 async def test_connects_over_real_mutual_tls_and_pins_the_broker(
     tmp_path: Path, world: dict[str, Any], members: dict[str, Any]
 ) -> None:

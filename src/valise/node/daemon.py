@@ -373,7 +373,10 @@ class NodeDaemon:
         self.quorum_wait = f"no cosigned checkpoint of size {f.size} meets the quorum yet" if f.awaiting else None
 
     def _persist(self, done: Committed) -> None:
-        self.store.follower_commit(done.state, done.keep, done.mine, done.pending, done.trusted)
+        acks = [(a.packet_id, a.recipient, a.raw) for a in done.acks]
+        new_acks = self.store.follower_commit(done.state, done.keep, done.mine, done.pending, done.trusted, acks)
+        if new_acks:  # the broker logged them but had not forwarded them (yet, or at all)
+            log.info("%d acknowledgement(s) of packets sent taken from the verified log", new_acks)
         for problem in done.problems:
             self.alarm("policy", problem)
         self.check_receipts()

@@ -167,6 +167,18 @@ class Committed:
     problems: list[str]  # entries the policy refused although the log holds them (alarms)
     pending: list[tuple[int, bytes]] = field(default_factory=list)  # verified entries not folded yet (a quorum)
     trusted: int = 0  # the trusted size after this change: pending entries below it are folded (drop them)
+    acks: list[records.Ack] = field(default_factory=list)  # verified acknowledgements of this member's packets
+
+
+@dataclass(slots=True)
+class _Folded:
+    keep: list[tuple[int, bytes]] = field(default_factory=list)
+    mine: list[tuple[int, bytes]] = field(default_factory=list)
+    acks: list[records.Ack] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def committed(self, f: Follower) -> Committed:
+        return Committed(f.size, f.dump(), self.keep, self.mine, self.problems, [], f.trusted_size, self.acks)
 
 
 class Follower:
@@ -305,11 +317,11 @@ class Follower:
         if self.quorum is None:
             # Fold first: a log the fold refuses (no genesis, another broker) leaves the follower where it was.
             entries = sorted({**self.pending, **update.full}.items())
-            keep, mine, problems = self._fold(entries, trusted=False, end=update.target.size)
+            folded = self._fold(entries, trusted=False, end=update.target.size)
             self._verified(update)
             self.pending.clear()
             self.trusted_size, self.trusted_root, self.trusted_note = self.size, self.root, self.note
-            return Committed(self.size, self.dump(), keep, mine, problems, [], self.trusted_size)
+            return folded.committed(self)
         if 0 in update.full:  # a log that is not ours is refused now, not when it reaches the quorum
             self._genesis(update.full[0])
         self._verified(update)
@@ -385,11 +397,11 @@ class Follower:
     def _advance(self, cp: checkpoint.Checkpoint, msg: bytes) -> Committed:
         """Fold the pending entries below `cp.size` and make `cp` the trusted checkpoint."""
         entries = sorted((i, e) for i, e in self.pending.items() if i < cp.size)
-        keep, mine, problems = self._fold(entries, trusted=False, end=cp.size)
+        folded = self._fold(entries, trusted=False, end=cp.size)
         for i, _ in entries:
             del self.pending[i]
         self.trusted_size, self.trusted_root, self.trusted_note = cp.size, cp.root, msg
-        return Committed(self.size, self.dump(), keep, mine, problems, [], self.trusted_size)
+        return folded.committed(self)
 
     @property
     def awaiting(self) -> bool:
@@ -406,20 +418,16 @@ class Follower:
 
     # --- folding ----------------------------------------------------------------------------------------------
 
-    def _fold(
-        self, entries: Sequence[tuple[int, bytes]], *, trusted: bool, end: int | None = None
-    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]], list[str]]:
+    def _fold(self, entries: Sequence[tuple[int, bytes]], *, trusted: bool, end: int | None = None) -> _Folded:
         """Fold full entries in index order; indexes missing in between are hashed (non-policy) entries."""
-        keep: list[tuple[int, bytes]] = []
-        mine: list[tuple[int, bytes]] = []
-        problems: list[str] = []
+        out = _Folded()
         end = self.size if end is None else end
         for index, entry in entries:
             if index == 0:
                 g = self._genesis(entry)
                 self.policy = PolicyState(g.origin, g.operator_key, verify_signatures=not trusted)
                 self.policy.apply(entry)  # not a policy type: counts position 0
-                keep.append((0, entry))
+                out.keep.append((0, entry))
                 continue
             policy = self.policy
             if policy is None:
@@ -430,19 +438,38 @@ class Follower:
             except Error as exc:  # refused by the rules, malformed, or over a limit (a LimitError once wedged us)
                 # The log holds it, so positions must stay right; the broker should never have logged it.
                 policy.skip_to(index + 1)
-                problems.append(f"log entry {index} is refused by the policy: {exc.what}")
+                out.problems.append(f"log entry {index} is refused by the policy: {exc.what}")
                 continue
             if record is not None:
-                keep.append((index, entry))
+                out.keep.append((index, entry))
             elif not trusted:
-                digest = _my_packet(entry, self.member)
-                if digest is not None:
-                    mine.append((index, digest))
+                self._traffic(index, entry, out)
         if self.policy is None and end > 0:
             raise LogMismatchError("the log does not start with a genesis record")
         if self.policy is not None:
             self._skip_to(self.policy, end)
-        return keep, mine, problems
+        return out
+
+    def _traffic(self, index: int, entry: bytes, out: _Folded) -> None:
+        """This member's own packets (to check receipts against) and the acknowledgements of them.
+
+        The acknowledgements are taken from the log as well as from the broker's forwarding: a broker that logs
+        one cannot keep it from the sender, who reads it here in the verified log (specs/protocol.md)."""
+        digest = _my_packet(entry, self.member)
+        if digest is not None:
+            out.mine.append((index, digest))
+            return
+        ack = _ack_to(entry, self.member)
+        if ack is None:
+            return
+        assert self.policy is not None
+        signer = self.policy.members.get(ack.recipient)
+        try:
+            if signer is None:
+                raise Error(f"{ack.recipient} is not a member at that position")
+            out.acks.append(records.Ack.verified(ack.raw, signer.sign_key))
+        except Error as exc:
+            out.problems.append(f"log entry {index} is an acknowledgement that does not verify: {exc.what}")
 
     @staticmethod
     def _skip_to(policy: PolicyState, index: int) -> None:
@@ -469,7 +496,21 @@ def _needed(entry: bytes, member: str) -> bool:
         return True
     if kind in (policy_records.DIR, policy_records.RULE, policy_records.STMT):
         return True
+    if kind == "ack":
+        return _ack_to(entry, member) is not None
     return kind == "pkt" and _my_packet(entry, member) is not None
+
+
+def _ack_to(entry: bytes, member: str) -> records.Ack | None:
+    """The acknowledgement, unverified, if `entry` is an "ack" record of a packet `member` sent."""
+    try:
+        kind, m = records.entry_type(entry)
+        if kind != "ack" or not isinstance(m.get("notice"), bytes):
+            return None
+        ack, _, _ = records.Ack.parse(m["notice"])
+    except Error:
+        return None
+    return ack if ack.sender == member else None
 
 
 def _my_packet(entry: bytes, member: str) -> bytes | None:

@@ -362,17 +362,21 @@ class NodeStore:
         mine: list[tuple[int, bytes]],
         pending: Sequence[tuple[int, bytes]] = (),
         trusted: int | None = None,
-    ) -> None:
+        acks: Sequence[tuple[bytes, str, bytes]] = (),
+    ) -> int:
         """Persist an accepted checkpoint and what it brought, in one transaction (all or nothing): entries to
-        keep, this member's packets, entries pending a quorum, and (`trusted`) the size below which no entry is
-        pending any more."""
+        keep, this member's packets, entries pending a quorum, (`trusted`) the size below which no entry is
+        pending any more, and acknowledgements of this member's packets (packet id, recipient, signed notice)
+        read in the log. Returns how many of those acknowledgements were new."""
         with self._tx():
             self._db.executemany("INSERT OR REPLACE INTO log_kept VALUES (?, ?)", keep)
             self._db.executemany("INSERT OR REPLACE INTO log_mine VALUES (?, ?)", mine)
             self._db.executemany("INSERT OR REPLACE INTO log_pending VALUES (?, ?)", pending)
             if trusted is not None:
                 self._db.execute("DELETE FROM log_pending WHERE idx < ?", (trusted,))
+            new_acks = self._db.executemany("INSERT OR IGNORE INTO acks VALUES (?, ?, ?)", acks).rowcount if acks else 0
             self.put(FOLLOWER_KEY, state)
+        return new_acks
 
     def follower_pending(self) -> list[tuple[int, bytes]]:
         rows = self._db.execute("SELECT idx, entry FROM log_pending ORDER BY idx").fetchall()
