@@ -267,6 +267,53 @@ def test_operator_commands_report_as_json(broker: Path, tmp_path: Path, capsys: 
     ]
 
 
+def test_the_operator_key_can_be_sealed_and_kept_elsewhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The running broker never needs the operator key: it can live under a passphrase, off the broker's disk."""
+    d = tmp_path / "broker"
+    monkeypatch.setenv("OPERATOR_PW", "correct horse")
+    init = ("broker", "init", "--dir", str(d), "--origin", ORIGIN, "--operator-passphrase-env", "OPERATOR_PW")
+    assert run(capsys, *init)[0] == 0
+    assert b"correct horse" not in BrokerHome(d).operator_key_path.read_bytes()
+    assert main(["keygen", "--id", "FRA", "--out", str(tmp_path / "keys" / "FRA")]) == 0
+    add = ("broker", "member", "add", "--dir", str(d), "--bundle", str(tmp_path / "keys" / "FRA" / "FRA.pub"))
+    add += ("--kind", "country", "--region", "europe")
+    size = log_size(d)
+
+    code, _, err = run(capsys, *add)
+    assert code == 1
+    assert "operator key" in err
+    assert "is encrypted" in err
+    assert "--passphrase-env" in err
+    monkeypatch.setenv("WRONG_PW", "incorrect horse")
+    code, _, err = run(capsys, *add, "--passphrase-env", "WRONG_PW")
+    assert code == 1
+    assert "the passphrase does not open operator key" in err
+    assert log_size(d) == size  # nothing was appended
+
+    offline = tmp_path / "offline" / "operator.key"
+    offline.parent.mkdir()
+    BrokerHome(d).operator_key_path.rename(offline)
+    code, _, err = run(capsys, *add, "--passphrase-env", "OPERATOR_PW")
+    assert code == 1
+    assert "cannot read operator key" in err
+    code, out, _ = run(capsys, *add, "--operator-key", str(offline), "--passphrase-env", "OPERATOR_PW", "--json")
+    assert code == 0
+    assert json.loads(out)["index"] == size
+
+    # Another broker's operator key is not this log's, whatever its passphrase.
+    other = tmp_path / "other"
+    assert run(capsys, "broker", "init", "--dir", str(other), "--origin", ORIGIN)[0] == 0
+    code, _, err = run(
+        capsys, "broker", "rule", "max-tlp", "--dir", str(d), "--tlp", "AMBER",
+        "--operator-key", str(BrokerHome(other).operator_key_path),
+    )  # fmt: skip
+    assert code == 1
+    assert "is not the operator key named in the log's genesis record" in err
+    assert log_size(d) == size + 1
+
+
 def test_member_add_refuses_a_second_admission(
     broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -87,6 +87,29 @@ def seal_secrets(secrets: dict[str, Any], passphrase: bytes | None) -> bytes:
 
 
 def open_secrets(data: bytes, passphrase: bytes | None, *, what: str) -> dict[str, Any]:
+    """The secrets of a member's key file (checked field by field)."""
+    try:
+        return encoding.unpack_map(
+            open_sealed(data, passphrase, what=what),
+            what=what,
+            max_size=KEYFILE_MAX_SIZE,
+            fields={"id": str, "sign_seed": bytes, "enc_private": bytes, "tls_private": bytes, "bundle": bytes},
+        )
+    except EncodingError as exc:
+        raise KeyFileError(f"{what} is damaged: {exc.what}") from None
+
+
+def is_sealed(data: bytes) -> bool:
+    """Whether `data` looks like the output of `seal_secrets` (a map with a `kdf`), protected or not."""
+    try:
+        head = encoding.unpack(data, what="key file", max_size=KEYFILE_MAX_SIZE)
+    except EncodingError:
+        return False
+    return isinstance(head, dict) and "kdf" in head
+
+
+def open_sealed(data: bytes, passphrase: bytes | None, *, what: str) -> bytes:
+    """The plaintext `seal_secrets` sealed: Argon2id and SecretBox when a passphrase protects it."""
     try:
         head = encoding.unpack(data, what=what, max_size=KEYFILE_MAX_SIZE)
         if not isinstance(head, dict) or head.get("v") != KEYFILE_VERSION:
@@ -113,12 +136,7 @@ def open_secrets(data: bytes, passphrase: bytes | None, *, what: str) -> dict[st
                 raise PassphraseError(f"the passphrase does not open {what}") from None
         else:
             raise KeyFileError(f"{what} uses unknown key protection {kdf!r}")
-        return encoding.unpack_map(
-            plain,
-            what=what,
-            max_size=KEYFILE_MAX_SIZE,
-            fields={"id": str, "sign_seed": bytes, "enc_private": bytes, "tls_private": bytes, "bundle": bytes},
-        )
+        return bytes(plain)
     except EncodingError as exc:
         raise KeyFileError(f"{what} is damaged: {exc.what}") from None
 

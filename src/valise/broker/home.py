@@ -4,7 +4,9 @@ Layout of `D` (created by `valise broker init --dir D --origin NAME`):
 - `config.json`       origin of the log, the broker's member id, format version;
 - `identity/`         the broker's own member identity (as made by `valise keygen`): its TLS certificate is
                       what nodes pin, and its desk may be a named recipient like any member;
-- `operator.key`      the operator's Ed25519 key (mode 0600), which signs directory records and operator rules;
+- `operator.key`      the operator's Ed25519 key (mode 0600; sealed under a passphrase if `broker init` was given
+                      one), which signs directory records and operator rules. The running broker never reads it:
+                      it may be moved off the machine, and operator commands told where it is (`--operator-key`);
 - `log.key`           the log's Ed25519 key (mode 0600), which signs checkpoints (a C2SP signed-note key);
 - `broker.db`         the SQLite store: the log, its hashes and checkpoints;
 - `mailbox.db`, `spool/`  the delivery queues and packet bodies (broker/mailbox.py, broker/spool.py);
@@ -12,8 +14,8 @@ Layout of `D` (created by `valise broker init --dir D --origin NAME`):
 - `serve.lock`        held by the running broker: one per directory;
 - `checkpoint.cosigned`  the latest checkpoint with its cosignatures, for `valise log export`.
 
-Three keys with three jobs: the operator key can be kept offline in a stricter setup without stopping the log,
-and a compromised log key cannot forge admissions.
+Three keys with three jobs: the operator key can be kept offline (and under a passphrase) without stopping the
+log, and a compromised log key cannot forge admissions.
 """
 
 from __future__ import annotations
@@ -37,21 +39,33 @@ class BrokerConfig:
     broker_id: str
 
 
-def write_seed_file(path: Path, kind: str, seed: bytes) -> None:
-    keyfiles.write_private(path, encoding.pack({"v": 1, "kind": kind, "seed": seed}))
+def write_seed_file(path: Path, kind: str, seed: bytes, passphrase: bytes | None = None) -> None:
+    """A key seed, mode 0600; with a passphrase, sealed as members' key files are (Argon2id, then SecretBox)."""
+    if passphrase is None:
+        keyfiles.write_private(path, encoding.pack({"v": 1, "kind": kind, "seed": seed}))
+    else:
+        keyfiles.write_private(path, keyfiles.seal_secrets({"kind": kind, "seed": seed}, passphrase))
 
 
-def read_seed_file(path: Path, kind: str) -> sign.SigningKey:
+def read_seed_file(path: Path, kind: str, passphrase: bytes | None = None) -> sign.SigningKey:
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"cannot read {kind} key {path}: {exc.strerror}") from None
     if os.stat(path).st_mode & 0o077:
         raise KeyFileError(f"{path} is readable by others", hint=f"chmod 600 {path}")
+    if len(data) > SEED_FILE_MAX:
+        raise KeyFileError(f"{path} is {len(data)} bytes, too large for a {kind} key")
     try:
-        m = encoding.unpack_map(
-            data, what=f"{kind} key", max_size=SEED_FILE_MAX, fields={"v": int, "kind": str, "seed": bytes}
-        )
+        if keyfiles.is_sealed(data):
+            plain = keyfiles.open_sealed(data, passphrase, what=f"{kind} key {path}")
+            m = encoding.unpack_map(
+                plain, what=f"{kind} key", max_size=SEED_FILE_MAX, fields={"kind": str, "seed": bytes}
+            )
+        else:
+            m = encoding.unpack_map(
+                data, what=f"{kind} key", max_size=SEED_FILE_MAX, fields={"v": int, "kind": str, "seed": bytes}
+            )
     except EncodingError as exc:
         raise KeyFileError(f"{path} is damaged: {exc.what}") from None
     if m["kind"] != kind or len(m["seed"]) != 32:
@@ -112,8 +126,17 @@ class BrokerHome:
         return self.root / "policy.lock"
 
     @classmethod
-    def create(cls, root: Path, origin: str, broker_id: str, random: identity.Random, now: int) -> BrokerHome:
-        """Create the directory, the broker identity, the operator and log keys. Refuses to overwrite."""
+    def create(
+        cls,
+        root: Path,
+        origin: str,
+        broker_id: str,
+        random: identity.Random,
+        now: int,
+        operator_passphrase: bytes | None = None,
+    ) -> BrokerHome:
+        """Create the directory, the broker identity, the operator and log keys (the operator key sealed with
+        `operator_passphrase` if given). Refuses to overwrite."""
         check_origin(origin)
         identity.check_member_id(broker_id)
         home = cls(root)
@@ -121,7 +144,7 @@ class BrokerHome:
             raise UsageError(f"{root} is already a broker directory")
         keyfiles.make_private_dir(root)
         keyfiles.save_identity(home.identity_dir, identity.generate(broker_id, random, now), None)
-        write_seed_file(home.operator_key_path, "operator", random(32))
+        write_seed_file(home.operator_key_path, "operator", random(32), operator_passphrase)
         write_seed_file(home.log_key_path, "log", random(32))
         keyfiles.write_public(
             home.config_path,
@@ -147,8 +170,9 @@ class BrokerHome:
         except (OSError, ValueError, KeyError) as exc:
             raise StoreError(f"{self.config_path} is unreadable: {exc}") from None
 
-    def operator_key(self) -> sign.SigningKey:
-        return read_seed_file(self.operator_key_path, "operator")
+    def operator_key(self, path: Path | None = None, passphrase: bytes | None = None) -> sign.SigningKey:
+        """The operator key, from `path` if it is kept elsewhere (offline, say) or else from the directory."""
+        return read_seed_file(path or self.operator_key_path, "operator", passphrase)
 
     def log_key(self) -> sign.SigningKey:
         return read_seed_file(self.log_key_path, "log")

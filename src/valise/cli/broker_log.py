@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from valise import keyfiles
 from valise.broker.home import BrokerHome
 from valise.cli.main import group
 from valise.errors import NoteError
@@ -26,6 +27,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dir", required=True, type=Path, help="the broker directory to create")
     p.add_argument("--origin", required=True, help="the log's origin (checkpoint key name), e.g. valise.example/log")
     p.add_argument("--id", dest="broker_id", default=DEFAULT_BROKER_ID, help="the broker's member id")
+    p.add_argument(
+        "--operator-passphrase-env",
+        metavar="VAR",
+        help="seal the operator key under the passphrase in $VAR (operator commands then need it)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=init)
 
@@ -75,11 +81,12 @@ def _print(facts: dict[str, object], as_json: bool) -> None:
 
 def init(args: argparse.Namespace) -> int:
     now = time.time()
-    home = BrokerHome.create(args.dir, args.origin, args.broker_id, os.urandom, int(now))
+    passphrase = keyfiles.passphrase_from_env(args.operator_passphrase_env)
+    home = BrokerHome.create(args.dir, args.origin, args.broker_id, os.urandom, int(now), passphrase)
     log = _service(home)
     try:
         # Entry 0 names the operator key and the broker, so the log key is the only key anyone must pin.
-        first = Genesis(args.origin, home.operator_key().public, home.broker_identity().bundle)
+        first = Genesis(args.origin, home.operator_key(passphrase=passphrase).public, home.broker_identity().bundle)
         log.append_and_sign([first.entry()], now)
         _print(_describe(home, log), args.json)
     finally:

@@ -25,6 +25,7 @@ from typing import Any
 from valise import keyfiles, labels
 from valise.broker.home import BrokerHome
 from valise.cli.main import group
+from valise.crypto import sign
 from valise.errors import LabelError, StoreError, UsageError
 from valise.genesis import Genesis
 from valise.logservice import LogService
@@ -50,8 +51,13 @@ def _dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", required=True, type=Path, help="the broker directory")
 
 
-def _operator(p: argparse.ArgumentParser) -> None:
+def _operator(p: argparse.ArgumentParser, *, signs: bool = True) -> None:
     _dir(p)
+    if signs:
+        p.add_argument(
+            "--operator-key", type=Path, metavar="FILE", help="the operator key, if not in the broker directory"
+        )
+        p.add_argument("--passphrase-env", metavar="VAR", help="the operator key's passphrase is in $VAR")
     p.add_argument("--json", action="store_true", help="print what was appended as JSON (record id, log index)")
 
 
@@ -117,7 +123,7 @@ def _register_operator(broker: argparse._SubParsersAction[argparse.ArgumentParse
         dest="statement_command", metavar="SUBCOMMAND", required=True
     )
     p = stmt.add_parser("add", help="check and append statement files (all or none)")
-    _operator(p)
+    _operator(p, signs=False)
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.set_defaults(handler=statement_add)
 
@@ -257,10 +263,17 @@ def _append(home: BrokerHome, build: Any) -> list[tuple[records.Record, int]]:
     return list(zip(applied, indexes, strict=True))
 
 
-def _operator_entry(home: BrokerHome, state: PolicyState, tag: str, value: str, **fields: Any) -> bytes:
-    key = home.operator_key()
+def _operator_key(args: argparse.Namespace, home: BrokerHome) -> sign.SigningKey:
+    """Unlock the operator key once, before taking the policy lock (Argon2id takes a moment)."""
+    return home.operator_key(args.operator_key, keyfiles.passphrase_from_env(args.passphrase_env))
+
+
+def _operator_entry(
+    args: argparse.Namespace, key: sign.SigningKey, state: PolicyState, tag: str, value: str, **fields: Any
+) -> bytes:
     if key.public != state.operator_key:
-        raise StoreError(f"{home.operator_key_path} is not the operator key named in the log's genesis record")
+        path = args.operator_key or BrokerHome(args.dir).operator_key_path
+        raise StoreError(f"{path} is not the operator key named in the log's genesis record")
     make = records.dir_record if tag == "op" else records.rule_record
     return make(key, state.origin, state.operator_seq + 1, int(time.time()), value, **fields)
 
@@ -280,7 +293,8 @@ def _done(args: argparse.Namespace, appended: list[tuple[records.Record, int]], 
 
 def member_add(args: argparse.Namespace) -> int:
     bundle = keyfiles.load_bundle(args.bundle)
-    home = BrokerHome(args.dir)
+    home = BrokerHome.open(args.dir)
+    key = _operator_key(args, home)
     fields = {
         "id": bundle.member_id,
         "kind": args.kind,
@@ -288,40 +302,44 @@ def member_add(args: argparse.Namespace) -> int:
         "region": args.region,
         "bundle": bundle.raw,
     }
-    appended = _append(home, lambda s: [_operator_entry(home, s, "op", "member-add", **fields)])
+    appended = _append(home, lambda s: [_operator_entry(args, key, s, "op", "member-add", **fields)])
     return _done(args, appended, f"admitted {bundle.member_id} ({args.kind}, {args.region})")
 
 
 def member_change(args: argparse.Namespace) -> int:
-    home = BrokerHome(args.dir)
+    home = BrokerHome.open(args.dir)
+    key = _operator_key(args, home)
     fields = {"id": args.member_id}
     if args.op != "member-reinstate":
         fields["reason"] = args.reason
-    appended = _append(home, lambda s: [_operator_entry(home, s, "op", args.op, **fields)])
+    appended = _append(home, lambda s: [_operator_entry(args, key, s, "op", args.op, **fields)])
     verb = {"member-suspend": "suspended", "member-remove": "removed", "member-reinstate": "reinstated"}[args.op]
     return _done(args, appended, f"{verb} {args.member_id}")
 
 
 def group_create(args: argparse.Namespace) -> int:
-    home = BrokerHome(args.dir)
+    home = BrokerHome.open(args.dir)
+    key = _operator_key(args, home)
     kind = "operation" if args.start is not None or args.end is not None else "region"
     fields = {"name": args.name, "kind": kind, "start": args.start, "end": args.end}
-    appended = _append(home, lambda s: [_operator_entry(home, s, "op", "group-create", **fields)])
+    appended = _append(home, lambda s: [_operator_entry(args, key, s, "op", "group-create", **fields)])
     return _done(args, appended, f"created {kind} group {args.name}")
 
 
 def group_change(args: argparse.Namespace) -> int:
-    home = BrokerHome(args.dir)
+    home = BrokerHome.open(args.dir)
+    key = _operator_key(args, home)
     fields = {"name": args.name, "id": args.member_id}
-    appended = _append(home, lambda s: [_operator_entry(home, s, "op", args.op, **fields)])
+    appended = _append(home, lambda s: [_operator_entry(args, key, s, "op", args.op, **fields)])
     verb = "added" if args.op == "group-add" else "removed"
     return _done(args, appended, f"{verb} {args.member_id} {'to' if verb == 'added' else 'from'} group {args.name}")
 
 
 def add_rule(args: argparse.Namespace) -> int:
-    home = BrokerHome(args.dir)
+    home = BrokerHome.open(args.dir)
+    key = _operator_key(args, home)
     value = getattr(args, args.field)
-    appended = _append(home, lambda s: [_operator_entry(home, s, "rule", args.rule, **{args.field: value})])
+    appended = _append(home, lambda s: [_operator_entry(args, key, s, "rule", args.rule, **{args.field: value})])
     _done(args, appended, f"operator rule {args.rule} {value}")
     if not args.json:  # a rule stops traffic at once; say how to undo a mistaken one
         rule_id = appended[0][0].id.hex()[:16]
@@ -330,7 +348,8 @@ def add_rule(args: argparse.Namespace) -> int:
 
 
 def lift_rule(args: argparse.Namespace) -> int:
-    home = BrokerHome(args.dir)
+    home = BrokerHome.open(args.dir)
+    key = _operator_key(args, home)
     prefix = args.rule_id.lower()
 
     def build(state: PolicyState) -> list[bytes]:
@@ -343,7 +362,7 @@ def lift_rule(args: argparse.Namespace) -> int:
             what = "matches no rule in force" if not found else "matches several rules"
             raise UsageError(f"rule id {args.rule_id!r} {what}; rules in force: {known}")
         lifted.append(found[0])
-        return [_operator_entry(home, state, "rule", "lift", lifts=found[0].id)]
+        return [_operator_entry(args, key, state, "rule", "lift", lifts=found[0].id)]
 
     lifted: list[Rule] = []
     appended = _append(home, build)
