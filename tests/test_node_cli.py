@@ -182,6 +182,54 @@ async def test_inbox_and_read_stream_the_plaintext(
         nursery.cancel_scope.cancel()
 
 
+async def test_status_and_inbox_report_a_stopped_daemon_from_its_store(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A stopped daemon is when its alarms and its outbox matter most: `status` and `inbox` read them from the
+    directory (exit 3 from status says the daemon is not running); commands that need the daemon still refuse."""
+    h = Harness(world, members["FRA"])
+    node = str(world["home"].root)
+    payload = tmp_path / "bundle.json"
+    payload.write_text("{}")
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        nursery.start_soon(answer_submission, broker, h)
+        assert await cli("send", "--node", node, "--to", "DEU", "--tlp", "AMBER", str(payload)) == 0
+        capsys.readouterr()
+        h.daemon.alarm("receipt", "a receipt that does not match")
+        assert await cli("status", "--node", node, "--json") == 0
+        live = json.loads(capsys.readouterr().out)
+        assert await cli("inbox", "--node", node, "--json") == 0
+        live_inbox = json.loads(capsys.readouterr().out)
+        nursery.cancel_scope.cancel()
+    h.daemon.store.close()
+    db = world["home"].root / "node.db"
+    before = db.read_bytes()
+
+    assert await cli("status", "--node", node, "--json") == 3
+    stored = json.loads(capsys.readouterr().out)
+    assert (live["running"], stored["running"], stored["connected"]) == (True, False, False)
+    assert stored["hint"] == f"start it: valise node run --dir {node}"
+    for key in ("member", "log", "trusted", "outbox", "acknowledgements", "inbox", "alarms", "alarms_total"):
+        assert stored[key] == live[key], key
+    assert stored["outbox"] == {"receipted": 1}
+    assert stored["alarms"][0]["message"] == "a receipt that does not match"
+    assert await cli("status", "--node", node) == 3
+    out = capsys.readouterr().out
+    assert f"daemon     not running (start it: valise node run --dir {node}); below is what it stored" in out
+    assert "ALARM receipt: a receipt that does not match" in out
+    assert await cli("inbox", "--node", node, "--json") == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == live_inbox
+    assert "the node daemon is not running" in captured.err
+    assert db.read_bytes() == before  # read-only: a report writes nothing
+    assert await cli("send", "--node", node, "--to", "DEU", "--tlp", "AMBER", str(payload)) == 1
+    assert "the node daemon is not running" in capsys.readouterr().err
+
+
 async def test_a_second_daemon_on_the_same_directory_is_refused(world: dict[str, Any]) -> None:  # noqa: F811
     home = world["home"]
     with (

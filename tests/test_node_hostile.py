@@ -14,7 +14,7 @@ import trio
 
 from valise import identity, packet
 from valise.cli.node import call
-from valise.node import control, ops
+from valise.node import control, ops, report
 from valise.node import session as session_module
 from valise.node.daemon import ALARM_TEXT
 from valise.policy import records as policy_records
@@ -87,11 +87,11 @@ async def test_many_long_alarms_still_fit_a_status_answer(
         assert await cli("status", "--node", str(h.daemon.home.root), "--json") == 0
         status = json.loads(capsys.readouterr().out)
         assert status["alarms_total"] == 400
-        assert len(status["alarms"]) == ops.STATUS_ALARMS
+        assert len(status["alarms"]) == report.STATUS_ALARMS
         assert status["alarms"][-1]["message"].startswith("refused packet 399: ")
         assert all(len(a["message"]) < ALARM_TEXT + 40 for a in status["alarms"])
         assert await cli("status", "--node", str(h.daemon.home.root)) == 0
-        assert f"alarms     400 (the latest {ops.STATUS_ALARMS} below)" in capsys.readouterr().out
+        assert f"alarms     400 (the latest {report.STATUS_ALARMS} below)" in capsys.readouterr().out
         nursery.cancel_scope.cancel()
 
 

@@ -26,7 +26,7 @@ from valise.cli.main import group
 from valise.cli.packet import parse_expires
 from valise.cli.text import shown
 from valise.errors import Error, UsageError
-from valise.node import control
+from valise.node import control, report
 from valise.node.home import NodeHome
 
 DEFAULT_WAIT = 10
@@ -104,7 +104,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=export_receipt)
 
-    p = sub.add_parser("status", help="the node's connection, verified log, outbox, inbox and alarms")
+    p = sub.add_parser(
+        "status",
+        help="the node's connection, verified log, outbox, inbox and alarms (exit 3: the daemon is not running)",
+    )
     p.add_argument("--node", required=True, type=Path, help="the node directory")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(handler=status)
@@ -125,9 +128,7 @@ async def call(
     try:
         stream = await control.connect(path)
     except OSError:
-        raise Error(
-            f"the node daemon is not running in {node_dir}", hint=f"start it: valise node run --dir {node_dir}"
-        ) from None
+        raise NotRunning(node_dir) from None
     async with stream:
         await control.send_msg(stream, request)
         if source is not None:
@@ -143,6 +144,16 @@ async def call(
                 sink(msg["data"])
                 continue
             return msg
+
+
+NOT_RUNNING = 3  # `status`'s exit code when the daemon is not running
+
+
+class NotRunning(Error):
+    def __init__(self, node_dir: Path) -> None:
+        super().__init__(
+            f"the node daemon is not running in {node_dir}", hint=f"start it: valise node run --dir {node_dir}"
+        )
 
 
 def request(node_dir: Path, req: dict[str, Any], source: BinaryIO | None = None, sink: Any = None) -> dict[str, Any]:
@@ -327,14 +338,11 @@ class _payload:
 
 
 def inbox(args: argparse.Namespace) -> int:
-    items: list[dict[str, Any]] = []
-    after: int | None = 0
-    while after is not None:  # page by page: the daemon answers within one control frame
-        reply = _check(request(args.node, {"op": "inbox", "after": after}))
-        items += reply["items"]
-        if reply["next"] is not None and reply["next"] <= after:
-            raise Error(f"the node's inbox listing does not advance past {after}")
-        after = reply["next"]
+    try:
+        items = _inbox_from_daemon(args.node)
+    except NotRunning as exc:
+        items = report.offline_inbox(NodeHome.open(args.node))
+        print(f"valise: {exc.what}; listing what it stored ({exc.hint})", file=sys.stderr)
     if args.json:
         print(json.dumps(items))
         return 0
@@ -346,6 +354,18 @@ def inbox(args: argparse.Namespace) -> int:
         tlp = shown(labels.get("tlp"))
         print(f"{it['id']}  from {shown(it['from']):<10} TLP:{tlp}  {cats}  {it['size']} bytes  {it['state']}")
     return 0
+
+
+def _inbox_from_daemon(node: Path) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    after: int | None = 0
+    while after is not None:  # page by page: the daemon answers within one control frame
+        reply = _check(request(node, {"op": "inbox", "after": after}))
+        items += reply["items"]
+        if reply["next"] is not None and reply["next"] <= after:
+            raise Error(f"the node's inbox listing does not advance past {after}")
+        after = reply["next"]
+    return items
 
 
 def read(args: argparse.Namespace) -> int:
@@ -390,14 +410,26 @@ def retract(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    reply = _check(request(args.node, {"op": "status"}))
+    """Exit 0 with the running daemon's answer; 3 if the daemon is not running (what it stored is shown)."""
+    try:
+        reply = _check(request(args.node, {"op": "status"}))
+    except NotRunning as exc:
+        reply = report.offline_status(NodeHome.open(args.node))
+        reply["hint"] = exc.hint
     reply.pop("ok", None)
+    code = 0 if reply["running"] else NOT_RUNNING
     if args.json:
         print(json.dumps(reply))
-        return 0
+        return code
     lg = reply["log"]
     print(f"member     {reply['member']}")
-    state = "connected" if reply["connected"] else f"not connected ({shown(reply.get('last_error') or 'connecting')})"
+    if not reply["running"]:
+        print(f"daemon     not running ({reply['hint']}); below is what it stored")
+        state = "not connected"
+    elif reply["connected"]:
+        state = "connected"
+    else:
+        state = f"not connected ({shown(reply.get('last_error') or 'connecting')})"
     print(f"broker     {reply['broker_id']} at {reply['broker']}: {state}")
     print(f"log        {lg['origin']} size {lg['size']} root {lg['root'][:16]}… ({lg['members']} members)")
     trusted = reply["trusted"]
@@ -418,7 +450,7 @@ def status(args: argparse.Namespace) -> int:
     print(f"alarms     {total or 'none'}{latest}")
     for a in alarms:
         print(f"  ALARM {a['kind']}: {shown(a['message'])}")
-    return 0
+    return code
 
 
 def _counts(counts: dict[str, int]) -> str:

@@ -22,7 +22,7 @@ import trio
 
 from valise import encoding, identity, packet, records
 from valise.errors import DeniedError, Error, LimitError, UsageError, WireError
-from valise.node import control, receipts
+from valise.node import control, receipts, report
 from valise.node.daemon import NodeDaemon
 from valise.node.store import InboxRow, OutboxRow
 from valise.policy import records as policy_records
@@ -35,7 +35,6 @@ MAX_WAIT = 3600.0
 # A local client that sends nothing, or takes nothing we send, for this long is dropped: it would otherwise hold
 # a task and, in `send` and `read`, one of the worker threads that every `send` and `read` shares.
 CONTROL_IDLE = 60.0
-STATUS_ALARMS = 50  # the latest alarms `status` shows (with the total)
 
 
 async def serve_control(daemon: NodeDaemon, listener: trio.SocketListener) -> None:
@@ -256,20 +255,6 @@ def _json(text: str | None) -> Any:
 # --- inbox, read, retract, status, statement ----------------------------------------------------------------------
 
 
-def inbox_item(row: InboxRow) -> dict[str, Any]:
-    return {
-        "id": row.packet_id.hex(),
-        "digest": row.digest.hex(),
-        "from": row.sender,
-        "received": row.received,
-        "size": row.size,
-        "labels": row.labels,
-        "state": row.state,
-        "acked": row.acked,
-        "retraction": row.retraction,
-    }
-
-
 # An answer's items stop at this many encoded bytes (under control.MAX_FRAME with room to spare): an inbox of any
 # size, or with senders' labels of any length, is listed page by page instead of in one frame too large to send.
 PAGE_BYTES = 256 * 1024
@@ -284,7 +269,7 @@ async def op_inbox(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict
     size = 0
     rows = daemon.store.inbox_page(after, PAGE_ROWS)
     for position, row in rows:
-        item = inbox_item(row)
+        item = report.inbox_item(row)
         size += len(encoding.pack(item))
         if items and size > PAGE_BYTES:
             return {"ok": True, "items": items, "next": after}
@@ -368,48 +353,10 @@ def _refused(answer: ev.Message) -> dict[str, Any]:
 
 
 async def op_status(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
-    f = daemon.follower
-    counts: dict[str, int] = {}
-    for r in daemon.store.outbox_all():
-        counts[r.state] = counts.get(r.state, 0) + 1
-    inbox: dict[str, int] = {}
-    for i in daemon.store.inbox_all():
-        inbox[i.state] = inbox.get(i.state, 0) + 1
-    return {
-        "ok": True,
-        "member": daemon.member,
-        "broker": f"{daemon.config.broker_host}:{daemon.config.broker_port}",
-        "broker_id": daemon.broker.member_id,
-        "connected": daemon.session is not None,
-        "last_error": daemon.last_error,
-        "log": {
-            "origin": f.origin,
-            "size": f.size,
-            "root": f.root.hex(),
-            "members": len(f.policy.members) if f.policy else 0,
-        },
-        # What the node uses (keys, directory, receipts): the last checkpoint that met the witness quorum, or
-        # with no policy, the verified one. "awaiting" while verified entries wait for a quorum.
-        "trusted": {
-            "size": f.trusted_size,
-            "root": f.trusted_root.hex(),
-            "quorum": daemon.quorum.quorum if daemon.quorum else None,
-            "awaiting": f.awaiting,
-            "detail": daemon.quorum_wait if f.awaiting else None,
-        },
-        "outbox": counts,
-        # Deliveries that wait, unacknowledged, for the verified log to show their sender (a new member).
-        "held": daemon.holding(),
-        "acknowledgements": daemon.store.ack_count(),
-        "inbox": inbox,
-        # The latest alarms, and how many there are in all (a broker can raise them without end; the answer
-        # must stay within one control frame).
-        "alarms": [
-            {"at": a.at, "kind": a.kind, "message": a.message, "evidence": a.evidence.hex() if a.evidence else None}
-            for a in daemon.store.alarms(latest=STATUS_ALARMS)
-        ],
-        "alarms_total": daemon.store.alarm_count(),
-    }
+    live = report.Live(daemon.session is not None, daemon.last_error, daemon.quorum_wait, daemon.holding())
+    return report.status(
+        daemon.home, daemon.store, daemon.follower, daemon.quorum.quorum if daemon.quorum else None, live
+    )
 
 
 def build_statement(daemon: NodeDaemon, spec: dict[str, Any]) -> bytes:

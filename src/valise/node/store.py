@@ -168,6 +168,19 @@ class NodeStore:
         store._sweep_outbox()
         return store
 
+    @classmethod
+    def open_readonly(cls, root: Path) -> NodeStore:
+        """The store of a daemon that is not running, for reports: nothing is created, swept or written."""
+        path = root / "node.db"
+        if not path.is_file():
+            raise StoreError(f"{root} has no node store yet", hint=f"run the daemon once: valise node run --dir {root}")
+        try:
+            conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None)
+            conn.execute("SELECT count(*) FROM kv").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the node store in {root}: {exc}") from None
+        return cls(root, conn)
+
     def _sweep_outbox(self) -> None:
         """A send is its file first, then its row: a crash in between left a file nothing refers to (and `send`
         reported a failure), which nothing else would ever delete."""

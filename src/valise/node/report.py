@@ -1,0 +1,109 @@
+"""What `valise status` and `valise inbox` report, from a running daemon or from its directory when it is not
+running (the daemon's store opened read-only): the same answer either way, with `running` saying which.
+
+A stopped daemon is when its owner most needs to see its alarms (a fork, a broken receipt) and what waits in its
+outbox; making `status` depend on the daemon would hide exactly that.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from valise.node.follower import Follower
+from valise.node.home import NodeHome
+from valise.node.store import InboxRow, NodeStore
+
+STATUS_ALARMS = 50  # the latest alarms `status` shows (with the total)
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """What only a running daemon knows: its connection and what it holds in memory."""
+
+    connected: bool
+    last_error: str | None
+    quorum_wait: str | None
+    held: int
+
+
+def status(
+    home: NodeHome, store: NodeStore, follower: Follower, quorum: str | None, live: Live | None
+) -> dict[str, Any]:
+    config = home.config()
+    outbox = Counter(r.state for r in store.outbox_all())
+    inbox = Counter(i.state for i in store.inbox_all())
+    return {
+        "ok": True,
+        "member": config.member_id,
+        "running": live is not None,
+        "broker": f"{config.broker_host}:{config.broker_port}",
+        "broker_id": follower.broker,
+        "connected": live is not None and live.connected,
+        "last_error": live.last_error if live else None,
+        "log": {
+            "origin": follower.origin,
+            "size": follower.size,
+            "root": follower.root.hex(),
+            "members": len(follower.policy.members) if follower.policy else 0,
+        },
+        # What the node uses (keys, directory, receipts): the last checkpoint that met the witness quorum, or
+        # with no policy, the verified one. "awaiting" while verified entries wait for a quorum.
+        "trusted": {
+            "size": follower.trusted_size,
+            "root": follower.trusted_root.hex(),
+            "quorum": quorum,
+            "awaiting": follower.awaiting,
+            "detail": live.quorum_wait if live and follower.awaiting else None,
+        },
+        "outbox": dict(outbox),
+        # Deliveries that wait, unacknowledged, for the verified log to show their sender (a new member).
+        "held": live.held if live else 0,
+        "acknowledgements": store.ack_count(),
+        "inbox": dict(inbox),
+        # The latest alarms, and how many there are in all (a broker can raise them without end; the answer
+        # must stay within one control frame).
+        "alarms": [
+            {"at": a.at, "kind": a.kind, "message": a.message, "evidence": a.evidence.hex() if a.evidence else None}
+            for a in store.alarms(latest=STATUS_ALARMS)
+        ],
+        "alarms_total": store.alarm_count(),
+    }
+
+
+def inbox_item(row: InboxRow) -> dict[str, Any]:
+    return {
+        "id": row.packet_id.hex(),
+        "digest": row.digest.hex(),
+        "from": row.sender,
+        "received": row.received,
+        "size": row.size,
+        "labels": row.labels,
+        "state": row.state,
+        "acked": row.acked,
+        "retraction": row.retraction,
+    }
+
+
+def offline_status(home: NodeHome) -> dict[str, Any]:
+    """`status` read from the directory of a daemon that is not running (nothing is written)."""
+    store = NodeStore.open_readonly(home.root)
+    try:
+        config, broker, policy = home.config(), home.broker_bundle(), home.witness_policy()
+        state, kept = store.follower_load()
+        follower = Follower.restore(
+            config.log_vkey, config.member_id, broker.member_id, state, kept, broker.sign_key,
+            quorum=policy, pending=store.follower_pending(),
+        )  # fmt: skip
+        return status(home, store, follower, policy.quorum if policy else None, None)
+    finally:
+        store.close()
+
+
+def offline_inbox(home: NodeHome) -> list[dict[str, Any]]:
+    store = NodeStore.open_readonly(home.root)
+    try:
+        return [inbox_item(row) for row in store.inbox_all()]
+    finally:
+        store.close()
