@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from valise.cli.main import main
@@ -36,3 +38,28 @@ def test_demo_runs_verifies_and_leaves_inspectable_state(tmp_path: Path, capsys:
     assert main(["broker", "info", "--dir", str(root / "broker"), "--json"]) == 0
     for member in ("FRA", "DEU", "NGA", "ACME"):
         assert (root / member / "config.json").is_file()
+
+    # ... and the commands it prints run it again where it stopped: the broker on its port, a node reconnecting.
+    restart = [shlex.split(c.removesuffix(" &").removeprefix("valise ")) for c in summary["restart"]]
+    assert len(restart) == 5
+    logs = [tmp_path / "broker.log", tmp_path / "node.log"]
+    procs = []
+    for argv, log in zip(restart[:2], logs, strict=True):
+        with log.open("wb") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "valise", *argv], stdout=out, stderr=out))
+    try:
+        status: dict[str, object] = {}
+        deadline = time.monotonic() + 60  # a safety net against a hang, not a timed assertion
+        while not status.get("connected") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            proc = subprocess.run(
+                [sys.executable, "-m", "valise", "status", "--node", str(root / "FRA"), "--json"],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            status = json.loads(proc.stdout) if proc.returncode in (0, 3) and proc.stdout else {}
+        assert status.get("connected") is True, [log.read_text()[-1000:] for log in logs]
+        assert status["log"]["size"] == summary["log_size"]  # type: ignore[index]
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(timeout=30)

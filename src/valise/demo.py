@@ -347,13 +347,20 @@ class Demo:
             "log_size": int(checkpoint.splitlines()[1]),
             "checkpoint": checkpoint,
             "audit": audit,
+            "broker": addr,
+            "http": f"http://{http}/",
+            # With --dir the state stays; these run it again where it stopped (the nodes know the broker's port).
+            "restart": [
+                f"valise broker serve --dir {broker} --listen {addr} --http {http} --serve-entries &",
+                *(f"valise node run --dir {d} &" for d in nodes.values()),
+            ],
         }
         return self.summary
 
     # --- helpers over the CLI ------------------------------------------------------------------------------------
 
     def status(self, node: Path) -> dict[str, Any]:
-        proc = self.valise("status", "--node", str(node), "--json", ok=(0, 1))
+        proc = self.valise("status", "--node", str(node), "--json", ok=(0, 1, 3))  # 3: not running (yet)
         try:
             return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
         except (ValueError, IndexError):
@@ -428,6 +435,16 @@ def run(directory: Path | None, as_json: bool) -> int:
         print(json.dumps(summary))
     elif summary["ok"]:
         say(f"\nEverything verified. State kept in {root}" if keep else "\nEverything verified.")
+        if keep:
+            say(
+                "To look around: valise policy show --dir "
+                + str(root / "broker")
+                + "; valise status --node "
+                + str(root / "FRA")
+            )
+            say("To run it again where it stopped:")
+            for command in summary["restart"]:
+                say(f"    {command}")
     else:
         say(f"\nDEMO FAILED: {summary['error']}\n(state kept in {root})")
     if summary["ok"] and not keep:
