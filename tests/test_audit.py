@@ -25,6 +25,7 @@ from valise.audit.verify import CheckpointRefused, audit
 from valise.cli.main import main as cli
 from valise.crypto import sign
 from valise.logservice import LogService
+from valise.policy import records as policy_records
 from valise.store.sqlite import SqliteLog
 from valise.tlog import checkpoint, cosignature, note, tiles
 from valise.wire import events as ev
@@ -257,6 +258,39 @@ def test_appended_packet_that_no_policy_allowed(log: Log, tmp_path: Path) -> Non
     found = report["findings"]
     assert isinstance(found, list)
     assert "DEU has not granted anything to FRA" in found[0]["what"]
+
+
+def test_the_replay_judges_each_packet_by_the_rules_in_force_at_its_position(log: Log, tmp_path: Path) -> None:
+    """A packet logged while an operator rule banned its category is named; the same kind of packet logged after
+    the rule was lifted is not: the auditor's replay follows the lift where it is in the log."""
+    from valise.broker.home import BrokerHome
+
+    root = _copy(log.root, tmp_path / "w")
+    broker = str(root / "broker")
+    home = BrokerHome.open(root / "broker")
+
+    def append_packet(payload: bytes) -> int:
+        head = packet.parse_head(seal(log.world, "FRA", ["DEU"], payload))
+        assert isinstance(head, packet.Head)
+        with SqliteLog.open(home.db_path) as store:
+            index = store.append([records.packet_entry(head.header.raw, head.signature, int(time.time()))])
+            LogService(store, ORIGIN, home.log_key()).sign()
+        return index
+
+    assert cli(["broker", "rule", "ban-category", "--dir", broker, "--category", "malware"]) == 0
+    banned = append_packet(b"while banned")
+    rules = BrokerHome.open(root / "broker")
+    with SqliteLog.open(rules.db_path) as store:
+        rule_id = policy_records.parse_policy(store.entries(banned - 1, banned)[0]).id
+    assert cli(["broker", "rule", "lift", "--dir", broker, "--id", rule_id.hex()]) == 0
+    append_packet(b"after the lift")
+    assert cli(["log", "export", "--dir", broker, "--out", str(tmp_path / "out")]) == 0
+    code, report = _verify(tmp_path / "out", log)
+    assert code == 4
+    assert _findings(report) == [(banned, "pkt-denied")]
+    found = report["findings"]
+    assert isinstance(found, list)
+    assert "category 'malware' is banned by operator rule" in found[0]["what"]
 
 
 def test_forged_acknowledgement_signature(log: Log, tmp_path: Path) -> None:
