@@ -25,7 +25,6 @@ from valise.audit.verify import CheckpointRefused, audit
 from valise.cli.main import main as cli
 from valise.crypto import sign
 from valise.logservice import LogService
-from valise.policy import records as policy_records
 from valise.store.sqlite import SqliteLog
 from valise.tlog import checkpoint, cosignature, note, tiles
 from valise.wire import events as ev
@@ -239,58 +238,60 @@ def test_flipped_byte_in_the_broker_store_then_exported(log: Log, tmp_path: Path
     assert (target, "entry-altered") in _findings(report)
 
 
-def test_appended_packet_that_no_policy_allowed(log: Log, tmp_path: Path) -> None:
-    """A correctly signed packet record, DEU → FRA, which DEU never had consent for, appended and signed over."""
-    root = _copy(log.root, tmp_path / "w")
-    data = seal(log.world, "DEU", ["FRA"], b"no consent")
-    head = packet.parse_head(data)
-    assert isinstance(head, packet.Head)
+def _append_signed_packet(log: Log, broker: Path, sender: str, to: list[str], payload: bytes) -> int:
+    """What a dishonest broker could do: append a correctly signed packet record, relayed or not, and sign over it."""
     from valise.broker.home import BrokerHome
 
-    home = BrokerHome.open(root / "broker")
+    head = packet.parse_head(seal(log.world, sender, to, payload))
+    assert isinstance(head, packet.Head)
+    home = BrokerHome.open(broker)
     with SqliteLog.open(home.db_path) as store:
         index = store.append([records.packet_entry(head.header.raw, head.signature, int(time.time()))])
         LogService(store, ORIGIN, home.log_key()).sign()
-    assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(tmp_path / "out")]) == 0
-    code, report = _verify(tmp_path / "out", log)
-    assert code == 4
-    assert _findings(report) == [(index, "pkt-denied")]
+    return index
+
+
+def _export_and_verify(log: Log, broker: Path, out: Path) -> tuple[int, dict[str, object], list[str]]:
+    assert cli(["log", "export", "--dir", str(broker), "--out", str(out)]) == 0
+    code, report = _verify(out, log)
     found = report["findings"]
     assert isinstance(found, list)
-    assert "DEU has not granted anything to FRA" in found[0]["what"]
+    return code, report, [f["what"] for f in found]
+
+
+def test_appended_packet_that_no_policy_allowed(log: Log, tmp_path: Path) -> None:
+    """A correctly signed packet record, DEU → FRA, which DEU never had consent for, appended and signed over."""
+    root = _copy(log.root, tmp_path / "w")
+    index = _append_signed_packet(log, root / "broker", "DEU", ["FRA"], b"no consent")
+    code, report, what = _export_and_verify(log, root / "broker", tmp_path / "out")
+    assert code == 4
+    assert _findings(report) == [(index, "pkt-denied")]
+    assert "DEU has not granted anything to FRA" in what[0]
 
 
 def test_the_replay_judges_each_packet_by_the_rules_in_force_at_its_position(log: Log, tmp_path: Path) -> None:
     """A packet logged while an operator rule banned its category is named; the same kind of packet logged after
     the rule was lifted is not: the auditor's replay follows the lift where it is in the log."""
-    from valise.broker.home import BrokerHome
-
-    root = _copy(log.root, tmp_path / "w")
-    broker = str(root / "broker")
-    home = BrokerHome.open(root / "broker")
-
-    def append_packet(payload: bytes) -> int:
-        head = packet.parse_head(seal(log.world, "FRA", ["DEU"], payload))
-        assert isinstance(head, packet.Head)
-        with SqliteLog.open(home.db_path) as store:
-            index = store.append([records.packet_entry(head.header.raw, head.signature, int(time.time()))])
-            LogService(store, ORIGIN, home.log_key()).sign()
-        return index
-
-    assert cli(["broker", "rule", "ban-category", "--dir", broker, "--category", "malware"]) == 0
-    banned = append_packet(b"while banned")
-    rules = BrokerHome.open(root / "broker")
-    with SqliteLog.open(rules.db_path) as store:
-        rule_id = policy_records.parse_policy(store.entries(banned - 1, banned)[0]).id
-    assert cli(["broker", "rule", "lift", "--dir", broker, "--id", rule_id.hex()]) == 0
-    append_packet(b"after the lift")
-    assert cli(["log", "export", "--dir", broker, "--out", str(tmp_path / "out")]) == 0
-    code, report = _verify(tmp_path / "out", log)
+    broker = _copy(log.root, tmp_path / "w") / "broker"
+    code, out = run_cli("broker", "rule", "ban-category", "--dir", str(broker), "--category", "malware", "--json")
+    assert code == 0
+    banned = _append_signed_packet(log, broker, "FRA", ["DEU"], b"while banned")
+    assert cli(["broker", "rule", "lift", "--dir", str(broker), "--id", json.loads(out)["record"]]) == 0
+    _append_signed_packet(log, broker, "FRA", ["DEU"], b"after the lift")
+    code, report, what = _export_and_verify(log, broker, tmp_path / "out")
     assert code == 4
     assert _findings(report) == [(banned, "pkt-denied")]
-    found = report["findings"]
-    assert isinstance(found, list)
-    assert "category 'malware' is banned by operator rule" in found[0]["what"]
+    assert "category 'malware' is banned by operator rule" in what[0]
+
+
+def run_cli(*argv: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = cli(list(argv))
+    return code, buf.getvalue()
 
 
 def test_forged_acknowledgement_signature(log: Log, tmp_path: Path) -> None:

@@ -130,6 +130,14 @@ def seal(sender: identity.Identity, to: list[identity.Identity], seed: bytes, si
     return out.getvalue()
 
 
+def sealed(sender: identity.Identity, to: list[identity.Identity], seed: bytes) -> tuple[bytes, packet.Head]:
+    """A small packet and its parsed head."""
+    data = seal(sender, to, seed, size=10)
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    return data, head
+
+
 async def wait_for(condition: Any) -> None:
     with trio.fail_after(10):  # a safety net against a hang, not a timed assertion
         while not condition():  # noqa: ASYNC110 - polling state the daemon keeps in SQLite and memory
@@ -381,9 +389,7 @@ async def test_transient_errors_retry_later_and_final_ones_stop(world: dict[str,
 async def test_forwarded_acks_and_retractions_are_verified(world: dict[str, Any], members: dict[str, Any]) -> None:
     h = Harness(world, members["FRA"])
     fra, deu = members["FRA"], members["DEU"]
-    data = seal(deu, [fra], b"r1", size=10)
-    head = packet.parse_head(data)
-    assert isinstance(head, packet.Head)
+    data, head = sealed(deu, [fra], b"r1")
     pid = head.core.packet_id
     async with trio.open_nursery() as nursery:
         broker = await start(nursery, h)
@@ -422,9 +428,7 @@ async def test_acknowledgements_the_broker_logged_reach_the_sender_through_the_l
     reads it in the verified log. One the recipient did not sign is an alarm, not an acknowledgement."""
     h = Harness(world, members["FRA"])
     fra, deu = members["FRA"], members["DEU"]
-    data = seal(fra, [deu], b"a1", size=10)
-    head = packet.parse_head(data)
-    assert isinstance(head, packet.Head)
+    _, head = sealed(fra, [deu], b"a1")
     pid = head.core.packet_id
     async with trio.open_nursery() as nursery:
         await start(nursery, h)
