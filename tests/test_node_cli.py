@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,18 @@ async def test_status_and_inbox_report_a_stopped_daemon_from_its_store(
     assert db.read_bytes() == before  # read-only: a report writes nothing
     assert await cli("send", "--node", node, "--to", "DEU", "--tlp", "AMBER", str(payload)) == 1
     assert "the node daemon is not running" in capsys.readouterr().err
+
+    # A saved log state the daemon could not rebuild from (so it would not start): the alarms and queues still
+    # show, with why the log does not.
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE kv SET v = x'00' WHERE k = 'follower'")
+    conn.close()
+    assert await cli("status", "--node", node, "--json") == 3
+    damaged = json.loads(capsys.readouterr().out)
+    assert damaged["log"]["error"].startswith("the verified log cannot be rebuilt: saved follower state is damaged")
+    assert (damaged["alarms"], damaged["outbox"]) == (stored["alarms"], stored["outbox"])
+    assert await cli("status", "--node", node) == 3
+    assert "log        the verified log cannot be rebuilt" in capsys.readouterr().out
 
 
 async def test_a_second_daemon_on_the_same_directory_is_refused(world: dict[str, Any]) -> None:  # noqa: F811

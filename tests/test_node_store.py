@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from valise.errors import StoreError
 from valise.node.store import NodeStore
 
 PID = bytes(16)
@@ -104,3 +105,50 @@ def test_an_outbox_file_without_its_row_is_removed_when_the_store_opens(tmp_path
     assert not orphan.exists()
     assert st.outbox_path(b"\x01" * 16).read_bytes() == b"queued packet"
     st.close()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+
+
+def test_a_report_reads_a_cleanly_stopped_store_without_writing_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "node"
+    store = NodeStore.open(root)
+    store.alarm_add(1, "fork", "two trees")
+    store.close()
+    before = _files(root)
+    monkeypatch.chdir(tmp_path)  # `valise status --node node`: a relative path, as people type it
+    reader = NodeStore.open_readonly(Path("node"))
+    try:
+        assert [a.message for a in reader.alarms()] == ["two trees"]
+    finally:
+        reader.close()
+    assert _files(root) == before  # no -wal or -shm created, nothing changed
+    root.chmod(0o500)  # a directory the reader may not write to (root ignores this, the others do not)
+    try:
+        reader = NodeStore.open_readonly(root)
+        assert reader.alarm_count() == 1
+        reader.close()
+    finally:
+        root.chmod(0o700)
+
+
+def test_a_report_sees_the_last_commits_of_a_daemon_that_crashed(tmp_path: Path) -> None:
+    """A daemon killed mid-run leaves its last commits in node.db-wal; the report must see them."""
+    root = tmp_path / "node"
+    crashed = NodeStore.open(root)
+    crashed.alarm_add(1, "receipt", "committed just before the crash")
+    assert (root / "node.db-wal").stat().st_size > 0  # still in the WAL: never checkpointed into node.db
+    reader = NodeStore.open_readonly(root)
+    try:
+        assert [a.message for a in reader.alarms()] == ["committed just before the crash"]
+    finally:
+        reader.close()
+        crashed.close()
+
+
+def test_a_report_on_a_directory_with_no_store_says_so(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="has no node store yet"):
+        NodeStore.open_readonly(tmp_path)

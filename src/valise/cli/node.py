@@ -127,8 +127,10 @@ async def call(
     path = control.socket_path(node_dir)
     try:
         stream = await control.connect(path)
-    except OSError:
+    except (FileNotFoundError, ConnectionRefusedError):  # no socket, or one no process listens on any more
         raise NotRunning(node_dir) from None
+    except OSError as exc:  # a daemon may well be running: say what stopped us, never "not running"
+        raise Error(f"cannot reach the node daemon in {node_dir}: {exc.strerror or exc}") from None
     async with stream:
         await control.send_msg(stream, request)
         if source is not None:
@@ -430,10 +432,13 @@ def status(args: argparse.Namespace) -> int:
         state = "connected"
     else:
         state = f"not connected ({shown(reply.get('last_error') or 'connecting')})"
-    print(f"broker     {reply['broker_id']} at {reply['broker']}: {state}")
-    print(f"log        {lg['origin']} size {lg['size']} root {lg['root'][:16]}… ({lg['members']} members)")
+    print(f"broker     {reply['broker_id'] or '?'} at {reply['broker']}: {state}")
+    if "error" in lg:
+        print(f"log        {shown(lg['error'])}")
+    else:
+        print(f"log        {lg['origin']} size {lg['size']} root {lg['root'][:16]}… ({lg['members']} members)")
     trusted = reply["trusted"]
-    if trusted["quorum"] is not None:
+    if trusted is not None and trusted["quorum"] is not None:
         print(f"trusted    size {trusted['size']} root {trusted['root'][:16]}… (witness quorum {trusted['quorum']})")
         if trusted["awaiting"]:
             print(

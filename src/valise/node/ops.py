@@ -354,9 +354,8 @@ def _refused(answer: ev.Message) -> dict[str, Any]:
 
 async def op_status(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
     live = report.Live(daemon.session is not None, daemon.last_error, daemon.quorum_wait, daemon.holding())
-    return report.status(
-        daemon.home, daemon.store, daemon.follower, daemon.quorum.quorum if daemon.quorum else None, live
-    )
+    quorum = daemon.quorum.quorum if daemon.quorum else None
+    return report.status(daemon.config, daemon.store, daemon.follower, quorum, live)
 
 
 def build_statement(daemon: NodeDaemon, spec: dict[str, Any]) -> bytes:

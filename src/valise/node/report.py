@@ -11,8 +11,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from valise.errors import Error
 from valise.node.follower import Follower
-from valise.node.home import NodeHome
+from valise.node.home import NodeConfig, NodeHome
 from valise.node.store import InboxRow, NodeStore
 
 STATUS_ALARMS = 50  # the latest alarms `status` shows (with the total)
@@ -29,9 +30,10 @@ class Live:
 
 
 def status(
-    home: NodeHome, store: NodeStore, follower: Follower, quorum: str | None, live: Live | None
+    config: NodeConfig, store: NodeStore, follower: Follower | str, quorum: str | None, live: Live | None
 ) -> dict[str, Any]:
-    config = home.config()
+    """The status answer. `follower` is the verified log, or why it could not be rebuilt (offline only: the store's
+    outbox, inbox and alarms are still worth showing, most of all then)."""
     outbox = Counter(r.state for r in store.outbox_all())
     inbox = Counter(i.state for i in store.inbox_all())
     return {
@@ -39,9 +41,29 @@ def status(
         "member": config.member_id,
         "running": live is not None,
         "broker": f"{config.broker_host}:{config.broker_port}",
-        "broker_id": follower.broker,
         "connected": live is not None and live.connected,
         "last_error": live.last_error if live else None,
+        **_log(follower, quorum, live),
+        "outbox": dict(outbox),
+        # Deliveries that wait, unacknowledged, for the verified log to show their sender (a new member).
+        "held": live.held if live else 0,
+        "acknowledgements": store.ack_count(),
+        "inbox": dict(inbox),
+        # The latest alarms, and how many there are in all (a broker can raise them without end; the answer
+        # must stay within one control frame).
+        "alarms": [
+            {"at": a.at, "kind": a.kind, "message": a.message, "evidence": a.evidence.hex() if a.evidence else None}
+            for a in store.alarms(latest=STATUS_ALARMS)
+        ],
+        "alarms_total": store.alarm_count(),
+    }
+
+
+def _log(follower: Follower | str, quorum: str | None, live: Live | None) -> dict[str, Any]:
+    if isinstance(follower, str):
+        return {"broker_id": None, "log": {"error": follower}, "trusted": None}
+    return {
+        "broker_id": follower.broker,
         "log": {
             "origin": follower.origin,
             "size": follower.size,
@@ -57,18 +79,6 @@ def status(
             "awaiting": follower.awaiting,
             "detail": live.quorum_wait if live and follower.awaiting else None,
         },
-        "outbox": dict(outbox),
-        # Deliveries that wait, unacknowledged, for the verified log to show their sender (a new member).
-        "held": live.held if live else 0,
-        "acknowledgements": store.ack_count(),
-        "inbox": dict(inbox),
-        # The latest alarms, and how many there are in all (a broker can raise them without end; the answer
-        # must stay within one control frame).
-        "alarms": [
-            {"at": a.at, "kind": a.kind, "message": a.message, "evidence": a.evidence.hex() if a.evidence else None}
-            for a in store.alarms(latest=STATUS_ALARMS)
-        ],
-        "alarms_total": store.alarm_count(),
     }
 
 
@@ -90,13 +100,19 @@ def offline_status(home: NodeHome) -> dict[str, Any]:
     """`status` read from the directory of a daemon that is not running (nothing is written)."""
     store = NodeStore.open_readonly(home.root)
     try:
-        config, broker, policy = home.config(), home.broker_bundle(), home.witness_policy()
-        state, kept = store.follower_load()
-        follower = Follower.restore(
-            config.log_vkey, config.member_id, broker.member_id, state, kept, broker.sign_key,
-            quorum=policy, pending=store.follower_pending(),
-        )  # fmt: skip
-        return status(home, store, follower, policy.quorum if policy else None, None)
+        config = home.config()
+        follower: Follower | str
+        policy = None
+        try:
+            broker, policy = home.broker_bundle(), home.witness_policy()
+            state, kept = store.follower_load()
+            follower = Follower.restore(
+                config.log_vkey, config.member_id, broker.member_id, state, kept, broker.sign_key,
+                quorum=policy, pending=store.follower_pending(),
+            )  # fmt: skip
+        except Error as exc:  # the daemon would refuse to start too; its alarms and queues still tell why
+            follower = f"the verified log cannot be rebuilt: {exc.what}"
+        return status(config, store, follower, policy.quorum if policy else None, None)
     finally:
         store.close()
 

@@ -170,15 +170,22 @@ class NodeStore:
 
     @classmethod
     def open_readonly(cls, root: Path) -> NodeStore:
-        """The store of a daemon that is not running, for reports: nothing is created, swept or written."""
-        path = root / "node.db"
+        """The store of a daemon that is not running, for reports: nothing is created, swept or written.
+
+        With no write-ahead log beside it (a daemon that stopped cleanly) the file is opened immutable: SQLite then
+        creates no -wal or -shm file, and a read-only directory is fine. A daemon that crashed left a -wal holding
+        its last commits, which only a (read-only) WAL reader sees; SQLite may need to create its -shm index."""
+        path = (root / "node.db").resolve()
         if not path.is_file():
             raise StoreError(f"{root} has no node store yet", hint=f"run the daemon once: valise node run --dir {root}")
+        wal = path.with_name(path.name + "-wal").exists()
+        uri = f"{path.as_uri()}?mode=ro" + ("" if wal else "&immutable=1")
         try:
-            conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None)
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None)
             conn.execute("SELECT count(*) FROM kv").fetchone()
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot read the node store in {root}: {exc}") from None
+            hint = "the daemon stopped without closing it: a read needs to write node.db-shm there" if wal else None
+            raise StoreError(f"cannot read the node store in {root}: {exc}", hint=hint) from None
         return cls(root, conn)
 
     def _sweep_outbox(self) -> None:
