@@ -395,29 +395,40 @@ async def test_forwarded_acks_and_retractions_are_verified(world: dict[str, Any]
         broker = await start(nursery, h)
         await wait_for(lambda: h.daemon.follower.size == 3)
         # DEU acknowledges a packet FRA sent it.
-        ack = records.Ack.make(deu.signing, bytes(16), bytes(32), "FRA", "DEU", NOW)
-        await broker.send(ev.AckForward(0, bytes(16), "DEU", 5, ack.raw))
+        sent_data, sent = sealed(fra, [deu], b"s1")
+        h.daemon.store.enqueue(sent.core.packet_id, sent.digest, ["DEU"], NOW, NOW + 3600, sent_data)
+        ack = records.Ack.make(deu.signing, sent.core.packet_id, sent.digest, "FRA", "DEU", NOW)
+        await broker.send(ev.AckForward(0, sent.core.packet_id, "DEU", 5, ack.raw))
         assert (await broker.expect(ev.Seen)).seq == 0
-        assert h.daemon.store.acks_for(bytes(16)) == {"DEU": ack.raw}
+        assert h.daemon.store.acks_for(sent.core.packet_id) == {"DEU": ack.raw}
         # An acknowledgement signed by someone else than it claims is refused (`refuse`, not `seen`).
         forged = records.Ack.make(fra.signing, bytes([1]) * 16, bytes(32), "FRA", "DEU", NOW)
         await broker.send(ev.AckForward(1, bytes([1]) * 16, "DEU", 6, forged.raw))
         refusal = await broker.expect(ev.Refuse)
         assert (refusal.seq, refusal.code) == (1, "bad-signature")
+        # So is one DEU did sign, but for a packet FRA never sent.
+        unsent = records.Ack.make(deu.signing, bytes([2]) * 16, bytes(32), "FRA", "DEU", NOW)
+        await broker.send(ev.AckForward(2, bytes([2]) * 16, "DEU", 9, unsent.raw))
+        refusal = await broker.expect(ev.Refuse)
+        assert (refusal.seq, refusal.code) == (2, "bad-packet")
+        assert "which this node did not send" in refusal.message
         # DEU delivers a packet, then retracts it.
-        await broker.send(ev.DeliverBegin(2, data[: head.head_size], len(data) - head.head_size))
-        await broker.send(ev.DeliverChunk(2, data[head.head_size :]))
-        await broker.send(ev.DeliverEnd(2))
-        assert (await broker.expect(ev.Ack)).seq == 2
+        await broker.send(ev.DeliverBegin(3, data[: head.head_size], len(data) - head.head_size))
+        await broker.send(ev.DeliverChunk(3, data[head.head_size :]))
+        await broker.send(ev.DeliverEnd(3))
+        assert (await broker.expect(ev.Ack)).seq == 3
         retraction = records.Retraction.make(deu.signing, pid, head.digest, "DEU", "sent by mistake", NOW)
-        await broker.send(ev.RetractForward(3, pid, "DEU", 7, retraction.raw))
-        assert (await broker.expect(ev.Seen)).seq == 3
+        await broker.send(ev.RetractForward(4, pid, "DEU", 7, retraction.raw))
+        assert (await broker.expect(ev.Seen)).seq == 4
         (row,) = h.daemon.store.inbox_all()
         assert (row.state, row.retraction) == ("retracted", "sent by mistake")
-        (alarm,) = h.daemon.store.alarms()
-        assert "seq 1 refused" in alarm.message
-        assert broker.conn.unconfirmed == frozenset()  # the refusal confirmed it
+        assert ["seq 1 refused" in a.message or "seq 2 refused" in a.message for a in h.daemon.store.alarms()] == [
+            True,
+            True,
+        ]
+        assert broker.conn.unconfirmed == frozenset()  # the refusals confirmed them
         assert h.daemon.store.acks_for(bytes([1]) * 16) == {}
+        assert h.daemon.store.acks_for(bytes([2]) * 16) == {}
         nursery.cancel_scope.cancel()
 
 
@@ -425,30 +436,46 @@ async def test_acknowledgements_the_broker_logged_reach_the_sender_through_the_l
     world: dict[str, Any], members: dict[str, Any]
 ) -> None:
     """A broker that logs a recipient's acknowledgement but never forwards it cannot hide it: the sender's node
-    reads it in the verified log. One the recipient did not sign is an alarm, not an acknowledgement."""
+    reads it in the verified log. One that is not a recipient's answer to a packet this node sent is an alarm,
+    with the entry as evidence, and does not shadow the real one."""
     h = Harness(world, members["FRA"])
     fra, deu = members["FRA"], members["DEU"]
-    _, head = sealed(fra, [deu], b"a1")
+    data, head = sealed(fra, [deu], b"a1")
     pid = head.core.packet_id
+    h.daemon.store.enqueue(pid, head.digest, ["DEU"], NOW, NOW + 3600, data)
+    ack = records.Ack.make(deu.signing, pid, head.digest, "FRA", "DEU", NOW)
+    bad = {
+        "another digest": records.Ack.make(deu.signing, pid, bytes(32), "FRA", "DEU", NOW),
+        "forged": records.Ack.make(fra.signing, pid, head.digest, "FRA", "DEU", NOW),
+        "not sent": records.Ack.make(deu.signing, bytes([1]) * 16, bytes(32), "FRA", "DEU", NOW),
+        "not addressed": records.Ack.make(fra.signing, pid, head.digest, "FRA", "FRA", NOW),
+    }
+    others = records.Ack.make(fra.signing, bytes([2]) * 16, bytes(32), "DEU", "FRA", NOW)  # DEU's packet: not ours
     async with trio.open_nursery() as nursery:
         await start(nursery, h)
         await wait_for(lambda: h.daemon.follower.size == 3)
-        ack = records.Ack.make(deu.signing, pid, head.digest, "FRA", "DEU", NOW)
-        forged = records.Ack.make(fra.signing, bytes([1]) * 16, bytes(32), "FRA", "DEU", NOW)
-        others = records.Ack.make(fra.signing, bytes([2]) * 16, bytes(32), "DEU", "FRA", NOW)  # DEU's packet
         h.log.add(
             records.packet_entry(head.header.raw, head.signature, NOW),
+            *(records.ack_entry(a) for a in bad.values()),  # the wrong digest first: it must not shadow the ack
             records.ack_entry(ack),
-            records.ack_entry(forged),
             records.ack_entry(others),
         )
         assert h.daemon.session is not None
         await h.daemon.sync(h.daemon.session)
-        assert h.daemon.follower.size == 7
+        assert h.daemon.follower.size == 10
         assert h.daemon.store.acks_for(pid) == {"DEU": ack.raw}
         assert h.daemon.store.ack_count() == 1
-        (alarm,) = h.daemon.store.alarms()
-        assert alarm.message.startswith("log entry 5 is an acknowledgement that does not verify")
+        alarms = h.daemon.store.alarms()
+        assert [a.kind for a in alarms] == ["log", "ack", "ack", "ack"]
+        assert alarms[0].message.startswith("log entry 5 is an acknowledgement that does not verify")
+        held = "the log holds an acknowledgement by"
+        assert alarms[1].message.startswith(f"{held} DEU of packet {pid.hex()} names header digest 0000000000000000")
+        assert alarms[2].message.startswith(f"{held} DEU of packet {bytes([1]).hex() * 16}")
+        assert alarms[3].message.startswith(f"{held} FRA of packet {pid.hex()}")
+        assert "which this node did not send" in alarms[2].message
+        assert "which was not addressed to FRA" in alarms[3].message
+        assert alarms[0].evidence == records.ack_entry(bad["forged"])
+        assert [a.evidence for a in alarms[1:]] == [bad[k].raw for k in ("another digest", "not sent", "not addressed")]
         nursery.cancel_scope.cancel()
 
 

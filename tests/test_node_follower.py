@@ -152,8 +152,9 @@ def test_a_logged_statement_over_a_limit_is_refused_and_the_follower_goes_on(
     done = follow(f, log, note)
     assert done is not None
     assert f.size == 3 + MAX_LIVE_STATEMENTS + 2
-    (problem,) = done.problems
+    ((problem, evidence),) = done.problems
     assert f"log entry {3 + MAX_LIVE_STATEMENTS} is refused by the policy" in problem
+    assert (3 + MAX_LIVE_STATEMENTS, evidence) in done.keep  # kept: a later version may fold it
     assert f.member_key("ITA") == members["ITA"].bundle.sign_key  # what came after it was folded
 
 

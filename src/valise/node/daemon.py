@@ -34,7 +34,7 @@ from valise.node.control import listen, socket_path
 from valise.node.follower import AwaitingQuorum, Committed, Follower, ForgedCosignature, ForkError, LogMismatchError
 from valise.node.home import NodeHome
 from valise.node.session import Disconnected, Reply, Session
-from valise.node.store import NodeStore, OutboxRow
+from valise.node.store import AlarmRow, NodeStore, OutboxRow
 from valise.tlog import checkpoint, cosignature
 from valise.tlsstream import TLSSocketStream
 from valise.wire import events as ev
@@ -123,15 +123,34 @@ class NodeDaemon:
         return self.wall()
 
     def alarm(self, kind: str, message: str, evidence: bytes | None = None) -> None:
-        # Much of an alarm's text comes from the broker or a sender: bounded here, so a hostile one cannot make
-        # alarms that fill the disk or a status answer.
+        row = self._alarm_row(kind, message, evidence)
+        if row is not None:
+            self.store.alarm_add(*row)
+
+    def _alarm_row(self, kind: str, message: str, evidence: bytes | None) -> AlarmRow | None:
+        """The alarm to store, or None for one raised already. Much of an alarm's text comes from the broker or a
+        sender: bounded here, so a hostile one cannot make alarms that fill the disk or a status answer."""
         if len(message) > ALARM_TEXT:
             message = message[:ALARM_TEXT] + f"… ({len(message)} characters)"
         if (kind, message) in self._alarmed:
-            return
+            return None
         self._alarmed.add((kind, message))
         log.error("ALARM (%s): %s", kind, message)
-        self.store.alarm_add(self.now(), kind, message, evidence)
+        return (self.now(), kind, message, evidence)
+
+    def ack_problem(self, ack: records.Ack) -> str | None:
+        """Why a recipient-signed acknowledgement `ack` (addressed to us) does not belong to a packet we sent, or
+        None. Its signature proves who signed it, not that it answers anything: another member could sign one for
+        a packet it never got, or for our packet id with another digest, and it would shadow the real one."""
+        row = self.store.outbox_get(ack.packet_id)
+        what = f"acknowledgement by {ack.recipient} of packet {ack.packet_id.hex()}"
+        if row is None:
+            return f"{what}, which this node did not send"
+        if ack.digest != row.digest:
+            return f"{what} names header digest {ack.digest.hex()[:16]}…, not the packet's {row.digest.hex()[:16]}…"
+        if ack.recipient not in row.recipients:
+            return f"{what}, which was not addressed to {ack.recipient}"
+        return None
 
     def wake_outbox(self) -> None:
         self._outbox_wake.set()
@@ -373,12 +392,21 @@ class NodeDaemon:
         self.quorum_wait = f"no cosigned checkpoint of size {f.size} meets the quorum yet" if f.awaiting else None
 
     def _persist(self, done: Committed) -> None:
-        acks = [(a.packet_id, a.recipient, a.raw) for a in done.acks]
-        new_acks = self.store.follower_commit(done.state, done.keep, done.mine, done.pending, done.trusted, acks)
+        """Store an accepted checkpoint's changes, with the alarms they raise, in one transaction: an alarm about
+        an entry must not be lost to a crash, as that entry is never folded again."""
+        alarms = [self._alarm_row("log", problem, entry) for problem, entry in done.problems]
+        acks = []
+        for ack in done.acks:
+            problem = self.ack_problem(ack)
+            if problem is None:
+                acks.append((ack.packet_id, ack.recipient, ack.raw))
+            else:
+                alarms.append(self._alarm_row("ack", f"the log holds an {problem}", ack.raw))
+        new_acks = self.store.follower_commit(
+            done.state, done.keep, done.mine, done.pending, done.trusted, acks, [a for a in alarms if a is not None]
+        )
         if new_acks:  # the broker logged them but had not forwarded them (yet, or at all)
             log.info("%d acknowledgement(s) of packets sent taken from the verified log", new_acks)
-        for problem in done.problems:
-            self.alarm("policy", problem)
         self.check_receipts()
         # Deliveries held for a sender the log did not show may be taken now (Session.releaser).
         self.log_advanced.set()

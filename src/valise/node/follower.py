@@ -164,7 +164,7 @@ class Committed:
     state: bytes  # the follower's small state (size, root, range, note)
     keep: list[tuple[int, bytes]]  # entries to keep for a re-fold (genesis and policy records), by index
     mine: list[tuple[int, bytes]]  # (index, header digest) of "pkt" entries this member sent
-    problems: list[str]  # entries the policy refused although the log holds them (alarms)
+    problems: list[tuple[str, bytes]]  # what is wrong with an entry the log holds, and the entry (alarms)
     pending: list[tuple[int, bytes]] = field(default_factory=list)  # verified entries not folded yet (a quorum)
     trusted: int = 0  # the trusted size after this change: pending entries below it are folded (drop them)
     acks: list[records.Ack] = field(default_factory=list)  # verified acknowledgements of this member's packets
@@ -175,7 +175,7 @@ class _Folded:
     keep: list[tuple[int, bytes]] = field(default_factory=list)
     mine: list[tuple[int, bytes]] = field(default_factory=list)
     acks: list[records.Ack] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    problems: list[tuple[str, bytes]] = field(default_factory=list)
 
     def committed(self, f: Follower) -> Committed:
         return Committed(f.size, f.dump(), self.keep, self.mine, self.problems, [], f.trusted_size, self.acks)
@@ -436,9 +436,12 @@ class Follower:
             try:
                 record = policy.apply(entry)
             except Error as exc:  # refused by the rules, malformed, or over a limit (a LimitError once wedged us)
-                # The log holds it, so positions must stay right; the broker should never have logged it.
+                # The log holds it, so positions must stay right; the broker should never have logged it. It is
+                # kept all the same: a record of a kind this version does not know (one added to the format
+                # later) folds once the node is upgraded, which re-folds what it kept.
                 policy.skip_to(index + 1)
-                out.problems.append(f"log entry {index} is refused by the policy: {exc.what}")
+                out.problems.append((f"log entry {index} is refused by the policy: {exc.what}", entry))
+                out.keep.append((index, entry))
                 continue
             if record is not None:
                 out.keep.append((index, entry))
@@ -469,7 +472,7 @@ class Follower:
                 raise Error(f"{ack.recipient} is not a member at that position")
             out.acks.append(records.Ack.verified(ack.raw, signer.sign_key))
         except Error as exc:
-            out.problems.append(f"log entry {index} is an acknowledgement that does not verify: {exc.what}")
+            out.problems.append((f"log entry {index} is an acknowledgement that does not verify: {exc.what}", entry))
 
     @staticmethod
     def _skip_to(policy: PolicyState, index: int) -> None:

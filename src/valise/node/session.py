@@ -469,6 +469,9 @@ class Session:
             ack = records.Ack.verified(msg.ack, key)
             if ack.recipient != msg.by or ack.sender != self.d.member or ack.packet_id != msg.id:
                 raise SignatureError(f"acknowledgement by {msg.by} does not match the forwarded item")
+            problem = self.d.ack_problem(ack)
+            if problem is not None:
+                raise PacketError(problem)
         except Error as exc:
             await self._refuse(
                 msg.seq, refusal_code(exc), f"forwarded acknowledgement seq {msg.seq} refused: {exc.what}", "ack"

@@ -72,6 +72,9 @@ CREATE TABLE IF NOT EXISTS alarms (
 FOLLOWER_KEY = "follower"
 
 
+AlarmRow = tuple[int, str, str, bytes | None]  # at, kind, message, evidence
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
     packet_id: bytes
@@ -383,6 +386,7 @@ class NodeStore:
         pending: Sequence[tuple[int, bytes]] = (),
         trusted: int | None = None,
         acks: Sequence[tuple[bytes, str, bytes]] = (),
+        alarms: Sequence[AlarmRow] = (),
     ) -> int:
         """Persist an accepted checkpoint and what it brought, in one transaction (all or nothing): entries to
         keep, this member's packets, entries pending a quorum, (`trusted`) the size below which no entry is
@@ -395,6 +399,7 @@ class NodeStore:
             if trusted is not None:
                 self._db.execute("DELETE FROM log_pending WHERE idx < ?", (trusted,))
             new_acks = self._db.executemany("INSERT OR IGNORE INTO acks VALUES (?, ?, ?)", acks).rowcount if acks else 0
+            self._db.executemany("INSERT INTO alarms (at, kind, message, evidence) VALUES (?, ?, ?, ?)", alarms)
             self.put(FOLLOWER_KEY, state)
         return new_acks
 
