@@ -82,3 +82,18 @@ def test_a_seed_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     os.chmod(path, 0o644)
     with pytest.raises(KeyFileError, match="readable by others"):
         read_seed_file(path, "operator")
+
+
+@pytest.mark.parametrize(
+    ("ops", "mem"),
+    [(0, 2**26), (-1, 2**26), (3, 0), (3, -5), (5, 2**26), (16, 2**30), (3, 2**31)],
+)
+def test_crafted_key_derivation_parameters_are_refused_before_any_work(tmp_path: Path, ops: int, mem: int) -> None:
+    """A key file decides how much work and memory unlocking it takes: out of libsodium's range, or above its
+    "sensitive" level, it is refused by name before any derivation (not a crash, not 1 GiB and 12 s spent)."""
+    path = tmp_path / "operator.key"
+    head = {"v": 1, "kdf": "argon2id", "salt": b"s" * 16, "ops": ops, "mem": mem, "data": bytes(80)}
+    path.write_bytes(encoding.pack(head))
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError, match=rf"unreasonable key-derivation parameters \(ops {ops}, mem {mem}\)"):
+        read_seed_file(path, "operator", b"correct horse")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import stat
 from pathlib import Path
 
@@ -223,12 +224,16 @@ def test_an_operator_lifts_a_mistaken_rule(broker: Path, tmp_path: Path, capsys:
     assert (ban["type"], ban["kind"], ban["index"]) == ("rule", "ban-category", log_size(broker) - 1)
     assert run(capsys, *explain)[0] == 3
 
-    code, _, err = run(capsys, "broker", "rule", "lift", "--dir", d, "--id", "ffff")
+    for unsafe in ("", "  ", rule_id[:7], "not-hex!"):  # an unset shell variable must not lift the only rule
+        code, _, err = run(capsys, "broker", "rule", "lift", "--dir", d, "--id", unsafe)
+        assert code == 2
+        assert "give at least 8 hex digits of the id" in err
+    code, _, err = run(capsys, "broker", "rule", "lift", "--dir", d, "--id", "ffffffff")
     assert code == 2
     assert "matches no rule in force" in err
     assert rule_id in err  # the error lists the rules one may lift
     size = log_size(broker)
-    code, out, _ = run(capsys, "broker", "rule", "lift", "--dir", d, "--id", rule_id, "--json")
+    code, out, _ = run(capsys, "broker", "rule", "lift", "--dir", d, "--id", rule_id[:8] + "…", "--json")  # as shown
     lifted = json.loads(out)
     assert (lifted["kind"], lifted["index"]) == ("lift", size)
     assert lifted["done"] == "lifted operator rule " + rule_id + " (max-size 10)"
@@ -298,9 +303,20 @@ def test_the_operator_key_can_be_sealed_and_kept_elsewhere(
     code, _, err = run(capsys, *add, "--passphrase-env", "OPERATOR_PW")
     assert code == 1
     assert "cannot read operator key" in err
+    assert "--operator-key FILE" in err
     code, out, _ = run(capsys, *add, "--operator-key", str(offline), "--passphrase-env", "OPERATOR_PW", "--json")
     assert code == 0
     assert json.loads(out)["index"] == size
+
+    code, out, _ = run(
+        capsys, "broker", "rule", "max-size", "--dir", str(d), "--bytes", "10",
+        "--operator-key", str(offline), "--passphrase-env", "OPERATOR_PW",
+    )  # fmt: skip
+    assert code == 0
+    lift = shlex.split(out.rsplit("to lift it: ", 1)[1])
+    assert lift[:4] == ["valise", "broker", "rule", "lift"]
+    assert run(capsys, *lift[1:])[0] == 0  # the printed command works as it is
+    size += 2
 
     # Another broker's operator key is not this log's, whatever its passphrase.
     other = tmp_path / "other"

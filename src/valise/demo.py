@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -351,8 +352,8 @@ class Demo:
             "http": f"http://{http}/",
             # With --dir the state stays; these run it again where it stopped (the nodes know the broker's port).
             "restart": [
-                f"valise broker serve --dir {broker} --listen {addr} --http {http} --serve-entries &",
-                *(f"valise node run --dir {d} &" for d in nodes.values()),
+                f"valise broker serve --dir {shlex.quote(str(broker))} --listen {addr} --http {http} --serve-entries &",
+                *(f"valise node run --dir {shlex.quote(str(d))} &" for d in nodes.values()),
             ],
         }
         return self.summary

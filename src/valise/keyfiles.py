@@ -124,12 +124,21 @@ def open_sealed(data: bytes, passphrase: bytes | None, *, what: str) -> bytes:
             )
             if passphrase is None:
                 raise PassphraseError(f"{what} is encrypted", hint="pass --passphrase-env VAR")
-            # Bound the work a crafted file can demand before we spend it.
-            if head["ops"] > 16 or head["mem"] > 2**30 or len(head["salt"]) != nacl.pwhash.argon2id.SALTBYTES:
-                raise KeyFileError(f"{what} asks for unreasonable key-derivation parameters")
-            key = nacl.pwhash.argon2id.kdf(
-                nacl.secret.SecretBox.KEY_SIZE, passphrase, head["salt"], head["ops"], head["mem"]
-            )
+            # Bound the work a crafted file can demand before we spend it (at most libsodium's "sensitive" level,
+            # about a second and 1 GiB), and refuse what libsodium would reject with an error of its own.
+            argon = nacl.pwhash.argon2id
+            if not (
+                argon.OPSLIMIT_MIN <= head["ops"] <= argon.OPSLIMIT_SENSITIVE
+                and argon.MEMLIMIT_MIN <= head["mem"] <= argon.MEMLIMIT_SENSITIVE
+                and len(head["salt"]) == argon.SALTBYTES
+            ):
+                raise KeyFileError(
+                    f"{what} asks for unreasonable key-derivation parameters (ops {head['ops']}, mem {head['mem']})"
+                )
+            try:
+                key = argon.kdf(nacl.secret.SecretBox.KEY_SIZE, passphrase, head["salt"], head["ops"], head["mem"])
+            except (ValueError, RuntimeError) as exc:  # nacl's own ValueError is one of these
+                raise KeyFileError(f"{what}: key derivation failed: {exc}") from None
             try:
                 plain = nacl.secret.SecretBox(key).decrypt(head["data"])
             except nacl.exceptions.CryptoError:

@@ -51,7 +51,8 @@ def read_seed_file(path: Path, kind: str, passphrase: bytes | None = None) -> si
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise KeyFileError(f"cannot read {kind} key {path}: {exc.strerror}") from None
+        hint = "kept elsewhere? give its file with --operator-key FILE" if kind == "operator" else None
+        raise KeyFileError(f"cannot read {kind} key {path}: {exc.strerror}", hint=hint) from None
     if os.stat(path).st_mode & 0o077:
         raise KeyFileError(f"{path} is readable by others", hint=f"chmod 600 {path}")
     if len(data) > SEED_FILE_MAX:

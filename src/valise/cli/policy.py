@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import fcntl
 import json
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -342,15 +343,23 @@ def add_rule(args: argparse.Namespace) -> int:
     appended = _append(home, lambda s: [_operator_entry(args, key, s, "rule", args.rule, **{args.field: value})])
     _done(args, appended, f"operator rule {args.rule} {value}")
     if not args.json:  # a rule stops traffic at once; say how to undo a mistaken one
-        rule_id = appended[0][0].id.hex()[:16]
-        print(f"in force from now on; to lift it: valise broker rule lift --dir {args.dir} --id {rule_id}")
+        lift = ["valise", "broker", "rule", "lift", "--dir", str(args.dir), "--id", appended[0][0].id.hex()[:16]]
+        if args.operator_key is not None:
+            lift += ["--operator-key", str(args.operator_key)]
+        if args.passphrase_env is not None:
+            lift += ["--passphrase-env", args.passphrase_env]
+        print(f"in force from now on; to lift it: {shlex.join(lift)}")
     return 0
 
 
 def lift_rule(args: argparse.Namespace) -> int:
     home = BrokerHome.open(args.dir)
+    # The short form shown in denial reasons ends in "…"; an empty or tiny prefix (an unset shell variable, say)
+    # must not quietly pick whichever rule happens to be the only one.
+    prefix = args.rule_id.strip().rstrip("…").lower()
+    if len(prefix) < 8 or any(c not in "0123456789abcdef" for c in prefix):
+        raise UsageError(f"rule id {args.rule_id!r}: give at least 8 hex digits of the id (valise policy show)")
     key = _operator_key(args, home)
-    prefix = args.rule_id.lower()
 
     def build(state: PolicyState) -> list[bytes]:
         found = [r for r in state.rules if r.id.hex().startswith(prefix)]
