@@ -260,3 +260,40 @@ def test_a_suspended_member_neither_sends_nor_receives(
             if who in (meta.sender, v.recipient):
                 assert not v.allowed
                 assert "suspended" in v.reason
+
+
+def _str8(text: str) -> bytes:
+    """A string in msgpack's str8 form: valid msgpack, not the canonical (shortest) form."""
+    raw = text.encode()
+    return b"\xd9" + bytes([len(raw)]) + raw
+
+
+entry_value = st.one_of(st.binary(max_size=40), st.text(max_size=12), st.integers(-(2**40), 2**40), st.none())
+
+
+@SETTINGS
+@given(
+    t=st.one_of(st.sampled_from(records.TYPES), st.sampled_from(("pkt", "ack", "purge", "d1r")), st.text(max_size=6)),
+    fields=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "t"), entry_value, max_size=5),
+    str8=st.booleans(),
+)
+def test_the_fast_skip_never_hides_a_policy_record(t: str, fields: dict[str, Any], str8: bool) -> None:
+    """`records.parse` skips entries with none of the bytes "dir", "rule", "stmt" without decoding them; whatever
+    the encoding (canonical or not), an entry it skips must be one that is not a policy record."""
+    import msgpack
+
+    body = msgpack.packb(fields, use_bin_type=True)
+    head = bytes([0x80 | (len(fields) + 1)]) if len(fields) < 15 else b"\xde" + (len(fields) + 1).to_bytes(2, "big")
+    key, value = (_str8("t"), _str8(t)) if str8 else (msgpack.packb("t"), msgpack.packb(t))
+    entry = head + key + value + body[1:]  # the "t" pair first, then the other fields' pairs
+    decoded = msgpack.unpackb(entry, raw=False, strict_map_key=False)
+    is_policy_type = isinstance(decoded, dict) and decoded.get("t") in records.TYPES
+    try:
+        parsed = records.parse(entry)
+    except PolicyError:  # a policy type, malformed: it was decoded, not skipped
+        parsed = None
+        assert is_policy_type
+    if is_policy_type:
+        assert records.maybe_policy(entry)
+    if parsed is not None:
+        assert is_policy_type

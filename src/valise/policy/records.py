@@ -212,6 +212,18 @@ def check_body(rtype: str, body: dict[str, Any], what: str) -> str:
     return kind
 
 
+def maybe_policy(entry: bytes) -> bool:
+    """False for an entry that cannot be a policy record, decided without decoding it.
+
+    Every fold of the log (the broker at start-up, each operator command, nodes, auditors) meets mostly traffic
+    records, and decoding each only to find it is not policy was most of a fold's time. A policy record's "t" is
+    the string "dir", "rule" or "stmt", and msgpack stores a string's bytes as they are, whatever header form it
+    uses; so an entry containing none of the three byte strings cannot be one. (Traffic that contains one by
+    chance is decoded as before.) Three substring searches: a regular expression alternation was 10x slower.
+    """
+    return b"dir" in entry or b"rule" in entry or b"stmt" in entry
+
+
 def parse(entry: bytes) -> Record | None:
     """Parse a log entry; None if its type is not a policy type (packets, acks... belong to other modules).
 
@@ -221,6 +233,8 @@ def parse(entry: bytes) -> Record | None:
     """
     if len(entry) > MAX_ENTRY_SIZE:
         raise LimitError(f"log entry is {len(entry)} bytes, over the limit of {MAX_ENTRY_SIZE}")
+    if not maybe_policy(entry):
+        return None
     try:
         outer = encoding.unpack(entry, what="log entry", max_size=MAX_ENTRY_SIZE)
     except EncodingError:
