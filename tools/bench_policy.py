@@ -9,6 +9,8 @@ grants and acceptances (each member grants to and accepts from random others, pl
 - decisions per second for a packet to all other members (and recipient verdicts per second),
 - `policy matrix` (every channel between every pair of members),
 - the time to fold every record into a new PolicyState, with and without signature verification;
+- `valise policy show` on a broker directory whose log holds `--traffic` traffic records after the policy ones,
+  with the public-entry index a running broker keeps and without it (a full fold), medians of 3 side by side;
 - the time to fold `--traffic` traffic records (signed packet headers, acknowledgements, purges, as a relay logs
   them), which every fold meets far more often than policy records: through `PolicyState.apply` (which skips an
   entry that cannot be a policy record without decoding it), against decoding each (what it cost before), as
@@ -32,6 +34,8 @@ from pathlib import Path
 from valise import encoding, identity, packet
 from valise import records as traffic
 from valise.broker.home import BrokerHome
+from valise.broker.mailbox import Mailboxes
+from valise.broker.readers import readers_of
 from valise.cli.main import main as cli
 from valise.crypto import sign
 from valise.crypto.seeded import seeded_random
@@ -145,6 +149,39 @@ def fold_traffic(op_key: bytes, entries: list[bytes]) -> None:
     )
 
 
+def operator_fold(home: BrokerHome, traffic_log: list[bytes]) -> None:
+    """`valise policy show` on the broker directory with `traffic_log` appended after the policy records, with
+    the public-entry index a running broker keeps in its mailbox database, then without it (a full fold)."""
+    with SqliteLog.open(home.db_path) as store:
+        start = store.size()
+        for i in range(0, len(traffic_log), 50_000):
+            store.append(traffic_log[i : i + 50_000])
+        every = store.entries(0, store.size())
+    mail = Mailboxes.open(home.mailbox_path)
+    with mail.batch():  # what the broker records as it logs each entry
+        mail.record_readers(0, [readers_of(e, lambda _: None) for e in every])
+    mail.close()
+    medians = {}
+    for name in ("index", "full"):
+        if name == "full":
+            home.mailbox_path.rename(home.mailbox_path.with_suffix(".away"))
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert cli(["policy", "show", "--dir", str(home.root), "--json"]) == 0
+            times.append(time.perf_counter() - t0)
+        medians[name] = statistics.median(times)
+    home.mailbox_path.with_suffix(".away").rename(home.mailbox_path)
+    with SqliteLog.open(home.db_path) as store:
+        size = store.size()
+    print(
+        f"valise policy show on {size:,} entries ({size - start:,} traffic): {medians['index'] * 1000:.0f} ms with "
+        f"the broker's public-entry index, {medians['full'] * 1000:.0f} ms folding every entry "
+        f"(ratio {medians['full'] / medians['index']:.1f}x)"
+    )
+
+
 def rate(fn: Callable[[], object], seconds: float) -> tuple[float, int]:
     """Calls per second of `fn`, timed over about `seconds`."""
     n, batch = 0, 1
@@ -238,6 +275,7 @@ def main() -> None:
             f"(whole command, {len(log) + 1} log entries): "
             f"{(time.perf_counter() - t0) * 1000:.0f} ms, exit {code}"
         )
+    operator_fold(home, traffic_entries(ids[:4], args.traffic))
     tmp.cleanup()
 
 

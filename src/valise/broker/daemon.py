@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 import trio
 
 from valise import encoding, gctune, keyfiles, records, tls
-from valise.broker import fds, http, relay
+from valise.broker import fds, http, policyfold, relay
 from valise.broker.fds import listen_tcp
 from valise.broker.home import BrokerHome
 from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
@@ -170,12 +170,15 @@ class BrokerDaemon:
             max_batch=DEFAULT_MAX_PENDING,
             max_pending=DEFAULT_MAX_PENDING,
         )
-        self.mail = Mailboxes.open(home.root / "mailbox.db")
+        self.mail = Mailboxes.open(home.mailbox_path)
         self.spool = Spool(home.root / "spool")
         self.genesis = Genesis.parse(self.store.entries(0, 1)[0], origin=cfg.origin)
-        # Entries in our own store were verified when they were appended; re-folding them skips the signatures.
+        # Entries in our own store were verified when they were appended; re-folding them skips the signatures, and
+        # reads only the entries recorded as public where the mailboxes recorded readers (broker/policyfold.py).
         self.policy = PolicyState(cfg.origin, self.genesis.operator_key, verify_signatures=False)
-        self._fold(self.store.size())
+        policyfold.fold(
+            self.policy, self.store, self.store.size(), policyfold.read_public_index(home.mailbox_path), self._refused
+        )
         self.policy.verify_signatures = True
         self._unlinks: list[Path] = []  # spool files of bodies dropped in the open batch: unlinked after it commits
         # (sender, packet id) → (index, digest, at) of packets logged whose body a crash lost (see _replay_packet).
@@ -229,10 +232,14 @@ class BrokerDaemon:
             try:
                 self.policy.apply(entry)
             except (PolicyError, Error) as exc:
-                # An entry the policy refuses (appended by another writer that raced us) stays in the log
-                # with no effect; an auditor's replay reports it the same way.
-                log.error("log entry %d has no policy effect: %s", self.policy.size, exc)
+                self._refused(self.policy.size, exc)
                 self.policy.skip_to(self.policy.size + 1)
+
+    @staticmethod
+    def _refused(index: int, exc: Error) -> None:
+        # An entry the policy refuses (appended by another writer that raced us) stays in the log with no effect;
+        # an auditor's replay reports it the same way.
+        log.error("log entry %d has no policy effect: %s", index, exc)
 
     def _legacy_mark(self) -> int:
         return max(1, self.mail.last_log_index() + 1)

@@ -116,6 +116,11 @@ class BrokerHome:
         return self.root / "checkpoint.cosigned"
 
     @property
+    def mailbox_path(self) -> Path:
+        """The delivery queues, and who may read each log entry (broker/mailbox.py)."""
+        return self.root / "mailbox.db"
+
+    @property
     def serve_lock_path(self) -> Path:
         """flock()ed by the running broker (`valise broker serve`): one per directory."""
         return self.root / "serve.lock"

@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from valise import keyfiles, labels
+from valise.broker import policyfold
 from valise.broker.home import BrokerHome
 from valise.cli.main import group
 from valise.crypto import sign
-from valise.errors import LabelError, StoreError, UsageError
+from valise.errors import Error, LabelError, StoreError, UsageError
 from valise.genesis import Genesis
 from valise.logservice import LogService
 from valise.policy import PacketMeta, PolicyState, channels, decide, records
 from valise.policy.decide import tlp_label
 from valise.policy.state import Rule
-from valise.store.base import LogStorage
 from valise.store.sqlite import SqliteLog
 from valise.tlog import cosignature
 
@@ -223,12 +223,13 @@ def _locked(home: BrokerHome) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def load_state(home: BrokerHome, store: LogStorage, *, verify: bool = False) -> PolicyState:
+def load_state(home: BrokerHome, store: SqliteLog, *, verify: bool = False) -> PolicyState:
     """Fold the whole log into a PolicyState; the operator key comes from the genesis record (entry 0).
 
     The broker's own store holds only records whose signatures were checked before they were appended (here or
-    by the daemon), so by default the fold skips the Ed25519 checks (half of its time) and checks all the rest;
-    `--verify` re-checks every signature, as an auditor does with a log it did not write.
+    by the daemon), so by default the fold skips the Ed25519 checks (half of its time) and reads only the entries
+    the broker recorded as public, up to where it recorded them (broker/policyfold.py); `--verify` re-checks
+    every signature of every entry, as an auditor does with a log it did not write.
     """
     cfg = home.config()
     size = store.size()
@@ -236,9 +237,12 @@ def load_state(home: BrokerHome, store: LogStorage, *, verify: bool = False) -> 
         raise StoreError(f"the log in {home.root} is empty", hint="was it created with valise broker init?")
     first = store.entries(0, 1)[0]
     state = PolicyState(cfg.origin, Genesis.parse(first, origin=cfg.origin).operator_key, verify_signatures=verify)
-    step = 10_000
-    for start in range(0, size, step):
-        state.apply_all(store.entries(start, min(size, start + step)))
+    index = policyfold.PublicIndex() if verify else policyfold.read_public_index(home.mailbox_path)
+
+    def refused(i: int, exc: Error) -> None:  # the broker never appends one; an auditor's replay names it too
+        print(f"valise: warning: log entry {i} has no policy effect: {exc.what}", file=sys.stderr)
+
+    policyfold.fold(state, store, size, index, refused)
     return state
 
 
@@ -247,9 +251,10 @@ def _append(home: BrokerHome, build: Any) -> list[tuple[records.Record, int]]:
     Returns each record with its log index."""
     home = BrokerHome.open(home.root)
     with _locked(home):
-        log = LogService(SqliteLog.open(home.db_path), home.config().origin, home.log_key())
+        store = SqliteLog.open(home.db_path)
+        log = LogService(store, home.config().origin, home.log_key())
         try:
-            state = load_state(home, log.store)
+            state = load_state(home, store)
             entries: list[bytes] = build(state)
             applied = []
             state.verify_signatures = True  # the new entries are checked in full
