@@ -96,6 +96,12 @@ def test_keygen_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypa
     # A second keygen into the same directory must not destroy the first identity.
     assert main(["keygen", "--id", "FRA", "--out", str(tmp_path / "k")]) == 2
     assert "already exists" in capsys.readouterr().err
+    # Nor may another member's identity join it (a mistyped --out): the directory would become ambiguous.
+    before = sorted(p.name for p in (tmp_path / "k").iterdir())
+    assert main(["keygen", "--id", "GBR", "--out", str(tmp_path / "k")]) == 2
+    assert f"{tmp_path / 'k'} already holds identity FRA" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == before
+    assert keyfiles.load_identity(tmp_path / "k").member_id == "FRA"
     assert main(["keygen", "--id", "no spaces", "--out", str(tmp_path / "x")]) == 1
     assert "not valid" in capsys.readouterr().err
     monkeypatch.setenv("PW", "s3cret")

@@ -157,6 +157,13 @@ def save_identity(directory: Path, identity: Identity, passphrase: bytes | None)
     key_path = directory / f"{mid}.key"
     if key_path.exists():
         raise UsageError(f"{key_path.name} already exists in {directory}", hint="choose another --out directory")
+    # One identity per directory: a second one (a mistyped --out, say) would make every command and the node
+    # daemon that use this directory refuse it as ambiguous, taking a working member down at its next restart.
+    held = sorted(p.name[: -len(".key")] for p in directory.glob("*.key") if not p.name.endswith(".tls.key"))
+    if held:
+        raise UsageError(
+            f"{directory} already holds identity {', '.join(held)}", hint="give a new directory for each identity"
+        )
     tls_key = identity.tls_private.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
