@@ -84,3 +84,21 @@ async def test_a_tree_only_audit_needs_no_entries(tmp_path: Path, capsys: pytest
     report = json.loads(out)
     assert report["tree_verified"] is True
     assert report["findings"] == []
+
+
+def test_a_broker_directory_given_for_a_node_and_the_reverse_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = make_world(tmp_path)
+    broker = str(world.home.root)
+    node = str(tmp_path / "node-fra")
+    pub = str(world.home.broker_bundle_path)
+    init = ["node", "init", "--dir", node, "--identity", str(world.dirs["FRA"]), "--broker", "127.0.0.1:9"]
+    assert cli([*init, "--broker-pub", pub, "--log-key", log_vkey(world)]) == 0
+    capsys.readouterr()
+    for argv in (["node", "run", "--dir", broker], ["status", "--node", broker], ["inbox", "--node", broker]):
+        assert cli(argv) == 2
+        assert f"{broker} is a broker directory, not a node directory" in capsys.readouterr().err
+    for argv in (["broker", "info", "--dir", node], ["policy", "show", "--dir", node]):
+        assert cli(argv) == 2
+        assert f"{node} is a node directory, not a broker directory" in capsys.readouterr().err

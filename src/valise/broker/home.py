@@ -163,6 +163,8 @@ class BrokerHome:
         home = cls(root)
         if not home.config_path.is_file():
             raise StoreError(f"{root} is not a broker directory", hint="create one with valise broker init")
+        if not home.log_key_path.exists() and (root / "broker.pub").exists():  # a node's pinned broker bundle
+            raise UsageError(f"{root} is a node directory, not a broker directory", hint="give the broker's --dir")
         return home
 
     def config(self) -> BrokerConfig:

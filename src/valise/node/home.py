@@ -136,6 +136,8 @@ class NodeHome:
         home = cls(root)
         if not home.config_path.is_file():
             raise StoreError(f"{root} is not a node directory", hint="create one with valise node init")
+        if (root / "log.key").exists():  # only a broker directory has one (broker/home.py)
+            raise UsageError(f"{root} is a broker directory, not a node directory", hint="give a node's --dir/--node")
         return home
 
     def config(self) -> NodeConfig:
