@@ -221,6 +221,11 @@ def test_an_operator_lifts_a_mistaken_rule(broker: Path, tmp_path: Path, capsys:
     rule_id = out.rsplit("--id ", 1)[1].strip()
     code, out, _ = run(capsys, "broker", "rule", "ban-category", "--dir", d, "--category", "political", "--json")
     ban = json.loads(out)
+    size = log_size(broker)
+    code, _, err = run(capsys, "broker", "rule", "ban-category", "--dir", d, "--category", "political")
+    assert code == 2  # a second copy would make lifting the first change nothing
+    assert f"operator rule {ban['record'][:16]} (ban-category political) is already in force" in err
+    assert log_size(broker) == size
     assert (ban["type"], ban["kind"], ban["index"]) == ("rule", "ban-category", log_size(broker) - 1)
     assert run(capsys, *explain)[0] == 3
 

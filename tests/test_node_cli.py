@@ -287,3 +287,45 @@ async def test_statements_are_signed_by_the_daemon_and_sent(
         reply = await call(world["home"].root, {"op": "statement", "statement": other})
         assert (reply["ok"], reply["code"]) == (False, 2)  # only this member's own statements
         nursery.cancel_scope.cancel()
+
+
+async def test_an_identical_statement_in_force_is_refused_and_a_revoke_names_what_still_allows(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    """A grant run twice (after a timeout, say) left two; revoking "the grant" then left the other in force, and
+    the member went on sharing. The node refuses the second unless told --again, and a revoke says what remains."""
+    h = Harness(world, members["FRA"])
+    node = world["home"].root
+    first = policy_records.grant(
+        members["FRA"].signing, origin=ORIGIN, author="FRA", created=NOW - 60, to="DEU", tlp="AMBER"
+    )
+    h.log.add(first)
+    first_id = policy_records.parse_policy(first).id
+    async with trio.open_nursery() as nursery:
+        h.nursery = nursery
+        await nursery.start(h.daemon.run)
+        broker = await h.accepted.receive()
+        await wait_for(lambda: h.daemon.follower.size == 4)  # the first grant is in force
+        grant = {"op": "statement", "build": {"kind": "grant", "to": "DEU", "tlp": "AMBER"}}
+        reply = await call(node, grant)
+        assert (reply["ok"], reply["code"]) == (False, 2)
+        assert f"an identical grant is already in force: {first_id.hex()[:8]}" in reply["error"]
+
+        async def logged() -> None:  # the broker takes the statement and logs it, as a real one would
+            stmt = await broker.expect(ev.Statement)
+            index = h.log.service.store.size()
+            h.log.add(stmt.statement)
+            await broker.send(ev.StatementResult(stmt.rid, index, b"receipt"))
+
+        nursery.start_soon(logged)
+        reply = await call(node, {**grant, "again": True})
+        assert reply["ok"] is True
+        second = reply["statement"]
+        assert h.daemon.session is not None
+        await h.daemon.sync(h.daemon.session)
+        nursery.start_soon(logged)
+        reply = await call(node, {"op": "statement", "build": {"kind": "revoke", "statement": first_id.hex()}})
+        assert reply["ok"] is True
+        assert [s.split()[0] for s in reply["still_in_force"]] == [second[:8] + "…"]
+        nursery.cancel_scope.cancel()

@@ -174,11 +174,11 @@ class _ReplyError(Error):
         self.exit_code = code
 
 
-def submit_statement(node_dir: Path, statement: bytes | dict[str, Any]) -> dict[str, Any]:
+def submit_statement(node_dir: Path, statement: bytes | dict[str, Any], *, again: bool = False) -> dict[str, Any]:
     """Send a member statement through the node: signed bytes as they are, or a description the daemon signs
-    ({"kind": "grant", "to": ..., "tlp": ..., ...} as in policy.records). Returns {"ok", "index", "statement"}
-    or {"ok": False, "error", "code"}."""
-    req: dict[str, Any] = {"op": "statement"}
+    ({"kind": "grant", "to": ..., "tlp": ..., ...} as in policy.records). `again`: even if an identical one is
+    in force. Returns {"ok", "index", "statement"} or {"ok": False, "error", "code"}."""
+    req: dict[str, Any] = {"op": "statement", "again": again}
     if isinstance(statement, bytes):
         req["statement"] = statement
     else:

@@ -138,6 +138,7 @@ def _statement_args(p: argparse.ArgumentParser, *, terms: bool = True) -> None:
     p.add_argument("-o", "--out", type=Path, help="with --identity: the statement file to write")
     p.add_argument("--json", action="store_true", help="with --node: print the broker's answer as JSON")
     if terms:
+        p.add_argument("--again", action="store_true", help="with --node: sign it even if an identical one is in force")
         p.add_argument("--tlp", required=True, help="the highest TLP level covered")
         p.add_argument("--category", type=_list, help="categories covered, comma-separated (default: any)")
         p.add_argument("--valid-from", type=parse_time, help="valid from (Unix seconds or ISO 8601, UTC)")
@@ -345,7 +346,19 @@ def add_rule(args: argparse.Namespace) -> int:
     home = BrokerHome.open(args.dir)
     key = _operator_key(args, home)
     value = getattr(args, args.field)
-    appended = _append(home, lambda s: [_operator_entry(args, key, s, "rule", args.rule, **{args.field: value})])
+
+    def build(state: PolicyState) -> list[bytes]:
+        # A second copy of a rule in force changes nothing now, and later makes lifting the first change nothing
+        # either: the operator would believe a ban gone that still stands.
+        same = [r for r in state.rules if r.kind == args.rule and r.value == value]
+        if same:
+            raise UsageError(
+                f"operator rule {same[0].id.hex()[:16]} ({args.rule} {value}) is already in force",
+                hint="valise policy show lists the rules in force",
+            )
+        return [_operator_entry(args, key, state, "rule", args.rule, **{args.field: value})]
+
+    appended = _append(home, build)
     _done(args, appended, f"operator rule {args.rule} {value}")
     if not args.json:  # a rule stops traffic at once; say how to undo a mistaken one
         lift = ["valise", "broker", "rule", "lift", "--dir", str(args.dir), "--id", appended[0][0].id.hex()[:16]]
@@ -416,7 +429,7 @@ def _via_node(args: argparse.Namespace, spec: dict[str, Any]) -> int:
     """Let the member's node daemon sign the statement (it holds the unlocked key) and submit it to the broker."""
     from valise.cli.node import submit_statement  # the node CLI pulls in trio; only this path needs it
 
-    reply = submit_statement(args.node, spec)
+    reply = submit_statement(args.node, spec, again=bool(getattr(args, "again", False)))
     if args.json:
         print(json.dumps(reply))
     if not reply.get("ok"):
@@ -424,6 +437,8 @@ def _via_node(args: argparse.Namespace, spec: dict[str, Any]) -> int:
         return int(reply.get("code", 1))
     if not args.json:
         print(f"{spec['kind']} {reply.get('statement')} logged at index {reply.get('index')}")
+        if still := reply.get("still_in_force"):
+            print(f"note: still in force, allowing the same counterpart: {', '.join(still)}")
     return 0
 
 

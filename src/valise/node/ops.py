@@ -27,6 +27,7 @@ from valise.node.daemon import NodeDaemon
 from valise.node.store import InboxRow, OutboxRow
 from valise.policy import records as policy_records
 from valise.policy.records import GROUP_PREFIX
+from valise.policy.state import Statement
 from valise.wire import events as ev
 
 log = logging.getLogger("valise.node")
@@ -395,10 +396,59 @@ async def op_statement(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> 
     record = policy_records.parse_policy(raw)
     if record.type != policy_records.STMT or record.body.get("author") != daemon.member:
         raise UsageError(f"only this member's own statements can be sent through its node ({daemon.member})")
+    same = _same_terms(daemon, record)
+    if same and not request.get("again"):
+        # A re-run (after a timeout, say) would leave two statements, and revoking one would leave the other in
+        # force: a member who "revoked the grant" would go on sharing.
+        raise UsageError(
+            f"an identical {record.kind} is already in force: {', '.join(same)}",
+            hint="revoke it, or pass --again to sign another one all the same",
+        )
     answer = await _session(daemon).request(lambda rid: ev.Statement(rid, raw))
     if isinstance(answer, ev.StatementResult):
-        return {"ok": True, "index": answer.index, "statement": record.id.hex()}
+        reply: dict[str, Any] = {"ok": True, "index": answer.index, "statement": record.id.hex()}
+        if record.kind == policy_records.REVOKE:
+            reply["still_in_force"] = _still_in_force(daemon, record.body["statement"])
+        return reply
     return _refused(answer)
+
+
+def _live(daemon: NodeDaemon, kind: str, counterpart: str) -> list[Statement]:
+    policy = daemon.follower.policy
+    if policy is None:
+        return []
+    table = policy.grants if kind == policy_records.GRANT else policy.accepts
+    return [s for s in table.get(daemon.member, {}).get(counterpart, []) if s.id not in policy.revoked]
+
+
+def _same_terms(daemon: NodeDaemon, record: policy_records.Record) -> list[str]:
+    """This member's statements in force (as of the verified log) that say exactly what `record` says."""
+    if record.kind not in (policy_records.GRANT, policy_records.ACCEPT):
+        return []
+    counterpart = record.body["to" if record.kind == policy_records.GRANT else "from"]
+
+    def terms(body: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in body.items() if k != "created"}
+
+    mine = terms(record.body)
+    found = []
+    for stmt in _live(daemon, record.kind, counterpart):
+        other = policy_records.parse_policy(stmt.entry)
+        if terms(other.body) == mine:
+            found.append(f"{stmt.short} (log position {stmt.position})")
+    return found
+
+
+def _still_in_force(daemon: NodeDaemon, revoked: bytes) -> list[str]:
+    """After revoking `revoked`: this member's other statements of its kind for the same counterpart, which go on
+    allowing what it allowed (or some of it)."""
+    policy = daemon.follower.policy
+    stmt = policy.statements.get(revoked) if policy else None
+    if stmt is None:
+        return []
+    return [
+        f"{s.short} (log position {s.position})" for s in _live(daemon, stmt.kind, stmt.counterpart) if s.id != revoked
+    ]
 
 
 async def op_export_receipt(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
