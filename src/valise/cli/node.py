@@ -307,7 +307,8 @@ def send(args: argparse.Namespace) -> int:
         if reply.get("state") == "receipted":
             print(f"relayed: log index {reply.get('index')}")
         elif not reply.get("connected"):
-            print("queued, broker unreachable")
+            why = reply.get("last_error")
+            print(f"queued, not connected to the broker ({shown(why)})" if why else "queued, broker unreachable")
         else:
             print("queued, no answer from the broker yet")
     return 0

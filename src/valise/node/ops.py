@@ -227,16 +227,18 @@ async def op_send(
     log.info("queued packet %s for %s", pid, ", ".join(ids))
     row = await daemon.wait_outcome(sealed.packet_id, wait) if wait > 0 else daemon.store.outbox_get(sealed.packet_id)
     assert row is not None
-    return outcome(row, connected=daemon.session is not None)
+    return outcome(row, connected=daemon.session is not None, last_error=daemon.last_error)
 
 
-def outcome(row: OutboxRow, *, connected: bool) -> dict[str, Any]:
-    """The reply for a packet's current state (denials carry exit code 3, as DeniedError)."""
+def outcome(row: OutboxRow, *, connected: bool, last_error: str | None = None) -> dict[str, Any]:
+    """The reply for a packet's current state (denials carry exit code 3, as DeniedError). A packet queued while
+    the node is not connected carries why it is not (a suspended member's broker refuses its certificate, and
+    "unreachable" would hide that)."""
     base: dict[str, Any] = {"id": row.packet_id.hex(), "to": row.recipients, "state": row.state, "connected": connected}
     if row.state == "receipted":
         return {"ok": True, **base, "index": row.log_index}
     if row.state == "queued":
-        return {"ok": True, **base}
+        return {"ok": True, **base, **({} if connected or not last_error else {"last_error": last_error})}
     detail = _json(row.outcome)
     if row.state == "denied":
         error = detail.get("error") if isinstance(detail, dict) else None
