@@ -373,7 +373,14 @@ def test_witness_quorum_and_forged_cosignature(log: Log, tmp_path: Path) -> None
     _cosign(d, [a, b])
     keys = [w.verifier().vkey() for w in (a, b, c)]
     args = ["--witness", keys[0], "--witness", keys[1], "--witness", keys[2]]
-    assert _verify(d, log, *args, "--quorum", "2")[0] == 0
+    code, report = _verify(d, log, *args, "--quorum", "2")
+    assert code == 0
+    assert (report["cosigners"], report["unchecked_cosigners"]) == (["w.example/a", "w.example/b"], [])  # key names
+    # Trusting only a: b's cosignature is present but unchecked, and said so (not silently dropped).
+    code, report = _verify(d, log, "--witness", keys[0])
+    assert (code, report["cosigners"], report["unchecked_cosigners"]) == (0, ["w.example/a"], ["w.example/b"])
+    code, report = _verify(d, log)
+    assert (report["cosigners"], report["unchecked_cosigners"]) == ([], ["w.example/a", "w.example/b"])
     assert _verify(d, log, *args, "--quorum", "3")[0] == 5
     assert _verify(d, log, *args)[0] == 5  # default quorum: all of them
     # A policy file: a group of two out of three, then all three.

@@ -84,6 +84,13 @@ async def test_a_tree_only_audit_needs_no_entries(tmp_path: Path, capsys: pytest
     report = json.loads(out)
     assert report["tree_verified"] is True
     assert report["findings"] == []
+    async with broker_process(world.home.root, tmp_path / "broker2.log") as broker:
+        url = f"http://127.0.0.1:{broker.http_port}"
+        argv = ["audit", "verify", "--log", url, "--broker-key", log_vkey(world), "--tree-only"]
+        assert await trio.to_thread.run_sync(cli, argv) == 0
+    out = capsys.readouterr().out
+    assert "entries not checked (--tree-only)" in out
+    assert "summary:" not in out  # it said "0 entries, 0 members" of a log it never read
 
 
 def test_a_broker_directory_given_for_a_node_and_the_reverse_are_named(

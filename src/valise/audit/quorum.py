@@ -51,7 +51,11 @@ class QuorumPolicy:
         """The policy of `--witness ... --quorum k`: any k of the listed witnesses."""
         if not 0 <= k <= len(witnesses):
             raise UsageError(f"a quorum of {k} needs at least {k} witnesses (got {len(witnesses)})")
-        names = {f"w{i}": w for i, w in enumerate(witnesses)}
+        # Named as their keys are (a vkey names its holder), so reports say who cosigned; a name given twice, to
+        # different keys, is told apart by its position.
+        names: dict[str, cosignature.CosignatureVerifier] = {}
+        for i, w in enumerate(witnesses):
+            names[w.name if w.name not in names else f"{w.name}#{i}"] = w
         if k == 0:
             return QuorumPolicy(log, None, names, {}, {}, NONE)
         return QuorumPolicy(log, None, names, {}, {"quorum": Group("quorum", k, tuple(names))}, "quorum")

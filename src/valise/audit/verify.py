@@ -104,12 +104,21 @@ class Report:
     def clean(self) -> bool:
         return not self.findings
 
+    @property
+    def unchecked_cosigners(self) -> list[str]:
+        """Names on the checkpoint's other signature lines: cosignatures by keys the auditor did not say it trusts
+        (so not checked). Their presence says nothing until their keys are pinned (--witness, --policy)."""
+        sigs = note.parse_note(self.checkpoint_note).signatures
+        names = {s.name for s in sigs if s.name != self.checkpoint.origin} - set(self.cosigners)
+        return sorted(names)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "origin": self.checkpoint.origin,
             "size": self.checkpoint.size,
             "root": self.checkpoint.root.hex(),
             "cosigners": self.cosigners,
+            "unchecked_cosigners": self.unchecked_cosigners,
             "verified_from": self.start,
             "tree_verified": self.tree_verified,
             "summary": self.summary,

@@ -127,16 +127,24 @@ def _executor(jobs: int) -> Executor | None:
     return ProcessPoolExecutor(jobs) if jobs > 1 else None
 
 
-def _print_report(report: Report, as_json: bool) -> None:
+def _print_report(report: Report, as_json: bool, *, tree_only: bool = False) -> None:
     if as_json:
         print(json.dumps(report.to_json(), sort_keys=True))
         return
     cp = report.checkpoint
     print(f"log {cp.origin}: checkpoint of {cp.size} entries, root {cp.root.hex()}")
     print(f"cosigned by: {', '.join(report.cosigners) or 'no trusted witness'}")
+    if unchecked := report.unchecked_cosigners:
+        print(
+            f"  not checked: cosignatures by {', '.join(unchecked)} (trust their keys with --witness or --policy; "
+            "valise policy show lists the members' witness keys)"
+        )
     tree = "tied to the signed root" if report.tree_verified else "NOT tied to the signed root"
     if report.start == cp.size:
         print(f"no new entries since the held checkpoint; {tree}")
+    elif tree_only:
+        print(f"tree of {cp.size} entries: {tree}; entries not checked (--tree-only)")
+        return
     else:
         print(f"verified entries {report.start}..{cp.size - 1}: {tree}")
     for f in report.findings:
@@ -188,7 +196,7 @@ def verify_cmd(args: argparse.Namespace) -> int:
     bar.close()
     if args.state is not None and report.state is not None:
         state.save(args.state, report.state)
-    _print_report(report, args.json)
+    _print_report(report, args.json, tree_only=args.tree_only)
     return 0 if report.clean else EXIT_FINDINGS
 
 
