@@ -47,7 +47,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "entry bundles say who sent what to whom",
     )
     p.add_argument("--dir", required=True, type=Path, help="the broker directory")
-    p.add_argument("--out", required=True, type=Path, help="directory to write (any static web server can serve it)")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="directory to write: static files an auditors-only web server can serve (never a public one)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=export)
 
