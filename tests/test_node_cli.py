@@ -181,6 +181,20 @@ async def test_inbox_and_read_stream_the_plaintext(
             err = capsys.readouterr().err
             assert err.startswith(f"valise: error: cannot write {target}")
             assert why in err
+        # Once its sender retracts it, a script reading it into its intake is stopped; a person may insist.
+        retraction = records.Retraction.make(
+            members["DEU"].signing, head.core.packet_id, head.digest, "DEU", "wrong desk", NOW
+        )
+        await broker.send(ev.RetractForward(1, head.core.packet_id, "DEU", 9, retraction.raw))
+        await broker.expect(ev.Seen)
+        again = tmp_path / "again.bin"
+        assert await cli("read", "--node", node, item["id"][:8], "-o", str(again)) == 2
+        err = capsys.readouterr().err
+        assert f"packet {item['id']} was retracted by its sender: wrong desk" in err
+        assert "--force" in err
+        assert not again.exists()
+        assert await cli("read", "--node", node, item["id"][:8], "-o", str(again), "--force") == 0
+        assert again.read_bytes() == plaintext
         nursery.cancel_scope.cancel()
 
 

@@ -432,6 +432,10 @@ def run(directory: Path | None, as_json: bool) -> int:
         summary = {"ok": False, "error": str(exc), "dir": str(root)}
     finally:
         demo.stop_all()
+    if summary["ok"] and not keep:
+        shutil.rmtree(root, ignore_errors=True)
+        for gone in ("dir", "restart"):  # nothing is left there to look at or restart
+            summary.pop(gone, None)
     if as_json:
         print(json.dumps(summary))
     elif summary["ok"]:
@@ -448,6 +452,4 @@ def run(directory: Path | None, as_json: bool) -> int:
                 say(f"    {command}")
     else:
         say(f"\nDEMO FAILED: {summary['error']}\n(state kept in {root})")
-    if summary["ok"] and not keep:
-        shutil.rmtree(root, ignore_errors=True)
     return 0 if summary["ok"] else 1

@@ -87,6 +87,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("id", help="packet id (or a unique prefix of at least 4 hex digits)")
     p.add_argument("-o", "--output", required=True, help="payload file, or - for stdout")
     p.add_argument("--json", action="store_true", help="print the packet's labels as JSON")
+    p.add_argument("--force", action="store_true", help="read it even if its sender retracted it")
     p.set_defaults(handler=read)
 
     p = sub.add_parser("retract", help="retract a packet this member sent (recipients are told to discard it)")
@@ -372,8 +373,9 @@ def _inbox_from_daemon(node: Path) -> list[dict[str, Any]]:
 
 
 def read(args: argparse.Namespace) -> int:
+    ask = {"op": "read", "id": args.id, "force": args.force}
     if args.output == "-":
-        reply = _check(request(args.node, {"op": "read", "id": args.id}, sink=sys.stdout.buffer.write))
+        reply = _check(request(args.node, ask, sink=sys.stdout.buffer.write))
         sys.stdout.buffer.flush()
     else:
         target = Path(args.output)
@@ -385,7 +387,7 @@ def read(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot write {target}: {exc.strerror}") from None
         try:
             with os.fdopen(fd, "wb") as out:
-                reply = _check(request(args.node, {"op": "read", "id": args.id}, sink=out.write))
+                reply = _check(request(args.node, ask, sink=out.write))
             os.replace(tmp, target)  # only a packet that verified in full becomes the output
         except OSError as exc:
             os.unlink(tmp)

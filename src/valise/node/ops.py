@@ -296,6 +296,13 @@ async def op_read(
 ) -> dict[str, Any]:
     prefix = _text(request, "id")
     row: InboxRow = _one(daemon.store.inbox_find(prefix), prefix, "inbox")
+    if row.state == "retracted" and not request.get("force"):
+        # Its sender asked every recipient to discard it: a script piping `read` into its intake must not take it
+        # in as if nothing had happened. A person who needs it (to see what was withdrawn) says so.
+        raise UsageError(
+            f"packet {row.packet_id.hex()} was retracted by its sender: {row.retraction or 'no reason given'}",
+            hint="its sender asked recipients to discard it; pass --force to read it anyway",
+        )
     # A sender removed since still signed this while a member: the broker takes packets from active members only,
     # and the node acknowledged it. It is readable, with the removal said beside it (it may be why it was removed).
     sender = bundle_of(daemon, row.sender, removed_too=True)
