@@ -638,3 +638,20 @@ async def test_a_log_export_carries_the_witnesses_cosignatures(tmp_path: Path) -
     vkey = broker.log.verifier.vkey()
     argv = ["audit", "verify", "--log", str(out), "--broker-key", vkey, "--witness", keys[0], "--witness", keys[1]]
     assert cli([*argv, "--quorum", "2"]) == 0
+
+
+async def test_a_second_connection_as_one_member_replaces_the_first_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The older connection is told `replaced` (not `shutting-down`: its node would take the broker for stopping
+    and reconnect at once, taking turns with the other for ever), and the broker logs it where operators look."""
+    world = _world(tmp_path)
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as first:
+        await first.sync()
+        async with WireClient.connect(world, "FRA", broker.port) as second:
+            await second.sync()
+            event = await first.next()
+            assert isinstance(event, ev.ErrorMessage)
+            assert (event.rid, event.code) == (None, codes.REPLACED)
+            assert "replaced by a newer connection of FRA" in event.message
+    assert "FRA connected again: its previous connection is closed (replaced)" in caplog.text

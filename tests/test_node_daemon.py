@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import itertools
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,8 +19,8 @@ from valise.node.daemon import NodeDaemon
 from valise.node.home import NodeHome
 from valise.node.session import Disconnected
 from valise.tlog import cosignature, note
+from valise.wire import codes, liveness
 from valise.wire import events as ev
-from valise.wire import liveness
 from valise.wire.connection import READ_SIZE, Connection, Signal
 from valise.wire.state import Role
 
@@ -476,6 +477,32 @@ async def test_acknowledgements_the_broker_logged_reach_the_sender_through_the_l
         assert "which was not addressed to FRA" in alarms[3].message
         assert alarms[0].evidence == records.ack_entry(bad["forged"])
         assert [a.evidence for a in alarms[1:]] == [bad[k].raw for k in ("another digest", "not sent", "not addressed")]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_node_replaced_again_and_again_alarms_and_backs_off(
+    world: dict[str, Any], members: dict[str, Any], mock_clock: trio.testing.MockClock
+) -> None:
+    """Two nodes running with one identity take turns at the broker, each replacing the other within a second,
+    for ever. After three replacements in five minutes the node says so in an alarm and waits a minute between
+    connections (on trio's mock clock: virtual time, nothing timed on this machine)."""
+    mock_clock.autojump_threshold = 0
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        h.nursery = nursery
+        nursery.start_soon(h.daemon.connection_loop)
+        accepted = []
+        for _ in range(4):
+            broker = await h.accepted.receive()
+            accepted.append(trio.current_time())
+            await h.daemon.connected_event.wait()
+            await broker.send(ev.ErrorMessage(None, codes.REPLACED, "replaced by a newer connection of FRA"))
+        gaps = [b - a for a, b in itertools.pairwise(accepted)]
+        assert max(gaps[:2]) < 30  # the usual reconnection backoff at first
+        assert gaps[2] >= 60  # then a minute between connections
+        (alarm,) = h.daemon.store.alarms()
+        assert alarm.kind == "identity"
+        assert "is a second node running with this identity?" in alarm.message
         nursery.cancel_scope.cancel()
 
 

@@ -891,7 +891,10 @@ class Session:
         authenticated()
         old = self.d.sessions.get(self.member)
         if old is not None:
-            old.close_soon(codes.SHUTTING_DOWN, "replaced by a newer connection of the same member")
+            # Routine after a node's network blip; over and over, two nodes are running with one identity and
+            # take turns, each getting part of the member's deliveries. Said where an operator looks.
+            log.warning("%s connected again: its previous connection is closed (replaced)", self.member)
+            old.close_soon(codes.REPLACED, f"replaced by a newer connection of {self.member}")
         self.d.sessions[self.member] = self
         self.ready = True
         try:

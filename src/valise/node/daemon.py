@@ -37,6 +37,7 @@ from valise.node.session import Disconnected, Reply, Session
 from valise.node.store import AlarmRow, NodeStore, OutboxRow
 from valise.tlog import checkpoint, cosignature
 from valise.tlsstream import TLSSocketStream
+from valise.wire import codes
 from valise.wire import events as ev
 from valise.wire.connection import NEED_DATA, READ_SIZE, Connection, Signal
 from valise.wire.limits import SUPPORTED_VERSIONS
@@ -59,6 +60,12 @@ Random = Callable[[int], bytes]
 
 # What ends a connection without ending the daemon: the loop reconnects after a backoff.
 CONNECTION_ERRORS = (OSError, Error, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
+
+# Replaced by another connection as this member this many times within the window: not a network blip but a second
+# node running with this identity. The two would take turns for ever, each getting part of the deliveries.
+REPLACED_TIMES = 3
+REPLACED_WINDOW = 300.0
+REPLACED_BACKOFF = 60.0
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -100,6 +107,7 @@ class NodeDaemon:
         )  # fmt: skip
         # Why the verified log is not (all) in use yet, with a quorum policy: e.g. "cosigned by 1 of ...".
         self.quorum_wait: str | None = None
+        self._replaced: list[float] = []  # when another connection as this member replaced ours (recent ones)
         self._passphrase = passphrase
         self._connector = connector or self._tls_connect
         self.random = random
@@ -195,28 +203,43 @@ class NodeDaemon:
     async def connection_loop(self) -> None:
         attempt = 0
         while True:
+            pause = 0.0
             try:
                 stream, conn = await self._open()
                 attempt = 0
                 await self._serve(stream, conn)
             except CONNECTION_ERRORS as exc:
-                self._lost(exc)
+                pause = self._lost(exc)
             except BaseExceptionGroup as group:  # from the session's nursery
                 expected, rest = group.split(CONNECTION_ERRORS)
-                if rest is not None:
-                    raise
+                if rest is not None:  # cancelled (the daemon is stopping) or a bug; a lost connection is neither
+                    raise rest  # noqa: B904 - the group's own tracebacks go with it
                 assert expected is not None
-                self._lost(_first(expected))
+                pause = self._lost(_first(expected))
             finally:
                 self.session = None
                 if self.connected_event.is_set():
                     self.connected_event = trio.Event()
-            await trio.sleep(outbox.RECONNECT.delay(attempt, self.random))
+            await trio.sleep(max(pause, outbox.RECONNECT.delay(attempt, self.random)))
             attempt += 1
 
-    def _lost(self, exc: BaseException) -> None:
+    def _lost(self, exc: BaseException) -> float:
+        """Note why the connection ended; return the least time to wait before the next (0: the usual backoff)."""
         self.last_error = tls.explain_failure(str(exc) or type(exc).__name__)
         log.warning("broker connection: %s", self.last_error)
+        if not (isinstance(exc, RemoteError) and exc.code == codes.REPLACED):
+            return 0.0
+        now = trio.current_time()
+        self._replaced = [t for t in self._replaced if now - t < REPLACED_WINDOW] + [now]
+        if len(self._replaced) < REPLACED_TIMES:
+            return 0.0
+        self.alarm(
+            "identity",
+            f"the broker keeps replacing this node's connection by another connection as {self.member} "
+            f"({REPLACED_TIMES} times within {REPLACED_WINDOW:g} s): is a second node running with this identity? "
+            f"Stop one of them; this one now waits {REPLACED_BACKOFF:g} s between connections",
+        )
+        return REPLACED_BACKOFF
 
     async def _tls_connect(self) -> trio.abc.Stream:
         cfg = self.config

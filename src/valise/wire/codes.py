@@ -53,6 +53,7 @@ PROTOCOL_CODES = frozenset(
 # --- application codes (sent by the daemons) -------------------------------------------------------------------
 INTERNAL = "internal"  # the sender failed; retrying later may work
 SHUTTING_DOWN = "shutting-down"  # graceful stop; reconnect later
+REPLACED = "replaced"  # a newer connection of the same member took over this one
 TIMEOUT = "timeout"  # the peer was too slow (handshake, pong, credit)
 UNAUTHENTICATED = "unauthenticated"  # `hello.member` is not the member whose certificate the TLS peer showed
 UNKNOWN_MEMBER = "unknown-member"  # the member is not in the directory
