@@ -481,7 +481,10 @@ async def test_acknowledgements_the_broker_logged_reach_the_sender_through_the_l
 
 
 async def test_a_node_replaced_again_and_again_alarms_and_backs_off(
-    world: dict[str, Any], members: dict[str, Any], mock_clock: trio.testing.MockClock
+    world: dict[str, Any],
+    members: dict[str, Any],
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Two nodes running with one identity take turns at the broker, each replacing the other within a second,
     for ever. After three replacements in five minutes the node says so in an alarm and waits a minute between
@@ -500,6 +503,10 @@ async def test_a_node_replaced_again_and_again_alarms_and_backs_off(
         gaps = [b - a for a, b in itertools.pairwise(accepted)]
         assert max(gaps[:2]) < 30  # the usual reconnection backoff at first
         assert gaps[2] >= 60  # then a minute between connections
+        # Each recovery is said at the level its loss was, so that a default (warnings only) log shows both.
+        recovered = [r for r in caplog.records if r.getMessage().startswith("reconnected to broker")]
+        assert len(recovered) == 3
+        assert {r.levelname for r in recovered} == {"WARNING"}
         (alarm,) = h.daemon.store.alarms()
         assert alarm.kind == "identity"
         assert "is a second node running with this identity?" in alarm.message

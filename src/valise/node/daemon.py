@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -293,9 +294,15 @@ class NodeDaemon:
     async def _serve(self, stream: trio.abc.Stream, conn: Connection) -> None:
         session = Session(self, stream, conn)
         self.session = session
+        # A recovery is said at the level its loss was (a warning), so an operator tailing the log sees both.
+        if self.last_error is not None:
+            log.warning(
+                "reconnected to broker %s (the connection had ended: %s)", self.broker.member_id, self.last_error
+            )
+        else:
+            log.info("connected to broker %s", self.broker.member_id)
         self.last_error = None
         self.connected_event.set()
-        log.info("connected to broker %s", self.broker.member_id)
         try:
             async with trio.open_nursery() as nursery:
                 session.scope = nursery.cancel_scope
@@ -637,6 +644,13 @@ async def run_node(home: NodeHome, me: identity.Identity, passphrase: bytes | No
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.run)
                 gctune.settle_for_serving()
+                cfg = daemon.config
+                print(
+                    f"valise node: {daemon.member} running in {home.root}, broker {cfg.broker_host}:{cfg.broker_port}"
+                    f" (valise status --node {home.root})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
                         log.info("signal %d: shutting down", signum)
