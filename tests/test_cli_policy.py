@@ -173,6 +173,18 @@ def test_operator_commands(broker: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "FRA -> DEU: allow" in out
     assert "never goes to a partner (ACME) through a group grant" in out
     assert "TLP:RED needs a grant that names DEU individually" in run(capsys, *base, "--tlp", "RED")[1]
+    # A mistyped label is a usage error (exit 2), not a denial (exit 3); a group stands for its members.
+    code, _, err = run(capsys, *base, "--tlp", "green")
+    assert code == 2
+    assert "'green' is not" in err
+    assert run(capsys, *base, "--tlp", "AMBER", "--category", "Malware!")[0] == 2
+    code, out, _ = run(
+        capsys, "policy", "explain", "--dir", d, "--from", "FRA", "--to", "group:europe", "--tlp", "GREEN"
+    )
+    assert code == 0
+    assert [line.split(":")[0] for line in out.splitlines()] == ["FRA -> ACME", "FRA -> DEU"]
+    code, _, err = run(capsys, "policy", "explain", "--dir", d, "--from", "FRA", "--to", "group:nope", "--tlp", "GREEN")
+    assert (code, "there is no group 'nope' in the directory" in err) == (2, True)
 
     code, out, _ = run(capsys, "policy", "matrix", "--dir", d, "--json")
     chans = {(c["from"], c["to"]): c["tlp"] for c in json.loads(out)["channels"]}

@@ -627,9 +627,25 @@ def show(args: argparse.Namespace) -> int:
 
 def explain(args: argparse.Namespace) -> int:
     now = args.at if args.at is not None else int(time.time())
+    # A mistyped label is the asker's mistake, not the policy's answer: exit 2, as `send` and `seal` do, not a
+    # denial (exit 3) that reads like one.
+    try:
+        tlp = labels.TLP.parse(args.tlp).label
+        for category in args.category:
+            labels.check_category(category)
+    except LabelError as exc:
+        raise UsageError(exc.what) from None
     state = _read_state(args.dir, args.verify)
-    meta = PacketMeta(args.sender, tuple(args.to), args.tlp, tuple(sorted(set(args.category))), args.operation,
-                      args.size)  # fmt: skip
+    to: list[str] = []
+    for name in args.to:  # group:NAME stands for its members, as `send` reads it
+        if name.startswith(records.GROUP_PREFIX):
+            group = state.groups.get(name[len(records.GROUP_PREFIX) :])
+            if group is None:
+                raise UsageError(f"there is no group {name[len(records.GROUP_PREFIX) :]!r} in the directory")
+            to += [m for m in sorted(group.members) if m != args.sender and m not in to]
+        elif name not in to:
+            to.append(name)
+    meta = PacketMeta(args.sender, tuple(to), tlp, tuple(sorted(set(args.category))), args.operation, args.size)
     decision = decide(state, meta, now)
     if args.json:
         out = {
