@@ -109,3 +109,18 @@ def test_a_broker_directory_given_for_a_node_and_the_reverse_are_named(
     for argv in (["broker", "info", "--dir", node], ["policy", "show", "--dir", node]):
         assert cli(argv) == 2
         assert f"{node} is a node directory, not a broker directory" in capsys.readouterr().err
+
+
+def test_node_init_says_how_to_start_a_node_whose_key_has_a_passphrase(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = make_world(tmp_path)
+    monkeypatch.setenv("PW", "correct horse")
+    keys = tmp_path / "keys" / "GBR"
+    assert cli(["keygen", "--id", "GBR", "--out", str(keys), "--passphrase-env", "PW"]) == 0
+    capsys.readouterr()
+    for ident, unlock in ((keys, " --passphrase-env VAR"), (world.dirs["FRA"], "")):
+        node = tmp_path / f"node-{ident.name}"
+        argv = ["node", "init", "--dir", str(node), "--identity", str(ident), "--broker", "127.0.0.1:9"]
+        assert cli([*argv, "--broker-pub", str(world.home.broker_bundle_path), "--log-key", log_vkey(world)]) == 0
+        assert capsys.readouterr().out.rstrip().endswith(f"start it with: valise node run --dir {node}{unlock}")

@@ -181,6 +181,9 @@ async def test_inbox_and_read_stream_the_plaintext(
             err = capsys.readouterr().err
             assert err.startswith(f"valise: error: cannot write {target}")
             assert why in err
+        # Only its sender can retract it, and the error says so rather than "not in the outbox".
+        assert await cli("retract", "--node", node, item["id"][:8]) == 2
+        assert f"packet {item['id'][:8]} is one this member received: only its sender" in capsys.readouterr().err
         # Once its sender retracts it, a script reading it into its intake is stopped; a person may insist.
         retraction = records.Retraction.make(
             members["DEU"].signing, head.core.packet_id, head.digest, "DEU", "wrong desk", NOW
@@ -295,7 +298,7 @@ async def test_statements_are_signed_by_the_daemon_and_sent(
         )
         reply = await call(world["home"].root, {"op": "statement", "statement": signed})
         assert reply["ok"] is False
-        assert "replayed statement" in reply["error"]
+        assert reply["error"] == "the broker refused: replayed statement"  # not "refused (refused)"
         other = policy_records.grant(
             members["DEU"].signing, origin=ORIGIN, author="DEU", created=NOW, to="FRA", tlp="RED"
         )

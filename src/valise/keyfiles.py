@@ -22,7 +22,7 @@ import nacl.utils
 from cryptography.hazmat.primitives import serialization
 
 from valise import encoding
-from valise.errors import EncodingError, KeyFileError, PassphraseError, UsageError
+from valise.errors import EncodingError, Error, KeyFileError, PassphraseError, UsageError
 from valise.identity import Identity, PublicBundle, check_member_id
 
 KEYFILE_VERSION = 1
@@ -97,6 +97,16 @@ def open_secrets(data: bytes, passphrase: bytes | None, *, what: str) -> dict[st
         )
     except EncodingError as exc:
         raise KeyFileError(f"{what} is damaged: {exc.what}") from None
+
+
+def is_encrypted(directory: Path) -> bool:
+    """Whether the identity in `directory` is under a passphrase (so its daemon needs --passphrase-env)."""
+    try:
+        data = (directory / f"{find_member_id(directory)}.key").read_bytes()
+        head = encoding.unpack(data, what="key file", max_size=KEYFILE_MAX_SIZE)
+    except (Error, OSError):
+        return False
+    return isinstance(head, dict) and head.get("kdf") not in (None, "none")
 
 
 def is_sealed(data: bytes) -> bool:

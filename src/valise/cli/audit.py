@@ -151,10 +151,15 @@ def _print_report(report: Report, as_json: bool, *, tree_only: bool = False) -> 
         print(f.line())
     s = report.summary
     print(
-        f"summary: {s['entries']} entries, {s['members']} members ({s['active_members']} active), "
-        f"{s['packets']} packets, {s['acks']} acknowledgements, {s['unacknowledged_past_expiry']} unacknowledged "
-        f"past expiry, {s['retractions']} retractions, {s['purges']} purges, {s['findings']} findings"
+        f"summary: {_n(s['entries'], 'entry', 'entries')}, {_n(s['members'], 'member')} "
+        f"({s['active_members']} active), {_n(s['packets'], 'packet')}, {_n(s['acks'], 'acknowledgement')}, "
+        f"{s['unacknowledged_past_expiry']} unacknowledged past expiry, {_n(s['retractions'], 'retraction')}, "
+        f"{_n(s['purges'], 'purge')}, {_n(s['findings'], 'finding')}"
     )
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    return f"{count} {one if count == 1 else many or one + 's'}"
 
 
 def _alarm(exc: CheckpointRefused, state_path: Path | None, as_json: bool) -> int:

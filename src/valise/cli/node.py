@@ -214,7 +214,8 @@ def init(args: argparse.Namespace) -> int:
         print(f"node directory {args.dir} for {cfg.member_id}, broker {facts['broker']}")
         if policy is not None:
             print(f"  witness quorum: {policy.quorum} ({len(policy.witnesses)} witness keys)")
-        print(f"  start it with: valise node run --dir {args.dir}")
+        unlock = " --passphrase-env VAR" if keyfiles.is_encrypted(args.identity) else ""
+        print(f"  start it with: valise node run --dir {args.dir}{unlock}")
     return 0
 
 

@@ -28,6 +28,7 @@ from valise.node.store import InboxRow, OutboxRow
 from valise.policy import records as policy_records
 from valise.policy.records import GROUP_PREFIX
 from valise.policy.state import Statement
+from valise.wire import codes
 from valise.wire import events as ev
 
 log = logging.getLogger("valise.node")
@@ -343,6 +344,8 @@ def _session(daemon: NodeDaemon) -> Any:
 async def op_retract(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
     prefix = _text(request, "id").lower()
     rows = [r for r in daemon.store.outbox_all() if r.packet_id.hex().startswith(prefix)]
+    if not rows and len(prefix) >= 4 and daemon.store.inbox_find(prefix):
+        raise UsageError(f"packet {prefix} is one this member received: only its sender can retract it")
     row: OutboxRow = _one(rows, prefix, "outbox")
     if row.state != "receipted":
         raise UsageError(f"packet {row.packet_id.hex()} is {row.state}; only a relayed packet can be retracted")
@@ -358,7 +361,8 @@ async def op_retract(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> di
 
 def _refused(answer: ev.Message) -> dict[str, Any]:
     if isinstance(answer, ev.ErrorMessage):
-        return {"ok": False, "error": f"the broker refused ({answer.code}): {answer.message}", "code": 1}
+        code = "" if answer.code == codes.REFUSED else f" ({answer.code})"  # "refused (refused)" says it twice
+        return {"ok": False, "error": f"the broker refused{code}: {answer.message}", "code": 1}
     return {"ok": False, "error": f"unexpected answer {answer.TYPE}", "code": 1}
 
 
