@@ -321,10 +321,7 @@ async def test_an_identical_statement_in_force_is_refused_and_a_revoke_names_wha
     h.log.add(first)
     first_id = policy_records.parse_policy(first).id
     async with trio.open_nursery() as nursery:
-        h.nursery = nursery
-        await nursery.start(h.daemon.run)
-        broker = await h.accepted.receive()
-        await wait_for(lambda: h.daemon.follower.size == 4)  # the first grant is in force
+        broker = await serve_daemon_at(nursery, h, 4)  # the first grant is in force
         grant = {"op": "statement", "build": {"kind": "grant", "to": "DEU", "tlp": "AMBER"}}
         reply = await call(node, grant)
         assert (reply["ok"], reply["code"]) == (False, 2)
@@ -347,3 +344,41 @@ async def test_an_identical_statement_in_force_is_refused_and_a_revoke_names_wha
         assert reply["ok"] is True
         assert [s.split()[0] for s in reply["still_in_force"]] == [second[:8] + "…"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_member_operator_asks_its_own_node_about_the_policy(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`policy show|explain|matrix --node`: a national node's operator has no broker directory, but its node holds
+    the verified policy; with the daemon running or not."""
+    h = Harness(world, members["FRA"])
+    fra, deu = members["FRA"].signing, members["DEU"].signing
+    h.log.add(policy_records.grant(fra, origin=ORIGIN, author="FRA", created=NOW, to="DEU", tlp="AMBER"))
+    h.log.add(policy_records.accept(deu, origin=ORIGIN, author="DEU", created=NOW, source="FRA", tlp="AMBER"))
+    node = str(world["home"].root)
+    explain = ("policy", "explain", "--node", node, "--from", "FRA", "--to", "DEU", "--at", str(NOW))
+    async with trio.open_nursery() as nursery:
+        await serve_daemon_at(nursery, h, 5)
+        assert await cli(*explain, "--tlp", "AMBER") == 0
+        assert "FRA -> DEU: allow: allowed by FRA's grant" in capsys.readouterr().out
+        nursery.cancel_scope.cancel()
+    h.daemon.store.close()
+    assert await cli(*explain, "--tlp", "RED") == 3  # the daemon is stopped: the store answers all the same
+    assert "FRA -> DEU: DENY" in capsys.readouterr().out
+    assert await cli("policy", "show", "--node", node, "--json") == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert sorted(m["id"] for m in facts["members"]) == ["DEU", "FRA"]
+    assert sorted(s["kind"] for s in facts["statements"]) == ["accept", "grant"]
+    assert await cli("policy", "matrix", "--node", node, "--at", str(NOW), "--json") == 0
+    channels = json.loads(capsys.readouterr().out)["channels"]
+    assert [(c["from"], c["to"], c["tlp"]) for c in channels] == [("FRA", "DEU", "AMBER")]
+
+
+async def serve_daemon_at(nursery: trio.Nursery, h: Harness, size: int) -> ScriptedBroker:
+    h.nursery = nursery
+    await nursery.start(h.daemon.run)
+    broker = await h.accepted.receive()
+    await wait_for(lambda: h.daemon.follower.size == size)
+    return broker

@@ -162,7 +162,11 @@ def _register_member(pol: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _view(p: argparse.ArgumentParser) -> None:
-    _dir(p)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dir", type=Path, help="the broker directory")
+    where.add_argument(
+        "--node", type=Path, help="a member node's directory: the policy as its verified log shows it (no broker)"
+    )
     p.add_argument("--verify", action="store_true", help="re-check every record's signature while folding the log")
 
 
@@ -512,6 +516,14 @@ def sign_revoke(args: argparse.Namespace) -> int:
 # --- views ------------------------------------------------------------------------------------------------
 
 
+def _view_state(args: argparse.Namespace) -> PolicyState:
+    if args.node is not None:
+        from valise.node.report import offline_policy  # the node side; only this path needs it
+
+        return offline_policy(args.node)
+    return _view_state(args)
+
+
 def _read_state(directory: Path, verify: bool) -> PolicyState:
     home = BrokerHome.open(directory)
     store = SqliteLog.open(home.db_path)
@@ -584,7 +596,7 @@ def describe(state: PolicyState, now: int) -> dict[str, Any]:
 
 def show(args: argparse.Namespace) -> int:
     now = args.at if args.at is not None else int(time.time())
-    facts = describe(_read_state(args.dir, args.verify), now)
+    facts = describe(_view_state(args), now)
     if args.json:
         print(json.dumps(facts, indent=2))
         return 0
@@ -635,7 +647,7 @@ def explain(args: argparse.Namespace) -> int:
             labels.check_category(category)
     except LabelError as exc:
         raise UsageError(exc.what) from None
-    state = _read_state(args.dir, args.verify)
+    state = _view_state(args)
     to: list[str] = []
     for name in args.to:  # group:NAME stands for its members, as `send` reads it
         if name.startswith(records.GROUP_PREFIX):
@@ -672,7 +684,7 @@ def explain(args: argparse.Namespace) -> int:
 
 def matrix(args: argparse.Namespace) -> int:
     now = args.at if args.at is not None else int(time.time())
-    state = _read_state(args.dir, args.verify)
+    state = _view_state(args)
     chans = channels(state, now)
     if args.json:
         out = [

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from valise.errors import Error
+from valise.errors import Error, StoreError
 from valise.node.follower import Follower
 from valise.node.home import NodeConfig, NodeHome
 from valise.node.store import InboxRow, NodeStore
+from valise.policy import PolicyState
 
 STATUS_ALARMS = 50  # the latest alarms `status` shows (with the total)
 
@@ -104,17 +106,38 @@ def offline_status(home: NodeHome) -> dict[str, Any]:
         follower: Follower | str
         policy = None
         try:
-            broker, policy = home.broker_bundle(), home.witness_policy()
-            state, kept = store.follower_load()
-            follower = Follower.restore(
-                config.log_vkey, config.member_id, broker.member_id, state, kept, broker.sign_key,
-                quorum=policy, pending=store.follower_pending(),
-            )  # fmt: skip
+            policy = home.witness_policy()
+            follower = _restore(home, store)
         except Error as exc:  # the daemon would refuse to start too; its alarms and queues still tell why
             follower = f"the verified log cannot be rebuilt: {exc.what}"
         return status(config, store, follower, policy.quorum if policy else None, None)
     finally:
         store.close()
+
+
+def offline_policy(root: Path) -> PolicyState:
+    """The policy as this node's verified (trusted) log shows it, from its store, read-only: what a member operator
+    asks `policy show|explain|matrix --node` about, with no access to the broker's directory. The daemon may be
+    running or not; a running one commits each checkpoint's policy records in one transaction."""
+    home = NodeHome.open(root)
+    store = NodeStore.open_readonly(home.root)
+    try:
+        follower = _restore(home, store)
+    finally:
+        store.close()
+    if follower.policy is None:
+        raise StoreError(f"the node in {root} has not verified any of the log yet", hint="let its daemon run")
+    return follower.policy
+
+
+def _restore(home: NodeHome, store: NodeStore) -> Follower:
+    """The verified log as the daemon left it in `store` (as NodeDaemon rebuilds it when it starts)."""
+    config, broker = home.config(), home.broker_bundle()
+    state, kept = store.follower_load()
+    return Follower.restore(
+        config.log_vkey, config.member_id, broker.member_id, state, kept, broker.sign_key,
+        quorum=home.witness_policy(), pending=store.follower_pending(),
+    )  # fmt: skip
 
 
 def offline_inbox(home: NodeHome) -> list[dict[str, Any]]:
