@@ -521,7 +521,7 @@ def _view_state(args: argparse.Namespace) -> PolicyState:
         from valise.node.report import offline_policy  # the node side; only this path needs it
 
         return offline_policy(args.node)
-    return _view_state(args)
+    return _read_state(args.dir, args.verify)
 
 
 def _read_state(directory: Path, verify: bool) -> PolicyState:
