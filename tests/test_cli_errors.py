@@ -124,3 +124,22 @@ def test_node_init_says_how_to_start_a_node_whose_key_has_a_passphrase(
         argv = ["node", "init", "--dir", str(node), "--identity", str(ident), "--broker", "127.0.0.1:9"]
         assert cli([*argv, "--broker-pub", str(world.home.broker_bundle_path), "--log-key", log_vkey(world)]) == 0
         assert capsys.readouterr().out.rstrip().endswith(f"start it with: valise node run --dir {node}{unlock}")
+
+
+def test_with_json_a_failure_is_one_json_value_on_stdout_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A script reads stdout with --json: success and failure must parse alike (the text stays on stderr)."""
+    for argv, code, what in (
+        (["status", "--node", str(tmp_path / "nowhere"), "--json"], 1, "is not a node directory"),
+        (["broker", "info", "--dir", str(tmp_path / "nowhere"), "--json"], 1, "is not a broker directory"),
+        (["audit", "verify", "--log", str(tmp_path), "--broker-key", "not a key", "--json"], 2, "key"),
+    ):
+        assert cli(argv) == code
+        out, err = capsys.readouterr()
+        reply = json.loads(out)
+        assert (reply["ok"], reply["code"]) == (False, code)
+        assert what in reply["error"]
+        assert err.startswith("valise: error: ")
+    assert cli(["broker", "info", "--dir", str(tmp_path / "nowhere")]) == 1
+    assert capsys.readouterr().out == ""  # without --json, nothing on stdout

@@ -11,6 +11,7 @@ import pytest
 
 from valise.broker.home import BrokerHome
 from valise.cli.main import main
+from valise.policy import records
 from valise.store.sqlite import SqliteLog
 from valise.tlog import cosignature
 
@@ -374,3 +375,14 @@ def test_bad_arguments(broker: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     code, _, err = run(capsys, "policy", "show", "--dir", str(tmp_path / "nowhere"))
     assert code == 1
     assert "is not a broker directory" in err
+
+
+def test_an_offline_statement_reports_as_json(broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "g.stmt"
+    keys = str(tmp_path / "keys" / "FRA")
+    argv = ("policy", "grant", "--identity", keys, "--origin", ORIGIN, "--to", "DEU", "--tlp", "GREEN", "-o", str(out))
+    code, text, _ = run(capsys, *argv, "--json")
+    assert code == 0
+    got = json.loads(text)
+    assert (got["kind"], got["author"], got["file"]) == ("grant", "FRA", str(out))
+    assert got["statement"] == records.parse_policy(out.read_bytes()).id.hex()

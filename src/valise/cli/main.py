@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Sequence
 
@@ -76,19 +77,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
+    as_json = bool(getattr(args, "json", False))
     try:
         code: int = handler(args)
     except BaseExceptionGroup as group:  # from a daemon's nursery: one failure, usually, wrapped by trio
-        return _failed(_first(group), group)
+        return _failed(_first(group), group, as_json)
     except (Error, KeyboardInterrupt, OSError) as exc:
-        return _failed(exc, exc)
+        return _failed(exc, exc, as_json)
     return code
 
 
-def _failed(exc: BaseException, original: BaseException) -> int:
-    """Report a failure the user can act on in one line; anything else is a bug, and keeps its traceback."""
+def _failed(exc: BaseException, original: BaseException, as_json: bool = False) -> int:
+    """Report a failure the user can act on in one line; anything else is a bug, and keeps its traceback.
+
+    With --json a script also gets it on stdout, as the one JSON value it reads there: {"ok": false, "error",
+    "code"} (the shape `send --json` answers a refusal with), so that success and failure parse alike."""
     if isinstance(exc, Error):
         print(f"valise: error: {shown(exc)}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"ok": False, "error": str(exc), "code": exc.exit_code}))
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         print("valise: interrupted", file=sys.stderr)
@@ -102,6 +109,8 @@ def _failed(exc: BaseException, original: BaseException) -> int:
         else:  # e.g. trio's "error while attempting to bind on address (...): address already in use"
             what = str(exc).removeprefix(f"[Errno {exc.errno}] ")
         print(f"valise: error: {shown(what)}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"ok": False, "error": what, "code": 1}))
         return 1
     raise original
 

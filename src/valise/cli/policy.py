@@ -136,7 +136,7 @@ def _statement_args(p: argparse.ArgumentParser, *, terms: bool = True) -> None:
     p.add_argument("--passphrase-env", metavar="VAR", help="the key file's passphrase is in $VAR")
     p.add_argument("--origin", help="with --identity: the broker's log origin (binds the statement to that log)")
     p.add_argument("-o", "--out", type=Path, help="with --identity: the statement file to write")
-    p.add_argument("--json", action="store_true", help="with --node: print the broker's answer as JSON")
+    p.add_argument("--json", action="store_true", help="print the result (with --node: the broker's answer) as JSON")
     if terms:
         p.add_argument("--again", action="store_true", help="with --node: sign it even if an identical one is in force")
         p.add_argument("--tlp", required=True, help="the highest TLP level covered")
@@ -453,7 +453,12 @@ def _write_statement(args: argparse.Namespace, make: Any) -> int:
     entry: bytes = make(ident)
     rec = records.parse_policy(entry)
     keyfiles.write_public(args.out, entry)
-    print(f"{rec.kind} {rec.id.hex()} by {ident.member_id} written to {args.out}")
+    if args.json:
+        print(
+            json.dumps({"kind": rec.kind, "statement": rec.id.hex(), "author": ident.member_id, "file": str(args.out)})
+        )
+    else:
+        print(f"{rec.kind} {rec.id.hex()} by {ident.member_id} written to {args.out}")
     return 0
 
 
