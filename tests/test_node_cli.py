@@ -340,9 +340,14 @@ async def test_an_identical_statement_in_force_is_refused_and_a_revoke_names_wha
         assert h.daemon.session is not None
         await h.daemon.sync(h.daemon.session)
         nursery.start_soon(logged)
-        reply = await call(node, {"op": "statement", "build": {"kind": "revoke", "statement": first_id.hex()}})
+        revoke = {"op": "statement", "build": {"kind": "revoke", "statement": first_id.hex()[:8]}}  # a prefix
+        reply = await call(node, revoke)
         assert reply["ok"] is True
         assert [s.split()[0] for s in reply["still_in_force"]] == [second[:8] + "…"]
+        await h.daemon.sync(h.daemon.session)
+        reply = await call(node, revoke)
+        assert (reply["ok"], reply["code"]) == (False, 2)
+        assert f"statement {first_id.hex()[:8]} is revoked already" in reply["error"]
         nursery.cancel_scope.cancel()
 
 

@@ -502,14 +502,20 @@ def sign_accept(args: argparse.Namespace) -> int:
 
 
 def sign_revoke(args: argparse.Namespace) -> int:
+    given = args.statement.strip().rstrip("…").lower()
+    if args.node is not None:  # the node knows this member's statements: a unique prefix will do
+        if len(given) < 8 or any(c not in "0123456789abcdef" for c in given):
+            raise UsageError(f"statement id {args.statement[:80]!r}: give at least 8 hex digits (policy show)")
+        return _via_node(args, {"kind": "revoke", "statement": given})
     try:
-        sid = bytes.fromhex(args.statement)
+        sid = bytes.fromhex(given)
     except ValueError:
         sid = b""
     if len(sid) != 32:
-        raise UsageError(f"statement id {args.statement[:80]!r} is not 64 hex digits", hint="see valise policy show")
-    if args.node is not None:
-        return _via_node(args, {"kind": "revoke", "statement": sid.hex()})
+        raise UsageError(
+            f"statement id {args.statement[:80]!r} is not 64 hex digits",
+            hint="signing offline, the whole id is needed (valise policy show); through --node a prefix will do",
+        )
     return _write_statement(
         args,
         lambda i: records.revoke(

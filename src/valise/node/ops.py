@@ -391,12 +391,31 @@ def build_statement(daemon: NodeDaemon, spec: dict[str, Any]) -> bytes:
                 valid_until=spec.get("valid_until"),
             )  # fmt: skip
         if kind == "revoke":
-            return policy_records.revoke(
-                key, origin=origin, author=author, created=created, statement=bytes.fromhex(spec["statement"])
-            )
+            target = _own_statement(daemon, str(spec["statement"]).lower())
+            return policy_records.revoke(key, origin=origin, author=author, created=created, statement=target)
     except (KeyError, ValueError, TypeError, AttributeError) as exc:  # a field missing or of the wrong type
         raise UsageError(f"statement {str(kind)[:20]} lacks or has a bad field: {exc}") from None
     raise UsageError(f"statement kind {str(kind)[:20]!r} is not grant, accept or revoke")
+
+
+def _own_statement(daemon: NodeDaemon, prefix: str) -> bytes:
+    """The id of this member's statement in force that `prefix` (hex) names, as the verified log shows them."""
+    policy = daemon.follower.policy
+    mine = [
+        s.id
+        for s in (policy.statements.values() if policy else ())
+        if s.author == daemon.member and s.kind != policy_records.REVOKE and s.id.hex().startswith(prefix)
+    ]
+    live = [i for i in mine if policy is not None and i not in policy.revoked]
+    if len(live) == 1:
+        return live[0]
+    if not live and mine:
+        raise UsageError(f"statement {prefix} is revoked already")
+    if not live:
+        raise UsageError(
+            f"no statement of {daemon.member} in force starts with {prefix}", hint="see policy show --node"
+        )
+    raise UsageError(f"{len(live)} statements of {daemon.member} start with {prefix}", hint="give more digits")
 
 
 async def op_statement(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
