@@ -55,8 +55,12 @@ def test_unknown_signers_are_ignored_but_kept() -> None:
 def test_no_verifiable_signature_rejects() -> None:
     with pytest.raises(NoteError, match="no verifiable signatures"):
         note.open_note(peter_note(PETER_SIG), [])
-    with pytest.raises(NoteError, match="no verifiable signatures"):
+    with pytest.raises(NoteError, match="no verifiable signatures") as info:
         note.open_note(peter_note(ENOCH_SIG), [note.parse_vkey(PETER_VKEY)])
+    # Who signed it, and whom we trust, from the C2SP example keys: a wrong pin is visible at once.
+    enoch, peter = note.parse_vkey(ENOCH_VKEY), note.parse_vkey(PETER_VKEY)
+    assert f"signed by EnochRoot+{enoch.key_id.hex()}" in info.value.what
+    assert f"the keys trusted here are PeterNeumann+{peter.key_id.hex()}" in info.value.what
 
 
 def test_a_known_keys_bad_signature_rejects_the_note() -> None:

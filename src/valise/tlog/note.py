@@ -306,5 +306,12 @@ def open_note(msg: bytes, verifiers: Sequence[Verifier]) -> Note:
         v.verify(text, sig.sig)
         verified.append(sig)
     if not verified:
-        raise NoteError("note has no verifiable signatures", hint="is the signer's verifier key configured?")
+        # Say whose signatures it carries and which keys were expected: a node or auditor pinned to another log
+        # (or another broker's key) must be able to see that at once.
+        signed = ", ".join(f"{s.name}+{s.key_id.hex()}" for s in unverified[:4]) or "none"
+        expected = ", ".join(f"{v.name}+{bytes(v.key_id).hex()}" for v in verifiers[:4]) or "none"
+        raise NoteError(
+            f"note has no verifiable signatures: it is signed by {signed}; the keys trusted here are {expected}",
+            hint="is the signer's verifier key configured (the right --log-key or --broker-key)?",
+        )
     return Note(note.text, tuple(verified), tuple(unverified))
