@@ -386,3 +386,26 @@ def test_an_offline_statement_reports_as_json(broker: Path, tmp_path: Path, caps
     got = json.loads(text)
     assert (got["kind"], got["author"], got["file"]) == ("grant", "FRA", str(out))
     assert got["statement"] == records.parse_policy(out.read_bytes()).id.hex()
+
+
+def test_mistakes_that_would_be_logged_for_good_are_refused_first(
+    broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = str(broker)
+    size = log_size(broker)
+    keys = str(tmp_path / "keys" / "FRA")
+    code, _, err = run(
+        capsys, "policy", "grant", "--identity", keys, "--origin", ORIGIN, "--to", "DEU", "--tlp", "GREEN",
+        "--until", "2020-01-01", "-o", str(tmp_path / "late.stmt"),
+    )  # fmt: skip
+    assert code == 2
+    assert "--until 2020-01-01T00:00:00Z has passed: the statement would never be in force" in err
+    code, _, err = run(capsys, "broker", "rule", "max-tlp", "--dir", d, "--tlp", "RED")
+    assert (code, "max-tlp RED restricts nothing" in err) == (2, True)
+    assert main(["keygen", "--id", "fra", "--out", str(tmp_path / "keys" / "fra-lower")]) == 0
+    add = ("broker", "member", "add", "--dir", d, "--bundle", str(tmp_path / "keys" / "fra-lower" / "fra.pub"))
+    code, _, err = run(capsys, *add, "--kind", "country", "--region", "europe")
+    assert (code, "fra differs from member FRA only by case" in err) == (2, True)
+    assert log_size(broker) == size
+    code, _, err = run(capsys, "broker", "init", "--dir", str(tmp_path / "b2"), "--origin", "https://x.example/log")
+    assert (code, "has a scheme" in err) == (2, True)

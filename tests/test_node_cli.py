@@ -88,6 +88,8 @@ async def test_send_prints_the_id_and_the_receipt_or_the_denial(
         code = await cli("send", "--node", node, "--to", "NGA", "--tlp", "RED", str(payload))
         assert code == 2
         assert "not in the verified directory: NGA" in capsys.readouterr().err
+        assert await cli("send", "--node", node, "--to", "FRA", "--tlp", "RED", str(payload)) == 2
+        assert "FRA cannot send to itself" in capsys.readouterr().err  # found here, not denied by the broker
         # --json: stdout is one JSON value (the id printed before it made it unparseable).
         nursery.start_soon(answer_submission, broker, h)
         code = await cli("send", "--node", node, "--to", "DEU", "--tlp", "AMBER", "--json", str(payload))

@@ -144,6 +144,8 @@ class BrokerHome:
         """Create the directory, the broker identity, the operator and log keys (the operator key sealed with
         `operator_passphrase` if given). Refuses to overwrite."""
         check_origin(origin)
+        if "://" in origin:  # C2SP: an origin is a schema-less URL
+            raise UsageError(f"origin {origin!r} has a scheme", hint="leave it out, e.g. valise.example/log")
         identity.check_member_id(broker_id)
         home = cls(root)
         if home.config_path.exists():

@@ -313,7 +313,14 @@ def member_add(args: argparse.Namespace) -> int:
         "region": args.region,
         "bundle": bundle.raw,
     }
-    appended = _append(home, lambda s: [_operator_entry(args, key, s, "op", "member-add", **fields)])
+    def build(state: PolicyState) -> list[bytes]:
+        # Ids are case-sensitive on the wire, but `fra` beside `FRA` invites a packet to the wrong bureau.
+        alike = [m for m in state.members if m.lower() == bundle.member_id.lower() and m != bundle.member_id]
+        if alike:
+            raise UsageError(f"{bundle.member_id} differs from member {alike[0]} only by case: choose another id")
+        return [_operator_entry(args, key, state, "op", "member-add", **fields)]
+
+    appended = _append(home, build)
     return _done(args, appended, f"admitted {bundle.member_id} ({args.kind}, {args.region})")
 
 
@@ -354,6 +361,8 @@ def add_rule(args: argparse.Namespace) -> int:
     def build(state: PolicyState) -> list[bytes]:
         # A second copy of a rule in force changes nothing now, and later makes lifting the first change nothing
         # either: the operator would believe a ban gone that still stands.
+        if args.rule == "max-tlp" and labels.tlp_rank(str(value)) == labels.tlp_rank("RED"):
+            raise UsageError("max-tlp RED restricts nothing: TLP:RED is the highest level")
         same = [r for r in state.rules if r.kind == args.rule and r.value == value]
         if same:
             raise UsageError(
@@ -468,6 +477,9 @@ def _terms(args: argparse.Namespace) -> dict[str, Any]:
         cats = list(labels.check_categories(args.category)) if args.category else None
     except LabelError as exc:
         raise UsageError(exc.what, hint=exc.hint) from None
+    if args.until is not None and args.until <= int(time.time()):
+        # Logged for good and never in force: almost certainly a mistyped year.
+        raise UsageError(f"--until {_iso(args.until)} has passed: the statement would never be in force")
     return {"tlp": tlp, "categories": cats, "valid_from": args.valid_from, "valid_until": args.until}
 
 

@@ -127,6 +127,8 @@ def expand(daemon: NodeDaemon, names: list[str]) -> tuple[list[str], list[str]]:
 
 
 async def _recipients(daemon: NodeDaemon, names: list[str]) -> list[identity.PublicBundle]:
+    if daemon.member in names:  # named directly (a group of others may include us: we are dropped from it)
+        raise UsageError(f"{daemon.member} cannot send to itself", hint="name the recipients")
     ids, unknown = expand(daemon, names)
     if unknown and daemon.session is not None:
         await daemon.try_sync(daemon.session)  # maybe the log moved on since the last poll
