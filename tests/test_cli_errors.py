@@ -143,3 +143,26 @@ def test_with_json_a_failure_is_one_json_value_on_stdout_too(
         assert err.startswith("valise: error: ")
     assert cli(["broker", "info", "--dir", str(tmp_path / "nowhere")]) == 1
     assert capsys.readouterr().out == ""  # without --json, nothing on stdout
+
+
+def test_mixed_up_key_files_and_paths_are_named_for_what_they_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = make_world(tmp_path)
+    keys = world.dirs["DEU"]
+    add = ["broker", "member", "add", "--dir", str(world.home.root), "--kind", "country", "--region", "x"]
+    assert cli([*add, "--bundle", str(keys / "DEU.key")]) == 1  # the private key, about to be handed out
+    assert "DEU.key is a private key file, not a public bundle: never hand it out" in capsys.readouterr().err
+    out = tmp_path / "b.vls"
+    argv = ["seal", "--identity", str(keys / "DEU.key"), "--to", str(keys / "DEU.pub"), "--tlp", "GREEN"]
+    assert cli([*argv, str(tmp_path / "keys" / "FRA" / "FRA.pub"), "-o", str(out)]) == 1
+    assert "DEU.key is a file: give the identity directory that holds it" in capsys.readouterr().err
+    argv = ["audit", "verify", "--log", str(tmp_path), "--broker-key", str(tmp_path / "vkey.txt")]
+    assert cli(argv) == 2
+    assert f"no file {tmp_path / 'vkey.txt'}, and it is not a vkey" in capsys.readouterr().err
+    target = tmp_path / "missing" / "g.stmt"
+    argv = ["policy", "grant", "--identity", str(keys), "--origin", "x.example/log", "--to", "FRA", "--tlp", "GREEN"]
+    assert cli([*argv, "-o", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert f"No such file or directory: {target}" in err
+    assert ".tmp" not in err  # our scratch file's name is not the user's business

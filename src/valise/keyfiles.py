@@ -10,6 +10,7 @@ A key directory holds, for member ID:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -63,8 +64,13 @@ def make_private_dir(path: Path) -> None:
 
 def write_public(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:  # named by the file asked for, not by our scratch file beside it (callers catch OSError)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def seal_secrets(secrets: dict[str, Any], passphrase: bytes | None) -> bytes:
@@ -188,6 +194,8 @@ def save_identity(directory: Path, identity: Identity, passphrase: bytes | None)
 
 def find_member_id(directory: Path) -> str:
     """The member id of the one identity stored in `directory`."""
+    if directory.is_file():
+        raise KeyFileError(f"{directory} is a file: give the identity directory that holds it ({directory.parent})")
     if not directory.is_dir():
         raise KeyFileError(f"identity directory {directory} does not exist", hint="create one with valise keygen")
     ids = sorted(p.name[: -len(".key")] for p in directory.glob("*.key") if not p.name.endswith(".tls.key"))
@@ -220,4 +228,9 @@ def load_bundle(path: Path) -> PublicBundle:
         raise KeyFileError(f"cannot read public bundle {path}: {exc.strerror}") from None
     if data is None:
         raise KeyFileError(f"{path} is too large to be a public bundle")
+    if is_sealed(data):  # someone is about to hand out a secret
+        raise KeyFileError(
+            f"{path} is a private key file, not a public bundle: never hand it out",
+            hint="the public bundle is the ID.pub file beside it",
+        )
     return PublicBundle.from_bytes(data)
