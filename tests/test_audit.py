@@ -512,7 +512,11 @@ def test_proof_bundle_export_and_verify(log: Log, tmp_path: Path) -> None:
     proven = audit_proof.verify_proof(bundle, policy)
     assert proven.index == index
     assert proven.describe()["sender"] == "FRA"
-    assert cli(["audit", "proof", str(path), "--broker-key", log.vkey]) == 0
+    code, text = run_cli("audit", "proof", str(path), "--broker-key", log.vkey)
+    assert code == 0
+    assert "  to: DEU, ITA\n" in text  # for a person: not a Python list, and a date, not Unix seconds
+    at = proven.describe()["at"]
+    assert f"  at: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(at))}\n" in text
     # Another entry in place of the carried one: the inclusion fails.
     other = audit_proof.export_proof(DirSource(log.export), log.pkt[0], policy)
     from valise.tlog import proofbundle

@@ -8,6 +8,7 @@ audit could not run (unreachable source, missing tile); 2 usage.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -265,5 +266,14 @@ def proof_cmd(args: argparse.Namespace) -> int:
         print(f"entry {proven.index} is in the log (checkpoint of {proven.size} entries, root {proven.root.hex()})")
         for k, v in info.items():
             if k not in ("index", "checkpoint_size", "root"):
-                print(f"  {k}: {v}")
+                print(f"  {k}: {_shown_value(k, v)}")
     return 0
+
+
+def _shown_value(key: str, value: object) -> str:
+    """A value for a person: lists joined, Unix times as UTC dates (the JSON keeps the raw values)."""
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value) or "none"
+    if isinstance(value, int) and key in ("at", "created", "expires", "received") and value > 10**9:
+        return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return str(value)
