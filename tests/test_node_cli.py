@@ -389,3 +389,28 @@ async def serve_daemon_at(nursery: trio.Nursery, h: Harness, size: int) -> Scrip
     broker = await h.accepted.receive()
     await wait_for(lambda: h.daemon.follower.size == size)
     return broker
+
+
+async def test_a_stopped_node_is_pointed_at_its_broker_s_new_address(
+    world: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The broker moved to another port (or was re-keyed): a node could only be made again, losing its outbox
+    and inbox, or its config.json edited by hand."""
+    home = world["home"]
+    node = str(home.root)
+    with DaemonLock(home.lock_path, "node daemon"):  # running: it would go on with the old address
+        assert await cli("node", "move", "--dir", node, "--broker", "127.0.0.1:7444") == 2
+        assert "node daemon" in capsys.readouterr().err
+    assert (home.config().broker_host, home.config().broker_port) == ("127.0.0.1", 9)
+    assert await cli("node", "move", "--dir", node, "--broker", "broker.example:7444", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["broker"] == "broker.example:7444"
+    assert (home.config().broker_host, home.config().broker_port) == ("broker.example", 7444)
+    assert home.config().log_vkey == world["log"].vkey  # the trust anchor does not move
+    bad = tmp_path / "bad.pub"
+    bad.write_bytes(b"not a bundle")
+    before = home.broker_bundle_path.read_bytes()
+    assert await cli("node", "move", "--dir", node, "--broker-pub", str(bad)) == 1
+    assert home.broker_bundle_path.read_bytes() == before
+    assert await cli("node", "move", "--dir", node) == 2

@@ -25,6 +25,7 @@ from valise import keyfiles
 from valise.cli.main import group
 from valise.cli.packet import parse_expires
 from valise.cli.text import shown
+from valise.daemonlock import DaemonLock
 from valise.errors import Error, UsageError
 from valise.node import control, report
 from valise.node.home import NodeHome
@@ -48,6 +49,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=init)
+
+    p = node.add_parser("move", help="point a stopped node at its broker's new address or re-pinned bundle")
+    p.add_argument("--dir", required=True, type=Path, help="the node directory")
+    p.add_argument("--broker", help="the broker's new HOST:PORT")
+    p.add_argument("--broker-pub", type=Path, help="the broker's new public bundle (it was re-keyed)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=move)
 
     p = node.add_parser("set-policy", help="set (or remove) the node's witness quorum policy; read at daemon start")
     p.add_argument("--dir", required=True, type=Path, help="the node directory")
@@ -195,6 +203,21 @@ def _read_policy(path: Path) -> str:
         return path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read the witness policy {path}: {exc}") from None
+
+
+def move(args: argparse.Namespace) -> int:
+    if args.broker is None and args.broker_pub is None:
+        raise UsageError("give --broker HOST:PORT, --broker-pub FILE or both")
+    home = NodeHome.open(args.dir)
+    with DaemonLock(home.lock_path, "node daemon"):  # a running daemon would go on with the old settings
+        cfg = home.move_broker(args.broker, args.broker_pub)
+    facts = {"dir": str(args.dir), "broker": f"{cfg.broker_host}:{cfg.broker_port}", "broker_pub": args.broker_pub}
+    if args.json:
+        print(json.dumps({**facts, "broker_pub": str(home.broker_bundle_path)}))
+    else:
+        pinned = f", broker bundle pinned from {args.broker_pub}" if args.broker_pub else ""
+        print(f"node {args.dir} now connects to {facts['broker']}{pinned}; start it: valise node run --dir {args.dir}")
+    return 0
 
 
 def init(args: argparse.Namespace) -> int:

@@ -313,6 +313,7 @@ def member_add(args: argparse.Namespace) -> int:
         "region": args.region,
         "bundle": bundle.raw,
     }
+
     def build(state: PolicyState) -> list[bytes]:
         # Ids are case-sensitive on the wire, but `fra` beside `FRA` invites a packet to the wrong bureau.
         alike = [m for m in state.members if m.lower() == bundle.member_id.lower() and m != bundle.member_id]

@@ -112,6 +112,19 @@ class NodeHome:
         keyfiles.write_public(home.config_path, config.to_json().encode() + b"\n")
         return home
 
+    def move_broker(self, broker: str | None, broker_pub: Path | None) -> NodeConfig:
+        """Point the node at its broker's new address, or pin the broker's new bundle (a re-keyed broker). The log
+        key stays: it is the node's trust anchor, and following another log needs a new node directory."""
+        config = self.config()
+        if broker is not None:
+            host, port = parse_address(broker)
+            config = NodeConfig(config.member_id, config.identity_dir, host, port, config.log_vkey)
+        if broker_pub is not None:
+            keyfiles.load_bundle(broker_pub)  # refused now if broken, as at init
+            keyfiles.write_public(self.broker_bundle_path, broker_pub.read_bytes())
+        keyfiles.write_public(self.config_path, config.to_json().encode() + b"\n")
+        return config
+
     def set_policy(self, text: str | None) -> quorum.QuorumPolicy | None:
         """Store (or with None, remove) the witness quorum policy, after checking it against the pinned log key."""
         if text is None:
