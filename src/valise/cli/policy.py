@@ -73,7 +73,10 @@ def _register_operator(broker: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--region", required=True, help="region name, e.g. europe")
     p.add_argument("--name", help="display name (default: the member id)")
     p.set_defaults(handler=member_add)
-    for name, text in (("suspend", "suspend a member (it can neither send nor receive)"), ("remove", "remove")):
+    for name, text in (
+        ("suspend", "suspend a member (it can neither send nor receive; reinstate lifts it)"),
+        ("remove", "remove a member for good (its statements stop counting; it cannot be reinstated)"),
+    ):
         p = member.add_parser(name, help=text)
         _operator(p)
         p.add_argument("--id", required=True, dest="member_id")
@@ -105,7 +108,7 @@ def _register_operator(broker: argparse._SubParsersAction[argparse.ArgumentParse
     )
     p = rule.add_parser("ban-category", help="refuse every packet with this category")
     _operator(p)
-    p.add_argument("--category", required=True)
+    p.add_argument("--category", required=True, help="the category to refuse, e.g. political")
     p.set_defaults(handler=add_rule, rule="ban-category", field="category")
     p = rule.add_parser("max-size", help="refuse packets larger than this many bytes")
     _operator(p)
@@ -113,7 +116,7 @@ def _register_operator(broker: argparse._SubParsersAction[argparse.ArgumentParse
     p.set_defaults(handler=add_rule, rule="max-size", field="size")
     p = rule.add_parser("max-tlp", help="refuse packets above this TLP level")
     _operator(p)
-    p.add_argument("--tlp", required=True)
+    p.add_argument("--tlp", required=True, help="the highest TLP level allowed through, e.g. AMBER")
     p.set_defaults(handler=add_rule, rule="max-tlp", field="tlp")
     p = rule.add_parser("lift", help="stop applying a rule in force (members' consent still decides)")
     _operator(p)
@@ -135,7 +138,9 @@ def _statement_args(p: argparse.ArgumentParser, *, terms: bool = True) -> None:
     where.add_argument("--node", type=Path, help="have your running node sign it and send it to the broker")
     p.add_argument("--passphrase-env", metavar="VAR", help="the key file's passphrase is in $VAR")
     p.add_argument("--origin", help="with --identity: the broker's log origin (binds the statement to that log)")
-    p.add_argument("-o", "--out", type=Path, help="with --identity: the statement file to write")
+    p.add_argument(
+        "-o", "--out", "--output", dest="out", type=Path, help="with --identity: the statement file to write"
+    )
     p.add_argument("--json", action="store_true", help="print the result (with --node: the broker's answer) as JSON")
     if terms:
         p.add_argument("--again", action="store_true", help="with --node: sign it even if an identical one is in force")
@@ -178,11 +183,11 @@ def _register_views(pol: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=show)
     p = pol.add_parser("explain", help="would a packet be relayed? per recipient, with reasons (exit 3 if not)")
     _view(p)
-    p.add_argument("--from", required=True, dest="sender")
-    p.add_argument("--to", required=True, type=_list, help="recipients, comma-separated")
-    p.add_argument("--tlp", required=True)
+    p.add_argument("--from", required=True, dest="sender", help="the sending member's id")
+    p.add_argument("--to", required=True, type=_list, help="recipients (ids or group:NAME), comma-separated")
+    p.add_argument("--tlp", required=True, help="the packet's TLP level (CLEAR, GREEN, AMBER, AMBER+STRICT, RED)")
     p.add_argument("--category", type=_list, default=[], help="the packet's categories, comma-separated")
-    p.add_argument("--operation")
+    p.add_argument("--operation", help="the time-boxed operation group the packet is for, if any")
     p.add_argument("--size", type=int, default=0, help="the packet's size in bytes")
     p.add_argument("--at", type=parse_time, help="decide as of this time (default: now)")
     p.add_argument("--json", action="store_true")
