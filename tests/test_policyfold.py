@@ -7,12 +7,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import trio
 
 from valise import packet, records
 from valise.broker import policyfold
+from valise.broker.daemon import BrokerDaemon
 from valise.cli.main import main as cli
 from valise.cli.policy import load_state
+from valise.errors import StoreError
 from valise.policy import PolicyState
 from valise.store.sqlite import SqliteLog
 from valise.wire import events as ev
@@ -67,18 +70,20 @@ async def test_the_indexed_fold_reads_only_public_entries_and_agrees_with_a_full
     await _traffic(world, 30)
     # Appended while the broker is stopped: past the mailboxes' mark, read in full.
     assert cli(["broker", "member", "suspend", "--dir", str(world.home.root), "--id", "ITA", "--reason", "x"]) == 0
-    index = policyfold.read_public_index(world.home.mailbox_path)
     with CountingLog.open(world.home.db_path) as store:
         assert isinstance(store, CountingLog)
+        index = policyfold.read_public_index(world.home.mailbox_path, store)
+        store.read = 0  # the index's check read one entry
         size = store.size()
         assert index.mark == size - 1  # everything but the suspension was taken in by the broker
         indexed = load_state(world.home, store)
         read = store.read
         assert indexed.snapshot() == _full_fold(world, store).snapshot()
     # 30 packets and 30 acknowledgements are never read; genesis (twice: it names the operator key), the members,
-    # the consent and the rule are, and the suspension past the mark.
-    assert read == 1 + len(index.public) + (size - index.mark)
-    assert read <= size - 60 + 1
+    # the consent and the rule are, the entry just below the mark (to check the index is this log's), and the
+    # suspension past the mark.
+    assert read == 2 + len(index.public) + (size - index.mark)  # + the entry below the mark, which ties it
+    assert read <= size - 60 + 2
     assert indexed.members["ITA"].status == "suspended"
     assert indexed.tlp_limit is not None
     # The broker itself starts from the same fold.
@@ -96,3 +101,41 @@ async def test_without_a_mailbox_index_the_fold_reads_everything(tmp_path: Path)
         state = load_state(world.home, store)
         assert store.read == 1 + store.size()  # genesis twice
         assert state.snapshot() == _full_fold(world, store).snapshot()
+
+
+async def test_a_log_restored_from_another_backup_than_the_mailboxes_is_not_folded_by_their_index(
+    tmp_path: Path, capsys: object
+) -> None:
+    """The log restored from a backup older than mailbox.db, then written to: the index describes entries the log
+    no longer has, and would hide the new ones (a suspension the broker then ignored). Operator commands fold in
+    full and warn; the broker refuses to start on it."""
+    import shutil
+
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU", "AMBER", ["malware"])
+    backup = tmp_path / "broker.db.backup"
+    with SqliteLog.open(world.home.db_path):
+        pass
+    shutil.copyfile(world.home.db_path, backup)  # taken before any traffic (the broker is stopped: one file)
+    await _traffic(world, 5)
+    for suffix in ("-wal", "-shm"):
+        world.home.db_path.with_name(world.home.db_path.name + suffix).unlink(missing_ok=True)
+    shutil.copyfile(backup, world.home.db_path)
+    assert cli(["broker", "member", "suspend", "--dir", str(world.home.root), "--id", "ITA", "--reason", "x"]) == 0
+    assert cli(["broker", "member", "suspend", "--dir", str(world.home.root), "--id", "DEU", "--reason", "y"]) == 0
+    with SqliteLog.open(world.home.db_path) as store:
+        index = policyfold.read_public_index(world.home.mailbox_path, store)
+        assert index.mismatch is not None
+        state = load_state(world.home, store)
+        assert state.snapshot() == _full_fold(world, store).snapshot()
+    assert (state.members["ITA"].status, state.members["DEU"].status) == ("suspended", "suspended")
+    with pytest.raises(StoreError, match=r"mailbox\.db does not match the log in broker\.db: it has taken in"):
+        BrokerDaemon(world.home)
+    # Written to past the mark, the log is long enough again: the hash of the entry below the mark still tells.
+    with SqliteLog.open(world.home.db_path) as store:
+        fillers = [records.purge_entry(bytes([i % 256]) * 32, "DEU", i) for i in range(store.size(), 40)]
+        store.append(fillers)
+        index = policyfold.read_public_index(world.home.mailbox_path, store)
+        assert index.mismatch is not None
+        assert index.mismatch.endswith("is not the one it took in")
+        assert (list(index.public), index.mark) == ([], 0)  # not used: the fold reads every entry

@@ -159,7 +159,7 @@ def operator_fold(home: BrokerHome, traffic_log: list[bytes]) -> None:
         every = store.entries(0, store.size())
     mail = Mailboxes.open(home.mailbox_path)
     with mail.batch():  # what the broker records as it logs each entry
-        mail.record_readers(0, [readers_of(e, lambda _: None) for e in every])
+        mail.record_readers(0, [readers_of(e, lambda _: None) for e in every], every[-1])
     mail.close()
     medians = {}
     for name in ("index", "full"):

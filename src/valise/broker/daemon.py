@@ -36,7 +36,7 @@ from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
 from valise.broker.readers import readers_of
 from valise.broker.spool import InlineUpload, Spool, Upload
 from valise.daemonlock import DaemonLock
-from valise.errors import AccessError, Error, PolicyError, ProtocolError, StatementError
+from valise.errors import AccessError, Error, PolicyError, ProtocolError, StatementError, StoreError
 from valise.genesis import Genesis
 from valise.identity import PublicBundle
 from valise.logservice import DEFAULT_MAX_PENDING, LogService
@@ -176,9 +176,14 @@ class BrokerDaemon:
         # Entries in our own store were verified when they were appended; re-folding them skips the signatures, and
         # reads only the entries recorded as public where the mailboxes recorded readers (broker/policyfold.py).
         self.policy = PolicyState(cfg.origin, self.genesis.operator_key, verify_signatures=False)
-        policyfold.fold(
-            self.policy, self.store, self.store.size(), policyfold.read_public_index(home.mailbox_path), self._refused
-        )
+        index = policyfold.read_public_index(home.mailbox_path, self.store)
+        if index.mismatch is not None:
+            # Mailboxes that describe another log than this one would deliver, and fold, by the wrong entries.
+            raise StoreError(
+                f"{home.mailbox_path.name} does not match the log in {home.db_path.name}: {index.mismatch}",
+                hint="were they restored from different backups? restore both from the same one",
+            )
+        policyfold.fold(self.policy, self.store, self.store.size(), index, self._refused)
         self.policy.verify_signatures = True
         self._unlinks: list[Path] = []  # spool files of bodies dropped in the open batch: unlinked after it commits
         # (sender, packet id) → (index, digest, at) of packets logged whose body a crash lost (see _replay_packet).
@@ -256,7 +261,7 @@ class BrokerDaemon:
             for offset, entry in enumerate(entries):
                 if start + offset >= effects_from:
                     self._replay(start + offset, entry)
-            self.mail.record_readers(start, [self._readers(e) for e in entries])
+            self.mail.record_readers(start, [self._readers(e) for e in entries], entries[-1])
             start += len(entries)
 
     def _replay(self, index: int, entry: bytes) -> None:
@@ -466,7 +471,9 @@ class BrokerDaemon:
         with self.mail.batch():
             self._catch_up(indexes.start)  # entries other writers appended before this batch
             self.mail.record_readers(
-                indexes.start, [w.readers if w.readers is not None else self._readers(w.entry) for w in waiters]
+                indexes.start,
+                [w.readers if w.readers is not None else self._readers(w.entry) for w in waiters],
+                waiters[-1].entry,
             )
             for member, kind, digest in confirmations:
                 self.mail.remove(member, kind, digest)

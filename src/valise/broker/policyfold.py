@@ -15,6 +15,7 @@ names.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,15 +30,19 @@ PAGE = 4096  # entries read at a time
 
 @dataclass(frozen=True, slots=True)
 class PublicIndex:
-    """Log entries [0, mark) have their readers recorded; `public` are those of them readable by everyone."""
+    """Log entries [0, mark) have their readers recorded; `public` are those of them readable by everyone.
+    `mismatch`: why the mailbox database does not describe this log (then the index is empty)."""
 
     mark: int = 0
     public: Sequence[int] = ()
+    mismatch: str | None = None
 
 
-def read_public_index(mailbox_db: Path) -> PublicIndex:
-    """The index as a running broker left it, read in one snapshot (the mark and the readers below it are written
-    in one transaction); an empty one if there is no mailbox database yet, or one from before the mark."""
+def read_public_index(mailbox_db: Path, store: SqliteLog) -> PublicIndex:
+    """The index as a running broker left it, read in one snapshot (the mark, the hash of the entry just below it
+    and the readers below it are written in one transaction), and checked against `store`: an index of another
+    log (the log restored from an older backup than the mailboxes, say) would hide policy records. Empty if there
+    is no mailbox database yet, or one from before the mark; the full fold is always right, only slower."""
     if not mailbox_db.is_file():
         return PublicIndex()
     try:
@@ -46,16 +51,29 @@ def read_public_index(mailbox_db: Path) -> PublicIndex:
         return PublicIndex()
     try:
         conn.execute("BEGIN")
-        row = conn.execute("SELECT value FROM meta WHERE key = 'readers_size'").fetchone()
-        if row is None:
+        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('readers_size', 'readers_tail')"))
+        if "readers_size" not in meta:
             return PublicIndex()
-        mark = int(row[0])
+        mark = int(meta["readers_size"])
+        if (why := _mismatch(store, mark, meta.get("readers_tail"))) is not None:
+            return PublicIndex(mismatch=why)
+        if "readers_tail" not in meta:
+            return PublicIndex()  # recorded before the tail was: it cannot be checked, so it is not used
         rows = conn.execute("SELECT idx FROM readers WHERE member = '*' AND idx < ? ORDER BY idx", (mark,))
         return PublicIndex(mark, [int(r[0]) for r in rows])
     except sqlite3.Error:
-        return PublicIndex()  # the full fold is always correct, only slower
+        return PublicIndex()
     finally:
         conn.close()
+
+
+def _mismatch(store: SqliteLog, mark: int, tail: object) -> str | None:
+    size = store.size()
+    if mark > size:
+        return f"it has taken in {mark} log entries, but the log holds {size}"
+    if isinstance(tail, bytes) and mark > 0 and hashlib.sha256(store.entries(mark - 1, mark)[0]).digest() != tail:
+        return f"log entry {mark - 1} is not the one it took in"
+    return None
 
 
 def fold(

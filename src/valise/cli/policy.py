@@ -247,7 +247,9 @@ def load_state(home: BrokerHome, store: SqliteLog, *, verify: bool = False) -> P
         raise StoreError(f"the log in {home.root} is empty", hint="was it created with valise broker init?")
     first = store.entries(0, 1)[0]
     state = PolicyState(cfg.origin, Genesis.parse(first, origin=cfg.origin).operator_key, verify_signatures=verify)
-    index = policyfold.PublicIndex() if verify else policyfold.read_public_index(home.mailbox_path)
+    index = policyfold.PublicIndex() if verify else policyfold.read_public_index(home.mailbox_path, store)
+    if index.mismatch is not None:  # folded in full all the same; the broker will refuse to start on it
+        print(f"valise: warning: {home.mailbox_path.name} does not match the log: {index.mismatch}", file=sys.stderr)
 
     def refused(i: int, exc: Error) -> None:  # the broker never appends one; an auditor's replay names it too
         print(f"valise: warning: log entry {i} has no policy effect: {exc.what}", file=sys.stderr)
