@@ -166,3 +166,19 @@ def test_mixed_up_key_files_and_paths_are_named_for_what_they_are(
     err = capsys.readouterr().err
     assert f"No such file or directory: {target}" in err
     assert ".tmp" not in err  # our scratch file's name is not the user's business
+
+
+def test_with_json_and_a_payload_on_stdout_a_failure_goes_to_stderr(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """`open -o -` writes the plaintext to stdout; a failure's JSON must not be appended to that stream."""
+    world = make_world(tmp_path)
+    bad = tmp_path / "bad.vls"
+    bad.write_bytes(b"not a packet at all")
+    capsysbinary.readouterr()  # what making the world printed
+    keys, pub = str(world.dirs["DEU"]), str(world.dirs["FRA"] / "FRA.pub")
+    assert cli(["open", "--identity", keys, "--from", pub, "--json", "-o", "-", str(bad)]) != 0
+    out, err = capsysbinary.readouterr()
+    assert out == b""
+    reply = json.loads(err.decode().splitlines()[-1])
+    assert reply["ok"] is False

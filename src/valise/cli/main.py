@@ -12,6 +12,7 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 from valise import __version__
 from valise.cli.text import shown
@@ -77,25 +78,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
-    as_json = bool(getattr(args, "json", False))
+    # With --json a script also gets a failure where it reads the result: on stdout, as the one JSON value there
+    # ({"ok": false, "error", "code"}, the shape `send --json` answers a refusal with), so that success and failure
+    # parse alike; on stderr when stdout carries a payload (`-o -`), where the result's JSON goes too.
+    report = None
+    if getattr(args, "json", False):
+        report = sys.stderr if getattr(args, "output", None) == "-" else sys.stdout
     try:
         code: int = handler(args)
     except BaseExceptionGroup as group:  # from a daemon's nursery: one failure, usually, wrapped by trio
-        return _failed(_first(group), group, as_json)
+        return _failed(_first(group), group, report)
     except (Error, KeyboardInterrupt, OSError) as exc:
-        return _failed(exc, exc, as_json)
+        return _failed(exc, exc, report)
     return code
 
 
-def _failed(exc: BaseException, original: BaseException, as_json: bool = False) -> int:
-    """Report a failure the user can act on in one line; anything else is a bug, and keeps its traceback.
-
-    With --json a script also gets it on stdout, as the one JSON value it reads there: {"ok": false, "error",
-    "code"} (the shape `send --json` answers a refusal with), so that success and failure parse alike."""
+def _failed(exc: BaseException, original: BaseException, report: TextIO | None = None) -> int:
+    """Report a failure the user can act on in one line (and as JSON on `report`); anything else is a bug, and
+    keeps its traceback."""
     if isinstance(exc, Error):
         print(f"valise: error: {shown(exc)}", file=sys.stderr)
-        if as_json:
-            print(json.dumps({"ok": False, "error": str(exc), "code": exc.exit_code}))
+        if report is not None:
+            print(json.dumps({"ok": False, "error": str(exc), "code": exc.exit_code}), file=report)
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         print("valise: interrupted", file=sys.stderr)
@@ -109,8 +113,8 @@ def _failed(exc: BaseException, original: BaseException, as_json: bool = False) 
         else:  # e.g. trio's "error while attempting to bind on address (...): address already in use"
             what = str(exc).removeprefix(f"[Errno {exc.errno}] ")
         print(f"valise: error: {shown(what)}", file=sys.stderr)
-        if as_json:
-            print(json.dumps({"ok": False, "error": what, "code": 1}))
+        if report is not None:
+            print(json.dumps({"ok": False, "error": what, "code": 1}), file=report)
         return 1
     raise original
 
