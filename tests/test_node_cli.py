@@ -339,6 +339,10 @@ async def test_an_identical_statement_in_force_is_refused_and_a_revoke_names_wha
         reply = await call(node, {**grant, "again": True})
         assert reply["ok"] is True
         second = reply["statement"]
+        # Retried before the node's verified log shows the second (a checkpoint, or a quorum, away): refused too.
+        reply = await call(node, grant)
+        assert (reply["ok"], reply["code"]) == (False, 2)
+        assert f"{second[:8]}… (sent, not yet in this node's verified log)" in reply["error"]
         assert h.daemon.session is not None
         await h.daemon.sync(h.daemon.session)
         nursery.start_soon(logged)
@@ -350,6 +354,17 @@ async def test_an_identical_statement_in_force_is_refused_and_a_revoke_names_wha
         reply = await call(node, revoke)
         assert (reply["ok"], reply["code"]) == (False, 2)
         assert f"statement {first_id.hex()[:8]} is revoked already" in reply["error"]
+        # A whole id is the broker's to judge: signed and sent even though this node has never seen it.
+        unknown = bytes(range(32))
+
+        async def judged() -> None:
+            stmt = await broker.expect(ev.Statement)
+            assert policy_records.parse_policy(stmt.statement).body["statement"] == unknown
+            await broker.send(ev.ErrorMessage(stmt.rid, "refused", "no statement " + unknown.hex()[:8]))
+
+        nursery.start_soon(judged)
+        reply = await call(node, {"op": "statement", "build": {"kind": "revoke", "statement": unknown.hex()}})
+        assert reply["error"] == "the broker refused: no statement 00010203"
         nursery.cancel_scope.cancel()
 
 

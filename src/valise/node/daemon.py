@@ -36,6 +36,7 @@ from valise.node.follower import AwaitingQuorum, Committed, Follower, ForgedCosi
 from valise.node.home import NodeHome
 from valise.node.session import Disconnected, Reply, Session
 from valise.node.store import AlarmRow, NodeStore, OutboxRow
+from valise.policy import records as policy_records
 from valise.tlog import checkpoint, cosignature
 from valise.tlsstream import TLSSocketStream
 from valise.wire import codes
@@ -64,6 +65,7 @@ CONNECTION_ERRORS = (OSError, Error, trio.BrokenResourceError, trio.ClosedResour
 
 # Replaced by another connection as this member this many times within the window: not a network blip but a second
 # node running with this identity. The two would take turns for ever, each getting part of the deliveries.
+SENT_STATEMENTS = 1000  # statements remembered until the verified log shows them (a member makes a few a day)
 REPLACED_TIMES = 3
 REPLACED_WINDOW = 300.0
 REPLACED_BACKOFF = 60.0
@@ -109,6 +111,9 @@ class NodeDaemon:
         # Why the verified log is not (all) in use yet, with a quorum policy: e.g. "cosigned by 1 of ...".
         self.quorum_wait: str | None = None
         self._replaced: list[float] = []  # when another connection as this member replaced ours (recent ones)
+        # Statements this daemon sent and the broker logged, until its verified log shows them (ops.py: duplicate
+        # checks and revoking by prefix must not wait a checkpoint, or a witness quorum, for them).
+        self.sent_statements: dict[bytes, policy_records.Record] = {}
         self._passphrase = passphrase
         self._connector = connector or self._tls_connect
         self.random = random
@@ -146,6 +151,14 @@ class NodeDaemon:
         self._alarmed.add((kind, message))
         log.error("ALARM (%s): %s", kind, message)
         return (self.now(), kind, message, evidence)
+
+    def remember_statement(self, record: policy_records.Record) -> None:
+        policy = self.follower.policy
+        if policy is not None:  # drop those the verified log shows by now: they are in the policy itself
+            for sid in [i for i in self.sent_statements if i in policy.statements]:
+                del self.sent_statements[sid]
+        if len(self.sent_statements) < SENT_STATEMENTS:
+            self.sent_statements[record.id] = record
 
     def ack_problem(self, ack: records.Ack) -> str | None:
         """Why a recipient-signed acknowledgement `ack` (addressed to us) does not belong to a packet we sent, or

@@ -401,21 +401,29 @@ def build_statement(daemon: NodeDaemon, spec: dict[str, Any]) -> bytes:
 
 
 def _own_statement(daemon: NodeDaemon, prefix: str) -> bytes:
-    """The id of this member's statement in force that `prefix` (hex) names, as the verified log shows them."""
+    """The id of this member's statement that `prefix` (hex) names. A whole id is taken as it is: the broker judges
+    it, and revoking must not wait for this node's verified log to show a statement just made (a checkpoint, or a
+    witness quorum, away). A prefix is looked up in that log and among the statements this daemon sent since."""
+    if len(prefix) == 64:
+        return bytes.fromhex(prefix)
     policy = daemon.follower.policy
-    mine = [
-        s.id
-        for s in (policy.statements.values() if policy else ())
-        if s.author == daemon.member and s.kind != policy_records.REVOKE and s.id.hex().startswith(prefix)
-    ]
-    live = [i for i in mine if policy is not None and i not in policy.revoked]
+    known = {s.id for s in (policy.statements.values() if policy else ()) if s.author == daemon.member}
+    known |= set(daemon.sent_statements)
+    revoked = set(policy.revoked) if policy else set()
+    revoked |= {r.body["statement"] for r in daemon.sent_statements.values() if r.kind == policy_records.REVOKE}
+    kinds = {s.id: s.kind for s in (policy.statements.values() if policy else ())}
+    kinds.update({i: r.kind for i, r in daemon.sent_statements.items()})
+    mine = [i for i in known if i.hex().startswith(prefix) and kinds.get(i) != policy_records.REVOKE]
+    live = [i for i in mine if i not in revoked]
     if len(live) == 1:
         return live[0]
     if not live and mine:
         raise UsageError(f"statement {prefix} is revoked already")
     if not live:
         raise UsageError(
-            f"no statement of {daemon.member} in force starts with {prefix}", hint="see policy show --node"
+            f"no statement of {daemon.member} in force starts with {prefix} in this node's verified log "
+            f"(size {daemon.follower.trusted_size})",
+            hint="see policy show --node; a statement made elsewhere just now may not be in it yet: give its whole id",
         )
     raise UsageError(f"{len(live)} statements of {daemon.member} start with {prefix}", hint="give more digits")
 
@@ -440,6 +448,7 @@ async def op_statement(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> 
         )
     answer = await _session(daemon).request(lambda rid: ev.Statement(rid, raw))
     if isinstance(answer, ev.StatementResult):
+        daemon.remember_statement(record)
         reply: dict[str, Any] = {"ok": True, "index": answer.index, "statement": record.id.hex()}
         if record.kind == policy_records.REVOKE:
             reply["still_in_force"] = _still_in_force(daemon, record.body["statement"])
@@ -470,6 +479,13 @@ def _same_terms(daemon: NodeDaemon, record: policy_records.Record) -> list[str]:
         other = policy_records.parse_policy(stmt.entry)
         if terms(other.body) == mine:
             found.append(f"{stmt.short} (log position {stmt.position})")
+    # And those this daemon sent that its verified log does not show yet: the retry after a timeout, above all.
+    policy = daemon.follower.policy
+    revoked = {r.body["statement"] for r in daemon.sent_statements.values() if r.kind == policy_records.REVOKE}
+    for sid, sent in daemon.sent_statements.items():
+        pending = policy is None or sid not in policy.statements
+        if pending and sid not in revoked and sent.kind == record.kind and terms(sent.body) == mine:
+            found.append(f"{policy_records.short(sid)} (sent, not yet in this node's verified log)")
     return found
 
 
