@@ -152,3 +152,21 @@ def test_a_report_sees_the_last_commits_of_a_daemon_that_crashed(tmp_path: Path)
 def test_a_report_on_a_directory_with_no_store_says_so(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="has no node store yet"):
         NodeStore.open_readonly(tmp_path)
+
+
+def test_a_report_reads_every_table_as_of_one_moment(tmp_path: Path) -> None:
+    """A running daemon commits a checkpoint's state and kept records together; a report that read them in two
+    statements could pair one checkpoint's state with another's records (a suspension missing, say)."""
+    root = tmp_path / "node"
+    daemon = NodeStore.open(root)
+    daemon.follower_commit(b"state-1", [(1, b"policy record 1")], [])
+    reader = NodeStore.open_readonly(root)
+    try:
+        with reader.snapshot():
+            first = reader.follower_load()
+            daemon.follower_commit(b"state-2", [(2, b"policy record 2")], [])  # the daemon moves on meanwhile
+            assert reader.follower_load() == first
+        assert reader.follower_load() == (b"state-2", [(1, b"policy record 1"), (2, b"policy record 2")])
+    finally:
+        reader.close()
+        daemon.close()

@@ -105,12 +105,13 @@ def offline_status(home: NodeHome) -> dict[str, Any]:
         config = home.config()
         follower: Follower | str
         policy = None
-        try:
-            policy = home.witness_policy()
-            follower = _restore(home, store)
-        except Error as exc:  # the daemon would refuse to start too; its alarms and queues still tell why
-            follower = f"the verified log cannot be rebuilt: {exc.what}"
-        return status(config, store, follower, policy.quorum if policy else None, None)
+        with store.snapshot():  # every table as of one moment, should a daemon start meanwhile
+            try:
+                policy = home.witness_policy()
+                follower = _restore(home, store)
+            except Error as exc:  # the daemon would refuse to start too; its alarms and queues still tell why
+                follower = f"the verified log cannot be rebuilt: {exc.what}"
+            return status(config, store, follower, policy.quorum if policy else None, None)
     finally:
         store.close()
 
@@ -118,11 +119,12 @@ def offline_status(home: NodeHome) -> dict[str, Any]:
 def offline_policy(root: Path) -> PolicyState:
     """The policy as this node's verified (trusted) log shows it, from its store, read-only: what a member operator
     asks `policy show|explain|matrix --node` about, with no access to the broker's directory. The daemon may be
-    running or not; a running one commits each checkpoint's policy records in one transaction."""
+    running or not: a running one commits each checkpoint's changes in one transaction, read here in one too."""
     home = NodeHome.open(root)
     store = NodeStore.open_readonly(home.root)
     try:
-        follower = _restore(home, store)
+        with store.snapshot():  # the kept records, the pending ones and the state as one checkpoint left them
+            follower = _restore(home, store)
     finally:
         store.close()
     if follower.policy is None:

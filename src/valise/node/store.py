@@ -191,6 +191,16 @@ class NodeStore:
             raise StoreError(f"cannot read the node store in {root}: {exc}", hint=hint) from None
         return cls(root, conn)
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Read several tables as of one moment (a running daemon commits a checkpoint's changes together): each
+        statement of an autocommit connection would otherwise see its own."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
+
     def _sweep_outbox(self) -> None:
         """A send is its file first, then its row: a crash in between left a file nothing refers to (and `send`
         reported a failure), which nothing else would ever delete."""
