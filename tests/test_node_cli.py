@@ -393,6 +393,8 @@ async def test_a_member_operator_asks_its_own_node_about_the_policy(
     facts = json.loads(capsys.readouterr().out)
     assert sorted(m["id"] for m in facts["members"]) == ["DEU", "FRA"]
     assert sorted(s["kind"] for s in facts["statements"]) == ["accept", "grant"]
+    assert await cli("policy", "show", "--node", node, "--verify") == 2  # the node checked them as it followed
+    capsys.readouterr()
     assert await cli("policy", "matrix", "--node", node, "--at", str(NOW), "--json") == 0
     channels = json.loads(capsys.readouterr().out)["channels"]
     assert [(c["from"], c["to"], c["tlp"]) for c in channels] == [("FRA", "DEU", "AMBER")]
@@ -420,7 +422,7 @@ async def test_a_stopped_node_is_pointed_at_its_broker_s_new_address(
         assert "node daemon" in capsys.readouterr().err
     assert (home.config().broker_host, home.config().broker_port) == ("127.0.0.1", 9)
     assert await cli("node", "move", "--dir", node, "--broker", "broker.example:7444", "--json") == 0
-    assert json.loads(capsys.readouterr().out)["broker"] == "broker.example:7444"
+    assert json.loads(capsys.readouterr().out) == {"dir": node, "broker": "broker.example:7444"}
     assert (home.config().broker_host, home.config().broker_port) == ("broker.example", 7444)
     assert home.config().log_vkey == world["log"].vkey  # the trust anchor does not move
     bad = tmp_path / "bad.pub"

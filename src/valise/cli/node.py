@@ -211,9 +211,10 @@ def move(args: argparse.Namespace) -> int:
     home = NodeHome.open(args.dir)
     with DaemonLock(home.lock_path, "node daemon"):  # a running daemon would go on with the old settings
         cfg = home.move_broker(args.broker, args.broker_pub)
-    facts = {"dir": str(args.dir), "broker": f"{cfg.broker_host}:{cfg.broker_port}", "broker_pub": args.broker_pub}
+    facts = {"dir": str(args.dir), "broker": f"{cfg.broker_host}:{cfg.broker_port}"}
     if args.json:
-        print(json.dumps({**facts, "broker_pub": str(home.broker_bundle_path)}))
+        pinned = {"broker_pub": str(home.broker_bundle_path)} if args.broker_pub else {}
+        print(json.dumps({**facts, **pinned}))
     else:
         pinned = f", broker bundle pinned from {args.broker_pub}" if args.broker_pub else ""
         print(f"node {args.dir} now connects to {facts['broker']}{pinned}; start it: valise node run --dir {args.dir}")

@@ -551,6 +551,9 @@ def _view_state(args: argparse.Namespace) -> PolicyState:
     if args.node is not None:
         from valise.node.report import offline_policy  # the node side; only this path needs it
 
+        if args.verify:
+            raise UsageError("--verify is for --dir: a node checked every record's signature as it followed the log")
+
         return offline_policy(args.node)
     return _read_state(args.dir, args.verify)
 
