@@ -213,8 +213,7 @@ def move(args: argparse.Namespace) -> int:
         cfg = home.move_broker(args.broker, args.broker_pub)
     facts = {"dir": str(args.dir), "broker": f"{cfg.broker_host}:{cfg.broker_port}"}
     if args.json:
-        pinned = {"broker_pub": str(home.broker_bundle_path)} if args.broker_pub else {}
-        print(json.dumps({**facts, **pinned}))
+        print(json.dumps(facts | ({"broker_pub": str(home.broker_bundle_path)} if args.broker_pub else {})))
     else:
         pinned = f", broker bundle pinned from {args.broker_pub}" if args.broker_pub else ""
         print(f"node {args.dir} now connects to {facts['broker']}{pinned}; start it: valise node run --dir {args.dir}")
