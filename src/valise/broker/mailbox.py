@@ -241,7 +241,8 @@ class Mailboxes:
     def record_readers(self, start: int, readers: Sequence[Sequence[str]], last_entry: bytes) -> None:
         """Record the readers of log entries start, start + 1, ..., and move the mark past them (in a batch: with
         the entries' mailbox changes). `last_entry` is the last of them: its hash, kept with the mark, ties this
-        database to the log it describes (`tail`), so that one restored from another backup is noticed."""
+        database to the log it describes (broker/policyfold.py checks it), so that one restored from another backup
+        is noticed."""
         if start != (size := self.applied_size() or 0):
             raise StoreError(f"readers recorded up to log entry {size}, not {start}")
         with self._transaction():
@@ -253,11 +254,6 @@ class Mailboxes:
                 "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 [("readers_size", start + len(readers)), ("readers_tail", hashlib.sha256(last_entry).digest())],
             )
-
-    def tail(self) -> bytes | None:
-        """SHA-256 of log entry applied_size - 1 as it was when recorded (None: a database from before it was)."""
-        r = self._db.execute("SELECT value FROM meta WHERE key = 'readers_tail'").fetchone()
-        return bytes(r[0]) if r else None
 
     def readable(self, member: str, start: int, end: int, limit: int) -> list[int]:
         """The first `limit` log entries in [start, end) that `member` may read in full, ascending."""
