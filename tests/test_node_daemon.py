@@ -513,6 +513,41 @@ async def test_a_node_replaced_again_and_again_alarms_and_backs_off(
         nursery.cancel_scope.cancel()
 
 
+async def test_an_acknowledgement_kept_when_forwarded_is_not_verified_again_from_the_log(
+    world: dict[str, Any], members: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same signed bytes, verified once already: reading them again in the log costs no Ed25519 check."""
+    h = Harness(world, members["FRA"])
+    fra, deu = members["FRA"], members["DEU"]
+    data, head = sealed(fra, [deu], b"k1")
+    pid = head.core.packet_id
+    h.daemon.store.enqueue(pid, head.digest, ["DEU"], NOW, NOW + 3600, data)
+    h.daemon.store.outbox_receipted(pid, b"receipt", 3)  # sent earlier: the outbox does not send it again
+    ack = records.Ack.make(deu.signing, pid, head.digest, "FRA", "DEU", NOW)
+    checks: list[bytes] = []
+    verified = records.Ack.verified
+
+    def counted(raw: bytes, key: bytes) -> records.Ack:  # the real check, counted
+        checks.append(raw)
+        return verified(raw, key)
+
+    monkeypatch.setattr(records.Ack, "verified", staticmethod(counted))
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        await broker.send(ev.AckForward(0, pid, "DEU", 4, ack.raw))
+        assert (await broker.expect(ev.Seen)).seq == 0
+        assert checks == [ack.raw]  # the forwarded one is checked
+        h.log.add(records.packet_entry(head.header.raw, head.signature, NOW), records.ack_entry(ack))
+        assert h.daemon.session is not None
+        await h.daemon.sync(h.daemon.session)
+        assert h.daemon.follower.size == 5
+        assert checks == [ack.raw]  # and not again when the log shows it
+        assert h.daemon.store.acks_for(pid) == {"DEU": ack.raw}
+        assert h.daemon.store.alarms() == []
+        nursery.cancel_scope.cancel()
+
+
 async def test_connects_over_real_mutual_tls_and_pins_the_broker(
     tmp_path: Path, world: dict[str, Any], members: dict[str, Any]
 ) -> None:

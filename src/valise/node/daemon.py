@@ -108,6 +108,7 @@ class NodeDaemon:
             self.config.log_vkey, self.member, self.broker.member_id, state, kept, self.broker.sign_key,
             quorum=self.quorum, pending=self.store.follower_pending(),
         )  # fmt: skip
+        self.follower.known_ack = lambda ack: self.store.acks_for(ack.packet_id).get(ack.recipient) == ack.raw
         # Why the verified log is not (all) in use yet, with a quorum policy: e.g. "cosigned by 1 of ...".
         self.quorum_wait: str | None = None
         self._replaced: list[float] = []  # when another connection as this member replaced ours (recent ones)
