@@ -107,3 +107,15 @@ def test_keygen_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypa
     monkeypatch.setenv("PW", "s3cret")
     assert main(["keygen", "--id", "DEU", "--out", str(tmp_path / "d"), "--passphrase-env", "PW"]) == 0
     assert keyfiles.load_identity(tmp_path / "d", b"s3cret").member_id == "DEU"
+
+
+def test_a_passphrase_for_a_key_that_has_none_is_said_to_be_unused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Harmless, but the person believes the key is protected: they are told it is not."""
+    assert main(["keygen", "--id", "FRA", "--out", str(tmp_path / "k")]) == 0
+    assert keyfiles.load_identity(tmp_path / "k", b"some passphrase").member_id == "FRA"
+    assert "FRA.key is not encrypted; the passphrase given is not used" in caplog.text
+    caplog.clear()
+    keyfiles.load_identity(tmp_path / "k")
+    assert caplog.text == ""

@@ -11,6 +11,7 @@ A key directory holds, for member ID:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 from pathlib import Path
@@ -32,6 +33,8 @@ KEYFILE_MAX_SIZE = 16384
 # opened once per daemon start or CLI call, and a stolen file must resist offline guessing.
 ARGON2_OPS = nacl.pwhash.argon2id.OPSLIMIT_MODERATE
 ARGON2_MEM = nacl.pwhash.argon2id.MEMLIMIT_MODERATE
+
+log = logging.getLogger("valise.keys")
 
 
 def passphrase_from_env(var: str | None) -> bytes | None:
@@ -134,6 +137,8 @@ def open_sealed(data: bytes, passphrase: bytes | None, *, what: str) -> bytes:
         if kdf == "none":
             head = encoding.check_map(head, what=what, fields={"v": int, "kdf": str, "data": bytes})
             plain = head["data"]
+            if passphrase is not None:  # harmless, but the person believes the key is protected: say it is not
+                log.warning("valise: warning: %s is not encrypted; the passphrase given is not used", what)
         elif kdf == "argon2id":
             head = encoding.check_map(
                 head, what=what, fields={"v": int, "kdf": str, "salt": bytes, "ops": int, "mem": int, "data": bytes}

@@ -67,6 +67,10 @@ def read_seed_file(path: Path, kind: str, passphrase: bytes | None = None) -> si
             m = encoding.unpack_map(
                 data, what=f"{kind} key", max_size=SEED_FILE_MAX, fields={"v": int, "kind": str, "seed": bytes}
             )
+            if passphrase is not None:  # the person believes the key is protected: say it is not
+                keyfiles.log.warning(
+                    "valise: warning: %s key %s is not encrypted; the passphrase given is not used", kind, path
+                )
     except EncodingError as exc:
         raise KeyFileError(f"{path} is damaged: {exc.what}") from None
     if m["kind"] != kind or len(m["seed"]) != 32:
