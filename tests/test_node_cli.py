@@ -97,6 +97,17 @@ async def test_send_prints_the_id_and_the_receipt_or_the_denial(
         reply = json.loads(capsys.readouterr().out)
         assert (reply["state"], reply["index"]) == ("receipted", 4)
         assert bytes.fromhex(reply["id"]) in {r.packet_id for r in h.daemon.store.outbox_all()}
+
+        # Retracting it; then again, which says it is a repeat (and asks the broker nothing).
+        async def retracted() -> None:
+            msg = await broker.expect(ev.Retract)
+            await broker.send(ev.RetractResult(msg.rid, 5, b"receipt"))
+
+        nursery.start_soon(retracted)
+        assert await cli("retract", "--node", node, reply["id"]) == 0
+        assert capsys.readouterr().out == f"retracted {reply['id']}: log index 5\n"
+        assert await cli("retract", "--node", node, reply["id"], "--json") == 0
+        assert json.loads(capsys.readouterr().out) == {"id": reply["id"], "index": 5, "already": True}
         nursery.cancel_scope.cancel()
 
 

@@ -432,9 +432,12 @@ def read(args: argparse.Namespace) -> int:
 def retract(args: argparse.Namespace) -> int:
     reply = _check(request(args.node, {"op": "retract", "id": args.id, "reason": args.reason}))
     if args.json:
-        print(json.dumps({"id": reply["id"], "index": reply["index"]}))
+        print(json.dumps({"id": reply["id"], "index": reply["index"], "already": bool(reply.get("already"))}))
         return 0
-    print(f"retracted {reply['id']}: log index {reply['index']}")
+    if reply.get("already"):
+        print(f"already retracted {reply['id']}: log index {reply['index']}")
+    else:
+        print(f"retracted {reply['id']}: log index {reply['index']}")
     return 0
 
 

@@ -351,12 +351,16 @@ async def op_retract(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> di
     row: OutboxRow = _one(rows, prefix, "outbox")
     if row.state != "receipted":
         raise UsageError(f"packet {row.packet_id.hex()} is {row.state}; only a relayed packet can be retracted")
+    done = daemon.store.get(f"retracted:{row.packet_id.hex()}")
+    if done is not None:  # the broker would answer with the first retraction's index too; say it is a repeat
+        return {"ok": True, "id": row.packet_id.hex(), "index": int.from_bytes(done, "big"), "already": True}
     reason = _text(request, "reason", "")
     retraction = records.Retraction.make(
         daemon.identity.signing, row.packet_id, row.digest, daemon.member, reason, daemon.now()
     )
     answer = await _session(daemon).request(lambda rid: ev.Retract(rid, row.packet_id, retraction.raw))
     if isinstance(answer, ev.RetractResult):
+        daemon.store.put(f"retracted:{row.packet_id.hex()}", answer.index.to_bytes(8, "big"))
         return {"ok": True, "id": row.packet_id.hex(), "index": answer.index}
     return _refused(answer)
 
