@@ -158,7 +158,8 @@ async def test_inbox_and_read_stream_the_plaintext(
     plaintext = bytes(range(256)) * 4000  # over one control chunk
     buf = io.BytesIO()
     packet.seal(io.BytesIO(plaintext), buf, sender=members["DEU"], recipients=[members["FRA"].bundle], tlp="GREEN",
-                categories=["phishing"], now=NOW, random=seeded_random(b"r"))  # fmt: skip
+                categories=["phishing"], now=NOW, expires=NOW + 100 * 365 * 86_400,  # read offline at today's time
+                random=seeded_random(b"r"))  # fmt: skip
     data = buf.getvalue()
     head = packet.parse_head(data)
     assert isinstance(head, packet.Head)
@@ -212,6 +213,17 @@ async def test_inbox_and_read_stream_the_plaintext(
         assert await cli("read", "--node", node, item["id"][:8], "-o", str(again), "--force") == 0
         assert again.read_bytes() == plaintext
         nursery.cancel_scope.cancel()
+    h.daemon.store.close()
+    capsys.readouterr()
+    # With the daemon stopped, what was received stays readable (the key unlocked here), and the same rules hold.
+    offline = tmp_path / "offline.bin"
+    assert await cli("read", "--node", node, item["id"][:8], "-o", str(offline)) == 2
+    assert "was retracted by its sender: wrong desk" in capsys.readouterr().err
+    assert await cli("read", "--node", node, item["id"][:8], "-o", str(offline), "--force", "--json") == 0
+    assert offline.read_bytes() == plaintext
+    out, err = capsys.readouterr()
+    assert json.loads(out)["from"] == "DEU"
+    assert "read with the node daemon stopped; it is not marked as read" in err
 
 
 async def test_status_and_inbox_report_a_stopped_daemon_from_its_store(

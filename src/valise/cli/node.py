@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -96,6 +97,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-o", "--output", required=True, help="payload file, or - for stdout")
     p.add_argument("--json", action="store_true", help="print the packet's labels as JSON")
     p.add_argument("--force", action="store_true", help="read it even if its sender retracted it")
+    p.add_argument(
+        "--passphrase-env", metavar="VAR", help="with the daemon stopped: the member key's passphrase is in $VAR"
+    )
     p.set_defaults(handler=read)
 
     p = sub.add_parser("retract", help="retract a packet this member sent (recipients are told to discard it)")
@@ -398,8 +402,19 @@ def _inbox_from_daemon(node: Path) -> list[dict[str, Any]]:
 
 def read(args: argparse.Namespace) -> int:
     ask = {"op": "read", "id": args.id, "force": args.force}
+
+    def fetch(sink: BinaryIO) -> dict[str, Any]:
+        try:
+            return _check(request(args.node, ask, sink=sink.write))
+        except NotRunning:
+            # What was received stays readable with the daemon down (a crash, an upgrade): decrypted here, with
+            # the key unlocked here, and not marked read, as the store is not written to.
+            passphrase = keyfiles.passphrase_from_env(args.passphrase_env)
+            home = NodeHome.open(args.node)
+            return report.offline_read(home, args.id.lower(), passphrase, sink, force=args.force, now=int(time.time()))
+
     if args.output == "-":
-        reply = _check(request(args.node, ask, sink=sys.stdout.buffer.write))
+        reply = fetch(sys.stdout.buffer)
         sys.stdout.buffer.flush()
     else:
         target = Path(args.output)
@@ -411,7 +426,7 @@ def read(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot write {target}: {exc.strerror}") from None
         try:
             with os.fdopen(fd, "wb") as out:
-                reply = _check(request(args.node, ask, sink=out.write))
+                reply = fetch(out)
             os.replace(tmp, target)  # only a packet that verified in full becomes the output
         except OSError as exc:
             os.unlink(tmp)
@@ -421,6 +436,8 @@ def read(args: argparse.Namespace) -> int:
             raise
     if args.json:
         print(json.dumps(reply["packet"]), file=sys.stderr if args.output == "-" else sys.stdout)
+    if reply.get("offline"):
+        print("note: read with the node daemon stopped; it is not marked as read", file=sys.stderr)
     if reply.get("state") == "retracted":
         print(f"note: the sender retracted this packet: {shown(reply.get('retraction'))}", file=sys.stderr)
     if reply.get("sender_removed") is not None:

@@ -8,11 +8,12 @@ outbox; making `status` depend on the daemon would hide exactly that.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from valise.errors import Error, StoreError
+from valise import identity, keyfiles, packet
+from valise.errors import Error, StoreError, UsageError
 from valise.node.follower import Follower
 from valise.node.home import NodeConfig, NodeHome
 from valise.node.store import InboxRow, NodeStore
@@ -130,6 +131,38 @@ def offline_policy(root: Path) -> PolicyState:
     if follower.policy is None:
         raise StoreError(f"the node in {root} has not verified any of the log yet", hint="let its daemon run")
     return follower.policy
+
+
+def offline_read(
+    home: NodeHome, prefix: str, passphrase: bytes | None, sink: BinaryIO, *, force: bool, now: int
+) -> dict[str, Any]:
+    """`read` with the daemon stopped: the packet is decrypted from the inbox as the daemon would, with the
+    member's key unlocked here and the sender's keys from the verified log; nothing is written to the store (the
+    packet is not marked read). Same answer as the daemon's, with "offline": true."""
+    store = NodeStore.open_readonly(home.root)
+    try:
+        with store.snapshot():
+            rows = store.inbox_find(prefix)
+            follower = _restore(home, store)
+    finally:
+        store.close()
+    if len(prefix) < 4 or len(rows) != 1:
+        what = "give at least 4 hex digits of the packet id" if len(prefix) < 4 else f"{len(rows)} packets match"
+        raise UsageError(f"no single packet {prefix} in the inbox: {what}")
+    (row,) = rows
+    if row.state == "retracted" and not force:
+        raise UsageError(
+            f"packet {row.packet_id.hex()} was retracted by its sender: {row.retraction or 'no reason given'}",
+            hint="its sender asked recipients to discard it; pass --force to read it anyway",
+        )
+    member = follower.policy.members.get(row.sender) if follower.policy else None
+    if member is None:
+        raise UsageError(f"sender {row.sender} is not in the verified directory")
+    sender = replace(identity.PublicBundle.from_bytes(member.bundle), sign_key=member.sign_key, enc_key=member.enc_key)
+    me = keyfiles.load_identity(home.config().identity_dir, passphrase)
+    with open(store.inbox_path(row.digest), "rb") as src:
+        opened = packet.open(src, sink, me=me, sender=sender, now=now)
+    return {"ok": True, "packet": opened.to_json(), "state": row.state, "retraction": row.retraction, "offline": True}
 
 
 def _restore(home: NodeHome, store: NodeStore) -> Follower:
