@@ -15,7 +15,6 @@ import io
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any, BinaryIO, cast
 
 import trio
@@ -24,6 +23,7 @@ from valise import encoding, identity, packet, records
 from valise.errors import DeniedError, Error, LimitError, UsageError, WireError
 from valise.node import control, receipts, report
 from valise.node.daemon import NodeDaemon
+from valise.node.report import one as _one
 from valise.node.store import InboxRow, OutboxRow
 from valise.policy import records as policy_records
 from valise.policy.records import GROUP_PREFIX
@@ -97,14 +97,8 @@ def _opt(request: dict[str, Any], name: str, kind: type) -> Any:
 
 
 def bundle_of(daemon: NodeDaemon, member_id: str, *, removed_too: bool = False) -> identity.PublicBundle | None:
-    """A member's keys as of the verified log (the encryption key may have rotated since its bundle). A removed
-    member's only with `removed_too`: nobody sends to one, but what it sent before is still read."""
-    policy = daemon.follower.policy
-    member = policy.members.get(member_id) if policy else None
-    if member is None or (member.status == "removed" and not removed_too):
-        return None
-    bundle = identity.PublicBundle.from_bytes(member.bundle)
-    return replace(bundle, sign_key=member.sign_key, enc_key=member.enc_key)
+    """A member's keys as of the daemon's verified log (report.member_bundle)."""
+    return report.member_bundle(daemon.follower.policy, member_id, removed_too=removed_too)
 
 
 def expand(daemon: NodeDaemon, names: list[str]) -> tuple[list[str], list[str]]:
@@ -284,28 +278,12 @@ async def op_inbox(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict
     return {"ok": True, "items": items, "next": after if len(rows) == PAGE_ROWS else None}
 
 
-def _one(rows: list[Any], prefix: str, where: str) -> Any:
-    if len(prefix) < 4:
-        raise UsageError("give at least 4 hex digits of the packet id")
-    if not rows:
-        raise UsageError(f"no packet {prefix} in the {where}")
-    if len(rows) > 1:
-        raise UsageError(f"{len(rows)} packets in the {where} start with {prefix}", hint="give more digits")
-    return rows[0]
-
-
 async def op_read(
     daemon: NodeDaemon, request: dict[str, Any], reader: control.MessageReader, stream: trio.SocketStream
 ) -> dict[str, Any]:
     prefix = _text(request, "id")
     row: InboxRow = _one(daemon.store.inbox_find(prefix), prefix, "inbox")
-    if row.state == "retracted" and not request.get("force"):
-        # Its sender asked every recipient to discard it: a script piping `read` into its intake must not take it
-        # in as if nothing had happened. A person who needs it (to see what was withdrawn) says so.
-        raise UsageError(
-            f"packet {row.packet_id.hex()} was retracted by its sender: {row.retraction or 'no reason given'}",
-            hint="its sender asked recipients to discard it; pass --force to read it anyway",
-        )
+    report.check_readable(row, force=bool(request.get("force")))
     # A sender removed since still signed this while a member: the broker takes packets from active members only,
     # and the node acknowledged it. It is readable, with the removal said beside it (it may be why it was removed).
     sender = bundle_of(daemon, row.sender, removed_too=True)

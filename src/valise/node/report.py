@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 
 from valise import identity, keyfiles, packet
 from valise.errors import Error, StoreError, UsageError
+from valise.identity import PublicBundle
 from valise.node.follower import Follower
 from valise.node.home import NodeConfig, NodeHome
 from valise.node.store import InboxRow, NodeStore
@@ -146,23 +147,46 @@ def offline_read(
             follower = _restore(home, store)
     finally:
         store.close()
-    if len(prefix) < 4 or len(rows) != 1:
-        what = "give at least 4 hex digits of the packet id" if len(prefix) < 4 else f"{len(rows)} packets match"
-        raise UsageError(f"no single packet {prefix} in the inbox: {what}")
-    (row,) = rows
+    row: InboxRow = one(rows, prefix, "inbox")
+    check_readable(row, force=force)
+    sender = member_bundle(follower.policy, row.sender, removed_too=True)
+    if sender is None:
+        raise UsageError(f"sender {row.sender} is not in the verified directory")
+    me = keyfiles.load_identity(home.config().identity_dir, passphrase)
+    with open(store.inbox_path(row.digest), "rb") as src:
+        opened = packet.open(src, sink, me=me, sender=sender, now=now)
+    return {"ok": True, "packet": opened.to_json(), "state": row.state, "retraction": row.retraction, "offline": True}
+
+
+def one(rows: list[Any], prefix: str, where: str) -> Any:
+    """The one row a packet id prefix names (`read`, `retract`, `receipt export`), or a usage error saying why not."""
+    if len(prefix) < 4:
+        raise UsageError("give at least 4 hex digits of the packet id")
+    if not rows:
+        raise UsageError(f"no packet {prefix} in the {where}")
+    if len(rows) > 1:
+        raise UsageError(f"{len(rows)} packets in the {where} start with {prefix}", hint="give more digits")
+    return rows[0]
+
+
+def check_readable(row: InboxRow, *, force: bool) -> None:
+    """Its sender asked every recipient to discard a retracted packet: a script piping `read` into its intake must
+    not take it in as if nothing had happened. A person who needs it (to see what was withdrawn) says so."""
     if row.state == "retracted" and not force:
         raise UsageError(
             f"packet {row.packet_id.hex()} was retracted by its sender: {row.retraction or 'no reason given'}",
             hint="its sender asked recipients to discard it; pass --force to read it anyway",
         )
-    member = follower.policy.members.get(row.sender) if follower.policy else None
-    if member is None:
-        raise UsageError(f"sender {row.sender} is not in the verified directory")
-    sender = replace(identity.PublicBundle.from_bytes(member.bundle), sign_key=member.sign_key, enc_key=member.enc_key)
-    me = keyfiles.load_identity(home.config().identity_dir, passphrase)
-    with open(store.inbox_path(row.digest), "rb") as src:
-        opened = packet.open(src, sink, me=me, sender=sender, now=now)
-    return {"ok": True, "packet": opened.to_json(), "state": row.state, "retraction": row.retraction, "offline": True}
+
+
+def member_bundle(policy: PolicyState | None, member_id: str, *, removed_too: bool = False) -> PublicBundle | None:
+    """A member's keys as of the verified log (the encryption key may have rotated since its bundle). A removed
+    member's only with `removed_too`: nobody sends to one, but what it sent before is still read."""
+    member = policy.members.get(member_id) if policy else None
+    if member is None or (member.status == "removed" and not removed_too):
+        return None
+    bundle = identity.PublicBundle.from_bytes(member.bundle)
+    return replace(bundle, sign_key=member.sign_key, enc_key=member.enc_key)
 
 
 def _restore(home: NodeHome, store: NodeStore) -> Follower:
