@@ -6,6 +6,8 @@ import hashlib
 import io
 import sqlite3
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -219,6 +221,21 @@ async def test_a_witness_that_connects_is_asked_to_cosign_the_current_checkpoint
         checkpoint.open_checkpoint(broker.published, vkey, witnesses=[witness], quorum=1)
 
 
+@asynccontextmanager
+async def _witnessed(world: World) -> AsyncIterator[tuple[BrokerDaemon, WireClient, trio.Nursery]]:
+    """A running broker with DEU and ITA connected as witnesses (cosigning every checkpoint), and FRA to send."""
+    async with (
+        running_broker(world) as broker,
+        WireClient.connect(world, "DEU", broker.port) as deu,
+        WireClient.connect(world, "ITA", broker.port) as ita,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(_witness, world, broker, deu)
+        nursery.start_soon(_witness, world, broker, ita)
+        yield broker, fra, nursery
+
+
 async def _witness(world: World, broker: BrokerDaemon, client: WireClient) -> None:
     """Cosign every checkpoint the broker asks about, as an honest witness does."""
     from valise.tlog import checkpoint, cosignature
@@ -242,15 +259,7 @@ async def test_witnesses_asked_in_waves_all_cosign_the_new_checkpoint(
     monkeypatch.setattr(broker_daemon, "COSIGN_WAVE", 1)
     world = _world(tmp_path)
 
-    async with (
-        running_broker(world) as broker,
-        WireClient.connect(world, "DEU", broker.port) as deu,
-        WireClient.connect(world, "ITA", broker.port) as ita,
-        WireClient.connect(world, "FRA", broker.port) as fra,
-        trio.open_nursery() as nursery,
-    ):
-        nursery.start_soon(_witness, world, broker, deu)
-        nursery.start_soon(_witness, world, broker, ita)
+    async with _witnessed(world) as (broker, fra, nursery):
         receipt = await fra.submit(seal(world, "FRA", ["DEU"], b"indicator"))
         assert isinstance(receipt, ev.Receipt)
         nursery.start_soon(_witness, world, broker, fra)
@@ -613,15 +622,7 @@ async def test_a_log_export_carries_the_witnesses_cosignatures(tmp_path: Path) -
 
     world = _world(tmp_path)
 
-    async with (
-        running_broker(world) as broker,
-        WireClient.connect(world, "DEU", broker.port) as deu,
-        WireClient.connect(world, "ITA", broker.port) as ita,
-        WireClient.connect(world, "FRA", broker.port) as fra,
-        trio.open_nursery() as nursery,
-    ):
-        nursery.start_soon(_witness, world, broker, deu)
-        nursery.start_soon(_witness, world, broker, ita)
+    async with _witnessed(world) as (broker, fra, nursery):
         assert isinstance(await fra.submit(seal(world, "FRA", ["DEU"], b"indicator")), ev.Receipt)
         with trio.fail_after(10):
             while not all(f"\u2014 {m} ".encode() in broker.published for m in ("DEU", "ITA")):  # noqa: ASYNC110
