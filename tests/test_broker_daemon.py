@@ -656,3 +656,22 @@ async def test_a_second_connection_as_one_member_replaces_the_first_and_says_so(
             assert (event.rid, event.code) == (None, codes.REPLACED)
             assert "replaced by a newer connection of FRA" in event.message
     assert "FRA connected again: its previous connection is closed (replaced)" in caplog.text
+
+
+async def test_closing_a_session_while_it_ends_is_harmless(tmp_path: Path) -> None:
+    """A shutdown, or a member's new connection replacing its old one, asks a session to close at any moment,
+    also while it is ending: between its reader's return and the end of its tasks its nursery takes no new task.
+    That ask once raised there, and the error stopped the broker (seen as a crash on SIGTERM)."""
+    world = _world(tmp_path)
+    async with running_broker(world) as broker:
+        for _ in range(5):
+            async with WireClient.connect(world, "FRA", broker.port) as fra:
+                await fra.sync()
+                session = broker.sessions["FRA"]
+            # The client is gone: ask the session to close at every scheduling step until it has ended.
+            with trio.fail_after(10):
+                while broker.sessions.get("FRA") is session:
+                    session.close_soon(codes.SHUTTING_DOWN, "the broker is stopping")
+                    await trio.lowlevel.checkpoint()
+        async with WireClient.connect(world, "FRA", broker.port) as fra:  # the broker still serves
+            await fra.sync()

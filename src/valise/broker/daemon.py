@@ -911,10 +911,15 @@ class Session:
                 nursery.start_soon(self._flusher)
                 nursery.start_soon(self._watchdog)
                 nursery.start_soon(self._cosign_on_connect, hello.seen)
-                await self._reader()
-                nursery.cancel_scope.cancel()
+                try:
+                    await self._reader()
+                finally:
+                    # Before the nursery closes to new tasks (as its block ends), not after: a close_soon from a
+                    # shutdown or a replacing connection while the session's tasks wind down would start a task in
+                    # a closed nursery, and that error would stop the broker.
+                    self._nursery = None
+                    nursery.cancel_scope.cancel()
         finally:
-            self._nursery = None  # nothing may be started in it any more (close_soon checks)
             self.ready = False
             if self.d.sessions.get(self.member) is self:
                 del self.d.sessions[self.member]
