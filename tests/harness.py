@@ -75,8 +75,11 @@ class World:
         )
 
 
-def make_world(root: Path, names: tuple[str, ...] = ("FRA", "DEU", "ITA"), kind: str = "country") -> World:
-    assert cli(["broker", "init", "--dir", str(root / "broker"), "--origin", ORIGIN]) == 0
+def make_world(
+    root: Path, names: tuple[str, ...] = ("FRA", "DEU", "ITA"), kind: str = "country", init: tuple[str, ...] = ()
+) -> World:
+    """`init`: more arguments for `valise broker init`."""
+    assert cli(["broker", "init", "--dir", str(root / "broker"), "--origin", ORIGIN, *init]) == 0
     home = BrokerHome.open(root / "broker")
     world = World(root, home, {}, {})
     for name in names:
@@ -154,9 +157,7 @@ class WireClient:
     @asynccontextmanager
     async def connect(cls, world: World, member: str, port: int, *, hello: bool = True) -> AsyncIterator[WireClient]:
         d = world.dirs[member]
-        ctx = tls.client_context(
-            d / f"{member}.tls.crt", d / f"{member}.tls.key", world.home.broker_identity().bundle.cert_der
-        )
+        ctx = tls.client_context(d / f"{member}.tls.crt", d / f"{member}.tls.key", world.home.broker_bundle().cert_der)
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
         stream = trio.SSLStream(tcp, ctx)
         client = cls(stream, member)

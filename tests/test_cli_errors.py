@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from valise.cli.main import main as cli
+from valise.node.home import NodeHome
 
 from .harness import broker_process, log_vkey, make_world
 
@@ -109,6 +110,26 @@ def test_a_broker_directory_given_for_a_node_and_the_reverse_are_named(
     for argv in (["broker", "info", "--dir", node], ["policy", "show", "--dir", node]):
         assert cli(argv) == 2
         assert f"{node} is a node directory, not a broker directory" in capsys.readouterr().err
+
+
+def test_node_init_pins_the_log_key_from_the_brokers_log_vkey_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = make_world(tmp_path)
+    pub = str(world.home.broker_bundle_path)
+    init = ["node", "init", "--identity", str(world.dirs["FRA"]), "--broker", "127.0.0.1:9", "--broker-pub", pub]
+    assert cli([*init, "--dir", str(tmp_path / "a"), "--log-key", str(world.home.log_vkey_path)]) == 0
+    assert NodeHome.open(tmp_path / "a").config().log_vkey == log_vkey(world)
+    capsys.readouterr()
+    missing = str(tmp_path / "log.vkey")
+    assert cli([*init, "--dir", str(tmp_path / "b"), "--log-key", missing]) == 2
+    assert f"--log-key: no file {missing}, and it is not a log verifier key" in capsys.readouterr().err
+    big = tmp_path / "big.vkey"
+    big.write_bytes(b"x" * 100_000)
+    assert cli([*init, "--dir", str(tmp_path / "c"), "--log-key", str(big)]) == 2
+    assert "too large for a verifier key" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    assert not (tmp_path / "c").exists()
 
 
 def test_node_init_says_how_to_start_a_node_whose_key_has_a_passphrase(

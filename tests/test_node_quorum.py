@@ -285,7 +285,7 @@ def test_node_init_and_set_policy_check_the_policy(
     broken.write_text(policy_text(log).replace("group eu 2", "group eu 4"))
     base = ["node", "init", "--identity", str(tmp_path / "keys"), "--broker", "127.0.0.1:9"]
     base += ["--broker-pub", str(broker_pub), "--log-key", log.vkey]
-    garbage = [*base[:-1], "garbage"]
+    garbage = [*base[:-1], "not+a+key"]
     assert main([*garbage, "--dir", str(tmp_path / "n1")]) == 2  # refused now, not at the first checkpoint
     assert "--log-key is not a log verifier key" in capsys.readouterr().err
     assert not (tmp_path / "n1").exists()

@@ -225,6 +225,25 @@ def load_identity(directory: Path, passphrase: bytes | None = None) -> Identity:
     return Identity.from_secrets(secrets)
 
 
+VKEY_FILE_MAX = 1024  # a note verifier key is at most 1024 characters (tlog/note.py)
+
+
+def vkey_text(value: str) -> str:
+    """A verifier key given on the command line: the key itself, or the path of a file holding it (such as a
+    broker's `log.vkey`). A vkey always has a '+'; a path without one that is a file is read, at most 1 KiB."""
+    path = Path(value)
+    if "+" not in value and path.is_file():
+        try:
+            with path.open("rb") as f:
+                data = f.read(VKEY_FILE_MAX + 2)
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+        if len(data) > VKEY_FILE_MAX + 1:
+            raise UsageError(f"{path} is too large for a verifier key (over {VKEY_FILE_MAX} bytes)")
+        return data.decode("utf-8", "replace").strip()
+    return value.strip()
+
+
 def load_bundle(path: Path) -> PublicBundle:
     """Read and verify a public bundle file."""
     try:

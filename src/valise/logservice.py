@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from valise.crypto import sign
-from valise.errors import AccessError, CheckpointError, LimitError, ProofError, StoreError, UsageError
+from valise.errors import AccessError, CheckpointError, KeyFileError, LimitError, ProofError, StoreError, UsageError
 from valise.store.base import MAX_ENTRY_SIZE, LogStorage
 from valise.tlog import checkpoint, merkle, note, tiles
 
@@ -52,20 +52,26 @@ class LogService:
         self,
         store: LogStorage,
         origin: str,
-        key: sign.SigningKey,
+        key: sign.SigningKey | None,
         *,
+        verifier: note.Ed25519Verifier | None = None,
         interval: float = DEFAULT_INTERVAL,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
+        """`key` None: a service that appends and reads but cannot sign (the log key is sealed and not given); it
+        needs the log's `verifier` to check the checkpoints it serves."""
         if interval < 0 or max_batch < 1 or max_pending < max_batch:
             raise UsageError("log cadence needs interval >= 0 and 1 <= max_batch <= max_pending")
         self.store = store
         self.origin = origin
-        self.key = key
         # C2SP tlog-checkpoint: the log's key is named after its origin.
-        self.signer = note.Ed25519Signer(origin, key)
-        self.verifier = self.signer.verifier()
+        self.signer = None if key is None else note.Ed25519Signer(origin, key)
+        if self.signer is not None:
+            verifier = self.signer.verifier()
+        elif verifier is None:
+            raise UsageError("a log service without its key needs the log's verifier key")
+        self.verifier = verifier
         self.interval = interval
         self.max_batch = max_batch
         self.max_pending = max_pending
@@ -108,6 +114,11 @@ class LogService:
             if size == prev.size:
                 self._latest = prev
                 return prev
+        if self.signer is None:
+            raise KeyFileError(
+                f"cannot sign a checkpoint of size {size}: the log key is sealed and was not given",
+                hint="the running broker signs it (valise broker serve --passphrase-env VAR)",
+            )
         root = merkle.tree_hash(size, self.store)
         signed = checkpoint.sign_checkpoint(checkpoint.Checkpoint(self.origin, size, root), self.signer)
         self.store.save_checkpoint(size, signed)
@@ -182,6 +193,10 @@ class LogService:
             return None
         self.flush()
         return self.sign()
+
+    @property
+    def can_sign(self) -> bool:
+        return self.signer is not None
 
     def append_and_sign(self, entries: Sequence[bytes], now: float) -> tuple[range, SignedCheckpoint]:
         """Queue, flush and sign at once (CLI tools and tests; the daemon uses the cadence)."""

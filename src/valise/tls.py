@@ -62,11 +62,13 @@ def _base_context(purpose: int) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(cert_file: Path, key_file: Path, member_certs: Iterable[bytes]) -> ssl.SSLContext:
+def server_context(
+    cert_file: Path, key_file: Path, member_certs: Iterable[bytes], password: bytes | None = None
+) -> ssl.SSLContext:
     """A broker context that requires a client certificate from `member_certs` (DER)."""
     ctx = _base_context(ssl.PROTOCOL_TLS_SERVER)
     ctx.num_tickets = 0  # members never resume sessions: tickets would cost two encryptions per connection for nothing
-    ctx.load_cert_chain(str(cert_file), str(key_file))
+    ctx.load_cert_chain(str(cert_file), str(key_file), password=password)
     pems = "".join(_pem(c) for c in member_certs)
     if pems:
         ctx.load_verify_locations(cadata=pems)

@@ -152,20 +152,22 @@ def pick_witnesses(names: list[str], turn: int, limit: int) -> list[str]:
 
 
 class BrokerDaemon:
-    def __init__(self, home: BrokerHome, settings: Settings | None = None) -> None:
+    def __init__(self, home: BrokerHome, settings: Settings | None = None, passphrase: bytes | None = None) -> None:
+        """`passphrase`: of the broker's identity and log keys, if `broker init` sealed them."""
         self.home = home
         self.settings = settings or Settings()
         cfg = home.config()
         self.origin = cfg.origin
         self.broker_id = cfg.broker_id
-        self.identity = home.broker_identity()
+        self.identity = home.broker_identity(passphrase)
+        self._tls_password = passphrase  # the TLS key file is sealed with the same passphrase (keyfiles.py)
         self.store = SqliteLog.open(home.db_path)
         # One transaction per flush (max_batch = max_pending): a batch is in the log whole or not at all, which the
         # committer's bookkeeping (every waiter told the same outcome) relies on.
-        self.log = LogService(
+        self.log = home.log_service(
             self.store,
-            cfg.origin,
-            home.log_key(),
+            passphrase,
+            signing=True,
             interval=self.settings.checkpoint_interval,
             max_batch=DEFAULT_MAX_PENDING,
             max_pending=DEFAULT_MAX_PENDING,
@@ -370,7 +372,7 @@ class BrokerDaemon:
             self._tls_members = members
             ident = self.home.identity_dir / self.broker_id
             self._tls_context = tls.server_context(
-                ident.with_suffix(".tls.crt"), ident.with_suffix(".tls.key"), list(members)
+                ident.with_suffix(".tls.crt"), ident.with_suffix(".tls.key"), list(members), self._tls_password
             )
         for member_id, session in list(self.sessions.items()):
             current = self.policy.members.get(member_id)
@@ -1569,17 +1571,17 @@ class Session:
             done.set()
 
 
-def serve_forever(home: BrokerHome, settings: Settings) -> None:
+def serve_forever(home: BrokerHome, settings: Settings, passphrase: bytes | None = None) -> None:
     """Run the daemon until SIGINT/SIGTERM; then stop gracefully within a deadline. One per directory."""
     fds.raise_soft_limit()
     with DaemonLock(home.serve_lock_path, "broker"):
-        trio.run(_serve, home, settings)
+        trio.run(_serve, home, settings, passphrase)
 
 
-async def _serve(home: BrokerHome, settings: Settings) -> None:
+async def _serve(home: BrokerHome, settings: Settings, passphrase: bytes | None) -> None:
     import signal
 
-    daemon = BrokerDaemon(home, settings)
+    daemon = BrokerDaemon(home, settings, passphrase)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.serve)
         gctune.settle_for_serving()

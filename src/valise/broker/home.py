@@ -3,11 +3,15 @@
 Layout of `D` (created by `valise broker init --dir D --origin NAME`):
 - `config.json`       origin of the log, the broker's member id, format version;
 - `identity/`         the broker's own member identity (as made by `valise keygen`): its TLS certificate is
-                      what nodes pin, and its desk may be a named recipient like any member;
+                      what nodes pin, and its desk may be a named recipient like any member; sealed under a
+                      passphrase if `broker init --passphrase-env` was given one (so is `log.key`), which
+                      `broker serve --passphrase-env` then needs;
 - `operator.key`      the operator's Ed25519 key (mode 0600; sealed under a passphrase if `broker init` was given
                       one), which signs directory records and operator rules. The running broker never reads it:
                       it may be moved off the machine, and operator commands told where it is (`--operator-key`);
 - `log.key`           the log's Ed25519 key (mode 0600), which signs checkpoints (a C2SP signed-note key);
+- `log.vkey`          its public half as a note verifier key (what nodes and auditors pin), so that reading the
+                      log never needs the private key;
 - `broker.db`         the SQLite store: the log, its hashes and checkpoints;
 - `mailbox.db`, `spool/`  the delivery queues and packet bodies (broker/mailbox.py, broker/spool.py);
 - `policy.lock`       serialises writers of policy records;
@@ -15,7 +19,8 @@ Layout of `D` (created by `valise broker init --dir D --origin NAME`):
 - `checkpoint.cosigned`  the latest checkpoint with its cosignatures, for `valise log export`.
 
 Three keys with three jobs: the operator key can be kept offline (and under a passphrase) without stopping the
-log, and a compromised log key cannot forge admissions.
+log, and a compromised log key cannot forge admissions. When the log key is sealed, only the running broker
+signs checkpoints: operator commands append their records and leave the signature to it.
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from valise import encoding, identity, keyfiles
 from valise.crypto import sign
-from valise.errors import EncodingError, KeyFileError, StoreError, UsageError
+from valise.errors import EncodingError, KeyFileError, NoteError, StoreError, UsageError
+from valise.logservice import LogService
+from valise.store.base import LogStorage
+from valise.tlog import note
 
 HOME_VERSION = 1
 SEED_FILE_MAX = 1024
@@ -110,6 +119,10 @@ class BrokerHome:
         return self.root / "log.key"
 
     @property
+    def log_vkey_path(self) -> Path:
+        return self.root / "log.vkey"
+
+    @property
     def db_path(self) -> Path:
         return self.root / "broker.db"
 
@@ -144,9 +157,10 @@ class BrokerHome:
         random: identity.Random,
         now: int,
         operator_passphrase: bytes | None = None,
+        passphrase: bytes | None = None,
     ) -> BrokerHome:
-        """Create the directory, the broker identity, the operator and log keys (the operator key sealed with
-        `operator_passphrase` if given). Refuses to overwrite."""
+        """Create the directory, the broker identity, the operator and log keys: the operator key sealed with
+        `operator_passphrase` if given, the identity and the log key with `passphrase`. Refuses to overwrite."""
         check_origin(origin)
         if "://" in origin:  # C2SP: an origin is a schema-less URL
             raise UsageError(f"origin {origin!r} has a scheme", hint="leave it out, e.g. valise.example/log")
@@ -155,9 +169,12 @@ class BrokerHome:
         if home.config_path.exists():
             raise UsageError(f"{root} is already a broker directory")
         keyfiles.make_private_dir(root)
-        keyfiles.save_identity(home.identity_dir, identity.generate(broker_id, random, now), None)
+        keyfiles.save_identity(home.identity_dir, identity.generate(broker_id, random, now), passphrase)
         write_seed_file(home.operator_key_path, "operator", random(32), operator_passphrase)
-        write_seed_file(home.log_key_path, "log", random(32))
+        log_seed = random(32)
+        write_seed_file(home.log_key_path, "log", log_seed, passphrase)
+        vkey = note.Ed25519Signer(origin, sign.SigningKey(log_seed)).verifier().vkey()
+        keyfiles.write_public(home.log_vkey_path, vkey.encode() + b"\n")
         keyfiles.write_public(
             home.config_path,
             json.dumps({"version": HOME_VERSION, "origin": origin, "broker_id": broker_id}, indent=2).encode() + b"\n",
@@ -188,11 +205,52 @@ class BrokerHome:
         """The operator key, from `path` if it is kept elsewhere (offline, say) or else from the directory."""
         return read_seed_file(path or self.operator_key_path, "operator", passphrase)
 
-    def log_key(self) -> sign.SigningKey:
-        return read_seed_file(self.log_key_path, "log")
+    def log_key(self, passphrase: bytes | None = None) -> sign.SigningKey:
+        return read_seed_file(self.log_key_path, "log", passphrase)
 
-    def broker_identity(self) -> identity.Identity:
-        return keyfiles.load_identity(self.identity_dir)
+    def log_key_sealed(self) -> bool:
+        """Whether the log key is under a passphrase (then only `broker serve`, which is given it, signs)."""
+        try:
+            return keyfiles.is_sealed(self.log_key_path.read_bytes())
+        except OSError as exc:
+            raise KeyFileError(f"cannot read log key {self.log_key_path}: {exc.strerror}") from None
+
+    def log_verifier(self) -> note.Ed25519Verifier:
+        """The log's public key, from `log.vkey`; from the log key itself in a directory made before that file."""
+        origin = self.config().origin
+        try:
+            text = self.log_vkey_path.read_text()
+        except FileNotFoundError:
+            return note.Ed25519Signer(origin, self.log_key()).verifier()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{self.log_vkey_path} is unreadable: {exc}") from None
+        try:
+            verifier = note.parse_vkey(text.strip())
+        except NoteError as exc:
+            raise StoreError(f"{self.log_vkey_path} is damaged: {exc.what}") from None
+        if verifier.name != origin:
+            raise StoreError(f"{self.log_vkey_path} names log {verifier.name!r}, not this broker's {origin!r}")
+        return verifier
+
+    def log_service(
+        self, store: LogStorage, passphrase: bytes | None = None, *, signing: bool = False, **cadence: Any
+    ) -> LogService:
+        """The log over `store`: able to sign when the log key is not sealed or `passphrase` opens it, else (unless
+        `signing` is asked for) able to append and read only: the running broker, given the passphrase, signs."""
+        verifier = self.log_verifier()
+        if passphrase is None and not signing and self.log_key_sealed():
+            return LogService(store, self.config().origin, None, verifier=verifier, **cadence)
+        key = self.log_key(passphrase)
+        if key.public != verifier.public:
+            raise StoreError(f"{self.log_key_path} is not the key of {self.log_vkey_path}")
+        return LogService(store, self.config().origin, key, **cadence)
+
+    def broker_identity(self, passphrase: bytes | None = None) -> identity.Identity:
+        return keyfiles.load_identity(self.identity_dir, passphrase)
+
+    def broker_bundle(self) -> identity.PublicBundle:
+        """The broker's public bundle (never needs its private keys)."""
+        return keyfiles.load_bundle(self.broker_bundle_path)
 
     @property
     def broker_bundle_path(self) -> Path:

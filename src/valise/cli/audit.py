@@ -17,6 +17,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
+from valise import keyfiles
 from valise.audit import proof as audit_proof
 from valise.audit import quorum, state
 from valise.audit.source import open_source
@@ -67,16 +68,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=proof_cmd)
 
 
-def _key_text(value: str) -> str:
-    path = Path(value)
-    if "+" not in value and path.is_file():
-        return path.read_text().strip()
-    return value.strip()
-
-
 def trust(args: argparse.Namespace) -> quorum.QuorumPolicy:
     try:
-        log = note.parse_vkey(_key_text(args.broker_key))
+        log = note.parse_vkey(keyfiles.vkey_text(args.broker_key))
     except NoteError as exc:
         if "+" not in args.broker_key:  # meant as a file, most likely: say that it is not there
             raise UsageError(f"--broker-key: no file {args.broker_key}, and it is not a vkey (name+id+key)") from None
@@ -92,7 +86,7 @@ def trust(args: argparse.Namespace) -> quorum.QuorumPolicy:
             raise UsageError("the quorum policy names another log key than --broker-key")
         return policy
     try:
-        witnesses = [cosignature.parse_vkey(_key_text(w)) for w in args.witness]
+        witnesses = [cosignature.parse_vkey(keyfiles.vkey_text(w)) for w in args.witness]
     except NoteError as exc:
         raise UsageError(f"--witness: {exc.what}") from None
     k = len(witnesses) if args.quorum is None else args.quorum

@@ -32,6 +32,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="VAR",
         help="seal the operator key under the passphrase in $VAR (operator commands then need it)",
     )
+    p.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="seal the broker's identity and log keys under the passphrase in $VAR (broker serve then needs it; "
+        "operator commands append and leave the checkpoint to the running broker)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=init)
 
@@ -57,8 +63,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=export)
 
 
-def _service(home: BrokerHome) -> LogService:
-    return LogService(SqliteLog.open(home.db_path), home.config().origin, home.log_key())
+def _service(home: BrokerHome, passphrase: bytes | None = None) -> LogService:
+    return home.log_service(SqliteLog.open(home.db_path), passphrase)
 
 
 def _describe(home: BrokerHome, log: LogService) -> dict[str, object]:
@@ -86,12 +92,15 @@ def _print(facts: dict[str, object], as_json: bool) -> None:
 
 def init(args: argparse.Namespace) -> int:
     now = time.time()
-    passphrase = keyfiles.passphrase_from_env(args.operator_passphrase_env)
-    home = BrokerHome.create(args.dir, args.origin, args.broker_id, os.urandom, int(now), passphrase)
-    log = _service(home)
+    operator_passphrase = keyfiles.passphrase_from_env(args.operator_passphrase_env)
+    passphrase = keyfiles.passphrase_from_env(args.passphrase_env)
+    home = BrokerHome.create(
+        args.dir, args.origin, args.broker_id, os.urandom, int(now), operator_passphrase, passphrase
+    )
+    log = _service(home, passphrase)
     try:
         # Entry 0 names the operator key and the broker, so the log key is the only key anyone must pin.
-        first = Genesis(args.origin, home.operator_key(passphrase=passphrase).public, home.broker_identity().bundle)
+        first = Genesis(args.origin, home.operator_key(passphrase=operator_passphrase).public, home.broker_bundle())
         log.append_and_sign([first.entry()], now)
         _print(_describe(home, log), args.json)
     finally:

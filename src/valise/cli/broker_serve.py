@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from valise import keyfiles
 from valise.broker.daemon import Settings, serve_forever
 from valise.broker.home import BrokerHome
 from valise.cli.main import group
@@ -25,6 +26,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "only on an address that just auditors reach",
     )
     p.add_argument("--checkpoint-interval", type=float, default=1.0, help="seconds between checkpoints")
+    p.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="the passphrase of the broker's identity and log keys, in $VAR (if broker init sealed them)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and decision")
     p.set_defaults(handler=serve)
 
@@ -40,5 +46,5 @@ def serve(args: argparse.Namespace) -> int:
         checkpoint_interval=args.checkpoint_interval,
         serve_entries=args.serve_entries,
     )
-    serve_forever(home, settings)
+    serve_forever(home, settings, keyfiles.passphrase_from_env(args.passphrase_env))
     return 0

@@ -41,7 +41,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--identity", required=True, type=Path, help="directory of the member's identity (valise keygen)")
     p.add_argument("--broker", required=True, help="the broker's HOST:PORT")
     p.add_argument("--broker-pub", required=True, type=Path, help="the broker's public bundle (valise broker info)")
-    p.add_argument("--log-key", required=True, help="the log's verifier key, the vkey of valise broker info")
+    p.add_argument(
+        "--log-key",
+        required=True,
+        help="the log's verifier key: the vkey of valise broker info, or the broker's log.vkey file",
+    )
     p.add_argument(
         "--witness-policy",
         type=Path,

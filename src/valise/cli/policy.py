@@ -30,7 +30,6 @@ from valise.cli.main import group
 from valise.crypto import sign
 from valise.errors import Error, LabelError, StoreError, UsageError
 from valise.genesis import Genesis
-from valise.logservice import LogService
 from valise.policy import PacketMeta, PolicyState, channels, decide, records
 from valise.policy.decide import tlp_label
 from valise.policy.state import Rule
@@ -264,7 +263,7 @@ def _append(home: BrokerHome, build: Any) -> list[tuple[records.Record, int]]:
     home = BrokerHome.open(home.root)
     with _locked(home):
         store = SqliteLog.open(home.db_path)
-        log = LogService(store, home.config().origin, home.log_key())
+        log = home.log_service(store)
         try:
             state = load_state(home, store)
             entries: list[bytes] = build(state)
@@ -275,7 +274,18 @@ def _append(home: BrokerHome, build: Any) -> list[tuple[records.Record, int]]:
                 if rec is None:
                     raise UsageError("not a policy record")
                 applied.append(rec)
-            indexes, _ = log.append_and_sign(entries, time.time())
+            now = time.time()
+            for e in entries:
+                log.add(e, now)
+            indexes = log.flush()
+            if log.can_sign:
+                log.sign()
+            else:  # the log key is sealed: the running broker signs the new tree within its checkpoint interval
+                print(
+                    "valise: the log key is sealed: the running broker signs a checkpoint with these records "
+                    "(if it is stopped, when it next starts)",
+                    file=sys.stderr,
+                )
         finally:
             log.store.close()
     return list(zip(applied, indexes, strict=True))

@@ -96,9 +96,16 @@ class NodeHome:
         keyfiles.load_bundle(identity_dir / f"{member_id}.pub")  # verifies it
         keyfiles.load_bundle(broker_pub)  # a broken or forged broker bundle is refused now, not at first connect
         host, port = parse_address(broker)
+        given = log_vkey
+        log_vkey = keyfiles.vkey_text(log_vkey)
         try:  # refused now, not at the first checkpoint as "not usable"
             note.parse_vkey(log_vkey)
         except NoteError as exc:
+            if "+" not in given and not Path(given).exists():  # meant as a file, most likely
+                raise UsageError(
+                    f"--log-key: no file {given}, and it is not a log verifier key (name+id+key)",
+                    hint="give the broker's log.vkey file or the vkey `valise broker info` prints",
+                ) from None
             raise UsageError(
                 f"--log-key is not a log verifier key: {exc.what}", hint="`valise broker info` gives it as vkey"
             ) from None
