@@ -10,6 +10,7 @@ from valise.crypto import sign
 from valise.errors import LimitError, PolicyError, StatementError
 from valise.policy import PacketMeta, PolicyState, channels, decide, records
 from valise.policy.state import MAX_LIVE_STATEMENTS
+from valise.utctime import MAX_CALENDAR_TIME, utc
 
 from .conftest import NOW, seeded_random
 
@@ -458,6 +459,10 @@ def test_statement_speaking_for_another_member_is_refused(world: World) -> None:
         ({"categories": ["Malware"]}, "category 'Malware' is not valid"),
         ({"valid_from": NOW, "valid_until": NOW}, "is not after the start"),
         ({"max_size": 0}, "max_size must be positive"),
+        # Past the calendar's end: showing one in a reason once raised, and cost the sender its connection.
+        ({"valid_from": 2**63}, "valid_from 9223372036854775808 is not a time between 1970 and the year 9999"),
+        ({"valid_until": MAX_CALENDAR_TIME + 1}, "valid_until 253402300800 is not a time between 1970"),
+        ({"created": -1}, "created -1 is not a time between 1970"),
     ],
 )
 def test_malformed_statements_are_refused(world: World, terms: dict[str, Any], message: str) -> None:
@@ -554,3 +559,19 @@ def test_skipped_positions_only_move_forward() -> None:
     assert state.size == 5
     with pytest.raises(PolicyError, match="cannot go back"):
         state.skip_to(4)
+
+
+@pytest.mark.parametrize("t", [-1, MAX_CALENDAR_TIME + 1, 2**63, 2**64 - 1])
+def test_a_time_past_the_calendar_is_shown_not_raised(t: int) -> None:
+    """A packet's expiry may be any 63-bit time: the reason that names it must still be written."""
+    assert utc(t) == f"{t} (Unix time outside 1970..9999)"
+    assert utc(0) == "1970-01-01T00:00:00Z"
+    assert utc(MAX_CALENDAR_TIME) == "9999-12-31T23:59:59Z"
+
+
+def test_a_packet_that_expired_far_in_the_future_is_denied_with_a_reason(world: World) -> None:
+    world.grant("FRA", "DEU")
+    world.accept("DEU", "FRA")
+    assert world.reason("FRA", "DEU", now=2**63 - 1, expires=2**63 - 1) == (
+        "the packet expired at 9223372036854775807 (Unix time outside 1970..9999)"
+    )

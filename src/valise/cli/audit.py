@@ -8,7 +8,6 @@ audit could not run (unreachable source, missing tile); 2 usage.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ from valise.audit.verify import AuditState, CheckpointRefused, Report, audit
 from valise.cli.main import group
 from valise.errors import NoteError, UsageError
 from valise.tlog import cosignature, note
+from valise.utctime import utc
 
 EXIT_FINDINGS = 4
 EXIT_ALARM = CheckpointRefused.exit_code
@@ -269,5 +269,5 @@ def _shown_value(key: str, value: object) -> str:
     if isinstance(value, list | tuple):
         return ", ".join(str(v) for v in value) or "none"
     if isinstance(value, int) and key in ("at", "created", "expires", "received") and value > 10**9:
-        return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return utc(value)
     return str(value)

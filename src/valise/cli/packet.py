@@ -25,6 +25,7 @@ from typing import BinaryIO
 from valise import identity, keyfiles, packet
 from valise.errors import UsageError
 from valise.labels import Labels
+from valise.utctime import utc
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -201,4 +202,4 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def _iso(ts: int) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+    return utc(ts)

@@ -35,6 +35,7 @@ from valise.policy.decide import tlp_label
 from valise.policy.state import Rule
 from valise.store.sqlite import SqliteLog
 from valise.tlog import cosignature
+from valise.utctime import utc
 
 EXIT_DENIED = 3
 
@@ -219,7 +220,7 @@ def _list(text: str) -> list[str]:
 
 
 def _iso(t: int | None) -> str | None:
-    return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if t is None else utc(t)
 
 
 @contextmanager

@@ -16,13 +16,13 @@ only built on the deny path.
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from valise.labels import TLP, tlp_rank
 from valise.policy.records import GROUP_PREFIX
 from valise.policy.state import ACTIVE, Member, PolicyState, Statement
+from valise.utctime import utc
 
 _RANK = {level.label: int(level) for level in TLP}
 _LABEL = {int(level): level.label for level in TLP}
@@ -69,8 +69,8 @@ class Decision:
 
 
 def when(t: int) -> str:
-    """A time as people read it in reasons (UTC, to the second)."""
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A time as people read it in reasons (UTC, to the second); never raises, whatever a signer put there."""
+    return utc(t)
 
 
 def _cats(cats: frozenset[str] | None) -> str:

@@ -24,6 +24,7 @@ from valise import encoding, labels
 from valise.crypto import sign
 from valise.errors import EncodingError, LabelError, LimitError, PolicyError, StatementError
 from valise.identity import MEMBER_ID
+from valise.utctime import MAX_CALENDAR_TIME
 
 RECORD_VERSION = 1
 MAX_ENTRY_SIZE = 65535  # a log entry never exceeds this (the log's own limit)
@@ -149,6 +150,18 @@ def check_tlp(value: str, what: str) -> str:
         raise PolicyError(f"{what}: {exc.what}") from None
 
 
+# Every time a record carries: refused past the calendar's end (utctime.py), or before 1970, when signed, admitted
+# or folded, so that no reason, listing or audit has to show a time it cannot.
+_TIME_FIELDS = ("time", "created", "valid_from", "valid_until", "start", "end", "enc_created")
+
+
+def _check_times(body: dict[str, Any], what: str) -> None:
+    for name in _TIME_FIELDS:
+        t = body.get(name)
+        if t is not None and not 0 <= t <= MAX_CALENDAR_TIME:
+            raise PolicyError(f"{what}: {name} {t} is not a time between 1970 and the year 9999")
+
+
 def _check_window(start: int | None, end: int | None, what: str) -> None:
     if start is not None and end is not None and end <= start:
         raise PolicyError(f"{what}: the end ({end}) is not after the start ({start})")
@@ -171,6 +184,7 @@ def check_body(rtype: str, body: dict[str, Any], what: str) -> str:
         raise PolicyError(exc.what) from None
     if body["v"] != RECORD_VERSION:
         raise PolicyError(f"{what}: version {body['v']} is not supported (expected {RECORD_VERSION})")
+    _check_times(body, what)
     if rtype == STMT:
         _ident(body["author"], "author", what)
         if kind in (GRANT, ACCEPT):
