@@ -675,3 +675,23 @@ async def test_closing_a_session_while_it_ends_is_harmless(tmp_path: Path) -> No
                     await trio.lowlevel.checkpoint()
         async with WireClient.connect(world, "FRA", broker.port) as fra:  # the broker still serves
             await fra.sync()
+
+
+async def test_a_goodbye_is_answered_in_kind_and_the_connection_closes(tmp_path: Path) -> None:
+    """wire.md rule 19: a client that says goodbye gets goodbye back and a closed connection, not, as before,
+    silence, then a ping it may not answer, then a timeout error 64 s later."""
+    world = _world(tmp_path)
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        fra.refuse_cosign = True
+        await fra.sync()
+        fra.refuse_cosign = False  # after our goodbye we may not answer anything
+        await fra.send(ev.Goodbye("done"))
+        with trio.fail_after(5):
+            event = await fra.next()
+            while not isinstance(event, ev.Goodbye):  # frames the broker sent before it read ours
+                assert not isinstance(event, ev.ConnectionClosed | ev.ErrorMessage), event
+                event = await fra.next()
+            assert isinstance(await fra.next(), ev.ConnectionClosed)
+        with trio.fail_after(5):
+            while broker.sessions.get("FRA") is not None:  # noqa: ASYNC110 - the daemon's own state
+                await trio.sleep(0.01)

@@ -880,9 +880,13 @@ class Session:
             self._nursery.cancel_scope.cancel()
 
     async def _fatal(self, code: str, message: str) -> None:
+        await self._last_word(ev.ErrorMessage(None, code, message))
+
+    async def _last_word(self, msg: ev.Goodbye | ev.ErrorMessage) -> None:
+        """Send the session's last frame, if the peer still reads within a second; nothing goes out after it."""
         try:
             with trio.move_on_after(1.0):
-                await self.send(ev.ErrorMessage(None, code, message))
+                await self.send(msg)
         except (Error, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -976,6 +980,10 @@ class Session:
                 return
             if isinstance(event, ev.ConnectionClosed):
                 return
+            if isinstance(event, ev.Goodbye):  # its last frame: answer in kind (wire.md rule 19), then close
+                log.info("%s said goodbye: %s", self.member, event.message)
+                await self._last_word(ev.Goodbye(""))
+                return
             try:
                 await self._dispatch(event)
             except ProtocolError as exc:
@@ -1033,8 +1041,6 @@ class Session:
             self._cosigns[event.rid][2].set()
         elif isinstance(event, ev.Ping):
             await self.send(ev.Pong(event.n))
-        elif isinstance(event, ev.Goodbye):
-            return
 
     # --- submissions ----------------------------------------------------------------------------------------
 
