@@ -6,8 +6,8 @@
 The transcript is a real session between two `valise.wire.Connection`s in memory; every hex line is a frame
 that `Connection.send` produced and the other side accepted. Signed payloads (heads, receipts, acks,
 checkpoints) are placeholders: their formats belong to packet.md, protocol.md and log.md, and the wire carries
-them as opaque bytes. tests/test_wire_vectors.py checks that the spec matches this output and replays every
-vector against the state machine.
+them as opaque bytes. The proofs are real, over a log of placeholder entries. tests/test_wire_vectors.py checks
+that the spec matches this output and replays every vector against the state machine.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from valise.errors import ProtocolError
+from valise.store.memory import MemoryLog
+from valise.tlog import merkle
 from valise.wire import codes, frame
 from valise.wire import events as ev
 from valise.wire.codec import encode
@@ -54,33 +56,45 @@ def _hex_lines(data: bytes, width: int = 32) -> list[str]:
     return [data[i : i + width].hex() for i in range(0, len(data), width)]
 
 
+def _dummy_log(size: int) -> MemoryLog:
+    """A log of `size` placeholder entries, so that the transcript's proofs are real RFC 9162 proofs."""
+    log = MemoryLog()
+    log.append([b"entry %d" % i for i in range(size)])
+    return log
+
+
 def session() -> list[tuple[Role, ev.Message]]:
-    """The scripted session of the transcript: handshake, submit, receipt, deliveries (one taken, one refused),
-    ack, queries, goodbye."""
+    """The scripted session of the transcript: handshake, the broker's cosigning request that opens every node
+    session, submit, receipt, deliveries (one taken, one refused), ack, queries, goodbye."""
     pair = ConnectionPair()
+    log = _dummy_log(44)
     script: list[tuple[Role, ev.Message]] = [
         (Role.CLIENT, pair.hello(member="FRA", seen=41)),
         (Role.SERVER, pair.welcome(broker="BROKER", time=TIME)),
+        (
+            Role.SERVER,
+            ev.CosignRequest(
+                rid=0, old=41, proof=tuple(merkle.consistency_proof(41, 42, log)), checkpoint=b"<checkpoint, size 42>"
+            ),
+        ),
+        (Role.CLIENT, ev.CosignResponse(rid=0, cosignature=b"<FRA's cosignature line>")),
         (Role.CLIENT, ev.SubmitBegin(rid=1, head=HEAD, size=len(CIPHERTEXT))),
         (Role.CLIENT, ev.SubmitChunk(rid=1, data=CIPHERTEXT[:24])),
         (Role.CLIENT, ev.SubmitChunk(rid=1, data=CIPHERTEXT[24:])),
         (Role.CLIENT, ev.SubmitEnd(rid=1)),
-        (Role.SERVER, ev.Credit(amount=len(CIPHERTEXT))),
         (Role.SERVER, ev.Receipt(rid=1, id=PID, index=42, digest=DIGEST, receipt=b"<signed receipt>")),
         (Role.SERVER, ev.DeliverBegin(seq=7, head=HEAD, size=len(CIPHERTEXT))),
         (Role.SERVER, ev.DeliverChunk(seq=7, data=CIPHERTEXT)),
         (Role.SERVER, ev.DeliverEnd(seq=7)),
         (Role.CLIENT, ev.Ack(seq=7, id=PID, ack=b"<signed ack>")),
-        (Role.CLIENT, ev.Credit(amount=len(CIPHERTEXT))),
         (Role.SERVER, ev.AckForward(seq=8, id=PID, by="DEU", index=43, ack=b"<signed ack>")),
         (Role.CLIENT, ev.Seen(seq=8)),
         (Role.SERVER, ev.DeliverBegin(seq=9, head=HEAD, size=len(CIPHERTEXT))),
         (Role.SERVER, ev.DeliverChunk(seq=9, data=CIPHERTEXT)),
         (Role.SERVER, ev.DeliverEnd(seq=9)),
         (Role.CLIENT, ev.Refuse(seq=9, code=codes.BAD_SIGNATURE, message="packet header from DEU does not verify")),
-        (Role.CLIENT, ev.Credit(amount=len(CIPHERTEXT))),
         (Role.CLIENT, ev.GetInclusion(rid=2, index=42, size=44)),
-        (Role.SERVER, ev.Inclusion(rid=2, proof=(bytes(range(32)), bytes(range(32, 64))))),
+        (Role.SERVER, ev.Inclusion(rid=2, proof=tuple(merkle.inclusion_proof(42, 44, log)))),
         (Role.CLIENT, ev.Ping(n=1)),
         (Role.SERVER, ev.Pong(n=1)),
         (Role.CLIENT, ev.Goodbye(message="done")),
