@@ -190,6 +190,29 @@ async def test_a_packet_from_a_member_removed_since_is_still_read_with_a_note(
         nursery.cancel_scope.cancel()
 
 
+async def test_many_local_clients_at_once_are_all_answered(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    """Scripts run `valise send` and `status` in parallel. Past the socket's accept queue, a connect seemed to
+    succeed and the first write failed (ENOTCONN): 24 of 60 concurrent sends printed a traceback."""
+    h = Harness(world, members["FRA"])
+    replies: list[dict[str, Any]] = []
+
+    async def ask() -> None:
+        replies.append(await call(h.daemon.home.root, {"op": "status"}))
+
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as clients:
+                for _ in range(300):
+                    clients.start_soon(ask)
+        assert len(replies) == 300
+        assert all(r["ok"] for r in replies)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_local_client_that_stalls_mid_send_is_dropped(
     world: dict[str, Any],  # noqa: F811
     members: dict[str, identity.Identity],

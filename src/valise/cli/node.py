@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -141,15 +142,8 @@ async def call(
 ) -> dict[str, Any]:
     """Send one request (and a payload) to the node daemon; feed streamed data to `sink`; return the reply."""
     NodeHome.open(node_dir)
-    path = control.socket_path(node_dir)
-    try:
-        stream = await control.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):  # no socket, or one no process listens on any more
-        raise NotRunning(node_dir) from None
-    except OSError as exc:  # a daemon may well be running: say what stopped us, never "not running"
-        raise Error(f"cannot reach the node daemon in {node_dir}: {exc.strerror or exc}") from None
+    stream = await _send_request(node_dir, request)
     async with stream:
-        await control.send_msg(stream, request)
         if source is not None:
             # If the daemon refused early it stops reading; its reply still says why.
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -163,6 +157,40 @@ async def call(
                 sink(msg["data"])
                 continue
             return msg
+
+
+BUSY_WAIT = 30.0  # seconds a client keeps trying while the daemon's accept queue is full
+
+
+async def _send_request(node_dir: Path, request: dict[str, Any]) -> trio.SocketStream:
+    """Connect to the daemon and send `request`. When many clients connect at once (scripts running `send` in
+    parallel) past the socket's accept queue, a non-blocking connect to a Unix socket seems to succeed and the
+    first write fails with ENOTCONN: the daemon never saw the request, so it is sent again on a new connection."""
+    path = control.socket_path(node_dir)
+    deadline = trio.current_time() + BUSY_WAIT
+    pause = 0.01
+    while True:
+        try:
+            stream = await control.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):  # no socket, or one no process listens on any more
+            raise NotRunning(node_dir) from None
+        except OSError as exc:  # a daemon may well be running: say what stopped us, never "not running"
+            raise Error(f"cannot reach the node daemon in {node_dir}: {exc.strerror or exc}") from None
+        try:
+            await control.send_msg(stream, request)
+            return stream
+        except trio.BrokenResourceError as exc:
+            await stream.aclose()
+            never_connected = isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOTCONN
+            if not never_connected:
+                raise Error(f"the node daemon in {node_dir} closed the control connection: {exc}") from None
+            if trio.current_time() > deadline:
+                raise Error(
+                    f"the node daemon in {node_dir} took no new connection for {BUSY_WAIT:g} s",
+                    hint="too many clients at once? try again",
+                ) from None
+        await trio.sleep(pause)
+        pause = min(pause * 2, 0.5)
 
 
 NOT_RUNNING = 3  # `status`'s exit code when the daemon is not running

@@ -118,6 +118,11 @@ def _remove_stale(path: Path) -> None:
         path.unlink()
 
 
+# Connections the kernel queues before the daemon accepts them: scripts start many `valise` commands at once.
+# Past it a client retries (cli/node.py), so this only saves round trips.
+LISTEN_BACKLOG = 128
+
+
 async def listen(path: Path) -> trio.SocketListener:
     """Bind the control socket with mode 0600 from the start (umask), replacing a stale socket file."""
     _check_length(path)
@@ -128,7 +133,7 @@ async def listen(path: Path) -> trio.SocketListener:
         await sock.bind(str(path))
     finally:
         os.umask(old)
-    sock.listen(16)
+    sock.listen(LISTEN_BACKLOG)
     return trio.SocketListener(sock)
 
 
