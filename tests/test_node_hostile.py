@@ -190,6 +190,22 @@ async def test_a_packet_from_a_member_removed_since_is_still_read_with_a_note(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_send_to_more_names_than_a_packet_holds_is_refused_before_any_lookup(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        names = [f"M{i}" for i in range(100_000)]
+        request = {"op": "send", "to": names, "tlp": "AMBER", "size": 10}
+        with trio.fail_after(10):
+            reply = await call(h.daemon.home.root, request)
+        assert reply["ok"] is False
+        assert reply["error"] == "100000 recipients named; a packet has at most 256"
+        nursery.cancel_scope.cancel()
+
+
 async def test_many_local_clients_at_once_are_all_answered(
     world: dict[str, Any],  # noqa: F811
     members: dict[str, identity.Identity],
