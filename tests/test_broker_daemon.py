@@ -15,6 +15,7 @@ import trio
 
 from valise import encoding, packet, records
 from valise.broker.daemon import BrokerDaemon
+from valise.broker.mailbox import Mailboxes
 from valise.store.sqlite import SqliteLog
 from valise.tlog import merkle
 from valise.wire import codes
@@ -88,7 +89,6 @@ async def test_submit_deliver_ack_round_trip(tmp_path: Path) -> None:
             merkle.verify_inclusion(leaf, answer.index, size, list(proof.proof), root)
 
     # ITA never connected: its copy is still queued, durably, after the broker stopped.
-    from valise.broker.mailbox import Mailboxes
 
     mail = Mailboxes.open(world.home.root / "mailbox.db")
     assert [i.kind for i in mail.pending("ITA")] == ["packet"]
@@ -195,7 +195,6 @@ async def test_undelivered_packets_are_purged_at_expiry_and_the_purge_is_logged(
     purges = [m for kind, m in kinds if kind == "purge"]
     assert [(m["digest"], m["recipient"]) for m in purges] == [(head.digest, "DEU")]
     assert not (world.home.root / "spool" / f"{head.digest.hex()}.pkt").exists()
-    from valise.broker.mailbox import Mailboxes
 
     assert Mailboxes.open(world.home.root / "mailbox.db").body(head.digest) is None  # the small body went too
 
@@ -335,6 +334,7 @@ async def test_a_packet_logged_before_a_crash_is_queued_at_its_index_when_resubm
     """A crash between the log append and the mailbox commit loses a small packet's body, not the packet: the
     sender (who got no receipt) resubmits, and the broker queues it at the index already logged, adding nothing."""
     world = _world(tmp_path)
+    Mailboxes.open(world.home.mailbox_path).close()  # as a broker that served before it crashed left it
     data = seal(world, "FRA", ["DEU"], b"logged, then the broker died")
     head = packet.parse_head(data)
     assert isinstance(head, packet.Head)

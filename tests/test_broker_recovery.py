@@ -10,13 +10,17 @@ A crash-injection review (SIGKILL at those points, real processes) found each of
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
 from valise import packet, records
 from valise.broker.daemon import BrokerDaemon
+from valise.broker.mailbox import Mailboxes
+from valise.errors import StoreError
 from valise.store.sqlite import SqliteLog
 from valise.wire import events as ev
 
@@ -26,6 +30,9 @@ from .harness import WireClient, World, make_world, running_broker, seal
 def _world(tmp_path: Path) -> World:
     world = make_world(tmp_path)
     world.consent("FRA", "DEU", "AMBER", ["malware"])
+    # A broker that has served creates its mailbox store before it logs any packet; the tests below append
+    # packet records as a crashed broker left them, so the store must exist as it would.
+    Mailboxes.open(world.home.mailbox_path).close()
     return world
 
 
@@ -229,3 +236,41 @@ async def test_a_packet_redone_while_the_broker_runs_is_an_orphan_at_once(tmp_pa
         assert isinstance(receipt, ev.Receipt), receipt
         assert receipt.index == logged_at
         assert broker.store.size() == size  # nothing logged again
+
+
+async def test_a_lost_or_truncated_mailbox_store_stops_the_broker_unless_told_to_rebuild(tmp_path: Path) -> None:
+    """SQLite opens a missing or 0-byte file as a new database: the broker started with empty queues and the
+    packets waiting for members were never delivered, without a word."""
+    world = _world(tmp_path)
+    big = seal(world, "FRA", ["DEU"], b"x" * 300_000)  # spooled to a file: its body outlives the mailbox store
+    head = _head(big)
+    await _relayed(world, big)
+    mailbox = world.home.mailbox_path
+    for name in (mailbox.name + "-wal", mailbox.name + "-shm"):
+        (mailbox.parent / name).unlink(missing_ok=True)
+    mailbox.write_bytes(b"")
+    with pytest.raises(StoreError, match=r"mailbox\.db is missing or empty, but the log holds relayed packets"):
+        BrokerDaemon(world.home)
+    assert mailbox.stat().st_size == 0  # nothing was created in its place
+    mailbox.unlink()
+    with pytest.raises(StoreError, match="--rebuild-mailboxes"):
+        BrokerDaemon(world.home)
+    # Rebuilt from the log, the waiting packet is queued again and reaches its recipient.
+    async with (
+        running_broker(world, rebuild_mailboxes=True) as broker,
+        WireClient.connect(world, "DEU", broker.port) as deu,
+    ):
+        deu.refuse_cosign = True
+        _, got = await deu.receive_delivery()
+        assert got == big
+        assert broker.mail.has_item("DEU", "packet", head.digest)
+
+
+async def test_a_mailbox_store_missing_a_table_is_refused(tmp_path: Path) -> None:
+    world = _world(tmp_path)
+    await _relayed(world, seal(world, "FRA", ["DEU"], b"waiting"))
+    with sqlite3.connect(world.home.mailbox_path) as db:
+        db.execute("DROP TABLE mailbox")
+    db.close()
+    with pytest.raises(StoreError, match=r"mailbox\.db has no table mailbox: it is damaged"):
+        BrokerDaemon(world.home)

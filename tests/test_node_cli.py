@@ -224,6 +224,14 @@ async def test_inbox_and_read_stream_the_plaintext(
     out, err = capsys.readouterr()
     assert json.loads(out)["from"] == "DEU"
     assert "read with the node daemon stopped; it is not marked as read" in err
+    # A packet file lost from inbox/: the error names it, not the output file being written.
+    kept = next((world["home"].root / "inbox").glob("*.pkt"))
+    kept.unlink()
+    assert await cli("read", "--node", node, item["id"][:8], "-o", str(offline), "--force") == 1
+    err = capsys.readouterr().err
+    assert f"the inbox file of this packet, {kept}, cannot be read: No such file or directory" in err
+    assert "cannot write" not in err
+    assert offline.read_bytes() == plaintext  # the earlier output is left as it was
 
 
 async def test_status_and_inbox_report_a_stopped_daemon_from_its_store(

@@ -170,3 +170,37 @@ def test_a_report_reads_every_table_as_of_one_moment(tmp_path: Path) -> None:
     finally:
         reader.close()
         daemon.close()
+
+
+def test_a_lost_or_truncated_store_beside_kept_packets_is_refused_not_recreated(tmp_path: Path) -> None:
+    """SQLite opens a missing or 0-byte file as a new database: the node would have started with an empty inbox
+    while its packet files stayed on disk, unlisted."""
+    root = tmp_path / "node"
+    store = NodeStore.open(root)
+    assert store.inbox_add(DIG, PID, "FRA", 5, {"tlp": "AMBER"}, b"packet")
+    store.close()
+    for name in ("node.db-wal", "node.db-shm"):
+        (root / name).unlink(missing_ok=True)
+    (root / "node.db").write_bytes(b"")
+    with pytest.raises(StoreError, match=r"node.db is missing or empty, but .* holds 1 packet file\(s\)"):
+        NodeStore.open(root)
+    (root / "node.db").unlink()
+    with pytest.raises(StoreError, match="is missing or empty"):
+        NodeStore.open(root)
+    assert not (root / "node.db").exists()  # nothing was created in its place
+    assert len(list((root / "inbox").glob("*.pkt"))) == 1
+
+
+def test_a_store_missing_a_table_is_refused_by_the_daemon_and_by_reports(tmp_path: Path) -> None:
+    root = tmp_path / "node"
+    NodeStore.open(root).close()
+    with sqlite3.connect(root / "node.db") as db:
+        db.execute("DROP TABLE inbox")
+    db.close()
+    with pytest.raises(StoreError, match=r"node\.db has no table inbox: it is damaged"):
+        NodeStore.open_readonly(root)
+    with pytest.raises(StoreError, match=r"node\.db has no table inbox: it is damaged"):
+        NodeStore.open(root)
+    with sqlite3.connect(root / "node.db") as db:  # and the daemon did not quietly create it again
+        assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'inbox'").fetchone() == (0,)
+    db.close()

@@ -44,6 +44,7 @@ from valise.packet import Head
 from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, Header, parse_prefix
 from valise.policy import records as policy_records
 from valise.policy.state import ACTIVE, PolicyState
+from valise.store import sqlfile
 from valise.store.sqlite import SqliteLog
 from valise.tlog import cosignature, merkle, note
 from valise.tlsstream import TLSSocketStream
@@ -83,6 +84,7 @@ class Settings:
     policy_poll: float = 1.0
     window: int = relay.DEFAULT_WINDOW
     serve_entries: bool = False  # entry bundles over HTTP (every record in full): for an auditors-only address
+    rebuild_mailboxes: bool = False  # start with a missing mailbox.db although the log holds traffic (see below)
     clock: Callable[[], float] = time.time
 
 
@@ -141,6 +143,13 @@ def wave_pace(witnesses: int, checkpoint_interval: float) -> float:
     return min(COSIGN_PACE, checkpoint_interval / 2 / (waves - 1))
 
 
+def _is_packet(entry: bytes) -> bool:
+    try:
+        return records.entry_type(entry)[0] == "pkt"
+    except Error:
+        return False
+
+
 def pick_witnesses(names: list[str], turn: int, limit: int) -> list[str]:
     """The witnesses to ask on cosigning `turn`: all of `names` if they fit in `limit`, else a window of `limit`
     names (in sorted order, wrapping) that moves on by `limit` each turn, so every witness cosigns in turn."""
@@ -172,6 +181,7 @@ class BrokerDaemon:
             max_batch=DEFAULT_MAX_PENDING,
             max_pending=DEFAULT_MAX_PENDING,
         )
+        self._check_mailboxes_expected()
         self.mail = Mailboxes.open(home.mailbox_path)
         self.spool = Spool(home.root / "spool")
         self.genesis = Genesis.parse(self.store.entries(0, 1)[0], origin=cfg.origin)
@@ -247,6 +257,26 @@ class BrokerDaemon:
         # An entry the policy refuses (appended by another writer that raced us) stays in the log with no effect;
         # an auditor's replay reports it the same way.
         log.error("log entry %d has no policy effect: %s", index, exc)
+
+    def _check_mailboxes_expected(self) -> None:
+        """Refuse to start on a missing or empty mailbox.db when the log holds traffic: it was lost or truncated,
+        and SQLite would start a new, empty one without a word.
+
+        Started anyway (`--rebuild-mailboxes`), the broker replays the whole log into the new store, as after any
+        crash: unacknowledged packets are queued again, but the bodies of small packets lived in the lost file,
+        so those become orphans that expire unless their senders send them again."""
+        path = self.home.mailbox_path
+        if not sqlfile.is_blank(path) or self.settings.rebuild_mailboxes:
+            return
+        size = self.store.size()
+        for start in range(1, size, 4096):
+            for entry in self.store.entries(start, min(size, start + 4096)):
+                if _is_packet(entry):
+                    raise StoreError(
+                        f"{path} is missing or empty, but the log holds relayed packets: the delivery queues are lost",
+                        hint="restore mailbox.db from the backup of broker.db; or rebuild it from the log with "
+                        "valise broker serve --rebuild-mailboxes (small packets not yet delivered are then lost)",
+                    )
 
     def _legacy_mark(self) -> int:
         return max(1, self.mail.last_log_index() + 1)

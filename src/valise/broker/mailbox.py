@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from valise.errors import StoreError
+from valise.store import sqlfile
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packets (
@@ -90,6 +91,10 @@ class MailItem:
     packet_id: bytes | None = None  # a packet's id (its acknowledgement must name this sender and id)
 
 
+# Tables every version of the store has had: one missing means the file is damaged, never merely old.
+CORE_TABLES = ("packets", "mailbox", "counters")
+
+
 class Mailboxes:
     """Per-member ordered mailboxes in one SQLite file (WAL; every change is one committed transaction)."""
 
@@ -103,8 +108,12 @@ class Mailboxes:
 
     @classmethod
     def open(cls, path: Path) -> Mailboxes:
+        """Open (or create) the store. A broker checks first that a blank one is expected (daemon.py)."""
+        blank = sqlfile.is_blank(path)
         try:
             conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+            if not blank:
+                sqlfile.check_tables(conn, path, CORE_TABLES)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # a receipt promises durability: fsync at every commit
             conn.executescript(SCHEMA)

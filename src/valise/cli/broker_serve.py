@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--checkpoint-interval", type=float, default=1.0, help="seconds between checkpoints")
     p.add_argument(
+        "--rebuild-mailboxes",
+        action="store_true",
+        help="start although mailbox.db is missing or empty and the log holds traffic: rebuild the delivery "
+        "queues from the log (small packets not yet delivered are lost with the old file)",
+    )
+    p.add_argument(
         "--passphrase-env",
         metavar="VAR",
         help="the passphrase of the broker's identity and log keys, in $VAR (if broker init sealed them)",
@@ -45,6 +51,7 @@ def serve(args: argparse.Namespace) -> int:
         http=parse_address(args.http, listen=True) if args.http else None,
         checkpoint_interval=args.checkpoint_interval,
         serve_entries=args.serve_entries,
+        rebuild_mailboxes=args.rebuild_mailboxes,
     )
     serve_forever(home, settings, keyfiles.passphrase_from_env(args.passphrase_env))
     return 0

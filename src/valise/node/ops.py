@@ -311,7 +311,7 @@ async def op_read(
             return len(chunk)
 
     def work() -> packet.Opened:
-        with open(daemon.store.inbox_path(row.digest), "rb") as src:
+        with daemon.store.open_inbox_packet(row.digest) as src:
             return packet.open(src, cast(BinaryIO, Push()), me=daemon.identity, sender=sender, now=daemon.now())
 
     opened = await trio.to_thread.run_sync(work)

@@ -153,7 +153,7 @@ def offline_read(
     if sender is None:
         raise UsageError(f"sender {row.sender} is not in the verified directory")
     me = keyfiles.load_identity(home.config().identity_dir, passphrase)
-    with open(store.inbox_path(row.digest), "rb") as src:
+    with store.open_inbox_packet(row.digest) as src:
         opened = packet.open(src, sink, me=me, sender=sender, now=now)
     return {"ok": True, "packet": opened.to_json(), "state": row.state, "retraction": row.retraction, "offline": True}
 

@@ -15,8 +15,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from valise.errors import PacketError, StoreError
+from valise.store import sqlfile
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -147,6 +149,11 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+# Tables every version of the store has had (later ones are added by CREATE IF NOT EXISTS when a newer daemon
+# opens an older store): one missing means the file is damaged, never merely old.
+CORE_TABLES = ("outbox", "inbox", "acks", "kv")
+
+
 class NodeStore:
     def __init__(self, root: Path, conn: sqlite3.Connection) -> None:
         self.root = root
@@ -160,8 +167,18 @@ class NodeStore:
         # never queued), and nothing else would ever delete them. Only the daemon opens the store (under its lock).
         for stale in (root / "tmp").glob("*.part"):
             stale.unlink(missing_ok=True)
+        path = root / "node.db"
+        blank = sqlfile.is_blank(path)
+        if blank and (held := sorted(p.name for sub in ("inbox", "outbox") for p in (root / sub).glob("*.pkt"))):
+            # A node that never ran has no packets: these are the files of a store that was lost or truncated.
+            raise StoreError(
+                f"{path} is missing or empty, but {root} holds {len(held)} packet file(s) it kept track of",
+                hint="restore node.db from a backup; starting afresh would forget them",
+            )
         try:
-            conn = sqlite3.connect(root / "node.db", isolation_level=None, timeout=30.0)
+            conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+            if not blank:
+                sqlfile.check_tables(conn, path, CORE_TABLES)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(SCHEMA)
@@ -185,7 +202,7 @@ class NodeStore:
         uri = f"{path.as_uri()}?mode=ro" + ("" if wal else "&immutable=1")
         try:
             conn = sqlite3.connect(uri, uri=True, isolation_level=None)
-            conn.execute("SELECT count(*) FROM kv").fetchone()
+            sqlfile.check_tables(conn, path, CORE_TABLES)
         except sqlite3.Error as exc:
             hint = "the daemon stopped without closing it: a read needs to write node.db-shm there" if wal else None
             raise StoreError(f"cannot read the node store in {root}: {exc}", hint=hint) from None
@@ -315,6 +332,17 @@ class NodeStore:
 
     def inbox_path(self, digest: bytes) -> Path:
         return self.root / "inbox" / f"{digest.hex()}.pkt"
+
+    def open_inbox_packet(self, digest: bytes) -> BinaryIO:
+        """A received packet's file, or an error that names it (not the file `read` was writing to)."""
+        path = self.inbox_path(digest)
+        try:
+            return path.open("rb")
+        except OSError as exc:
+            raise StoreError(
+                f"the inbox file of this packet, {path}, cannot be read: {exc.strerror}",
+                hint="restore it from a backup of the node directory",
+            ) from None
 
     def inbox_add(
         self, digest: bytes, packet_id: bytes, sender: str, received: int, labels: dict[str, object], packet: bytes

@@ -1,0 +1,33 @@
+"""Checks that an SQLite file holds the store it should, before anything is created in it.
+
+SQLite opens a missing or empty (0-byte) file as a new, empty database, and `CREATE TABLE IF NOT EXISTS` then
+fills it with empty tables: a store lost or truncated on disk would come back empty without a word, and with it
+a node's inbox records or a broker's delivery queues. Callers check first, where they know what should be there.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from valise.errors import StoreError
+
+
+def is_blank(path: Path) -> bool:
+    """Whether `path` is missing or empty: SQLite would silently start a new database there."""
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:
+        return True
+
+
+def check_tables(conn: sqlite3.Connection, path: Path, required: Iterable[str]) -> None:
+    """Refuse a database that lacks any of the tables every version of its store has had."""
+    have = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    missing = sorted(set(required) - have)
+    if missing:
+        raise StoreError(
+            f"{path} has no table {', '.join(missing)}: it is damaged, or not this kind of store",
+            hint="restore it from a backup",
+        )
