@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,23 @@ def test_with_json_and_a_payload_on_stdout_a_failure_goes_to_stderr(
     assert out == b""
     reply = json.loads(err.decode().splitlines()[-1])
     assert reply["ok"] is False
+
+
+def test_a_node_with_a_damaged_tls_key_stops_at_start_naming_the_file(tmp_path: Path) -> None:
+    """It used to start, then fail every connection attempt for ever with OpenSSL's "PEM lib", naming no file."""
+    world = make_world(tmp_path)
+    node = tmp_path / "node-fra"
+    pub = str(world.home.broker_bundle_path)
+    init = ["node", "init", "--dir", str(node), "--identity", str(world.dirs["FRA"]), "--broker", "127.0.0.1:9"]
+    assert cli([*init, "--broker-pub", pub, "--log-key", log_vkey(world)]) == 0
+    key = world.dirs["FRA"] / "FRA.tls.key"
+    key.write_bytes(key.read_bytes()[:40])
+    run = subprocess.run(
+        [sys.executable, "-m", "valise.cli.main", "node", "run", "--dir", str(node)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode != 0
+    assert f"the TLS certificate {world.dirs['FRA'] / 'FRA.tls.crt'} or its key {key} cannot be used" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,7 @@ import trio
 
 from valise import gctune, identity, packet, records, tls
 from valise.daemonlock import DaemonLock
-from valise.errors import CheckpointError, Error, NoteError, RemoteError, UsageError
+from valise.errors import CheckpointError, Error, KeyFileError, NoteError, RemoteError, UsageError
 from valise.node import outbox
 from valise.node.control import listen, socket_path
 from valise.node.follower import AwaitingQuorum, Committed, Follower, ForgedCosignature, ForkError, LogMismatchError
@@ -117,6 +118,9 @@ class NodeDaemon:
         self.sent_statements: dict[bytes, policy_records.Record] = {}
         self._passphrase = passphrase
         self._connector = connector or self._tls_connect
+        # Built once, now: a damaged certificate or key file stops the daemon at start with the file's name, instead
+        # of failing every connection attempt, for ever, with OpenSSL's "PEM lib".
+        self._tls_context = self._make_tls_context() if connector is None else None
         self.random = random
         self.wall = wall
         self.poll_interval = poll_interval
@@ -256,14 +260,22 @@ class NodeDaemon:
         )
         return REPLACED_BACKOFF
 
+    def _make_tls_context(self) -> ssl.SSLContext:
+        crt = self.config.identity_dir / f"{self.member}.tls.crt"
+        key = self.config.identity_dir / f"{self.member}.tls.key"
+        try:
+            return tls.client_context(crt, key, self.broker.cert_der, password=self._passphrase)
+        except ssl.SSLError as exc:
+            raise KeyFileError(
+                f"the TLS certificate {crt} or its key {key} cannot be used: {exc.reason or exc}",
+                hint="restore them from a backup of the identity (valise keygen made them)",
+            ) from None
+        except OSError as exc:
+            raise KeyFileError(f"cannot read the TLS certificate {crt} or its key {key}: {exc.strerror}") from None
+
     async def _tls_connect(self) -> trio.abc.Stream:
         cfg = self.config
-        ctx = tls.client_context(
-            cfg.identity_dir / f"{self.member}.tls.crt",
-            cfg.identity_dir / f"{self.member}.tls.key",
-            self.broker.cert_der,
-            password=self._passphrase,
-        )
+        ctx = self._tls_context or self._make_tls_context()
         tcp = await trio.open_tcp_stream(cfg.broker_host, cfg.broker_port)
         # OpenSSL on the socket, as the broker does (valise.tlsstream): less CPU per record than trio.SSLStream.
         stream = TLSSocketStream.wrap(tcp, ctx, server_side=False)
