@@ -695,3 +695,22 @@ async def test_a_goodbye_is_answered_in_kind_and_the_connection_closes(tmp_path:
         with trio.fail_after(5):
             while broker.sessions.get("FRA") is not None:  # noqa: ASYNC110 - the daemon's own state
                 await trio.sleep(0.01)
+
+
+async def test_a_tls_key_damaged_while_the_broker_runs_does_not_stop_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The TLS context is rebuilt when the directory changes; if the key file went bad meanwhile, the broker keeps
+    the context it has (and says why a new member cannot connect) rather than fail."""
+    world = _world(tmp_path)
+    async with running_broker(world) as broker:
+        key = world.home.identity_dir / "broker.tls.key"
+        key.write_bytes(key.read_bytes()[:40])
+        world.operator("member-suspend", id="ITA", reason="test")  # the member list changes: a new context
+        with trio.fail_after(10):
+            while "cannot connect until this is fixed" not in caplog.text:  # noqa: ASYNC110 - the daemon's log
+                await trio.sleep(0.05)
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            fra.refuse_cosign = True
+            answer = await fra.submit(seal(world, "FRA", ["DEU"], b"still relayed"))
+            assert isinstance(answer, ev.Receipt), answer

@@ -225,3 +225,15 @@ def test_a_node_with_a_damaged_tls_key_stops_at_start_naming_the_file(tmp_path: 
     assert run.returncode != 0
     assert f"the TLS certificate {world.dirs['FRA'] / 'FRA.tls.crt'} or its key {key} cannot be used" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_broker_with_a_damaged_tls_key_stops_at_start_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = make_world(tmp_path)
+    key = world.home.identity_dir / "broker.tls.key"
+    key.write_bytes(key.read_bytes()[:40])
+    capsys.readouterr()
+    assert cli(["broker", "serve", "--dir", str(world.home.root), "--listen", "127.0.0.1:0"]) == 1
+    err = capsys.readouterr().err
+    assert f"the broker's TLS certificate {key.with_name('broker.tls.crt')} or its key {key} cannot be used" in err

@@ -31,12 +31,12 @@ import trio
 from valise import encoding, gctune, keyfiles, records, tls
 from valise.broker import fds, http, policyfold, relay
 from valise.broker.fds import listen_tcp
-from valise.broker.home import BrokerHome
+from valise.broker.home import BrokerConfig, BrokerHome
 from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
 from valise.broker.readers import readers_of
 from valise.broker.spool import InlineUpload, Spool, Upload
 from valise.daemonlock import DaemonLock
-from valise.errors import AccessError, Error, PolicyError, ProtocolError, StatementError, StoreError
+from valise.errors import AccessError, Error, KeyFileError, PolicyError, ProtocolError, StatementError, StoreError
 from valise.genesis import Genesis
 from valise.identity import PublicBundle
 from valise.logservice import DEFAULT_MAX_PENDING, LogService
@@ -171,6 +171,13 @@ class BrokerDaemon:
         self.identity = home.broker_identity(passphrase)
         self._tls_password = passphrase  # the TLS key file is sealed with the same passphrase (keyfiles.py)
         self.store = SqliteLog.open(home.db_path)
+        try:
+            self._open(home, cfg, passphrase)
+        except BaseException:  # refused at start (a damaged store, a key file): close what is open, then say why
+            self._close_opened()
+            raise
+
+    def _open(self, home: BrokerHome, cfg: BrokerConfig, passphrase: bytes | None) -> None:
         # One transaction per flush (max_batch = max_pending): a batch is in the log whole or not at all, which the
         # committer's bookkeeping (every waiter told the same outcome) relies on.
         self.log = home.log_service(
@@ -225,6 +232,7 @@ class BrokerDaemon:
         self.published: bytes = self.log.latest.note if self.log.latest else self.log.sign().note
         self._bundles: dict[bytes, PublicBundle] = {}
         self._tls_members: dict[bytes, str] = {}
+        self._tls_failed_for: dict[bytes, str] | None = None  # the member list a TLS context could not be made for
         self._tls_context: ssl.SSLContext | None = None
         self._refresh_tls()
         self._sessions_changed = trio.Event()
@@ -233,6 +241,12 @@ class BrokerDaemon:
         self.connections = 0
         self.port = 0
         self.http_port = 0
+
+    def _close_opened(self) -> None:
+        for name in ("mail", "store", "_policy_lock_file"):
+            opened = getattr(self, name, None)
+            if opened is not None:
+                opened.close()
 
     # --- policy and directory ---------------------------------------------------------------------------------
 
@@ -399,11 +413,21 @@ class BrokerDaemon:
                 except Error:
                     continue  # an unusable bundle cannot log in; the policy fold already reported it
         if members != self._tls_members or self._tls_context is None:
-            self._tls_members = members
             ident = self.home.identity_dir / self.broker_id
-            self._tls_context = tls.server_context(
-                ident.with_suffix(".tls.crt"), ident.with_suffix(".tls.key"), list(members), self._tls_password
-            )
+            crt, key = ident.with_suffix(".tls.crt"), ident.with_suffix(".tls.key")
+            try:
+                self._tls_context = tls.server_context(crt, key, list(members), self._tls_password)
+                self._tls_members = members
+            except (ssl.SSLError, OSError) as exc:
+                what = f"the broker's TLS certificate {crt} or its key {key} cannot be used: {exc}"
+                if self._tls_context is None:  # at start: stop, naming the files
+                    raise KeyFileError(what, hint="restore them from a backup of the broker directory") from None
+                # Running: keep serving with the context we have (a member admitted since cannot connect yet;
+                # sessions of members no longer active are still closed below); tried again at each policy poll,
+                # said once per member list.
+                if members != self._tls_failed_for:
+                    self._tls_failed_for = members
+                    log.error("%s; members admitted since cannot connect until this is fixed", what)
         for member_id, session in list(self.sessions.items()):
             current = self.policy.members.get(member_id)
             if current is None or current.status != ACTIVE:
