@@ -190,6 +190,27 @@ async def test_a_packet_from_a_member_removed_since_is_still_read_with_a_note(
         nursery.cancel_scope.cancel()
 
 
+async def test_integers_past_what_the_node_stores_are_refused_by_name(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    """msgpack carries integers up to 2**64-1, SQLite up to 2**63-1: this was "internal error: OverflowError"."""
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        for request, field in (
+            ({"op": "inbox", "after": 2**63}, "after"),
+            ({"op": "inbox", "after": -1}, "after"),
+            ({"op": "send", "to": ["DEU"], "tlp": "AMBER", "size": 2**64 - 1}, "size"),
+        ):
+            with trio.fail_after(10):
+                reply = await call(h.daemon.home.root, request)
+            assert reply["ok"] is False
+            assert reply["error"].startswith(f"control request field {field!r} is "), reply
+            assert reply["error"].endswith("outside 0..9223372036854775807"), reply
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_send_to_more_names_than_a_packet_holds_is_refused_before_any_lookup(
     world: dict[str, Any],  # noqa: F811
     members: dict[str, identity.Identity],

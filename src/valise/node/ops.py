@@ -87,10 +87,15 @@ def _text(request: dict[str, Any], name: str, default: str | None = None) -> str
     return value
 
 
+MAX_INT = 2**63 - 1  # SQLite's integers, and every size and time the node handles, fit below this
+
+
 def _opt(request: dict[str, Any], name: str, kind: type) -> Any:
     value = request.get(name)
     if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
         raise UsageError(f"control request field {name!r} must be {kind.__name__}")
+    if isinstance(value, int) and not 0 <= value <= MAX_INT:  # msgpack carries up to 2**64-1, and negatives
+        raise UsageError(f"control request field {name!r} is {value}, outside 0..{MAX_INT}")
     return value
 
 
