@@ -276,9 +276,17 @@ async def test_tiles_over_http_verify_with_the_broker_vkey(tmp_path: Path) -> No
                 assert tiles.split_tile(data, tile.width)[0] == _tile_root(level0[0])
         assert tiles.root_from_level0_tiles(cp.size, level0) == cp.root
         # Paths outside the canonical layout, and tiles past the tree, are not found.
-        for bad in ("/tile/0/x000/000", "/tile/0/999", "/../log.db", "/tile/0/000.p/0"):
-            status, _, _ = await http_get(proc.http_port, bad)
+        for bad, why in (
+            ("/tile/0/x000/000", "not in canonical form"),
+            ("/tile/0/999", "is beyond the"),
+            ("/../log.db", "not a tile path"),
+            ("/tile/0/000.p/0", "width"),
+            ("/tile/64/000", "level"),
+        ):
+            status, _, body = await http_get(proc.http_port, bad)
             assert status == 404, bad
+            assert body.startswith(b"not found: "), body  # and why, for whoever writes a client
+            assert why in body.decode(), (bad, body)
         assert proc.alive()
 
 

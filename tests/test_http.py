@@ -99,3 +99,27 @@ async def test_past_the_cap_the_oldest_connection_goes() -> None:
         for s in held:
             await s.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_bare_lf_line_ends_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RFC 9112 lets a server take LF for CRLF; a request in bare LFs got no answer, then a close 10 s later."""
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(http.serve, _resolve, "127.0.0.1", 0))
+        out = await _exchange(port, b"GET /checkpoint HTTP/1.1\nHost: x\nConnection: close\n\n")
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert out.endswith(b"origin\n1\nroot\n")
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_last_answer_a_connection_gets_says_it_closes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_REQUESTS_PER_CONNECTION the server closes: its last answer must say so, or a client that
+    pipelined more requests takes the close for a failure instead of reconnecting for the rest."""
+    monkeypatch.setattr(http, "MAX_REQUESTS_PER_CONNECTION", 3)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(http.serve, _resolve, "127.0.0.1", 0))
+        out = await _exchange(port, b"GET /checkpoint HTTP/1.1\r\n\r\n" * 5)
+        answers = out.split(b"HTTP/1.1 200 OK")[1:]
+        assert len(answers) == 3
+        assert [b"Connection: keep-alive" in a for a in answers] == [True, True, False]
+        assert b"Connection: close" in answers[-1]
+        nursery.cancel_scope.cancel()

@@ -241,6 +241,17 @@ class LogService:
             return tiles.encode_entries(self.store.entries(first, first + tile.width))
         return tiles.read_tile(tile, self.store)
 
+    def missing_reason(self, path: str) -> str:
+        """Why `read(path)` found no file, for the answer a reader gets (a malformed tile path, a tile beyond the
+        log): a bare "not found" leaves a client author guessing which."""
+        if path == "checkpoint":
+            return "the log has no checkpoint yet"
+        try:
+            self.tile(tiles.parse_path(path))
+        except (ProofError, StoreError) as exc:
+            return exc.what
+        return "no such file"
+
     def read(self, path: str, *, entry_bundles: bool = True) -> Resource | None:
         """Serve one path of the tlog-tiles layout (`checkpoint`, `tile/...`); None if there is no such file.
 

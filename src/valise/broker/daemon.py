@@ -747,7 +747,8 @@ class BrokerDaemon:
         except AccessError:
             return http.Response(403, b"entry bundles are not public on this broker\n", "text/plain; charset=utf-8")
         if resource is None:
-            return http.Response(404, b"not found\n", "text/plain; charset=utf-8")
+            why = self.log.missing_reason(path[1:])
+            return http.Response(404, f"not found: {why}\n".encode(), "text/plain; charset=utf-8")
         return http.Response(200, resource.body, resource.content_type, immutable=resource.immutable)
 
     # --- connections ----------------------------------------------------------------------------------------

@@ -66,10 +66,12 @@ def _text(status: int, message: str) -> Response:
 async def _read_head(stream: trio.abc.Stream, buf: bytearray) -> bytes | None:
     """Read one request head (up to the blank line). None at a clean EOF before any byte."""
     while True:
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
+        # RFC 9112 §2.2: a server MAY take a bare LF for CRLF; some scripts and tools send only LF.
+        ends = [(i, len(sep)) for sep in (b"\r\n\r\n", b"\n\n", b"\n\r\n") if (i := buf.find(sep)) >= 0]
+        if ends:
+            end, length = min(ends)
             head = bytes(buf[:end])
-            del buf[: end + 4]
+            del buf[: end + length]
             return head
         if len(buf) > MAX_HEAD:
             raise ValueError("request head too large")
@@ -105,7 +107,7 @@ async def _refuse(stream: trio.abc.Stream, status: int, message: str) -> None:
 async def handle_connection(stream: trio.abc.Stream, resolve: Resolver) -> None:
     buf = bytearray()
     try:
-        for _ in range(MAX_REQUESTS_PER_CONNECTION):
+        for served in range(1, MAX_REQUESTS_PER_CONNECTION + 1):
             with trio.move_on_after(HEAD_TIMEOUT) as scope:
                 try:
                     head = await _read_head(stream, buf)
@@ -114,7 +116,7 @@ async def handle_connection(stream: trio.abc.Stream, resolve: Resolver) -> None:
                     return
             if scope.cancelled_caught or head is None:
                 return
-            lines = head.decode("latin-1").split("\r\n")
+            lines = [line.removesuffix("\r") for line in head.decode("latin-1").split("\n")]
             parts = lines[0].split(" ")
             if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
                 await _refuse(stream, 400, "malformed request line")
@@ -126,6 +128,7 @@ async def handle_connection(stream: trio.abc.Stream, resolve: Resolver) -> None:
                 await _refuse(stream, 400, "request bodies are not accepted")
                 return
             keep_alive = headers.get("connection", "").lower() != "close" and version == "HTTP/1.1"
+            keep_alive = keep_alive and served < MAX_REQUESTS_PER_CONNECTION  # the last answer says we close
             if method not in ("GET", "HEAD"):
                 resp = _text(405, "only GET and HEAD are served")
             else:
