@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,16 @@ async def _refused(broker: ScriptedBroker, *codes_in_order: str) -> list[ev.Refu
     return got
 
 
+@asynccontextmanager
+async def _daemon(setup: dict[str, Any], me: identity.Identity) -> AsyncIterator[Harness]:
+    """FRA's daemon serving its control socket, connected to the scripted broker, until the block ends."""
+    h = Harness(setup, me)
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        yield h
+        nursery.cancel_scope.cancel()
+
+
 MALFORMED: list[dict[str, Any]] = [
     {"op": "statement", "build": {"kind": "revoke", "statement": 5}},
     {"op": "statement", "build": {"kind": "grant", "to": "DEU", "tlp": "AMBER", "categories": 3}},
@@ -58,9 +70,7 @@ async def test_malformed_control_requests_leave_the_daemon_running(
     world: dict[str, Any],  # noqa: F811
     members: dict[str, identity.Identity],
 ) -> None:
-    h = Harness(world, members["FRA"])
-    async with trio.open_nursery() as nursery:
-        await serve_daemon(nursery, h)
+    async with _daemon(world, members["FRA"]) as h:
         for request in MALFORMED:
             with trio.fail_after(10):
                 reply = await call(h.daemon.home.root, request)
@@ -70,7 +80,6 @@ async def test_malformed_control_requests_leave_the_daemon_running(
             status = await call(h.daemon.home.root, {"op": "status"})
         assert status["ok"]
         assert status["connected"]
-        nursery.cancel_scope.cancel()
 
 
 async def test_many_long_alarms_still_fit_a_status_answer(
@@ -195,9 +204,7 @@ async def test_integers_past_what_the_node_stores_are_refused_by_name(
     members: dict[str, identity.Identity],
 ) -> None:
     """msgpack carries integers up to 2**64-1, SQLite up to 2**63-1: this was "internal error: OverflowError"."""
-    h = Harness(world, members["FRA"])
-    async with trio.open_nursery() as nursery:
-        await serve_daemon(nursery, h)
+    async with _daemon(world, members["FRA"]) as h:
         for request, field in (
             ({"op": "inbox", "after": 2**63}, "after"),
             ({"op": "inbox", "after": -1}, "after"),
@@ -208,23 +215,19 @@ async def test_integers_past_what_the_node_stores_are_refused_by_name(
             assert reply["ok"] is False
             assert reply["error"].startswith(f"control request field {field!r} is "), reply
             assert reply["error"].endswith("outside 0..9223372036854775807"), reply
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_send_to_more_names_than_a_packet_holds_is_refused_before_any_lookup(
     world: dict[str, Any],  # noqa: F811
     members: dict[str, identity.Identity],
 ) -> None:
-    h = Harness(world, members["FRA"])
-    async with trio.open_nursery() as nursery:
-        await serve_daemon(nursery, h)
+    async with _daemon(world, members["FRA"]) as h:
         names = [f"M{i}" for i in range(100_000)]
         request = {"op": "send", "to": names, "tlp": "AMBER", "size": 10}
         with trio.fail_after(10):
             reply = await call(h.daemon.home.root, request)
         assert reply["ok"] is False
         assert reply["error"] == "100000 recipients named; a packet has at most 256"
-        nursery.cancel_scope.cancel()
 
 
 async def test_many_local_clients_at_once_are_all_answered(
@@ -233,21 +236,18 @@ async def test_many_local_clients_at_once_are_all_answered(
 ) -> None:
     """Scripts run `valise send` and `status` in parallel. Past the socket's accept queue, a connect seemed to
     succeed and the first write failed (ENOTCONN): 24 of 60 concurrent sends printed a traceback."""
-    h = Harness(world, members["FRA"])
     replies: list[dict[str, Any]] = []
+    async with _daemon(world, members["FRA"]) as h:
 
-    async def ask() -> None:
-        replies.append(await call(h.daemon.home.root, {"op": "status"}))
+        async def ask() -> None:
+            replies.append(await call(h.daemon.home.root, {"op": "status"}))
 
-    async with trio.open_nursery() as nursery:
-        await serve_daemon(nursery, h)
         with trio.fail_after(60):
             async with trio.open_nursery() as clients:
                 for _ in range(300):
                     clients.start_soon(ask)
-        assert len(replies) == 300
-        assert all(r["ok"] for r in replies)
-        nursery.cancel_scope.cancel()
+    assert len(replies) == 300
+    assert all(r["ok"] for r in replies)
 
 
 async def test_a_local_client_that_stalls_mid_send_is_dropped(
