@@ -55,3 +55,14 @@ async def test_oversized_and_truncated_frames_are_refused() -> None:
 async def test_too_long_socket_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(LimitError, match="shorter node directory"):
         await control.listen(tmp_path / ("x" * 120) / "control.sock")
+
+
+def test_a_data_stream_is_held_to_a_floor_rate_once_its_grace_has_passed() -> None:
+    floor = control.RateFloor(min_rate=1000, grace=10.0, now=100.0)
+    floor.add(1, now=105.0, what="sent")  # slow, but within the grace period
+    floor.add(1, now=110.0, what="sent")  # exactly at its end
+    floor.add(20_000, now=120.0, what="sent")  # 20,002 bytes in 20 s: over 1000/s on average
+    with pytest.raises(WireError, match=r"the control client sent 20003 bytes in 21 s, under the 0 KiB/s"):
+        floor.add(1, now=121.0, what="sent")  # 20,003 bytes in 21 s: under 21,000
+    fast = control.RateFloor(min_rate=64 * 1024, grace=60.0, now=0.0)
+    fast.add(100 * 1024 * 1024, now=61.0, what="took")  # a disk's pace passes

@@ -276,6 +276,33 @@ async def test_a_local_client_that_stalls_mid_send_is_dropped(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_local_client_that_trickles_its_payload_is_dropped(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under the idle limit but a byte at a time: 45 such clients held the worker threads, and a real `valise
+    send` waited for as long as they went on (80 s in the review that found it)."""
+    monkeypatch.setattr(ops, "CONTROL_IDLE", 0.5)
+    async with _daemon(world, members["FRA"]) as h:
+        client = await control.connect(control.socket_path(h.daemon.home.root))
+        await control.send_msg(client, {"op": "send", "to": ["DEU"], "tlp": "AMBER", "size": 100_000})
+        reader = control.MessageReader(client)
+        reply = None
+        with trio.fail_after(10):
+            for _ in range(40):  # a byte every 0.1 s: never idle for 0.5 s, never nearly 64 KiB/s
+                await control.send_msg(client, {"op": "data", "data": b"x"})
+                with trio.move_on_after(0.1):
+                    reply = await reader.next()
+                if reply is not None:
+                    break
+        assert reply is not None, "the trickling client was never dropped"
+        assert reply["ok"] is False
+        assert "under the 64 KiB/s a data stream needs" in reply["error"]
+        await client.aclose()
+        assert h.daemon.store.outbox_all() == []
+
+
 async def test_deliveries_from_a_sender_the_log_never_shows_are_held_within_bounds_then_refused(
     world: dict[str, Any],  # noqa: F811
     members: dict[str, identity.Identity],

@@ -37,15 +37,40 @@ async def send_msg(stream: trio.abc.SendStream, message: dict[str, Any], *, with
         raise WireError(f"the control client took nothing for {within:g} s")
 
 
+class RateFloor:
+    """A data stream's pace, held to `min_rate` bytes a second on average once `grace` seconds have passed.
+
+    An idle limit per frame alone lets a client that trickles a byte (or takes a frame) now and then keep the
+    stream, and the worker thread sealing or opening it, for good. Time is passed in."""
+
+    def __init__(self, min_rate: int, grace: float, now: float) -> None:
+        self.min_rate, self.grace, self.began, self.moved = min_rate, grace, now, 0
+
+    def add(self, n: int, now: float, *, what: str) -> None:
+        """Count `n` more bytes moved at `now`; a WireError if the stream is too slow."""
+        self.moved += n
+        elapsed = now - self.began
+        if elapsed > self.grace and self.moved < self.min_rate * elapsed:
+            raise WireError(
+                f"the control client {what} {self.moved} bytes in {elapsed:.0f} s, under the "
+                f"{self.min_rate // 1024} KiB/s a data stream needs (valise send and read go at disk speed)"
+            )
+
+
 class MessageReader:
     """Reads frames from a stream, buffering at most one frame. With `idle`, a peer that sends nothing for that
     long is a WireError (the daemon's side: a stalled local client must not hold a task, and for `send` a
     worker thread, for good; the CLI waits as long as its `--wait` says)."""
 
-    def __init__(self, stream: trio.abc.ReceiveStream, *, idle: float | None = None) -> None:
+    def __init__(
+        self, stream: trio.abc.ReceiveStream, *, idle: float | None = None, min_rate: int | None = None
+    ) -> None:
+        """`min_rate`: bytes a second a data stream must average once `idle` seconds have passed since it began.
+        The idle limit alone let a client that trickles a byte now and then hold a worker thread for good."""
         self._stream = stream
         self._buf = bytearray()
         self._idle = math.inf if idle is None else idle
+        self._min_rate = min_rate
 
     async def _fill(self, n: int) -> bool:
         while len(self._buf) < n:
@@ -78,6 +103,7 @@ class MessageReader:
 
     async def data(self) -> AsyncGenerator[bytes, None]:
         """Yield the bytes of the `data` frames up to the `end` frame."""
+        floor = None if self._min_rate is None else RateFloor(self._min_rate, self._idle, trio.current_time())
         while True:
             msg = await self.next()
             if msg is None:
@@ -87,6 +113,8 @@ class MessageReader:
             chunk = msg.get("data")
             if msg.get("op") != "data" or not isinstance(chunk, bytes):
                 raise WireError("expected a data or end frame in a data stream")
+            if floor is not None:
+                floor.add(len(chunk), trio.current_time(), what="sent")
             yield chunk
 
 

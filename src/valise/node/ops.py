@@ -14,6 +14,7 @@ import functools
 import io
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, BinaryIO, cast
 
@@ -38,6 +39,9 @@ MAX_WAIT = 3600.0
 # A local client that sends nothing, or takes nothing we send, for this long is dropped: it would otherwise hold
 # a task and, in `send` and `read`, one of the worker threads that every `send` and `read` shares.
 CONTROL_IDLE = 60.0
+# And a payload must arrive at least this fast on average once CONTROL_IDLE has passed: a client that trickles a
+# byte every few seconds would otherwise hold a worker thread for good, and 40 of them every `send` and `read`.
+CONTROL_MIN_RATE = 64 * 1024
 
 
 async def serve_control(daemon: NodeDaemon, listener: trio.SocketListener) -> None:
@@ -51,7 +55,7 @@ async def _handle(daemon: NodeDaemon, stream: trio.SocketStream) -> None:
     """One control connection. Whatever goes wrong answers this client only: the daemon, its other clients and
     its broker connection carry on (a request that raised anything but an Error once stopped them all)."""
     async with stream:
-        reader = control.MessageReader(stream, idle=CONTROL_IDLE)
+        reader = control.MessageReader(stream, idle=CONTROL_IDLE, min_rate=CONTROL_MIN_RATE)
         op: object = None
         try:
             request = await reader.next()
@@ -305,6 +309,11 @@ async def op_read(
     removed = None if member is None or member.status != "removed" else (member.reason or "no reason given")
 
     class Push(io.RawIOBase):
+        def __init__(self) -> None:
+            super().__init__()
+            # A client that takes a frame now and then would hold this worker thread for good (as for `send`).
+            self.floor = control.RateFloor(CONTROL_MIN_RATE, CONTROL_IDLE, time.monotonic())
+
         def writable(self) -> bool:
             return True
 
@@ -313,6 +322,7 @@ async def op_read(
             for i in range(0, len(chunk), control.CHUNK):
                 frame = {"op": "data", "data": chunk[i : i + control.CHUNK]}
                 trio.from_thread.run(functools.partial(control.send_msg, stream, frame, within=CONTROL_IDLE))
+            self.floor.add(len(chunk), time.monotonic(), what="took")
             return len(chunk)
 
     def work() -> packet.Opened:
