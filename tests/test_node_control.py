@@ -66,3 +66,14 @@ def test_a_data_stream_is_held_to_a_floor_rate_once_its_grace_has_passed() -> No
         floor.add(1, now=121.0, what="sent")  # 20,003 bytes in 21 s: under 21,000
     fast = control.RateFloor(min_rate=64 * 1024, grace=60.0, now=0.0)
     fast.add(100 * 1024 * 1024, now=61.0, what="took")  # a disk's pace passes
+
+
+async def test_a_peer_that_takes_nothing_stalls_a_send_with_its_own_error() -> None:
+    """The daemon answers nothing after PeerStalled: its last frame may be cut short, and an answer written after
+    it would be read as part of that frame."""
+    a, b = trio.testing.lockstep_stream_pair()  # no buffer: nothing is taken until b reads
+    with pytest.raises(control.PeerStalled, match="took nothing for 0.1 s"):
+        await control.send_msg(a, {"op": "data", "data": bytes(100)}, within=0.1)
+    assert issubclass(control.PeerStalled, WireError)
+    await a.aclose()
+    await b.aclose()

@@ -26,15 +26,20 @@ MAX_FRAME = 1 << 20  # a control frame; bulk data is split into chunks of at mos
 CHUNK = 512 * 1024
 
 
+class PeerStalled(WireError):
+    """The peer took nothing for too long while we wrote a frame: the stream may end inside that frame, so nothing
+    more can be written to it (an error answer after it would be read as garbage)."""
+
+
 async def send_msg(stream: trio.abc.SendStream, message: dict[str, Any], *, within: float | None = None) -> None:
-    """Send one message; with `within`, a peer that takes nothing for that long is a WireError."""
+    """Send one message; with `within`, a peer that takes nothing for that long is PeerStalled."""
     body = encoding.pack(message)
     if len(body) > MAX_FRAME:
         raise LimitError(f"control message of {len(body)} bytes is over the limit of {MAX_FRAME}")
     with trio.move_on_after(math.inf if within is None else within) as scope:
         await stream.send_all(len(body).to_bytes(4, "big") + body)
     if scope.cancelled_caught:
-        raise WireError(f"the control client took nothing for {within:g} s")
+        raise PeerStalled(f"the control client took nothing for {within:g} s")
 
 
 class RateFloor:

@@ -66,6 +66,9 @@ async def _handle(daemon: NodeDaemon, stream: trio.SocketStream) -> None:
             if handler is None:
                 raise UsageError(f"unknown control operation {str(op)[:40]!r}")
             reply = await handler(daemon, request, reader, stream)
+        except control.PeerStalled as exc:  # our last frame may be cut short: an answer after it would be garbage
+            log.info("control operation %.40r: %s", op, exc)
+            return
         except Error as exc:
             reply = {"ok": False, "error": str(exc), "code": exc.exit_code}
         except (trio.BrokenResourceError, trio.ClosedResourceError):
