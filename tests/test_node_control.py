@@ -72,7 +72,7 @@ async def test_a_peer_that_takes_nothing_stalls_a_send_with_its_own_error() -> N
     """The daemon answers nothing after PeerStalled: its last frame may be cut short, and an answer written after
     it would be read as part of that frame."""
     a, b = trio.testing.lockstep_stream_pair()  # no buffer: nothing is taken until b reads
-    with pytest.raises(control.PeerStalled, match="took nothing for 0.1 s"):
+    with pytest.raises(control.PeerStalled, match=r"took nothing for 0\.1 s"):
         await control.send_msg(a, {"op": "data", "data": bytes(100)}, within=0.1)
     assert issubclass(control.PeerStalled, WireError)
     await a.aclose()
