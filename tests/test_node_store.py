@@ -204,3 +204,22 @@ def test_a_store_missing_a_table_is_refused_by_the_daemon_and_by_reports(tmp_pat
     with sqlite3.connect(root / "node.db") as db:  # and the daemon did not quietly create it again
         assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'inbox'").fetchone() == (0,)
     db.close()
+
+
+def test_a_lost_store_of_a_node_that_never_sent_or_received_is_refused_too(tmp_path: Path) -> None:
+    """A pure witness keeps no packet files, only its verified log and alarms: losing node.db would make it trust
+    the next checkpoint it sees, a rolled-back log included."""
+    root = tmp_path / "node"
+    store = NodeStore.open(root)
+    store.follower_commit(b"verified to size 1000", [], [])
+    store.close()
+    assert (root / "node.db.made").exists()
+    for name in ("node.db-wal", "node.db-shm"):
+        (root / name).unlink(missing_ok=True)
+    (root / "node.db").unlink()
+    with pytest.raises(StoreError, match=r"node\.db is missing or empty, but this node has run with a store"):
+        NodeStore.open(root)
+    assert not (root / "node.db").exists()
+    # A node that never ran makes its store, and the marker, without complaint.
+    NodeStore.open(tmp_path / "fresh").close()
+    assert (tmp_path / "fresh" / "node.db.made").exists()

@@ -149,6 +149,9 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+# Written beside node.db once a store exists: a missing or empty node.db next to it was lost, not never made.
+STORE_MADE = "node.db.made"
+
 # Tables every version of the store has had (later ones are added by CREATE IF NOT EXISTS when a newer daemon
 # opens an older store): one missing means the file is damaged, never merely old.
 CORE_TABLES = ("outbox", "inbox", "acks", "kv")
@@ -168,12 +171,20 @@ class NodeStore:
         for stale in (root / "tmp").glob("*.part"):
             stale.unlink(missing_ok=True)
         path = root / "node.db"
+        made = root / STORE_MADE
         blank = sqlfile.is_blank(path)
         if blank and (held := sorted(p.name for sub in ("inbox", "outbox") for p in (root / sub).glob("*.pkt"))):
             # A node that never ran has no packets: these are the files of a store that was lost or truncated.
             raise StoreError(
                 f"{path} is missing or empty, but {root} holds {len(held)} packet file(s) it kept track of",
                 hint="restore node.db from a backup; starting afresh would forget them",
+            )
+        if blank and made.exists():
+            # A store was made here: without it the node would forget its verified log (a witness would trust the
+            # next checkpoint it sees, a rollback included), its alarms, and what it sent and received.
+            raise StoreError(
+                f"{path} is missing or empty, but this node has run with a store ({made.name} says so)",
+                hint="restore node.db from a backup of the node directory",
             )
         try:
             conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
@@ -184,6 +195,8 @@ class NodeStore:
             conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open node store in {root}: {exc}") from None
+        if not made.exists():  # a new store, or one made before the marker existed
+            _fsync_write(made, b"node.db was made in this directory: without it, it is a lost store\n")
         store = cls(root, conn)
         store._sweep_outbox()
         return store
