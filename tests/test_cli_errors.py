@@ -132,6 +132,18 @@ def test_node_init_pins_the_log_key_from_the_brokers_log_vkey_file(
     assert "too large for a verifier key" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
     assert not (tmp_path / "c").exists()
+    # The private key beside it, given by mistake: named, never quoted back (its bytes hold the seed).
+    secret = world.home.log_key_path
+    seed = world.home.log_key().seed
+    assert cli([*init, "--dir", str(tmp_path / "d"), "--log-key", str(secret)]) == 2
+    err = capsys.readouterr().err
+    assert f"{secret} does not hold a verifier key" in err
+    assert not any(seed[i : i + 4].decode("latin-1") in err for i in range(29))
+    log_copy = tmp_path / "log-copy"
+    assert cli(["log", "export", "--dir", str(world.home.root), "--out", str(log_copy)]) == 0
+    capsys.readouterr()
+    assert cli(["audit", "verify", "--log", str(log_copy), "--broker-key", str(secret)]) == 2
+    assert f"{secret} does not hold a verifier key" in capsys.readouterr().err
 
 
 def test_node_init_says_how_to_start_a_node_whose_key_has_a_passphrase(
@@ -236,4 +248,22 @@ def test_a_broker_with_a_damaged_tls_key_stops_at_start_naming_the_file(
     capsys.readouterr()
     assert cli(["broker", "serve", "--dir", str(world.home.root), "--listen", "127.0.0.1:0"]) == 1
     err = capsys.readouterr().err
-    assert f"the broker's TLS certificate {key.with_name('broker.tls.crt')} or its key {key} cannot be used" in err
+    assert (
+        f"cannot make the broker's TLS context from its certificate {key.with_name('broker.tls.crt')}, its key {key}"
+        in err
+    )
+
+
+def test_a_lost_broker_log_is_named_not_recreated_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`broker info` reported a log of size 0 and left a new empty broker.db; `serve` then failed on "entry range
+    [0, 1) is not within the log of 0 entries"."""
+    world = make_world(tmp_path)
+    db = world.home.db_path
+    for name in (db.name + "-wal", db.name + "-shm"):
+        (db.parent / name).unlink(missing_ok=True)
+    db.write_bytes(b"")
+    capsys.readouterr()
+    for argv in (["broker", "info", "--dir", str(world.home.root)], ["broker", "serve", "--dir", str(world.home.root)]):
+        assert cli(argv) == 1
+        assert f"{db} is missing or empty: the broker's log is lost" in capsys.readouterr().err
+    assert db.stat().st_size == 0  # nothing made in its place

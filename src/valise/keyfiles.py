@@ -240,7 +240,14 @@ def vkey_text(value: str) -> str:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
         if len(data) > VKEY_FILE_MAX + 1:
             raise UsageError(f"{path} is too large for a verifier key (over {VKEY_FILE_MAX} bytes)")
-        return data.decode("utf-8", "replace").strip()
+        text = data.strip()
+        # Never quoted back: the file given by mistake may be a private key (log.key sits beside log.vkey).
+        if not text or not all(0x21 <= b <= 0x7E for b in text) or b"+" not in text:
+            raise UsageError(
+                f"{path} does not hold a verifier key (one line of name+id+key text)",
+                hint="give the broker's log.vkey, or the vkey `valise broker info` prints",
+            )
+        return text.decode("ascii")
     return value.strip()
 
 

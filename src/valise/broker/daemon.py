@@ -419,7 +419,12 @@ class BrokerDaemon:
                 self._tls_context = tls.server_context(crt, key, list(members), self._tls_password)
                 self._tls_members = members
             except (ssl.SSLError, OSError) as exc:
-                what = f"the broker's TLS certificate {crt} or its key {key} cannot be used: {exc}"
+                # Almost always the key or certificate file; the members' certificates were parsed when their
+                # bundles were, but say they are in it too.
+                what = (
+                    f"cannot make the broker's TLS context from its certificate {crt}, its key {key} and "
+                    f"{len(members)} member certificate(s): {exc}"
+                )
                 if self._tls_context is None:  # at start: stop, naming the files
                     raise KeyFileError(what, hint="restore them from a backup of the broker directory") from None
                 # Running: keep serving with the context we have (a member admitted since cannot connect yet;

@@ -35,6 +35,7 @@ from valise import encoding, identity, keyfiles
 from valise.crypto import sign
 from valise.errors import EncodingError, KeyFileError, NoteError, StoreError, UsageError
 from valise.logservice import LogService
+from valise.store import sqlfile
 from valise.store.base import LogStorage
 from valise.tlog import note
 
@@ -188,6 +189,11 @@ class BrokerHome:
             raise StoreError(f"{root} is not a broker directory", hint="create one with valise broker init")
         if not home.log_key_path.exists() and (root / "broker.pub").exists():  # a node's pinned broker bundle
             raise UsageError(f"{root} is a node directory, not a broker directory", hint="give the broker's --dir")
+        if sqlfile.is_blank(home.db_path):  # `broker init` made it: SQLite would make a new, empty log in its place
+            raise StoreError(
+                f"{home.db_path} is missing or empty: the broker's log is lost",
+                hint="restore broker.db, with mailbox.db, from a backup of the broker directory",
+            )
         return home
 
     def config(self) -> BrokerConfig:

@@ -72,7 +72,7 @@ def trust(args: argparse.Namespace) -> quorum.QuorumPolicy:
     try:
         log = note.parse_vkey(keyfiles.vkey_text(args.broker_key))
     except NoteError as exc:
-        if "+" not in args.broker_key:  # meant as a file, most likely: say that it is not there
+        if "+" not in args.broker_key and not Path(args.broker_key).exists():  # meant as a file: say it is not there
             raise UsageError(f"--broker-key: no file {args.broker_key}, and it is not a vkey (name+id+key)") from None
         raise UsageError(f"--broker-key: {exc.what}") from None
     if args.policy is not None:
