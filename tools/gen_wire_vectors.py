@@ -89,6 +89,14 @@ def session() -> list[tuple[Role, ev.Message]]:
         (Role.CLIENT, ev.Ack(seq=7, id=PID, ack=b"<signed ack>")),
         (Role.SERVER, ev.AckForward(seq=8, id=PID, by="DEU", index=43, ack=b"<signed ack>")),
         (Role.CLIENT, ev.Seen(seq=8)),
+        # The next checkpoint covers the packet (42) and DEU's acknowledgement (43): the broker asks again.
+        (
+            Role.SERVER,
+            ev.CosignRequest(
+                rid=1, old=42, proof=tuple(merkle.consistency_proof(42, 44, log)), checkpoint=b"<checkpoint, size 44>"
+            ),
+        ),
+        (Role.CLIENT, ev.CosignResponse(rid=1, cosignature=b"<FRA's cosignature line>")),
         (Role.SERVER, ev.DeliverBegin(seq=9, head=HEAD, size=len(CIPHERTEXT))),
         (Role.SERVER, ev.DeliverChunk(seq=9, data=CIPHERTEXT)),
         (Role.SERVER, ev.DeliverEnd(seq=9)),
