@@ -47,6 +47,17 @@ def sealed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
+def test_init_says_how_to_start_a_broker_whose_keys_are_sealed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PW_VAR, PASSPHRASE)
+    for name, extra, unlock in (("a", ("--passphrase-env", PW_VAR), f" --passphrase-env {PW_VAR}"), ("b", (), "")):
+        d = tmp_path / name
+        code, out, _ = run(capsys, "broker", "init", "--dir", str(d), "--origin", ORIGIN, *extra)
+        assert code == 0
+        assert out.rstrip().endswith(f"start it with: valise broker serve --dir {d}{unlock}")
+
+
 def test_init_seals_the_identity_tls_and_log_keys(sealed: Path, capsys: pytest.CaptureFixture[str]) -> None:
     home = BrokerHome.open(sealed)
     assert home.log_key_sealed()
@@ -64,6 +75,7 @@ def test_init_seals_the_identity_tls_and_log_keys(sealed: Path, capsys: pytest.C
     assert code == 0
     facts = json.loads(out)
     assert (facts["vkey"], facts["log_size"], facts["checkpoint_size"]) == (vkey, 1, 1)
+    assert (facts["log_vkey"], facts["keys_sealed"]) == (str(home.log_vkey_path), True)
     assert home.broker_bundle().cert_der == home.broker_identity(PASSPHRASE.encode()).bundle.cert_der
 
 

@@ -77,7 +77,9 @@ def _describe(home: BrokerHome, log: LogService) -> dict[str, object]:
         "log_size": log.store.size(),
         "checkpoint_size": None if latest is None else latest.size,
         "vkey": log.verifier.vkey(),
+        "log_vkey": str(home.log_vkey_path) if home.log_vkey_path.exists() else None,
         "broker_pub": str(home.broker_bundle_path),
+        "keys_sealed": home.log_key_sealed(),  # then `broker serve` needs --passphrase-env
     }
 
 
@@ -105,6 +107,9 @@ def init(args: argparse.Namespace) -> int:
         _print(_describe(home, log), args.json)
     finally:
         log.store.close()
+    if not args.json:
+        unlock = f" --passphrase-env {args.passphrase_env}" if passphrase is not None else ""
+        print(f"start it with: valise broker serve --dir {args.dir}{unlock}")
     return 0
 
 
