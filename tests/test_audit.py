@@ -259,6 +259,33 @@ def _export_and_verify(log: Log, broker: Path, out: Path) -> tuple[int, dict[str
     return code, report, [f["what"] for f in found]
 
 
+def test_entries_typed_as_policy_that_the_fold_cannot_read_are_named(log: Log, tmp_path: Path) -> None:
+    """The fold takes an undecodable entry for another module's and skips it; typed `stmt` or `rule`, such an
+    entry passed an audit without a finding. A genuine statement re-encoded with its keys out of order, and a
+    `rule` carrying a float and a field no rule has, both signed over by the broker."""
+    import msgpack
+
+    from valise.broker.home import BrokerHome
+    from valise.policy import records as prec
+
+    root = _copy(log.root, tmp_path / "w")
+    home = BrokerHome.open(root / "broker")
+    genuine = prec.grant(
+        log.world.members["FRA"].signing, origin=ORIGIN, author="FRA", created=int(time.time()), to="ITA", tlp="GREEN"
+    )
+    outer = encoding.unpack(genuine, what="t", max_size=65536)
+    reordered = msgpack.packb({"t": outer["t"], "sig": outer["sig"], "body": outer["body"]})
+    smuggled = msgpack.packb({"t": "rule", "smuggled": b"anything", "x": 1.5})
+    with SqliteLog.open(home.db_path) as store:
+        first = store.append([reordered, smuggled])
+        LogService(store, ORIGIN, home.log_key()).sign()
+    code, report, what = _export_and_verify(log, root / "broker", tmp_path / "out")
+    assert code == 4
+    assert _findings(report) == [(first, "entry-malformed"), (first + 1, "entry-malformed")]
+    assert "a 'stmt' entry the policy fold cannot read" in what[0]
+    assert "a 'rule' entry the policy fold cannot read" in what[1]
+
+
 def test_appended_packet_that_no_policy_allowed(log: Log, tmp_path: Path) -> None:
     """A correctly signed packet record, DEU → FRA, which DEU never had consent for, appended and signed over."""
     root = _copy(log.root, tmp_path / "w")

@@ -130,7 +130,7 @@ class Replayer:
         if index == 0 or kind == "genesis":
             self._genesis(index, entry)
         elif kind in POLICY_TYPES:
-            self._policy(index, entry)
+            self._policy(index, kind, entry)
             return  # the fold advanced (or we did) already
         elif kind == "pkt":
             self._packet(index, m, entry)
@@ -156,13 +156,23 @@ class Replayer:
         self.genesis = entry
         self.policy = PolicyState(self.origin, genesis.operator_key)
 
-    def _policy(self, index: int, entry: bytes) -> None:
+    def _policy(self, index: int, kind: str, entry: bytes) -> None:
         self.counts["policy_records"] += 1
         try:
-            self.policy.apply(entry)
+            record = self.policy.apply(entry)
         except Error as exc:
             self._find(index, "policy-refused", str(exc))
             self.policy.skip_to(self.policy.size + 1)
+            return
+        if record is None:
+            # Typed as policy, yet not a policy record to the fold (which takes such entries for other modules'
+            # and skips them): not canonical msgpack, say. The fold advanced; the entry must not pass unnamed.
+            try:
+                encoding.unpack(entry, what=f"{kind} record", max_size=ENTRY_MAX)
+                why = "it is not a policy record"
+            except EncodingError as exc:
+                why = exc.what
+            self._find(index, "entry-malformed", f"a {kind!r} entry the policy fold cannot read: {why}")
             return
         self.policy_entries.append((index, entry))
 
