@@ -7,15 +7,23 @@ I/O of the audit; both cap what they read, so a hostile server cannot make the a
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
+import contextlib
+import http.client
+import os
+import socket
+import stat
+import threading
+import urllib.parse
 from pathlib import Path
 from typing import Protocol
 
 from valise.errors import StoreError, UsageError
 from valise.store.export import MAX_TILE_FILE
 
-TIMEOUT = 30.0
+TIMEOUT = 30.0  # for each read from the server
+# For a whole request: a server that sends a byte now and then, or one header line every few seconds, would
+# otherwise hold the auditor for as long as it likes (an entry bundle is at most 16 MiB: ~2 min at 1 Mbit/s).
+REQUEST_TIMEOUT = 300.0
 
 
 class TileSource(Protocol):
@@ -37,10 +45,17 @@ class DirSource:
     def read(self, path: str) -> bytes | None:
         target = self.root / path
         try:
-            with target.open("rb") as f:
-                data = f.read(MAX_TILE_FILE + 1)
+            # Non-blocking, then checked to be a regular file: a FIFO put in a tile's place would hang the open.
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {target}: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise StoreError(f"{target} is not a regular file")
+                data = f.read(MAX_TILE_FILE + 1)
         except OSError as exc:
             raise StoreError(f"cannot read {target}: {exc.strerror}") from None
         if len(data) > MAX_TILE_FILE:
@@ -54,32 +69,65 @@ class DirSource:
 class HttpSource:
     """A tlog-tiles server, e.g. the broker's HTTP read side (`/checkpoint`, `/tile/...`)."""
 
-    def __init__(self, base: str, *, timeout: float = TIMEOUT) -> None:
+    def __init__(self, base: str, *, timeout: float = TIMEOUT, request_timeout: float = REQUEST_TIMEOUT) -> None:
         if not base.startswith(("http://", "https://")):
             raise UsageError(f"{base[:80]!r} is not an http(s) URL")
         self.base = base.rstrip("/") + "/"
+        parts = urllib.parse.urlsplit(self.base)
+        if not parts.hostname:
+            raise UsageError(f"{base[:80]!r} names no host")
+        self._https = parts.scheme == "https"
+        self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path
         self.timeout = timeout
+        self.request_timeout = request_timeout
 
     def read(self, path: str) -> bytes | None:
         url = self.base + path
-        try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as resp:
-                data: bytes = resp.read(MAX_TILE_FILE + 1)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            if exc.code == 403 and path.startswith("tile/entries/"):
-                # A broker serves full records (who sent what to whom) only on an address for auditors.
-                raise StoreError(
-                    f"GET {url}: HTTP 403: this address does not serve the log's entries",
-                    hint="audit an export (`valise log export`), or a broker address started with --serve-entries",
-                ) from None
-            raise StoreError(f"GET {url}: HTTP {exc.code}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise StoreError(f"GET {url}: {getattr(exc, 'reason', exc)}") from None
+        status, data = self._get(url, self._prefix + path)
+        if status == 404:
+            return None
+        if status == 403 and path.startswith("tile/entries/"):
+            # A broker serves full records (who sent what to whom) only on an address for auditors.
+            raise StoreError(
+                f"GET {url}: HTTP 403: this address does not serve the log's entries",
+                hint="audit an export (`valise log export`), or a broker address started with --serve-entries",
+            )
+        if status != 200:  # redirects are not followed: a log is read where the auditor pointed, nowhere else
+            raise StoreError(f"GET {url}: HTTP {status}")
         if len(data) > MAX_TILE_FILE:
             raise StoreError(f"GET {url}: larger than any tile can be")
         return data
+
+    def _get(self, url: str, target: str) -> tuple[int, bytes]:
+        """One GET on a new connection, given up after `request_timeout` whatever the server's pace: a timer
+        shuts the socket, which ends a read the server keeps alive with a byte now and then."""
+        kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = kind(self._host, self._port, timeout=self.timeout)
+        aborted = threading.Event()
+
+        def abort() -> None:
+            aborted.set()
+            if conn.sock is not None:
+                with contextlib.suppress(OSError):  # already closed: nothing to end
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.request_timeout, abort)
+        timer.start()
+        try:
+            conn.request("GET", target, headers={"Connection": "close"})
+            resp = conn.getresponse()
+            answer = resp.status, resp.read(MAX_TILE_FILE + 1)
+        except (http.client.HTTPException, OSError) as exc:
+            if aborted.is_set():
+                raise StoreError(f"GET {url}: no complete answer within {self.request_timeout:g} s") from None
+            raise StoreError(f"GET {url}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        else:
+            if aborted.is_set():  # the shut socket can also end a read quietly, with what had come so far
+                raise StoreError(f"GET {url}: no complete answer within {self.request_timeout:g} s")
+            return answer
+        finally:
+            timer.cancel()
+            conn.close()
 
     def describe(self) -> str:
         return self.base
