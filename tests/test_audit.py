@@ -530,6 +530,36 @@ async def test_monitor_over_http_follows_a_live_broker(tmp_path: Path) -> None:
         assert report.summary["packets"] == 3
 
 
+def test_a_proof_of_a_hostile_entry_that_is_in_the_log_is_described_without_a_crash(
+    log: Log, tmp_path: Path
+) -> None:
+    """A broker can log, and sign over, anything typed "pkt": a proof of it verifies (it is in the log), and
+    describing it raised KeyError or TypeError."""
+    from valise.broker.home import BrokerHome
+
+    root = _copy(log.root, tmp_path / "w")
+    home = BrokerHome.open(root / "broker")
+    hostile = [encoding.pack({"t": "pkt", "at": 1}), encoding.pack({"t": "pkt", "header": 7, "sig": b"", "at": 1})]
+    with SqliteLog.open(home.db_path) as store:
+        first = store.append(hostile)
+        LogService(store, ORIGIN, home.log_key()).sign()
+    out = tmp_path / "out"
+    assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(out)]) == 0
+    for index in (first, first + 1):
+        path = tmp_path / f"{index}.proof"
+        path.write_bytes(audit_proof.export_proof(DirSource(out), index, _policy(log)))
+        code, text = run_cli("audit", "proof", str(path), "--broker-key", log.vkey, "--json")
+        assert code == 0
+        assert json.loads(text)["type"] == "pkt"
+        assert "sender" not in json.loads(text)
+
+
+def test_proof_files_are_read_no_further_than_a_bundle_can_go(log: Log, capsys: pytest.CaptureFixture[str]) -> None:
+    """`audit proof /dev/zero` grew to 8 GB; a 3 GB file was read whole before its size was checked."""
+    assert cli(["audit", "proof", "/dev/zero", "--broker-key", log.vkey]) == 2
+    assert "/dev/zero is over" in capsys.readouterr().err
+
+
 def test_proof_bundle_export_and_verify(log: Log, tmp_path: Path) -> None:
     policy = _policy(log)
     index = log.pkt[1]

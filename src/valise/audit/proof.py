@@ -40,17 +40,21 @@ class ProvenEntry:
             return {**out, "type": None}
         out["type"] = kind
         if kind == "pkt":
-            try:
-                header = Header.parse(m["header"])
+            # In the log is not well formed: a broker can log anything under "pkt" (an auditor names such an
+            # entry pkt-malformed); shown here only if it is a packet record with a parsable header.
+            header_bytes, at = m.get("header"), m.get("at")
+            if isinstance(header_bytes, bytes) and (at is None or type(at) is int):
+                try:
+                    header = Header.parse(header_bytes)
+                except Error:
+                    return out
                 out.update(
                     sender=header.core.sender,
                     to=list(header.core.recipients),
                     packet_id=header.core.packet_id.hex(),
                     digest=hashlib.sha256(header.raw).hexdigest(),
-                    at=m.get("at"),
+                    at=at,
                 )
-            except Error:
-                pass
         return out
 
 

@@ -16,14 +16,14 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
-from valise import keyfiles
+from valise import keyfiles, records
 from valise.audit import proof as audit_proof
 from valise.audit import quorum, state
 from valise.audit.source import open_source
 from valise.audit.verify import AuditState, CheckpointRefused, Report, audit
 from valise.cli.main import group
 from valise.errors import NoteError, UsageError
-from valise.tlog import cosignature, note
+from valise.tlog import cosignature, note, proofbundle
 from valise.utctime import utc
 
 EXIT_FINDINGS = 4
@@ -245,13 +245,22 @@ def _emit(report: Report, as_json: bool) -> None:
         print(f"ALARM: {f.line()}", file=sys.stderr, flush=True)
 
 
+def _read_capped(path: Path, limit: int, what: str) -> bytes:
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise UsageError(f"{path} is over {limit} bytes: too large for a{'n' if what[0] in 'aeiou' else ''} {what}")
+    return data
+
+
 def proof_cmd(args: argparse.Namespace) -> int:
     policy = trust(args)
-    try:
-        data = args.file.read_bytes()
-        entry = args.entry.read_bytes() if args.entry else None
-    except OSError as exc:
-        raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    # Read no more than a bundle or an entry can hold: the file may be anything (a 3 GB file, /dev/zero).
+    data = _read_capped(args.file, proofbundle.MAX_BUNDLE_SIZE, "proof bundle")
+    entry = _read_capped(args.entry, records.ENTRY_MAX, "entry") if args.entry else None
     proven = audit_proof.verify_proof(data, policy, entry)
     info = proven.describe()
     if args.json:
