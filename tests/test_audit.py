@@ -286,6 +286,22 @@ def test_entries_typed_as_policy_that_the_fold_cannot_read_are_named(log: Log, t
     assert "a 'rule' entry the policy fold cannot read" in what[1]
 
 
+@pytest.mark.parametrize("extra", ["entry", "bytes"])
+def test_a_bundle_carrying_more_than_its_width_is_named_even_when_its_entries_are_right(
+    log: Log, tmp_path: Path, extra: str
+) -> None:
+    """Every signed entry intact, plus an entry past the bundle's width or trailing bytes: readers MUST refuse
+    such a bundle (log.md), and the audit passed it with exit 0."""
+    d = _copy(log.export, tmp_path / "x")
+    path = _bundle_path(d)
+    data = path.read_bytes()
+    path.write_bytes(data + (tiles.encode_entries([b"smuggled"]) if extra == "entry" else b"\x00\x01"))
+    code, report = _verify(d, log)
+    assert code == 4, report
+    assert _findings(report) == [(0, "bundle-malformed")]
+    assert report["tree_verified"] is True
+
+
 def test_appended_packet_that_no_policy_allowed(log: Log, tmp_path: Path) -> None:
     """A correctly signed packet record, DEU → FRA, which DEU never had consent for, appended and signed over."""
     root = _copy(log.root, tmp_path / "w")
