@@ -20,6 +20,7 @@ import trio
 from valise import encoding, packet, records
 from valise.audit import proof as audit_proof
 from valise.audit import quorum
+from valise.audit import verify as verify_module
 from valise.audit.source import DirSource, HttpSource
 from valise.audit.verify import CheckpointRefused, audit
 from valise.cli.main import main as cli
@@ -359,6 +360,13 @@ def test_forged_acknowledgement_signature(log: Log, tmp_path: Path) -> None:
         LogService(store, ORIGIN, home.log_key()).sign()
     assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(tmp_path / "out")]) == 0
     code, report = _verify(tmp_path / "out", log)
+    assert code == 4
+    assert _findings(report) == [(index, "ack-mismatch"), (index, "ack-signature")]
+    # The same with the signatures checked in worker processes, one batch per entry so that several run at once.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(verify_module, "CHUNK", 1)
+        mp.setattr(verify_module, "MAX_BATCHES_IN_FLIGHT", 2)
+        code, report = _verify(tmp_path / "out", log, "--jobs", "2")
     assert code == 4
     assert _findings(report) == [(index, "ack-mismatch"), (index, "ack-signature")]
 

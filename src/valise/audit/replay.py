@@ -107,6 +107,7 @@ class Replayer:
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.findings: list[Finding] = []
         self.checks: list[SigCheck] = []
+        self.checks_bytes = 0  # of the messages in `checks`: a batch is bounded in bytes too (headers reach 64 KiB)
 
     @property
     def size(self) -> int:
@@ -205,7 +206,7 @@ class Replayer:
         elif len(sig) != SIGNATURE_SIZE:
             self._find(index, "pkt-signature", f"the header signature is {len(sig)} bytes")
         else:
-            self.checks.append(
+            self._check(
                 SigCheck(index, sender.sign_key, HEADER_DOMAIN + header.raw, sig, "pkt-signature",
                          f"the header does not verify under {core.sender}'s identity key at this position")
             )  # fmt: skip
@@ -271,7 +272,7 @@ class Replayer:
             if undo is not None:
                 undo()
             return
-        self.checks.append(
+        self._check(
             SigCheck(index, member.sign_key, ACK_DOMAIN + raw_body, sig, "ack-signature",
                      f"the acknowledgement does not verify under {recipient}'s identity key", undo)
         )  # fmt: skip
@@ -302,7 +303,7 @@ class Replayer:
         if member is None:
             self._find(index, "retract-signature", f"{sender} is not in the directory")
             return
-        self.checks.append(
+        self._check(
             SigCheck(index, member.sign_key, RETRACT_DOMAIN + raw_body, sig, "retract-signature",
                      f"the retraction does not verify under {sender}'s identity key", undo)
         )  # fmt: skip
@@ -329,8 +330,12 @@ class Replayer:
 
     # --- signatures run by the caller ------------------------------------------------------------------------
 
+    def _check(self, check: SigCheck) -> None:
+        self.checks.append(check)
+        self.checks_bytes += len(check.message)
+
     def take_checks(self) -> list[SigCheck]:
-        checks, self.checks = self.checks, []
+        checks, self.checks, self.checks_bytes = self.checks, [], 0
         return checks
 
     def signature_failed(self, check: SigCheck) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from valise.audit import tree
@@ -34,6 +34,8 @@ from valise.tlog import checkpoint, note
 
 STATE_FORMAT = "valise-audit/v1"
 CHUNK = 4096  # entries per batch of signature checks sent to a worker
+CHUNK_BYTES = 8 << 20  # or fewer, when their messages add up to this (4096 headers of 64 KiB would be 256 MiB)
+MAX_BATCHES_IN_FLIGHT = 16  # past this the audit waits for the oldest: what workers hold stays bounded
 Progress = Callable[[int, int], None]
 
 
@@ -188,13 +190,36 @@ def audit(
         signed, served = tree.Compact(), tree.Compact()
     start = signed.size
     tree_findings: list[Finding] = []
-    pending: list[tuple[list[SigCheck], Future[list[int]] | list[int]]] = []
+    # Signature batches in the order they were made: a batch still checking (its checks, its future), or, once
+    # checked, only the checks that failed. Failures are applied in that order at the end, whenever each batch
+    # finished, so the findings do not depend on timing; and a checked batch keeps none of the messages it
+    # checked (each a header of up to 64 KiB), so memory follows the batches in flight, not the log's size.
+    batches: list[tuple[list[SigCheck], Future[list[int]]] | list[SigCheck]] = []
+
+    def failures(checks: list[SigCheck], bad: list[int]) -> list[SigCheck]:
+        # Without the bytes checked: a log of forged packets would otherwise keep every header it holds.
+        return [replace(checks[k], public=b"", message=b"", signature=b"") for k in bad]
+
+    def settle(wait_beyond: int) -> None:
+        """Keep only the failures of finished batches; wait for the oldest while more than `wait_beyond` run."""
+        running = [i for i, b in enumerate(batches) if isinstance(b, tuple)]
+        for n, i in enumerate(running):
+            batch = batches[i]
+            assert isinstance(batch, tuple)
+            checks, future = batch
+            if future.done() or len(running) - n > wait_beyond:
+                batches[i] = failures(checks, future.result())
 
     def flush_checks() -> None:
         checks = replay.take_checks()
-        if checks:
-            items = [(c.public, c.message, c.signature) for c in checks]
-            pending.append((checks, executor.submit(verify_batch, items) if executor else verify_batch(items)))
+        if not checks:
+            return
+        items = [(c.public, c.message, c.signature) for c in checks]
+        if executor is None:
+            batches.append(failures(checks, verify_batch(items)))
+        else:
+            batches.append((checks, executor.submit(verify_batch, items)))
+            settle(MAX_BATCHES_IN_FLIGHT)
 
     for b in tree.bundles(source, start, cp.size, with_entries=not tree_only):
         width = len(b.hashes)
@@ -216,15 +241,16 @@ def audit(
                 replay.policy.skip_to(
                     replay.policy.size + 1
                 )  # a missing entry: nothing to replay, keep positions aligned
-        if len(replay.checks) >= CHUNK:
-            flush_checks()
+            if len(replay.checks) >= CHUNK or replay.checks_bytes >= CHUNK_BYTES:
+                flush_checks()
         if progress is not None:
             progress(b.first + width - start, cp.size - start)
     flush_checks()
-    for checks, result in pending:
-        bad = result.result() if isinstance(result, Future) else result
-        for i in bad:
-            replay.signature_failed(checks[i])
+    settle(0)
+    for batch in batches:
+        assert not isinstance(batch, tuple)
+        for check in batch:
+            replay.signature_failed(check)
 
     tied = True
     malformed = [f for f in tree_findings if f.code == "bundle-malformed"]
