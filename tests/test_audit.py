@@ -388,7 +388,41 @@ def test_an_acknowledgement_or_purge_logged_twice_is_named(log: Log, tmp_path: P
     assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(tmp_path / "out")]) == 0
     code, report = _verify(tmp_path / "out", log)
     assert code == 4
-    assert _findings(report) == [(index, "ack-duplicate"), (index + 2, "purge-duplicate")]
+    # (Dated 2**40, far past the audit's clock, so that neither purge is early: each is also a log-time finding.)
+    assert _findings(report) == [
+        (index, "ack-duplicate"),
+        (index + 1, "log-time"),
+        (index + 2, "log-time"),
+        (index + 2, "purge-duplicate"),
+    ]
+
+
+def test_an_early_purge_dated_after_the_expiry_is_caught_by_the_log_time(log: Log, tmp_path: Path) -> None:
+    """The broker drops a copy before its packet expires and dates the purge at the expiry, so purge-early sees
+    nothing: audited now, the date is past the audit's clock; audited after the expiry, the log's clock goes back
+    at the next record."""
+    from valise.broker.home import BrokerHome
+
+    root = _copy(log.root, tmp_path / "w")
+    home = BrokerHome.open(root / "broker")
+    with SqliteLog.open(home.db_path) as store:
+        _, m = records.entry_type(store.entries(log.pkt[0], log.pkt[0] + 1)[0])
+        header = packet.Header.parse(m["header"])
+        purge = records.purge_entry(hashlib.sha256(header.raw).digest(), header.core.recipients[0], header.core.expires)
+        head = packet.parse_head(seal(log.world, "FRA", ["DEU"], b"after"))
+        assert isinstance(head, packet.Head)
+        later = records.packet_entry(head.header.raw, head.signature, int(time.time()))
+        index = store.append([purge, later])
+        LogService(store, ORIGIN, home.log_key()).sign()
+    out = tmp_path / "out"
+    assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(out)]) == 0
+    policy = _policy(log)
+    now = int(time.time())
+    assert [(f.index, f.code) for f in audit(DirSource(out), policy, now=now).findings] == [(index, "log-time")]
+    after_expiry = header.core.expires + 3600
+    found = audit(DirSource(out), policy, now=after_expiry).findings
+    assert [(f.index, f.code) for f in found if f.code == "log-time"] == [(index + 1, "log-time")]
+    assert f"before entry {index}" in next(f.what for f in found if f.code == "log-time")
 
 
 # --- checkpoints refused -------------------------------------------------------------------------------------
@@ -548,15 +582,15 @@ async def test_monitor_over_http_follows_a_live_broker(tmp_path: Path) -> None:
         assert await trio.to_thread.run_sync(monitor, url) == 0
         assert json.loads(state.read_text())["size"] == size1 + 2
         report = await trio.to_thread.run_sync(
-            lambda: audit(HttpSource(url), quorum.QuorumPolicy.simple(note.parse_vkey(vkey), [], 0), now=0)
+            lambda: audit(
+                HttpSource(url), quorum.QuorumPolicy.simple(note.parse_vkey(vkey), [], 0), now=int(time.time())
+            )
         )
         assert report.clean
         assert report.summary["packets"] == 3
 
 
-def test_a_proof_of_a_hostile_entry_that_is_in_the_log_is_described_without_a_crash(
-    log: Log, tmp_path: Path
-) -> None:
+def test_a_proof_of_a_hostile_entry_that_is_in_the_log_is_described_without_a_crash(log: Log, tmp_path: Path) -> None:
     """A broker can log, and sign over, anything typed "pkt": a proof of it verifies (it is in the log), and
     describing it raised KeyError or TypeError."""
     from valise.broker.home import BrokerHome

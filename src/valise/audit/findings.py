@@ -48,6 +48,9 @@ WHY: dict[str, str] = {
     "purge-not-recipient": "the purge names a member the packet was not addressed to",
     "purge-early": "the broker dropped a packet before it expired, which it may not do",
     "purge-duplicate": "this recipient's copy of the packet was already purged; a copy is purged once",
+    # the broker's clock
+    "log-time": "a record's log time is after the audit's clock, or earlier than the record before it: expiries "
+    "and purges are judged by these times, and a false one can hide an early purge",
 }
 
 

@@ -106,6 +106,8 @@ class Replayer:
         self.by_id: dict[tuple[str, bytes], bytes] = {}
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.findings: list[Finding] = []
+        self.now: int | None = None  # the audit's clock (set per audit; log times past it are findings)
+        self.last_time: tuple[int, int] | None = None  # (time, index) of the last packet or purge record
         self.checks: list[SigCheck] = []
         self.checks_bytes = 0  # of the messages in `checks`: a batch is bounded in bytes too (headers reach 64 KiB)
 
@@ -186,6 +188,7 @@ class Replayer:
             return
         self.counts["packets"] += 1
         core, at, sig = header.core, m["at"], m["sig"]
+        self._log_time(index, at, "packet")
         digest = hashlib.sha256(header.raw).digest()
         if digest in self.packets:
             self._find(
@@ -315,6 +318,7 @@ class Replayer:
             self._find(index, "purge-malformed", exc.what)
             return
         self.counts["purges"] += 1
+        self._log_time(index, m["at"], "purge")
         pkt = self.packets.get(m["digest"])
         if pkt is None:
             self._find(index, "purge-unknown-packet", f"purge of packet {m['digest'].hex()[:16]}… for {m['recipient']}")
@@ -327,6 +331,22 @@ class Replayer:
         if m["recipient"] in pkt.purged:
             self._find(index, "purge-duplicate", f"{m['recipient']}'s copy of entry {pkt.index} was purged before")
         pkt.purged.add(m["recipient"])
+
+    def _log_time(self, index: int, at: int, what: str) -> None:
+        """The broker's clock as its packet and purge records show it. Expiries and purges are judged by these
+        times, so a false one could pass an early purge: a purge of a packet that has not expired, dated after its
+        expiry, is caught as a time past the audit's clock or, audited later, as the log's clock going back at
+        the entry after it. (The next entry is named, not the false one: forward jumps are routine, quiet logs.)"""
+        if self.now is not None and at > self.now + self.window:
+            self._find(index, "log-time", f"{what} logged at {at}, after the audit's clock {self.now}")
+            return  # not the log's clock: the entries after it are compared with the one before it
+        previous = self.last_time
+        if previous is not None and at < previous[0] - self.window:
+            self._find(
+                index, "log-time",
+                f"{what} logged at {at}, {previous[0] - at} s before entry {previous[1]} (logged at {previous[0]})",
+            )  # fmt: skip
+        self.last_time = (at, index)
 
     # --- signatures run by the caller ------------------------------------------------------------------------
 
@@ -376,6 +396,7 @@ class Replayer:
             "packets": [p.to_json() for p in self.packets.values()],
             "counts": dict(self.counts),
             "findings": [f.to_json() for f in self.findings],
+            "last_time": None if self.last_time is None else list(self.last_time),
         }
 
     @staticmethod
@@ -400,6 +421,8 @@ class Replayer:
             r.by_id.setdefault((p.sender, p.packet_id), p.digest)
         r.counts.update(value["counts"])
         r.findings = [Finding.from_json(f) for f in value["findings"]]
+        last = value.get("last_time")  # absent in states saved before it was kept
+        r.last_time = None if last is None else (int(last[0]), int(last[1]))
         return r
 
 

@@ -188,6 +188,7 @@ def audit(
     else:
         replay = Replayer(cp.origin, window=window)
         signed, served = tree.Compact(), tree.Compact()
+    replay.now = now
     start = signed.size
     tree_findings: list[Finding] = []
     # Signature batches in the order they were made: a batch still checking (its checks, its future), or, once
