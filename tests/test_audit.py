@@ -501,6 +501,27 @@ def test_resume_verifies_only_new_entries(log: Log, tmp_path: Path) -> None:
     assert _verify(log.early, log, "--state", str(state))[0] == 5
 
 
+def test_a_damaged_state_file_is_an_error_not_a_traceback(
+    log: Log, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "audit.state"
+    assert _verify(log.early, log, "--state", str(state))[0] == 0
+    good = json.loads(state.read_text())
+    damaged = {
+        "deep": "[" * 100_000,  # was RecursionError
+        "checkpoint": json.dumps({**good, "checkpoint": 5}),  # was AttributeError
+        "packets": json.dumps({**good, "replay": {**good["replay"], "packets": [[]]}}),  # was IndexError
+    }
+    for name, text in damaged.items():
+        state.write_text(text)
+        capsys.readouterr()
+        assert cli(["audit", "verify", "--log", str(log.export), "--broker-key", log.vkey, "--state", str(state)]) == 2
+        err = capsys.readouterr().err
+        assert f"{state}" in err, name
+        assert "audit state" in err, name
+        assert "Traceback" not in err
+
+
 def test_consistency_proof_that_does_not_verify(log: Log, tmp_path: Path) -> None:
     state = tmp_path / "audit.state"
     assert _verify(log.early, log, "--state", str(state))[0] == 0

@@ -433,7 +433,7 @@ def _entry(entry: bytes) -> tuple[str, dict[str, Any]]:
     try:
         m = msgpack.unpackb(entry, raw=False, strict_map_key=True, max_ext_len=0)
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
-        raise EncodingError(f"log entry is not valid msgpack: {exc}") from None
+        raise EncodingError(f"log entry is not valid msgpack: {exc or type(exc).__name__}") from None
     if type(m) is not dict or type(m.get("t")) is not str:
         raise EncodingError("log entry is not a map with a type field 't'")
     return m["t"], m

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from valise.audit.verify import AuditState
-from valise.errors import StoreError, UsageError
+from valise.errors import Error, StoreError, UsageError
 from valise.tlog import checkpoint, note
 
 MAX_STATE = 1 << 30
@@ -29,12 +29,13 @@ def load(path: Path, log: note.Ed25519Verifier) -> AuditState | None:
         raise UsageError(f"{path} is larger than any audit state should be")
     try:
         value = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read the audit state {path}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested past the stack
+        raise UsageError(f"cannot read the audit state {path}: {type(exc).__name__}: {exc}") from None
     try:
         return AuditState.from_json(value, log)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"{path} is not a valid audit state: {exc!r}") from None
+    except (Error, KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as exc:
+        # A state file is the auditor's own, but a damaged or altered one must stop it with this, not a traceback.
+        raise UsageError(f"{path} is not a valid audit state: {type(exc).__name__}: {exc}") from None
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -138,7 +138,7 @@ def _print_report(report: Report, as_json: bool, *, tree_only: bool = False) -> 
         )
     tree = "tied to the signed root" if report.tree_verified else "NOT tied to the signed root"
     if report.start == cp.size:
-        print(f"no new entries since the held checkpoint; {tree}")
+        print(f"no new entries since the held checkpoint; {tree}" if cp.size else f"an empty log; {tree}")
     elif tree_only:
         print(f"tree of {cp.size} entries: {tree}; entries not checked (--tree-only)")
         return
@@ -203,6 +203,8 @@ def verify_cmd(args: argparse.Namespace) -> int:
 
 
 def monitor_cmd(args: argparse.Namespace) -> int:
+    if not 0 < args.interval <= 86400:
+        raise UsageError(f"--interval {args.interval:g} is not a number of seconds between 0 and 86400")
     policy = trust(args)
     source = open_source(args.log)
     held: AuditState | None = state.load(args.state, policy.log)
