@@ -20,6 +20,7 @@ from valise.cli.main import main
 from valise.crypto import sign
 from valise.crypto.seeded import seeded_random
 from valise.errors import CheckpointError
+from valise.node import daemon as daemon_module
 from valise.node.daemon import NodeDaemon
 from valise.node.follower import AwaitingQuorum, Follower, ForgedCosignature, ForkError
 from valise.node.home import NodeHome
@@ -267,6 +268,43 @@ async def test_the_daemon_uses_the_log_only_under_the_quorum(world: dict[str, An
     again = NodeDaemon(world["home"], members["FRA"], random=seeded_random(b"r"), wall=lambda: NOW)
     assert (again.follower.size, again.follower.trusted_size, again.follower.member_key("ITA")) == (4, 3, None)
     again.store.close()
+
+
+async def test_a_broker_serving_an_older_checkpoint_for_long_raises_one_alarm(
+    world: dict[str, Any], members: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quorum node takes an older cosigned note as routine (the cosigned copy of a tree it already went past).
+    Served for longer than BEHIND_GRACE (zero here), it means the broker lost entries it signed: a restore from an
+    old backup, otherwise seen only once its log passes the node's size again."""
+    monkeypatch.setattr(daemon_module, "BEHIND_GRACE", 0.0)
+    h = QuorumHarness(world, members["FRA"])
+    log: Log = world["log"]
+    old = cosign(log.service.latest.note, *WITNESSES)  # type: ignore[union-attr]
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        d = h.daemon
+        broker.offer = old
+        await wait_for(lambda: d.follower.size == 3)
+        session = d.session
+        assert session is not None
+        grown = log.admit(members["ITA"])
+        await broker.send(ev.CosignRequest(10, 3, tuple(log.service.consistency_proof(3)), grown))
+        await broker.expect(ev.CosignResponse)
+        assert d.follower.size == 4
+        assert await d.sync(session)  # the first time: routine
+        assert [a.kind for a in d.store.alarms()] == []
+        assert await d.sync(session)  # still, past the grace: the broker is behind
+        assert await d.sync(session)  # and once only
+        (alarm,) = d.store.alarms()
+        assert alarm.kind == "log"
+        assert "served a checkpoint of size 3, older than the size 4 this node verified" in alarm.message
+        assert alarm.evidence == old
+        broker.offer = cosign(grown, *WITNESSES)  # caught up: the episode ends
+        assert await d.sync(session)
+        broker.offer = old
+        assert await d.sync(session)
+        assert len(d.store.alarms()) == 1
+        nursery.cancel_scope.cancel()
 
 
 # --- the command line ------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import signal
 import ssl
@@ -53,6 +54,9 @@ ALARM_TEXT = 1000  # characters of an alarm's message kept
 # How long after a receipt the log may still fall short of its index (checkpoints come every second or so;
 # this leaves room for clock skew and a broker that was briefly down).
 RECEIPT_GRACE = 300
+# How long the broker's published checkpoint may stay older than the tree this node verified (routine for the
+# moment between a cosigning request and the cosigned note's publication) before it is an alarm.
+BEHIND_GRACE = 300.0
 POLL_INTERVAL = 5.0
 SHUTDOWN_GRACE = 3.0
 IDLE_CHECK = 1.0  # how often the submitter looks for packets whose retry time has come
@@ -113,6 +117,7 @@ class NodeDaemon:
         # Why the verified log is not (all) in use yet, with a quorum policy: e.g. "cosigned by 1 of ...".
         self.quorum_wait: str | None = None
         self._replaced: list[float] = []  # when another connection as this member replaced ours (recent ones)
+        self._behind_since: float | None = None  # since when the broker's checkpoint is older than ours (quorum)
         # Statements this daemon sent and the broker logged, until its verified log shows them (ops.py: duplicate
         # checks and revoking by prefix must not wait a checkpoint, or a witness quorum, for them).
         self.sent_statements: dict[bytes, policy_records.Record] = {}
@@ -382,8 +387,10 @@ class NodeDaemon:
                     log.warning("checkpoint refused: %s", exc.what)
                     raise
                 if older:  # e.g. the cosigned note of a tree this node already went past: no entries to fetch
+                    self._behind(note)
                     await self._trust(session, note)
                     return True
+                self._behind_since = None
             if proof is not None and self.follower.open(note).size < self.follower.size:
                 raise _Superseded  # a cosigning request overtaken by a newer tree while we waited for the lock
             try:
@@ -416,6 +423,25 @@ class NodeDaemon:
                 await self._trust(session, note)
             self.check_overdue_receipts()
             return True
+
+    def _behind(self, note: bytes) -> None:
+        """The broker serves a checkpoint older than the tree this node verified. For a moment that is routine (the
+        cosigned note of a tree the node already went past); for longer, the broker has lost entries it signed,
+        restored from an old backup say, and would otherwise be caught only once its log passed this size again.
+        Without a quorum policy such a checkpoint is refused as a fork at once."""
+        now = trio.current_time()
+        if self._behind_since is None:
+            self._behind_since = now
+        elif now - self._behind_since >= BEHIND_GRACE:
+            self._behind_since = math.inf  # one alarm for the episode, not one per poll as the broker's log grows
+            served, verified = self.follower.open(note).size, self.follower.size
+            self.alarm(
+                "log",
+                f"for over {BEHIND_GRACE:g} s the broker has served a checkpoint of size {served}, older than the "
+                f"size {verified} this node verified: was it restored from an old backup? It has lost entries it "
+                "signed",
+                note,
+            )
 
     async def _trust(self, session: Session, note: bytes) -> None:
         """Use `note` if its cosignatures meet the quorum (a fork is raised; a shortfall is only remembered)."""
