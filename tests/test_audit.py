@@ -425,6 +425,27 @@ def test_an_early_purge_dated_after_the_expiry_is_caught_by_the_log_time(log: Lo
     assert f"before entry {index}" in next(f.what for f in found if f.code == "log-time")
 
 
+def test_a_log_clock_walked_back_in_steps_under_the_window_is_still_caught(log: Log, tmp_path: Path) -> None:
+    """Each record within the window of the one before it, yet the log's time ends far below the false date: held
+    to the latest time so far, not to the record before."""
+    from valise.broker.home import BrokerHome
+
+    root = _copy(log.root, tmp_path / "w")
+    home = BrokerHome.open(root / "broker")
+    with SqliteLog.open(home.db_path) as store:
+        _, m = records.entry_type(store.entries(log.pkt[0], log.pkt[0] + 1)[0])
+        header = packet.Header.parse(m["header"])
+        expiry, digest = header.core.expires, hashlib.sha256(header.raw).digest()
+        steps = [records.purge_entry(digest, header.core.recipients[0], expiry)]
+        steps += [records.purge_entry(bytes(32), "DEU", expiry - k * 500) for k in (1, 2, 3)]  # 500 s < the window
+        index = store.append(steps)
+        LogService(store, ORIGIN, home.log_key()).sign()
+    out = tmp_path / "out"
+    assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(out)]) == 0
+    found = audit(DirSource(out), _policy(log), now=expiry + 3600).findings
+    assert [(f.index, f.code) for f in found if f.code == "log-time"] == [(index + 2, "log-time")]  # named once
+
+
 # --- checkpoints refused -------------------------------------------------------------------------------------
 
 
@@ -511,11 +532,15 @@ def test_a_damaged_state_file_is_an_error_not_a_traceback(
         "deep": "[" * 100_000,  # was RecursionError
         "checkpoint": json.dumps({**good, "checkpoint": 5}),  # was AttributeError
         "packets": json.dumps({**good, "replay": {**good["replay"], "packets": [[]]}}),  # was IndexError
+        # These loaded, then raised TypeError once the log had new entries:
+        "window": json.dumps({**good, "replay": {**good["replay"], "window": "600"}}),
+        "counts": json.dumps({**good, "replay": {**good["replay"], "counts": {"entries": "x"}}}),
     }
     for name, text in damaged.items():
         state.write_text(text)
         capsys.readouterr()
-        assert cli(["audit", "verify", "--log", str(log.export), "--broker-key", log.vkey, "--state", str(state)]) == 2
+        argv = ["audit", "verify", "--log", str(log.export), "--broker-key", log.vkey, "--state", str(state)]
+        assert cli(argv) == 2, name
         err = capsys.readouterr().err
         assert f"{state}" in err, name
         assert "audit state" in err, name

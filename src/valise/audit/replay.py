@@ -107,7 +107,8 @@ class Replayer:
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.findings: list[Finding] = []
         self.now: int | None = None  # the audit's clock (set per audit; log times past it are findings)
-        self.last_time: tuple[int, int] | None = None  # (time, index) of the last packet or purge record
+        self.latest_time: tuple[int, int] | None = None  # (time, index) of the latest packet or purge record
+        self.time_went_back = False  # a record came more than the window before it (named once)
         self.checks: list[SigCheck] = []
         self.checks_bytes = 0  # of the messages in `checks`: a batch is bounded in bytes too (headers reach 64 KiB)
 
@@ -339,14 +340,23 @@ class Replayer:
         the entry after it. (The next entry is named, not the false one: forward jumps are routine, quiet logs.)"""
         if self.now is not None and at > self.now + self.window:
             self._find(index, "log-time", f"{what} logged at {at}, after the audit's clock {self.now}")
-            return  # not the log's clock: the entries after it are compared with the one before it
-        previous = self.last_time
-        if previous is not None and at < previous[0] - self.window:
-            self._find(
-                index, "log-time",
-                f"{what} logged at {at}, {previous[0] - at} s before entry {previous[1]} (logged at {previous[0]})",
-            )  # fmt: skip
-        self.last_time = (at, index)
+            return  # not the log's clock: later records are not held to it
+        latest = self.latest_time
+        if latest is None or at > latest[0]:
+            self.latest_time = (at, index)
+            self.time_went_back = False
+        elif at < latest[0] - self.window:
+            # Held to the latest time so far, not to the record before: a clock walked back in steps under the
+            # window would pass that. Named once per descent (the records after it are as early), and again once
+            # the log's time has come back to within the window of that latest time.
+            if not self.time_went_back:
+                self.time_went_back = True
+                self._find(
+                    index, "log-time",
+                    f"{what} logged at {at}, {latest[0] - at} s before entry {latest[1]} (logged at {latest[0]})",
+                )  # fmt: skip
+        else:
+            self.time_went_back = False
 
     # --- signatures run by the caller ------------------------------------------------------------------------
 
@@ -396,13 +406,18 @@ class Replayer:
             "packets": [p.to_json() for p in self.packets.values()],
             "counts": dict(self.counts),
             "findings": [f.to_json() for f in self.findings],
-            "last_time": None if self.last_time is None else list(self.last_time),
+            "latest_time": None if self.latest_time is None else [*self.latest_time, self.time_went_back],
         }
 
     @staticmethod
     def from_json(origin: str, value: dict[str, Any]) -> Replayer:
         """Rebuild from `to_json`: the policy is re-folded from the records this audit verified before."""
-        r = Replayer(origin, window=value["window"])
+        window, counts = value["window"], value["counts"]
+        if type(window) is not int or window < 0:
+            raise TypeError(f"window {window!r} is not a number of seconds")
+        if not isinstance(counts, dict) or any(k not in COUNTERS or type(v) is not int for k, v in counts.items()):
+            raise TypeError("counts are not the audit's counters")
+        r = Replayer(origin, window=window)
         if value["genesis"] is not None:
             r.genesis = bytes.fromhex(value["genesis"])
             key = Genesis.parse(r.genesis, origin=origin).operator_key
@@ -421,8 +436,12 @@ class Replayer:
             r.by_id.setdefault((p.sender, p.packet_id), p.digest)
         r.counts.update(value["counts"])
         r.findings = [Finding.from_json(f) for f in value["findings"]]
-        last = value.get("last_time")  # absent in states saved before it was kept
-        r.last_time = None if last is None else (int(last[0]), int(last[1]))
+        latest = value.get("latest_time")  # absent in states saved before it was kept
+        if latest is not None:
+            at, index, went_back = latest
+            if type(at) is not int or type(index) is not int or type(went_back) is not bool:
+                raise TypeError("latest_time is not [int, int, bool]")
+            r.latest_time, r.time_went_back = (at, index), went_back
         return r
 
 
@@ -433,7 +452,7 @@ def _entry(entry: bytes) -> tuple[str, dict[str, Any]]:
     try:
         m = msgpack.unpackb(entry, raw=False, strict_map_key=True, max_ext_len=0)
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
-        raise EncodingError(f"log entry is not valid msgpack: {exc or type(exc).__name__}") from None
+        raise EncodingError(f"log entry is not valid msgpack: {str(exc) or type(exc).__name__}") from None
     if type(m) is not dict or type(m.get("t")) is not str:
         raise EncodingError("log entry is not a map with a type field 't'")
     return m["t"], m
