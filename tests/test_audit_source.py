@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from valise.audit.source import DirSource, HttpSource
-from valise.errors import StoreError
+from valise.errors import StoreError, UsageError
 
 
 @contextmanager
@@ -90,3 +90,65 @@ def test_a_fifo_in_place_of_an_exported_file_is_refused_not_waited_on(tmp_path: 
     os.mkfifo(tmp_path / "checkpoint")
     with pytest.raises(StoreError, match="checkpoint is not a regular file"):
         DirSource(tmp_path).read("checkpoint")
+
+
+def test_the_request_deadline_also_covers_a_slow_connect() -> None:
+    """With the server's accept queue full, connect() retries its SYN past the deadline; there was no socket to
+    shut then, so the request went on with the per-read timeout only, for as long as the server trickled."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.create_connection(("127.0.0.1", port))]
+    late = socket.socket()
+    late.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        late.connect(("127.0.0.1", port))
+    fillers.append(late)
+    stop = threading.Event()
+
+    def serve() -> None:
+        stop.wait(2.5)  # past the auditor's 1 s deadline, its SYN gets through; then a byte a second
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                if conn.getpeername()[1] in [f.getsockname()[1] for f in fillers]:
+                    continue
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n")
+                for _ in range(30):
+                    if stop.is_set():
+                        return
+                    conn.sendall(b"x")
+                    time.sleep(1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="no complete answer within 1 s"):
+            HttpSource(f"http://127.0.0.1:{port}/", timeout=30.0, request_timeout=1.0).read("checkpoint")
+        assert time.monotonic() - started < 15  # not the ~30 s of trickling
+    finally:
+        stop.set()
+        thread.join()
+        for f in fillers:
+            f.close()
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "what"),
+    [
+        ("http://127.0.0.1:99999/log", "out of range"),  # was a ValueError traceback
+        ("http://127.0.0.1:abc/log", "abc"),
+        ("http://127.0.0.1/log?x=1", "has a query or fragment"),  # fetched the checkpoint at the wrong path
+    ],
+)
+def test_a_log_url_that_cannot_be_read_as_given_is_refused_at_once(url: str, what: str) -> None:
+    with pytest.raises(UsageError, match=what):
+        HttpSource(url)

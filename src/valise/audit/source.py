@@ -72,12 +72,20 @@ class HttpSource:
     def __init__(self, base: str, *, timeout: float = TIMEOUT, request_timeout: float = REQUEST_TIMEOUT) -> None:
         if not base.startswith(("http://", "https://")):
             raise UsageError(f"{base[:80]!r} is not an http(s) URL")
-        self.base = base.rstrip("/") + "/"
-        parts = urllib.parse.urlsplit(self.base)
+        parts = urllib.parse.urlsplit(base)
+        if parts.query or parts.fragment:
+            raise UsageError(f"{base[:80]!r} has a query or fragment: give the URL of the log's directory")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise UsageError(f"{base[:80]!r}: {exc}") from None
         if not parts.hostname:
             raise UsageError(f"{base[:80]!r} names no host")
+        self.base = base.rstrip("/") + "/"
         self._https = parts.scheme == "https"
-        self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path
+        # Connected to directly: proxy variables (http_proxy, ...) are not used, as an auditor must know where the
+        # bytes it checks come from.
+        self._host, self._port, self._prefix = parts.hostname, port, parts.path.rstrip("/") + "/"
         self.timeout = timeout
         self.request_timeout = request_timeout
 
@@ -114,6 +122,9 @@ class HttpSource:
         timer = threading.Timer(self.request_timeout, abort)
         timer.start()
         try:
+            conn.connect()
+            if aborted.is_set():  # the timer fired while connecting, when there was no socket yet to shut
+                raise TimeoutError
             conn.request("GET", target, headers={"Connection": "close"})
             resp = conn.getresponse()
             answer = resp.status, resp.read(MAX_TILE_FILE + 1)

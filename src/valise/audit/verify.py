@@ -19,7 +19,7 @@ The state advances only when step 3 tied the entries to the signed root.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import BrokenExecutor, Executor, Future
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -209,7 +209,11 @@ def audit(
             assert isinstance(batch, tuple)
             checks, future = batch
             if future.done() or len(running) - n > wait_beyond:
-                batches[i] = failures(checks, future.result())
+                try:
+                    bad = future.result()
+                except BrokenExecutor as exc:  # a worker killed (out of memory, a signal): say so, not a traceback
+                    raise StoreError(f"a process checking signatures stopped: {exc}") from None
+                batches[i] = failures(checks, bad)
 
     def flush_checks() -> None:
         checks = replay.take_checks()
