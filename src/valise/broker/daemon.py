@@ -707,22 +707,25 @@ class BrokerDaemon:
                 log.exception("purging expired packets failed")
 
     async def purge_expired(self) -> None:
-        now = self.now()
-        for member, row in self.mail.expired_packets(now):
+        for member, row in self.mail.expired_packets(self.now()):
 
             def done(_index: int, member: str = member, digest: bytes = row.digest) -> None:
                 self.withdrawals += 1
                 self.purge_effects(member, digest)
 
-            await self.append(records.purge_entry(row.digest, member, now), done, traffic=True, readers=(member,))
-        await self._purge_orphans(now)
+            # Dated when it is appended, not when the sweep began: a long sweep (after downtime) runs alongside
+            # packets logged with the current time, and the log's times must not go back (audit.md, log-time).
+            entry = records.purge_entry(row.digest, member, self.now())
+            await self.append(entry, done, traffic=True, readers=(member,))
+        await self._purge_orphans()
 
-    async def _purge_orphans(self, now: int) -> None:
+    async def _purge_orphans(self) -> None:
         """An orphan whose sender never sent it again (a node wiped after a crash) expires like any packet: each
         recipient's copy is purged in the log, so the log does not show it relayed and never settled. The purges
         of one orphan go in one batch, whose mailbox transaction also forgets the orphan."""
         for (sender, packet_id), (index, digest, _) in list(self.orphans.items()):
             core = self.logged_header(index).core
+            now = self.now()  # per orphan, for the reason purge_expired gives
             if core.expires > now:
                 continue
 
