@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -575,3 +576,26 @@ def test_a_packet_that_expired_far_in_the_future_is_denied_with_a_reason(world: 
     assert world.reason("FRA", "DEU", now=2**63 - 1, expires=2**63 - 1) == (
         "the packet expired at 9223372036854775807 (Unix time outside 1970..9999)"
     )
+
+
+def test_the_groups_of_each_member_follow_every_group_change(world: World) -> None:
+    """groups_of is kept by inserting and deleting one name (a scan of every group per change was quadratic in a
+    log full of groups); it must stay what a scan gives, in sorted order, through adds, removes and removals."""
+    rng = random.Random(7)
+    ids = ["FRA", "DEU", "ITA", "NGA", "ACME"]
+    names = [f"g{i:02d}" for i in range(12)]
+    for name in names:
+        world.op("group-create", name=name, kind="operation", start=None, end=None)
+    for _ in range(150):
+        name, mid = rng.choice(names), rng.choice(ids[:-1])  # ACME stays, to be removed at the end
+        if mid in world.state.groups[name].members:
+            world.op("group-remove", name=name, id=mid)
+        else:
+            world.op("group-add", name=name, id=mid)
+        scanned = {m: tuple(sorted(g.name for g in world.state.groups.values() if m in g.members)) for m in ids}
+        assert world.state.groups_of == {m: gs for m, gs in scanned.items() if gs}
+    for name in names[:3]:
+        world.op("group-add", name=name, id="ACME")
+    assert world.state.groups_of["ACME"] == tuple(names[:3])
+    world.op("member-remove", id="ACME", reason="left")
+    assert "ACME" not in world.state.groups_of

@@ -11,6 +11,7 @@ and each member's groups, so a decision is a few dict lookups per recipient, nev
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -283,11 +284,20 @@ class PolicyState:
         self.members[member.id] = member
 
     def _set_group(self, group: Group, changed: Iterable[str]) -> None:
+        """Store `group`, whose membership changed for the members `changed`: only this group's name moves in
+        their lists (scanning every group for each was quadratic in a log the operator can fill with groups)."""
         self.groups[group.name] = group
+        name = group.name
         for mid in changed:
-            names = tuple(sorted(g.name for g in self.groups.values() if mid in g.members))
+            names = list(self.groups_of.get(mid, ()))  # sorted; kept so by inserting, not re-sorting
+            at = bisect.bisect_left(names, name)
+            present = at < len(names) and names[at] == name
+            if mid in group.members and not present:
+                names.insert(at, name)
+            elif mid not in group.members and present:
+                del names[at]
             if names:
-                self.groups_of[mid] = names
+                self.groups_of[mid] = tuple(names)
             else:
                 self.groups_of.pop(mid, None)
 
