@@ -23,10 +23,12 @@ def is_blank(path: Path) -> bool:
 
 
 def check_tables(conn: sqlite3.Connection, path: Path, required: Iterable[str]) -> None:
-    """Refuse a database that lacks any of the tables every version of its store has had."""
+    """Refuse a database that lacks any of the tables every version of its store has had (closing `conn`: nothing
+    more is done with a store refused)."""
     have = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     missing = sorted(set(required) - have)
     if missing:
+        conn.close()
         raise StoreError(
             f"{path} has no table {', '.join(missing)}: it is damaged, or not this kind of store",
             hint="restore it from a backup",
