@@ -49,8 +49,8 @@ WHY: dict[str, str] = {
     "purge-early": "the broker dropped a packet before it expired, which it may not do",
     "purge-duplicate": "this recipient's copy of the packet was already purged; a copy is purged once",
     # the broker's clock
-    "log-time": "a record's log time is after the audit's clock, or earlier than the record before it: expiries "
-    "and purges are judged by these times, and a false one can hide an early purge",
+    "log-time": "a record's log time is after the audit's clock, or well before a time the log already showed: "
+    "expiries and purges are judged by these times, and a false one can hide an early purge",
 }
 
 

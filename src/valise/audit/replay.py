@@ -336,8 +336,8 @@ class Replayer:
     def _log_time(self, index: int, at: int, what: str) -> None:
         """The broker's clock as its packet and purge records show it. Expiries and purges are judged by these
         times, so a false one could pass an early purge: a purge of a packet that has not expired, dated after its
-        expiry, is caught as a time past the audit's clock or, audited later, as the log's clock going back at
-        the entry after it. (The next entry is named, not the false one: forward jumps are routine, quiet logs.)"""
+        expiry, is caught as a time past the audit's clock or, audited later, as the log's time falling back below
+        it at a later record. (That later record is named, not the false one: forward jumps are routine.)"""
         if self.now is not None and at > self.now + self.window:
             self._find(index, "log-time", f"{what} logged at {at}, after the audit's clock {self.now}")
             return  # not the log's clock: later records are not held to it
