@@ -158,6 +158,22 @@ def test_clean_log_verifies_with_summary(log: Log) -> None:
     assert summary["entries"] == report["size"]
 
 
+def test_a_signature_worker_that_dies_is_an_error_not_a_traceback(log: Log, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed by the OOM killer or a signal, a worker broke the pool: BrokenProcessPool came out as a traceback."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from valise.errors import StoreError
+
+    monkeypatch.setattr(verify_module, "CHUNK", 1)
+    with ProcessPoolExecutor(1) as ex:
+        ex.submit(int).result()  # the worker is up
+        for proc in list(ex._processes.values()):  # the only handle on the worker to kill
+            proc.kill()
+            proc.join()
+        with pytest.raises(StoreError, match="a process checking signatures stopped"):
+            audit(DirSource(log.export), _policy(log), now=int(time.time()), executor=ex)
+
+
 def test_clean_log_with_worker_processes(log: Log) -> None:
     report = audit(DirSource(log.export), _policy(log), now=int(time.time()))
     assert report.clean
@@ -444,6 +460,24 @@ def test_a_log_clock_walked_back_in_steps_under_the_window_is_still_caught(log: 
     assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(out)]) == 0
     found = audit(DirSource(out), _policy(log), now=expiry + 3600).findings
     assert [(f.index, f.code) for f in found if f.code == "log-time"] == [(index + 2, "log-time")]  # named once
+
+
+def test_a_second_false_date_after_a_named_drop_is_caught_too(log: Log, tmp_path: Path) -> None:
+    """After one drop was named, a second false date still below the first (a purge dated at its expiry) and a
+    second drop went unnamed: the named drop is now the reference."""
+    from valise.broker.home import BrokerHome
+
+    root = _copy(log.root, tmp_path / "w")
+    home = BrokerHome.open(root / "broker")
+    e = int(time.time()) + 86400
+    times = [e + 7200, e - 3600, e, e - 3600]  # a false date, the real time, a second false date, the real time
+    with SqliteLog.open(home.db_path) as store:
+        index = store.append([records.purge_entry(bytes(32), "DEU", t) for t in times])
+        LogService(store, ORIGIN, home.log_key()).sign()
+    out = tmp_path / "out"
+    assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(out)]) == 0
+    found = audit(DirSource(out), _policy(log), now=e + 8000).findings
+    assert [f.index for f in found if f.code == "log-time"] == [index + 1, index + 3]
 
 
 # --- checkpoints refused -------------------------------------------------------------------------------------

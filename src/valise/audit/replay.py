@@ -107,8 +107,8 @@ class Replayer:
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.findings: list[Finding] = []
         self.now: int | None = None  # the audit's clock (set per audit; log times past it are findings)
-        self.latest_time: tuple[int, int] | None = None  # (time, index) of the latest packet or purge record
-        self.time_went_back = False  # a record came more than the window before it (named once)
+        # (time, index) of the latest packet or purge record, or of the last one named for falling far below it
+        self.latest_time: tuple[int, int] | None = None
         self.checks: list[SigCheck] = []
         self.checks_bytes = 0  # of the messages in `checks`: a batch is bounded in bytes too (headers reach 64 KiB)
 
@@ -344,19 +344,15 @@ class Replayer:
         latest = self.latest_time
         if latest is None or at > latest[0]:
             self.latest_time = (at, index)
-            self.time_went_back = False
         elif at < latest[0] - self.window:
             # Held to the latest time so far, not to the record before: a clock walked back in steps under the
-            # window would pass that. Named once per descent (the records after it are as early), and again once
-            # the log's time has come back to within the window of that latest time.
-            if not self.time_went_back:
-                self.time_went_back = True
-                self._find(
-                    index, "log-time",
-                    f"{what} logged at {at}, {latest[0] - at} s before entry {latest[1]} (logged at {latest[0]})",
-                )  # fmt: skip
-        else:
-            self.time_went_back = False
+            # window would pass that. Once named, the drop becomes the reference (the records after it are as
+            # early, and not named again), so that a second false date above it and a second drop are caught too.
+            self._find(
+                index, "log-time",
+                f"{what} logged at {at}, {latest[0] - at} s before entry {latest[1]} (logged at {latest[0]})",
+            )  # fmt: skip
+            self.latest_time = (at, index)
 
     # --- signatures run by the caller ------------------------------------------------------------------------
 
@@ -406,7 +402,7 @@ class Replayer:
             "packets": [p.to_json() for p in self.packets.values()],
             "counts": dict(self.counts),
             "findings": [f.to_json() for f in self.findings],
-            "latest_time": None if self.latest_time is None else [*self.latest_time, self.time_went_back],
+            "latest_time": None if self.latest_time is None else list(self.latest_time),
         }
 
     @staticmethod
@@ -436,12 +432,13 @@ class Replayer:
             r.by_id.setdefault((p.sender, p.packet_id), p.digest)
         r.counts.update(value["counts"])
         r.findings = [Finding.from_json(f) for f in value["findings"]]
-        latest = value.get("latest_time")  # absent in states saved before it was kept
+        # Absent in states saved before it was kept; "last_time" in one version of this session's.
+        latest = value.get("latest_time", value.get("last_time"))
         if latest is not None:
-            at, index, went_back = latest
-            if type(at) is not int or type(index) is not int or type(went_back) is not bool:
-                raise TypeError("latest_time is not [int, int, bool]")
-            r.latest_time, r.time_went_back = (at, index), went_back
+            at, index = latest[:2]
+            if type(at) is not int or type(index) is not int:
+                raise TypeError("latest_time is not [int, int]")
+            r.latest_time = (at, index)
         return r
 
 

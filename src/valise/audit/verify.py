@@ -222,9 +222,12 @@ def audit(
         items = [(c.public, c.message, c.signature) for c in checks]
         if executor is None:
             batches.append(failures(checks, verify_batch(items)))
-        else:
+            return
+        try:
             batches.append((checks, executor.submit(verify_batch, items)))
-            settle(MAX_BATCHES_IN_FLIGHT)
+        except BrokenExecutor as exc:  # a worker died between two batches
+            raise StoreError(f"a process checking signatures stopped: {exc}") from None
+        settle(MAX_BATCHES_IN_FLIGHT)
 
     for b in tree.bundles(source, start, cp.size, with_entries=not tree_only):
         width = len(b.hashes)
