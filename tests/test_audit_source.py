@@ -147,6 +147,8 @@ def test_the_request_deadline_also_covers_a_slow_connect() -> None:
         ("http://127.0.0.1:99999/log", "out of range"),  # was a ValueError traceback
         ("http://127.0.0.1:abc/log", "abc"),
         ("http://127.0.0.1/log?x=1", "has a query or fragment"),  # fetched the checkpoint at the wrong path
+        ("http://[::1/log", "is not a URL that can be read"),  # these two were tracebacks
+        ("http://a..b/log", "is not a URL that can be read"),
     ],
 )
 def test_a_log_url_that_cannot_be_read_as_given_is_refused_at_once(url: str, what: str) -> None:

@@ -72,7 +72,12 @@ class HttpSource:
     def __init__(self, base: str, *, timeout: float = TIMEOUT, request_timeout: float = REQUEST_TIMEOUT) -> None:
         if not base.startswith(("http://", "https://")):
             raise UsageError(f"{base[:80]!r} is not an http(s) URL")
-        parts = urllib.parse.urlsplit(base)
+        try:
+            parts = urllib.parse.urlsplit(base)
+            if parts.hostname:
+                parts.hostname.encode("idna")  # a name no resolver could take ("a..b")
+        except (ValueError, UnicodeError) as exc:
+            raise UsageError(f"{base[:80]!r} is not a URL that can be read: {exc}") from None
         if parts.query or parts.fragment:
             raise UsageError(f"{base[:80]!r} has a query or fragment: give the URL of the log's directory")
         try:
@@ -85,7 +90,8 @@ class HttpSource:
         self._https = parts.scheme == "https"
         # Connected to directly: proxy variables (http_proxy, ...) are not used, as an auditor must know where the
         # bytes it checks come from.
-        self._host, self._port, self._prefix = parts.hostname, port, parts.path.rstrip("/") + "/"
+        self._host, self._port = parts.hostname, port
+        self._prefix = urllib.parse.quote(parts.path.rstrip("/") + "/", safe="/%")  # requests are ASCII
         self.timeout = timeout
         self.request_timeout = request_timeout
 
@@ -107,38 +113,36 @@ class HttpSource:
         return data
 
     def _get(self, url: str, target: str) -> tuple[int, bytes]:
-        """One GET on a new connection, given up after `request_timeout` whatever the server's pace: a timer
-        shuts the socket, which ends a read the server keeps alive with a byte now and then."""
+        """One GET on a new connection, given up after `request_timeout` whatever the server or the resolver does:
+        the request runs in a thread that is waited for that long. Past it, its socket (if it has one yet) is shut,
+        which ends a read the server keeps alive with a byte now and then; a thread still resolving or trying
+        addresses ends on its own per-attempt timeout, and nothing waits for it."""
         kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         conn = kind(self._host, self._port, timeout=self.timeout)
-        aborted = threading.Event()
+        outcome: list[tuple[int, bytes] | BaseException] = []
 
-        def abort() -> None:
-            aborted.set()
+        def request() -> None:
+            try:
+                conn.request("GET", target, headers={"Connection": "close"})
+                resp = conn.getresponse()
+                outcome.append((resp.status, resp.read(MAX_TILE_FILE + 1)))
+            except (http.client.HTTPException, OSError, UnicodeError) as exc:
+                outcome.append(exc)
+            finally:
+                conn.close()
+
+        worker = threading.Thread(target=request, name=f"GET {url}", daemon=True)
+        worker.start()
+        worker.join(self.request_timeout)
+        if worker.is_alive() or not outcome:
             if conn.sock is not None:
                 with contextlib.suppress(OSError):  # already closed: nothing to end
                     conn.sock.shutdown(socket.SHUT_RDWR)
-
-        timer = threading.Timer(self.request_timeout, abort)
-        timer.start()
-        try:
-            conn.connect()
-            if aborted.is_set():  # the timer fired while connecting, when there was no socket yet to shut
-                raise TimeoutError
-            conn.request("GET", target, headers={"Connection": "close"})
-            resp = conn.getresponse()
-            answer = resp.status, resp.read(MAX_TILE_FILE + 1)
-        except (http.client.HTTPException, OSError) as exc:
-            if aborted.is_set():
-                raise StoreError(f"GET {url}: no complete answer within {self.request_timeout:g} s") from None
-            raise StoreError(f"GET {url}: {type(exc).__name__}: {str(exc)[:200]}") from None
-        else:
-            if aborted.is_set():  # the shut socket can also end a read quietly, with what had come so far
-                raise StoreError(f"GET {url}: no complete answer within {self.request_timeout:g} s")
-            return answer
-        finally:
-            timer.cancel()
-            conn.close()
+            raise StoreError(f"GET {url}: no complete answer within {self.request_timeout:g} s")
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise StoreError(f"GET {url}: {type(result).__name__}: {str(result)[:200]}")
+        return result
 
     def describe(self) -> str:
         return self.base
