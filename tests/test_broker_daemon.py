@@ -199,6 +199,29 @@ async def test_undelivered_packets_are_purged_at_expiry_and_the_purge_is_logged(
     assert Mailboxes.open(world.home.root / "mailbox.db").body(head.digest) is None  # the small body went too
 
 
+async def test_a_purge_is_never_dated_before_its_packet_expires_even_if_the_clock_steps_back(
+    tmp_path: Path,
+) -> None:
+    """Purges are dated when appended (a long sweep runs alongside new packets); if the clock stepped back after
+    the packet was picked as expired, that date fell before the expiry, and an auditor named it purge-early."""
+    world = _world(tmp_path)
+    expires = int(time.time()) + 60
+    data = seal(world, "FRA", ["DEU"], b"short-lived", expires=expires)
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    async with running_broker(world, purge_interval=3600) as broker:
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            receipt = await fra.submit(data)
+            assert isinstance(receipt, ev.Receipt)
+        clock = iter([expires + 5, expires - 30])  # picked as expired; then NTP steps the clock back 35 s
+        broker.now = lambda: next(clock)  # type: ignore[method-assign]
+        await broker.purge_expired()
+    with SqliteLog.open(world.home.db_path) as store:
+        kinds = [records.entry_type(e) for e in store.entries(receipt.index + 1, store.size())]
+    (purge,) = [m for kind, m in kinds if kind == "purge"]
+    assert purge["at"] >= expires
+
+
 async def test_a_witness_that_connects_is_asked_to_cosign_the_current_checkpoint(tmp_path: Path) -> None:
     """On a quiet log no new checkpoint comes, so a connecting witness is asked about the current one."""
     from valise.tlog import checkpoint, cosignature

@@ -715,7 +715,8 @@ class BrokerDaemon:
 
             # Dated when it is appended, not when the sweep began: a long sweep (after downtime) runs alongside
             # packets logged with the current time, and the log's times must not go back (audit.md, log-time).
-            entry = records.purge_entry(row.digest, member, self.now())
+            # Never before its expiry, though: the clock may have stepped back since the packet was picked.
+            entry = records.purge_entry(row.digest, member, max(self.now(), row.expires))
             await self.append(entry, done, traffic=True, readers=(member,))
         await self._purge_orphans()
 
