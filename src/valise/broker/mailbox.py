@@ -112,11 +112,12 @@ class Mailboxes:
         blank = sqlfile.is_blank(path)
         try:
             conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
-            if not blank:
-                sqlfile.check_tables(conn, path, CORE_TABLES)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # a receipt promises durability: fsync at every commit
-            conn.executescript(SCHEMA)
+            with sqlfile.closing_on_error(conn):
+                if not blank:
+                    sqlfile.check_tables(conn, path, CORE_TABLES)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")  # a receipt promises durability: fsync at every commit
+                conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open mailbox store {path}: {exc}") from None
         return cls(conn)

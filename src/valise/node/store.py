@@ -188,11 +188,12 @@ class NodeStore:
             )
         try:
             conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
-            if not blank:
-                sqlfile.check_tables(conn, path, CORE_TABLES)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(SCHEMA)
+            with sqlfile.closing_on_error(conn):
+                if not blank:
+                    sqlfile.check_tables(conn, path, CORE_TABLES)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open node store in {root}: {exc}") from None
         if not made.exists():  # a new store, or one made before the marker existed
@@ -215,7 +216,8 @@ class NodeStore:
         uri = f"{path.as_uri()}?mode=ro" + ("" if wal else "&immutable=1")
         try:
             conn = sqlite3.connect(uri, uri=True, isolation_level=None)
-            sqlfile.check_tables(conn, path, CORE_TABLES)
+            with sqlfile.closing_on_error(conn):
+                sqlfile.check_tables(conn, path, CORE_TABLES)
         except sqlite3.Error as exc:
             hint = "the daemon stopped without closing it: a read needs to write node.db-shm there" if wal else None
             raise StoreError(f"cannot read the node store in {root}: {exc}", hint=hint) from None

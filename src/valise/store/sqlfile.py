@@ -7,8 +7,9 @@ a node's inbox records or a broker's delivery queues. Callers check first, where
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from valise.errors import StoreError
@@ -22,13 +23,21 @@ def is_blank(path: Path) -> bool:
         return True
 
 
+@contextlib.contextmanager
+def closing_on_error(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """Close `conn` if the block raises: a store refused while it is being opened leaves no connection behind."""
+    try:
+        yield conn
+    except BaseException:
+        conn.close()
+        raise
+
+
 def check_tables(conn: sqlite3.Connection, path: Path, required: Iterable[str]) -> None:
-    """Refuse a database that lacks any of the tables every version of its store has had (closing `conn`: nothing
-    more is done with a store refused)."""
+    """Refuse a database that lacks any of the tables every version of its store has had."""
     have = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     missing = sorted(set(required) - have)
     if missing:
-        conn.close()
         raise StoreError(
             f"{path} has no table {', '.join(missing)}: it is damaged, or not this kind of store",
             hint="restore it from a backup",
