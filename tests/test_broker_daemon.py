@@ -172,15 +172,27 @@ async def test_a_peer_that_vanishes_mid_session_does_not_stop_the_broker(tmp_pat
     assert not list((world.home.root / "spool").glob("*.part")), "a cut upload left its temporary file"
 
 
-async def test_undelivered_packets_are_purged_at_expiry_and_the_purge_is_logged(tmp_path: Path) -> None:
-    world = _world(tmp_path)
-    data = seal(world, "FRA", ["DEU"], b"short-lived", expires=int(time.time()) + 2)
+async def _relay_short_lived(world: World, broker: BrokerDaemon, expires: int) -> tuple[packet.Head, ev.Receipt]:
+    """FRA sends DEU a packet that expires at `expires`; its head and receipt."""
+    data = seal(world, "FRA", ["DEU"], b"short-lived", expires=expires)
     head = packet.parse_head(data)
     assert isinstance(head, packet.Head)
+    async with WireClient.connect(world, "FRA", broker.port) as fra:
+        receipt = await fra.submit(data)
+        assert isinstance(receipt, ev.Receipt)
+    return head, receipt
+
+
+def _purges_after(world: World, index: int) -> list[dict[str, object]]:
+    with SqliteLog.open(world.home.db_path) as store:
+        kinds = [records.entry_type(e) for e in store.entries(index + 1, store.size())]
+    return [m for kind, m in kinds if kind == "purge"]
+
+
+async def test_undelivered_packets_are_purged_at_expiry_and_the_purge_is_logged(tmp_path: Path) -> None:
+    world = _world(tmp_path)
     async with running_broker(world, purge_interval=0.2) as broker:
-        async with WireClient.connect(world, "FRA", broker.port) as fra:
-            receipt = await fra.submit(data)
-            assert isinstance(receipt, ev.Receipt)
+        head, receipt = await _relay_short_lived(world, broker, int(time.time()) + 2)
         with trio.fail_after(10):
             while broker.mail.pending("DEU"):  # noqa: ASYNC110 - polls a table the purger task writes
                 await trio.sleep(0.1)
@@ -190,9 +202,7 @@ async def test_undelivered_packets_are_purged_at_expiry_and_the_purge_is_logged(
                 while True:
                     event = await deu.next()
                     assert not isinstance(event, ev.DeliverBegin), "an expired packet was still pushed"
-    with SqliteLog.open(world.home.db_path) as store:
-        kinds = [records.entry_type(e) for e in store.entries(receipt.index + 1, store.size())]
-    purges = [m for kind, m in kinds if kind == "purge"]
+    purges = _purges_after(world, receipt.index)
     assert [(m["digest"], m["recipient"]) for m in purges] == [(head.digest, "DEU")]
     assert not (world.home.root / "spool" / f"{head.digest.hex()}.pkt").exists()
 
@@ -206,19 +216,12 @@ async def test_a_purge_is_never_dated_before_its_packet_expires_even_if_the_cloc
     the packet was picked as expired, that date fell before the expiry, and an auditor named it purge-early."""
     world = _world(tmp_path)
     expires = int(time.time()) + 60
-    data = seal(world, "FRA", ["DEU"], b"short-lived", expires=expires)
-    head = packet.parse_head(data)
-    assert isinstance(head, packet.Head)
     async with running_broker(world, purge_interval=3600) as broker:
-        async with WireClient.connect(world, "FRA", broker.port) as fra:
-            receipt = await fra.submit(data)
-            assert isinstance(receipt, ev.Receipt)
+        _, receipt = await _relay_short_lived(world, broker, expires)
         clock = iter([expires + 5, expires - 30])  # picked as expired; then NTP steps the clock back 35 s
         broker.now = lambda: next(clock)  # type: ignore[method-assign]
         await broker.purge_expired()
-    with SqliteLog.open(world.home.db_path) as store:
-        kinds = [records.entry_type(e) for e in store.entries(receipt.index + 1, store.size())]
-    (purge,) = [m for kind, m in kinds if kind == "purge"]
+    (purge,) = _purges_after(world, receipt.index)
     assert purge["at"] >= expires
 
 
