@@ -28,7 +28,7 @@ from valise.tlog import note
 from valise.wire import codec, codes, frames
 from valise.wire import events as ev
 from valise.wire.connection import READ_SIZE, Connection, Signal
-from valise.wire.limits import SUPPORTED_VERSIONS
+from valise.wire.limits import SUPPORTED_VERSIONS, Limits
 from valise.wire.state import Role
 
 from .conftest import seeded_random
@@ -155,12 +155,16 @@ class WireClient:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, world: World, member: str, port: int, *, hello: bool = True) -> AsyncIterator[WireClient]:
+    async def connect(
+        cls, world: World, member: str, port: int, *, hello: bool = True, limits: Limits | None = None
+    ) -> AsyncIterator[WireClient]:
         d = world.dirs[member]
         ctx = tls.client_context(d / f"{member}.tls.crt", d / f"{member}.tls.key", world.home.broker_bundle().cert_der)
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
         stream = trio.SSLStream(tcp, ctx)
         client = cls(stream, member)
+        if limits is not None:
+            client.conn = Connection(Role.CLIENT, limits)
         try:
             await stream.do_handshake()
             if hello:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import sqlite3
@@ -14,12 +15,14 @@ import pytest
 import trio
 
 from valise import encoding, packet, records
+from valise.broker import daemon
 from valise.broker.daemon import BrokerDaemon
-from valise.broker.mailbox import Mailboxes
+from valise.broker.mailbox import Mailboxes, MailItem
 from valise.store.sqlite import SqliteLog
 from valise.tlog import merkle
 from valise.wire import codes
 from valise.wire import events as ev
+from valise.wire.limits import DEFAULT_LIMITS
 
 from .harness import WireClient, World, make_world, running_broker, seal
 
@@ -740,3 +743,65 @@ async def test_a_tls_key_damaged_while_the_broker_runs_does_not_stop_it(
             fra.refuse_cosign = True
             answer = await fra.submit(seal(world, "FRA", ["DEU"], b"still relayed"))
             assert isinstance(answer, ev.Receipt), answer
+
+
+async def _deliver_and_confirm(world: World, fra: WireClient, deu: WireClient, data: bytes) -> bytes:
+    """DEU receives one pushed packet and acknowledges it; FRA takes the forwarded acknowledgement."""
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    seq, got = await deu.receive_delivery()
+    ack = records.Ack.make(world.members["DEU"].signing, head.core.packet_id, head.digest, "FRA", "DEU", 1)
+    await deu.send(ev.Ack(seq, head.core.packet_id, ack.raw))
+    forwarded = await fra.next_of(ev.AckForward)
+    assert isinstance(forwarded, ev.AckForward)
+    await fra.send(ev.Seen(forwarded.seq))
+    return got
+
+
+async def test_a_member_that_has_read_its_mailbox_is_pushed_new_items_without_a_query(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items that commit while a member's pusher has everything before them go to it directly: a mailbox query per
+    push was ~4% of the broker's CPU at 1,000 packets/s."""
+    world = _world(tmp_path)
+    packets = [seal(world, "FRA", ["DEU"], b"p%d" % i) for i in range(3)]
+    async with (
+        running_broker(world) as broker,
+        WireClient.connect(world, "DEU", broker.port) as deu,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+    ):
+        fra.refuse_cosign = deu.refuse_cosign = True
+        await deu.sync()
+        await fra.sync()  # both pushers have read their (empty) mailboxes
+        queries: list[str] = []
+        query = broker.mail.pending
+
+        def counted(member: str, after_seq: int = 0, limit: int = 100) -> list[MailItem]:
+            queries.append(member)
+            return query(member, after_seq, limit)
+
+        monkeypatch.setattr(broker.mail, "pending", counted)
+        for data in packets:
+            assert isinstance(await fra.submit(data), ev.Receipt)
+            assert await _deliver_and_confirm(world, fra, deu, data) == data
+        assert queries == []
+
+
+async def test_items_waiting_past_the_hand_over_limit_are_pushed_from_the_store_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member that confirms nothing lets items pile up; past FRESH_MAX its pusher reads them from the store
+    again, and every one still arrives, once and in order."""
+    monkeypatch.setattr(daemon, "FRESH_MAX", 2)
+    world = _world(tmp_path)
+    packets = [seal(world, "FRA", ["DEU"], b"p%d" % i) for i in range(6)]
+    async with (
+        running_broker(world) as broker,
+        WireClient.connect(world, "DEU", broker.port, limits=dataclasses.replace(DEFAULT_LIMITS, pushes=1)) as deu,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+    ):
+        fra.refuse_cosign = deu.refuse_cosign = True
+        await deu.sync()
+        for data in packets:  # one is pushed (the window), two wait in memory, then the rest overflow
+            assert isinstance(await fra.submit(data), ev.Receipt)
+        assert [await _deliver_and_confirm(world, fra, deu, data) for data in packets] == packets

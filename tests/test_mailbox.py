@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from valise.broker.mailbox import Mailboxes, PacketRow
+from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
 
 
 def _row(n: int, expires: int = 2000) -> PacketRow:
@@ -116,3 +116,38 @@ def test_a_counter_another_writer_moved_fails_loudly_once_then_is_read_again(tmp
     # ...and the counter is read again from what is committed, even though that transaction had changed none.
     mb.post("DEU", "ack", b"a" * 32, b"signed-ack")
     assert [(i.seq, i.kind) for i in mb.pending("DEU")] == [(1, "packet"), (2, "retract"), (3, "ack")]
+
+
+def test_items_are_handed_over_at_their_commit_as_a_query_would_read_them(tmp_path: Path) -> None:
+    # A connected member's pusher takes new items from this hand-over instead of querying for them, so it must see
+    # exactly what the query would: each committed item once, with its seq, kept bytes, sender and packet id.
+    mb = Mailboxes.open(tmp_path / "q.db")
+    got: list[MailItem] = []
+    mb.on_posted = got.extend
+    spooled = PacketRow(bytes([2]) * 32, "NGA", bytes([2]) * 16, 2, 2000, 10**9, 1000)
+    with mb.batch():
+        mb.record_packet(_row(1), ["DEU", "ITA"], b"small packet")
+        mb.record_packet(spooled, ["DEU"])
+        mb.post("FRA", "ack", _row(1).digest, b"signed-ack")
+        mb.post("DEU", "retract", _row(1).digest, b"signed-retraction")
+        assert got == []  # nothing before the commit
+    assert sorted(got, key=lambda i: (i.member, i.seq)) == [
+        item for member in ("DEU", "FRA", "ITA") for item in mb.pending(member)
+    ]
+    assert len(got) == 5
+
+    got.clear()
+    with mb.batch():  # queued and taken out again in one transaction: nothing to push
+        mb.record_packet(_row(3), ["DEU"])
+        assert mb.remove("DEU", "packet", _row(3).digest)
+
+    def failing_batch() -> None:
+        with mb.batch():
+            mb.record_packet(_row(4), ["DEU"])
+            raise RuntimeError("the batch failed")
+
+    with pytest.raises(RuntimeError):  # rolled back: nothing was queued
+        failing_batch()
+    mb.record_packet(_row(1), ["DEU", "ITA"], b"small packet")  # queued already: not again
+    assert got == []
+    assert [i.digest[0] for i in mb.pending("DEU")] == [1, 2, 1]  # the packets, then the retraction of 1
