@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from valise.errors import LimitError, ProofError, StoreError
+from valise.errors import LimitError, ProofError, StoreError, StoreMoved
 from valise.store import MAX_ENTRY_SIZE, LogBackend, MemoryLog
 from valise.store.sqlite import SqliteLog
 from valise.tlog import merkle
@@ -136,6 +136,21 @@ def test_oversize_entry_is_refused_and_nothing_of_its_batch_is_written(store: Lo
         store.append([entry(1), b"x" * (MAX_ENTRY_SIZE + 1), entry(2)])
     assert store.size() == 1
     assert store.append([entry(1)]) == 1
+
+
+def test_an_append_that_must_land_at_an_index_is_refused_whole_once_another_writer_got_there(
+    store: LogBackend,
+) -> None:
+    # The broker decides on packets against the policy folded up to an index; entries appended there by someone
+    # else (an operator command) must be folded first, so its append refuses to land anywhere else.
+    assert store.append([entry(0), entry(1)], at=0) == 0
+    before = store.tree_hash()
+    with pytest.raises(StoreMoved) as moved:
+        store.append([entry(2)], at=1)
+    assert moved.value.size == 2
+    assert "2 entries, not the 1" in str(moved.value)
+    assert (store.size(), store.tree_hash()) == (2, before)  # nothing of it was written
+    assert store.append([entry(2)], at=2) == 2
 
 
 def test_non_bytes_entry_is_refused(store: LogBackend) -> None:

@@ -140,6 +140,14 @@ class StoreError(Error):
     """The durable store is missing, corrupt, or refused an operation."""
 
 
+class StoreMoved(StoreError):
+    """An append that had to land at a given index found another writer's entries there; nothing was appended."""
+
+    def __init__(self, expected: int, size: int) -> None:
+        super().__init__(f"the log has {size} entries, not the {expected} this append was decided against")
+        self.size = size
+
+
 class AccessError(Error):
     """What was asked for exists but is not served to this caller (entry bundles on a public address)."""
 

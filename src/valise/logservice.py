@@ -19,7 +19,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from valise.crypto import sign
-from valise.errors import AccessError, CheckpointError, KeyFileError, LimitError, ProofError, StoreError, UsageError
+from valise.errors import (
+    AccessError,
+    CheckpointError,
+    KeyFileError,
+    LimitError,
+    ProofError,
+    StoreError,
+    StoreMoved,
+    UsageError,
+)
 from valise.store.base import MAX_ENTRY_SIZE, LogStorage
 from valise.tlog import checkpoint, merkle, note, tiles
 
@@ -161,8 +170,9 @@ class LogService:
         """When the pending batch falls due (None if nothing waits)."""
         return None if self._oldest is None or not self._pending else self._oldest + self.interval
 
-    def flush(self) -> range:
-        """Append every queued entry durably (one transaction per `max_batch`); return the indexes they got.
+    def flush(self, at: int | None = None) -> range:
+        """Append every queued entry durably (one transaction per `max_batch`); return the indexes they got. With
+        `at`, the first must land at index `at` (StoreMoved if another writer appended: nothing is).
 
         On a store error the batch stays queued and nothing of it is in the log.
         """
@@ -175,10 +185,15 @@ class LogService:
         try:
             while done < len(batch):
                 part = batch[done : done + self.max_batch]
-                start = self.store.append(part)
-                if first is not None and start != first + done:
-                    raise StoreError("another writer appended in the middle of a flush; indexes are not contiguous")
-                first = start if first is None else first
+                if first is None:
+                    first = self.store.append(part, at)
+                else:
+                    try:  # the parts must follow each other: refused, not appended, if another writer came between
+                        self.store.append(part, first + done)
+                    except StoreMoved:
+                        raise StoreError(
+                            "another writer appended in the middle of a flush; indexes are not contiguous"
+                        ) from None
                 done += len(part)
         finally:
             del batch[:done]

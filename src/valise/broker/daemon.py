@@ -37,7 +37,17 @@ from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
 from valise.broker.readers import readers_of
 from valise.broker.spool import InlineUpload, Spool, Upload
 from valise.daemonlock import DaemonLock
-from valise.errors import AccessError, Error, KeyFileError, PolicyError, ProtocolError, StatementError, StoreError
+from valise.errors import (
+    AccessError,
+    Error,
+    KeyFileError,
+    LimitError,
+    PolicyError,
+    ProtocolError,
+    StatementError,
+    StoreError,
+    StoreMoved,
+)
 from valise.genesis import Genesis
 from valise.identity import PublicBundle
 from valise.logservice import DEFAULT_MAX_PENDING, LogService
@@ -46,6 +56,7 @@ from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, Header, parse_pref
 from valise.policy import records as policy_records
 from valise.policy.state import ACTIVE, PolicyState
 from valise.store import sqlfile
+from valise.store.base import MAX_ENTRY_SIZE
 from valise.store.sqlite import SqliteLog
 from valise.tlog import cosignature, merkle, note
 from valise.tlsstream import TLSSocketStream
@@ -116,6 +127,11 @@ class _Waiter:
     traffic: bool = False
     on_durable: Callable[[int], None] | None = None  # after the batch's mailbox transaction has committed too
     readers: tuple[str, ...] | None = None  # who may read the entry in full (readers.py); None: parsed at commit
+    # Decides again whether the entry may be logged, against the policy as it stands where the entry will land;
+    # an Error refuses it (the callback has answered the member). Asked only if the policy changed since
+    # `decided_at` (the broker's count of applied policy records when the entry was first decided on).
+    recheck: Callable[[], Error | None] | None = None
+    decided_at: int = 0
     done: trio.Event = field(default_factory=trio.Event)
     index: int = -1
     error: BaseException | None = None
@@ -125,6 +141,21 @@ class _Waiter:
         if self.error is not None:
             raise self.error
         return self.index
+
+
+class Refused(Error):
+    """A queued entry that was decided on again before its commit (the policy had changed) and refused."""
+
+    def __init__(self, what: str, answer: Callable[[int], ev.Message]) -> None:
+        super().__init__(what)
+        self.answer = answer  # the frame that says so, for a request id
+
+    @classmethod
+    def of(cls, outcome: relay.Reject | relay.Denied, packet_id: bytes) -> Refused:
+        if isinstance(outcome, relay.Reject):
+            return cls(outcome.message, lambda rid: ev.ErrorMessage(rid, outcome.code, outcome.message))
+        reasons = tuple(ev.DenyReason(to, r) for to, r in outcome.reasons)
+        return cls(f"packet {packet_id.hex()} denied", lambda rid: ev.Deny(rid, packet_id, reasons))
 
 
 # What a peer can cause by going away or by speaking broken TLS: routine, logged at info level.
@@ -199,6 +230,7 @@ class BrokerDaemon:
         # Entries in our own store were verified when they were appended; re-folding them skips the signatures, and
         # reads only the entries recorded as public where the mailboxes recorded readers (broker/policyfold.py).
         self.policy = PolicyState(cfg.origin, self.genesis.operator_key, verify_signatures=False)
+        self.policy_changes = 0  # policy records applied so far: a decision taken before the last one is re-taken
         index = policyfold.read_public_index(home.mailbox_path, self.store)
         if index.mismatch is not None:
             # Mailboxes that describe another log than this one would deliver, and fold, by the wrong entries.
@@ -266,7 +298,8 @@ class BrokerDaemon:
     def _apply(self, entries: list[bytes]) -> None:
         for entry in entries:
             try:
-                self.policy.apply(entry)
+                if self.policy.apply(entry) is not None:
+                    self.policy_changes += 1
             except (PolicyError, Error) as exc:
                 self._refused(self.policy.size, exc)
                 self.policy.skip_to(self.policy.size + 1)
@@ -460,14 +493,18 @@ class BrokerDaemon:
         traffic: bool = False,
         on_durable: Callable[[int], None] | None = None,
         readers: tuple[str, ...] | None = None,
+        recheck: Callable[[], Error | None] | None = None,
     ) -> _Waiter:
         """Queue `entry` for the next batch; `on_commit(index)` runs in the batch's mailbox transaction,
         `on_durable(index)` once that has committed too, `on_error(exc)` if the batch fails. `traffic`: a
         packet, acknowledgement, retraction or purge record, which the policy does not fold (so it is not
         parsed again after the commit). `readers`: who may read the entry in full, if the caller knows (else the
-        batch parses it)."""
-        self.log.add(entry, trio.current_time())
-        waiter = _Waiter(entry, on_commit, on_error, traffic, on_durable, readers)
+        batch parses it). `recheck`: see _Waiter; the caller has just decided against the current policy."""
+        if len(entry) > MAX_ENTRY_SIZE:
+            raise LimitError(f"log entry is {len(entry)} bytes, over the limit of {MAX_ENTRY_SIZE}")
+        if len(self._waiters) >= DEFAULT_MAX_PENDING:
+            raise LimitError(f"{len(self._waiters)} log entries are waiting for a flush", hint="retry later")
+        waiter = _Waiter(entry, on_commit, on_error, traffic, on_durable, readers, recheck, self.policy_changes)
         self._waiters.append(waiter)
         self._wake_committer.set()
         return waiter
@@ -501,34 +538,73 @@ class BrokerDaemon:
     def _commit_batch(self) -> None:
         waiters, self._waiters = self._waiters, []
         confirmations, self._confirmations = self._confirmations, []
-        if not waiters:
-            if confirmations:
-                with self.mail.batch():
-                    for member, kind, digest in confirmations:
-                        self.mail.remove(member, kind, digest)
-            return
-        try:
-            indexes = self.log.flush()
-        except Exception as exc:  # a store failure: nothing of the batch is in the log (one transaction)
-            log.exception("log flush failed")
-            # Every waiter is told, so the batch's entries must not go out with the next one either.
-            self.log.discard_pending()
-            for w in waiters:
-                w.error = exc
-                w.done.set()
-            for w in waiters:
-                if w.on_error is not None:
-                    try:
-                        w.on_error(exc)
-                    except Exception:
-                        log.exception("handling a failed log entry")
-            return
+        # A policy record ends a group: the entries after it are decided again with it in force (a member's
+        # revoke and a packet it forbids can share a batch), so each group is appended on its own.
+        while waiters:
+            cut = next((i + 1 for i, w in enumerate(waiters) if not w.traffic), len(waiters))
+            group, waiters = waiters[:cut], waiters[cut:]
+            if not self._commit_group(group, confirmations):
+                self._fail(waiters, StoreError("an earlier part of the batch could not be logged"))
+                return
+            confirmations = []
+        if confirmations:
+            with self.mail.batch():
+                for member, kind, digest in confirmations:
+                    self.mail.remove(member, kind, digest)
+
+    def _admitted(self, group: list[_Waiter]) -> list[_Waiter]:
+        """The entries of `group` that may still be logged where they will land: policy records that other
+        writers (operator commands) or earlier groups appended since an entry was decided on are in force."""
+        kept = []
+        for w in group:
+            if w.recheck is not None and w.decided_at != self.policy_changes:
+                try:
+                    refusal = w.recheck()
+                except Exception as exc:  # a bug in a check must not stop the committer: refuse the one entry
+                    log.exception("deciding again on a queued log entry")
+                    refusal = StoreError(f"the broker could not decide on the entry again: {exc}")
+                if refusal is not None:
+                    w.error = refusal
+                    w.done.set()
+                    continue
+                w.decided_at = self.policy_changes
+            kept.append(w)
+        return kept
+
+    def _commit_group(self, group: list[_Waiter], confirmations: list[tuple[str, str, bytes]]) -> bool:
+        """Append `group` (decided on again where the policy moved) in one transaction, then make its mailbox
+        changes; False if the log could not take it (every waiter told)."""
+        while True:
+            group = self._admitted(group)
+            if not group:
+                if confirmations:
+                    with self.mail.batch():
+                        for member, kind, digest in confirmations:
+                            self.mail.remove(member, kind, digest)
+                return True
+            now = trio.current_time()
+            for w in group:
+                self.log.add(w.entry, now)
+            try:
+                # Lands right after what the policy has folded, or not at all: an operator command that appended
+                # meanwhile is folded first, and the group decided on again behind it.
+                indexes = self.log.flush(at=self.policy.size)
+            except StoreMoved as moved:
+                self.log.discard_pending()
+                self._fold(moved.size)
+                continue
+            except Exception as exc:  # a store failure: nothing of the group is in the log (one transaction)
+                log.exception("log flush failed")
+                self.log.discard_pending()  # every waiter is told, so its entries must not go out with the next
+                self._fail(group, exc)
+                return False
+            break
         self.batches += 1
         self.recorded += 1
         if indexes.start == self.policy.size:
             # The usual case: nobody else appended in between, and the batch's bytes are at hand; reading them
             # back from the store would cost a query per batch on the hot path for nothing.
-            for w in waiters:
+            for w in group:
                 if w.traffic:
                     self.policy.skip_to(self.policy.size + 1)
                 else:
@@ -538,23 +614,36 @@ class BrokerDaemon:
             self._catch_up(indexes.start)  # entries other writers appended before this batch
             self.mail.record_readers(
                 indexes.start,
-                [w.readers if w.readers is not None else self._readers(w.entry) for w in waiters],
-                waiters[-1].entry,
+                [w.readers if w.readers is not None else self._readers(w.entry) for w in group],
+                group[-1].entry,
             )
             for member, kind, digest in confirmations:
                 self.mail.remove(member, kind, digest)
-            for w, index in zip(waiters, indexes, strict=True):
+            for w, index in zip(group, indexes, strict=True):
                 w.index = index
                 if w.on_commit is not None:
                     w.on_commit(index)
         self._unlink_released()
-        for w in waiters:
+        for w in group:
             w.done.set()
             if w.on_durable is not None:
                 try:
                     w.on_durable(w.index)
                 except Exception:
                     log.exception("handling a durable log entry")
+        return True
+
+    @staticmethod
+    def _fail(waiters: list[_Waiter], exc: BaseException) -> None:
+        for w in waiters:
+            w.error = exc
+            w.done.set()
+        for w in waiters:
+            if w.on_error is not None:
+                try:
+                    w.on_error(exc)
+                except Exception:
+                    log.exception("handling a failed log entry")
 
     # --- who may read which entry (readers.py) -------------------------------------------------------------
 
@@ -1243,7 +1332,7 @@ class Session:
                     # The reader goes on with the next frames while the batch commits: one connection can then
                     # have many packets in one batch instead of one per commit cycle (the wire's request limit
                     # bounds it). The receipt goes out from the batch's callback: no task per packet.
-                    self._enqueue_packet(msg.rid, head, key, size, body)
+                    self._enqueue_packet(msg.rid, head, key, size, body, upload.signed_by)
                 else:
                     # The same packet again while its batch commits (a retry that overtook its receipt).
                     assert self._nursery is not None
@@ -1270,9 +1359,25 @@ class Session:
         self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
         await self.send(ev.ErrorMessage(rid, codes.REPLAY, what))
 
-    def _enqueue_packet(self, rid: int, head: Head, key: tuple[str, bytes], size: int, body: bytes | None) -> None:
+    def _enqueue_packet(
+        self, rid: int, head: Head, key: tuple[str, bytes], size: int, body: bytes | None, signed_by: bytes | None
+    ) -> None:
         core = head.core
         at = self.d.now()
+
+        def recheck() -> Error | None:
+            # A policy record landed ahead of the packet after it was decided on (protocol.md: policy as of the
+            # packet's log position): decide again, at the time its entry carries, as an auditor's replay will.
+            outcome = relay.admit(
+                self.d.policy, self.member, head, None, at, self.d.settings.window, signature_checked_with=signed_by
+            )
+            if not isinstance(outcome, relay.Reject | relay.Denied):
+                return None
+            self._inflight.pop(key, None)
+            self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
+            refused = Refused.of(outcome, core.packet_id)
+            self.send_soon(refused.answer(rid))
+            return refused
 
         def queue(index: int) -> None:
             row = PacketRow(head.digest, self.member, core.packet_id, index, core.expires, size, at)
@@ -1288,7 +1393,9 @@ class Session:
 
         entry = records.packet_entry(head.header.raw, head.signature, at)
         readers = (self.member, *core.recipients)
-        waiter = self.d.enqueue(entry, queue, failed, traffic=True, on_durable=durable, readers=readers)
+        waiter = self.d.enqueue(
+            entry, queue, failed, traffic=True, on_durable=durable, readers=readers, recheck=recheck
+        )
         self._inflight[key] = (head.digest, waiter, at)
 
     async def _receipt_after_commit(
@@ -1297,6 +1404,9 @@ class Session:
         _, waiter, at = inflight
         try:
             index = await waiter.result()
+        except Refused as refused:  # decided on again at its commit, and refused: the same answer
+            await self.send(refused.answer(rid))
+            return
         except Error as exc:
             await self.send(ev.ErrorMessage(rid, codes.INTERNAL, f"the log could not take the packet: {exc}"))
             return
@@ -1418,13 +1528,28 @@ class Session:
         except Error as exc:
             await self.send(ev.ErrorMessage(msg.rid, codes.REFUSED, str(exc)))
             return
-        async with self.d.policy_writer():
+        statement = msg.statement
+
+        def recheck() -> Refused | None:
             try:
-                self.d.policy.check(msg.statement)
+                self.d.policy.check(statement)
             except Error as exc:
-                await self.send(ev.ErrorMessage(msg.rid, codes.REFUSED, str(exc)))
-                return
-            index = await self.d.append(msg.statement)
+                what = str(exc)
+                return Refused(what, lambda rid: ev.ErrorMessage(rid, codes.REFUSED, what))
+            return None
+
+        async with self.d.policy_writer():
+            refused = recheck()
+            if refused is None:
+                # Operator commands wait for the lock, and records of our own come one at a time, so the check
+                # holds where the statement lands; the committer checks again if the policy changed all the same.
+                try:
+                    index = await self.d.enqueue(statement, recheck=recheck).result()
+                except Refused as exc:
+                    refused = exc
+        if refused is not None:
+            await self.send(refused.answer(msg.rid))
+            return
         receipt = records.Receipt.make(
             self.d.identity.signing, self.d.origin, index, record.id, bytes(16), self.member, self.d.now()
         )

@@ -116,16 +116,18 @@ def admit(
             )
         except SignatureError as exc:
             return Reject(codes.BAD_SIGNATURE, str(exc))
+    if known is not None and known.digest == head.digest:
+        # The same packet again (a retry after a lost receipt): it is in the log already, so it gets its receipt
+        # whatever the policy or the clock now say (protocol.md, "Relaying a packet").
+        return Duplicate(known)
+    meta = meta_of(head)
+    decision = decide(state, meta, now)
+    if not decision.allowed:
+        return Denied(tuple((v.recipient, v.reason) for v in decision.denied))
     if known is not None:
-        if known.digest == head.digest:
-            return Duplicate(known)
         return Reject(codes.REPLAY, f"packet id {core.packet_id.hex()} was already used by {peer} for another packet")
     if core.expires <= now:
         return Reject(codes.STALE, f"packet expired at {core.expires} (broker time {now})")
     if abs(core.created - now) > window:
         return Reject(codes.STALE, f"packet created at {core.created}, more than {window} s from broker time {now}")
-    meta = meta_of(head)
-    decision = decide(state, meta, now)
-    if not decision.allowed:
-        return Denied(tuple((v.recipient, v.reason) for v in decision.denied))
     return Admitted(head, meta)

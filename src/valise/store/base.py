@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-from valise.errors import LimitError, StoreError
+from valise.errors import LimitError, StoreError, StoreMoved
 from valise.tlog import merkle
 
 # C2SP tlog-tiles entry bundles prefix each entry with a big-endian uint16 length.
@@ -39,8 +39,9 @@ class LogStorage(Protocol):
         """The number of durable entries."""
         ...
 
-    def append(self, entries: Sequence[bytes]) -> int:
-        """Durably append `entries` (with their stored hashes, atomically); return the first one's index."""
+    def append(self, entries: Sequence[bytes], at: int | None = None) -> int:
+        """Durably append `entries` (with their stored hashes, atomically); return the first one's index. With
+        `at`, only if that is the first one's index: else raise StoreMoved and append nothing."""
         ...
 
     def entries(self, start: int, end: int) -> list[bytes]:
@@ -171,12 +172,16 @@ class LogBackend(abc.ABC):
     def size(self) -> int:
         return self._size()
 
-    def append(self, entries: Sequence[bytes]) -> int:
+    def append(self, entries: Sequence[bytes], at: int | None = None) -> int:
         entries = list(entries)
         check_entries(entries)
         with self._transaction():
-            # Read the size inside the transaction: another writer may have appended since we last looked.
+            # Read the size inside the transaction: another writer may have appended since we last looked. A
+            # caller that decided on its entries as of `at` (the broker's policy) learns of it here, where no
+            # other writer can slip in before the entries land.
             start = self._size()
+            if at is not None and start != at:
+                raise StoreMoved(at, start)
             if entries:
                 hashes = batch_hashes(start, entries, self)
                 self._write(start, entries, merkle.stored_hash_count(start), hashes)

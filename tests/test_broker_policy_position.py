@@ -1,0 +1,125 @@
+"""Policy as of a packet's log position (protocol.md, neutrality contract 3): a record that lands ahead of a
+packet after the packet was decided on, whether another writer's (an operator command) or a member's in the same
+commit batch, is in force for it. Real broker, real TLS, real SQLite; the broker's commit is slowed down
+(`flush_interval`) so that the record reliably lands in between."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import trio
+
+from valise import packet, records
+from valise.broker.daemon import BrokerDaemon
+from valise.policy import records as prec
+from valise.store.sqlite import SqliteLog
+from valise.wire import codes
+from valise.wire import events as ev
+
+from .harness import ORIGIN, WireClient, World, make_world, running_broker, seal
+
+SLOW_COMMIT = {"flush_interval": 0.3, "policy_poll": 60.0}  # the broker folds others' records only when it commits
+
+
+async def _submit_frames(client: WireClient, data: bytes) -> int:
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    rid = client.conn.new_rid()
+    await client.send(ev.SubmitBegin(rid, data[: head.head_size], len(data) - head.head_size))
+    await client.send(ev.SubmitChunk(rid, data[head.head_size :]))
+    await client.send(ev.SubmitEnd(rid))
+    return rid
+
+
+async def _answer(client: WireClient, rid: int) -> ev.Event:
+    while True:
+        event = await client.next()
+        if getattr(event, "rid", None) == rid:
+            return event
+
+
+def _kinds_from(world: World, start: int) -> list[str]:
+    with SqliteLog.open(world.home.db_path) as store:
+        return [records.entry_type(e)[0] for e in store.entries(start, store.size())]
+
+
+async def _queued(broker: BrokerDaemon, n: int) -> None:
+    """Wait until `n` entries wait for the broker's next commit."""
+    with trio.fail_after(10):
+        while len(broker._waiters) < n:  # noqa: ASYNC110 - polling the daemon's own state
+            await trio.sleep(0.005)
+
+
+def _log_size(world: World) -> int:
+    with SqliteLog.open(world.home.db_path) as store:
+        return store.size()
+
+
+async def test_an_operator_ban_appended_before_the_commit_denies_a_packet_already_decided(tmp_path: Path) -> None:
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU", "AMBER", ["malware"])
+    data = seal(world, "FRA", ["DEU"], b"decided before the ban, logged after it")
+    async with running_broker(world, **SLOW_COMMIT) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        fra.refuse_cosign = True
+        await fra.sync()
+        rid = await _submit_frames(fra, data)
+        await fra.sync()  # the broker has decided (allowed) and queued the packet; its batch has not committed
+        ban_at = _log_size(world)
+        world.rule("ban-category", category="malware")  # another writer, straight into the store
+        answer = await _answer(fra, rid)
+        assert isinstance(answer, ev.Deny), answer
+        assert [(r.to, "malware" in r.reason) for r in answer.reasons] == [("DEU", True)]
+        await fra.sync()
+    assert "pkt" not in _kinds_from(world, ban_at)
+
+
+async def test_a_revoke_in_the_same_batch_denies_the_packet_queued_behind_it(tmp_path: Path) -> None:
+    world = make_world(tmp_path)
+    now = int(time.time())
+    grant = prec.grant(world.members["FRA"].signing, origin=ORIGIN, author="FRA", created=now, to="DEU", tlp="AMBER")
+    accept = prec.accept(
+        world.members["DEU"].signing, origin=ORIGIN, author="DEU", created=now, source="FRA", tlp="AMBER"
+    )
+    world.append(grant)
+    world.append(accept)
+    revoke = prec.revoke(
+        world.members["DEU"].signing, origin=ORIGIN, author="DEU", created=now, statement=prec.parse(accept).id
+    )
+    async with (
+        running_broker(world, **SLOW_COMMIT) as broker,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+        WireClient.connect(world, "DEU", broker.port) as deu,
+    ):
+        fra.refuse_cosign = deu.refuse_cosign = True
+        statement_rid = deu.conn.new_rid()
+        await deu.send(ev.Statement(statement_rid, revoke))
+        await _queued(broker, 1)  # the revoke waits for the batch; the packet, decided before it applies, joins it
+        packet_rid = await _submit_frames(fra, seal(world, "FRA", ["DEU"], b"behind the revoke"))
+        answer = await _answer(fra, packet_rid)
+        assert isinstance(answer, ev.Deny), answer
+        logged = await _answer(deu, statement_rid)
+        assert isinstance(logged, ev.StatementResult), logged
+        await fra.sync()
+    assert "pkt" not in _kinds_from(world, logged.index)
+
+
+async def test_a_statement_is_refused_if_its_author_is_suspended_before_it_lands(tmp_path: Path) -> None:
+    world = make_world(tmp_path)
+    grant = prec.grant(
+        world.members["DEU"].signing, origin=ORIGIN, author="DEU", created=int(time.time()), to="FRA", tlp="AMBER"
+    )
+    async with running_broker(world, **SLOW_COMMIT) as broker, WireClient.connect(world, "DEU", broker.port) as deu:
+        deu.refuse_cosign = True
+        await deu.sync()
+        rid = deu.conn.new_rid()
+        await deu.send(ev.Statement(rid, grant))
+        await _queued(broker, 1)  # checked under the policy lock, and waiting for the batch
+        suspended_at = _log_size(world)
+        # A writer that did not take the policy lock: only the broker's commit-time check stands in its way.
+        world.operator("member-suspend", id="DEU", reason="compromised")
+        answer = await _answer(deu, rid)
+        assert isinstance(answer, ev.ErrorMessage), answer
+        assert answer.code == codes.REFUSED
+        assert "DEU" in answer.message
+    assert _kinds_from(world, suspended_at) == ["dir"]
