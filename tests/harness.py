@@ -156,7 +156,14 @@ class WireClient:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, world: World, member: str, port: int, *, hello: bool = True, limits: Limits | None = None
+        cls,
+        world: World,
+        member: str,
+        port: int,
+        *,
+        hello: bool = True,
+        limits: Limits | None = None,
+        role: str = "node",
     ) -> AsyncIterator[WireClient]:
         d = world.dirs[member]
         ctx = tls.client_context(d / f"{member}.tls.crt", d / f"{member}.tls.key", world.home.broker_bundle().cert_der)
@@ -168,7 +175,7 @@ class WireClient:
         try:
             await stream.do_handshake()
             if hello:
-                await client.send(ev.Hello(SUPPORTED_VERSIONS, member, "node", 0, client.conn.limits))
+                await client.send(ev.Hello(SUPPORTED_VERSIONS, member, role, 0, client.conn.limits))
                 welcome = await client.next()
                 assert isinstance(welcome, ev.Welcome), welcome
             yield client

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -805,3 +806,39 @@ async def test_items_waiting_past_the_hand_over_limit_are_pushed_from_the_store_
         for data in packets:  # one is pushed (the window), two wait in memory, then the rest overflow
             assert isinstance(await fra.submit(data), ev.Receipt)
         assert [await _deliver_and_confirm(world, fra, deu, data) for data in packets] == packets
+
+
+async def test_an_auditor_connection_reads_beside_the_members_node_and_is_pushed_nothing(tmp_path: Path) -> None:
+    """wire.md: any certificate of the directory may connect with either role; the role only narrows what the
+    connection may do. An auditor connection neither replaces the member's node nor takes its deliveries."""
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"for the node, not the script")
+    async with (
+        running_broker(world) as broker,
+        WireClient.connect(world, "DEU", broker.port) as node,
+        WireClient.connect(world, "DEU", broker.port, role="auditor") as script,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+    ):
+        node.refuse_cosign = script.refuse_cosign = fra.refuse_cosign = True
+        answer = await fra.submit(data)
+        assert isinstance(answer, ev.Receipt)
+        _, got = await node.receive_delivery()
+        assert got == data
+        await trio.sleep(0.5)  # a checkpoint past the packet
+        rid = script.conn.new_rid()
+        await script.send(ev.GetCheckpoint(rid))
+        checkpoint = await script.next()  # nothing pushed ahead of the answer, and the connection still open
+        assert isinstance(checkpoint, ev.Checkpoint), checkpoint
+        assert int(checkpoint.checkpoint.split(b"\n")[1]) > answer.index
+        await node.sync()  # the node was not replaced
+
+        # One member's auditor connections are bounded: past AUDITORS_PER_MEMBER, the oldest is closed.
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(daemon.AUDITORS_PER_MEMBER):
+                extra = await stack.enter_async_context(WireClient.connect(world, "DEU", broker.port, role="auditor"))
+                extra.refuse_cosign = True
+            closed = await script.next()
+            assert isinstance(closed, ev.ErrorMessage), closed
+            assert closed.code == codes.REPLACED
+            assert len(broker.auditors["DEU"]) == daemon.AUDITORS_PER_MEMBER
+        await node.sync()

@@ -85,6 +85,7 @@ FRESH_MAX = 1024
 # After a refused handshake, how long the peer may take to read the TLS alert that says why before the close.
 REFUSAL_LINGER = 1.0
 WRITE_TIMEOUT = 10.0  # a member that accepts no bytes for this long is disconnected (it reconnects and resumes)
+AUDITORS_PER_MEMBER = 4  # auditor connections one member may have open at once (BrokerDaemon.register)
 # Connections that have not yet completed TLS and hello (see BrokerDaemon._handle).
 MAX_UNAUTHENTICATED = 1024
 
@@ -253,7 +254,10 @@ class BrokerDaemon:
         if swept := self.spool.sweep(self.mail):
             log.warning("removed %d spool file(s) that no mailbox item refers to", swept)
         self.orphans.update(self.mail.orphans())  # and those of earlier crashes
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = {}  # each member's node connection (role "node"): at most one
+        # Connections with role "auditor" (wire.md): a member's monitoring script reading the log beside its node.
+        # Pushed nothing and replacing no node; at most AUDITORS_PER_MEMBER per member (the oldest goes).
+        self.auditors: dict[str, list[Session]] = {}
         self.mail.on_posted = self._offer  # from here on, committed items go to their members' sessions too
         self._waiters: list[_Waiter] = []
         self._confirmations: list[tuple[str, str, bytes]] = []
@@ -471,10 +475,10 @@ class BrokerDaemon:
                 if members != self._tls_failed_for:
                     self._tls_failed_for = members
                     log.error("%s; members admitted since cannot connect until this is fixed", what)
-        for member_id, session in list(self.sessions.items()):
-            current = self.policy.members.get(member_id)
+        for session in self.all_sessions():
+            current = self.policy.members.get(session.member)
             if current is None or current.status != ACTIVE:
-                session.close_soon(codes.SUSPENDED, f"{member_id} is no longer an active member")
+                session.close_soon(codes.SUSPENDED, f"{session.member} is no longer an active member")
 
     def _bundle(self, raw: bytes) -> PublicBundle:
         cached = self._bundles.get(raw)
@@ -769,10 +773,10 @@ class BrokerDaemon:
 
     async def shutdown(self, nursery: trio.Nursery) -> None:
         """Graceful stop: say goodbye to every session, give them a grace period, then cancel."""
-        for s in list(self.sessions.values()):
+        for s in self.all_sessions():
             s.close_soon(codes.SHUTTING_DOWN, "the broker is stopping")
         with trio.move_on_after(SHUTDOWN_GRACE):
-            while self.sessions:
+            while self.sessions or self.auditors:
                 self._sessions_changed = trio.Event()
                 await self._sessions_changed.wait()
         nursery.cancel_scope.cancel()
@@ -909,6 +913,39 @@ class BrokerDaemon:
     def session_ended(self) -> None:
         self._sessions_changed.set()
 
+    def all_sessions(self) -> list[Session]:
+        return [*self.sessions.values(), *(s for group in self.auditors.values() for s in group)]
+
+    def register(self, session: Session) -> None:
+        """Make an authenticated connection the member's node session, or one of its auditor sessions."""
+        member = session.member
+        if session.auditor:
+            group = self.auditors.setdefault(member, [])
+            if len(group) >= AUDITORS_PER_MEMBER:
+                group.pop(0).close_soon(
+                    codes.REPLACED, f"{member} opened more than {AUDITORS_PER_MEMBER} auditor connections"
+                )
+            group.append(session)
+            return
+        old = self.sessions.get(member)
+        if old is not None:
+            # Routine after a node's network blip; over and over, two nodes are running with one identity and
+            # take turns, each getting part of the member's deliveries. Said where an operator looks.
+            log.warning("%s connected again: its previous connection is closed (replaced)", member)
+            old.close_soon(codes.REPLACED, f"replaced by a newer connection of {member}")
+        self.sessions[member] = session
+
+    def unregister(self, session: Session) -> None:
+        member = session.member
+        if self.sessions.get(member) is session:
+            del self.sessions[member]
+        group = self.auditors.get(member)
+        if group is not None and session in group:
+            group.remove(session)
+            if not group:
+                del self.auditors[member]
+        self.session_ended()
+
     def wake(self, member: str) -> None:
         session = self.sessions.get(member)
         if session is not None:
@@ -932,6 +969,7 @@ class Session:
         self.member = member
         self.conn = Connection(Role.SERVER)
         self.ready = False
+        self.auditor = False  # the hello's role was "auditor"
         self._send_lock = trio.Lock()
         self._out: list[bytes] = []  # encoded frames not yet written
         self._out_bytes = 0
@@ -1081,18 +1119,14 @@ class Session:
         if hello is None:
             return
         authenticated()
-        old = self.d.sessions.get(self.member)
-        if old is not None:
-            # Routine after a node's network blip; over and over, two nodes are running with one identity and
-            # take turns, each getting part of the member's deliveries. Said where an operator looks.
-            log.warning("%s connected again: its previous connection is closed (replaced)", self.member)
-            old.close_soon(codes.REPLACED, f"replaced by a newer connection of {self.member}")
-        self.d.sessions[self.member] = self
+        self.auditor = hello.role == "auditor"
+        self.d.register(self)
         self.ready = True
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._pusher)
+                if not self.auditor:  # an auditor reads and witnesses: nothing is pushed to it
+                    nursery.start_soon(self._pusher)
                 nursery.start_soon(self._flusher)
                 nursery.start_soon(self._watchdog)
                 nursery.start_soon(self._cosign_on_connect, hello.seen)
@@ -1106,9 +1140,7 @@ class Session:
                     nursery.cancel_scope.cancel()
         finally:
             self.ready = False
-            if self.d.sessions.get(self.member) is self:
-                del self.d.sessions[self.member]
-            self.d.session_ended()
+            self.d.unregister(self)
             for upload in self._uploads.values():
                 if upload is not None:
                     upload.discard()
