@@ -15,10 +15,11 @@ from pathlib import Path
 
 import trio
 
-from valise import identity, keyfiles, packet, records, tls
+from valise import encoding, identity, keyfiles, packet, records, tls
 from valise.broker.daemon import BrokerDaemon, Settings
 from valise.broker.home import BrokerHome
 from valise.cli.main import main as cli
+from valise.crypto import sign
 from valise.node.daemon import NodeDaemon
 from valise.node.home import NodeHome
 from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, parse_prefix
@@ -261,6 +262,14 @@ class WireClient:
                 return begin.seq, bytes(data)
             elif not isinstance(event, ev.CosignRequest):  # requests may interleave with a push; ours go unanswered
                 raise AssertionError(f"unexpected {event} inside a delivery")
+
+
+def long_reason_retraction(key: sign.SigningKey, packet_id: bytes, digest: bytes, sender: str) -> bytes:
+    """A retraction signed correctly, with a reason over REASON_MAX: what `make` would never produce."""
+    body = encoding.pack(
+        {"v": 1, "packet_id": packet_id, "digest": digest, "sender": sender, "reason": "x" * 600, "at": 1}
+    )
+    return encoding.pack({"body": body, "sig": key.sign(records.RETRACT_DOMAIN, body)})
 
 
 # --- fault and abuse helpers (tests/test_broker_faults.py) ----------------------------------------------------------

@@ -30,7 +30,7 @@ from valise.store.sqlite import SqliteLog
 from valise.tlog import checkpoint, cosignature, note, tiles
 from valise.wire import events as ev
 
-from .harness import ORIGIN, WireClient, World, make_world, running_broker, seal
+from .harness import ORIGIN, WireClient, World, long_reason_retraction, make_world, running_broker, seal
 
 
 @dataclass
@@ -724,3 +724,24 @@ def test_proof_bundle_export_and_verify(log: Log, tmp_path: Path) -> None:
     other_key = note.Ed25519Signer(ORIGIN, sign.SigningKey(bytes(32))).verifier().vkey()
     path.write_bytes(bundle)
     assert cli(["audit", "proof", str(path), "--broker-key", other_key]) != 0
+
+
+def test_a_logged_retraction_whose_reason_is_over_the_limit_is_named(log: Log, tmp_path: Path) -> None:
+    """protocol.md caps a retraction's reason at 512 bytes; a broker that logged a longer one (signed by the
+    sender all the same) is named, as it would be for any malformed notice."""
+    root = _copy(log.root, tmp_path / "w")
+    index = _append_signed_packet(log, root / "broker", "FRA", ["DEU"], b"retracted at length")
+    from valise.broker.home import BrokerHome
+
+    home = BrokerHome.open(root / "broker")
+    with SqliteLog.open(home.db_path) as store:
+        (entry,) = store.entries(index, index + 1)
+        header = packet.Header.parse(encoding.unpack(entry, what="pkt", max_size=65536)["header"])
+        digest = hashlib.sha256(header.raw).digest()
+        raw = long_reason_retraction(log.world.members["FRA"].signing, header.core.packet_id, digest, "FRA")
+        at = store.append([encoding.pack({"t": "retract", "notice": raw})])
+        LogService(store, ORIGIN, home.log_key()).sign()
+    code, report, what = _export_and_verify(log, root / "broker", tmp_path / "out")
+    assert code == 4
+    assert (at, "retract-malformed") in _findings(report)
+    assert any("longer than 512 bytes" in w for w in what)

@@ -22,9 +22,10 @@ from valise.broker.daemon import BrokerDaemon
 from valise.broker.mailbox import Mailboxes
 from valise.errors import StoreError
 from valise.store.sqlite import SqliteLog
+from valise.wire import codes
 from valise.wire import events as ev
 
-from .harness import WireClient, World, make_world, running_broker, seal
+from .harness import WireClient, World, long_reason_retraction, make_world, running_broker, seal
 
 
 def _world(tmp_path: Path) -> World:
@@ -193,9 +194,11 @@ async def test_retracting_a_packet_again_gets_the_first_answer_and_logs_nothing(
             await fra.send(ev.Retract(rid, head.core.packet_id, retraction.raw))
             answer = await fra.next_of(ev.RetractResult)
             assert isinstance(answer, ev.RetractResult)
-            answers.append(answer.index)
+            answers.append(answer)
             size = broker.store.size()
-        assert answers[0] == answers[1] == size - 1
+            await trio.sleep(1.1)  # a receipt signed anew would carry a later time
+        assert answers[0].index == answers[1].index == size - 1
+        assert answers[0].receipt == answers[1].receipt  # protocol.md: the first one's log index and receipt
         kinds = [records.entry_type(e)[0] for e in broker.store.entries(0, size)]
         assert kinds.count("retract") == 1
 
@@ -274,3 +277,30 @@ async def test_a_mailbox_store_missing_a_table_is_refused(tmp_path: Path) -> Non
     db.close()
     with pytest.raises(StoreError, match=r"mailbox\.db has no table mailbox: it is damaged"):
         BrokerDaemon(world.home)
+
+
+async def test_a_retraction_is_refused_for_its_reason_length_or_its_signature_and_nothing_is_logged(
+    tmp_path: Path,
+) -> None:
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"sent by mistake")
+    head = _head(data)
+    await _relayed(world, data)
+    pid = head.core.packet_id
+    too_long = long_reason_retraction(world.members["FRA"].signing, pid, head.digest, "FRA")
+    by_another_key = records.Retraction.make(world.members["DEU"].signing, pid, head.digest, "FRA", "no", 1).raw
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        fra.refuse_cosign = True
+        size = broker.store.size()
+        for raw, code, what in [
+            (too_long, codes.REFUSED, "reason is longer than 512 bytes"),
+            (by_another_key, codes.BAD_SIGNATURE, "retraction by FRA"),
+        ]:
+            rid = fra.conn.new_rid()
+            await fra.send(ev.Retract(rid, pid, raw))
+            answer = await fra.next_of(ev.ErrorMessage)
+            assert isinstance(answer, ev.ErrorMessage)
+            assert (answer.rid, answer.code) == (rid, code)
+            assert what in answer.message
+        await fra.sync()
+        assert broker.store.size() == size

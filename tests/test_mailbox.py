@@ -151,3 +151,16 @@ def test_items_are_handed_over_at_their_commit_as_a_query_would_read_them(tmp_pa
     mb.record_packet(_row(1), ["DEU", "ITA"], b"small packet")  # queued already: not again
     assert got == []
     assert [i.digest[0] for i in mb.pending("DEU")] == [1, 2, 1]  # the packets, then the retraction of 1
+
+
+def test_a_retractions_table_from_before_receipt_times_were_kept_gains_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    Mailboxes.open(path).close()
+    with sqlite3.connect(path) as db:  # as an older broker made it
+        db.execute("DROP TABLE retractions")
+        db.execute("CREATE TABLE retractions (digest BLOB PRIMARY KEY, log_index INTEGER NOT NULL) WITHOUT ROWID")
+        db.execute("INSERT INTO retractions VALUES (?, 7)", (b"\x01" * 32,))
+    mb = Mailboxes.open(path)
+    assert mb.retraction(b"\x01" * 32) == (7, None)  # a receipt dated anew for it: its time was not kept
+    mb.record_retraction(b"\x02" * 32, 9, 1234)
+    assert mb.retraction(b"\x02" * 32) == (9, 1234)

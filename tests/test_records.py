@@ -3,8 +3,10 @@ from __future__ import annotations
 import pytest
 
 from valise import records
-from valise.errors import SignatureError, StatementError
+from valise.errors import EncodingError, SignatureError, StatementError
 from valise.identity import Identity
+
+from .harness import long_reason_retraction
 
 PID = bytes(range(16))
 DIGEST = bytes(32)
@@ -45,6 +47,17 @@ def test_retraction_and_receipt(members: dict[str, Identity]) -> None:
     assert records.Receipt.verified(rc.raw, members["NGA"].bundle.sign_key).index == 7
     with pytest.raises(SignatureError):
         records.Receipt.verified(rc.raw, fra.bundle.sign_key)
+
+
+def test_a_retraction_reason_over_the_limit_is_refused_when_read_not_only_when_made(
+    members: dict[str, Identity],
+) -> None:
+    fra = members["FRA"]
+    raw = long_reason_retraction(fra.signing, PID, DIGEST, "FRA")
+    with pytest.raises(EncodingError, match="reason is longer than 512 bytes"):
+        records.Retraction.parse(raw)
+    with pytest.raises(EncodingError, match="reason is longer than 512 bytes"):
+        records.Retraction.verified(raw, fra.bundle.sign_key)
 
 
 def test_entries_are_typed_and_capped(members: dict[str, Identity]) -> None:

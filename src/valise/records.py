@@ -129,6 +129,8 @@ class Retraction:
     def parse(raw: bytes) -> tuple[Retraction, bytes, bytes]:
         """Decode without verifying (to route it, or to find the sender's key); returns (retraction, body, sig)."""
         m, body, sig = _notice(raw, "retraction", _RETRACT_FIELDS)
+        if len(m["reason"].encode()) > REASON_MAX:  # what make() allows is all a broker may log (protocol.md)
+            raise EncodingError(f"retraction reason is longer than {REASON_MAX} bytes")
         return Retraction(m["packet_id"], m["digest"], m["sender"], m["reason"], m["at"], raw), body, sig
 
     @staticmethod

@@ -36,7 +36,7 @@ from valise.packet.format import HEADER_DOMAIN, PREFIX_SIZE, SIGNATURE_SIZE, Hea
 from valise.policy.decide import PacketMeta, decide
 from valise.policy.records import TYPES as POLICY_TYPES
 from valise.policy.state import ACTIVE, PolicyState
-from valise.records import ACK_DOMAIN, ENTRY_MAX, NOTICE_MAX, RETRACT_DOMAIN
+from valise.records import ACK_DOMAIN, ENTRY_MAX, NOTICE_MAX, REASON_MAX, RETRACT_DOMAIN
 
 # Canonical key order (sorted by UTF-8 bytes) and exact types of every traffic map the audit reads.
 _PKT: dict[str, type] = {"at": int, "header": bytes, "sig": bytes, "t": str}
@@ -286,6 +286,9 @@ class Replayer:
             body, raw_body, sig = self._notice(m, entry, "retraction", _RETRACT_BODY)
         except Error as exc:
             self._find(index, "retract-malformed", exc.what)
+            return
+        if len(body["reason"].encode()) > REASON_MAX:
+            self._find(index, "retract-malformed", f"the retraction's reason is longer than {REASON_MAX} bytes")
             return
         self.counts["retractions"] += 1
         pkt = self.packets.get(body["digest"])

@@ -36,6 +36,7 @@ from valise.broker.home import BrokerConfig, BrokerHome
 from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
 from valise.broker.readers import readers_of
 from valise.broker.spool import InlineUpload, Spool, Upload
+from valise.crypto import sign
 from valise.daemonlock import DaemonLock
 from valise.errors import (
     AccessError,
@@ -411,13 +412,16 @@ class BrokerDaemon:
         self.mail.post(ack.sender, "ack", hashlib.sha256(ack.raw).digest(), encoding.pack(record))
         self.release([ack.digest])
 
-    def retract_effects(self, retraction: records.Retraction, recipients: Sequence[str], index: int) -> None:
-        """A copy not yet delivered is withdrawn; every recipient is told (a delivered copy must be discarded)."""
+    def retract_effects(
+        self, retraction: records.Retraction, recipients: Sequence[str], index: int, at: int | None = None
+    ) -> None:
+        """A copy not yet delivered is withdrawn; every recipient is told (a delivered copy must be discarded).
+        `at`: the time the sender's receipt carries (None when redone after a crash: the sender got none)."""
         body = encoding.pack({"index": index, "notice": retraction.raw})
         for r in recipients:
             self.mail.remove(r, "packet", retraction.digest)
             self.mail.post(r, "retract", retraction.digest, body)
-        self.mail.record_retraction(retraction.digest, index)
+        self.mail.record_retraction(retraction.digest, index, at)
         self.release([retraction.digest])
 
     def purge_effects(self, member: str, digest: bytes) -> None:
@@ -1519,36 +1523,43 @@ class Session:
             )
             return
         try:
-            retraction = records.Retraction.verified(msg.retraction, member.sign_key)
+            retraction, body, sig = records.Retraction.parse(msg.retraction)
+        except Error as exc:
+            await self.send(ev.ErrorMessage(msg.rid, codes.REFUSED, str(exc)))
+            return
+        try:
+            sign.verify(member.sign_key, records.RETRACT_DOMAIN, body, sig, what=f"retraction by {self.member}")
         except Error as exc:
             await self.send(ev.ErrorMessage(msg.rid, codes.BAD_SIGNATURE, str(exc)))
             return
         if retraction.sender != self.member or retraction.packet_id != msg.id or retraction.digest != row.digest:
             await self.send(ev.ErrorMessage(msg.rid, codes.REFUSED, "the retraction names another packet"))
             return
-        prior = self.d.mail.retraction_index(row.digest)
+        prior = self.d.mail.retraction(row.digest)
         if prior is not None:
             # Retracted already (a retry after a lost answer, or a second `valise retract`): the same answer, with
-            # nothing logged or relayed again.
-            receipt = records.Receipt.make(
-                self.d.identity.signing, self.d.origin, prior, row.digest, msg.id, self.member, self.d.now()
-            )
-            await self.send(ev.RetractResult(msg.rid, prior, receipt.raw))
+            # nothing logged or relayed again. The same receipt too, as its time was kept (one redone after a
+            # crash, or kept by an older broker, has none: the sender never got a receipt for it, so it gets one
+            # dated now).
+            index, at = prior
+            await self.send(self._retraction_receipt(msg, row.digest, index, self.d.now() if at is None else at))
             return
         recipients = self.d.logged_header(row.log_index).core.recipients
+        at = self.d.now()
 
         def done(index: int) -> None:
             self.d.withdrawals += 1
-            self.d.retract_effects(retraction, recipients, index)
+            self.d.retract_effects(retraction, recipients, index, at)
 
         readers = (self.member, *recipients)
         index = await self.d.append(records.retract_entry(retraction), done, traffic=True, readers=readers)
         for r in recipients:
             self.d.wake(r)
-        receipt = records.Receipt.make(
-            self.d.identity.signing, self.d.origin, index, row.digest, msg.id, self.member, self.d.now()
-        )
-        await self.send(ev.RetractResult(msg.rid, index, receipt.raw))
+        await self.send(self._retraction_receipt(msg, row.digest, index, at))
+
+    def _retraction_receipt(self, msg: ev.Retract, digest: bytes, index: int, at: int) -> ev.RetractResult:
+        receipt = records.Receipt.make(self.d.identity.signing, self.d.origin, index, digest, msg.id, self.member, at)
+        return ev.RetractResult(msg.rid, index, receipt.raw)
 
     async def _statement(self, msg: ev.Statement) -> None:
         try:

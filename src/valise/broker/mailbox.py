@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS readers (  -- who may read log entry idx in full ('*'
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS retractions (  -- a packet's retraction is logged once; asking again gets this index
     digest     BLOB PRIMARY KEY,
-    log_index  INTEGER NOT NULL
+    log_index  INTEGER NOT NULL,
+    at         INTEGER             -- the time its receipt carries (NULL: recorded by an older broker)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS orphans (  -- logged packets whose small body a crash lost: the sender's retry brings it
     sender     TEXT NOT NULL,
@@ -95,6 +96,13 @@ class MailItem:
 CORE_TABLES = ("packets", "mailbox", "counters")
 
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Columns added since a table was first made (CREATE TABLE IF NOT EXISTS leaves an old table as it is)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(retractions)")}
+    if "at" not in columns:
+        conn.execute("ALTER TABLE retractions ADD COLUMN at INTEGER")
+
+
 class Mailboxes:
     """Per-member ordered mailboxes in one SQLite file (WAL; every change is one committed transaction)."""
 
@@ -122,6 +130,7 @@ class Mailboxes:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")  # a receipt promises durability: fsync at every commit
                 conn.executescript(SCHEMA)
+                _add_missing_columns(conn)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open mailbox store {path}: {exc}") from None
         return cls(conn)
@@ -294,14 +303,14 @@ class Mailboxes:
             found.update(r[0] for r in rows)
         return sorted(found)[:limit]
 
-    def record_retraction(self, digest: bytes, index: int) -> None:
+    def record_retraction(self, digest: bytes, index: int, at: int | None) -> None:
         with self._transaction():
-            self._db.execute("INSERT OR IGNORE INTO retractions VALUES (?, ?)", (digest, index))
+            self._db.execute("INSERT OR IGNORE INTO retractions VALUES (?, ?, ?)", (digest, index, at))
 
-    def retraction_index(self, digest: bytes) -> int | None:
-        """Where the packet's retraction was logged, if it was."""
-        r = self._db.execute("SELECT log_index FROM retractions WHERE digest = ?", (digest,)).fetchone()
-        return int(r[0]) if r else None
+    def retraction(self, digest: bytes) -> tuple[int, int | None] | None:
+        """Where the packet's retraction was logged and the time its receipt carries, if it was logged."""
+        r = self._db.execute("SELECT log_index, at FROM retractions WHERE digest = ?", (digest,)).fetchone()
+        return (int(r[0]), r[1]) if r else None
 
     def add_orphan(self, sender: str, packet_id: bytes, index: int, digest: bytes, received: int) -> None:
         with self._transaction():
