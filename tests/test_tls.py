@@ -97,3 +97,52 @@ def test_only_tls13_is_offered(tmp_path: Path) -> None:
     ctx = tls.server_context(bdir / "BRK.tls.crt", bdir / "BRK.tls.key", [])
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
     assert ctx.verify_mode == ssl.CERT_REQUIRED
+
+
+async def test_a_node_sends_nothing_to_a_broker_that_does_not_select_the_valise_protocol(tmp_path: Path) -> None:
+    """wire.md: a connection on which `valise/1` was not selected is closed before any frame. The server here has
+    the broker's own certificate (the pin holds) but negotiates no ALPN protocol."""
+    from valise.node.daemon import NodeDaemon
+    from valise.node.home import NodeHome
+
+    from .harness import log_vkey, make_world
+
+    world = make_world(tmp_path)
+    ident = world.home.identity_dir / "broker"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(ident.with_suffix(".tls.crt"), ident.with_suffix(".tls.key"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=ssl.DER_cert_to_PEM_cert(world.members["FRA"].bundle.cert_der))
+    received: list[bytes] = []
+    handshakes = 0
+
+    async def handler(tcp: trio.SocketStream) -> None:
+        nonlocal handshakes
+        stream = trio.SSLStream(tcp, ctx, server_side=True)
+        try:
+            await stream.do_handshake()
+            handshakes += 1
+            while data := await stream.receive_some(65536):
+                received.append(data)
+        except trio.BrokenResourceError:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        home = NodeHome.create(
+            tmp_path / "node", world.dirs["FRA"], f"127.0.0.1:{port}", world.home.broker_bundle_path, log_vkey(world)
+        )
+        daemon = NodeDaemon(home, world.members["FRA"], poll_interval=0.2)
+        try:
+            nursery.start_soon(daemon.run)
+            with trio.fail_after(10):
+                while handshakes == 0 or daemon.last_error is None:  # noqa: ASYNC110 - the daemon's own state
+                    await trio.sleep(0.02)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        finally:
+            daemon.store.close()
+    assert "did not negotiate the protocol valise/1" in daemon.last_error
+    assert received == []  # no hello, nothing

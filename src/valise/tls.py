@@ -98,6 +98,15 @@ def peer_certificate(stream: _HasPeerCert) -> bytes:
     return der
 
 
+def check_alpn(selected: str | None, *, who: str) -> None:
+    """wire.md: a connection on which `valise/1` was not selected is closed before any frame is read or sent."""
+    if selected != ALPN:
+        raise TLSPeerError(
+            f"{who} did not negotiate the protocol {ALPN} (it selected {selected or 'none'})",
+            hint="the address is not a valise broker, or one that speaks another version",
+        )
+
+
 def check_pinned(presented: bytes, pinned: bytes, *, who: str) -> None:
     if presented != pinned:
         raise TLSPeerError(

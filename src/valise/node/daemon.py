@@ -287,6 +287,7 @@ class NodeDaemon:
         try:
             await stream.do_handshake()
             tls.check_pinned(tls.peer_certificate(stream), self.broker.cert_der, who="broker")
+            tls.check_alpn(stream.selected_alpn_protocol(), who="the broker")
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
