@@ -19,13 +19,14 @@ from valise import encoding, packet, records
 from valise.broker import daemon
 from valise.broker.daemon import BrokerDaemon
 from valise.broker.mailbox import Mailboxes, MailItem
+from valise.policy import records as prec
 from valise.store.sqlite import SqliteLog
 from valise.tlog import merkle
 from valise.wire import codes
 from valise.wire import events as ev
 from valise.wire.limits import DEFAULT_LIMITS
 
-from .harness import WireClient, World, make_world, running_broker, seal
+from .harness import ORIGIN, WireClient, World, make_world, running_broker, seal
 
 
 def _world(tmp_path: Path) -> World:
@@ -842,3 +843,22 @@ async def test_an_auditor_connection_reads_beside_the_members_node_and_is_pushed
             assert closed.code == codes.REPLACED
             assert len(broker.auditors["DEU"]) == daemon.AUDITORS_PER_MEMBER
         await node.sync()
+
+
+async def test_a_statement_signed_by_another_key_is_answered_bad_signature(tmp_path: Path) -> None:
+    """wire.md's `bad-signature`: a signature (header, statement, notice) that does not verify; other statement
+    faults are `refused`."""
+    world = _world(tmp_path)
+    now = int(time.time())
+    forged = prec.grant(world.members["DEU"].signing, origin=ORIGIN, author="FRA", created=now, to="DEU", tlp="AMBER")
+    for_another = prec.grant(
+        world.members["DEU"].signing, origin=ORIGIN, author="DEU", created=now, to="FRA", tlp="AMBER"
+    )
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        fra.refuse_cosign = True
+        for statement, code in [(forged, codes.BAD_SIGNATURE), (for_another, codes.REFUSED)]:
+            rid = fra.conn.new_rid()
+            await fra.send(ev.Statement(rid, statement))
+            answer = await fra.next_of(ev.ErrorMessage)
+            assert isinstance(answer, ev.ErrorMessage)
+            assert (answer.rid, answer.code) == (rid, code), answer

@@ -163,6 +163,10 @@ class StatementError(PolicyError):
     """A statement is malformed, signed by the wrong key, replayed, or speaks for another member."""
 
 
+class StatementSignatureError(StatementError):
+    """A statement's signature does not verify under its author's identity key."""
+
+
 # --- wire and daemons ----------------------------------------------------------------------------------
 
 

@@ -46,6 +46,7 @@ from valise.errors import (
     PolicyError,
     ProtocolError,
     StatementError,
+    StatementSignatureError,
     StoreError,
     StoreMoved,
 )
@@ -1179,8 +1180,11 @@ class Session:
         if hello.member != self.member:
             await self._fatal(codes.UNAUTHENTICATED, f"hello says {hello.member}, the certificate is {self.member}'s")
             return None
-        if member is None or member.status != ACTIVE:
-            await self._fatal(codes.SUSPENDED, f"{self.member} is not an active member")
+        if member is None:  # removed from the directory since its certificate was let through
+            await self._fatal(codes.UNKNOWN_MEMBER, f"{self.member} is not in the directory")
+            return None
+        if member.status != ACTIVE:
+            await self._fatal(codes.SUSPENDED, f"{self.member} is not an active member ({member.status})")
             return None
         await self.send(ev.Welcome(version, self.d.broker_id, self.d.now(), self.conn.limits))
         return hello
@@ -1578,7 +1582,9 @@ class Session:
                 self.d.policy.check(statement)
             except Error as exc:
                 what = str(exc)
-                return Refused(what, lambda rid: ev.ErrorMessage(rid, codes.REFUSED, what))
+                # wire.md: a signature that does not verify has its own code, whatever it signs.
+                code = codes.BAD_SIGNATURE if isinstance(exc, StatementSignatureError) else codes.REFUSED
+                return Refused(what, lambda rid: ev.ErrorMessage(rid, code, what))
             return None
 
         async with self.d.policy_writer():

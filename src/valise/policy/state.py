@@ -18,7 +18,14 @@ from typing import Any
 
 from valise import identity, labels
 from valise.crypto import sign
-from valise.errors import BundleError, LimitError, PolicyError, SignatureError, StatementError
+from valise.errors import (
+    BundleError,
+    LimitError,
+    PolicyError,
+    SignatureError,
+    StatementError,
+    StatementSignatureError,
+)
 from valise.policy import records
 from valise.policy.records import DIR, GRANT, GROUP_PREFIX, REVOKE, RULE, STMT, Record
 
@@ -366,7 +373,7 @@ class PolicyState:
             try:
                 record.verify(author.sign_key, what=f"{what}")
             except SignatureError as exc:
-                raise StatementError(
+                raise StatementSignatureError(
                     f"{exc.what} under the identity key of {author.id}",
                     hint="signed by another key, or altered after signing",
                 ) from None
