@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from valise import packet, records
@@ -394,3 +395,35 @@ async def test_resubmitting_a_delivered_packet_leaves_no_body_in_the_spool(tmp_p
         await close_gracefully(fra)
         await close_gracefully(deu)
         assert not body.exists(), "a body no mailbox refers to is left in the spool for good"
+
+
+async def test_an_upload_that_stops_getting_data_is_given_up_and_its_file_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wire.md, "Timeouts": an open transfer without progress for STALL seconds is abandoned (`timeout`), its
+    spool file goes, and the connection carries on (its later chunks for that upload are discarded)."""
+    from valise.wire import liveness
+
+    monkeypatch.setattr(liveness, "STALL", 0.4)
+    monkeypatch.setattr(liveness, "CHECK_EVERY", 0.1)
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU")
+    data = seal(world, "FRA", ["DEU"], b"x" * 200_000)  # spooled to a file, not kept in memory
+    head = _head(data)
+    body = data[head.head_size :]
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        fra.refuse_cosign = True
+        rid = fra.conn.new_rid()
+        await fra.send(ev.SubmitBegin(rid, data[: head.head_size], len(body)))
+        await fra.send(ev.SubmitChunk(rid, body[:1000]))
+        await fra.sync()
+        spool = world.home.root / "spool"
+        assert [p for p in spool.rglob("*") if p.is_file()], "the upload has a file while it is open"
+        answer = await fra.next_of(ev.ErrorMessage, within=5)
+        assert isinstance(answer, ev.ErrorMessage)
+        assert (answer.rid, answer.code) == (rid, codes.TIMEOUT)
+        assert "no data for this upload" in answer.message
+        assert [p for p in spool.rglob("*") if p.is_file()] == []
+        await fra.send(ev.SubmitChunk(rid, body[1000:2000]))  # late: discarded, not an error
+        await fra.sync()
+        assert isinstance(await fra.submit(seal(world, "FRA", ["DEU"], b"and the next one")), ev.Receipt)

@@ -99,6 +99,40 @@ def test_only_tls13_is_offered(tmp_path: Path) -> None:
     assert ctx.verify_mode == ssl.CERT_REQUIRED
 
 
+async def test_a_tls12_client_is_refused_and_a_member_gets_no_session_ticket(tmp_path: Path) -> None:
+    """wire.md: TLS 1.3 only, and no resumption (so no 0-RTT either): the broker issues no session tickets."""
+    broker, bdir = _make(tmp_path, "BRK")
+    fra, fdir = _make(tmp_path, "FRA")
+    sctx = tls.server_context(bdir / "BRK.tls.crt", bdir / "BRK.tls.key", [fra.bundle.cert_der])
+    old = tls.client_context(fdir / "FRA.tls.crt", fdir / "FRA.tls.key", broker.bundle.cert_der)
+    old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_2
+    seen, err = await _handshake(sctx, old)
+    assert seen is None
+    assert err == "SSLError", err
+
+    tickets: list[bool] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        s = trio.SSLStream(stream, sctx, server_side=True)
+        await s.do_handshake()
+        await s.send_all(b"ok")
+        await s.receive_some(10)  # until the client has looked
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        cctx = tls.client_context(fdir / "FRA.tls.crt", fdir / "FRA.tls.key", broker.bundle.cert_der)
+        client = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), cctx)
+        await client.do_handshake()
+        assert await client.receive_some(10) == b"ok"  # a ticket would have come before these bytes
+        session = client.session
+        tickets.append(session is not None and session.has_ticket)
+        await client.send_all(b"done")
+        await trio.aclose_forcefully(client)
+        nursery.cancel_scope.cancel()
+    assert tickets == [False]
+
+
 async def test_a_node_sends_nothing_to_a_broker_that_does_not_select_the_valise_protocol(tmp_path: Path) -> None:
     """wire.md: a connection on which `valise/1` was not selected is closed before any frame. The server here has
     the broker's own certificate (the pin holds) but negotiates no ALPN protocol."""
