@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from valise import encoding, packet, records
-from valise.broker import daemon
+from valise.broker import daemon, session
 from valise.broker.daemon import BrokerDaemon
 from valise.broker.mailbox import Mailboxes, MailItem
 from valise.policy import records as prec
@@ -283,10 +283,10 @@ async def test_witnesses_asked_in_waves_all_cosign_the_new_checkpoint(
 ) -> None:
     """A round asks its witnesses a wave at a time (here one per wave): every one of them is still asked, and the
     published note carries all their cosignatures."""
-    from valise.broker import daemon as broker_daemon
+    from valise.broker import cosign
     from valise.tlog import checkpoint, cosignature
 
-    monkeypatch.setattr(broker_daemon, "COSIGN_WAVE", 1)
+    monkeypatch.setattr(cosign, "COSIGN_WAVE", 1)
     world = _world(tmp_path)
 
     async with _witnessed(world) as (broker, fra, nursery):
@@ -330,7 +330,7 @@ def test_a_published_checkpoint_carries_at_most_the_note_signature_limit() -> No
 def test_with_more_witnesses_than_a_note_carries_they_take_turns() -> None:
     """196 witnesses, 99 cosignature lines: each checkpoint asks 99 (no more: the rest would be wasted work on both
     sides), a different window each time, and two turns reach every witness."""
-    from valise.broker.daemon import pick_witnesses
+    from valise.broker.cosign import pick_witnesses
 
     names = [f"N{i:03d}" for i in range(196)]
     first, second = pick_witnesses(names, 0, 99), pick_witnesses(names, 1, 99)
@@ -346,7 +346,7 @@ def test_a_cosigning_round_is_spread_out_but_done_within_half_a_checkpoint_inter
     """99 witnesses at once made a backlog that set the broker's p99 (docs/benchmarks.md, round 6): a round goes
     out in waves COSIGN_PACE apart, except that all its waves must be asked within half the checkpoint interval,
     or the next checkpoint replaces the note before its cosignatures can be added."""
-    from valise.broker.daemon import COSIGN_PACE, COSIGN_WAVE, wave_pace
+    from valise.broker.cosign import COSIGN_PACE, COSIGN_WAVE, wave_pace
 
     assert wave_pace(99, 1.0) == COSIGN_PACE  # the benchmark's case: ten waves over ~0.4 s
     assert COSIGN_PACE * 9 <= 0.5
@@ -794,7 +794,7 @@ async def test_items_waiting_past_the_hand_over_limit_are_pushed_from_the_store_
 ) -> None:
     """A member that confirms nothing lets items pile up; past FRESH_MAX its pusher reads them from the store
     again, and every one still arrives, once and in order."""
-    monkeypatch.setattr(daemon, "FRESH_MAX", 2)
+    monkeypatch.setattr(session, "FRESH_MAX", 2)
     world = _world(tmp_path)
     packets = [seal(world, "FRA", ["DEU"], b"p%d" % i) for i in range(6)]
     async with (
