@@ -165,6 +165,7 @@ class WireClient:
         hello: bool = True,
         limits: Limits | None = None,
         role: str = "node",
+        seen: int = 0,
     ) -> AsyncIterator[WireClient]:
         d = world.dirs[member]
         ctx = tls.client_context(d / f"{member}.tls.crt", d / f"{member}.tls.key", world.home.broker_bundle().cert_der)
@@ -176,7 +177,7 @@ class WireClient:
         try:
             await stream.do_handshake()
             if hello:
-                await client.send(ev.Hello(SUPPORTED_VERSIONS, member, role, 0, client.conn.limits))
+                await client.send(ev.Hello(SUPPORTED_VERSIONS, member, role, seen, client.conn.limits))
                 welcome = await client.next()
                 assert isinstance(welcome, ev.Welcome), welcome
             yield client

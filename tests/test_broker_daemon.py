@@ -862,3 +862,21 @@ async def test_a_statement_signed_by_another_key_is_answered_bad_signature(tmp_p
             answer = await fra.next_of(ev.ErrorMessage)
             assert isinstance(answer, ev.ErrorMessage)
             assert (answer.rid, answer.code) == (rid, code), answer
+
+
+async def test_a_member_that_verified_more_than_the_broker_signed_is_reported_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a broker restored from an older backup sees: nodes that verified a longer log. It cannot prove that
+    (the hello only says a number), so it says so where the operator looks, once per member."""
+    world = _world(tmp_path)
+    async with running_broker(world) as broker:
+        for _ in range(2):
+            async with WireClient.connect(world, "DEU", broker.port, seen=1000) as deu:
+                deu.refuse_cosign = True
+                await deu.sync()
+        signed = broker.log.latest.size if broker.log.latest else 0
+    said = [r.getMessage() for r in caplog.records if "says it has verified a log of 1000 entries" in r.getMessage()]
+    assert len(said) == 1
+    assert f"this broker has signed only {signed}" in said[0]
+    assert "restored from an older backup" in said[0]

@@ -10,6 +10,7 @@ A crash-injection review (SIGKILL at those points, real processes) found each of
 from __future__ import annotations
 
 import hashlib
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -304,3 +305,26 @@ async def test_a_retraction_is_refused_for_its_reason_length_or_its_signature_an
             assert what in answer.message
         await fra.sync()
         assert broker.store.size() == size
+
+
+async def test_a_mailbox_store_older_than_its_log_stops_the_broker(tmp_path: Path) -> None:
+    """A mailbox.db restored from an older backup than broker.db (or copied file by file from a running broker):
+    the broker took it for the aftermath of a crash, redid the missing packet as an orphan its sender (holding a
+    receipt) never sends again, and the packet was lost without a word."""
+    world = _world(tmp_path)
+    await _relayed(world, seal(world, "FRA", ["DEU"], b"before the backup"))
+    mailbox = world.home.mailbox_path
+    backup = tmp_path / "mailbox.db.bak"
+    shutil.copyfile(mailbox, backup)  # the broker is stopped: the file is whole (WAL checkpointed at close)
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        fra.refuse_cosign = True
+        receipt = await fra.submit(seal(world, "FRA", ["DEU"], b"receipted after the backup"))
+        assert isinstance(receipt, ev.Receipt)
+        with trio.fail_after(10):  # the broker signs a checkpoint past it
+            while broker.log.latest is None or broker.log.latest.size <= receipt.index:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+    shutil.copyfile(backup, mailbox)
+    with pytest.raises(StoreError, match=r"mailbox\.db is older than the log") as refused:
+        BrokerDaemon(world.home)
+    assert "1 more traffic record" in str(refused.value)
+    assert "restore mailbox.db from the same backup as broker.db" in (refused.value.hint or "")

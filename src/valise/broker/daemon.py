@@ -102,6 +102,13 @@ def _is_packet(entry: bytes) -> bool:
         return False
 
 
+def _is_traffic(entry: bytes) -> bool:
+    try:
+        return records.entry_type(entry)[0] in ("pkt", "ack", "retract", "purge")
+    except Error:
+        return False
+
+
 class BrokerDaemon:
     def __init__(self, home: BrokerHome, settings: Settings | None = None, passphrase: bytes | None = None) -> None:
         """`passphrase`: of the broker's identity and log keys, if `broker init` sealed them."""
@@ -153,6 +160,7 @@ class BrokerDaemon:
         # A crash between the log's commit and the mailboxes' leaves the last batch's mailbox changes undone: they
         # are redone from the log, from the mark the mailboxes keep (`applied_size`), before anyone connects.
         applied = self.mail.applied_size()
+        self._check_mailboxes_current(applied)
         with self.mail.batch():
             # A mailbox database from before the mark: only packets after the newest it knows can be missing.
             self._catch_up(self.store.size(), effects_from=applied if applied is not None else self._legacy_mark())
@@ -160,6 +168,7 @@ class BrokerDaemon:
         if swept := self.spool.sweep(self.mail):
             log.warning("removed %d spool file(s) that no mailbox item refers to", swept)
         self.orphans.update(self.mail.orphans())  # and those of earlier crashes
+        self.ahead: set[str] = set()  # members that said they verified more than we signed (member_is_ahead)
         self.sessions: dict[str, Session] = {}  # each member's node connection (role "node"): at most one
         # Connections with role "auditor" (wire.md): a member's monitoring script reading the log beside its node.
         # Pushed nothing and replacing no node; at most AUDITORS_PER_MEMBER per member (the oldest goes).
@@ -239,6 +248,32 @@ class BrokerDaemon:
                         hint="restore mailbox.db from the backup of broker.db; or rebuild it from the log with "
                         "valise broker serve --rebuild-mailboxes (small packets not yet delivered are then lost)",
                     )
+
+    def _check_mailboxes_current(self, applied: int | None) -> None:
+        """Refuse to start on a mailbox.db older than its log (restored from an older backup, or copied file by file
+        from a running broker): the packets receipted since would be lost without a word.
+
+        The broker signs a checkpoint only after the mailboxes hold the changes of every entry below it, and a
+        crash between its two commits leaves at most the last batch undone, which it never signed (a checkpoint an
+        operator command signed meanwhile is the rare exception, and is named in the error). So traffic records
+        below the saved checkpoint but past the mailboxes' mark mean receipts were given for changes this
+        mailbox.db does not have."""
+        saved = self.store.load_checkpoint()
+        if applied is None or saved is None or saved[0] <= applied or self.settings.rebuild_mailboxes:
+            return
+        missing = 0
+        for start in range(applied, saved[0], 4096):
+            missing += sum(_is_traffic(e) for e in self.store.entries(start, min(saved[0], start + 4096)))
+        if missing:
+            raise StoreError(
+                f"{self.home.mailbox_path} is older than the log: it holds the delivery changes of log entries up to "
+                f"{applied}, but the broker signed a checkpoint of {saved[0]} after those of {missing} more traffic "
+                "record(s) (packets, acknowledgements, retractions, purges) were made: their deliveries would be lost",
+                hint="restore mailbox.db from the same backup as broker.db (stop the broker, or use SQLite's online "
+                "backup, to copy both); or move it aside and rebuild it from the log with valise broker serve "
+                "--rebuild-mailboxes (small packets not yet delivered are then lost). If the broker crashed while an "
+                "operator command signed a checkpoint, this is the last batch and a rebuild loses nothing else",
+            )
 
     def _legacy_mark(self) -> int:
         return max(1, self.mail.last_log_index() + 1)
@@ -821,6 +856,21 @@ class BrokerDaemon:
 
     def session_ended(self) -> None:
         self._sessions_changed.set()
+
+    def member_is_ahead(self, member: str, seen: int, signed: int) -> None:
+        """A member says it verified a bigger tree than this broker has signed. Either it lies (it gains nothing:
+        it is refused nothing) or this broker directory was restored from a backup older than what members have
+        verified, and the log it now extends is a fork of the one they hold. It cannot be proven here, so it is
+        said loudly, once per member, where the operator looks (the members' nodes raise a fork alarm)."""
+        if member in self.ahead:
+            return
+        self.ahead.add(member)
+        log.error(
+            "%s says it has verified a log of %d entries, but this broker has signed only %d: if that is so, this "
+            "broker directory was restored from an older backup and the log has forked from what members verified. "
+            "Stop the broker and restore the newest copy of its directory (members' nodes alarm until then)",
+            member, seen, signed,
+        )  # fmt: skip
 
     def all_sessions(self) -> list[Session]:
         return [*self.sessions.values(), *(s for group in self.auditors.values() for s in group)]

@@ -910,6 +910,8 @@ class Session:
         it verified. Checkpoints are otherwise cosigned only when the log grows; on a quiet log a node that
         requires a quorum would wait for one forever."""
         latest = self.d.log.latest
+        if latest is not None and seen > latest.size:
+            self.d.member_is_ahead(self.member, seen, latest.size)
         if latest is None or seen > latest.size:
             return
         got: list[note.Signature] = []
