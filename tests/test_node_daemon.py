@@ -451,7 +451,9 @@ async def test_acknowledgements_the_broker_logged_reach_the_sender_through_the_l
         "not sent": records.Ack.make(deu.signing, bytes([1]) * 16, bytes(32), "FRA", "DEU", NOW),
         "not addressed": records.Ack.make(fra.signing, pid, head.digest, "FRA", "FRA", NOW),
     }
-    others = records.Ack.make(fra.signing, bytes([2]) * 16, bytes(32), "DEU", "FRA", NOW)  # DEU's packet: not ours
+    # FRA's own acknowledgement of a packet of DEU's: not one of FRA's packets, and not in FRA's inbox either (as
+    # after a restore of node.db from an older backup): the sender will never send it again.
+    others = records.Ack.make(fra.signing, bytes([2]) * 16, bytes(32), "DEU", "FRA", NOW)
     async with trio.open_nursery() as nursery:
         await start(nursery, h)
         await wait_for(lambda: h.daemon.follower.size == 3)
@@ -467,16 +469,21 @@ async def test_acknowledgements_the_broker_logged_reach_the_sender_through_the_l
         assert h.daemon.store.acks_for(pid) == {"DEU": ack.raw}
         assert h.daemon.store.ack_count() == 1
         alarms = h.daemon.store.alarms()
-        assert [a.kind for a in alarms] == ["log", "ack", "ack", "ack"]
+        assert [a.kind for a in alarms] == ["log", "log", "ack", "ack", "ack"]
         assert alarms[0].message.startswith("log entry 5 is an acknowledgement that does not verify")
+        assert alarms[1].message.startswith(
+            f"1 packet(s) this member acknowledged are not in this node's inbox (the first: log entry 9, packet "
+            f"{bytes([2]).hex() * 16} from DEU)"
+        )
         held = "the log holds an acknowledgement by"
-        assert alarms[1].message.startswith(f"{held} DEU of packet {pid.hex()} names header digest 0000000000000000")
-        assert alarms[2].message.startswith(f"{held} DEU of packet {bytes([1]).hex() * 16}")
-        assert alarms[3].message.startswith(f"{held} FRA of packet {pid.hex()}")
-        assert "which this node did not send" in alarms[2].message
-        assert "which was not addressed to FRA" in alarms[3].message
+        assert alarms[2].message.startswith(f"{held} DEU of packet {pid.hex()} names header digest 0000000000000000")
+        assert alarms[3].message.startswith(f"{held} DEU of packet {bytes([1]).hex() * 16}")
+        assert alarms[4].message.startswith(f"{held} FRA of packet {pid.hex()}")
+        assert "which this node did not send" in alarms[3].message
+        assert "which was not addressed to FRA" in alarms[4].message
         assert alarms[0].evidence == records.ack_entry(bad["forged"])
-        assert [a.evidence for a in alarms[1:]] == [bad[k].raw for k in ("another digest", "not sent", "not addressed")]
+        assert alarms[1].evidence == records.ack_entry(others)
+        assert [a.evidence for a in alarms[2:]] == [bad[k].raw for k in ("another digest", "not sent", "not addressed")]
         nursery.cancel_scope.cancel()
 
 

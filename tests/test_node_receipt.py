@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,20 @@ from valise.cli.main import main
 from valise.node.daemon import NodeDaemon
 from valise.node.home import NodeHome
 from valise.tlog import cosignature, note, proofbundle
+from valise.wire import events as ev
 
-from .harness import ORIGIN, World, log_vkey, make_world, running_broker, running_node, serving_node
+from .harness import (
+    ORIGIN,
+    WireClient,
+    World,
+    log_vkey,
+    make_world,
+    running_broker,
+    running_node,
+    seal,
+    serving_node,
+)
+from .test_node_daemon import wait_for
 
 
 async def cli(*argv: str) -> tuple[int, str, str]:
@@ -189,3 +202,38 @@ async def test_a_member_the_broker_does_not_know_is_told_what_that_means(tmp_pat
             daemon.store.close()
     assert "the broker does not accept this member's certificate" in daemon.last_error
     assert "valise broker member add" in daemon.last_error
+
+
+async def test_a_node_restored_from_an_older_backup_alarms_for_the_packets_it_acknowledged_since(
+    tmp_path: Path,
+) -> None:
+    """A day-2 walkthrough restored a node directory from a backup older than its last deliveries: the inbox went
+    back, the broker had dropped the packets (acknowledged), their senders held the acknowledgements, and the node
+    said nothing. Its own acknowledgements in the log it follows show what it has lost."""
+    world = make_world(tmp_path)
+    world.consent("DEU", "FRA")
+    where, backup = tmp_path / "node", tmp_path / "node.bak"
+    async with running_broker(world) as broker:
+        async with running_node(world, broker.port, where):
+            pass
+        shutil.copytree(where, backup)  # the node is stopped: a whole copy
+        data = seal(world, "DEU", ["FRA"], b"received after the backup")
+        async with (
+            serving_node(world, NodeHome.open(where)) as node,
+            WireClient.connect(world, "DEU", broker.port) as deu,
+        ):
+            deu.refuse_cosign = True
+            assert isinstance(await deu.submit(data), ev.Receipt)
+            assert isinstance(await deu.next_of(ev.AckForward), ev.AckForward)  # FRA has it, and said so
+            assert len(node.store.inbox_all()) == 1
+        shutil.rmtree(where)
+        shutil.copytree(backup, where)
+        await broker.publish_checkpoint()
+        async with serving_node(world, NodeHome.open(where)) as node:
+            await wait_for(
+                lambda: any("acknowledged are not in this node's inbox" in a.message for a in node.store.alarms())
+            )
+            assert node.store.inbox_all() == []
+            (alarm,) = [a for a in node.store.alarms() if "acknowledged" in a.message]
+            assert alarm.message.startswith("1 packet(s) this member acknowledged are not in this node's inbox")
+            assert "from DEU" in alarm.message

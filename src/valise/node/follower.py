@@ -217,6 +217,10 @@ class Follower:
         self.policy: PolicyState | None = None
         # Whether an acknowledgement of ours, byte for byte, is already kept (set by the daemon, which keeps them).
         self.known_ack: Callable[[records.Ack], bool] | None = None
+        # Whether a packet (by header digest) is in this node's inbox (set by the daemon): a packet this member
+        # acknowledged is there, unless node.db was restored from an older backup or another node runs with
+        # this identity, and then the sender, holding the acknowledgement, never sends it again.
+        self.in_inbox: Callable[[bytes], bool] | None = None
 
     # --- state ------------------------------------------------------------------------------------------------
 
@@ -424,6 +428,7 @@ class Follower:
         """Fold full entries in index order; indexes missing in between are hashed (non-policy) entries."""
         out = _Folded()
         end = self.size if end is None else end
+        unheld: list[tuple[int, records.Ack, bytes]] = []
         for index, entry in entries:
             if index == 0:
                 g = self._genesis(entry)
@@ -448,15 +453,27 @@ class Follower:
             if record is not None:
                 out.keep.append((index, entry))
             elif not trusted:
-                self._traffic(index, entry, out)
+                self._traffic(index, entry, out, unheld)
+        if unheld:
+            first_index, first, evidence = unheld[0]
+            out.problems.append(
+                (
+                    f"{len(unheld)} packet(s) this member acknowledged are not in this node's inbox (the first: log "
+                    f"entry {first_index}, packet {first.packet_id.hex()} from {first.sender}); their senders hold "
+                    "the acknowledgements and will not send them again. node.db was restored from an older backup, "
+                    "or another node runs with this identity",
+                    evidence,
+                )
+            )
         if self.policy is None and end > 0:
             raise LogMismatchError("the log does not start with a genesis record")
         if self.policy is not None:
             self._skip_to(self.policy, end)
         return out
 
-    def _traffic(self, index: int, entry: bytes, out: _Folded) -> None:
-        """This member's own packets (to check receipts against) and the acknowledgements of them.
+    def _traffic(self, index: int, entry: bytes, out: _Folded, unheld: list[tuple[int, records.Ack, bytes]]) -> None:
+        """This member's own packets (to check receipts against), the acknowledgements of them, and its own
+        acknowledgements of packets it received (which its inbox must hold: `unheld` gets those it does not).
 
         The acknowledgements are taken from the log as well as from the broker's forwarding: a broker that logs
         one cannot keep it from the sender, who reads it here in the verified log (specs/protocol.md)."""
@@ -464,10 +481,24 @@ class Follower:
         if digest is not None:
             out.mine.append((index, digest))
             return
-        ack = _ack_to(entry, self.member)
-        if ack is None or (self.known_ack is not None and self.known_ack(ack)):
-            return  # not ours, or already kept, verified, when it was forwarded: no second Ed25519 check
+        ack = _ack_of(entry)
+        if ack is None:
+            return
         assert self.policy is not None
+        if ack.recipient == self.member and ack.sender != self.member:
+            if self.in_inbox is None or self.in_inbox(ack.digest):
+                return
+            me = self.policy.members.get(self.member)
+            try:  # only now: one that is ours is checked once, when its packet turns out to be missing
+                records.Ack.verified(ack.raw, me.sign_key if me else bytes(32))
+            except Error as exc:
+                what = f"log entry {index} is an acknowledgement in this member's name that does not verify"
+                out.problems.append((f"{what}: {exc.what}", entry))
+                return
+            unheld.append((index, ack, entry))
+            return
+        if ack.sender != self.member or (self.known_ack is not None and self.known_ack(ack)):
+            return  # not ours, or already kept, verified, when it was forwarded: no second Ed25519 check
         signer = self.policy.members.get(ack.recipient)
         try:
             if signer is None:
@@ -502,12 +533,13 @@ def _needed(entry: bytes, member: str) -> bool:
     if kind in (policy_records.DIR, policy_records.RULE, policy_records.STMT):
         return True
     if kind == "ack":
-        return _ack_to(entry, member) is not None
+        ack = _ack_of(entry)
+        return ack is not None and member in (ack.sender, ack.recipient)
     return kind == "pkt" and _my_packet(entry, member) is not None
 
 
-def _ack_to(entry: bytes, member: str) -> records.Ack | None:
-    """The acknowledgement, unverified, if `entry` is an "ack" record of a packet `member` sent."""
+def _ack_of(entry: bytes) -> records.Ack | None:
+    """The acknowledgement, unverified, if `entry` is an "ack" record."""
     try:
         kind, m = records.entry_type(entry)
         if kind != "ack" or not isinstance(m.get("notice"), bytes):
@@ -515,7 +547,7 @@ def _ack_to(entry: bytes, member: str) -> records.Ack | None:
         ack, _, _ = records.Ack.parse(m["notice"])
     except Error:
         return None
-    return ack if ack.sender == member else None
+    return ack
 
 
 def _my_packet(entry: bytes, member: str) -> bytes | None:
