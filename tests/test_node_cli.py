@@ -107,7 +107,9 @@ async def test_send_prints_the_id_and_the_receipt_or_the_denial(
         assert await cli("retract", "--node", node, reply["id"]) == 0
         assert capsys.readouterr().out == f"retracted {reply['id']}: log index 5\n"
         assert await cli("retract", "--node", node, reply["id"], "--json") == 0
-        assert json.loads(capsys.readouterr().out) == {"id": reply["id"], "index": 5, "already": True}
+        assert json.loads(capsys.readouterr().out) == {
+            "id": reply["id"], "index": 5, "already": True, "cancelled": False,
+        }  # fmt: skip
         nursery.cancel_scope.cancel()
 
 
@@ -145,6 +147,23 @@ async def test_send_while_the_broker_is_unreachable_queues_durably(
         status = json.loads(capsys.readouterr().out)
         assert (status["connected"], status["outbox"], status["log"]["size"]) == (False, {"queued": 1}, 3)
         assert "connection refused" in status["last_error"]
+
+        # The wrong file, say: retracted while it waits, it is withdrawn here and never leaves the node.
+        code = await cli(
+            "retract", "--node", str(world["home"].root), row.packet_id.hex()[:8], "--reason", "wrong file"
+        )
+        assert code == 0
+        assert (
+            capsys.readouterr().out
+            == f"cancelled {row.packet_id.hex()}: it was still queued, never sent, and now will not be\n"
+        )
+        (row,) = daemon.store.outbox_all()
+        assert row.state == "denied"
+        assert not daemon.store.outbox_path(row.packet_id).exists()
+        assert daemon.store.outbox_due(NOW + 10**6) == []
+        code = await cli("retract", "--node", str(world["home"].root), row.packet_id.hex(), "--json")
+        assert code == 2
+        assert "is denied; only a relayed packet can be retracted" in capsys.readouterr().err
         nursery.cancel_scope.cancel()
 
 

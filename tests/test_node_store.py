@@ -223,3 +223,25 @@ def test_a_lost_store_of_a_node_that_never_sent_or_received_is_refused_too(tmp_p
     # A node that never ran makes its store, and the marker, without complaint.
     NodeStore.open(tmp_path / "fresh").close()
     assert (tmp_path / "fresh" / "node.db.made").exists()
+
+
+def test_only_a_packet_never_submitted_can_be_cancelled(tmp_path: Path) -> None:
+    """A submission that was tried may be in the broker's log with its receipt lost: that packet must be
+    retracted at the broker once receipted, not forgotten here."""
+    st = NodeStore.open(tmp_path / "node")
+    tried, untried = b"\x01" * 16, b"\x03" * 16
+    st.enqueue(tried, b"\x02" * 32, ["DEU"], 1, 2, b"tried once")
+    st.enqueue(untried, b"\x04" * 32, ["DEU"], 1, 2, b"never sent")
+    st.outbox_retry_later(tried, 5.0, "the connection was lost")
+    assert not st.outbox_cancelled(tried, "")
+    assert st.outbox_path(tried).exists()
+    assert st.outbox_cancelled(untried, "wrong file")
+    assert not st.outbox_path(untried).exists()
+    row = st.outbox_get(untried)
+    assert row is not None
+    assert row.state == "denied"
+    assert not st.outbox_cancelled(untried, "again")  # once
+    cut_off = b"\x05" * 16
+    st.enqueue(cut_off, b"\x06" * 32, ["DEU"], 1, 2, b"sent, unanswered")
+    st.outbox_tried(cut_off)  # the connection ended before the broker's answer
+    assert not st.outbox_cancelled(cut_off, "")

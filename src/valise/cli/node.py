@@ -480,10 +480,14 @@ def read(args: argparse.Namespace) -> int:
 
 def retract(args: argparse.Namespace) -> int:
     reply = _check(request(args.node, {"op": "retract", "id": args.id, "reason": args.reason}))
+    cancelled = bool(reply.get("cancelled"))
     if args.json:
-        print(json.dumps({"id": reply["id"], "index": reply["index"], "already": bool(reply.get("already"))}))
+        index, already = reply.get("index"), bool(reply.get("already"))
+        print(json.dumps({"id": reply["id"], "index": index, "already": already, "cancelled": cancelled}))
         return 0
-    if reply.get("already"):
+    if cancelled:
+        print(f"cancelled {reply['id']}: it was still queued, never sent, and now will not be")
+    elif reply.get("already"):
         print(f"already retracted {reply['id']}: log index {reply['index']}")
     else:
         print(f"retracted {reply['id']}: log index {reply['index']}")

@@ -141,6 +141,7 @@ class NodeDaemon:
         if caught_up is not None:
             self._persist(caught_up)
         self.connected_event = trio.Event()  # for tests and `send`: set while a session is open
+        self.submitting: set[bytes] = set()  # packet ids whose submission is under way (the outbox sender's)
 
     # --- small helpers --------------------------------------------------------------------------------------
 
@@ -188,7 +189,8 @@ class NodeDaemon:
     def wake_outbox(self) -> None:
         self._outbox_wake.set()
 
-    def _settled(self) -> None:
+    def settled(self) -> None:
+        """A queued packet left `queued` (receipted, denied, expired or cancelled): wake whoever waits for one."""
         self._outcome.set()
         self._outcome = trio.Event()
 
@@ -582,7 +584,7 @@ class NodeDaemon:
         """Send due packets in order, several in flight: each upload holds one of the broker's request slots until
         its answer comes, and the next upload starts as soon as the previous one is sent, so a backlog is not
         paced by one broker round trip per packet."""
-        in_flight: set[bytes] = set()
+        in_flight = self.submitting
         async with trio.open_nursery() as nursery:
             while True:
                 rows = [r for r in self.store.outbox_due(self.now()) if r.packet_id not in in_flight]
@@ -594,15 +596,20 @@ class NodeDaemon:
                 for row in rows:
                     if row.expires <= self.now():
                         self.store.outbox_expired(row.packet_id)
-                        self._settled()
+                        self.settled()
                         continue
                     await session.requests.acquire()
+                    current = self.store.outbox_get(row.packet_id)
+                    if current is None or current.state != "queued":  # cancelled while we waited for a slot
+                        session.requests.release()
+                        continue
                     in_flight.add(row.packet_id)
                     try:
                         rid, reply = await self._upload(session, row)
                     except BaseException:
                         session.requests.release()
                         in_flight.discard(row.packet_id)
+                        self.store.outbox_tried(row.packet_id)  # it may have reached the broker: no cancelling
                         raise
                     nursery.start_soon(self._await_answer, session, row, rid, reply, in_flight)
 
@@ -643,6 +650,9 @@ class NodeDaemon:
     ) -> None:
         try:
             await session.answer(reply, "a submission")
+        except BaseException:
+            self.store.outbox_tried(row.packet_id)  # sent, and unanswered: it may be in the broker's log
+            raise
         finally:
             session.close_request(rid)
             session.requests.release()
@@ -678,7 +688,7 @@ class NodeDaemon:
             what = f"{answer.code}: {answer.message}" if isinstance(answer, ev.ErrorMessage) else answer.TYPE
             self._retry(row, what)
             return
-        self._settled()
+        self.settled()
 
     def _retry(self, row: OutboxRow, error: str) -> None:
         delay = outbox.SEND_RETRY.delay(row.attempts, self.random)

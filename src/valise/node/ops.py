@@ -260,6 +260,10 @@ def outcome(row: OutboxRow, *, connected: bool, last_error: str | None = None) -
         if isinstance(error, dict):
             msg = f"refused by the broker ({error.get('code')}): {error.get('message')}"
             return {"ok": False, **base, "error": msg, "code": DeniedError.exit_code, "refused": error}
+        cancelled = detail.get("cancelled") if isinstance(detail, dict) else None
+        if isinstance(cancelled, str):
+            msg = f"cancelled by its sender before it was sent: {cancelled}"
+            return {"ok": False, **base, "error": msg, "code": DeniedError.exit_code, "cancelled": cancelled}
         reasons = {str(k): str(v) for k, v in (detail or {}).items()}
         msg = "denied: " + "; ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
         return {"ok": False, **base, "error": msg, "code": DeniedError.exit_code, "reasons": reasons}
@@ -351,12 +355,22 @@ async def op_retract(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> di
     if not rows and len(prefix) >= 4 and daemon.store.inbox_find(prefix):
         raise UsageError(f"packet {prefix} is one this member received: only its sender can retract it")
     row: OutboxRow = _one(rows, prefix, "outbox")
+    reason = _text(request, "reason", "")
+    if row.state == "queued":
+        # Never sent (the broker was unreachable, say): withdrawn here, so the wrong file never leaves. One whose
+        # submission was tried may be in the broker's log with its receipt lost: that one must be retracted there.
+        if row.packet_id not in daemon.submitting and daemon.store.outbox_cancelled(row.packet_id, reason):
+            daemon.settled()
+            return {"ok": True, "id": row.packet_id.hex(), "cancelled": True}
+        raise UsageError(
+            f"packet {row.packet_id.hex()} is being sent, or a submission of it was tried and may have reached the "
+            "broker: retract it once it is receipted (`valise send` waits for that; `valise status` shows it)"
+        )
     if row.state != "receipted":
         raise UsageError(f"packet {row.packet_id.hex()} is {row.state}; only a relayed packet can be retracted")
     done = daemon.store.get(f"retracted:{row.packet_id.hex()}")
     if done is not None:  # the broker would answer with the first retraction's index too; say it is a repeat
         return {"ok": True, "id": row.packet_id.hex(), "index": int.from_bytes(done, "big"), "already": True}
-    reason = _text(request, "reason", "")
     retraction = records.Retraction.make(
         daemon.identity.signing, row.packet_id, row.digest, daemon.member, reason, daemon.now()
     )

@@ -315,6 +315,24 @@ class NodeStore:
             (json.dumps({"error": {"code": code, "message": message}}), packet_id),
         )
 
+    def outbox_tried(self, packet_id: bytes) -> None:
+        """A submission of a queued packet went out, in part or whole, with no answer (the connection ended): it
+        counts as an attempt, and the packet can no longer be cancelled here (the broker may have logged it)."""
+        self._db.execute(
+            "UPDATE outbox SET attempts = attempts + 1 WHERE packet_id = ? AND state = 'queued'", (packet_id,)
+        )
+
+    def outbox_cancelled(self, packet_id: bytes, reason: str) -> bool:
+        """Withdraw a packet never submitted (its sender retracted it while it waited): it will not be sent. It is
+        kept as denied, with the sender's reason, and its file goes. False if it was not queued and untried."""
+        cur = self._db.execute(
+            "UPDATE outbox SET state = 'denied', outcome = ? WHERE packet_id = ? AND state = 'queued' AND attempts = 0",
+            (json.dumps({"cancelled": reason or "retracted by its sender before it was sent"}), packet_id),
+        )
+        if cur.rowcount:
+            self.outbox_path(packet_id).unlink(missing_ok=True)
+        return cur.rowcount > 0
+
     def outbox_expired(self, packet_id: bytes) -> None:
         self._db.execute("UPDATE outbox SET state = 'expired' WHERE packet_id = ?", (packet_id,))
 
