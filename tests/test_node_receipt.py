@@ -237,3 +237,28 @@ async def test_a_node_restored_from_an_older_backup_alarms_for_the_packets_it_ac
             (alarm,) = [a for a in node.store.alarms() if "acknowledged" in a.message]
             assert alarm.message.startswith("1 packet(s) this member acknowledged are not in this node's inbox")
             assert "from DEU" in alarm.message
+
+
+async def test_a_node_pinned_to_another_log_key_says_so_in_an_alarm(tmp_path: Path) -> None:
+    """A day-2 walkthrough pinned the wrong log key: `status` said connected, log size 0, no alarms, and `send`
+    then failed with "wait until the node has followed the log". protocol.md: a refused checkpoint is an alarm."""
+    from valise.crypto import sign
+
+    world = make_world(tmp_path)
+    other = note.Ed25519Signer(ORIGIN, sign.SigningKey(bytes(range(32)))).verifier().vkey()
+    async with running_broker(world) as broker:
+        where, broker_pub = tmp_path / "node", world.home.broker_bundle_path
+        home = NodeHome.create(where, world.dirs["FRA"], f"127.0.0.1:{broker.port}", broker_pub, other, None)
+        daemon = NodeDaemon(home, world.members["FRA"], poll_interval=0.2)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.run)
+                await wait_for(lambda: any(a.kind == "checkpoint" for a in daemon.store.alarms()))
+                nursery.cancel_scope.cancel()
+            (alarm,) = [a for a in daemon.store.alarms() if a.kind == "checkpoint"]
+            assert alarm.message.startswith("checkpoint refused: note has no verifiable signatures")
+            assert "is the node's --log-key the broker's log.vkey?" in alarm.message
+            assert alarm.evidence is not None
+            assert alarm.evidence.startswith(ORIGIN.encode() + b"\n")
+        finally:
+            daemon.store.close()

@@ -189,6 +189,13 @@ class NodeDaemon:
     def wake_outbox(self) -> None:
         self._outbox_wake.set()
 
+    def _refused_checkpoint(self, exc: NoteError | CheckpointError, note: bytes) -> None:
+        """protocol.md, "Nodes": a refused checkpoint is kept as evidence and raised as an alarm that `status`
+        shows (a node pinned to the wrong log key otherwise looked healthy, with a log of size 0)."""
+        log.warning("checkpoint refused: %s", exc.what)
+        hint = " (is the node's --log-key the broker's log.vkey?)" if "no verifiable signature" in exc.what else ""
+        self.alarm("checkpoint", f"checkpoint refused: {exc.what}{hint}", note)
+
     def settled(self) -> None:
         """A queued packet left `queued` (receipted, denied, expired or cancelled): wake whoever waits for one."""
         self._outcome.set()
@@ -388,7 +395,7 @@ class NodeDaemon:
                 try:
                     older = self.follower.open(note).size < self.follower.size
                 except (NoteError, CheckpointError) as exc:
-                    log.warning("checkpoint refused: %s", exc.what)
+                    self._refused_checkpoint(exc, note)
                     raise
                 if older:  # e.g. the cosigned note of a tree this node already went past: no entries to fetch
                     self._behind(note)
@@ -403,7 +410,7 @@ class NodeDaemon:
                 self.alarm("fork", exc.what, exc.evidence)
                 raise
             except (NoteError, CheckpointError) as exc:
-                log.warning("checkpoint refused: %s", exc.what)
+                self._refused_checkpoint(exc, note)
                 raise
             if update is not None:
                 while (want := update.wanted()) is not None:
