@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,12 @@ from valise.wire import events as ev
 from valise.wire.limits import DEFAULT_LIMITS
 
 from .harness import ORIGIN, WireClient, World, make_world, running_broker, seal
+
+
+def _head(data: bytes) -> packet.Head:
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    return head
 
 
 def _world(tmp_path: Path) -> World:
@@ -880,3 +887,27 @@ async def test_a_member_that_verified_more_than_the_broker_signed_is_reported_on
     assert len(said) == 1
     assert f"this broker has signed only {signed}" in said[0]
     assert "restored from an older backup" in said[0]
+
+
+async def test_verbose_logging_names_every_connection_and_decision(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`broker serve -v` promises "every connection and decision"; a walkthrough found only the start-up line."""
+    caplog.set_level(logging.INFO, logger="valise.broker")
+    world = _world(tmp_path)
+    allowed = seal(world, "FRA", ["DEU"], b"relayed")
+    denied = seal(world, "FRA", ["DEU"], b"a category DEU does not accept", categories=("ransomware",))
+    async with running_broker(world) as broker:
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            fra.refuse_cosign = True
+            receipt = await fra.submit(allowed)
+            assert isinstance(receipt, ev.Receipt)
+            assert isinstance(await fra.submit(denied), ev.Deny)
+        with trio.fail_after(10):
+            while broker.sessions:  # noqa: ASYNC110 - the daemon's own state
+                await trio.sleep(0.01)
+    said = [r.getMessage() for r in caplog.records if r.name == "valise.broker"]
+    assert "FRA connected (node)" in said
+    assert f"FRA: packet {_head(allowed).core.packet_id.hex()} to DEU logged at {receipt.index}" in said
+    assert any(m.startswith(f"FRA: packet {_head(denied).core.packet_id.hex()} denied: DEU: ") for m in said)
+    assert "FRA disconnected (node)" in said

@@ -327,3 +327,31 @@ def test_export_refuses_a_directory_of_another_log(tmp_path: Path) -> None:
     other.sign()
     with pytest.raises(UsageError, match="another origin"):
         _export(other, tmp_path / "out")
+
+
+def test_signing_again_when_another_process_signed_a_larger_tree_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker read the store's size, an operator command appended and signed a larger tree, and the broker's
+    save was refused: it logged "refusing to sign a checkpoint" with a traceback. It now signs again."""
+    path = tmp_path / "log.db"
+    broker, operator = SqliteLog.open(path), SqliteLog.open(path)
+    ours = service(broker)
+    broker.append([entry(0)])
+    ours.sign()
+    real_save = broker.save_checkpoint
+    raced = []
+
+    def operator_signs_first(size: int, note_bytes: bytes) -> None:
+        if not raced:  # between our read of the size and our save, once
+            raced.append(size)
+            operator.append([entry(2)])
+            service(operator).sign()  # a larger tree, saved first
+        real_save(size, note_bytes)
+
+    monkeypatch.setattr(broker, "save_checkpoint", operator_signs_first)
+    broker.append([entry(1)])
+    signed = ours.sign()
+    assert raced == [2]  # refused (the operator saved 3 first); the retry found 3 signed already
+    assert signed.size == 3
+    assert broker.load_checkpoint() == (3, signed.note)

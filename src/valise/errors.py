@@ -140,6 +140,10 @@ class StoreError(Error):
     """The durable store is missing, corrupt, or refused an operation."""
 
 
+class CheckpointSuperseded(StoreError):
+    """A checkpoint was not saved because another writer saved a larger one meanwhile."""
+
+
 class StoreMoved(StoreError):
     """An append that had to land at a given index found another writer's entries there; nothing was appended."""
 

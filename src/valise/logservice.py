@@ -22,6 +22,7 @@ from valise.crypto import sign
 from valise.errors import (
     AccessError,
     CheckpointError,
+    CheckpointSuperseded,
     KeyFileError,
     LimitError,
     ProofError,
@@ -33,6 +34,7 @@ from valise.store.base import MAX_ENTRY_SIZE, LogStorage
 from valise.tlog import checkpoint, merkle, note, tiles
 
 DEFAULT_INTERVAL = 1.0
+SIGN_TRIES = 3  # sign() against other writers that sign between our read of the size and our save
 DEFAULT_MAX_BATCH = 4096
 # Entries waiting for a flush beyond this are refused: the broker must slow its clients, not grow without bound.
 DEFAULT_MAX_PENDING = 65536
@@ -107,6 +109,14 @@ class LogService:
 
     def sign(self) -> SignedCheckpoint:
         """Sign (and persist) a checkpoint of every durable entry; return the latest if nothing was added."""
+        for _ in range(SIGN_TRIES - 1):
+            try:
+                return self._sign_once()
+            except CheckpointSuperseded:
+                continue  # another process (an operator command) signed a larger tree meanwhile: sign again
+        return self._sign_once()
+
+    def _sign_once(self) -> SignedCheckpoint:
         size = self.store.size()
         prev = self._load_saved()  # re-read: another process may have signed since we last looked
         if prev is not None:

@@ -717,6 +717,7 @@ class BrokerDaemon:
 
     async def shutdown(self, nursery: trio.Nursery) -> None:
         """Graceful stop: say goodbye to every session, give them a grace period, then cancel."""
+        log.info("stopping: closing %d session(s), %g s at most", len(self.all_sessions()), SHUTDOWN_GRACE)
         for s in self.all_sessions():
             s.close_soon(codes.SHUTTING_DOWN, "the broker is stopping")
         with trio.move_on_after(SHUTDOWN_GRACE):

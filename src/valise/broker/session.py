@@ -208,6 +208,7 @@ class Session:
         authenticated()
         self.auditor = hello.role == "auditor"
         self.d.register(self)
+        log.info("%s connected (%s)", self.member, hello.role)
         self.ready = True
         try:
             async with trio.open_nursery() as nursery:
@@ -228,6 +229,7 @@ class Session:
         finally:
             self.ready = False
             self.d.unregister(self)
+            log.info("%s disconnected (%s)", self.member, "auditor" if self.auditor else "node")
             for upload in self._uploads.values():
                 if upload is not None:
                     upload.discard()
@@ -356,13 +358,9 @@ class Session:
             self.member, head.core.packet_id
         )
         outcome = relay.admit(self.d.policy, self.member, head, known, self.d.now(), self.d.settings.window)
-        if isinstance(outcome, relay.Reject):
+        if isinstance(outcome, relay.Reject | relay.Denied):
             self._uploads[msg.rid] = None
-            await self.send(ev.ErrorMessage(msg.rid, outcome.code, outcome.message))
-        elif isinstance(outcome, relay.Denied):
-            self._uploads[msg.rid] = None
-            reasons = tuple(ev.DenyReason(to, reason) for to, reason in outcome.reasons)
-            await self.send(ev.Deny(msg.rid, head.core.packet_id, reasons))
+            await self.send(self._refusal(outcome, head).answer(msg.rid))
         else:
             # Admitted or a duplicate: receive the ciphertext either way (the grammar needs the upload to end);
             # a duplicate is checked again against what was spooled and answered with its existing receipt.
@@ -424,11 +422,7 @@ class Session:
                 )
                 if isinstance(outcome, relay.Reject | relay.Denied):
                     self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
-                    if isinstance(outcome, relay.Reject):
-                        await self.send(ev.ErrorMessage(msg.rid, outcome.code, outcome.message))
-                    else:
-                        reasons = tuple(ev.DenyReason(to, r) for to, r in outcome.reasons)
-                        await self.send(ev.Deny(msg.rid, core.packet_id, reasons))
+                    await self.send(self._refusal(outcome, head).answer(msg.rid))
                     return
             body = stored if isinstance(stored, bytes) else None
             size = len(stored) if isinstance(stored, bytes) else stored.stat().st_size
@@ -497,7 +491,7 @@ class Session:
                 return None
             self._inflight.pop(key, None)
             self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
-            refused = Refused.of(outcome, core.packet_id)
+            refused = self._refusal(outcome, head)
             self.send_soon(refused.answer(rid))
             return refused
 
@@ -507,6 +501,9 @@ class Session:
 
         def durable(index: int) -> None:
             self._inflight.pop(key, None)
+            log.info(
+                "%s: packet %s to %s logged at %d", self.member, core.packet_id.hex(), ",".join(core.recipients), index
+            )
             self.send_soon(self._packet_receipt(rid, head, index, at))
 
         def failed(exc: BaseException) -> None:
@@ -536,6 +533,18 @@ class Session:
             if self._inflight.get(key) is inflight:
                 del self._inflight[key]
         await self.send(self._packet_receipt(rid, head, index, at))
+
+    def _refusal(self, outcome: relay.Reject | relay.Denied, head: Head) -> Refused:
+        """The answer to a packet refused (`-v` logs each, as it logs each packet relayed)."""
+        refused = Refused.of(outcome, head.core.packet_id)
+        if isinstance(outcome, relay.Denied):
+            why = "; ".join(f"{to}: {reason}" for to, reason in outcome.reasons)
+            log.info("%s: packet %s denied: %s", self.member, head.core.packet_id.hex(), why)
+        else:
+            log.info(
+                "%s: packet %s refused (%s): %s", self.member, head.core.packet_id.hex(), outcome.code, outcome.message
+            )
+        return refused
 
     def _packet_receipt(self, rid: int, head: Head, index: int, at: int) -> ev.Receipt:
         """The packet is durable at `index`: wake its recipients' pushers, and sign the sender's receipt."""

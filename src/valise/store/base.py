@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-from valise.errors import LimitError, StoreError, StoreMoved
+from valise.errors import CheckpointSuperseded, LimitError, StoreError, StoreMoved
 from valise.tlog import merkle
 
 # C2SP tlog-tiles entry bundles prefix each entry with a big-endian uint16 length.
@@ -86,7 +86,7 @@ def check_checkpoint(size: int, note: bytes, stored_size: int, saved: int | None
     if size > stored_size:
         raise StoreError(f"refusing a checkpoint of size {size}: only {stored_size} entries are durable")
     if saved is not None and size < saved:
-        raise StoreError(f"refusing a checkpoint of size {size}: one of size {saved} was already saved")
+        raise CheckpointSuperseded(f"refusing a checkpoint of size {size}: one of size {saved} was already saved")
 
 
 class _BatchHashes:
