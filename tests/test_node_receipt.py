@@ -158,11 +158,17 @@ async def test_receipts_under_a_witness_quorum(tmp_path: Path) -> None:
             await until(lambda: daemon.follower.member_key("DEU"))
             first = await send(where, tmp_path)
             result = await export(where, first, tmp_path / "r.proof")
-            assert result["cosigners"] == ["fra"]
+            assert (result["cosigners"], result["unchecked_cosigners"]) == (["fra"], [])
             assert daemon.follower.trusted_size >= result["checkpoint_size"]
         code, _, err = await cli("audit", "proof", str(tmp_path / "r.proof"), "--broker-key", vkey, "--policy",
                                  str(only_fra))  # fmt: skip
         assert code == 0, err
+        # Read by someone who pins no witness: the cosignature is there, and said to be unchecked, not "none".
+        code, out, err = await cli("audit", "proof", str(tmp_path / "r.proof"), "--broker-key", vkey, "--json")
+        assert code == 0, err
+        assert (json.loads(out)["cosigners"], json.loads(out)["unchecked_cosigners"]) == ([], ["FRA"])
+        code, out, err = await cli("audit", "proof", str(tmp_path / "r.proof"), "--broker-key", vkey)
+        assert "not checked: cosignatures by FRA" in out
         assert (await cli("node", "set-policy", "--dir", str(where), str(both)))[0] == 0
         async with serving_node(world, NodeHome.open(where)) as daemon:
             trusted = daemon.follower.trusted_size

@@ -29,11 +29,13 @@ class ProvenEntry:
     root: bytes
     entry: bytes
     cosigners: list[str]
+    unchecked_cosigners: list[str]  # other signature lines, by keys the reader did not pin (not checked)
 
     def describe(self) -> dict[str, Any]:
         """What the entry says, for a person (only ever called on an entry whose inclusion verified)."""
         out: dict[str, Any] = {"index": self.index, "checkpoint_size": self.size, "root": self.root.hex()}
         out["cosigners"] = self.cosigners
+        out["unchecked_cosigners"] = self.unchecked_cosigners
         try:
             kind, m = records.entry_type(self.entry)
         except Error:
@@ -107,4 +109,4 @@ def verify_proof(data: bytes, policy: QuorumPolicy, entry: bytes | None = None) 
         merkle.verify_inclusion(merkle.hash_leaf(entry), bundle.index, cp.size, bundle.proof, cp.root)
     except ProofError as exc:
         raise ProofError(f"entry {bundle.index} is not in the log's checkpoint of size {cp.size}: {exc.what}") from None
-    return ProvenEntry(bundle.index, cp.size, cp.root, entry, cosigners)
+    return ProvenEntry(bundle.index, cp.size, cp.root, entry, cosigners, policy.unchecked(bundle.checkpoint_note))

@@ -81,6 +81,12 @@ class QuorumPolicy:
         by_id = {(w.name, bytes(w.key_id)): name for name, w in self.witnesses.items()}
         return cp, sorted({by_id[(s.name, s.key_id)] for s in opened.verified if (s.name, s.key_id) in by_id})
 
+    def unchecked(self, msg: bytes) -> list[str]:
+        """Key names on the note's other signature lines: cosignatures by keys this policy does not hold, so not
+        checked. Their presence says nothing until their keys are pinned (--witness, --policy)."""
+        known = {(self.log.name, self.log.key_id)} | {(w.name, w.key_id) for w in self.witnesses.values()}
+        return sorted({s.name for s in note.parse_note(msg).signatures if (s.name, s.key_id) not in known})
+
     def open(self, msg: bytes) -> tuple[Checkpoint, list[str]]:
         """Verify a checkpoint note under this policy; return it and the names of the witnesses that cosigned.
 

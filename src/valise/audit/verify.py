@@ -101,18 +101,11 @@ class Report:
     summary: dict[str, int]
     state: AuditState | None  # None when the entries could not be tied to the checkpoint (or tree_only)
     tree_verified: bool
+    unchecked_cosigners: list[str]  # other signature lines, by keys the auditor did not pin (not checked)
 
     @property
     def clean(self) -> bool:
         return not self.findings
-
-    @property
-    def unchecked_cosigners(self) -> list[str]:
-        """Names on the checkpoint's other signature lines: cosignatures by keys the auditor did not say it trusts
-        (so not checked). Their presence says nothing until their keys are pinned (--witness, --policy)."""
-        sigs = note.parse_note(self.checkpoint_note).signatures
-        names = {s.name for s in sigs if s.name != self.checkpoint.origin} - set(self.cosigners)
-        return sorted(names)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -286,4 +279,7 @@ def audit(
         new_state = AuditState(cp.origin, policy.log.vkey(), raw, cp.size, cp.root, served, replay)
     new = [f for f in replay.findings if f.index is None or f.index >= start]
     verified = tied and served.root() == cp.root
-    return Report(cp, raw, cosigners, start, list(replay.findings), new, replay.summary(now), new_state, verified)
+    unchecked = policy.unchecked(raw)
+    return Report(
+        cp, raw, cosigners, start, list(replay.findings), new, replay.summary(now), new_state, verified, unchecked
+    )

@@ -270,8 +270,13 @@ def proof_cmd(args: argparse.Namespace) -> int:
     else:
         print(f"entry {proven.index} is in the log (checkpoint of {proven.size} entries, root {proven.root.hex()})")
         for k, v in info.items():
-            if k not in ("index", "checkpoint_size", "root"):
+            if k not in ("index", "checkpoint_size", "root", "unchecked_cosigners"):
                 print(f"  {k}: {_shown_value(k, v)}")
+        if proven.unchecked_cosigners:
+            print(
+                f"  not checked: cosignatures by {', '.join(proven.unchecked_cosigners)} (trust their keys with "
+                "--witness or --policy)"
+            )
     return 0
 
 

@@ -304,6 +304,7 @@ def export_receipt(args: argparse.Namespace) -> int:
         "index": reply["index"],
         "checkpoint_size": reply["checkpoint_size"],
         "cosigners": reply["cosigners"],
+        "unchecked_cosigners": reply.get("unchecked_cosigners", []),
         "bundle": str(target),
         "entry": str(entry_file) if entry_file else None,
     }
@@ -311,6 +312,8 @@ def export_receipt(args: argparse.Namespace) -> int:
         print(json.dumps(facts))
         return 0
     cosigned = f", cosigned by {', '.join(reply['cosigners'])}" if reply["cosigners"] else ""
+    if unchecked := reply.get("unchecked_cosigners"):
+        cosigned += f" (and by {', '.join(unchecked)}, whose keys this node does not pin: not checked)"
     print(f"packet {reply['id']} is log entry {reply['index']} of the checkpoint of size {reply['checkpoint_size']}")
     print(f"proof bundle written to {target}{cosigned}")
     extra = f" --entry {entry_file}" if entry_file else ""

@@ -533,6 +533,7 @@ async def op_export_receipt(daemon: NodeDaemon, request: dict[str, Any], *_: Any
         "index": row.log_index,
         "checkpoint_size": done.size,
         "cosigners": done.cosigners,
+        "unchecked_cosigners": done.unchecked_cosigners,
         "bundle": done.bundle,
         "entry": done.entry,
         "carried": done.carried,

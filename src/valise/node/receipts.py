@@ -40,6 +40,7 @@ class Exported:
     carried: bool  # whether the bundle carries the entry as its extra data
     size: int  # the checkpoint's tree size
     cosigners: list[str]  # the policy's witnesses that cosigned it (empty without a policy)
+    unchecked_cosigners: list[str]  # other cosignatures on the note, by keys the node does not pin
 
 
 async def export_receipt(daemon: NodeDaemon, row: OutboxRow) -> Exported:
@@ -86,7 +87,8 @@ async def export_receipt(daemon: NodeDaemon, row: OutboxRow) -> Exported:
     check_entry(daemon, row, entry)
     bundle = audit_proof.build_proof(signed, index, proof, entry, policy)
     proven = audit_proof.verify_proof(bundle, policy, entry)  # what the holder will run, before it leaves us
-    return Exported(bundle, entry, proofbundle.parse(bundle).extra == entry, cp.size, proven.cosigners)
+    carried = proofbundle.parse(bundle).extra == entry
+    return Exported(bundle, entry, carried, cp.size, proven.cosigners, proven.unchecked_cosigners)
 
 
 def check_entry(daemon: NodeDaemon, row: OutboxRow, entry: bytes) -> None:
