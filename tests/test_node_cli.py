@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from valise import identity, packet, records
+from valise import identity, keyfiles, packet, records
 from valise.cli.main import main
 from valise.cli.node import call
 from valise.daemonlock import DaemonLock
@@ -472,7 +472,9 @@ async def test_a_stopped_node_is_pointed_at_its_broker_s_new_address(
         assert "node daemon" in capsys.readouterr().err
     assert (home.config().broker_host, home.config().broker_port) == ("127.0.0.1", 9)
     assert await cli("node", "move", "--dir", node, "--broker", "broker.example:7444", "--json") == 0
-    assert json.loads(capsys.readouterr().out) == {"dir": node, "broker": "broker.example:7444"}
+    assert json.loads(capsys.readouterr().out) == {
+        "dir": node, "broker": "broker.example:7444", "identity": str((tmp_path / "keys").resolve()),
+    }  # fmt: skip
     assert (home.config().broker_host, home.config().broker_port) == ("broker.example", 7444)
     assert home.config().log_vkey == world["log"].vkey  # the trust anchor does not move
     bad = tmp_path / "bad.pub"
@@ -481,3 +483,30 @@ async def test_a_stopped_node_is_pointed_at_its_broker_s_new_address(
     assert await cli("node", "move", "--dir", node, "--broker-pub", str(bad)) == 1
     assert home.broker_bundle_path.read_bytes() == before
     assert await cli("node", "move", "--dir", node) == 2
+
+
+async def test_a_node_whose_identity_moved_is_pointed_at_it_and_told_how(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A walkthrough moved a node and its keys: `node run` said "identity directory ... does not exist (create one
+    with valise keygen)", advice that makes a new identity the broker does not know, and `node move` could not
+    change the path (config.json had to be edited by hand)."""
+    home = world["home"]
+    node = str(home.root)
+    moved = tmp_path / "moved-keys"
+    (tmp_path / "keys").rename(moved)
+    assert await cli("node", "run", "--dir", node) == 1
+    err = capsys.readouterr().err
+    assert f"the node's identity directory {(tmp_path / 'keys').resolve()} does not exist" in err
+    assert f"valise node move --dir {node} --identity DIR" in err
+    assert "not valise keygen" in err
+    keyfiles.save_identity(tmp_path / "deu-keys", members["DEU"], None)
+    assert await cli("node", "move", "--dir", node, "--identity", str(tmp_path / "deu-keys")) == 2
+    assert "holds DEU's identity; this node is FRA's" in capsys.readouterr().err
+    assert await cli("node", "move", "--dir", node, "--identity", str(moved)) == 0
+    assert f"identity in {moved.resolve()}" in capsys.readouterr().out
+    assert home.config().identity_dir == moved.resolve()
+    assert home.load_identity(None).member_id == "FRA"

@@ -56,10 +56,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=init)
 
-    p = node.add_parser("move", help="point a stopped node at its broker's new address or re-pinned bundle")
+    p = node.add_parser(
+        "move", help="point a stopped node at its broker's new address or re-pinned bundle, or its moved identity"
+    )
     p.add_argument("--dir", required=True, type=Path, help="the node directory")
     p.add_argument("--broker", help="the broker's new HOST:PORT")
     p.add_argument("--broker-pub", type=Path, help="the broker's new public bundle (it was re-keyed)")
+    p.add_argument("--identity", type=Path, help="the member's identity directory, where it is now")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=move)
 
@@ -242,17 +245,25 @@ def _read_policy(path: Path) -> str:
 
 
 def move(args: argparse.Namespace) -> int:
-    if args.broker is None and args.broker_pub is None:
-        raise UsageError("give --broker HOST:PORT, --broker-pub FILE or both")
+    if args.broker is None and args.broker_pub is None and args.identity is None:
+        raise UsageError("give --broker HOST:PORT, --broker-pub FILE, --identity DIR, or several")
     home = NodeHome.open(args.dir)
     with DaemonLock(home.lock_path, "node daemon"):  # a running daemon would go on with the old settings
-        cfg = home.move_broker(args.broker, args.broker_pub)
-    facts = {"dir": str(args.dir), "broker": f"{cfg.broker_host}:{cfg.broker_port}"}
+        cfg = home.config()
+        if args.identity is not None:
+            cfg = home.move_identity(args.identity)
+        if args.broker is not None or args.broker_pub is not None:
+            cfg = home.move_broker(args.broker, args.broker_pub)
+    facts = {"dir": str(args.dir), "broker": f"{cfg.broker_host}:{cfg.broker_port}", "identity": str(cfg.identity_dir)}
     if args.json:
         print(json.dumps(facts | ({"broker_pub": str(home.broker_bundle_path)} if args.broker_pub else {})))
     else:
         pinned = f", broker bundle pinned from {args.broker_pub}" if args.broker_pub else ""
-        print(f"node {args.dir} now connects to {facts['broker']}{pinned}; start it: valise node run --dir {args.dir}")
+        ident = f", identity in {cfg.identity_dir}" if args.identity else ""
+        print(
+            f"node {args.dir} now connects to {facts['broker']}{pinned}{ident}; "
+            f"start it: valise node run --dir {args.dir}"
+        )
     return 0
 
 
@@ -326,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
 
     home = NodeHome.open(args.dir)
     passphrase = keyfiles.passphrase_from_env(args.passphrase_env)
-    me = keyfiles.load_identity(home.config().identity_dir, passphrase)
+    me = home.load_identity(passphrase)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

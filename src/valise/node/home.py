@@ -24,7 +24,7 @@ from pathlib import Path
 
 from valise import identity, keyfiles
 from valise.audit import quorum
-from valise.errors import NoteError, StoreError, UsageError
+from valise.errors import KeyFileError, NoteError, StoreError, UsageError
 from valise.tlog import note
 
 NODE_VERSION = 1
@@ -118,6 +118,33 @@ class NodeHome:
         config = NodeConfig(member_id, identity_dir.resolve(), host, port, log_vkey)
         keyfiles.write_public(home.config_path, config.to_json().encode() + b"\n")
         return home
+
+    def load_identity(self, passphrase: bytes | None) -> identity.Identity:
+        """The member's identity, from the directory the config names; a missing one is named with the way to
+        point the node at it again (a new identity from `valise keygen` would be one the broker does not know)."""
+        config = self.config()
+        if not config.identity_dir.is_dir():
+            raise KeyFileError(
+                f"the node's identity directory {config.identity_dir} does not exist",
+                hint=f"if {config.member_id}'s identity moved, point the node at it: valise node move --dir "
+                f"{self.root} --identity DIR (not valise keygen: a new identity is one the broker does not know)",
+            )
+        me = keyfiles.load_identity(config.identity_dir, passphrase)
+        if me.member_id != config.member_id:
+            raise KeyFileError(f"{config.identity_dir} holds {me.member_id}'s identity, not {config.member_id}'s")
+        return me
+
+    def move_identity(self, identity_dir: Path) -> NodeConfig:
+        """Point the node at its member's identity in a new place (the node or its keys moved)."""
+        config = self.config()
+        member_id = keyfiles.find_member_id(identity_dir)
+        if member_id != config.member_id:
+            raise UsageError(f"{identity_dir} holds {member_id}'s identity; this node is {config.member_id}'s")
+        keyfiles.load_bundle(identity_dir / f"{member_id}.pub")  # verifies it
+        config = NodeConfig(config.member_id, identity_dir.resolve(), config.broker_host, config.broker_port,
+                            config.log_vkey)  # fmt: skip
+        keyfiles.write_public(self.config_path, config.to_json().encode() + b"\n")
+        return config
 
     def move_broker(self, broker: str | None, broker_pub: Path | None) -> NodeConfig:
         """Point the node at its broker's new address, or pin the broker's new bundle (a re-keyed broker). The log

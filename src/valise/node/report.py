@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from valise import identity, keyfiles, packet
+from valise import identity, packet
 from valise.errors import Error, StoreError, UsageError
 from valise.identity import PublicBundle
 from valise.node.follower import Follower
@@ -152,7 +152,7 @@ def offline_read(
     sender = member_bundle(follower.policy, row.sender, removed_too=True)
     if sender is None:
         raise UsageError(f"sender {row.sender} is not in the verified directory")
-    me = keyfiles.load_identity(home.config().identity_dir, passphrase)
+    me = home.load_identity(passphrase)
     with store.open_inbox_packet(row.digest) as src:
         opened = packet.open(src, sink, me=me, sender=sender, now=now)
     return {"ok": True, "packet": opened.to_json(), "state": row.state, "retraction": row.retraction, "offline": True}
