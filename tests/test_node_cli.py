@@ -510,3 +510,27 @@ async def test_a_node_whose_identity_moved_is_pointed_at_it_and_told_how(
     assert f"identity in {moved.resolve()}" in capsys.readouterr().out
     assert home.config().identity_dir == moved.resolve()
     assert home.load_identity(None).member_id == "FRA"
+
+
+async def test_a_member_its_verified_log_shows_suspended_is_told_so_at_send(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A walkthrough's suspended member got "queued", exit 0, for packets the broker would never take (it refuses
+    the member's certificate). The node's verified log says why, so `send` says it at once."""
+    log = world["log"]
+    log.seq += 1
+    log.add(policy_records.dir_record(log.operator, ORIGIN, log.seq, NOW, "member-suspend", id="FRA", reason="audit"))
+    h = Harness(world, members["FRA"])
+    payload = tmp_path / "p.bin"
+    payload.write_bytes(b"indicator")
+    async with trio.open_nursery() as nursery:
+        await serve_daemon_at(nursery, h, log.service.store.size())
+        assert await cli("send", "--node", str(world["home"].root), "--to", "DEU", "--tlp", "GREEN", str(payload)) == 2
+        err = capsys.readouterr().err
+        assert "FRA is suspended in the verified log (audit): the broker takes nothing from it" in err
+        assert "valise broker member reinstate" in err
+        assert h.daemon.store.outbox_all() == []
+        nursery.cancel_scope.cancel()

@@ -29,7 +29,7 @@ from valise.node.store import InboxRow, OutboxRow
 from valise.packet import MAX_RECIPIENTS
 from valise.policy import records as policy_records
 from valise.policy.records import GROUP_PREFIX
-from valise.policy.state import Statement
+from valise.policy.state import ACTIVE, SUSPENDED, Statement
 from valise.wire import codes
 from valise.wire import events as ev
 
@@ -180,6 +180,18 @@ class _Pull(io.RawIOBase):
         return out
 
 
+def _check_may_send(daemon: NodeDaemon) -> None:
+    """Refuse at once when the verified log shows this member suspended or removed: the broker refuses its
+    certificate, so a packet queued now would wait, with `send` saying "queued", until it expires."""
+    policy = daemon.follower.policy
+    me = policy.members.get(daemon.member) if policy is not None else None
+    if me is not None and me.status != ACTIVE:
+        raise UsageError(
+            f"{daemon.member} is {me.status} in the verified log ({me.reason}): the broker takes nothing from it",
+            hint="ask the broker's operator (`valise broker member reinstate`)" if me.status == SUSPENDED else None,
+        )
+
+
 async def op_send(
     daemon: NodeDaemon, request: dict[str, Any], reader: control.MessageReader, stream: trio.SocketStream
 ) -> dict[str, Any]:
@@ -200,6 +212,7 @@ async def op_send(
     wait = float(_opt(request, "wait", int) or 0)
     if wait > MAX_WAIT:
         raise LimitError(f"wait of {wait} s is over {MAX_WAIT}")
+    _check_may_send(daemon)
     recipients = await _recipients(daemon, to)
     now = daemon.now()
     spool = daemon.store.tmp_path(f"send-{daemon.random(8).hex()}.part")
