@@ -98,6 +98,20 @@ async def test_send_prints_the_id_and_the_receipt_or_the_denial(
         assert (reply["state"], reply["index"]) == ("receipted", 4)
         assert bytes.fromhex(reply["id"]) in {r.packet_id for r in h.daemon.store.outbox_all()}
 
+        # What became of each packet sent, one by one (status only counts them).
+        assert await cli("outbox", "--node", node, "--json") == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [(it["state"], it["index"]) for it in listed] == [
+            ("receipted", 3), ("denied", None), ("denied", None), ("receipted", 4),
+        ]  # fmt: skip
+        assert listed[1]["reasons"] == {"DEU": "DEU accepts up to TLP:GREEN only"}
+        assert (listed[0]["id"], listed[0]["to"], listed[0]["acked_by"]) == (row.packet_id.hex(), ["DEU"], [])
+        assert await cli("outbox", "--node", node) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].endswith("relayed (log index 3); not acknowledged yet")
+        assert lines[1].endswith("denied: DEU: DEU accepts up to TLP:GREEN only")
+        assert "\x1b" not in lines[2]  # the broker's words are shown, not obeyed, here too
+
         # Retracting it; then again, which says it is a repeat (and asks the broker nothing).
         async def retracted() -> None:
             msg = await broker.expect(ev.Retract)
@@ -275,6 +289,8 @@ async def test_status_and_inbox_report_a_stopped_daemon_from_its_store(
         live = json.loads(capsys.readouterr().out)
         assert await cli("inbox", "--node", node, "--json") == 0
         live_inbox = json.loads(capsys.readouterr().out)
+        assert await cli("outbox", "--node", node, "--json") == 0
+        live_outbox = json.loads(capsys.readouterr().out)
         nursery.cancel_scope.cancel()
     h.daemon.store.close()
     db = world["home"].root / "node.db"
@@ -295,6 +311,11 @@ async def test_status_and_inbox_report_a_stopped_daemon_from_its_store(
     assert await cli("inbox", "--node", node, "--json") == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out) == live_inbox
+    assert "the node daemon is not running" in captured.err
+    assert await cli("outbox", "--node", node, "--json") == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == live_outbox
+    assert [it["state"] for it in live_outbox] == ["receipted"]
     assert "the node daemon is not running" in captured.err
     assert db.read_bytes() == before  # read-only: a report writes nothing
     assert await cli("send", "--node", node, "--to", "DEU", "--tlp", "AMBER", str(payload)) == 1

@@ -99,6 +99,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(handler=inbox)
 
+    p = sub.add_parser("outbox", help="list the packets this member sent: receipt, denial, acknowledgements")
+    p.add_argument("--node", required=True, type=Path, help="the node directory")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(handler=outbox)
+
     p = sub.add_parser("read", help="verify and decrypt a received packet")
     p.add_argument("--node", required=True, type=Path, help="the node directory")
     p.add_argument("id", help="packet id (or a unique prefix of at least 4 hex digits)")
@@ -434,16 +439,51 @@ def inbox(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inbox_from_daemon(node: Path) -> list[dict[str, Any]]:
+def _inbox_from_daemon(node: Path, op: str = "inbox") -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     after: int | None = 0
     while after is not None:  # page by page: the daemon answers within one control frame
-        reply = _check(request(node, {"op": "inbox", "after": after}))
+        reply = _check(request(node, {"op": op, "after": after}))
         items += reply["items"]
         if reply["next"] is not None and reply["next"] <= after:
-            raise Error(f"the node's inbox listing does not advance past {after}")
+            raise Error(f"the node's {op} listing does not advance past {after}")
         after = reply["next"]
     return items
+
+
+def outbox(args: argparse.Namespace) -> int:
+    try:
+        items = _inbox_from_daemon(args.node, "outbox")
+    except NotRunning as exc:
+        items = report.offline_outbox(NodeHome.open(args.node))
+        print(f"valise: {exc.what}; listing what it stored ({exc.hint})", file=sys.stderr)
+    if args.json:
+        print(json.dumps(items))
+        return 0
+    if not items:
+        print("outbox is empty")
+    for it in items:
+        print(f"{it['id']}  to {','.join(it['to'])}  {it['size']} bytes  {_sent_state(it)}")
+    return 0
+
+
+def _sent_state(it: dict[str, Any]) -> str:
+    """What became of a sent packet, in a few words a person can act on."""
+    state = it["state"]
+    if state == "receipted":
+        acked = f"; acknowledged by {', '.join(it['acked_by'])}" if it["acked_by"] else "; not acknowledged yet"
+        return f"relayed (log index {it['index']}){acked}"
+    if state == "queued":
+        why = f", last: {shown(str(it['last_error']))}" if it.get("last_error") else ""
+        return f"queued ({it['attempts']} attempt(s){why})"
+    if "cancelled" in it:
+        return f"cancelled before it was sent: {shown(it['cancelled'])}"
+    if "refused" in it:
+        refused = it["refused"]
+        return f"refused by the broker ({shown(str(refused.get('code')))}): {shown(str(refused.get('message')))}"
+    if "reasons" in it:
+        return "denied: " + "; ".join(f"{shown(k)}: {shown(v)}" for k, v in sorted(it["reasons"].items()))
+    return str(state)
 
 
 def read(args: argparse.Namespace) -> int:

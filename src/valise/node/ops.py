@@ -313,6 +313,21 @@ async def op_inbox(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict
     return {"ok": True, "items": items, "next": after if len(rows) == PAGE_ROWS else None}
 
 
+async def op_outbox(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
+    """One page of the outbox after position `after`, as op_inbox pages the inbox."""
+    after = _opt(request, "after", int) or 0
+    items: list[dict[str, Any]] = []
+    size = 0
+    rows = report.outbox_items(daemon.store, after, PAGE_ROWS)
+    for position, item in rows:
+        size += len(encoding.pack(item))
+        if items and size > PAGE_BYTES:
+            return {"ok": True, "items": items, "next": after}
+        items.append(item)
+        after = position
+    return {"ok": True, "items": items, "next": after if len(rows) == PAGE_ROWS else None}
+
+
 async def op_read(
     daemon: NodeDaemon, request: dict[str, Any], reader: control.MessageReader, stream: trio.SocketStream
 ) -> dict[str, Any]:
@@ -557,6 +572,7 @@ async def op_export_receipt(daemon: NodeDaemon, request: dict[str, Any], *_: Any
 OPS = {
     "send": op_send,
     "inbox": op_inbox,
+    "outbox": op_outbox,
     "read": op_read,
     "retract": op_retract,
     "status": op_status,

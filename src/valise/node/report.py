@@ -7,6 +7,7 @@ outbox; making `status` depend on the daemon would hide exactly that.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from valise.errors import Error, StoreError, UsageError
 from valise.identity import PublicBundle
 from valise.node.follower import Follower
 from valise.node.home import NodeConfig, NodeHome
-from valise.node.store import InboxRow, NodeStore
+from valise.node.store import InboxRow, NodeStore, OutboxRow
 from valise.policy import PolicyState
 
 STATUS_ALARMS = 50  # the latest alarms `status` shows (with the total)
@@ -98,6 +99,48 @@ def inbox_item(row: InboxRow) -> dict[str, Any]:
         "acked": row.acked,
         "retraction": row.retraction,
     }
+
+
+def outbox_item(row: OutboxRow, acked_by: list[str]) -> dict[str, Any]:
+    """One sent (or queued) packet as `valise outbox` lists it: what became of it, and who acknowledged it."""
+    outcome = json.loads(row.outcome) if row.outcome else None
+    item: dict[str, Any] = {
+        "id": row.packet_id.hex(),
+        "to": row.recipients,
+        "created": row.created,
+        "expires": row.expires,
+        "size": row.size,
+        "state": row.state,
+        "index": row.log_index,
+        "in_log": bool(row.in_log),
+        "acked_by": sorted(acked_by),
+    }
+    if row.state == "queued":
+        item["attempts"] = row.attempts
+        if isinstance(outcome, dict) and "error" in outcome:
+            item["last_error"] = outcome["error"]
+    elif row.state == "denied" and isinstance(outcome, dict):
+        if isinstance(outcome.get("cancelled"), str):
+            item["cancelled"] = outcome["cancelled"]
+        elif isinstance(outcome.get("error"), dict):
+            item["refused"] = outcome["error"]
+        else:
+            item["reasons"] = {str(k): str(v) for k, v in outcome.items()}
+    return item
+
+
+def outbox_items(store: NodeStore, after: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+    return [
+        (pos, outbox_item(row, list(store.acks_for(row.packet_id)))) for pos, row in store.outbox_page(after, limit)
+    ]
+
+
+def offline_outbox(home: NodeHome) -> list[dict[str, Any]]:
+    store = NodeStore.open_readonly(home.root)
+    try:
+        return [item for _, item in outbox_items(store, 0, 2**62)]
+    finally:
+        store.close()
 
 
 def offline_status(home: NodeHome) -> dict[str, Any]:

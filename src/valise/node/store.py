@@ -288,6 +288,11 @@ class NodeStore:
     def outbox_due(self, now: float, limit: int = 64) -> list[OutboxRow]:
         return self._outbox("WHERE state = 'queued' AND next_try <= ? ORDER BY created LIMIT ?", (now, limit))
 
+    def outbox_page(self, after: int, limit: int) -> list[tuple[int, OutboxRow]]:
+        """Up to `limit` rows after position `after`, in the order they were queued, each with its position."""
+        rows = self._db.execute("SELECT rowid, * FROM outbox WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit))
+        return [(r[0], OutboxRow(r[1], r[2], json.loads(r[3]), *r[4:])) for r in rows]
+
     def outbox_all(self) -> list[OutboxRow]:
         return self._outbox("ORDER BY created", ())
 
