@@ -189,6 +189,14 @@ def test_a_lost_or_truncated_store_beside_kept_packets_is_refused_not_recreated(
         NodeStore.open(root)
     assert not (root / "node.db").exists()  # nothing was created in its place
     assert len(list((root / "inbox").glob("*.pkt"))) == 1
+    # A report (`status` with the daemon stopped) gives the same answer, not "run the daemon once".
+    with pytest.raises(StoreError, match=r"holds 1 packet file\(s\)") as refused:
+        NodeStore.open_readonly(root)
+    assert "to start afresh" in (refused.value.hint or "")
+    # Moved aside as that says, the node starts afresh.
+    for name in ("inbox", "outbox", "node.db.made"):
+        (root / name).rename(tmp_path / f"lost-{name}")
+    NodeStore.open(root).close()
 
 
 def test_a_store_missing_a_table_is_refused_by_the_daemon_and_by_reports(tmp_path: Path) -> None:

@@ -157,6 +157,28 @@ STORE_MADE = "node.db.made"
 CORE_TABLES = ("outbox", "inbox", "acks", "kv")
 
 
+def _refuse_lost_store(root: Path, path: Path) -> None:
+    """A missing or empty node.db where a store was kept is a lost one, not a new node: say so."""
+    afresh = (
+        f"or, to start afresh (the node forgets its verified log, alarms and outbox, and follows the log again "
+        f"from the start), move {root / 'inbox'}, {root / 'outbox'} and {root / STORE_MADE} aside"
+    )
+    held = sorted(p.name for sub in ("inbox", "outbox") for p in (root / sub).glob("*.pkt"))
+    if held:
+        # A node that never ran has no packets: these are the files of a store that was lost or truncated.
+        raise StoreError(
+            f"{path} is missing or empty, but {root} holds {len(held)} packet file(s) it kept track of",
+            hint=f"restore node.db from a backup of the node directory; {afresh}",
+        )
+    if (root / STORE_MADE).exists():
+        # A store was made here: without it the node would forget its verified log (a witness would trust the
+        # next checkpoint it sees, a rollback included), its alarms, and what it sent and received.
+        raise StoreError(
+            f"{path} is missing or empty, but this node has run with a store ({STORE_MADE} says so)",
+            hint=f"restore node.db from a backup of the node directory; {afresh}",
+        )
+
+
 class NodeStore:
     def __init__(self, root: Path, conn: sqlite3.Connection) -> None:
         self.root = root
@@ -173,19 +195,8 @@ class NodeStore:
         path = root / "node.db"
         made = root / STORE_MADE
         blank = sqlfile.is_blank(path)
-        if blank and (held := sorted(p.name for sub in ("inbox", "outbox") for p in (root / sub).glob("*.pkt"))):
-            # A node that never ran has no packets: these are the files of a store that was lost or truncated.
-            raise StoreError(
-                f"{path} is missing or empty, but {root} holds {len(held)} packet file(s) it kept track of",
-                hint="restore node.db from a backup; starting afresh would forget them",
-            )
-        if blank and made.exists():
-            # A store was made here: without it the node would forget its verified log (a witness would trust the
-            # next checkpoint it sees, a rollback included), its alarms, and what it sent and received.
-            raise StoreError(
-                f"{path} is missing or empty, but this node has run with a store ({made.name} says so)",
-                hint="restore node.db from a backup of the node directory",
-            )
+        if blank:
+            _refuse_lost_store(root, path)
         try:
             conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
             with sqlfile.closing_on_error(conn):
@@ -211,6 +222,7 @@ class NodeStore:
         its last commits, which only a (read-only) WAL reader sees; SQLite may need to create its -shm index."""
         path = (root / "node.db").resolve()
         if not path.is_file():
+            _refuse_lost_store(root, path)  # the same answer as the daemon gives, not "run it once"
             raise StoreError(f"{root} has no node store yet", hint=f"run the daemon once: valise node run --dir {root}")
         wal = path.with_name(path.name + "-wal").exists()
         uri = f"{path.as_uri()}?mode=ro" + ("" if wal else "&immutable=1")
