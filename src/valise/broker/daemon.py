@@ -423,6 +423,10 @@ class BrokerDaemon:
             current = self.policy.members.get(session.member)
             if current is None or current.status != ACTIVE:
                 session.close_soon(codes.SUSPENDED, f"{session.member} is no longer an active member")
+            elif self._tls_members.get(session.cert_der) != session.member:
+                # Re-keyed (member-rekey): a connection on the old certificate, perhaps a thief's, ends now.
+                what = f"{session.member} moved to new keys: this connection's certificate is no longer its own"
+                session.close_soon(codes.UNAUTHENTICATED, what)
 
     def _bundle(self, raw: bytes) -> PublicBundle:
         cached = self._bundles.get(raw)
@@ -839,10 +843,11 @@ class BrokerDaemon:
                 if ssl_stream.selected_alpn_protocol() != tls.ALPN:
                     log.info("TLS client did not negotiate %s", tls.ALPN)
                     return
-                member = self._tls_members.get(tls.peer_certificate(ssl_stream))
+                cert = tls.peer_certificate(ssl_stream)
+                member = self._tls_members.get(cert)
                 if member is None:  # a certificate removed from the directory since the context was built
                     return
-                session = Session(self, ssl_stream, member)
+                session = Session(self, ssl_stream, member, cert)
                 await session.run(deadline, HANDSHAKE_TIMEOUT, lambda: self._unauthenticated.pop(handshaking, None))
         # A session's nursery wraps what its tasks raise in exception groups. Whatever one connection raises ends
         # that connection only: the daemon keeps serving everyone else. Cancellation is not caught here.

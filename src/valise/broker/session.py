@@ -57,10 +57,11 @@ WRITE_TIMEOUT = 10.0  # a member that accepts no bytes for this long is disconne
 class Session:
     """One authenticated member connection: a reader task and a pusher task in one nursery."""
 
-    def __init__(self, daemon: BrokerDaemon, stream: TLSSocketStream, member: str) -> None:
+    def __init__(self, daemon: BrokerDaemon, stream: TLSSocketStream, member: str, cert_der: bytes) -> None:
         self.d = daemon
         self.stream = stream
         self.member = member
+        self.cert_der = cert_der  # the member's certificate it connected with (a rekey makes it stale)
         self.conn = Connection(Role.SERVER)
         self.ready = False
         self.auditor = False  # the hello's role was "auditor"
