@@ -745,3 +745,23 @@ def test_a_logged_retraction_whose_reason_is_over_the_limit_is_named(log: Log, t
     assert code == 4
     assert (at, "retract-malformed") in _findings(report)
     assert any("longer than 512 bytes" in w for w in what)
+
+
+def test_an_auditor_with_only_public_material_gets_the_witness_keys_the_log_shows(log: Log, tmp_path: Path) -> None:
+    """A walkthrough's auditor could not check cosignatures: `audit verify` pointed at `policy show`, which needs
+    a broker directory or a node. `--witness-keys` lists each active member's key from the verified directory,
+    in the form the next run pins them with."""
+    code, report = _verify(log.export, log, "--witness-keys")
+    assert code == 0
+    keys = report["witness_keys"]
+    assert isinstance(keys, dict)
+    expected = {
+        m: cosignature.CosignatureVerifier(m, ident.bundle.sign_key).vkey() for m, ident in log.world.members.items()
+    }
+    assert keys == expected
+    pinned = [a for vkey in keys.values() for a in ("--witness", vkey)]
+    code, again = _verify(log.export, log, *pinned, "--quorum", "0")  # this export's note carries no cosignature
+    assert code == 0, again
+    assert (again["cosigners"], again["unchecked_cosigners"]) == ([], [])
+    code, _ = _verify(log.export, log, "--witness-keys", "--tree-only")
+    assert code == 2  # the directory comes from the entries, which --tree-only does not read

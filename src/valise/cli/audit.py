@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes checking signatures")
     p.add_argument("--window", type=int, default=600, help="the broker's allowed clock window, seconds")
     p.add_argument("--tree-only", action="store_true", help="check the checkpoint and the tree, not the entries")
+    p.add_argument(
+        "--witness-keys", action="store_true",
+        help="also list each active member's witness key as the verified log shows it, as quorum policy lines",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=verify_cmd)
 
@@ -134,7 +138,7 @@ def _print_report(report: Report, as_json: bool, *, tree_only: bool = False) -> 
     if unchecked := report.unchecked_cosigners:
         print(
             f"  not checked: cosignatures by {', '.join(unchecked)} (trust their keys with --witness or --policy; "
-            "valise policy show lists the members' witness keys)"
+            "--witness-keys lists the members' keys as the log shows them, as does valise policy show)"
         )
     tree = "tied to the signed root" if report.tree_verified else "NOT tied to the signed root"
     if report.start == cp.size:
@@ -198,8 +202,24 @@ def verify_cmd(args: argparse.Namespace) -> int:
     bar.close()
     if args.state is not None and report.state is not None:
         state.save(args.state, report.state)
-    _print_report(report, args.json, tree_only=args.tree_only)
+    keys = _witness_keys(report) if args.witness_keys else None
+    if keys is not None and args.json:
+        print(json.dumps({**report.to_json(), "witness_keys": keys}, sort_keys=True))
+    else:
+        _print_report(report, args.json, tree_only=args.tree_only)
+        for member_id, vkey in (keys or {}).items():
+            print(f"witness {member_id} {vkey}")
     return 0 if report.clean else EXIT_FINDINGS
+
+
+def _witness_keys(report: Report) -> dict[str, str]:
+    """Each active member's witness key (its identity key, as cosignature/v1) from the directory this audit
+    replayed: what an auditor with only public material pins to check cosignatures on its next run. They come
+    from the log under audit, so they say who the log claims its members are, as `policy show` does."""
+    if report.state is None:
+        raise UsageError("--witness-keys needs the entries verified (not --tree-only, and a tree that matched)")
+    members = report.state.replay.policy.members.values()
+    return {m.id: cosignature.CosignatureVerifier(m.id, m.sign_key).vkey() for m in members if m.status == "active"}
 
 
 def monitor_cmd(args: argparse.Namespace) -> int:
