@@ -555,3 +555,18 @@ async def test_a_member_its_verified_log_shows_suspended_is_told_so_at_send(
         assert "valise broker member reinstate" in err
         assert h.daemon.store.outbox_all() == []
         nursery.cancel_scope.cancel()
+
+
+async def test_node_init_refuses_a_directory_whose_control_socket_path_run_would_refuse(
+    members: dict[str, identity.Identity], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keyfiles.save_identity(tmp_path / "keys", members["FRA"], None)
+    (tmp_path / "broker.pub").write_bytes(BROKER_ID.bundle.raw)
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    keys, pub = str(tmp_path / "keys"), str(tmp_path / "broker.pub")
+    code = await cli("node", "init", "--dir", str(deep), "--identity", keys, "--broker", "127.0.0.1:9",
+                     "--broker-pub", pub, "--log-key", "x+00000000+AA")  # fmt: skip
+    assert code == 1
+    assert "control socket path" in capsys.readouterr().err
+    assert not (deep / "config.json").exists()
+    assert await cli("keygen", "--id", "not a valid id", "--out", str(tmp_path / "k2")) == 2

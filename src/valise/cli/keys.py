@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from valise import identity, keyfiles
-from valise.errors import UsageError
+from valise.errors import Error, UsageError
 from valise.policy import records
 
 
@@ -34,7 +34,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def keygen(args: argparse.Namespace) -> int:
     if args.rotate is not None:
         return rotate(args)
-    identity.check_member_id(args.member_id)
+    try:
+        identity.check_member_id(args.member_id)
+    except Error as exc:  # a usage mistake (exit 2), like any other bad argument
+        raise UsageError(exc.what, hint=exc.hint) from None
     passphrase = keyfiles.passphrase_from_env(args.passphrase_env)
     ident = identity.generate(args.member_id, os.urandom, int(time.time()))
     pub = keyfiles.save_identity(args.out, ident, passphrase)

@@ -138,7 +138,7 @@ def socket_path(node_dir: Path) -> Path:
 MAX_SOCKET_PATH = 100
 
 
-def _check_length(path: Path) -> None:
+def check_socket_path(path: Path) -> None:
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise LimitError(
             f"control socket path {path} is longer than {MAX_SOCKET_PATH} bytes", hint="use a shorter node directory"
@@ -158,7 +158,7 @@ LISTEN_BACKLOG = 128
 
 async def listen(path: Path) -> trio.SocketListener:
     """Bind the control socket with mode 0600 from the start (umask), replacing a stale socket file."""
-    _check_length(path)
+    check_socket_path(path)
     _remove_stale(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     old = os.umask(0o177)
@@ -171,5 +171,5 @@ async def listen(path: Path) -> trio.SocketListener:
 
 
 async def connect(path: Path) -> trio.SocketStream:
-    _check_length(path)
+    check_socket_path(path)
     return await trio.open_unix_socket(str(path))

@@ -25,6 +25,7 @@ from pathlib import Path
 from valise import identity, keyfiles
 from valise.audit import quorum
 from valise.errors import KeyFileError, NoteError, StoreError, UsageError
+from valise.node import control
 from valise.tlog import note
 
 NODE_VERSION = 1
@@ -92,6 +93,7 @@ class NodeHome:
         home = cls(root)
         if home.config_path.exists():
             raise UsageError(f"{root} is already a node directory")
+        control.check_socket_path(control.socket_path(root))  # refused now, not at the first `node run`
         member_id = keyfiles.find_member_id(identity_dir)
         keyfiles.load_bundle(identity_dir / f"{member_id}.pub")  # verifies it
         keyfiles.load_bundle(broker_pub)  # a broken or forged broker bundle is refused now, not at first connect
