@@ -188,7 +188,7 @@ class PolicyState:
             )
         if self.verify_signatures:
             try:
-                record.verify(self.operator_key, what=f"{_what(record)} {body['seq']}")
+                record.verify(self.operator_key, what=f"{_what(record)} #{body['seq']}")
             except SignatureError as exc:
                 raise PolicyError(
                     f"{exc.what} under the operator key", hint="signed by another key, or altered"
@@ -210,7 +210,8 @@ class PolicyState:
         return member
 
     def _check_dir(self, record: Record) -> _Commit:
-        b, op, what = record.body, record.kind, f"directory record {record.body['seq']} ({record.kind})"
+        # Named by the operator's sequence number (the log index is not known to the fold's callers in advance).
+        b, op, what = record.body, record.kind, f"directory record #{record.body['seq']} ({record.kind})"
         position = self.size
         if op == "member-add":
             if b["id"] in self.members:
