@@ -102,7 +102,7 @@ def test_keygen_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypa
     assert f"{tmp_path / 'k'} already holds identity FRA" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == before
     assert keyfiles.load_identity(tmp_path / "k").member_id == "FRA"
-    assert main(["keygen", "--id", "no spaces", "--out", str(tmp_path / "x")]) == 1
+    assert main(["keygen", "--id", "no spaces", "--out", str(tmp_path / "x")]) == 2  # a usage mistake, as any bad argument
     assert "not valid" in capsys.readouterr().err
     monkeypatch.setenv("PW", "s3cret")
     assert main(["keygen", "--id", "DEU", "--out", str(tmp_path / "d"), "--passphrase-env", "PW"]) == 0
