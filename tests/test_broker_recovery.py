@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from valise import packet, records
+from valise import encoding, packet, records
 from valise.broker.daemon import BrokerDaemon
 from valise.broker.mailbox import Mailboxes
 from valise.errors import StoreError
@@ -328,3 +328,27 @@ async def test_a_mailbox_store_older_than_its_log_stops_the_broker(tmp_path: Pat
         BrokerDaemon(world.home)
     assert "1 more traffic record" in str(refused.value)
     assert "restore mailbox.db from the same backup as broker.db" in (refused.value.hint or "")
+
+
+async def test_a_long_reason_retraction_queued_before_the_limit_does_not_jam_its_recipient(tmp_path: Path) -> None:
+    """A broker before the 512-byte limit was enforced logged and queued such a retraction; parsing it strictly
+    in the pusher ended every connection of its recipient, and nothing queued behind it was ever delivered."""
+    world = _world(tmp_path)
+    first, second = seal(world, "FRA", ["DEU"], b"retracted"), seal(world, "FRA", ["DEU"], b"behind it")
+    head = _head(first)
+    old = long_reason_retraction(world.members["FRA"].signing, head.core.packet_id, head.digest, "FRA")
+    await _relayed(world, first)
+    async with running_broker(world) as broker:
+        broker.mail.remove("DEU", "packet", head.digest)
+        broker.mail.post("DEU", "retract", head.digest, encoding.pack({"index": 5, "notice": old}))
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            fra.refuse_cosign = True
+            assert isinstance(await fra.submit(second), ev.Receipt)
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            deu.refuse_cosign = True
+            forwarded = await deu.next_of(ev.RetractForward)
+            assert isinstance(forwarded, ev.RetractForward)
+            assert (forwarded.by, forwarded.retraction) == ("FRA", old)
+            await deu.send(ev.Seen(forwarded.seq))
+            _, got = await deu.receive_delivery()
+            assert got == second

@@ -126,10 +126,14 @@ class Retraction:
         return Retraction(packet_id, digest, sender, reason, at, _signed(body, key.sign(RETRACT_DOMAIN, body)))
 
     @staticmethod
-    def parse(raw: bytes) -> tuple[Retraction, bytes, bytes]:
-        """Decode without verifying (to route it, or to find the sender's key); returns (retraction, body, sig)."""
+    def parse(raw: bytes, *, logged: bool = False) -> tuple[Retraction, bytes, bytes]:
+        """Decode without verifying (to route it, or to find the sender's key); returns (retraction, body, sig).
+
+        The reason's limit is what make() allows and all a broker may accept (protocol.md). `logged`: one the log
+        or a mailbox already holds, which a broker before the limit was enforced may have taken: read it all the
+        same (refusing it there would jam its recipient's mailbox and the crash redo; an auditor names it)."""
         m, body, sig = _notice(raw, "retraction", _RETRACT_FIELDS)
-        if len(m["reason"].encode()) > REASON_MAX:  # what make() allows is all a broker may log (protocol.md)
+        if not logged and len(m["reason"].encode()) > REASON_MAX:
             raise EncodingError(f"retraction reason is longer than {REASON_MAX} bytes")
         return Retraction(m["packet_id"], m["digest"], m["sender"], m["reason"], m["at"], raw), body, sig
 

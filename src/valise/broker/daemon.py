@@ -302,7 +302,7 @@ class BrokerDaemon:
             elif kind == "ack":
                 self.ack_effects(records.Ack.parse(m["notice"])[0], index)
             elif kind == "retract":
-                retraction = records.Retraction.parse(m["notice"])[0]
+                retraction = records.Retraction.parse(m["notice"], logged=True)[0]
                 recipients = self._recipients_of(retraction.digest)
                 if recipients is not None:
                     self.retract_effects(retraction, recipients, index)

@@ -36,7 +36,7 @@ def readers_of(entry: bytes, recipients_of: RecipientsOf) -> tuple[str, ...]:
             ack, _, _ = records.Ack.parse(m["notice"])
             return (ack.sender, ack.recipient)
         if kind == "retract":
-            retraction, _, _ = records.Retraction.parse(m["notice"])
+            retraction, _, _ = records.Retraction.parse(m["notice"], logged=True)
             recipients = recipients_of(retraction.digest)
             return (retraction.sender, *(recipients or ()))
         if kind == "purge":

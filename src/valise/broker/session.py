@@ -809,7 +809,7 @@ class Session:
                         pid, by = ack.packet_id, ack.recipient
                     self.queue(ev.AckForward(item.seq, pid, by, body["index"], notice))
                 else:
-                    by = records.Retraction.parse(notice)[0].sender
+                    by = records.Retraction.parse(notice, logged=True)[0].sender
                     row = self.d.mail.packet(item.digest)
                     pid = row.packet_id if row else bytes(16)
                     self.queue(ev.RetractForward(item.seq, pid, by, body["index"], notice))
