@@ -26,7 +26,7 @@ from valise.store.sqlite import SqliteLog
 from valise.wire import codes
 from valise.wire import events as ev
 
-from .harness import WireClient, World, long_reason_retraction, make_world, running_broker, seal
+from .harness import WireClient, World, cli, long_reason_retraction, make_world, running_broker, seal
 
 
 def _world(tmp_path: Path) -> World:
@@ -352,3 +352,21 @@ async def test_a_long_reason_retraction_queued_before_the_limit_does_not_jam_its
             await deu.send(ev.Seen(forwarded.seq))
             _, got = await deu.receive_delivery()
             assert got == second
+
+
+async def test_an_operator_command_after_a_crash_mid_commit_does_not_stop_the_broker_from_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A review: after a crash between the log's commit and the mailboxes', an operator command signed a
+    checkpoint over the lost batch, and the broker then refused to start, taking mailbox.db for an old backup."""
+    world = _world(tmp_path)
+    await _relayed(world, seal(world, "FRA", ["DEU"], b"before"))
+    lost = seal(world, "FRA", ["DEU"], b"its batch reached the log, not the mailboxes")
+    head = _head(lost)
+    world.append(records.packet_entry(head.header.raw, head.signature, int(time.time())))  # as the crash left it
+    capsys.readouterr()
+    assert cli(["broker", "member", "suspend", "--dir", str(world.home.root), "--id", "ITA", "--reason", "audit"]) == 0
+    assert "not signing a checkpoint now" in capsys.readouterr().err
+    async with running_broker(world) as broker:
+        assert ("FRA", head.core.packet_id) in broker.orphans  # redone: it waits for its sender's resubmission
+        assert broker.policy.members["ITA"].status == "suspended"

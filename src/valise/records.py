@@ -220,6 +220,17 @@ def purge_entry(digest: bytes, recipient: str, at: int) -> bytes:
     return encoding.pack({"t": "purge", "digest": digest, "recipient": recipient, "at": at})
 
 
+TRAFFIC_TYPES = ("pkt", "ack", "retract", "purge")
+
+
+def is_traffic(entry: bytes) -> bool:
+    """Whether `entry` is a traffic record (one with mailbox effects at the broker); False if it does not parse."""
+    try:
+        return entry_type(entry)[0] in TRAFFIC_TYPES
+    except EncodingError:
+        return False
+
+
 def entry_type(entry: bytes) -> tuple[str, dict[str, Any]]:
     """Decode a log entry's type and fields (canonical form enforced); unknown types are returned as is."""
     m = encoding.unpack(entry, what="log entry", max_size=ENTRY_MAX)

@@ -102,13 +102,6 @@ def _is_packet(entry: bytes) -> bool:
         return False
 
 
-def _is_traffic(entry: bytes) -> bool:
-    try:
-        return records.entry_type(entry)[0] in ("pkt", "ack", "retract", "purge")
-    except Error:
-        return False
-
-
 class BrokerDaemon:
     def __init__(self, home: BrokerHome, settings: Settings | None = None, passphrase: bytes | None = None) -> None:
         """`passphrase`: of the broker's identity and log keys, if `broker init` sealed them."""
@@ -254,16 +247,16 @@ class BrokerDaemon:
         from a running broker): the packets receipted since would be lost without a word.
 
         The broker signs a checkpoint only after the mailboxes hold the changes of every entry below it, and a
-        crash between its two commits leaves at most the last batch undone, which it never signed (a checkpoint an
-        operator command signed meanwhile is the rare exception, and is named in the error). So traffic records
-        below the saved checkpoint but past the mailboxes' mark mean receipts were given for changes this
+        crash between its two commits leaves at most the last batch undone, which it never signed, and operator
+        commands do not sign over traffic the mailboxes have not taken either (cli/policy.py, _append). So traffic
+        records below the saved checkpoint but past the mailboxes' mark mean receipts were given for changes this
         mailbox.db does not have."""
         saved = self.store.load_checkpoint()
         if applied is None or saved is None or saved[0] <= applied or self.settings.rebuild_mailboxes:
             return
         missing = 0
         for start in range(applied, saved[0], 4096):
-            missing += sum(_is_traffic(e) for e in self.store.entries(start, min(saved[0], start + 4096)))
+            missing += sum(records.is_traffic(e) for e in self.store.entries(start, min(saved[0], start + 4096)))
         if missing:
             raise StoreError(
                 f"{self.home.mailbox_path} is older than the log: it holds the delivery changes of log entries up to "
@@ -271,8 +264,7 @@ class BrokerDaemon:
                 "record(s) (packets, acknowledgements, retractions, purges) were made: their deliveries would be lost",
                 hint="restore mailbox.db from the same backup as broker.db (stop the broker, or use SQLite's online "
                 "backup, to copy both); or move it aside and rebuild it from the log with valise broker serve "
-                "--rebuild-mailboxes (small packets not yet delivered are then lost). If the broker crashed while an "
-                "operator command signed a checkpoint, this is the last batch and a rebuild loses nothing else",
+                "--rebuild-mailboxes (small packets not yet delivered are then lost)",
             )
 
     def _legacy_mark(self) -> int:

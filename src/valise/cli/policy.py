@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from valise import keyfiles, labels
+from valise import records as log_records
 from valise.broker import policyfold
 from valise.broker.home import BrokerHome
 from valise.cli.main import group
@@ -279,7 +280,15 @@ def _append(home: BrokerHome, build: Any) -> list[tuple[records.Record, int]]:
             for e in entries:
                 log.add(e, now)
             indexes = log.flush()
-            if log.can_sign:
+            if log.can_sign and _behind_mailboxes(home, store, indexes.start):
+                # A broker that stopped between its log commit and its mailbox commit redoes that batch when it
+                # starts; signed over now, the batch would look like a mailbox.db older than its log (daemon.py).
+                print(
+                    "valise: not signing a checkpoint now: the broker stopped before its last batch reached its "
+                    "mailboxes; it signs when it starts",
+                    file=sys.stderr,
+                )
+            elif log.can_sign:
                 log.sign()
             else:  # the log key is sealed: the running broker signs the new tree within its checkpoint interval
                 print(
@@ -290,6 +299,12 @@ def _append(home: BrokerHome, build: Any) -> list[tuple[records.Record, int]]:
         finally:
             log.store.close()
     return list(zip(applied, indexes, strict=True))
+
+
+def _behind_mailboxes(home: BrokerHome, store: SqliteLog, upto: int) -> bool:
+    """Whether log entries below `upto` hold traffic whose mailbox changes mailbox.db has not recorded."""
+    mark = policyfold.read_public_index(home.mailbox_path, store).mark
+    return any(log_records.is_traffic(e) for e in store.iter_entries(min(mark, upto), upto))
 
 
 def _operator_key(args: argparse.Namespace, home: BrokerHome) -> sign.SigningKey:
