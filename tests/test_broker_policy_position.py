@@ -10,13 +10,14 @@ from pathlib import Path
 
 import trio
 
-from valise import packet, records
+from valise import identity, packet, records
 from valise.broker.daemon import BrokerDaemon
 from valise.policy import records as prec
 from valise.store.sqlite import SqliteLog
 from valise.wire import codes
 from valise.wire import events as ev
 
+from .conftest import seeded_random
 from .harness import ORIGIN, WireClient, World, make_world, running_broker, seal
 
 SLOW_COMMIT = {"flush_interval": 0.3, "policy_poll": 60.0}  # the broker folds others' records only when it commits
@@ -123,3 +124,48 @@ async def test_a_statement_is_refused_if_its_author_is_suspended_before_it_lands
         assert answer.code == codes.REFUSED
         assert "DEU" in answer.message
     assert _kinds_from(world, suspended_at) == ["dir"]
+
+
+def _rekey(world: World, member: str) -> bytes:
+    """A member-rekey record moving `member` to a new identity, handed over with its old key (as policy.md
+    defines it; no command issues one yet)."""
+    new = identity.generate(member, seeded_random(b"new keys of " + member.encode()), int(time.time()))
+    sig = world.members[member].signing.sign(prec.REKEY_DOMAIN, prec.rekey_message(member, ORIGIN, new.bundle.raw))
+    world.seq += 1
+    return prec.dir_record(world.home.operator_key(), ORIGIN, world.seq, int(time.time()), "member-rekey",
+                           id=member, bundle=new.bundle.raw, rekey_sig=sig)  # fmt: skip
+
+
+async def test_an_acknowledgement_and_a_retraction_are_checked_again_behind_a_rekey(tmp_path: Path) -> None:
+    """A review: a member's acknowledgement or retraction, checked under its key, was logged behind a rekey of
+    that member that landed before the commit, where it no longer verifies (ack-signature in an honest log)."""
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU")
+    data = seal(world, "FRA", ["DEU"], b"acknowledged under the old key")
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    pid = head.core.packet_id
+    async with (
+        running_broker(world, **SLOW_COMMIT) as broker,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+        WireClient.connect(world, "DEU", broker.port) as deu,
+    ):
+        fra.refuse_cosign = deu.refuse_cosign = True
+        assert isinstance(await fra.submit(data), ev.Receipt)
+        seq, _ = await deu.receive_delivery()
+        ack = records.Ack.make(world.members["DEU"].signing, pid, head.digest, "FRA", "DEU", int(time.time()))
+        await deu.send(ev.Ack(seq, pid, ack.raw))
+        retraction = records.Retraction.make(world.members["FRA"].signing, pid, head.digest, "FRA", "", 1)
+        rid = fra.conn.new_rid()
+        await fra.send(ev.Retract(rid, pid, retraction.raw))
+        await _queued(broker, 2)
+        rekeyed_at = _log_size(world)
+        world.append(_rekey(world, "DEU"))
+        world.append(_rekey(world, "FRA"))
+        closed = await deu.next_of(ev.ErrorMessage)
+        assert isinstance(closed, ev.ErrorMessage)
+        assert closed.code == codes.BAD_SIGNATURE
+        refused = await _answer(fra, rid)
+        assert isinstance(refused, ev.ErrorMessage), refused
+        assert refused.code == codes.BAD_SIGNATURE
+    assert _kinds_from(world, rekeyed_at) == ["dir", "dir"]

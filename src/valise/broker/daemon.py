@@ -506,7 +506,9 @@ class BrokerDaemon:
                     refusal = w.recheck()
                 except Exception as exc:  # a bug in a check must not stop the committer: refuse the one entry
                     log.exception("deciding again on a queued log entry")
-                    refusal = StoreError(f"the broker could not decide on the entry again: {exc}")
+                    failure = StoreError(f"the broker could not decide on the entry again: {exc}")
+                    self._fail([w], failure)  # its on_error answers the member, which the check did not
+                    continue
                 if refusal is not None:
                     w.error = refusal
                     w.done.set()

@@ -606,9 +606,22 @@ class Session:
             self.d.acks_pending.discard(pending)
             self.close_soon(codes.INTERNAL, f"the log could not take the acknowledgement: {exc}")
 
+        def recheck() -> Error | None:
+            # A directory record (a rekey) landed ahead of it: it must still verify where it is logged.
+            current = self.d.policy.members.get(self.member)
+            try:
+                records.Ack.check(body, sig, current.sign_key if current else bytes(32), self.member)
+            except Error as exc:
+                self.d.acks_pending.discard(pending)
+                self.close_soon(codes.BAD_SIGNATURE, f"acknowledgement of seq {msg.seq} refused: {exc}")
+                return exc
+            return None
+
         # Not awaited: the reader goes on with the next frames while the batch commits, so a member's
         # acknowledgements share commits instead of taking one commit cycle each.
-        self.d.enqueue(records.ack_entry(ack), done, failed, traffic=True, readers=(ack.sender, ack.recipient))
+        self.d.enqueue(
+            records.ack_entry(ack), done, failed, traffic=True, readers=(ack.sender, ack.recipient), recheck=recheck
+        )
 
     async def _retract(self, msg: ev.Retract) -> None:
         member = self.d.policy.members.get(self.member)
@@ -647,8 +660,24 @@ class Session:
             self.d.withdrawals += 1
             self.d.retract_effects(retraction, recipients, index, at)
 
+        def recheck() -> Error | None:
+            # A directory record (a rekey) landed ahead of it: it must still verify where it is logged.
+            current = self.d.policy.members.get(self.member)
+            try:
+                sign.verify(current.sign_key if current else bytes(32), records.RETRACT_DOMAIN, body, sig,
+                            what=f"retraction by {self.member}")  # fmt: skip
+            except Error as exc:
+                what = str(exc)
+                return Refused(what, lambda rid: ev.ErrorMessage(rid, codes.BAD_SIGNATURE, what))
+            return None
+
         readers = (self.member, *recipients)
-        index = await self.d.append(records.retract_entry(retraction), done, traffic=True, readers=readers)
+        entry = records.retract_entry(retraction)
+        try:
+            index = await self.d.enqueue(entry, done, traffic=True, readers=readers, recheck=recheck).result()
+        except Refused as refused:
+            await self.send(refused.answer(msg.rid))
+            return
         for r in recipients:
             self.d.wake(r)
         await self.send(self._retraction_receipt(msg, row.digest, index, at))
