@@ -262,9 +262,29 @@ async def test_a_node_pinned_to_another_log_key_says_so_in_an_alarm(tmp_path: Pa
                 await wait_for(lambda: any(a.kind == "checkpoint" for a in daemon.store.alarms()))
                 nursery.cancel_scope.cancel()
             (alarm,) = [a for a in daemon.store.alarms() if a.kind == "checkpoint"]
-            assert alarm.message.startswith("checkpoint refused: note has no verifiable signatures")
+            assert alarm.message.startswith("checkpoint refused: no signature by the pinned log key")
             assert "is the node's --log-key the broker's log.vkey?" in alarm.message
             assert alarm.evidence is not None
             assert alarm.evidence.startswith(ORIGIN.encode() + b"\n")
         finally:
             daemon.store.close()
+
+
+async def test_a_broker_serving_a_new_unverifiable_note_at_every_poll_raises_one_alarm(tmp_path: Path) -> None:
+    """A review: each refused checkpoint was stored as an alarm with the note (up to 64 KiB) as evidence, told
+    apart by a message quoting the signer names the broker chose: a new note per poll, a new row each time."""
+    from valise.crypto import sign
+
+    world = make_world(tmp_path)
+    async with (
+        running_broker(world) as broker,
+        running_node(world, broker.port, tmp_path / "fra", poll_interval=0.02) as node,
+    ):
+        text = f"{ORIGIN}\n5\n" + "A" * 43 + "=\n" + "x" * 20000 + "\n"
+        for i in range(20):
+            signer = note.Ed25519Signer(f"forged-{i}", sign.SigningKey(bytes([i]) * 32))
+            broker.published = note.sign_note(text, [signer])
+            await trio.sleep(0.05)
+        checkpoint_alarms = [a for a in node.store.alarms() if a.kind == "checkpoint"]
+        assert len(checkpoint_alarms) == 1
+        assert checkpoint_alarms[0].message.startswith("checkpoint refused: no signature by the pinned log key")

@@ -193,8 +193,16 @@ class NodeDaemon:
         """protocol.md, "Nodes": a refused checkpoint is kept as evidence and raised as an alarm that `status`
         shows (a node pinned to the wrong log key otherwise looked healthy, with a log of size 0)."""
         log.warning("checkpoint refused: %s", exc.what)
-        hint = " (is the node's --log-key the broker's log.vkey?)" if "no verifiable signature" in exc.what else ""
-        self.alarm("checkpoint", f"checkpoint refused: {exc.what}{hint}", note)
+        # One alarm per cause, in words of ours: the refusal's text quotes what the broker sent (signer names, a
+        # size), and a broker sending a new note at every poll would otherwise add an alarm and its evidence
+        # (up to 64 KiB) each time. The first note of each cause is kept; the daemon's log has every one.
+        if "no verifiable signature" in exc.what:
+            cause = "no signature by the pinned log key (is the node's --log-key the broker's log.vkey?)"
+        elif isinstance(exc, NoteError):
+            cause = "the note is malformed or a known key's signature does not verify"
+        else:
+            cause = "the checkpoint's text is malformed or names another log"
+        self.alarm("checkpoint", f"checkpoint refused: {cause}; the first such note is kept as evidence", note)
 
     def settled(self) -> None:
         """A queued packet left `queued` (receipted, denied, expired or cancelled): wake whoever waits for one."""
