@@ -796,12 +796,13 @@ async def test_a_member_that_has_read_its_mailbox_is_pushed_new_items_without_a_
         assert queries == []
 
 
+@pytest.mark.parametrize(("limit", "value"), [("FRESH_MAX", 2), ("FRESH_BYTES", 2000)])
 async def test_items_waiting_past_the_hand_over_limit_are_pushed_from_the_store_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: str, value: int
 ) -> None:
-    """A member that confirms nothing lets items pile up; past FRESH_MAX its pusher reads them from the store
-    again, and every one still arrives, once and in order."""
-    monkeypatch.setattr(session, "FRESH_MAX", 2)
+    """A member that confirms nothing lets items pile up; past FRESH_MAX items (or FRESH_BYTES of bodies) its
+    pusher reads them from the store again, and every one still arrives, once and in order."""
+    monkeypatch.setattr(session, limit, value)
     world = _world(tmp_path)
     packets = [seal(world, "FRA", ["DEU"], b"p%d" % i) for i in range(6)]
     async with (
@@ -811,8 +812,9 @@ async def test_items_waiting_past_the_hand_over_limit_are_pushed_from_the_store_
     ):
         fra.refuse_cosign = deu.refuse_cosign = True
         await deu.sync()
-        for data in packets:  # one is pushed (the window), two wait in memory, then the rest overflow
+        for data in packets:  # one is pushed (the window), a few wait in memory, then the rest overflow
             assert isinstance(await fra.submit(data), ev.Receipt)
+        assert broker.sessions["DEU"]._fresh is None  # over the limit: nothing more is held in memory for DEU
         assert [await _deliver_and_confirm(world, fra, deu, data) for data in packets] == packets
 
 

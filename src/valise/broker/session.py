@@ -51,6 +51,7 @@ FLUSH_AT = 256 * 1024  # write queued frames once this many bytes wait (a few TL
 # Items a session keeps in memory for its pusher (Session.offer); a member that lets more than this wait unconfirmed
 # is served from the mailbox store again, so an idle member's session holds no more than this.
 FRESH_MAX = 1024
+FRESH_BYTES = 4 * 1024 * 1024  # and at most this many bytes of kept packet bodies (small ones travel inline)
 WRITE_TIMEOUT = 10.0  # a member that accepts no bytes for this long is disconnected (it reconnects and resumes)
 
 
@@ -82,6 +83,7 @@ class Session:
         # Items committed to this member's mailbox since the pusher last found it had read everything there, each
         # with the broker's withdrawal count when it was committed; None while the pusher must query the store.
         self._fresh: deque[tuple[MailItem, int]] | None = None
+        self._fresh_bytes = 0
         self._inflight: dict[tuple[str, bytes], tuple[bytes, Waiter, int]] = {}  # (sender, id) → (digest, waiter, at)
         self._last_seq = 0
         self._cosigns: dict[int, tuple[CosignRound, list[note.Signature], trio.Event]] = {}
@@ -852,23 +854,29 @@ class Session:
         """Up to `room` items to push next, each with the withdrawal count as of when it was read."""
         fresh = self._fresh
         if fresh is not None:
-            return [fresh.popleft() for _ in range(min(room, len(fresh)))]
+            taken = [fresh.popleft() for _ in range(min(room, len(fresh)))]
+            self._fresh_bytes -= sum(len(item.body or b"") for item, _ in taken)
+            return taken
         withdrawals = self.d.withdrawals
         items = self.d.mail.pending(self.member, self._last_seq, limit=room)
         if len(items) < room:
             # Everything in the mailbox is read: from here on, what commits for this member is handed over
             # (offer), and nothing is committed between this query and this line (both are in this one step).
             self._fresh = deque()
+            self._fresh_bytes = 0
         return [(item, withdrawals) for item in items]
 
     def offer(self, item: MailItem) -> None:
         """An item just committed to this member's mailbox. Kept for the pusher if it has read everything before
-        it; past FRESH_MAX waiting (a member that does not confirm), the pusher goes back to querying."""
+        it; past FRESH_MAX items or FRESH_BYTES of bodies waiting (a member that does not confirm), the pusher goes
+        back to querying."""
         fresh = self._fresh
         if fresh is not None:
-            if len(fresh) < FRESH_MAX:
+            size = len(item.body or b"")
+            if len(fresh) < FRESH_MAX and self._fresh_bytes + size <= FRESH_BYTES:
                 fresh.append((item, self.d.withdrawals))
-            else:
+                self._fresh_bytes += size
+            else:  # a member that confirms nothing holds no more than this here; the store keeps the rest
                 self._fresh = None
         self._wake.set()
 
