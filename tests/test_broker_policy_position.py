@@ -169,3 +169,32 @@ async def test_an_acknowledgement_and_a_retraction_are_checked_again_behind_a_re
         assert isinstance(refused, ev.ErrorMessage), refused
         assert refused.code == codes.BAD_SIGNATURE
     assert _kinds_from(world, rekeyed_at) == ["dir", "dir"]
+
+
+async def test_two_retractions_of_one_packet_in_flight_at_once_are_logged_once(tmp_path: Path) -> None:
+    """A review: the "already retracted?" lookup ran before the append with nothing held in between, so a
+    retraction sent on a replaced connection and one on its replacement could both be logged."""
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU")
+    data = seal(world, "FRA", ["DEU"], b"retracted twice at once")
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    pid = head.core.packet_id
+    retraction = records.Retraction.make(world.members["FRA"].signing, pid, head.digest, "FRA", "twice", 1)
+    async with (
+        running_broker(world, **SLOW_COMMIT) as broker,
+        WireClient.connect(world, "FRA", broker.port) as first,
+    ):
+        first.refuse_cosign = True
+        assert isinstance(await first.submit(data), ev.Receipt)
+        size = _log_size(world)
+        await first.send(ev.Retract(first.conn.new_rid(), pid, retraction.raw))
+        await _queued(broker, 1)
+        async with WireClient.connect(world, "FRA", broker.port) as second:  # replaces the first
+            second.refuse_cosign = True
+            rid = second.conn.new_rid()
+            await second.send(ev.Retract(rid, pid, retraction.raw))
+            answer = await _answer(second, rid)
+            assert isinstance(answer, ev.RetractResult), answer
+            assert answer.index == size
+    assert _kinds_from(world, size) == ["retract"]

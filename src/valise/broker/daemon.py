@@ -173,6 +173,7 @@ class BrokerDaemon:
         self.recorded = 0  # bumped whenever packets may have been recorded in the mailboxes since
         self._cosign_turn = 0  # checkpoints sent out for cosigning (see pick_witnesses)
         self.acks_pending: set[tuple[str, bytes]] = set()  # (recipient, digest): acknowledgements being logged
+        self.retracting: dict[bytes, tuple[Waiter, int]] = {}  # digest → the retraction being logged, its receipt time
         self.withdrawals = 0  # packets taken out of mailboxes undelivered (retracted, purged) so far
         self.refusals = 0  # pushed items members refused (`refuse`): they stay in the mailboxes
         self._wake_committer = trio.Event()

@@ -655,6 +655,16 @@ class Session:
             index, at = prior
             await self.send(self._retraction_receipt(msg, row.digest, index, self.d.now() if at is None else at))
             return
+        if (inflight := self.d.retracting.get(row.digest)) is not None:
+            # Another retraction of it is being logged (a replaced connection's, say): its answer, not a second.
+            waiter, at = inflight
+            try:
+                index = await waiter.result()
+            except Refused as refused:
+                await self.send(refused.answer(msg.rid))
+                return
+            await self.send(self._retraction_receipt(msg, row.digest, index, at))
+            return
         recipients = self.d.logged_header(row.log_index).core.recipients
         at = self.d.now()
 
@@ -675,11 +685,16 @@ class Session:
 
         readers = (self.member, *recipients)
         entry = records.retract_entry(retraction)
+        waiter = self.d.enqueue(entry, done, traffic=True, readers=readers, recheck=recheck)
+        self.d.retracting[row.digest] = (waiter, at)
         try:
-            index = await self.d.enqueue(entry, done, traffic=True, readers=readers, recheck=recheck).result()
+            index = await waiter.result()
         except Refused as refused:
             await self.send(refused.answer(msg.rid))
             return
+        finally:
+            if self.d.retracting.get(row.digest, (None,))[0] is waiter:
+                del self.d.retracting[row.digest]
         for r in recipients:
             self.d.wake(r)
         await self.send(self._retraction_receipt(msg, row.digest, index, at))

@@ -160,8 +160,9 @@ CORE_TABLES = ("outbox", "inbox", "acks", "kv")
 def _refuse_lost_store(root: Path, path: Path) -> None:
     """A missing or empty node.db where a store was kept is a lost one, not a new node: say so."""
     afresh = (
-        f"or, to start afresh (the node forgets its verified log, alarms and outbox, and follows the log again "
-        f"from the start), move {root / 'inbox'}, {root / 'outbox'} and {root / STORE_MADE} aside"
+        f"or, to start afresh (the node forgets its verified log, alarms and outbox, follows the log again from "
+        f"the start, and alarms once for the packets it acknowledged before, which the new inbox does not hold), "
+        f"move {root / 'inbox'}, {root / 'outbox'} and {root / STORE_MADE} aside"
     )
     held = sorted(p.name for sub in ("inbox", "outbox") for p in (root / sub).glob("*.pkt"))
     if held:
