@@ -420,12 +420,17 @@ class _payload:
             self._f.close()
 
 
-def inbox(args: argparse.Namespace) -> int:
+def _listing(node: Path, op: str, offline: Callable[[NodeHome], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The daemon's listing `op`, page by page; with the daemon stopped, what it stored (said on stderr)."""
     try:
-        items = _inbox_from_daemon(args.node)
+        return _from_daemon(node, op)
     except NotRunning as exc:
-        items = report.offline_inbox(NodeHome.open(args.node))
         print(f"valise: {exc.what}; listing what it stored ({exc.hint})", file=sys.stderr)
+        return offline(NodeHome.open(node))
+
+
+def inbox(args: argparse.Namespace) -> int:
+    items = _listing(args.node, "inbox", report.offline_inbox)
     if args.json:
         print(json.dumps(items))
         return 0
@@ -439,7 +444,7 @@ def inbox(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inbox_from_daemon(node: Path, op: str = "inbox") -> list[dict[str, Any]]:
+def _from_daemon(node: Path, op: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     after: int | None = 0
     while after is not None:  # page by page: the daemon answers within one control frame
@@ -452,11 +457,7 @@ def _inbox_from_daemon(node: Path, op: str = "inbox") -> list[dict[str, Any]]:
 
 
 def outbox(args: argparse.Namespace) -> int:
-    try:
-        items = _inbox_from_daemon(args.node, "outbox")
-    except NotRunning as exc:
-        items = report.offline_outbox(NodeHome.open(args.node))
-        print(f"valise: {exc.what}; listing what it stored ({exc.hint})", file=sys.stderr)
+    items = _listing(args.node, "outbox", report.offline_outbox)
     if args.json:
         print(json.dumps(items))
         return 0

@@ -300,25 +300,20 @@ async def op_inbox(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict
     """One page of the inbox after position `after` (0: the start); `next` is where the next page starts, or
     None at the end."""
     after = _opt(request, "after", int) or 0
-    items: list[dict[str, Any]] = []
-    size = 0
     rows = daemon.store.inbox_page(after, PAGE_ROWS)
-    for position, row in rows:
-        item = report.inbox_item(row)
-        size += len(encoding.pack(item))
-        if items and size > PAGE_BYTES:
-            return {"ok": True, "items": items, "next": after}
-        items.append(item)
-        after = position
-    return {"ok": True, "items": items, "next": after if len(rows) == PAGE_ROWS else None}
+    return _page([(position, report.inbox_item(row)) for position, row in rows], after)
 
 
 async def op_outbox(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
     """One page of the outbox after position `after`, as op_inbox pages the inbox."""
     after = _opt(request, "after", int) or 0
+    return _page(report.outbox_items(daemon.store, after, PAGE_ROWS), after)
+
+
+def _page(rows: list[tuple[int, dict[str, Any]]], after: int) -> dict[str, Any]:
+    """As many of `rows` (up to PAGE_ROWS read) as fit PAGE_BYTES, and where the next page starts."""
     items: list[dict[str, Any]] = []
     size = 0
-    rows = report.outbox_items(daemon.store, after, PAGE_ROWS)
     for position, item in rows:
         size += len(encoding.pack(item))
         if items and size > PAGE_BYTES:
