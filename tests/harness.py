@@ -249,6 +249,16 @@ class WireClient:
                 answer = event
         return answer
 
+    async def submit_frames(self, data: bytes) -> int:
+        """Send a packet's submit-begin, one chunk and submit-end without waiting for the answer; its rid."""
+        head = packet.parse_head(data)
+        assert isinstance(head, packet.Head)
+        rid = self.conn.new_rid()
+        await self.send(ev.SubmitBegin(rid, data[: head.head_size], len(data) - head.head_size))
+        await self.send(ev.SubmitChunk(rid, data[head.head_size :]))
+        await self.send(ev.SubmitEnd(rid))
+        return rid
+
     async def receive_delivery(self) -> tuple[int, bytes]:
         """Receive one pushed packet (granting credit as we go); return (seq, whole packet bytes)."""
         begin = await self.next_of(ev.DeliverBegin)

@@ -404,13 +404,7 @@ async def test_pipelined_submissions_share_batches_and_the_same_packet_twice_is_
     ):
         rids = []
         for data in [*packets, packets[0]]:
-            head = packet.parse_head(data)
-            assert isinstance(head, packet.Head)
-            rid = fra.conn.new_rid()
-            await fra.send(ev.SubmitBegin(rid, data[: head.head_size], len(data) - head.head_size))
-            await fra.send(ev.SubmitChunk(rid, data[head.head_size :]))
-            await fra.send(ev.SubmitEnd(rid))
-            rids.append(rid)
+            rids.append(await fra.submit_frames(data))
         receipts: dict[int, ev.Receipt] = {}
         while len(receipts) < len(rids):
             event = await fra.next()

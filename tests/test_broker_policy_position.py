@@ -23,16 +23,6 @@ from .harness import ORIGIN, WireClient, World, make_world, running_broker, seal
 SLOW_COMMIT = {"flush_interval": 0.3, "policy_poll": 60.0}  # the broker folds others' records only when it commits
 
 
-async def _submit_frames(client: WireClient, data: bytes) -> int:
-    head = packet.parse_head(data)
-    assert isinstance(head, packet.Head)
-    rid = client.conn.new_rid()
-    await client.send(ev.SubmitBegin(rid, data[: head.head_size], len(data) - head.head_size))
-    await client.send(ev.SubmitChunk(rid, data[head.head_size :]))
-    await client.send(ev.SubmitEnd(rid))
-    return rid
-
-
 async def _answer(client: WireClient, rid: int) -> ev.Event:
     while True:
         event = await client.next()
@@ -64,7 +54,7 @@ async def test_an_operator_ban_appended_before_the_commit_denies_a_packet_alread
     async with running_broker(world, **SLOW_COMMIT) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
         fra.refuse_cosign = True
         await fra.sync()
-        rid = await _submit_frames(fra, data)
+        rid = await fra.submit_frames(data)
         await fra.sync()  # the broker has decided (allowed) and queued the packet; its batch has not committed
         ban_at = _log_size(world)
         world.rule("ban-category", category="malware")  # another writer, straight into the store
@@ -96,7 +86,7 @@ async def test_a_revoke_in_the_same_batch_denies_the_packet_queued_behind_it(tmp
         statement_rid = deu.conn.new_rid()
         await deu.send(ev.Statement(statement_rid, revoke))
         await _queued(broker, 1)  # the revoke waits for the batch; the packet, decided before it applies, joins it
-        packet_rid = await _submit_frames(fra, seal(world, "FRA", ["DEU"], b"behind the revoke"))
+        packet_rid = await fra.submit_frames(seal(world, "FRA", ["DEU"], b"behind the revoke"))
         answer = await _answer(fra, packet_rid)
         assert isinstance(answer, ev.Deny), answer
         logged = await _answer(deu, statement_rid)

@@ -429,19 +429,26 @@ def _listing(node: Path, op: str, offline: Callable[[NodeHome], list[dict[str, A
         return offline(NodeHome.open(node))
 
 
-def inbox(args: argparse.Namespace) -> int:
-    items = _listing(args.node, "inbox", report.offline_inbox)
-    if args.json:
+def _show_listing(items: list[dict[str, Any]], as_json: bool, what: str, line: Callable[[dict[str, Any]], str]) -> int:
+    if as_json:
         print(json.dumps(items))
         return 0
     if not items:
-        print("inbox is empty")
+        print(f"{what} is empty")
     for it in items:
-        labels = it["labels"]
-        cats = shown(",".join(labels.get("categories") or []) or "-")
-        tlp = shown(labels.get("tlp"))
-        print(f"{it['id']}  from {shown(it['from']):<10} TLP:{tlp}  {cats}  {it['size']} bytes  {it['state']}")
+        print(line(it))
     return 0
+
+
+def inbox(args: argparse.Namespace) -> int:
+    return _show_listing(_listing(args.node, "inbox", report.offline_inbox), args.json, "inbox", _received_line)
+
+
+def _received_line(it: dict[str, Any]) -> str:
+    labels = it["labels"]
+    cats = shown(",".join(labels.get("categories") or []) or "-")
+    tlp = shown(labels.get("tlp"))
+    return f"{it['id']}  from {shown(it['from']):<10} TLP:{tlp}  {cats}  {it['size']} bytes  {it['state']}"
 
 
 def _from_daemon(node: Path, op: str) -> list[dict[str, Any]]:
@@ -457,15 +464,11 @@ def _from_daemon(node: Path, op: str) -> list[dict[str, Any]]:
 
 
 def outbox(args: argparse.Namespace) -> int:
-    items = _listing(args.node, "outbox", report.offline_outbox)
-    if args.json:
-        print(json.dumps(items))
-        return 0
-    if not items:
-        print("outbox is empty")
-    for it in items:
-        print(f"{it['id']}  to {','.join(it['to'])}  {it['size']} bytes  {_sent_state(it)}")
-    return 0
+    return _show_listing(_listing(args.node, "outbox", report.offline_outbox), args.json, "outbox", _sent_line)
+
+
+def _sent_line(it: dict[str, Any]) -> str:
+    return f"{it['id']}  to {','.join(it['to'])}  {it['size']} bytes  {_sent_state(it)}"
 
 
 def _sent_state(it: dict[str, Any]) -> str:
