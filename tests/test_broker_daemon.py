@@ -907,3 +907,37 @@ async def test_verbose_logging_names_every_connection_and_decision(
     assert f"FRA: packet {_head(allowed).core.packet_id.hex()} to DEU logged at {receipt.index}" in said
     assert any(m.startswith(f"FRA: packet {_head(denied).core.packet_id.hex()} denied: DEU: ") for m in said)
     assert "FRA disconnected (node)" in said
+
+
+async def test_an_acknowledgement_the_full_commit_queue_refused_can_be_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: an acknowledgement refused by a full commit queue stayed marked as being logged, so every later
+    acknowledgement of that packet was dropped and the item was pushed at every connection for ever."""
+    world = _world(tmp_path)
+    data = seal(world, "FRA", ["DEU"], b"acknowledged twice")
+    head = _head(data)
+    pid = head.core.packet_id
+    ack = records.Ack.make(world.members["DEU"].signing, pid, head.digest, "FRA", "DEU", int(time.time()))
+    async with running_broker(world) as broker:
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            fra.refuse_cosign = True
+            assert isinstance(await fra.submit(data), ev.Receipt)
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            deu.refuse_cosign = True
+            seq, _ = await deu.receive_delivery()
+            monkeypatch.setattr(daemon, "DEFAULT_MAX_PENDING", 0)  # the commit queue is full right now
+            await deu.send(ev.Ack(seq, pid, ack.raw))
+            with trio.fail_after(10):
+                while broker.sessions.get("DEU") is not None:  # noqa: ASYNC110 - the daemon's own state
+                    await trio.sleep(0.01)
+        monkeypatch.undo()
+        assert broker.acks_pending == set()
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            deu.refuse_cosign = True
+            seq, _ = await deu.receive_delivery()
+            await deu.send(ev.Ack(seq, pid, ack.raw))
+            await deu.sync()
+        with trio.fail_after(10):
+            while broker.mail.has_item("DEU", "packet", head.digest):  # noqa: ASYNC110 - the daemon's own state
+                await trio.sleep(0.01)

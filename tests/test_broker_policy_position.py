@@ -180,8 +180,15 @@ async def test_two_retractions_of_one_packet_in_flight_at_once_are_logged_once(t
         size = _log_size(world)
         await first.send(ev.Retract(first.conn.new_rid(), pid, retraction.raw))
         await _queued(broker, 1)
+        old_session = broker.sessions["FRA"]
         async with WireClient.connect(world, "FRA", broker.port) as second:  # replaces the first
             second.refuse_cosign = True
+            replaced = await first.next_of(ev.ErrorMessage)
+            assert isinstance(replaced, ev.ErrorMessage)
+            assert replaced.code == codes.REPLACED
+            with trio.fail_after(10):  # its tasks, the one waiting for the retraction's commit among them, are gone
+                while old_session.ready:  # noqa: ASYNC110 - the daemon's own state
+                    await trio.sleep(0.01)
             rid = second.conn.new_rid()
             await second.send(ev.Retract(rid, pid, retraction.raw))
             answer = await _answer(second, rid)

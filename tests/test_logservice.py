@@ -355,3 +355,18 @@ def test_signing_again_when_another_process_signed_a_larger_tree_meanwhile(
     assert raced == [2]  # refused (the operator saved 3 first); the retry found 3 signed already
     assert signed.size == 3
     assert broker.load_checkpoint() == (3, signed.note)
+
+
+def test_signing_up_to_a_size_leaves_what_lies_above_it_to_its_writer(tmp_path: Path) -> None:
+    """An operator command signs up to its own records: a broker batch appended above them meanwhile is the
+    broker's to sign, once its mailboxes have it (a checkpoint over it would make them look older than the log)."""
+    store = SqliteLog.open(tmp_path / "log.db")
+    log = service(store)
+    store.append([entry(0), entry(1), entry(2)])
+    signed = log.sign(2)
+    assert signed.size == 2
+    assert store.load_checkpoint() == (2, signed.note)
+    assert log.sign(1).size == 2  # a larger checkpoint covers it already: nothing signed again
+    with pytest.raises(CheckpointError, match="the store holds 3"):
+        log.sign(4)
+    assert log.sign().size == 3

@@ -107,18 +107,24 @@ class LogService:
         """The last signed checkpoint (None before the first `sign()`)."""
         return self._latest
 
-    def sign(self) -> SignedCheckpoint:
-        """Sign (and persist) a checkpoint of every durable entry; return the latest if nothing was added."""
+    def sign(self, size: int | None = None) -> SignedCheckpoint:
+        """Sign (and persist) a checkpoint of every durable entry, or of the first `size`; return the latest if
+        nothing was added (or, with `size`, if a checkpoint at least that large is signed already)."""
         for _ in range(SIGN_TRIES - 1):
             try:
-                return self._sign_once()
+                return self._sign_once(size)
             except CheckpointSuperseded:
                 continue  # another process (an operator command) signed a larger tree meanwhile: sign again
-        return self._sign_once()
+        return self._sign_once(size)
 
-    def _sign_once(self) -> SignedCheckpoint:
-        size = self.store.size()
+    def _sign_once(self, upto: int | None) -> SignedCheckpoint:
+        size = self.store.size() if upto is None else upto
         prev = self._load_saved()  # re-read: another process may have signed since we last looked
+        if upto is not None and prev is not None and prev.size >= upto:
+            self._latest = prev
+            return prev
+        if upto is not None and upto > self.store.size():
+            raise CheckpointError(f"cannot sign a tree of {upto} entries: the store holds {self.store.size()}")
         if prev is not None:
             if size < prev.size:
                 raise CheckpointError(

@@ -138,8 +138,8 @@ class Retraction:
         return Retraction(m["packet_id"], m["digest"], m["sender"], m["reason"], m["at"], raw), body, sig
 
     @staticmethod
-    def verified(raw: bytes, sender_key: bytes) -> Retraction:
-        retraction, body, sig = Retraction.parse(raw)
+    def verified(raw: bytes, sender_key: bytes, *, logged: bool = False) -> Retraction:
+        retraction, body, sig = Retraction.parse(raw, logged=logged)
         sign.verify(sender_key, RETRACT_DOMAIN, body, sig, what=f"retraction by {retraction.sender}")
         return retraction
 

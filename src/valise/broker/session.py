@@ -595,7 +595,6 @@ class Session:
             # Pushed again (a reconnection) while the first acknowledgement's batch commits: that one will take the
             # item out of the mailbox; logging and forwarding a second would say the packet arrived twice.
             return
-        self.d.acks_pending.add(pending)
         sender = ack.sender
 
         def done(index: int) -> None:
@@ -624,6 +623,7 @@ class Session:
         self.d.enqueue(
             records.ack_entry(ack), done, failed, traffic=True, readers=(ack.sender, ack.recipient), recheck=recheck
         )
+        self.d.acks_pending.add(pending)  # only once queued: an enqueue refused (a full queue) must not leave it
 
     async def _retract(self, msg: ev.Retract) -> None:
         member = self.d.policy.members.get(self.member)
@@ -667,10 +667,17 @@ class Session:
             return
         recipients = self.d.logged_header(row.log_index).core.recipients
         at = self.d.now()
+        digest = row.digest
 
+        # The in-flight record lives as long as the entry does, not as this task: a replaced connection's task is
+        # cancelled while its retraction still waits for the commit, and a retry must find it.
         def done(index: int) -> None:
             self.d.withdrawals += 1
             self.d.retract_effects(retraction, recipients, index, at)
+            self.d.retracting.pop(digest, None)
+
+        def failed(_exc: BaseException) -> None:
+            self.d.retracting.pop(digest, None)
 
         def recheck() -> Error | None:
             # A directory record (a rekey) landed ahead of it: it must still verify where it is logged.
@@ -679,22 +686,20 @@ class Session:
                 sign.verify(current.sign_key if current else bytes(32), records.RETRACT_DOMAIN, body, sig,
                             what=f"retraction by {self.member}")  # fmt: skip
             except Error as exc:
+                self.d.retracting.pop(digest, None)
                 what = str(exc)
                 return Refused(what, lambda rid: ev.ErrorMessage(rid, codes.BAD_SIGNATURE, what))
             return None
 
         readers = (self.member, *recipients)
         entry = records.retract_entry(retraction)
-        waiter = self.d.enqueue(entry, done, traffic=True, readers=readers, recheck=recheck)
-        self.d.retracting[row.digest] = (waiter, at)
+        waiter = self.d.enqueue(entry, done, failed, traffic=True, readers=readers, recheck=recheck)
+        self.d.retracting[digest] = (waiter, at)
         try:
             index = await waiter.result()
         except Refused as refused:
             await self.send(refused.answer(msg.rid))
             return
-        finally:
-            if self.d.retracting.get(row.digest, (None,))[0] is waiter:
-                del self.d.retracting[row.digest]
         for r in recipients:
             self.d.wake(r)
         await self.send(self._retraction_receipt(msg, row.digest, index, at))

@@ -289,7 +289,9 @@ def _append(home: BrokerHome, build: Any) -> list[tuple[records.Record, int]]:
                     file=sys.stderr,
                 )
             elif log.can_sign:
-                log.sign()
+                # Exactly up to our records: a running broker may append a batch above them meanwhile, which
+                # is its own to sign once its mailboxes have it.
+                log.sign(indexes.stop)
             else:  # the log key is sealed: the running broker signs the new tree within its checkpoint interval
                 print(
                     "valise: the log key is sealed: the running broker signs a checkpoint with these records "

@@ -196,12 +196,14 @@ class NodeDaemon:
         # One alarm per cause, in words of ours: the refusal's text quotes what the broker sent (signer names, a
         # size), and a broker sending a new note at every poll would otherwise add an alarm and its evidence
         # (up to 64 KiB) each time. The first note of each cause is kept; the daemon's log has every one.
-        if "no verifiable signature" in exc.what:
+        if "no verifiable signature" in exc.what or "not signed by" in exc.what:
             cause = "no signature by the pinned log key (is the node's --log-key the broker's log.vkey?)"
+        elif "quorum" in exc.what:
+            cause = "its witnesses' cosignatures do not meet the node's quorum policy"
         elif isinstance(exc, NoteError):
             cause = "the note is malformed or a known key's signature does not verify"
         else:
-            cause = "the checkpoint's text is malformed or names another log"
+            cause = "the checkpoint is malformed, names another log, or does not extend the verified one"
         self.alarm("checkpoint", f"checkpoint refused: {cause}; the first such note is kept as evidence", note)
 
     def settled(self) -> None:
