@@ -347,6 +347,14 @@ def test_the_operator_key_can_be_sealed_and_kept_elsewhere(
     assert "is not the operator key named in the log's genesis record" in err
     assert log_size(d) == size + 1
 
+    # A member's identity key given by mistake is named as such, not as a damaged file.
+    code, _, err = run(
+        capsys, "broker", "rule", "max-tlp", "--dir", str(d), "--tlp", "AMBER",
+        "--operator-key", str(tmp_path / "keys" / "FRA" / "FRA.key"),
+    )  # fmt: skip
+    assert code == 1
+    assert "FRA.key is FRA's identity key, not the operator key" in err
+
 
 def test_member_add_refuses_a_second_admission(
     broker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -57,6 +57,16 @@ def write_seed_file(path: Path, kind: str, seed: bytes, passphrase: bytes | None
         keyfiles.write_private(path, keyfiles.seal_secrets({"kind": kind, "seed": seed}, passphrase))
 
 
+def _member_key_file(plain: bytes) -> str | None:
+    """The member id, if `plain` holds a member's identity secrets (keyfiles.save_identity), not a seed."""
+    try:
+        m = encoding.decode(plain, what="key file", max_size=SEED_FILE_MAX)
+    except EncodingError:
+        return None
+    member = m.get("id") if isinstance(m, dict) and "sign_seed" in m else None
+    return member if isinstance(member, str) else None
+
+
 def read_seed_file(path: Path, kind: str, passphrase: bytes | None = None) -> sign.SigningKey:
     try:
         data = path.read_bytes()
@@ -67,6 +77,7 @@ def read_seed_file(path: Path, kind: str, passphrase: bytes | None = None) -> si
         raise KeyFileError(f"{path} is readable by others", hint=f"chmod 600 {path}")
     if len(data) > SEED_FILE_MAX:
         raise KeyFileError(f"{path} is {len(data)} bytes, too large for a {kind} key")
+    plain = data
     try:
         if keyfiles.is_sealed(data):
             plain = keyfiles.open_sealed(data, passphrase, what=f"{kind} key {path}")
@@ -82,6 +93,8 @@ def read_seed_file(path: Path, kind: str, passphrase: bytes | None = None) -> si
                     "valise: warning: %s key %s is not encrypted; the passphrase given is not used", kind, path
                 )
     except EncodingError as exc:
+        if (member := _member_key_file(plain)) is not None:  # a mix-up of files, not damage: say which file it is
+            raise KeyFileError(f"{path} is {member}'s identity key, not the {kind} key") from None
         raise KeyFileError(f"{path} is damaged: {exc.what}") from None
     if m["kind"] != kind or len(m["seed"]) != 32:
         raise KeyFileError(f"{path} is not a {kind} key")
