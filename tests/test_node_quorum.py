@@ -7,6 +7,7 @@ real witness cosignatures (C2SP cosignature/v1), the real follower, and the real
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 from typing import Any
@@ -346,5 +347,9 @@ def test_node_init_and_set_policy_check_the_policy(
     assert main(["node", "set-policy", "--dir", str(tmp_path / "n1"), "--remove"]) == 0
     assert home.witness_policy() is None
     assert main([*base, "--dir", str(tmp_path / "n2")]) == 0
-    assert main(["node", "set-policy", "--dir", str(tmp_path / "n2"), str(good)]) == 0
+    capsys.readouterr()
+    assert main(["node", "set-policy", "--dir", str(tmp_path / "n2"), str(good), "--json"]) == 0
     assert NodeHome.open(tmp_path / "n2").witness_policy() is not None
+    told = json.loads(capsys.readouterr().out)
+    assert (told["policy"]["quorum"], told["restart_needed"]) == ("eu", False)
+    assert len(told["policy"]["witnesses"]) == 3

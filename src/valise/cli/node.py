@@ -71,6 +71,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("file", nargs="?", type=Path, help="the quorum policy file")
     which.add_argument("--remove", action="store_true", help="remove the policy: use every verified checkpoint")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=set_policy)
 
     p = node.add_parser("run", help="run the node daemon in the foreground (SIGINT/SIGTERM stop it)")
@@ -297,11 +298,16 @@ def init(args: argparse.Namespace) -> int:
 def set_policy(args: argparse.Namespace) -> int:
     home = NodeHome.open(args.dir)
     policy = home.set_policy(None if args.remove else _read_policy(args.file))
+    running = control.socket_path(args.dir).exists()
+    if args.json:
+        quorum = None if policy is None else {"quorum": policy.quorum, "witnesses": sorted(policy.witnesses)}
+        print(json.dumps({"dir": str(args.dir), "policy": quorum, "restart_needed": running}))
+        return 0
     if policy is None:
         print(f"{args.dir}: no witness policy; every verified checkpoint is used")
     else:
         print(f"{args.dir}: witness quorum {policy.quorum} ({len(policy.witnesses)} witness keys)")
-    if control.socket_path(args.dir).exists():
+    if running:
         print("  the node daemon reads it when it starts: restart it", file=sys.stderr)
     return 0
 
