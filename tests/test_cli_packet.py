@@ -32,6 +32,10 @@ def test_seal_inspect_open(keys: Path, capsys: pytest.CaptureFixture[str]) -> No
     args += ["--category", "malware,phishing", "--operation", "OP-7", str(keys / "in.json"), "-o", str(keys / "p")]
     assert main(args) == 0
     assert "sealed packet" in capsys.readouterr().err
+    assert main([*args[:-2], "-o", str(keys / "p2"), "--json"]) == 0
+    sealed = json.loads(capsys.readouterr().out)
+    assert (sealed["to"], sealed["size"]) == (["DEU", "ITA"], (keys / "p2").stat().st_size)
+    assert main([*args[:-2], "-o", "-", "--json"]) == 2  # the packet and the JSON would share stdout
 
     assert main(["inspect", str(keys / "p"), "--from", str(keys / "fra" / "FRA.pub"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--passphrase-env", metavar="VAR", help="passphrase of the identity is in $VAR")
     p.add_argument("input", help="payload file, or - for stdin")
     p.add_argument("-o", "--output", required=True, help="packet file, or - for stdout")
+    p.add_argument("--json", action="store_true", help="print what was sealed as JSON (not with -o -)")
     p.set_defaults(handler=seal)
 
     p = sub.add_parser("open", help="verify and decrypt a packet addressed to you")
@@ -129,6 +130,8 @@ def seal(args: argparse.Namespace) -> int:
     recipients = [keyfiles.load_bundle(Path(p)) for p in _split(args.to)]
     if not recipients:
         raise UsageError("--to names no recipient")
+    if args.json and args.output == "-":
+        raise UsageError("--json and -o - would both write to stdout: write the packet to a file")
     expires = parse_expires(args.expires) if args.expires else None
     me = _identity(args)
     with _input(args.input) as given, _seekable(given) as src, _output(args.output) as out:
@@ -145,11 +148,11 @@ def seal(args: argparse.Namespace) -> int:
             operation=args.operation,
             content_type=args.content_type,
         )
-    print(
-        f"sealed packet {result.packet_id.hex()} ({result.size} bytes) to "
-        f"{', '.join(sorted(r.member_id for r in recipients))}",
-        file=sys.stderr,
-    )
+    to = sorted(r.member_id for r in recipients)
+    if args.json:
+        print(json.dumps({"id": result.packet_id.hex(), "size": result.size, "to": to, "output": args.output}))
+        return 0
+    print(f"sealed packet {result.packet_id.hex()} ({result.size} bytes) to {', '.join(to)}", file=sys.stderr)
     return 0
 
 
