@@ -116,6 +116,16 @@ async def test_a_statement_is_refused_if_its_author_is_suspended_before_it_lands
     assert _kinds_from(world, suspended_at) == ["dir"]
 
 
+def _consenting_world_and_packet(tmp_path: Path, payload: bytes) -> tuple[World, bytes, packet.Head]:
+    """FRA may send to DEU; a packet from FRA to DEU, and its head."""
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU")
+    data = seal(world, "FRA", ["DEU"], payload)
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    return world, data, head
+
+
 def _rekey(world: World, member: str) -> bytes:
     """A member-rekey record moving `member` to a new identity, handed over with its old key (as policy.md
     defines it; no command issues one yet)."""
@@ -129,11 +139,7 @@ def _rekey(world: World, member: str) -> bytes:
 async def test_an_acknowledgement_and_a_retraction_are_checked_again_behind_a_rekey(tmp_path: Path) -> None:
     """A review: a member's acknowledgement or retraction, checked under its key, was logged behind a rekey of
     that member that landed before the commit, where it no longer verifies (ack-signature in an honest log)."""
-    world = make_world(tmp_path)
-    world.consent("FRA", "DEU")
-    data = seal(world, "FRA", ["DEU"], b"acknowledged under the old key")
-    head = packet.parse_head(data)
-    assert isinstance(head, packet.Head)
+    world, data, head = _consenting_world_and_packet(tmp_path, b"acknowledged under the old key")
     pid = head.core.packet_id
     async with (
         running_broker(world, **SLOW_COMMIT) as broker,
@@ -164,11 +170,7 @@ async def test_an_acknowledgement_and_a_retraction_are_checked_again_behind_a_re
 async def test_two_retractions_of_one_packet_in_flight_at_once_are_logged_once(tmp_path: Path) -> None:
     """A review: the "already retracted?" lookup ran before the append with nothing held in between, so a
     retraction sent on a replaced connection and one on its replacement could both be logged."""
-    world = make_world(tmp_path)
-    world.consent("FRA", "DEU")
-    data = seal(world, "FRA", ["DEU"], b"retracted twice at once")
-    head = packet.parse_head(data)
-    assert isinstance(head, packet.Head)
+    world, data, head = _consenting_world_and_packet(tmp_path, b"retracted twice at once")
     pid = head.core.packet_id
     retraction = records.Retraction.make(world.members["FRA"].signing, pid, head.digest, "FRA", "twice", 1)
     async with (

@@ -140,8 +140,13 @@ class Retraction:
     @staticmethod
     def verified(raw: bytes, sender_key: bytes, *, logged: bool = False) -> Retraction:
         retraction, body, sig = Retraction.parse(raw, logged=logged)
-        sign.verify(sender_key, RETRACT_DOMAIN, body, sig, what=f"retraction by {retraction.sender}")
+        Retraction.check(body, sig, sender_key, retraction.sender)
         return retraction
+
+    @staticmethod
+    def check(body: bytes, sig: bytes, sender_key: bytes, sender: str) -> None:
+        """Check the signature of a parsed retraction (`parse` gave `body` and `sig`) by `sender`."""
+        sign.verify(sender_key, RETRACT_DOMAIN, body, sig, what=f"retraction by {sender}")
 
 
 @dataclass(frozen=True, slots=True)

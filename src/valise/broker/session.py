@@ -22,7 +22,6 @@ from valise.broker.cosign import COSIGN_TIMEOUT, CosignRound
 from valise.broker.mailbox import MailItem, PacketRow
 from valise.broker.queued import Refused, Waiter
 from valise.broker.spool import InlineUpload, Upload
-from valise.crypto import sign
 from valise.errors import (
     Error,
     ProtocolError,
@@ -639,7 +638,7 @@ class Session:
             await self.send(ev.ErrorMessage(msg.rid, codes.REFUSED, str(exc)))
             return
         try:
-            sign.verify(member.sign_key, records.RETRACT_DOMAIN, body, sig, what=f"retraction by {self.member}")
+            records.Retraction.check(body, sig, member.sign_key, self.member)
         except Error as exc:
             await self.send(ev.ErrorMessage(msg.rid, codes.BAD_SIGNATURE, str(exc)))
             return
@@ -683,8 +682,7 @@ class Session:
             # A directory record (a rekey) landed ahead of it: it must still verify where it is logged.
             current = self.d.policy.members.get(self.member)
             try:
-                sign.verify(current.sign_key if current else bytes(32), records.RETRACT_DOMAIN, body, sig,
-                            what=f"retraction by {self.member}")  # fmt: skip
+                records.Retraction.check(body, sig, current.sign_key if current else bytes(32), self.member)
             except Error as exc:
                 self.d.retracting.pop(digest, None)
                 what = str(exc)
