@@ -354,6 +354,33 @@ def test_identity_key_rotation(world: World, members: dict[str, identity.Identit
     assert not world.allowed("FRA", "DEU")
 
 
+def test_identity_keys_by_log_position(world: World, members: dict[str, identity.Identity]) -> None:
+    """Nodes check a packet, acknowledgement or retraction against the key in force where the log holds it: the
+    history must give the old key up to the rekey record and the new one after it, across two rekeys."""
+    admitted = world.state.members["FRA"].position
+    keys = [members["FRA"]]
+    changed: list[int] = []
+    for n in (2, 3):
+        new = identity.generate("FRA", seeded_random(b"FRA history %d" % n), NOW + n)
+        sig = keys[-1].signing.sign(records.REKEY_DOMAIN, records.rekey_message("FRA", ORIGIN, new.bundle.raw))
+        changed.append(world.state.size)
+        world.op("member-rekey", id="FRA", bundle=new.bundle.raw, rekey_sig=sig)
+        keys.append(new)
+    public = [k.signing.public for k in keys]
+    assert world.state.key_at("FRA", admitted) is None  # the admission itself: not a member before it
+    assert world.state.key_at("FRA", admitted + 1) == public[0]
+    assert world.state.key_at("FRA", changed[0]) == public[0]
+    assert world.state.key_at("FRA", changed[0] + 1) == public[1]
+    assert world.state.key_at("FRA", changed[1]) == public[1]
+    assert world.state.key_at("FRA", changed[1] + 1) == public[2]
+    assert world.state.key_at("FRA", world.state.size + 100) == public[2]
+    assert world.state.key_at("XXX", 5) is None
+    assert world.state.identity_keys("FRA") == [public[2], public[1], public[0]]
+    assert world.state.identity_keys("DEU") == [members["DEU"].signing.public]
+    assert world.state.identity_keys("XXX") == []
+    assert refold(world).snapshot() == world.state.snapshot()  # a restart's re-fold gives the same history
+
+
 def test_directory_errors(world: World, members: dict[str, identity.Identity]) -> None:
     cases: list[tuple[str, dict[str, Any], str]] = [
         ("group-add", {"name": "nope", "id": "FRA"}, "group nope does not exist"),

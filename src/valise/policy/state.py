@@ -126,6 +126,9 @@ class PolicyState:
         self.size_limit: Rule | None = None  # the tightest max-size rule
         self.tlp_limit: Rule | None = None  # the tightest max-tlp rule
         self.seen: dict[bytes, int] = {}  # record id -> log position (replay guard)
+        # member -> (position of a member-rekey, the identity key in force before it), in log order: what signed
+        # a member's earlier entries, which nodes still check (a packet sent before a rekey, delivered after).
+        self.retired_keys: dict[str, list[tuple[int, bytes]]] = {}
 
     # --- folding --------------------------------------------------------------------------------------
 
@@ -289,6 +292,9 @@ class PolicyState:
         return lambda: self._set_member(new)
 
     def _set_member(self, member: Member) -> None:
+        old = self.members.get(member.id)
+        if old is not None and old.sign_key != member.sign_key:
+            self.retired_keys.setdefault(member.id, []).append((self.size, old.sign_key))
         self.members[member.id] = member
 
     def _set_group(self, group: Group, changed: Iterable[str]) -> None:
@@ -449,6 +455,26 @@ class PolicyState:
             return "pending"
         return "active"
 
+    # --- identity keys by log position -----------------------------------------------------------------
+
+    def key_at(self, member_id: str, position: int) -> bytes | None:
+        """The identity key that an entry of `member_id` at log `position` was checked against (the state
+        before it): None if the member was not admitted yet there."""
+        member = self.members.get(member_id)
+        if member is None or position <= member.position:
+            return None
+        for changed, key in self.retired_keys.get(member_id, ()):
+            if position <= changed:
+                return key
+        return member.sign_key
+
+    def identity_keys(self, member_id: str) -> list[bytes]:
+        """Every identity key `member_id` has had, the current one first, then the retired ones, newest first."""
+        member = self.members.get(member_id)
+        if member is None:
+            return []
+        return [member.sign_key, *(key for _, key in reversed(self.retired_keys.get(member_id, ())))]
+
     def snapshot(self) -> dict[str, Any]:
         """Everything the state holds, as plain values (for tests and audits comparing two folds)."""
         return {
@@ -465,6 +491,7 @@ class PolicyState:
             "rules": [r.id for r in self.rules],
             "lifted": sorted(self.lifted.items()),
             "seen": sorted(self.seen.items()),
+            "retired_keys": dict(sorted(self.retired_keys.items())),
         }
 
 
