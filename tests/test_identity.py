@@ -119,3 +119,13 @@ def test_a_passphrase_for_a_key_that_has_none_is_said_to_be_unused(
     caplog.clear()
     keyfiles.load_identity(tmp_path / "k")
     assert caplog.text == ""
+
+
+def test_a_rotated_identity_keeps_its_member_id_and_encryption_key_and_nothing_else() -> None:
+    old = identity.generate("FRA", seeded_random(b"old"), NOW)
+    new = identity.rotate(old, seeded_random(b"new"), NOW + 60)
+    again = identity.PublicBundle.from_bytes(new.bundle.raw)  # verifies under the new identity key
+    assert (again.member_id, again.enc_key, again.enc_created) == ("FRA", old.bundle.enc_key, old.bundle.enc_created)
+    assert again.sign_key != old.bundle.sign_key
+    assert again.cert_der != old.bundle.cert_der
+    assert new.enc_private.private_bytes_raw() == old.enc_private.private_bytes_raw()

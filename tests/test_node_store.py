@@ -253,3 +253,40 @@ def test_only_a_packet_never_submitted_can_be_cancelled(tmp_path: Path) -> None:
     st.enqueue(cut_off, b"\x06" * 32, ["DEU"], 1, 2, b"sent, unanswered")
     st.outbox_tried(cut_off)  # the connection ended before the broker's answer
     assert not st.outbox_cancelled(cut_off, "")
+
+
+def test_where_undelivered_packets_are_logged_is_kept_until_they_arrive_or_expire(tmp_path: Path) -> None:
+    """(protocol.md, "Members that move to new keys") The position of a logged packet addressed to this member
+    is kept while the inbox does not hold it: gone once it arrives, or once it expires (never taken then)."""
+    st = NodeStore.open(tmp_path)
+    other = bytes([9]) * 32
+    st.follower_commit(b"state", [], [], received=[(7, DIG, 100), (8, other, 50)], now=10)
+    assert (st.received_index(DIG), st.received_index(other)) == (7, 8)
+    spool = st.tmp_path("x.part")
+    spool.write_bytes(b"packet")
+    assert st.inbox_add_file(DIG, PID, "FRA", 3, {}, spool, sign_key=bytes(32))
+    assert st.received_index(DIG) is None
+    assert st.inbox_get(DIG).sign_key == bytes(32)  # type: ignore[union-attr]
+    st.follower_commit(b"state", [], [], now=50)
+    assert st.received_index(other) is None
+    st.close()
+
+
+def test_a_store_made_before_inbox_rows_kept_their_signing_key_is_brought_up_to_date(tmp_path: Path) -> None:
+    st = NodeStore.open(tmp_path)
+    st.close()
+    db = sqlite3.connect(tmp_path / "node.db")
+    db.execute("ALTER TABLE inbox DROP COLUMN sign_key")
+    db.execute("INSERT INTO inbox VALUES (?, ?, 'DEU', 1, 6, '{}', 'new', 0, NULL)", (DIG, PID))
+    db.commit()
+    db.close()
+    readonly = NodeStore.open_readonly(tmp_path)  # a report on it, before any daemon opened it again
+    assert [r.sign_key for r in readonly.inbox_all()] == [None]
+    readonly.close()
+    st = NodeStore.open(tmp_path)
+    assert [(r.sender, r.sign_key) for r in st.inbox_all()] == [("DEU", None)]
+    spool = st.tmp_path("y.part")
+    spool.write_bytes(b"packet")
+    assert st.inbox_add_file(bytes([3]) * 32, bytes([4]) * 16, "DEU", 2, {}, spool, sign_key=b"k" * 32)
+    assert [r.sign_key for r in st.inbox_all()] == [None, b"k" * 32]
+    st.close()

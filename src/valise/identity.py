@@ -228,3 +228,28 @@ def generate(member_id: str, random: Random, now: int) -> Identity:
     )
     raw = encoding.pack({"body": body, "sig": signing.sign(BUNDLE_DOMAIN, body)})
     return Identity(member_id, signing, enc_private, tls_private, PublicBundle.from_bytes(raw))
+
+
+def rotate(old: Identity, random: Random, now: int) -> Identity:
+    """The member's identity under new identity and TLS keys (a compromise, or routine rotation), for the operator's
+    `member-rekey` record (policy.md). The encryption key stays, re-signed by the new identity key: packets already
+    sealed to it, kept encrypted in the node's inbox, stay readable. (Rotating the encryption key itself needs the
+    old private key kept for those packets; `member-enc-key` exists in the log format, not yet in the commands.)"""
+    signing = sign.SigningKey(random(32))
+    tls_private = ed25519.Ed25519PrivateKey.from_private_bytes(random(32))
+    serial = int.from_bytes(random(16), "big") >> 1 or 1
+    enc_key, enc_created = old.bundle.enc_key, old.bundle.enc_created
+    body = encoding.pack(
+        {
+            "v": BUNDLE_VERSION,
+            "id": old.member_id,
+            "sign_key": signing.public,
+            "enc_key": enc_key,
+            "enc_created": enc_created,
+            "enc_sig": signing.sign(ENC_KEY_DOMAIN, enc_key_statement(old.member_id, enc_key, enc_created)),
+            "cert": self_signed_certificate(old.member_id, tls_private, now, serial),
+            "created": now,
+        }
+    )
+    raw = encoding.pack({"body": body, "sig": signing.sign(BUNDLE_DOMAIN, body)})
+    return Identity(old.member_id, signing, old.enc_private, tls_private, PublicBundle.from_bytes(raw))

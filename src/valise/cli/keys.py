@@ -10,11 +10,21 @@ from pathlib import Path
 
 from valise import identity, keyfiles
 from valise.errors import Error, UsageError
+from valise.policy import records
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("keygen", help="create a member identity (identity, encryption and TLS keys)")
-    p.add_argument("--id", required=True, dest="member_id", help="member id: 1-64 of A-Z a-z 0-9 . _ -")
+    p = sub.add_parser(
+        "keygen", help="create a member identity (identity, encryption and TLS keys), or rotate one (--rotate)"
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", dest="member_id", help="member id: 1-64 of A-Z a-z 0-9 . _ -")
+    which.add_argument(
+        "--rotate", type=Path, metavar="OLD_DIR",
+        help="new identity and TLS keys for the member whose identity is in OLD_DIR (same id, same encryption "
+        "key), and ID.rekey, the request its broker's operator appends with valise broker member rekey",
+    )  # fmt: skip
+    p.add_argument("--origin", help="with --rotate: the broker's log origin (binds the hand-over to that log)")
     p.add_argument("--out", required=True, type=Path, help="directory for the key files")
     p.add_argument("--passphrase-env", metavar="VAR", help="encrypt the private keys with the passphrase in $VAR")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
@@ -22,6 +32,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def keygen(args: argparse.Namespace) -> int:
+    if args.rotate is not None:
+        return rotate(args)
     try:
         identity.check_member_id(args.member_id)
     except Error as exc:  # a usage mistake (exit 2), like any other bad argument
@@ -44,4 +56,28 @@ def keygen(args: argparse.Namespace) -> int:
         print(f"created identity {ident.member_id} in {args.out}")
         print(f"  public bundle (give this to others): {pub}")
         print(f"  identity key: {ident.bundle.sign_key.hex()}")
+    return 0
+
+
+def rotate(args: argparse.Namespace) -> int:
+    """`keygen --rotate OLD_DIR --origin ORIGIN --out NEW_DIR`: the old key signs the hand-over; nothing changes
+    for the broker until its operator appends the request, and the node uses the new keys once pointed at them
+    (valise node move --identity NEW_DIR)."""
+    if not args.origin:
+        raise UsageError("--rotate needs --origin: the broker's log origin (valise broker info shows it)")
+    if args.out.resolve() == args.rotate.resolve():
+        raise UsageError("--out must be a new directory: the old keys stay until the broker has the new ones")
+    passphrase = keyfiles.passphrase_from_env(args.passphrase_env)
+    old = keyfiles.load_identity(args.rotate, passphrase)
+    new = identity.rotate(old, os.urandom, int(time.time()))
+    pub = keyfiles.save_identity(args.out, new, passphrase)
+    request = args.out / f"{new.member_id}.rekey"
+    keyfiles.write_public(request, records.rekey_request(old.signing, new.member_id, args.origin, new.bundle.raw))
+    facts = {"id": new.member_id, "bundle": str(pub), "request": str(request), "sign_key": new.bundle.sign_key.hex()}
+    if args.json:
+        print(json.dumps(facts))
+    else:
+        print(f"new identity and TLS keys for {new.member_id} in {args.out} (same encryption key)")
+        print(f"  give the broker's operator {request}: valise broker member rekey --dir BROKER --request {request}")
+        print(f"  once it is logged, point the node at the new keys: valise node move --dir NODE --identity {args.out}")
     return 0

@@ -87,6 +87,10 @@ def _register_operator(broker: argparse._SubParsersAction[argparse.ArgumentParse
     _operator(p)
     p.add_argument("--id", required=True, dest="member_id")
     p.set_defaults(handler=member_change, op="member-reinstate")
+    p = member.add_parser("rekey", help="move a member to new identity and TLS keys it signed over with its old key")
+    _operator(p)
+    p.add_argument("--request", required=True, type=Path, help="the member's ID.rekey (valise keygen --rotate)")
+    p.set_defaults(handler=member_rekey)
 
     grp = broker.add_parser("group", help="regional desks and time-boxed operations").add_subparsers(
         dest="group_command", metavar="SUBCOMMAND", required=True
@@ -358,6 +362,24 @@ def member_add(args: argparse.Namespace) -> int:
 
     appended = _append(home, build)
     return _done(args, appended, f"admitted {bundle.member_id} ({args.kind}, {args.region})")
+
+
+def member_rekey(args: argparse.Namespace) -> int:
+    home = BrokerHome.open(args.dir)
+    try:
+        if args.request.stat().st_size > records.REKEY_REQUEST_MAX:
+            raise UsageError(f"{args.request} is larger than any rekey request ({records.REKEY_REQUEST_MAX} bytes)")
+        request = records.parse_rekey_request(args.request.read_bytes())
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.request}: {exc.strerror}") from None
+    origin = home.config().origin
+    if request["origin"] != origin:
+        raise UsageError(f"{args.request} hands over a membership in {request['origin']}, not in this log ({origin})")
+    key = _operator_key(args, home)
+    fields = {"id": request["id"], "bundle": request["bundle"], "rekey_sig": request["rekey_sig"]}
+    # Folded before it is appended (_append): an old key's signature that does not verify is refused here.
+    appended = _append(home, lambda s: [_operator_entry(args, key, s, "op", "member-rekey", **fields)])
+    return _done(args, appended, f"moved {request['id']} to its new identity and TLS keys")
 
 
 def member_change(args: argparse.Namespace) -> int:

@@ -30,14 +30,16 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from valise import gctune, identity, packet, records, tls
+from valise.crypto import sign
 from valise.daemonlock import DaemonLock
-from valise.errors import CheckpointError, Error, KeyFileError, NoteError, RemoteError, UsageError
+from valise.errors import CheckpointError, Error, KeyFileError, NoteError, RemoteError, SignatureError, UsageError
 from valise.node import outbox
 from valise.node.control import listen, socket_path
 from valise.node.follower import AwaitingQuorum, Committed, Follower, ForgedCosignature, ForkError, LogMismatchError
 from valise.node.home import NodeHome
 from valise.node.session import Disconnected, Reply, Session
 from valise.node.store import AlarmRow, NodeStore, OutboxRow
+from valise.packet.format import HEADER_DOMAIN
 from valise.policy import records as policy_records
 from valise.tlog import checkpoint, cosignature
 from valise.tlsstream import TLSSocketStream
@@ -72,6 +74,7 @@ CONNECTION_ERRORS = (OSError, Error, trio.BrokenResourceError, trio.ClosedResour
 # node running with this identity. The two would take turns for ever, each getting part of the deliveries.
 SENT_STATEMENTS = 1000  # statements remembered until the verified log shows them (a member makes a few a day)
 REPLACED_TIMES = 3
+SIGNED_WITH = "outbox-signed-with"  # kv: the identity key the queued packets were last checked against
 REPLACED_WINDOW = 300.0
 REPLACED_BACKOFF = 60.0
 
@@ -107,6 +110,7 @@ class NodeDaemon:
         self.member = me.member_id
         self.broker = home.broker_bundle()
         self.store = NodeStore.open(home.root)
+        self._sign_queued_again()
         self.quorum = home.witness_policy()
         state, kept = self.store.follower_load()
         self.follower = Follower.restore(
@@ -115,6 +119,7 @@ class NodeDaemon:
         )  # fmt: skip
         self.follower.known_ack = lambda ack: self.store.acks_for(ack.packet_id).get(ack.recipient) == ack.raw
         self.follower.in_inbox = lambda digest: self.store.inbox_get(digest) is not None
+        self.follower.unretracted = self.store.unretracted
         # Why the verified log is not (all) in use yet, with a quorum policy: e.g. "cosigned by 1 of ...".
         self.quorum_wait: str | None = None
         self._replaced: list[float] = []  # when another connection as this member replaced ours (recent ones)
@@ -142,6 +147,26 @@ class NodeDaemon:
             self._persist(caught_up)
         self.connected_event = trio.Event()  # for tests and `send`: set while a session is open
         self.submitting: set[bytes] = set()  # packet ids whose submission is under way (the outbox sender's)
+
+    def _sign_queued_again(self) -> None:
+        """After `valise node move --identity` to the member's new keys (policy.md, "Moving a member to new keys"):
+        packets still queued were signed with the replaced key, which the broker no longer takes from this member;
+        they are signed again with the new one. Their files are local and were sealed by this member."""
+        key = self.identity.bundle.sign_key
+        if self.store.get(SIGNED_WITH) == key:
+            return
+
+        def resign(header: bytes, signature: bytes) -> bytes | None:
+            try:
+                sign.verify(key, HEADER_DOMAIN, header, signature, what="queued packet header")
+            except SignatureError:
+                return self.identity.signing.sign(HEADER_DOMAIN, header)
+            return None
+
+        changed = self.store.outbox_resign(resign)
+        if changed:
+            log.info("signed %d queued packet(s) again with %s's new identity key", changed, self.member)
+        self.store.put(SIGNED_WITH, key)
 
     # --- small helpers --------------------------------------------------------------------------------------
 
@@ -505,11 +530,15 @@ class NodeDaemon:
                 acks.append((ack.packet_id, ack.recipient, ack.raw))
             else:
                 alarms.append(self._alarm_row("ack", f"the log holds an {problem}", ack.raw))
+        retracted = [(r.digest, r.reason or "retracted") for r in done.retractions]
         new_acks = self.store.follower_commit(
-            done.state, done.keep, done.mine, done.pending, done.trusted, acks, [a for a in alarms if a is not None]
-        )
+            done.state, done.keep, done.mine, done.pending, done.trusted, acks, [a for a in alarms if a is not None],
+            done.received, retracted, self.now(),
+        )  # fmt: skip
         if new_acks:  # the broker logged them but had not forwarded them (yet, or at all)
             log.info("%d acknowledgement(s) of packets sent taken from the verified log", new_acks)
+        if retracted:  # the same for retractions of packets in the inbox
+            log.info("%d retraction(s) of packets received taken from the verified log", len(retracted))
         self.check_receipts()
         # Deliveries held for a sender the log did not show may be taken now (Session.releaser).
         self.log_advanced.set()

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from valise import encoding, records
 from valise.errors import CheckpointError, EncodingError, Error, NoteError, ProofError
 from valise.genesis import Genesis
-from valise.packet.format import Header
+from valise.packet.format import Core, Header
 from valise.policy import PolicyState
 from valise.policy import records as policy_records
 from valise.tlog import checkpoint, merkle, note
@@ -168,6 +168,13 @@ class Committed:
     pending: list[tuple[int, bytes]] = field(default_factory=list)  # verified entries not folded yet (a quorum)
     trusted: int = 0  # the trusted size after this change: pending entries below it are folded (drop them)
     acks: list[records.Ack] = field(default_factory=list)  # verified acknowledgements of this member's packets
+    # (index, header digest, expires) of "pkt" entries addressed to this member and not in its inbox yet: where
+    # each is logged tells which of its sender's identity keys must have signed it, should the sender move to new
+    # keys before it is delivered (until it expires: then it is never taken anyway).
+    received: list[tuple[int, bytes, int]] = field(default_factory=list)
+    # Retractions of packets in this member's inbox, not marked yet, verified under their sender's key at their
+    # position: a broker that logs one cannot keep it from the recipient (as acknowledgements from the sender).
+    retractions: list[records.Retraction] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -176,9 +183,14 @@ class _Folded:
     mine: list[tuple[int, bytes]] = field(default_factory=list)
     acks: list[records.Ack] = field(default_factory=list)
     problems: list[tuple[str, bytes]] = field(default_factory=list)
+    received: list[tuple[int, bytes, int]] = field(default_factory=list)
+    retractions: list[records.Retraction] = field(default_factory=list)
 
     def committed(self, f: Follower) -> Committed:
-        return Committed(f.size, f.dump(), self.keep, self.mine, self.problems, [], f.trusted_size, self.acks)
+        return Committed(
+            f.size, f.dump(), self.keep, self.mine, self.problems, [], f.trusted_size, self.acks, self.received,
+            self.retractions,
+        )  # fmt: skip
 
 
 class Follower:
@@ -221,6 +233,9 @@ class Follower:
         # acknowledged is there, unless node.db was restored from an older backup or another node runs with
         # this identity, and then the sender, holding the acknowledgement, never sends it again.
         self.in_inbox: Callable[[bytes], bool] | None = None
+        # Whether the inbox holds a packet (by header digest) from a sender (set by the daemon) that is not marked
+        # retracted yet: only for such a packet is a logged retraction checked and taken.
+        self.unretracted: Callable[[bytes, str], bool] | None = None
 
     # --- state ------------------------------------------------------------------------------------------------
 
@@ -472,14 +487,24 @@ class Follower:
         return out
 
     def _traffic(self, index: int, entry: bytes, out: _Folded, unheld: list[tuple[int, records.Ack, bytes]]) -> None:
-        """This member's own packets (to check receipts against), the acknowledgements of them, and its own
-        acknowledgements of packets it received (which its inbox must hold: `unheld` gets those it does not).
+        """This member's own packets (to check receipts against), the acknowledgements of them, its own
+        acknowledgements of packets it received (which its inbox must hold: `unheld` gets those it does not), the
+        packets addressed to it that its inbox does not hold yet, and retractions of those it holds.
 
-        The acknowledgements are taken from the log as well as from the broker's forwarding: a broker that logs
-        one cannot keep it from the sender, who reads it here in the verified log (specs/protocol.md)."""
-        digest = _my_packet(entry, self.member)
-        if digest is not None:
-            out.mine.append((index, digest))
+        Acknowledgements and retractions are taken from the log as well as from the broker's forwarding: a broker
+        that logs one cannot keep it from the member it is for, who reads it here in the verified log, checked
+        under its signer's key at its position (specs/protocol.md)."""
+        packet = _packet_of(entry)
+        if packet is not None:
+            core, digest = packet
+            if core.sender == self.member:
+                out.mine.append((index, digest))
+            elif self.member in core.recipients and (self.in_inbox is None or not self.in_inbox(digest)):
+                out.received.append((index, digest, core.expires))
+            return
+        retraction = _retraction_of(entry)
+        if retraction is not None:
+            self._retraction(index, entry, retraction, out)
             return
         ack = _ack_of(entry)
         if ack is None:
@@ -507,6 +532,20 @@ class Follower:
         except Error as exc:
             out.problems.append((f"log entry {index} is an acknowledgement that does not verify: {exc.what}", entry))
 
+    def _retraction(self, index: int, entry: bytes, retraction: records.Retraction, out: _Folded) -> None:
+        if retraction.sender == self.member or self.unretracted is None:
+            return
+        if not self.unretracted(retraction.digest, retraction.sender):
+            return  # not in the inbox, or already marked (forwarded, verified): no second Ed25519 check
+        assert self.policy is not None
+        signer = self.policy.members.get(retraction.sender)
+        try:
+            if signer is None:
+                raise Error(f"{retraction.sender} is not a member at that position")
+            out.retractions.append(records.Retraction.verified(retraction.raw, signer.sign_key, logged=True))
+        except Error as exc:
+            out.problems.append((f"log entry {index} is a retraction that does not verify: {exc.what}", entry))
+
     @staticmethod
     def _skip_to(policy: PolicyState, index: int) -> None:
         # Entries not served in full are other members' traffic: not policy, but they hold log positions, and
@@ -522,10 +561,19 @@ class Follower:
         m = self.policy.members.get(member_id) if self.policy else None
         return None if m is None else m.sign_key
 
+    def identity_keys(self, member_id: str) -> list[bytes]:
+        """Every identity key `member_id` has had in the trusted log, the current one first (none: not a member)."""
+        return self.policy.identity_keys(member_id) if self.policy else []
+
+    def key_at(self, member_id: str, index: int) -> bytes | None:
+        """The identity key that signed `member_id`'s entry at log `index` (None: not a member there)."""
+        return self.policy.key_at(member_id, index) if self.policy else None
+
 
 def _needed(entry: bytes, member: str) -> bool:
-    """Whether the fold uses `entry`: a policy record, a packet `member` sent, or one that does not parse (the
-    fold reports it); other traffic only holds a position, which its leaf hash already gives."""
+    """Whether the fold uses `entry`: a policy record, a packet `member` sent or is sent, an acknowledgement by
+    or for it, a retraction for it, or one that does not parse (the fold reports it); other traffic only holds a
+    position, which its leaf hash already gives."""
     try:
         kind, _ = records.entry_type(entry)
     except Error:
@@ -535,7 +583,11 @@ def _needed(entry: bytes, member: str) -> bool:
     if kind == "ack":
         ack = _ack_of(entry)
         return ack is not None and member in (ack.sender, ack.recipient)
-    return kind == "pkt" and _my_packet(entry, member) is not None
+    if kind == "retract":
+        retraction = _retraction_of(entry)
+        return retraction is not None and retraction.sender != member
+    packet = _packet_of(entry)
+    return packet is not None and (packet[0].sender == member or member in packet[0].recipients)
 
 
 def _ack_of(entry: bytes) -> records.Ack | None:
@@ -550,8 +602,20 @@ def _ack_of(entry: bytes) -> records.Ack | None:
     return ack
 
 
-def _my_packet(entry: bytes, member: str) -> bytes | None:
-    """The header digest if `entry` is a "pkt" record sent by `member` (to check receipts against)."""
+def _retraction_of(entry: bytes) -> records.Retraction | None:
+    """The retraction, unverified, if `entry` is a "retract" record."""
+    try:
+        kind, m = records.entry_type(entry)
+        if kind != "retract" or not isinstance(m.get("notice"), bytes):
+            return None
+        retraction, _, _ = records.Retraction.parse(m["notice"], logged=True)
+    except Error:
+        return None
+    return retraction
+
+
+def _packet_of(entry: bytes) -> tuple[Core, bytes] | None:
+    """The header's core and digest if `entry` is a "pkt" record."""
     try:
         kind, m = records.entry_type(entry)
         if kind != "pkt" or not isinstance(m.get("header"), bytes):
@@ -559,9 +623,7 @@ def _my_packet(entry: bytes, member: str) -> bytes | None:
         header = Header.parse(m["header"])
     except Error:
         return None
-    if header.core.sender != member:
-        return None
-    return hashlib.sha256(m["header"]).digest()
+    return header.core, hashlib.sha256(m["header"]).digest()
 
 
 __all__ = [

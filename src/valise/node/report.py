@@ -192,9 +192,7 @@ def offline_read(
         store.close()
     row: InboxRow = one(rows, prefix, "inbox")
     check_readable(row, force=force)
-    sender = member_bundle(follower.policy, row.sender, removed_too=True)
-    if sender is None:
-        raise UsageError(f"sender {row.sender} is not in the verified directory")
+    sender = signer_bundle(follower.policy, row)
     me = home.load_identity(passphrase)
     with store.open_inbox_packet(row.digest) as src:
         opened = packet.open(src, sink, me=me, sender=sender, now=now)
@@ -230,6 +228,16 @@ def member_bundle(policy: PolicyState | None, member_id: str, *, removed_too: bo
         return None
     bundle = identity.PublicBundle.from_bytes(member.bundle)
     return replace(bundle, sign_key=member.sign_key, enc_key=member.enc_key)
+
+
+def signer_bundle(policy: PolicyState | None, row: InboxRow) -> PublicBundle:
+    """The sender's keys to open an inbox packet with: its identity key is the one the header verified under when
+    the packet was taken, which the sender may have replaced since (a rekey after sending). A row from a store made
+    before nodes kept that key was taken under the key current then, and no command could replace one then."""
+    sender = member_bundle(policy, row.sender, removed_too=True)
+    if sender is None:
+        raise UsageError(f"sender {row.sender} is not in the verified directory")
+    return sender if row.sign_key is None else replace(sender, sign_key=row.sign_key)
 
 
 def _restore(home: NodeHome, store: NodeStore) -> Follower:

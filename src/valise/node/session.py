@@ -15,6 +15,7 @@ Every frame goes out through `send`, under one lock, so frames of different task
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -25,9 +26,9 @@ from typing import IO, TYPE_CHECKING
 import trio
 
 from valise import records
-from valise.crypto import sign
 from valise.errors import Error, PacketError, ProtocolError, RemoteError, RemoteProtocolError, SignatureError
-from valise.packet.format import HEADER_DOMAIN, CiphertextHasher, Head, NeedMore, parse_head
+from valise.node import signers
+from valise.packet.format import CiphertextHasher, Head, NeedMore, parse_head
 from valise.wire import codes, liveness
 from valise.wire import events as ev
 from valise.wire import limits as L
@@ -103,6 +104,7 @@ class Incoming:
     code: str = codes.BAD_PACKET  # the `refuse` code that goes with `problem`
     what: str = "a delivery"  # how alarms name it
     awaiting: str | None = None  # a sender the verified log does not show yet: held at the end, not refused
+    sign_key: bytes | None = None  # the sender's identity key its header verified under (signers.packet_signer)
 
 
 @dataclass(slots=True)
@@ -288,13 +290,34 @@ class Session:
                 elif isinstance(msg, ev.CosignRequest):
                     await self._cosign(msg)
 
-    async def sender_key(self, member: str) -> bytes | None:
-        """A member's identity key from the verified log; follows the log once if the member is not known yet."""
-        key = self.d.follower.member_key(member)
-        if key is None:
+    async def sender_keys(self, member: str) -> list[bytes]:
+        """A member's identity keys from the verified log, the current one first (PolicyState.identity_keys);
+        follows the log once if the member is not known yet."""
+        keys = self.d.follower.identity_keys(member)
+        if not keys:
             await self.d.try_sync(self)
-            key = self.d.follower.member_key(member)
-        return key
+            keys = self.d.follower.identity_keys(member)
+        return keys
+
+    def _signer(self, head: Head) -> bytes:
+        """The sender's key that signed `head`, as the verified log allows (signers.packet_signer)."""
+        sender, digest = head.core.sender, head.digest
+        return signers.packet_signer(
+            head,
+            self.d.follower.identity_keys(sender),
+            in_inbox=lambda: self.d.store.inbox_get(digest) is not None,
+            logged_at=lambda: self.d.store.received_index(digest),
+            key_at=lambda index: self.d.follower.key_at(sender, index),
+        )
+
+    async def _signer_synced(self, head: Head) -> bytes:
+        try:
+            return self._signer(head)
+        except SignatureError:
+            # The sender may have moved to new keys that the log this node verified does not show yet.
+            if not await self.d.try_sync(self):
+                raise
+            return self._signer(head)
 
     async def _deliver_begin(self, msg: ev.DeliverBegin) -> None:
         self._discard()
@@ -311,11 +334,12 @@ class Session:
             core = head.core
             if self.d.member not in core.recipients:
                 raise PacketError(f"packet is for {', '.join(core.recipients)}, not {self.d.member}")
-            key = await self.sender_key(core.sender)
-            if key is None:
+            if await self.sender_keys(core.sender):
+                inc.sign_key = await self._signer_synced(head)
+            else:
                 self._room_to_hold(core.sender, msg.size)
                 inc.awaiting = core.sender  # its signature is checked once the log shows the sender's key
-            self._check(head, key)
+            self._check_expiry(head)
         except Error as exc:
             inc.problem = exc.what
             inc.code = refusal_code(exc)
@@ -330,12 +354,9 @@ class Session:
         inc.file.write(msg.head)
         inc.hasher = CiphertextHasher(head.header)
 
-    def _check(self, head: Head, key: bytes | None) -> None:
-        """The header's signature under the sender's key (None: not known yet, checked when it is), and that
-        the packet has not expired (it could not be read any more: not taken, not acknowledged)."""
+    def _check_expiry(self, head: Head) -> None:
+        """That the packet has not expired (it could not be read any more: not taken, not acknowledged)."""
         core = head.core
-        if key is not None:
-            sign.verify(key, HEADER_DOMAIN, head.header.raw, head.signature, what=f"packet header from {core.sender}")
         if core.expires <= self.d.now():
             raise Refusal(codes.STALE, f"packet {core.packet_id.hex()} from {core.sender} expired at {core.expires}")
 
@@ -380,14 +401,15 @@ class Session:
             self.held[msg.seq] = Held(msg.seq, inc.head, inc.path, trio.current_time(), inc.what)
             log.info("holding %s until the verified log shows %s", inc.what, inc.awaiting)
             return
-        await self._accept(msg.seq, inc.head, inc.path, inc.what)
+        await self._accept(msg.seq, inc.head, inc.path, inc.what, inc.sign_key)
 
-    async def _accept(self, seq: int, head: Head, path: Path, what: str) -> None:
-        """Store a verified, complete delivery in the inbox and acknowledge it."""
+    async def _accept(self, seq: int, head: Head, path: Path, what: str, sign_key: bytes | None) -> None:
+        """Store a delivery, complete and verified under the sender's `sign_key`, in the inbox; acknowledge it."""
         core = head.core
         now = self.d.now()
         try:
-            self.d.store.inbox_add_file(head.digest, core.packet_id, core.sender, now, core.labels.to_json(), path)
+            labels = core.labels.to_json()
+            self.d.store.inbox_add_file(head.digest, core.packet_id, core.sender, now, labels, path, sign_key)
         except PacketError as exc:
             await self._refuse(seq, codes.REPLAY, f"refused {what}: {exc.what}")
             return
@@ -432,22 +454,23 @@ class Session:
     async def _release(self, now: float) -> None:
         for seq, held in list(self.held.items()):
             core = held.head.core
-            key = self.d.follower.member_key(core.sender)
-            if key is None and now - held.since < HOLD_TIME:
+            known = bool(self.d.follower.identity_keys(core.sender))
+            if not known and now - held.since < HOLD_TIME:
                 continue
             del self.held[seq]
             try:
-                if key is None:
+                if not known:
                     raise Refusal(
                         codes.UNKNOWN_MEMBER,
                         f"sender {core.sender} is still not a member in the verified log after {HOLD_TIME:g} s",
                     )
-                self._check(held.head, key)
+                key = self._signer(held.head)
+                self._check_expiry(held.head)
             except Error as exc:
                 held.path.unlink(missing_ok=True)
                 await self._refuse(seq, refusal_code(exc), f"refused {held.what}: {exc.what}")
                 continue
-            await self._accept(seq, held.head, held.path, held.what)
+            await self._accept(seq, held.head, held.path, held.what, key)
 
     def _discard(self) -> None:
         if self._incoming is not None:
@@ -463,10 +486,16 @@ class Session:
 
     async def _ack_forward(self, msg: ev.AckForward) -> None:
         try:
-            key = await self.sender_key(msg.by)
-            if key is None:
+            keys = await self.sender_keys(msg.by)
+            if not keys:
                 raise SignatureError(f"{msg.by} is not a member in the verified log")
-            ack = records.Ack.verified(msg.ack, key)
+            try:
+                ack = records.Ack.verified(msg.ack, keys[0])
+            except SignatureError:
+                if signers.first_signer(keys[1:], lambda key: records.Ack.verified(msg.ack, key)) is None:
+                    raise
+                await self._from_the_log(msg.seq, "acknowledgement", msg.by)
+                return
             if ack.recipient != msg.by or ack.sender != self.d.member or ack.packet_id != msg.id:
                 raise SignatureError(f"acknowledgement by {msg.by} does not match the forwarded item")
             problem = self.d.ack_problem(ack)
@@ -486,10 +515,17 @@ class Session:
             # (refused, it would come back at every connection and the packet would never show as retracted).
             if records.Retraction.parse(msg.retraction, logged=True)[0].sender != msg.by:
                 raise SignatureError(f"retraction seq {msg.seq} is not signed by {msg.by}")
-            key = await self.sender_key(msg.by)
-            if key is None:
+            keys = await self.sender_keys(msg.by)
+            if not keys:
                 raise SignatureError(f"{msg.by} is not a member in the verified log")
-            retraction = records.Retraction.verified(msg.retraction, key, logged=True)
+            try:
+                retraction = records.Retraction.verified(msg.retraction, keys[0], logged=True)
+            except SignatureError:
+                verify = functools.partial(records.Retraction.verified, msg.retraction, logged=True)
+                if signers.first_signer(keys[1:], verify) is None:
+                    raise
+                await self._from_the_log(msg.seq, "retraction", msg.by)
+                return
         except Error as exc:
             await self._refuse(
                 msg.seq, refusal_code(exc), f"forwarded retraction seq {msg.seq} refused: {exc.what}", "retract"
@@ -499,6 +535,13 @@ class Session:
         if row is not None and row.sender == retraction.sender:
             self.d.store.inbox_mark(retraction.digest, state="retracted", retraction=retraction.reason or "retracted")
         await self.send(ev.Seen(msg.seq))
+
+    async def _from_the_log(self, seq: int, kind: str, by: str) -> None:
+        """A forwarded notice signed with a key its signer has since replaced: which key was in force where it is
+        logged is for the verified log to say, so it is taken from there when the node folds it (follower.py),
+        not from the broker's word; the push itself is done with."""
+        log.info("forwarded %s seq %d is signed with a key %s has replaced: taken from the verified log", kind, seq, by)
+        await self.send(ev.Seen(seq))
 
     async def _cosign(self, msg: ev.CosignRequest) -> None:
         try:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from valise.errors import PacketError, StoreError
+from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, parse_prefix
 from valise.store import sqlfile
 
 SCHEMA = """
@@ -51,7 +52,8 @@ CREATE TABLE IF NOT EXISTS inbox (
     labels      TEXT NOT NULL,            -- JSON, as signed by the sender
     state       TEXT NOT NULL CHECK (state IN ('new', 'read', 'retracted')),
     acked       INTEGER NOT NULL DEFAULT 0,
-    retraction  TEXT
+    retraction  TEXT,
+    sign_key    BLOB                      -- the sender's identity key its header verified under (NULL: older store)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS inbox_by_sender_id ON inbox (sender, packet_id);
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -59,6 +61,9 @@ CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 -- digests of this member's own "pkt" entries (to check receipts against).
 CREATE TABLE IF NOT EXISTS log_kept (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS log_mine (idx INTEGER PRIMARY KEY, digest BLOB NOT NULL);
+-- Where the log holds packets addressed to this member that its inbox does not hold yet: a delivery signed by a
+-- key its sender has since replaced is taken only if logged while that key was in force (session.py).
+CREATE TABLE IF NOT EXISTS log_received (digest BLOB PRIMARY KEY, idx INTEGER NOT NULL, expires INTEGER NOT NULL);
 -- Entries served in full that hash to a verified root but wait for a checkpoint meeting the witness quorum
 -- (node/follower.py): not folded, not used, until then.
 CREATE TABLE IF NOT EXISTS log_pending (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
@@ -114,6 +119,13 @@ class InboxRow:
     state: str
     acked: bool
     retraction: str | None
+    sign_key: bytes | None = None  # the sender's identity key the header verified under when it was taken
+
+    @classmethod
+    def of(cls, r: Sequence[Any]) -> InboxRow:
+        # A store made before sign_key, opened read-only (not migrated), has one column fewer.
+        key = bytes(r[9]) if len(r) > 9 and r[9] is not None else None
+        return cls(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], bool(r[7]), r[8], key)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -155,6 +167,13 @@ STORE_MADE = "node.db.made"
 # Tables every version of the store has had (later ones are added by CREATE IF NOT EXISTS when a newer daemon
 # opens an older store): one missing means the file is damaged, never merely old.
 CORE_TABLES = ("outbox", "inbox", "acks", "kv")
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Columns added since a table was first made (CREATE TABLE IF NOT EXISTS leaves an old table as it is)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(inbox)")}
+    if "sign_key" not in columns:
+        conn.execute("ALTER TABLE inbox ADD COLUMN sign_key BLOB")
 
 
 def _refuse_lost_store(root: Path, path: Path) -> None:
@@ -206,6 +225,7 @@ class NodeStore:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.executescript(SCHEMA)
+                _add_missing_columns(conn)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open node store in {root}: {exc}") from None
         if not made.exists():  # a new store, or one made before the marker existed
@@ -272,6 +292,24 @@ class NodeStore:
             "VALUES (?, ?, ?, ?, ?, ?, 'queued')",
             (packet_id, digest, json.dumps(recipients), created, expires, len(packet)),
         )
+
+    def outbox_resign(self, resign: Callable[[bytes, bytes], bytes | None]) -> int:
+        """Give each queued packet the signature `resign(header, signature)` returns for it (None: keep it), in
+        place: the header digest does not cover the signature, so the packet keeps its id and digest. Returns how
+        many changed. For a member that moved to new keys (daemon.py)."""
+        changed = 0
+        for row in self._outbox("WHERE state = 'queued'", ()):
+            with open(self.outbox_path(row.packet_id), "r+b") as f:
+                header = f.read(parse_prefix(f.read(PREFIX_SIZE)))
+                signature = resign(header, f.read(SIGNATURE_SIZE))
+                if signature is None:
+                    continue
+                f.seek(PREFIX_SIZE + len(header))
+                f.write(signature)
+                f.flush()
+                os.fsync(f.fileno())
+            changed += 1
+        return changed
 
     def enqueue_file(
         self, packet_id: bytes, digest: bytes, recipients: list[str], created: int, expires: int, path: Path
@@ -410,9 +448,17 @@ class NodeStore:
         return cur.rowcount > 0
 
     def inbox_add_file(
-        self, digest: bytes, packet_id: bytes, sender: str, received: int, labels: dict[str, object], path: Path
+        self,
+        digest: bytes,
+        packet_id: bytes,
+        sender: str,
+        received: int,
+        labels: dict[str, object],
+        path: Path,
+        sign_key: bytes | None = None,
     ) -> bool:
-        """Keep a delivered packet spooled at `path` (moved in). False if it was already there (a redelivery).
+        """Keep a delivered packet spooled at `path` (moved in), whose header verified under the sender's identity
+        key `sign_key`. False if it was already there (a redelivery).
 
         Another packet under a packet id this sender already used is refused (PacketError) and its file removed:
         one sender's packet id names one packet (the broker refuses such a replay; this holds if it does not)."""
@@ -425,21 +471,35 @@ class NodeStore:
             raise PacketError(f"packet id {packet_id.hex()} from {sender} is already in the inbox for another packet")
         size = path.stat().st_size
         _move_in(path, self.inbox_path(digest))
-        cur = self._db.execute(
-            "INSERT OR IGNORE INTO inbox (digest, packet_id, sender, received, size, labels, state) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'new')",
-            (digest, packet_id, sender, received, size, json.dumps(labels)),
-        )
+        with self._tx():
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO inbox (digest, packet_id, sender, received, size, labels, state, sign_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'new', ?)",
+                (digest, packet_id, sender, received, size, json.dumps(labels), sign_key),
+            )
+            self._db.execute("DELETE FROM log_received WHERE digest = ?", (digest,))
         return cur.rowcount > 0
+
+    def received_index(self, digest: bytes) -> int | None:
+        """Where the verified log holds a packet addressed to this member that the inbox does not hold yet."""
+        row = self._db.execute("SELECT idx FROM log_received WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def unretracted(self, digest: bytes, sender: str) -> bool:
+        """Whether the inbox holds the packet `digest` from `sender`, not marked retracted yet."""
+        row = self._db.execute(
+            "SELECT 1 FROM inbox WHERE digest = ? AND sender = ? AND state != 'retracted'", (digest, sender)
+        ).fetchone()
+        return row is not None
 
     def _inbox(self, where: str, args: tuple[object, ...]) -> list[InboxRow]:
         rows = self._db.execute(f"SELECT * FROM inbox {where}", args).fetchall()
-        return [InboxRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], bool(r[7]), r[8]) for r in rows]
+        return [InboxRow.of(r) for r in rows]
 
     def inbox_page(self, after: int, limit: int) -> list[tuple[int, InboxRow]]:
         """Up to `limit` rows after position `after`, in the order they arrived, each with its position."""
         rows = self._db.execute("SELECT rowid, * FROM inbox WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit))
-        return [(r[0], InboxRow(r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], bool(r[8]), r[9])) for r in rows]
+        return [(r[0], InboxRow.of(r[1:])) for r in rows]
 
     def inbox_get(self, digest: bytes) -> InboxRow | None:
         rows = self._inbox("WHERE digest = ?", (digest,))
@@ -476,12 +536,22 @@ class NodeStore:
         trusted: int | None = None,
         acks: Sequence[tuple[bytes, str, bytes]] = (),
         alarms: Sequence[AlarmRow] = (),
+        received: Sequence[tuple[int, bytes, int]] = (),
+        retracted: Sequence[tuple[bytes, str]] = (),
+        now: int = 0,
     ) -> int:
         """Persist an accepted checkpoint and what it brought, in one transaction (all or nothing): entries to
         keep, this member's packets, entries pending a quorum, (`trusted`) the size below which no entry is
-        pending any more, and acknowledgements of this member's packets (packet id, recipient, signed notice)
-        read in the log. Returns how many of those acknowledgements were new."""
+        pending any more, acknowledgements of this member's packets (packet id, recipient, signed notice) read in
+        the log, where packets addressed to it are logged (index, digest, expires; those expired by `now` go), and
+        retractions of packets in its inbox (digest, reason). Returns how many of those acknowledgements were new."""
         with self._tx():
+            rows = [(d, i, e) for i, d, e in received]
+            self._db.executemany("INSERT OR REPLACE INTO log_received VALUES (?, ?, ?)", rows)
+            self._db.execute("DELETE FROM log_received WHERE expires <= ?", (now,))
+            self._db.executemany(
+                "UPDATE inbox SET state = 'retracted', retraction = ? WHERE digest = ?", [(r, d) for d, r in retracted]
+            )
             self._db.executemany("INSERT OR REPLACE INTO log_kept VALUES (?, ?)", keep)
             self._db.executemany("INSERT OR REPLACE INTO log_mine VALUES (?, ?)", mine)
             self._db.executemany("INSERT OR REPLACE INTO log_pending VALUES (?, ?)", pending)

@@ -302,6 +302,28 @@ def rekey_message(member_id: str, origin: str, new_bundle: bytes) -> bytes:
     return encoding.pack({"id": member_id, "origin": origin, "bundle": hashlib.sha256(new_bundle).digest()})
 
 
+REKEY_REQUEST_MAX = 16384  # a bundle (a certificate and three keys) and a signature
+
+
+def rekey_request(old: sign.SigningKey, member_id: str, origin: str, new_bundle: bytes) -> bytes:
+    """The file a member gives its broker's operator to move its membership to a new identity key: the new
+    bundle and the old key's hand-over signature (`valise keygen --rotate`; `valise broker member rekey`)."""
+    sig = old.sign(REKEY_DOMAIN, rekey_message(member_id, origin, new_bundle))
+    return encoding.pack({"v": 1, "t": "rekey-request", "id": member_id, "origin": origin, "bundle": new_bundle,
+                          "rekey_sig": sig})  # fmt: skip
+
+
+def parse_rekey_request(data: bytes) -> dict[str, Any]:
+    """A rekey request's fields, checked for shape (the signature is checked when the record is folded)."""
+    fields: dict[str, type | tuple[type, ...]] = {
+        "v": int, "t": str, "id": str, "origin": str, "bundle": bytes, "rekey_sig": bytes,
+    }  # fmt: skip
+    m = encoding.unpack_map(data, what="rekey request", max_size=REKEY_REQUEST_MAX, fields=fields)
+    if m["v"] != 1 or m["t"] != "rekey-request":
+        raise EncodingError("not a version 1 rekey request")
+    return m
+
+
 # --- builders: the one place each body is spelled out -----------------------------------------------
 
 

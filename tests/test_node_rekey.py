@@ -1,0 +1,320 @@
+"""A member moves to new identity keys (`valise keygen --rotate`, `valise broker member rekey`): what it signed
+before stays valid where the log holds it, and nothing else signed with the replaced key does.
+
+Nodes check a sender's packets, acknowledgements and retractions against the key the verified log had in force at
+their position (specs/protocol.md, "Members that move to new keys"): the fold keeps each member's replaced keys,
+the follower records where packets addressed to the node are logged, and the moving member's node signs its
+still-queued packets again. Real logs, real signatures; the last tests run the real broker, node and commands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+
+from valise import identity, keyfiles, packet, records
+from valise.crypto import sign
+from valise.crypto.seeded import seeded_random
+from valise.errors import SignatureError
+from valise.node import signers
+from valise.node.follower import Follower
+from valise.node.home import NodeHome
+from valise.node.store import NodeStore
+from valise.packet.format import HEADER_DOMAIN
+from valise.policy import records as policy_records
+from valise.store.sqlite import SqliteLog
+from valise.wire import events as ev
+
+from .conftest import NOW
+from .harness import ORIGIN, WireClient, World, cli, make_world, running_broker, running_node, seal, serving_node
+from .test_node_daemon import Harness, ScriptedBroker, sealed, start, wait_for
+
+# The scripted broker's fixture (a node directory and a log), for the test of forwarded notices.
+from .test_node_daemon import world as world
+from .test_node_follower import ORIGIN as FOLLOWER_ORIGIN
+from .test_node_follower import Log, follow, pkt_entry
+
+M = TypeVar("M", bound=ev.Message)
+
+# --- the fold and the follower ------------------------------------------------------------------------------
+
+
+def _rekey(log: Log, old: identity.Identity, seed: bytes) -> identity.Identity:
+    """Append a member-rekey record moving `old`'s member to new keys, handed over with the old key."""
+    new = identity.rotate(old, seeded_random(seed), NOW + 1)
+    message = policy_records.rekey_message(old.member_id, FOLLOWER_ORIGIN, new.bundle.raw)
+    sig = old.signing.sign(policy_records.REKEY_DOMAIN, message)
+    log.seq += 1
+    log.add(policy_records.dir_record(log.operator, FOLLOWER_ORIGIN, log.seq, NOW, "member-rekey", id=old.member_id,
+                                      bundle=new.bundle.raw, rekey_sig=sig))  # fmt: skip
+    return new
+
+
+def _digest(entry: bytes) -> bytes:
+    return hashlib.sha256(records.entry_type(entry)[1]["header"]).digest()
+
+
+def _retraction(signer: identity.Identity, entry: bytes) -> bytes:
+    core = packet.Header.parse(records.entry_type(entry)[1]["header"]).core
+    notice = records.Retraction.make(signer.signing, core.packet_id, _digest(entry), core.sender, "wrong file", NOW)
+    return records.retract_entry(notice)
+
+
+def test_the_follower_knows_which_key_was_in_force_where(members: dict[str, identity.Identity]) -> None:
+    """Where each packet addressed to FRA and not in its inbox is logged, DEU's keys by position, and DEU's
+    retractions of packets FRA holds, each checked under the key in force where it is logged: one made with the
+    replaced key after the rekey (a thief's) is a problem, not a retraction."""
+    fra, deu = members["FRA"], members["DEU"]
+    log = Log()
+    log.admit(fra)
+    log.admit(deu)
+    held, stolen, pending = (pkt_entry(deu, [fra], seed) for seed in (b"held", b"stolen", b"pending"))
+    log.add(held, stolen, pending)
+    log.add(_retraction(deu, held))
+    before = log.service.store.size()
+    new = _rekey(log, deu, b"DEU moved")
+    log.add(_retraction(deu, stolen))  # the replaced key, after the rekey
+    after = pkt_entry(new, [fra], b"after")
+    note = log.add(after)
+    f = _follower(log, inbox={_digest(held), _digest(stolen)})
+    done = follow(f, log, note)
+    assert done is not None
+    expires = packet.Header.parse(records.entry_type(pending)[1]["header"]).core.expires
+    assert done.received == [(5, _digest(pending), expires), (log.service.store.size() - 1, _digest(after), expires)]
+    assert [r.digest for r in done.retractions] == [_digest(held)]
+    ((problem, _),) = done.problems
+    assert f"log entry {before + 1} is a retraction that does not verify" in problem
+    assert f.identity_keys("DEU") == [new.signing.public, deu.signing.public]
+    assert f.key_at("DEU", 5) == deu.signing.public
+    assert f.key_at("DEU", before) == deu.signing.public
+    assert f.key_at("DEU", before + 1) == new.signing.public
+
+
+def _follower(log: Log, inbox: set[bytes]) -> Follower:
+    """FRA's follower, with an inbox holding the packets `inbox` names (from DEU, none marked retracted)."""
+    f = Follower(log.vkey, "FRA", "broker")
+    f.in_inbox = lambda digest: digest in inbox
+    f.unretracted = lambda digest, sender: digest in inbox and sender == "DEU"
+    return f
+
+
+# --- which key a node takes a delivery under (signers.packet_signer) ------------------------------------------
+
+
+def _head(sender: identity.Identity, to: identity.Identity, seed: bytes) -> packet.Head:
+    m = records.entry_type(pkt_entry(sender, [to], seed))[1]
+    return packet.Head(packet.Header.parse(m["header"]), m["sig"], 0)
+
+
+def test_a_delivery_is_taken_under_a_replaced_key_only_where_the_log_holds_it_under_that_key(
+    members: dict[str, identity.Identity],
+) -> None:
+    old, fra = members["DEU"], members["FRA"]
+    new = identity.rotate(old, seeded_random(b"DEU new"), NOW + 1)
+    keys = [new.signing.public, old.signing.public]  # current first, as PolicyState.identity_keys
+    changed_at = 10  # the rekey's position: the old key signed entries up to it
+
+    def key_at(index: int) -> bytes:
+        return old.signing.public if index <= changed_at else new.signing.public
+
+    def signer(head: packet.Head, *, in_inbox: bool = False, logged_at: int | None = None) -> bytes:
+        return signers.packet_signer(head, keys, in_inbox=lambda: in_inbox, logged_at=lambda: logged_at, key_at=key_at)
+
+    current, earlier = _head(new, fra, b"now"), _head(old, fra, b"before")
+    assert signer(current) == new.signing.public
+    assert signer(current, logged_at=3) == new.signing.public  # the current key always does
+    assert signer(earlier, logged_at=changed_at - 1) == old.signing.public
+    assert signer(earlier, in_inbox=True) == old.signing.public  # a redelivery of one taken before
+    with pytest.raises(SignatureError, match=f"has replaced, and the packet is logged at entry {changed_at + 1}"):
+        signer(earlier, logged_at=changed_at + 1)  # signed with the stolen key after the rekey
+    with pytest.raises(SignatureError, match="has replaced, and the packet is not in the verified log"):
+        signer(earlier)
+    forged = current._replace(signature=bytes(64))
+    with pytest.raises(SignatureError, match="packet header from DEU"):
+        signer(forged, logged_at=1, in_inbox=True)  # no key of DEU's signed it: nothing vouches for it
+    someone_else = _head(members["ITA"], fra, b"ita")._replace(header=earlier.header)
+    with pytest.raises(SignatureError):
+        signer(someone_else, in_inbox=True)
+    with pytest.raises(SignatureError, match="not a member in the verified log"):
+        signers.packet_signer(current, [], in_inbox=lambda: True, logged_at=lambda: 1, key_at=key_at)
+
+
+# --- the real broker, node and commands -----------------------------------------------------------------------
+
+
+def _rotate(world: World, member: str, capsys: pytest.CaptureFixture[str]) -> identity.Identity:
+    """`valise keygen --rotate` and `valise broker member rekey`, as the member and the operator run them."""
+    new_dir = world.root / "keys" / f"{member}-2"
+    assert cli(["keygen", "--rotate", str(world.dirs[member]), "--origin", ORIGIN, "--out", str(new_dir)]) == 0
+    request = new_dir / f"{member}.rekey"
+    assert cli(["broker", "member", "rekey", "--dir", str(world.home.root), "--request", str(request)]) == 0
+    capsys.readouterr()
+    old = world.members[member]
+    world.members[member], world.dirs[member] = keyfiles.load_identity(new_dir), new_dir
+    return old
+
+
+def _admit(world: World, name: str) -> None:
+    ident = identity.generate(name, seeded_random(b"rekey" + name.encode()), int(time.time()))
+    d = world.root / "keys" / name
+    keyfiles.save_identity(d, ident, None)
+    world.members[name], world.dirs[name] = ident, d
+    world.operator("member-add", id=name, kind="country", name=f"{name} bureau", region="europe",
+                   bundle=ident.bundle.raw)  # fmt: skip
+
+
+async def _submit(world: World, port: int, member: str, data: bytes) -> None:
+    async with WireClient.connect(world, member, port) as client:
+        client.refuse_cosign = True
+        receipt = await client.submit(data)
+        assert isinstance(receipt, ev.Receipt), receipt
+
+
+async def test_a_packet_sent_before_its_sender_moved_to_new_keys_is_taken_and_read_after(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DEU sends FRA a packet, moves to new keys, sends another; FRA's node, offline meanwhile, takes both: the
+    first under DEU's replaced key because its verified log holds it before the rekey, and reads both, with the
+    daemon running and stopped. Before nodes kept key history, the first was refused as forged, for ever."""
+    world = make_world(tmp_path, ("FRA",))
+    node_dir = tmp_path / "node"
+    async with running_broker(world) as broker:
+        async with running_node(world, broker.port, node_dir):
+            pass  # FRA's node has followed the log; DEU comes after
+        _admit(world, "DEU")
+        world.consent("DEU", "FRA")
+        await wait_for(lambda: "DEU" in broker.policy.members and broker.policy.size == broker.store.size())
+        before = b"sent with DEU's first keys"
+        await _submit(world, broker.port, "DEU", seal(world, "DEU", ["FRA"], before))
+        old = _rotate(world, "DEU", capsys)
+        await wait_for(lambda: broker.policy.members["DEU"].sign_key == world.members["DEU"].bundle.sign_key)
+        after = b"sent with DEU's new keys"
+        await _submit(world, broker.port, "DEU", seal(world, "DEU", ["FRA"], after))
+        await broker.publish_checkpoint()
+        async with serving_node(world, NodeHome.open(node_dir)) as node:
+            await wait_for(lambda: len(node.store.inbox_all()) == 2)
+            assert node.store.alarms() == []
+            rows = sorted(node.store.inbox_all(), key=lambda r: r.sign_key == world.members["DEU"].bundle.sign_key)
+            assert [r.sign_key for r in rows] == [old.bundle.sign_key, world.members["DEU"].bundle.sign_key]
+            for row, text in zip(rows, (before, after), strict=True):
+                out = tmp_path / f"{row.packet_id.hex()}.txt"
+                read = ["read", "--node", str(node_dir), row.packet_id.hex(), "-o", str(out)]
+                assert await trio.to_thread.run_sync(cli, read) == 0  # through the daemon's control socket
+                assert out.read_bytes() == text
+            # Both acknowledged: the broker logged FRA's acknowledgements (checked under FRA's key) and emptied
+            # FRA's mailbox.
+            await wait_for(lambda: broker.mail.pending("FRA") == [])
+    out = tmp_path / "offline.txt"
+    read = ["read", "--node", str(node_dir), rows[0].packet_id.hex(), "-o", str(out)]
+    assert await trio.to_thread.run_sync(cli, read) == 0
+    assert out.read_bytes() == before  # the daemon stopped: read from what it stored, with the stored key
+
+
+async def test_the_moving_members_queued_packets_are_signed_again_with_its_new_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FRA queued a packet while the broker was out of reach, then moved to new keys: the broker takes nothing
+    signed with FRA's replaced key any more, so FRA's node signs it again when it starts (same id, same digest)."""
+    world = make_world(tmp_path, ("FRA", "DEU"))
+    world.consent("FRA", "DEU")
+    node_dir = tmp_path / "node"
+    async with running_broker(world) as broker:
+        async with running_node(world, broker.port, node_dir):
+            pass
+        data = seal(world, "FRA", ["DEU"], b"queued before the move")
+        head = packet.parse_head(data)
+        assert isinstance(head, packet.Head)
+        core = head.core
+        store = NodeStore.open(node_dir)
+        try:  # what `valise send` does while the broker is out of reach (the daemon is stopped here)
+            store.enqueue(core.packet_id, head.digest, ["DEU"], core.created, core.expires, data)
+        finally:
+            store.close()
+        old = _rotate(world, "FRA", capsys)
+        await wait_for(lambda: broker.policy.members["FRA"].sign_key == world.members["FRA"].bundle.sign_key)
+        assert cli(["node", "move", "--dir", str(node_dir), "--identity", str(world.dirs["FRA"])]) == 0
+        async with serving_node(world, NodeHome.open(node_dir)) as node:
+            await wait_for(lambda: node.store.outbox_get(core.packet_id).state != "queued")  # type: ignore[union-attr]
+            row = node.store.outbox_get(core.packet_id)
+            assert row is not None
+            assert (row.state, row.digest) == ("receipted", head.digest), row.outcome
+            assert row.log_index is not None
+    with SqliteLog.open(world.home.db_path) as log:
+        logged = records.entry_type(log.entries(row.log_index, row.log_index + 1)[0])[1]
+    assert logged["header"] == head.header.raw
+    # Logged with the new key's signature over the same header; the old signature would not verify there.
+    sign.verify(world.members["FRA"].signing.public, HEADER_DOMAIN, head.header.raw, logged["sig"], what="logged")
+    with pytest.raises(SignatureError):
+        sign.verify(world.members["FRA"].signing.public, HEADER_DOMAIN, head.header.raw, head.signature, what="old")
+    sign.verify(old.signing.public, HEADER_DOMAIN, head.header.raw, head.signature, what="as queued")
+
+
+async def test_forwarded_notices_signed_with_a_replaced_key_are_taken_from_the_log_not_the_broker(
+    members: dict[str, identity.Identity], world: dict[str, Any]
+) -> None:
+    """DEU acknowledged FRA's packet and retracted one it sent FRA, then moved to new keys; the broker forwards
+    both after the move. The forwarded copies do not verify under DEU's current key, and the broker's word on
+    where they are logged is not taken: FRA's node answers `seen` and takes each from its verified log, checked
+    under the key in force there. A notice made with the stolen old key after the move, which the log does not
+    hold, is taken from nowhere."""
+
+    async def expect(broker: ScriptedBroker, kind: type[M]) -> M:
+        """The next frame of `kind`, past the node's submissions of its outbox (not what this test is about)."""
+        while isinstance(msg := await broker.events.receive(), ev.SubmitBegin | ev.SubmitChunk | ev.SubmitEnd):
+            pass
+        assert isinstance(msg, kind), f"expected {kind.TYPE}, got {msg}"
+        return msg
+
+    h = Harness(world, members["FRA"])
+    fra, deu = members["FRA"], members["DEU"]
+    sent_data, sent = sealed(fra, [deu], b"sent")
+    h.daemon.store.enqueue(sent.core.packet_id, sent.digest, ["DEU"], NOW, NOW + 3600, sent_data)
+    got_data, got = sealed(deu, [fra], b"got")
+    ack = records.Ack.make(deu.signing, sent.core.packet_id, sent.digest, "FRA", "DEU", NOW)
+    retraction = records.Retraction.make(deu.signing, got.core.packet_id, got.digest, "DEU", "wrong file", NOW)
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        await broker.send(ev.DeliverBegin(0, got_data[: got.head_size], len(got_data) - got.head_size))
+        await broker.send(ev.DeliverChunk(0, got_data[got.head_size :]))
+        await broker.send(ev.DeliverEnd(0))
+        assert (await expect(broker, ev.Ack)).seq == 0
+        log: Log = h.log
+        log.add(records.packet_entry(sent.header.raw, sent.signature, NOW))
+        log.add(records.ack_entry(ack), records.retract_entry(retraction))
+        new = _rekey(log, deu, b"DEU moved")
+        assert h.daemon.session is not None
+        await h.daemon.sync(h.daemon.session)
+        assert h.daemon.follower.identity_keys("DEU") == [new.signing.public, deu.signing.public]
+        # Taken from the log as it was followed, under the key in force where each is logged.
+        assert h.daemon.store.acks_for(sent.core.packet_id) == {"DEU": ack.raw}
+        assert h.daemon.store.inbox_get(got.digest).state == "retracted"  # type: ignore[union-attr]
+        for seq, msg in enumerate(
+            [
+                ev.AckForward(1, sent.core.packet_id, "DEU", 4, ack.raw),
+                ev.RetractForward(2, got.core.packet_id, "DEU", 5, retraction.raw),
+            ],
+            start=1,
+        ):
+            await broker.send(msg)
+            assert (await expect(broker, ev.Seen)).seq == seq
+        # The stolen key after the move: an acknowledgement of a packet FRA sent that DEU never acknowledged in
+        # the log. The broker claims an old position for it; nothing is recorded.
+        other_data, other = sealed(fra, [deu], b"other")
+        h.daemon.store.enqueue(other.core.packet_id, other.digest, ["DEU"], NOW, NOW + 3600, other_data)
+        stolen = records.Ack.make(deu.signing, other.core.packet_id, other.digest, "FRA", "DEU", NOW)
+        await broker.send(ev.AckForward(3, other.core.packet_id, "DEU", 4, stolen.raw))
+        assert (await expect(broker, ev.Seen)).seq == 3
+        assert h.daemon.store.acks_for(other.core.packet_id) == {}
+        # A key DEU never had: refused, with an alarm, as before.
+        forged = records.Ack.make(members["ITA"].signing, other.core.packet_id, other.digest, "FRA", "DEU", NOW)
+        await broker.send(ev.AckForward(4, other.core.packet_id, "DEU", 9, forged.raw))
+        assert (await expect(broker, ev.Refuse)).code == "bad-signature"
+        assert h.daemon.store.acks_for(other.core.packet_id) == {}
+        assert [a.kind for a in h.daemon.store.alarms()] == ["ack"]
+        nursery.cancel_scope.cancel()
