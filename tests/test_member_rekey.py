@@ -73,3 +73,21 @@ async def test_a_member_moves_to_new_keys_and_its_old_certificate_is_cut_off(
         with trio.fail_after(5):
             while broker.sessions.get("FRA") is not None:  # noqa: ASYNC110 - the daemon's own state
                 await trio.sleep(0.01)
+
+
+def test_policy_show_lists_the_keys_a_member_moved_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An operator or auditor sees which identity key signed a member's entries up to where: `policy show`."""
+    world = make_world(tmp_path)
+    broker = str(world.home.root)
+    out = tmp_path / "fra-new"
+    assert cli(["keygen", "--rotate", str(world.dirs["FRA"]), "--origin", ORIGIN, "--out", str(out)]) == 0
+    assert cli(["broker", "member", "rekey", "--dir", broker, "--request", str(out / "FRA.rekey"), "--json"]) == 0
+    rekeyed_at = json.loads(capsys.readouterr().out.splitlines()[-1])["index"]
+    assert cli(["policy", "show", "--dir", broker, "--json"]) == 0
+    members = {m["id"]: m for m in json.loads(capsys.readouterr().out)["members"]}
+    old_key = world.members["FRA"].bundle.sign_key.hex()
+    assert members["FRA"]["replaced_keys"] == [{"key": old_key, "until": rekeyed_at}]
+    assert members["FRA"]["sign_key"] == keyfiles.load_identity(out).bundle.sign_key.hex()
+    assert members["DEU"]["replaced_keys"] == []
+    assert cli(["policy", "show", "--dir", broker]) == 0
+    assert f"identity key {old_key[:16]}… replaced at log entry {rekeyed_at}" in capsys.readouterr().out

@@ -658,6 +658,9 @@ def describe(state: PolicyState, now: int) -> dict[str, Any]:
                 "enc_key": m.enc_key.hex(),
                 # What a quorum policy's `witness` line (audit.md) or `audit --witness` needs for this member.
                 "witness_key": cosignature.CosignatureVerifier(m.id, m.sign_key).vkey(),
+                # Identity keys a member-rekey replaced, oldest first: each signed this member's entries up to and
+                # including `until` (the rekey's position), which nodes and auditors check by position.
+                "replaced_keys": [{"key": k.hex(), "until": at} for at, k in state.retired_keys.get(m.id, ())],
             }
             for m in sorted(state.members.values(), key=lambda m: m.id)
         ],
@@ -690,6 +693,8 @@ def show(args: argparse.Namespace) -> int:
         status = m["status"] + (f" ({m['reason']})" if m["reason"] else "")
         groups = ", ".join(m["groups"]) or "-"
         print(f"  {m['id']:<12} {m['kind']:<8} {m['region']:<20} {status:<12} groups: {groups}  {m['name']}")
+        for old in m["replaced_keys"]:
+            print(f"  {'':<12} identity key {old['key'][:16]}… replaced at log entry {old['until']}")
     print("witness keys (a quorum policy's `witness NAME KEY` lines; `valise audit --witness KEY`):")
     for m in facts["members"]:
         if m["status"] == "active":
