@@ -22,6 +22,7 @@ from valise.crypto import sign
 from valise.crypto.seeded import seeded_random
 from valise.errors import SignatureError
 from valise.node import signers
+from valise.node.daemon import NodeDaemon
 from valise.node.follower import Follower
 from valise.node.home import NodeHome
 from valise.node.store import NodeStore
@@ -318,3 +319,65 @@ async def test_forwarded_notices_signed_with_a_replaced_key_are_taken_from_the_l
         assert h.daemon.store.acks_for(other.core.packet_id) == {}
         assert [a.kind for a in h.daemon.store.alarms()] == ["ack"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_bad_signature_answer_to_a_packet_this_node_signed_keeps_it_queued(
+    members: dict[str, identity.Identity], world: dict[str, Any]
+) -> None:
+    """A review: FRA's operator appended the rekey while FRA's node still ran on its old keys; the broker answered
+    its packets in flight `bad-signature`, a final answer, so they were denied for good and never sent after `node
+    move`. A header this node's own key signs can only be refused because the broker holds another key for it: it
+    stays queued (signed again once the node has the new keys). One it did not sign is refused as before."""
+    h = Harness(world, members["FRA"])
+    store = h.daemon.store
+    ours_data, ours = sealed(members["FRA"], [members["DEU"]], b"ours")
+    theirs_data, theirs = sealed(members["ITA"], [members["DEU"]], b"not ours")  # a damaged outbox, say
+    for data, head in ((ours_data, ours), (theirs_data, theirs)):
+        store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        for _ in range(2):
+            begin = await broker.expect(ev.SubmitBegin)
+            while not isinstance(await broker.events.receive(), ev.SubmitEnd):
+                pass
+            await broker.send(ev.ErrorMessage(begin.rid, "bad-signature", "packet header from FRA: does not verify"))
+        await wait_for(lambda: store.outbox_get(theirs.core.packet_id).state != "queued")  # type: ignore[union-attr]
+        await wait_for(lambda: store.outbox_get(ours.core.packet_id).attempts == 1)  # type: ignore[union-attr]
+        kept, refused = store.outbox_get(ours.core.packet_id), store.outbox_get(theirs.core.packet_id)
+        assert kept is not None
+        assert refused is not None
+        assert kept.state == "queued"
+        assert "if FRA moved to new keys, point this node at them: valise node move" in (kept.outcome or "")
+        assert refused.state == "denied"
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_queued_packet_does_not_stop_the_others_from_being_signed_again(
+    members: dict[str, identity.Identity], world: dict[str, Any], damage: str
+) -> None:
+    """A review: signing the queued packets again at start opened each file; one missing or cut short stopped the
+    daemon from starting at all. It is now an alarm, and the others are signed again."""
+    fra, deu = members["FRA"], members["DEU"]
+    new = identity.rotate(fra, seeded_random(b"FRA new"), NOW + 1)
+    store = NodeStore.open(world["home"].root)
+    heads = []
+    for seed in (b"damaged", b"intact"):
+        data, head = sealed(fra, [deu], seed)
+        store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+        heads.append(head)
+    damaged = store.outbox_path(heads[0].core.packet_id)
+    store.close()
+    if damage == "missing":
+        damaged.unlink()
+    else:
+        damaged.write_bytes(damaged.read_bytes()[:100])
+    daemon = NodeDaemon(world["home"], new, random=seeded_random(b"n"), wall=lambda: NOW)
+    try:
+        (alarm,) = [a for a in daemon.store.alarms() if a.kind == "outbox"]
+        assert f"packet {heads[0].core.packet_id.hex()}" in alarm.message
+        with open(daemon.store.outbox_path(heads[1].core.packet_id), "rb") as f:
+            signed_again = packet.read_head(f)
+        sign.verify(new.signing.public, HEADER_DOMAIN, heads[1].header.raw, signed_again.signature, what="again")
+    finally:
+        daemon.store.close()

@@ -110,7 +110,6 @@ class NodeDaemon:
         self.member = me.member_id
         self.broker = home.broker_bundle()
         self.store = NodeStore.open(home.root)
-        self._sign_queued_again()
         self.quorum = home.witness_policy()
         state, kept = self.store.follower_load()
         self.follower = Follower.restore(
@@ -141,6 +140,7 @@ class NodeDaemon:
         self._outbox_wake = trio.Event()
         self._outcome = trio.Event()  # set (and replaced) whenever an outbox row leaves `queued`
         self._alarmed: set[tuple[str, str]] = {(a.kind, a.message) for a in self.store.alarms()}
+        self._sign_queued_again()
         self.log_advanced = trio.Event()  # set (and replaced) whenever the verified or trusted log moves on
         caught_up = self.follower.catch_up()  # a policy was removed: what it held back is trusted now
         if caught_up is not None:
@@ -163,9 +163,11 @@ class NodeDaemon:
                 return self.identity.signing.sign(HEADER_DOMAIN, header)
             return None
 
-        changed = self.store.outbox_resign(resign)
+        changed, problems = self.store.outbox_resign(resign)
         if changed:
             log.info("signed %d queued packet(s) again with %s's new identity key", changed, self.member)
+        for problem in problems:  # the rest are signed again; this one fails when it is sent, as it would have
+            self.alarm("outbox", f"a queued packet could not be signed again with the new identity key: {problem}")
         self.store.put(SIGNED_WITH, key)
 
     # --- small helpers --------------------------------------------------------------------------------------
@@ -727,6 +729,16 @@ class NodeDaemon:
         elif isinstance(answer, ev.Deny):
             self.store.outbox_denied(row.packet_id, {r.to: r.reason for r in answer.reasons})
             log.info("packet %s denied: %s", pid, "; ".join(f"{r.to}: {r.reason}" for r in answer.reasons))
+        elif isinstance(answer, ev.ErrorMessage) and answer.code == codes.BAD_SIGNATURE and self._signed_by_us(row):
+            # Signed with this member's key as this node holds it, yet refused: the broker holds another key for
+            # this member, which moved to new keys before its node did. Kept queued: the node signs it again once
+            # pointed at the new keys (_sign_queued_again), and it goes then.
+            self._retry(
+                row,
+                f"{answer.code}: {answer.message} (if {self.member} moved to new keys, point this node at them: "
+                f"valise node move --dir {self.home.root} --identity DIR)",
+            )
+            return
         elif isinstance(answer, ev.ErrorMessage) and outbox.is_final(answer.code):
             self.store.outbox_failed(row.packet_id, answer.code, answer.message)
             log.info("packet %s refused (%s): %s", pid, answer.code, answer.message)
@@ -735,6 +747,16 @@ class NodeDaemon:
             self._retry(row, what)
             return
         self.settled()
+
+    def _signed_by_us(self, row: OutboxRow) -> bool:
+        """Whether the queued packet's header verifies under this node's identity key."""
+        try:
+            with open(self.store.outbox_path(row.packet_id), "rb") as f:
+                head = packet.read_head(f)
+            sign.verify(self.identity.bundle.sign_key, HEADER_DOMAIN, head.header.raw, head.signature, what="ours")
+        except (OSError, Error):
+            return False
+        return True
 
     def _retry(self, row: OutboxRow, error: str) -> None:
         delay = outbox.SEND_RETRY.delay(row.attempts, self.random)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from valise.errors import PacketError, StoreError
+from valise.errors import Error, PacketError, StoreError
 from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, parse_prefix
 from valise.store import sqlfile
 
@@ -293,23 +293,32 @@ class NodeStore:
             (packet_id, digest, json.dumps(recipients), created, expires, len(packet)),
         )
 
-    def outbox_resign(self, resign: Callable[[bytes, bytes], bytes | None]) -> int:
+    def outbox_resign(self, resign: Callable[[bytes, bytes], bytes | None]) -> tuple[int, list[str]]:
         """Give each queued packet the signature `resign(header, signature)` returns for it (None: keep it), in
-        place: the header digest does not cover the signature, so the packet keeps its id and digest. Returns how
-        many changed. For a member that moved to new keys (daemon.py)."""
-        changed = 0
+        place: the header digest does not cover the signature, so the packet keeps its id and digest. For a member
+        that moved to new keys (daemon.py). Returns how many changed, and what was wrong with those that could not
+        be read or written (a damaged file must not stop the others, nor the daemon)."""
+        changed, problems = 0, []
         for row in self._outbox("WHERE state = 'queued'", ()):
-            with open(self.outbox_path(row.packet_id), "r+b") as f:
-                header = f.read(parse_prefix(f.read(PREFIX_SIZE)))
-                signature = resign(header, f.read(SIGNATURE_SIZE))
-                if signature is None:
-                    continue
-                f.seek(PREFIX_SIZE + len(header))
-                f.write(signature)
-                f.flush()
-                os.fsync(f.fileno())
+            path = self.outbox_path(row.packet_id)
+            try:
+                with open(path, "r+b") as f:
+                    size = parse_prefix(f.read(PREFIX_SIZE))
+                    header, old = f.read(size), f.read(SIGNATURE_SIZE)
+                    if len(header) != size or len(old) != SIGNATURE_SIZE:
+                        raise PacketError("the file ends inside the packet's head")
+                    signature = resign(header, old)
+                    if signature is None:
+                        continue
+                    f.seek(PREFIX_SIZE + len(header))
+                    f.write(signature)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except (OSError, Error) as exc:
+                problems.append(f"packet {row.packet_id.hex()} ({path.name}): {getattr(exc, 'what', None) or exc}")
+                continue
             changed += 1
-        return changed
+        return changed, problems
 
     def enqueue_file(
         self, packet_id: bytes, digest: bytes, recipients: list[str], created: int, expires: int, path: Path
