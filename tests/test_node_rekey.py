@@ -10,6 +10,7 @@ still-queued packets again. Real logs, real signatures; the last tests run the r
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -381,3 +382,48 @@ def test_a_damaged_queued_packet_does_not_stop_the_others_from_being_signed_agai
         sign.verify(new.signing.public, HEADER_DOMAIN, heads[1].header.raw, signed_again.signature, what="again")
     finally:
         daemon.store.close()
+
+
+def _as_before_key_history(node_dir: Path) -> None:
+    """node.db as the version before nodes kept key history made it: no inbox.sign_key, no log_received."""
+    db = sqlite3.connect(node_dir / "node.db")
+    db.execute("ALTER TABLE inbox DROP COLUMN sign_key")
+    db.execute("DROP TABLE log_received")
+    db.commit()
+    db.close()
+
+
+async def test_a_packet_an_older_node_took_stays_readable_after_its_sender_moves_to_new_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A review: a row kept before inboxes recorded the key (NULL once migrated) was opened with the sender's
+    current key, so it became unreadable, daemon running or stopped, as soon as its sender moved to new keys."""
+    world = make_world(tmp_path, ("FRA",))
+    node_dir = tmp_path / "node"
+    text = b"taken by the previous version"
+    async with running_broker(world) as broker:
+        async with running_node(world, broker.port, node_dir):
+            pass
+        _admit(world, "DEU")
+        world.consent("DEU", "FRA")
+        await wait_for(lambda: "DEU" in broker.policy.members and broker.policy.size == broker.store.size())
+        await _submit(world, broker.port, "DEU", seal(world, "DEU", ["FRA"], text))
+        await broker.publish_checkpoint()
+        async with serving_node(world, NodeHome.open(node_dir)) as node:
+            await wait_for(lambda: len(node.store.inbox_all()) == 1)
+            (row,) = node.store.inbox_all()
+        _as_before_key_history(node_dir)
+        _rotate(world, "DEU", capsys)
+        await wait_for(lambda: broker.policy.members["DEU"].sign_key == world.members["DEU"].bundle.sign_key)
+        await broker.publish_checkpoint()
+        async with serving_node(world, NodeHome.open(node_dir)) as node:
+            assert node.store.inbox_get(row.digest).sign_key is None  # type: ignore[union-attr]
+            await wait_for(lambda: node.follower.member_key("DEU") == world.members["DEU"].bundle.sign_key)
+            out = tmp_path / "running.txt"
+            read = ["read", "--node", str(node_dir), row.packet_id.hex(), "-o", str(out)]
+            assert await trio.to_thread.run_sync(cli, read) == 0, capsys.readouterr().err
+            assert out.read_bytes() == text
+    out = tmp_path / "stopped.txt"
+    read = ["read", "--node", str(node_dir), row.packet_id.hex(), "-o", str(out)]
+    assert await trio.to_thread.run_sync(cli, read) == 0, capsys.readouterr().err
+    assert out.read_bytes() == text

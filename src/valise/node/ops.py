@@ -331,7 +331,7 @@ async def op_read(
     report.check_readable(row, force=bool(request.get("force")))
     # A sender removed since still signed this while a member: the broker takes packets from active members only,
     # and the node acknowledged it. It is readable, with the removal said beside it (it may be why it was removed).
-    sender = report.signer_bundle(daemon.follower.policy, row)
+    sender = report.signer_bundle(daemon.follower.policy, row, lambda: report.inbox_head(daemon.store, row))
     policy = daemon.follower.policy
     member = policy.members.get(row.sender) if policy else None
     removed = None if member is None or member.status != "removed" else (member.reason or "no reason given")

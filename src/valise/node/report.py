@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from valise import identity, packet
+from valise.crypto import sign
 from valise.errors import Error, StoreError, UsageError
 from valise.identity import PublicBundle
+from valise.node import signers
 from valise.node.follower import Follower
 from valise.node.home import NodeConfig, NodeHome
 from valise.node.store import InboxRow, NodeStore, OutboxRow
+from valise.packet.format import HEADER_DOMAIN, Head
 from valise.policy import PolicyState
 
 STATUS_ALARMS = 50  # the latest alarms `status` shows (with the total)
@@ -192,7 +196,7 @@ def offline_read(
         store.close()
     row: InboxRow = one(rows, prefix, "inbox")
     check_readable(row, force=force)
-    sender = signer_bundle(follower.policy, row)
+    sender = signer_bundle(follower.policy, row, lambda: inbox_head(store, row))
     me = home.load_identity(passphrase)
     with store.open_inbox_packet(row.digest) as src:
         opened = packet.open(src, sink, me=me, sender=sender, now=now)
@@ -230,14 +234,29 @@ def member_bundle(policy: PolicyState | None, member_id: str, *, removed_too: bo
     return replace(bundle, sign_key=member.sign_key, enc_key=member.enc_key)
 
 
-def signer_bundle(policy: PolicyState | None, row: InboxRow) -> PublicBundle:
+def signer_bundle(policy: PolicyState | None, row: InboxRow, read_head: Callable[[], Head]) -> PublicBundle:
     """The sender's keys to open an inbox packet with: its identity key is the one the header verified under when
     the packet was taken, which the sender may have replaced since (a rekey after sending). A row from a store made
-    before nodes kept that key was taken under the key current then, and no command could replace one then."""
+    before nodes kept that key was taken under the key current then, which may be replaced by now: the first of
+    the sender's keys that signed its header (`read_head` reads it; the packet was checked when it was taken)."""
     sender = member_bundle(policy, row.sender, removed_too=True)
     if sender is None:
         raise UsageError(f"sender {row.sender} is not in the verified directory")
-    return sender if row.sign_key is None else replace(sender, sign_key=row.sign_key)
+    if row.sign_key is not None:
+        return replace(sender, sign_key=row.sign_key)
+    assert policy is not None  # the sender is a member in it
+    head = read_head()
+
+    def check(key: bytes) -> None:
+        sign.verify(key, HEADER_DOMAIN, head.header.raw, head.signature, what="inbox packet header")
+
+    key = signers.first_signer(policy.identity_keys(row.sender), check)
+    return sender if key is None else replace(sender, sign_key=key)  # none: opening says what is wrong
+
+
+def inbox_head(store: NodeStore, row: InboxRow) -> Head:
+    with store.open_inbox_packet(row.digest) as f:
+        return packet.read_head(f)
 
 
 def _restore(home: NodeHome, store: NodeStore) -> Follower:
