@@ -324,7 +324,7 @@ async def test_deliveries_from_a_sender_the_log_never_shows_are_held_within_boun
         await _deliver(broker, 3, seal(members["ITA"], [members["FRA"]], b"one too many", size=10))
         await _refused(broker, codes.UNKNOWN_MEMBER)
         (alarm,) = h.daemon.store.alarms()
-        assert "ITA is not a member in the verified log, and 3 deliveries" in alarm.message
+        assert "sender ITA: it is not a member in the verified log, and 3 deliveries" in alarm.message
         refusals = await _refused(broker, *[codes.UNKNOWN_MEMBER] * 3)
         assert sorted(r.seq for r in refusals) == [0, 1, 2]
         assert h.daemon.holding() == 0

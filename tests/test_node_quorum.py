@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from valise import identity, keyfiles
+from valise import identity, keyfiles, records
 from valise.audit import quorum
 from valise.cli.main import main
 from valise.crypto import sign
@@ -29,7 +29,7 @@ from valise.tlog import checkpoint, cosignature, note
 from valise.wire import events as ev
 
 from .conftest import NOW
-from .test_node_daemon import Harness, ScriptedBroker, wait_for
+from .test_node_daemon import Harness, ScriptedBroker, sealed, wait_for
 from .test_node_follower import BROKER, BROKER_ID, Log, follow
 
 WITNESSES = [
@@ -353,3 +353,51 @@ def test_node_init_and_set_policy_check_the_policy(
     told = json.loads(capsys.readouterr().out)
     assert (told["policy"]["quorum"], told["restart_needed"]) == ("eu", False)
     assert len(told["policy"]["witnesses"]) == 3
+
+
+async def test_a_packet_signed_with_keys_whose_rekey_waits_for_the_quorum_is_held_then_taken(
+    world: dict[str, Any], members: dict[str, identity.Identity]
+) -> None:
+    """A review: DEU moved to new keys, and its first packet with them came while the checkpoint holding the
+    rekey still lacked its quorum. The node had verified the rekey but could not use it, and refused the packet as
+    forged, with an alarm; it then sat in the broker's mailbox until the next connection. It is held, as a
+    delivery from a sender not in the trusted log is, and taken once the quorum is met; a forwarded acknowledgement
+    DEU signed with its new key meanwhile is taken from the log then, not refused."""
+    from .test_node_rekey import _rekey
+
+    fra, deu = members["FRA"], members["DEU"]
+    h = QuorumHarness(world, fra)
+    log: Log = world["log"]
+    sent_data, sent = sealed(fra, [deu], b"sent")
+    h.daemon.store.enqueue(sent.core.packet_id, sent.digest, ["DEU"], NOW, NOW + 3600, sent_data)
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        d = h.daemon
+        assert d.session is not None
+        broker.offer = cosign(log.service.latest.note, WITNESSES[0], WITNESSES[1])  # type: ignore[union-attr]
+        assert await d.sync(d.session)
+        new = _rekey(log, deu, b"DEU moved")
+        log.add(records.packet_entry(sent.header.raw, sent.signature, NOW))
+        ack = records.Ack.make(new.signing, sent.core.packet_id, sent.digest, "FRA", "DEU", NOW)
+        signed = log.add(records.ack_entry(ack))
+        broker.offer = cosign(signed, WITNESSES[0])  # one cosignature: short of the quorum
+        assert await d.sync(d.session)
+        assert d.follower.awaiting
+        data, head = sealed(new, [fra], b"with DEU's new key")
+        await broker.send(ev.DeliverBegin(1, data[: head.head_size], len(data) - head.head_size))
+        await broker.send(ev.DeliverChunk(1, data[head.head_size :]))
+        await broker.send(ev.DeliverEnd(1))
+        await wait_for(lambda: d.holding() == 1)
+        await broker.send(ev.AckForward(2, sent.core.packet_id, "DEU", 5, ack.raw))
+        while not isinstance(msg := await broker.events.receive(), ev.Seen):
+            assert not isinstance(msg, ev.Refuse | ev.Ack), msg
+        assert d.store.alarms() == []
+        broker.offer = cosign(signed, WITNESSES[0], WITNESSES[1])
+        assert await d.sync(d.session)
+        await wait_for(lambda: d.store.inbox_get(head.digest) is not None)
+        while not isinstance(msg := await broker.events.receive(), ev.Ack):
+            assert not isinstance(msg, ev.Refuse), msg
+        assert msg.seq == 1
+        assert d.store.acks_for(sent.core.packet_id) == {"DEU": ack.raw}  # from the log, now trusted
+        assert d.store.alarms() == []
+        nursery.cancel_scope.cancel()

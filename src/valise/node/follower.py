@@ -429,6 +429,18 @@ class Follower:
         """Whether verified entries wait for a checkpoint that meets the quorum."""
         return self.trusted_size < self.size
 
+    def rekey_pending(self, member_id: str) -> bool:
+        """Whether a member-rekey of `member_id` is among the verified entries that wait for the quorum: what it
+        signs with its new keys cannot be checked until then (asked only when a signature fails)."""
+        for entry in self.pending.values():
+            try:
+                record = policy_records.parse(entry)
+            except Error:
+                continue
+            if record is not None and record.kind == "member-rekey" and record.body.get("id") == member_id:
+                return True
+        return False
+
     def _genesis(self, entry: bytes) -> Genesis:
         g = parse_genesis(entry, self.origin)
         if g.broker.member_id != self.broker or self.broker_key not in (None, g.broker.sign_key):

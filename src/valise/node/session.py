@@ -310,14 +310,26 @@ class Session:
             key_at=lambda index: self.d.follower.key_at(sender, index),
         )
 
-    async def _signer_synced(self, head: Head) -> bytes:
+    def _signer_or_wait(self, head: Head) -> bytes | None:
+        """`_signer`, or None while the trusted log may not show the key yet: a sender it does not show as a
+        member, or one whose rekey the node has verified but may not use yet (a witness quorum pending)."""
+        if not self.d.follower.identity_keys(head.core.sender):
+            return None
         try:
             return self._signer(head)
+        except SignatureError:
+            if self.d.follower.rekey_pending(head.core.sender):
+                return None
+            raise
+
+    async def _signer_synced(self, head: Head) -> bytes | None:
+        try:
+            return self._signer_or_wait(head)
         except SignatureError:
             # The sender may have moved to new keys that the log this node verified does not show yet.
             if not await self.d.try_sync(self):
                 raise
-            return self._signer(head)
+            return self._signer_or_wait(head)
 
     async def _deliver_begin(self, msg: ev.DeliverBegin) -> None:
         self._discard()
@@ -336,9 +348,9 @@ class Session:
                 raise PacketError(f"packet is for {', '.join(core.recipients)}, not {self.d.member}")
             if await self.sender_keys(core.sender):
                 inc.sign_key = await self._signer_synced(head)
-            else:
+            if inc.sign_key is None:
                 self._room_to_hold(core.sender, msg.size)
-                inc.awaiting = core.sender  # its signature is checked once the log shows the sender's key
+                inc.awaiting = core.sender  # its signature is checked once the trusted log shows the sender's key
             self._check_expiry(head)
         except Error as exc:
             inc.problem = exc.what
@@ -399,7 +411,7 @@ class Session:
         inc.file.close()
         if inc.awaiting is not None:
             self.held[msg.seq] = Held(msg.seq, inc.head, inc.path, trio.current_time(), inc.what)
-            log.info("holding %s until the verified log shows %s", inc.what, inc.awaiting)
+            log.info("holding %s until the trusted log shows %s's key for it", inc.what, inc.awaiting)
             return
         await self._accept(msg.seq, inc.head, inc.path, inc.what, inc.sign_key)
 
@@ -428,13 +440,19 @@ class Session:
     # --- deliveries that wait for the log -------------------------------------------------------------------
 
     def _room_to_hold(self, sender: str, size: int) -> None:
-        """Raise unless one more delivery of `size` bytes may wait for the log to show `sender`."""
+        """Raise unless one more delivery of `size` bytes may wait for the trusted log to show `sender`'s key."""
         waiting = sum(h.head.header.ct_len for h in self.held.values())
         if len(self.held) >= HOLD_COUNT or waiting + size > HOLD_BYTES:
+            known = self.d.follower.identity_keys(sender)
+            why = (
+                "its key for this packet is not in the trusted log yet"
+                if known
+                else "it is not a member in the verified log"
+            )
             raise Refusal(
-                codes.UNKNOWN_MEMBER,
-                f"sender {sender} is not a member in the verified log, and {len(self.held)} deliveries "
-                f"({waiting} bytes) already wait for it to catch up",
+                codes.BAD_SIGNATURE if known else codes.UNKNOWN_MEMBER,
+                f"sender {sender}: {why}, and {len(self.held)} deliveries ({waiting} bytes) already wait for it "
+                "to catch up",
             )
 
     async def releaser(self) -> None:
@@ -454,17 +472,22 @@ class Session:
     async def _release(self, now: float) -> None:
         for seq, held in list(self.held.items()):
             core = held.head.core
-            known = bool(self.d.follower.identity_keys(core.sender))
-            if not known and now - held.since < HOLD_TIME:
+            try:
+                key = self._signer_or_wait(held.head)
+                waiting = key is None
+            except Error:
+                key, waiting = None, False  # refused below, with the reason
+            if waiting and now - held.since < HOLD_TIME:
                 continue
             del self.held[seq]
             try:
-                if not known:
+                if key is None and not self.d.follower.identity_keys(core.sender):
                     raise Refusal(
                         codes.UNKNOWN_MEMBER,
                         f"sender {core.sender} is still not a member in the verified log after {HOLD_TIME:g} s",
                     )
-                key = self._signer(held.head)
+                if key is None:
+                    key = self._signer(held.head)  # raises what is wrong with its signature
                 self._check_expiry(held.head)
             except Error as exc:
                 held.path.unlink(missing_ok=True)
@@ -492,7 +515,8 @@ class Session:
             try:
                 ack = records.Ack.verified(msg.ack, keys[0])
             except SignatureError:
-                if signers.first_signer(keys[1:], lambda key: records.Ack.verified(msg.ack, key)) is None:
+                replaced = signers.first_signer(keys[1:], lambda key: records.Ack.verified(msg.ack, key))
+                if replaced is None and not self.d.follower.rekey_pending(msg.by):
                     raise
                 await self._from_the_log(msg.seq, "acknowledgement", msg.by)
                 return
@@ -522,7 +546,7 @@ class Session:
                 retraction = records.Retraction.verified(msg.retraction, keys[0], logged=True)
             except SignatureError:
                 verify = functools.partial(records.Retraction.verified, msg.retraction, logged=True)
-                if signers.first_signer(keys[1:], verify) is None:
+                if signers.first_signer(keys[1:], verify) is None and not self.d.follower.rekey_pending(msg.by):
                     raise
                 await self._from_the_log(msg.seq, "retraction", msg.by)
                 return
@@ -537,10 +561,11 @@ class Session:
         await self.send(ev.Seen(msg.seq))
 
     async def _from_the_log(self, seq: int, kind: str, by: str) -> None:
-        """A forwarded notice signed with a key its signer has since replaced: which key was in force where it is
-        logged is for the verified log to say, so it is taken from there when the node folds it (follower.py),
-        not from the broker's word; the push itself is done with."""
-        log.info("forwarded %s seq %d is signed with a key %s has replaced: taken from the verified log", kind, seq, by)
+        """A forwarded notice signed with a key its signer has since replaced, or with the new key of a rekey that
+        waits for the witness quorum: which key was in force where it is logged is for the log to say, so
+        it is taken from there when the node folds it (follower.py), not on the broker's word; the push itself is
+        done with."""
+        log.info("forwarded %s seq %d by %s is not signed with its current key: taken from the log", kind, seq, by)
         await self.send(ev.Seen(seq))
 
     async def _cosign(self, msg: ev.CosignRequest) -> None:
