@@ -87,7 +87,8 @@ def test_the_follower_knows_which_key_was_in_force_where(members: dict[str, iden
     done = follow(f, log, note)
     assert done is not None
     expires = packet.Header.parse(records.entry_type(pending)[1]["header"]).core.expires
-    assert done.received == [(5, _digest(pending), expires), (log.service.store.size() - 1, _digest(after), expires)]
+    last = log.service.store.size() - 1
+    assert done.received == [(5, _digest(pending), expires, "DEU"), (last, _digest(after), expires, "DEU")]
     assert [r.digest for r in done.retractions] == [_digest(held)]
     ((problem, _),) = done.problems
     assert f"log entry {before + 1} is a retraction that does not verify" in problem
@@ -101,7 +102,7 @@ def _follower(log: Log, inbox: set[bytes]) -> Follower:
     """FRA's follower, with an inbox holding the packets `inbox` names (from DEU, none marked retracted)."""
     f = Follower(log.vkey, "FRA", "broker")
     f.in_inbox = lambda digest: digest in inbox
-    f.unretracted = lambda digest, sender: digest in inbox and sender == "DEU"
+    f.retraction_wanted = lambda digest, sender: sender == "DEU"  # none is marked yet
     return f
 
 
@@ -427,3 +428,35 @@ async def test_a_packet_an_older_node_took_stays_readable_after_its_sender_moves
     read = ["read", "--node", str(node_dir), row.packet_id.hex(), "-o", str(out)]
     assert await trio.to_thread.run_sync(cli, read) == 0, capsys.readouterr().err
     assert out.read_bytes() == text
+
+
+async def test_a_retraction_the_log_shows_before_its_packet_arrives_marks_it_on_arrival(
+    members: dict[str, identity.Identity], world: dict[str, Any]
+) -> None:
+    """A review: DEU retracted a packet (under its key then) and moved to new keys; FRA's node followed the log past
+    both before the packet itself arrived (in flight, or held). The fold skipped the retraction (not in the inbox
+    yet), and the forwarded copy, signed with the replaced key, was answered `seen` and dropped: the packet stayed
+    readable as if never retracted. The fold now keeps a retraction of a packet still to arrive, which arrives
+    retracted."""
+    fra, deu = members["FRA"], members["DEU"]
+    log: Log = world["log"]
+    data, head = sealed(deu, [fra], b"the wrong file")
+    log.add(records.packet_entry(head.header.raw, head.signature, NOW))
+    retraction = records.Retraction.make(deu.signing, head.core.packet_id, head.digest, "DEU", "wrong file", NOW)
+    log.add(records.retract_entry(retraction))
+    _rekey(log, deu, b"DEU moved")
+    h = Harness(world, fra)
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 6)
+        await broker.send(ev.DeliverBegin(0, data[: head.head_size], len(data) - head.head_size))
+        await broker.send(ev.DeliverChunk(0, data[head.head_size :]))
+        await broker.send(ev.DeliverEnd(0))
+        assert (await broker.expect(ev.Ack)).seq == 0  # taken under DEU's old key, where the log holds it
+        await broker.send(ev.RetractForward(1, head.core.packet_id, "DEU", 4, retraction.raw))
+        assert (await broker.expect(ev.Seen)).seq == 1
+        row = h.daemon.store.inbox_get(head.digest)
+        assert row is not None
+        assert (row.state, row.retraction) == ("retracted", "wrong file")
+        assert h.daemon.store.received_index(head.digest) is None  # arrived: its position is no longer kept
+        nursery.cancel_scope.cancel()

@@ -260,7 +260,7 @@ def test_where_undelivered_packets_are_logged_is_kept_until_they_arrive_or_expir
     is kept while the inbox does not hold it: gone once it arrives, or once it expires (never taken then)."""
     st = NodeStore.open(tmp_path)
     other = bytes([9]) * 32
-    st.follower_commit(b"state", [], [], received=[(7, DIG, 100), (8, other, 50)], now=10)
+    st.follower_commit(b"state", [], [], received=[(7, DIG, 100, "FRA"), (8, other, 50, "FRA")], now=10)
     assert (st.received_index(DIG), st.received_index(other)) == (7, 8)
     spool = st.tmp_path("x.part")
     spool.write_bytes(b"packet")

@@ -118,7 +118,7 @@ class NodeDaemon:
         )  # fmt: skip
         self.follower.known_ack = lambda ack: self.store.acks_for(ack.packet_id).get(ack.recipient) == ack.raw
         self.follower.in_inbox = lambda digest: self.store.inbox_get(digest) is not None
-        self.follower.unretracted = self.store.unretracted
+        self.follower.retraction_wanted = self.store.retraction_wanted
         # Why the verified log is not (all) in use yet, with a quorum policy: e.g. "cosigned by 1 of ...".
         self.quorum_wait: str | None = None
         self._replaced: list[float] = []  # when another connection as this member replaced ours (recent ones)
@@ -532,7 +532,7 @@ class NodeDaemon:
                 acks.append((ack.packet_id, ack.recipient, ack.raw))
             else:
                 alarms.append(self._alarm_row("ack", f"the log holds an {problem}", ack.raw))
-        retracted = [(r.digest, r.reason or "retracted") for r in done.retractions]
+        retracted = [(r.digest, r.sender, r.reason or "retracted") for r in done.retractions]
         new_acks = self.store.follower_commit(
             done.state, done.keep, done.mine, done.pending, done.trusted, acks, [a for a in alarms if a is not None],
             done.received, retracted, self.now(),

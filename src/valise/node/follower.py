@@ -168,12 +168,13 @@ class Committed:
     pending: list[tuple[int, bytes]] = field(default_factory=list)  # verified entries not folded yet (a quorum)
     trusted: int = 0  # the trusted size after this change: pending entries below it are folded (drop them)
     acks: list[records.Ack] = field(default_factory=list)  # verified acknowledgements of this member's packets
-    # (index, header digest, expires) of "pkt" entries addressed to this member and not in its inbox yet: where
-    # each is logged tells which of its sender's identity keys must have signed it, should the sender move to new
-    # keys before it is delivered (until it expires: then it is never taken anyway).
-    received: list[tuple[int, bytes, int]] = field(default_factory=list)
-    # Retractions of packets in this member's inbox, not marked yet, verified under their sender's key at their
-    # position: a broker that logs one cannot keep it from the recipient (as acknowledgements from the sender).
+    # (index, header digest, expires, sender) of "pkt" entries addressed to this member and not in its inbox yet:
+    # where each is logged tells which of its sender's identity keys must have signed it, should the sender move to
+    # new keys before it is delivered (until it expires: then it is never taken anyway).
+    received: list[tuple[int, bytes, int, str]] = field(default_factory=list)
+    # Retractions of packets addressed to this member, not marked in its inbox yet or still to arrive, verified
+    # under their sender's key at their position: a broker that logs one cannot keep it from the recipient (as
+    # acknowledgements from the sender).
     retractions: list[records.Retraction] = field(default_factory=list)
 
 
@@ -183,7 +184,7 @@ class _Folded:
     mine: list[tuple[int, bytes]] = field(default_factory=list)
     acks: list[records.Ack] = field(default_factory=list)
     problems: list[tuple[str, bytes]] = field(default_factory=list)
-    received: list[tuple[int, bytes, int]] = field(default_factory=list)
+    received: list[tuple[int, bytes, int, str]] = field(default_factory=list)
     retractions: list[records.Retraction] = field(default_factory=list)
 
     def committed(self, f: Follower) -> Committed:
@@ -233,9 +234,9 @@ class Follower:
         # acknowledged is there, unless node.db was restored from an older backup or another node runs with
         # this identity, and then the sender, holding the acknowledgement, never sends it again.
         self.in_inbox: Callable[[bytes], bool] | None = None
-        # Whether the inbox holds a packet (by header digest) from a sender (set by the daemon) that is not marked
-        # retracted yet: only for such a packet is a logged retraction checked and taken.
-        self.unretracted: Callable[[bytes, str], bool] | None = None
+        # Whether a retraction of a packet (by header digest) by a sender would change anything here (set by the
+        # daemon): the inbox holds it unmarked, or does not hold it yet. Only then is a logged one checked.
+        self.retraction_wanted: Callable[[bytes, str], bool] | None = None
 
     # --- state ------------------------------------------------------------------------------------------------
 
@@ -512,7 +513,7 @@ class Follower:
             if core.sender == self.member:
                 out.mine.append((index, digest))
             elif self.member in core.recipients and (self.in_inbox is None or not self.in_inbox(digest)):
-                out.received.append((index, digest, core.expires))
+                out.received.append((index, digest, core.expires, core.sender))
             return
         retraction = _retraction_of(entry)
         if retraction is not None:
@@ -545,10 +546,10 @@ class Follower:
             out.problems.append((f"log entry {index} is an acknowledgement that does not verify: {exc.what}", entry))
 
     def _retraction(self, index: int, entry: bytes, retraction: records.Retraction, out: _Folded) -> None:
-        if retraction.sender == self.member or self.unretracted is None:
+        if retraction.sender == self.member or self.retraction_wanted is None:
             return
-        if not self.unretracted(retraction.digest, retraction.sender):
-            return  # not in the inbox, or already marked (forwarded, verified): no second Ed25519 check
+        if not self.retraction_wanted(retraction.digest, retraction.sender):
+            return  # already marked (forwarded, verified): no second Ed25519 check
         assert self.policy is not None
         signer = self.policy.members.get(retraction.sender)
         try:

@@ -62,8 +62,15 @@ CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS log_kept (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS log_mine (idx INTEGER PRIMARY KEY, digest BLOB NOT NULL);
 -- Where the log holds packets addressed to this member that its inbox does not hold yet: a delivery signed by a
--- key its sender has since replaced is taken only if logged while that key was in force (session.py).
-CREATE TABLE IF NOT EXISTS log_received (digest BLOB PRIMARY KEY, idx INTEGER NOT NULL, expires INTEGER NOT NULL);
+-- key its sender has since replaced is taken only if logged while that key was in force (session.py); and a
+-- retraction logged before the packet arrived, which it arrives with.
+CREATE TABLE IF NOT EXISTS log_received (
+    digest      BLOB PRIMARY KEY,
+    idx         INTEGER NOT NULL,
+    expires     INTEGER NOT NULL,
+    sender      TEXT NOT NULL,
+    retraction  TEXT                      -- the sender's reason, once the log shows it retracted the packet
+);
 -- Entries served in full that hash to a verified root but wait for a checkpoint meeting the witness quorum
 -- (node/follower.py): not folded, not used, until then.
 CREATE TABLE IF NOT EXISTS log_pending (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
@@ -481,11 +488,17 @@ class NodeStore:
         size = path.stat().st_size
         _move_in(path, self.inbox_path(digest))
         with self._tx():
+            # Retracted already, if the log showed its sender's retraction before it arrived.
+            found = self._db.execute(
+                "SELECT retraction FROM log_received WHERE digest = ? AND sender = ?", (digest, sender)
+            ).fetchone()
+            retraction = None if found is None else found[0]
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO inbox (digest, packet_id, sender, received, size, labels, state, sign_key) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'new', ?)",
-                (digest, packet_id, sender, received, size, json.dumps(labels), sign_key),
-            )
+                "INSERT OR IGNORE INTO inbox (digest, packet_id, sender, received, size, labels, state, sign_key, "
+                "retraction) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (digest, packet_id, sender, received, size, json.dumps(labels),
+                 "new" if retraction is None else "retracted", sign_key, retraction),
+            )  # fmt: skip
             self._db.execute("DELETE FROM log_received WHERE digest = ?", (digest,))
         return cur.rowcount > 0
 
@@ -494,12 +507,11 @@ class NodeStore:
         row = self._db.execute("SELECT idx FROM log_received WHERE digest = ?", (digest,)).fetchone()
         return None if row is None else int(row[0])
 
-    def unretracted(self, digest: bytes, sender: str) -> bool:
-        """Whether the inbox holds the packet `digest` from `sender`, not marked retracted yet."""
-        row = self._db.execute(
-            "SELECT 1 FROM inbox WHERE digest = ? AND sender = ? AND state != 'retracted'", (digest, sender)
-        ).fetchone()
-        return row is not None
+    def retraction_wanted(self, digest: bytes, sender: str) -> bool:
+        """Whether a retraction of packet `digest` by `sender` would change anything: the inbox holds the packet
+        from that sender and it is not marked retracted yet, or the inbox does not hold it (yet)."""
+        row = self._db.execute("SELECT sender, state FROM inbox WHERE digest = ?", (digest,)).fetchone()
+        return row is None or (row[0] == sender and row[1] != "retracted")
 
     def _inbox(self, where: str, args: tuple[object, ...]) -> list[InboxRow]:
         rows = self._db.execute(f"SELECT * FROM inbox {where}", args).fetchall()
@@ -545,22 +557,26 @@ class NodeStore:
         trusted: int | None = None,
         acks: Sequence[tuple[bytes, str, bytes]] = (),
         alarms: Sequence[AlarmRow] = (),
-        received: Sequence[tuple[int, bytes, int]] = (),
-        retracted: Sequence[tuple[bytes, str]] = (),
+        received: Sequence[tuple[int, bytes, int, str]] = (),
+        retracted: Sequence[tuple[bytes, str, str]] = (),
         now: int = 0,
     ) -> int:
         """Persist an accepted checkpoint and what it brought, in one transaction (all or nothing): entries to
         keep, this member's packets, entries pending a quorum, (`trusted`) the size below which no entry is
         pending any more, acknowledgements of this member's packets (packet id, recipient, signed notice) read in
-        the log, where packets addressed to it are logged (index, digest, expires; those expired by `now` go), and
-        retractions of packets in its inbox (digest, reason). Returns how many of those acknowledgements were new."""
+        the log, where packets addressed to it are logged (index, digest, expires, sender; those expired by `now`
+        go), and retractions (digest, sender, reason) of packets in its inbox or still to come. Returns how many of
+        those acknowledgements were new."""
         with self._tx():
-            rows = [(d, i, e) for i, d, e in received]
-            self._db.executemany("INSERT OR REPLACE INTO log_received VALUES (?, ?, ?)", rows)
-            self._db.execute("DELETE FROM log_received WHERE expires <= ?", (now,))
+            rows = [(d, i, e, s) for i, d, e, s in received]
             self._db.executemany(
-                "UPDATE inbox SET state = 'retracted', retraction = ? WHERE digest = ?", [(r, d) for d, r in retracted]
+                "INSERT OR REPLACE INTO log_received (digest, idx, expires, sender) VALUES (?, ?, ?, ?)", rows
             )
+            self._db.execute("DELETE FROM log_received WHERE expires <= ?", (now,))
+            for table, marks in (("inbox", "state = 'retracted', retraction = ?"), ("log_received", "retraction = ?")):
+                self._db.executemany(
+                    f"UPDATE {table} SET {marks} WHERE digest = ? AND sender = ?", [(r, d, s) for d, s, r in retracted]
+                )
             self._db.executemany("INSERT OR REPLACE INTO log_kept VALUES (?, ?)", keep)
             self._db.executemany("INSERT OR REPLACE INTO log_mine VALUES (?, ?)", mine)
             self._db.executemany("INSERT OR REPLACE INTO log_pending VALUES (?, ?)", pending)
