@@ -117,7 +117,7 @@ class NodeDaemon:
             quorum=self.quorum, pending=self.store.follower_pending(),
         )  # fmt: skip
         self.follower.known_ack = lambda ack: self.store.acks_for(ack.packet_id).get(ack.recipient) == ack.raw
-        self.follower.in_inbox = lambda digest: self.store.inbox_get(digest) is not None
+        self.follower.in_inbox = self.store.inbox_has
         self.follower.retraction_wanted = self.store.retraction_wanted
         # Why the verified log is not (all) in use yet, with a quorum policy: e.g. "cosigned by 1 of ...".
         self.quorum_wait: str | None = None

@@ -28,9 +28,9 @@ then `follower.commit(update)`, which returns what changed (for the daemon to pe
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from valise import encoding, records
 from valise.errors import CheckpointError, EncodingError, Error, NoteError, ProofError
@@ -103,6 +103,7 @@ class Update:
     start: int
     member: str  # whose node follows: its own packets' entries are kept
     full: dict[int, bytes] = field(default_factory=dict)  # index -> entry served in full and needed by the fold
+    parsed: dict[int, Traffic] = field(default_factory=dict)  # index -> what a traffic entry in `full` holds
 
     @property
     def next_index(self) -> int:
@@ -149,8 +150,11 @@ class Update:
                 self.range.append(merkle.hash_leaf(item))
                 # Held until the commit only if the fold will use it: a broker that served other members'
                 # traffic in full (all of a large tree, say) would otherwise grow this node's memory without end.
-                if index == 0 or _needed(item, self.member):
+                needed, traffic = (True, None) if index == 0 else _needed(item, self.member)
+                if needed:
                     self.full[index] = item
+                if traffic is not None:
+                    self.parsed[index] = traffic
 
 
 # --- what a commit changed -----------------------------------------------------------------------------------
@@ -186,6 +190,17 @@ class _Folded:
     problems: list[tuple[str, bytes]] = field(default_factory=list)
     received: list[tuple[int, bytes, int, str]] = field(default_factory=list)
     retractions: list[records.Retraction] = field(default_factory=list)
+    inbox: dict[bytes, bool] = field(default_factory=dict)  # asked of Follower.in_inbox in this fold (a packet,
+    # then this member's acknowledgement of it, ask about the same digest)
+
+    def in_inbox(self, f: Follower, digest: bytes) -> bool:
+        """Whether the inbox holds `digest` (True without an inbox to ask: nothing is then missing from it)."""
+        if f.in_inbox is None:
+            return True
+        known = self.inbox.get(digest)
+        if known is None:
+            known = self.inbox[digest] = f.in_inbox(digest)
+        return known
 
     def committed(self, f: Follower) -> Committed:
         return Committed(
@@ -339,7 +354,7 @@ class Follower:
         if self.quorum is None:
             # Fold first: a log the fold refuses (no genesis, another broker) leaves the follower where it was.
             entries = sorted({**self.pending, **update.full}.items())
-            folded = self._fold(entries, trusted=False, end=update.target.size)
+            folded = self._fold(entries, trusted=False, end=update.target.size, parsed=update.parsed)
             self._verified(update)
             self.pending.clear()
             self.trusted_size, self.trusted_root, self.trusted_note = self.size, self.root, self.note
@@ -452,7 +467,14 @@ class Follower:
 
     # --- folding ----------------------------------------------------------------------------------------------
 
-    def _fold(self, entries: Sequence[tuple[int, bytes]], *, trusted: bool, end: int | None = None) -> _Folded:
+    def _fold(
+        self,
+        entries: Sequence[tuple[int, bytes]],
+        *,
+        trusted: bool,
+        end: int | None = None,
+        parsed: Mapping[int, Traffic] | None = None,
+    ) -> _Folded:
         """Fold full entries in index order; indexes missing in between are hashed (non-policy) entries."""
         out = _Folded()
         end = self.size if end is None else end
@@ -481,7 +503,8 @@ class Follower:
             if record is not None:
                 out.keep.append((index, entry))
             elif not trusted:
-                self._traffic(index, entry, out, unheld)
+                traffic = parsed.get(index) if parsed is not None else None
+                self._traffic(index, entry, out, unheld, traffic or _parse_traffic(entry))
         if unheld:
             first_index, first, evidence = unheld[0]
             out.problems.append(
@@ -499,7 +522,14 @@ class Follower:
             self._skip_to(self.policy, end)
         return out
 
-    def _traffic(self, index: int, entry: bytes, out: _Folded, unheld: list[tuple[int, records.Ack, bytes]]) -> None:
+    def _traffic(
+        self,
+        index: int,
+        entry: bytes,
+        out: _Folded,
+        unheld: list[tuple[int, records.Ack, bytes]],
+        traffic: Traffic | None,
+    ) -> None:
         """This member's own packets (to check receipts against), the acknowledgements of them, its own
         acknowledgements of packets it received (which its inbox must hold: `unheld` gets those it does not), the
         packets addressed to it that its inbox does not hold yet, and retractions of those it holds.
@@ -507,24 +537,22 @@ class Follower:
         Acknowledgements and retractions are taken from the log as well as from the broker's forwarding: a broker
         that logs one cannot keep it from the member it is for, who reads it here in the verified log, checked
         under its signer's key at its position (specs/protocol.md)."""
-        packet = _packet_of(entry)
-        if packet is not None:
-            core, digest = packet
+        if isinstance(traffic, tuple):
+            core, digest = traffic
             if core.sender == self.member:
                 out.mine.append((index, digest))
-            elif self.member in core.recipients and (self.in_inbox is None or not self.in_inbox(digest)):
+            elif self.member in core.recipients and not out.in_inbox(self, digest):
                 out.received.append((index, digest, core.expires, core.sender))
             return
-        retraction = _retraction_of(entry)
-        if retraction is not None:
-            self._retraction(index, entry, retraction, out)
+        if isinstance(traffic, records.Retraction):
+            self._retraction(index, entry, traffic, out)
             return
-        ack = _ack_of(entry)
-        if ack is None:
+        if not isinstance(traffic, records.Ack):
             return
+        ack = traffic
         assert self.policy is not None
         if ack.recipient == self.member and ack.sender != self.member:
-            if self.in_inbox is None or self.in_inbox(ack.digest):
+            if out.in_inbox(self, ack.digest):
                 return
             me = self.policy.members.get(self.member)
             try:  # only now: one that is ours is checked once, when its packet turns out to be missing
@@ -583,60 +611,50 @@ class Follower:
         return self.policy.key_at(member_id, index) if self.policy else None
 
 
-def _needed(entry: bytes, member: str) -> bool:
-    """Whether the fold uses `entry`: a policy record, a packet `member` sent or is sent, an acknowledgement by
-    or for it, a retraction for it, or one that does not parse (the fold reports it); other traffic only holds a
-    position, which its leaf hash already gives."""
+# A traffic record, unverified: a packet's header core and digest, an acknowledgement, or a retraction.
+Traffic = tuple[Core, bytes] | records.Ack | records.Retraction
+
+
+def _needed(entry: bytes, member: str) -> tuple[bool, Traffic | None]:
+    """Whether the fold uses `entry` (a policy record, a packet `member` sent or is sent, an acknowledgement by or
+    for it, a retraction for it, or one that does not parse, which the fold reports), and the traffic record it
+    holds, decoded once here for the fold; other traffic only holds a position, which its leaf hash gives."""
     try:
-        kind, _ = records.entry_type(entry)
+        kind, m = records.entry_type(entry)
     except Error:
-        return True
+        return True, None
     if kind in (policy_records.DIR, policy_records.RULE, policy_records.STMT):
-        return True
-    if kind == "ack":
-        ack = _ack_of(entry)
-        return ack is not None and member in (ack.sender, ack.recipient)
-    if kind == "retract":
-        retraction = _retraction_of(entry)
-        return retraction is not None and retraction.sender != member
-    packet = _packet_of(entry)
-    return packet is not None and (packet[0].sender == member or member in packet[0].recipients)
+        return True, None
+    traffic = _traffic_of(kind, m)
+    if isinstance(traffic, tuple):
+        return traffic[0].sender == member or member in traffic[0].recipients, traffic
+    if isinstance(traffic, records.Ack):
+        return member in (traffic.sender, traffic.recipient), traffic
+    if isinstance(traffic, records.Retraction):
+        return traffic.sender != member, traffic
+    return False, None
 
 
-def _ack_of(entry: bytes) -> records.Ack | None:
-    """The acknowledgement, unverified, if `entry` is an "ack" record."""
+def _parse_traffic(entry: bytes) -> Traffic | None:
     try:
         kind, m = records.entry_type(entry)
-        if kind != "ack" or not isinstance(m.get("notice"), bytes):
-            return None
-        ack, _, _ = records.Ack.parse(m["notice"])
     except Error:
         return None
-    return ack
+    return _traffic_of(kind, m)
 
 
-def _retraction_of(entry: bytes) -> records.Retraction | None:
-    """The retraction, unverified, if `entry` is a "retract" record."""
+def _traffic_of(kind: str, m: dict[str, Any]) -> Traffic | None:
+    """The traffic record a decoded entry holds (None: another kind, or malformed)."""
     try:
-        kind, m = records.entry_type(entry)
-        if kind != "retract" or not isinstance(m.get("notice"), bytes):
-            return None
-        retraction, _, _ = records.Retraction.parse(m["notice"], logged=True)
+        if kind == "pkt" and isinstance(m.get("header"), bytes):
+            return Header.parse(m["header"]).core, hashlib.sha256(m["header"]).digest()
+        if kind == "ack" and isinstance(m.get("notice"), bytes):
+            return records.Ack.parse(m["notice"])[0]
+        if kind == "retract" and isinstance(m.get("notice"), bytes):
+            return records.Retraction.parse(m["notice"], logged=True)[0]
     except Error:
         return None
-    return retraction
-
-
-def _packet_of(entry: bytes) -> tuple[Core, bytes] | None:
-    """The header's core and digest if `entry` is a "pkt" record."""
-    try:
-        kind, m = records.entry_type(entry)
-        if kind != "pkt" or not isinstance(m.get("header"), bytes):
-            return None
-        header = Header.parse(m["header"])
-    except Error:
-        return None
-    return header.core, hashlib.sha256(m["header"]).digest()
+    return None
 
 
 __all__ = [

@@ -526,6 +526,9 @@ class NodeStore:
         rows = self._inbox("WHERE digest = ?", (digest,))
         return rows[0] if rows else None
 
+    def inbox_has(self, digest: bytes) -> bool:
+        return self._db.execute("SELECT 1 FROM inbox WHERE digest = ?", (digest,)).fetchone() is not None
+
     def inbox_find(self, prefix: str) -> list[InboxRow]:
         """Inbox rows whose packet id (hex) starts with `prefix`."""
         return [r for r in self._inbox("ORDER BY received", ()) if r.packet_id.hex().startswith(prefix.lower())]
