@@ -460,3 +460,30 @@ async def test_a_retraction_the_log_shows_before_its_packet_arrives_marks_it_on_
         assert (row.state, row.retraction) == ("retracted", "wrong file")
         assert h.daemon.store.received_index(head.digest) is None  # arrived: its position is no longer kept
         nursery.cancel_scope.cancel()
+
+
+def test_under_a_quorum_only_packets_still_to_arrive_wait_with_their_positions(
+    members: dict[str, identity.Identity],
+) -> None:
+    """Under a witness quorum, verified entries wait (in memory and in log_pending) until trusted. A packet to this
+    member that its inbox already holds would fold to nothing: it does not wait; one still to arrive does, and
+    its position is recorded once the quorum is met."""
+    from valise.audit import quorum
+
+    from .test_node_quorum import WITNESSES, cosign, policy_text
+
+    fra, deu = members["FRA"], members["DEU"]
+    log = Log()
+    log.admit(fra)
+    log.admit(deu)
+    arrived, coming = pkt_entry(deu, [fra], b"arrived"), pkt_entry(deu, [fra], b"coming")
+    note = log.add(arrived, coming)
+    f = Follower(log.vkey, "FRA", "broker", quorum=quorum.parse(policy_text(log)))
+    f.in_inbox = lambda digest: digest == _digest(arrived)
+    done = follow(f, log, note)
+    assert done is not None
+    assert [i for i, _ in done.pending] == [0, 1, 2, 4]  # genesis, admissions, the packet still to come
+    trusted = f.trust(cosign(note, *WITNESSES[:2]))
+    assert trusted is not None
+    expires = packet.Header.parse(records.entry_type(coming)[1]["header"]).core.expires
+    assert trusted.received == [(4, _digest(coming), expires, "DEU")]

@@ -362,8 +362,15 @@ class Follower:
         if 0 in update.full:  # a log that is not ours is refused now, not when it reaches the quorum
             self._genesis(update.full[0])
         self._verified(update)
-        self.pending.update(update.full)
-        return Committed(self.size, self.dump(), [], [], [], sorted(update.full.items()), self.trusted_size)
+        # A packet to this member that its inbox holds already folds to nothing: not kept waiting (nor written).
+        waiting = {i: e for i, e in update.full.items() if not self._delivered(update.parsed.get(i))}
+        self.pending.update(waiting)
+        return Committed(self.size, self.dump(), [], [], [], sorted(waiting.items()), self.trusted_size)
+
+    def _delivered(self, traffic: Traffic | None) -> bool:
+        if not isinstance(traffic, tuple) or traffic[0].sender == self.member or self.in_inbox is None:
+            return False
+        return self.in_inbox(traffic[1])
 
     def _verified(self, update: Update) -> None:
         self.size, self.root, self.range, self.note = update.target.size, update.target.root, update.range, update.note
