@@ -176,6 +176,7 @@ def test_traffic_served_in_full_is_not_held_until_the_commit(members: dict[str, 
         start, end = want
         update.add(start, log.service.store.entries(start, end)[:256], (), ())  # everything in full
     assert sorted(update.full) == [0, 1, 2, 3, 4 + PAGE + 10]  # genesis, three admissions, FRA's packet
+    assert sorted(update.parsed) == [4 + PAGE + 10]  # nor is what the others' entries hold kept, decoded
     done = f.commit(update)
     assert f.size == 4 + PAGE + 10 + 1
     assert [i for i, _ in done.mine] == [4 + PAGE + 10]

@@ -487,3 +487,39 @@ def test_under_a_quorum_only_packets_still_to_arrive_wait_with_their_positions(
     assert trusted is not None
     expires = packet.Header.parse(records.entry_type(coming)[1]["header"]).core.expires
     assert trusted.received == [(4, _digest(coming), expires, "DEU")]
+
+
+def test_only_a_pending_rekey_the_trusted_state_would_take_makes_a_node_wait(
+    members: dict[str, identity.Identity],
+) -> None:
+    """A review: any pending record that parsed as a member-rekey of DEU made the node hold forged deliveries "from
+    DEU" (up to 10 minutes) and take forged notices quietly instead of refusing them: a broker could log one by
+    itself and keep the quorum short. Only one signed by the operator and handed over by DEU's trusted key counts."""
+    from valise.audit import quorum
+    from valise.crypto import sign as signing
+
+    from .test_node_quorum import WITNESSES, cosign, policy_text
+
+    fra, deu = members["FRA"], members["DEU"]
+    log = Log()
+    log.admit(fra)
+    note = log.admit(deu)
+    f = Follower(log.vkey, "FRA", "broker", quorum=quorum.parse(policy_text(log)))
+    assert follow(f, log, note) is not None
+    assert f.trust(cosign(note, *WITNESSES[:2])) is not None
+    new = identity.rotate(deu, seeded_random(b"DEU bogus"), NOW + 1)
+    message = policy_records.rekey_message("DEU", FOLLOWER_ORIGIN, new.bundle.raw)
+    bogus_operator = signing.SigningKey(bytes(32))
+    for operator, handover in ((bogus_operator, deu.signing), (log.operator, new.signing)):
+        log.seq += 1
+        entry = policy_records.dir_record(operator, FOLLOWER_ORIGIN, log.seq, NOW, "member-rekey", id="DEU",
+                                          bundle=new.bundle.raw,
+                                          rekey_sig=handover.sign(policy_records.REKEY_DOMAIN, message))  # fmt: skip
+        note = log.add(entry)
+        assert follow(f, log, note) is not None
+        assert f.awaiting
+        assert not f.rekey_pending("DEU")
+    _rekey(log, deu, b"DEU moved")
+    assert follow(f, log, log.service.latest.note) is not None  # type: ignore[union-attr]
+    assert f.rekey_pending("DEU")
+    assert not f.rekey_pending("FRA")

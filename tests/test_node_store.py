@@ -290,3 +290,39 @@ def test_a_store_made_before_inbox_rows_kept_their_signing_key_is_brought_up_to_
     assert st.inbox_add_file(bytes([3]) * 32, bytes([4]) * 16, "DEU", 2, {}, spool, sign_key=b"k" * 32)
     assert [r.sign_key for r in st.inbox_all()] == [None, b"k" * 32]
     st.close()
+
+
+def test_a_packet_logged_again_keeps_its_first_position_and_its_retraction(tmp_path: Path) -> None:
+    """A review: a broker logging a packet again reset the kept retraction and moved the position to the later
+    entry; the first position stands, with what was kept for it."""
+    st = NodeStore.open(tmp_path)
+    st.follower_commit(b"state", [], [], received=[(4, DIG, 100, "DEU")], retracted=[(DIG, "DEU", "sent in error")])
+    st.follower_commit(b"state", [], [], received=[(6, DIG, 100, "DEU")])
+    assert st.received_index(DIG) == 4
+    assert st.retraction_wanted(DIG, "DEU")  # still to come, from DEU
+    assert not st.retraction_wanted(DIG, "ITA")  # nobody else retracts DEU's packet
+    assert not st.retraction_wanted(bytes([7]) * 32, "DEU")  # not a packet to this member
+    spool = st.tmp_path("z.part")
+    spool.write_bytes(b"packet")
+    assert st.inbox_add_file(DIG, PID, "DEU", 3, {}, spool, sign_key=bytes(32))
+    row = st.inbox_get(DIG)
+    assert row is not None
+    assert (row.state, row.retraction) == ("retracted", "sent in error")
+    st.close()
+
+
+def test_a_store_with_the_first_layout_of_log_received_is_brought_up_to_date(tmp_path: Path) -> None:
+    """A review: a development version made log_received without `sender` and `retraction`, and every later
+    commit of the verified log failed on it (the node stopped following). The columns are added on open."""
+    st = NodeStore.open(tmp_path)
+    st.close()
+    db = sqlite3.connect(tmp_path / "node.db")
+    db.execute("DROP TABLE log_received")
+    db.execute("CREATE TABLE log_received (digest BLOB PRIMARY KEY, idx INTEGER NOT NULL, expires INTEGER NOT NULL)")
+    db.execute("INSERT INTO log_received VALUES (?, 3, 100)", (DIG,))
+    db.commit()
+    db.close()
+    st = NodeStore.open(tmp_path)
+    st.follower_commit(b"state", [], [], received=[(9, bytes([5]) * 32, 100, "DEU")], retracted=[(DIG, "DEU", "x")])
+    assert (st.received_index(DIG), st.received_index(bytes([5]) * 32)) == (3, 9)
+    st.close()

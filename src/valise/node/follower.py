@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from valise import encoding, records
+from valise.crypto import sign
 from valise.errors import CheckpointError, EncodingError, Error, NoteError, ProofError
 from valise.genesis import Genesis
 from valise.packet.format import Core, Header
@@ -153,8 +154,8 @@ class Update:
                 needed, traffic = (True, None) if index == 0 else _needed(item, self.member)
                 if needed:
                     self.full[index] = item
-                if traffic is not None:
-                    self.parsed[index] = traffic
+                    if traffic is not None:
+                        self.parsed[index] = traffic
 
 
 # --- what a commit changed -----------------------------------------------------------------------------------
@@ -454,14 +455,26 @@ class Follower:
 
     def rekey_pending(self, member_id: str) -> bool:
         """Whether a member-rekey of `member_id` is among the verified entries that wait for the quorum: what it
-        signs with its new keys cannot be checked until then (asked only when a signature fails)."""
+        signs with its new keys cannot be checked until then (asked only when a signature fails). Only one the
+        trusted state would take counts (signed by the operator, handed over by the member's trusted key): the
+        broker alone cannot make a member's forgeries wait instead of being refused."""
+        policy = self.policy
+        member = policy.members.get(member_id) if policy is not None else None
+        if policy is None or member is None:
+            return False
         for entry in self.pending.values():
             try:
                 record = policy_records.parse(entry)
+                if record is None or record.kind != "member-rekey" or record.body.get("id") != member_id:
+                    continue
+                record.verify(policy.operator_key, what="pending member-rekey")
+                bundle = record.body["bundle"]
+                message = policy_records.rekey_message(member_id, self.origin, bundle)
+                sign.verify(member.sign_key, policy_records.REKEY_DOMAIN, message, record.body["rekey_sig"],
+                            what="pending member-rekey hand-over")  # fmt: skip
             except Error:
                 continue
-            if record is not None and record.kind == "member-rekey" and record.body.get("id") == member_id:
-                return True
+            return True
         return False
 
     def _genesis(self, entry: bytes) -> Genesis:
@@ -583,8 +596,9 @@ class Follower:
     def _retraction(self, index: int, entry: bytes, retraction: records.Retraction, out: _Folded) -> None:
         if retraction.sender == self.member or self.retraction_wanted is None:
             return
-        if not self.retraction_wanted(retraction.digest, retraction.sender):
-            return  # already marked (forwarded, verified): no second Ed25519 check
+        coming = any(digest == retraction.digest for _, digest, _, _ in out.received)  # this fold's packets
+        if not coming and not self.retraction_wanted(retraction.digest, retraction.sender):
+            return  # not a packet to this member, or marked already (forwarded, verified): no Ed25519 check
         assert self.policy is not None
         signer = self.policy.members.get(retraction.sender)
         try:

@@ -181,6 +181,10 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(inbox)")}
     if "sign_key" not in columns:
         conn.execute("ALTER TABLE inbox ADD COLUMN sign_key BLOB")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(log_received)")}
+    if "sender" not in columns:  # as a development version made it: no retraction can match its rows
+        conn.execute("ALTER TABLE log_received ADD COLUMN sender TEXT NOT NULL DEFAULT ''")
+        conn.execute("ALTER TABLE log_received ADD COLUMN retraction TEXT")
 
 
 def _refuse_lost_store(root: Path, path: Path) -> None:
@@ -509,9 +513,12 @@ class NodeStore:
 
     def retraction_wanted(self, digest: bytes, sender: str) -> bool:
         """Whether a retraction of packet `digest` by `sender` would change anything: the inbox holds the packet
-        from that sender and it is not marked retracted yet, or the inbox does not hold it (yet)."""
+        from that sender, not marked retracted yet, or the log holds it, addressed to this member, still to come."""
         row = self._db.execute("SELECT sender, state FROM inbox WHERE digest = ?", (digest,)).fetchone()
-        return row is None or (row[0] == sender and row[1] != "retracted")
+        if row is not None:
+            return bool(row[0] == sender and row[1] != "retracted")
+        coming = self._db.execute("SELECT sender FROM log_received WHERE digest = ?", (digest,)).fetchone()
+        return coming is not None and coming[0] == sender
 
     def _inbox(self, where: str, args: tuple[object, ...]) -> list[InboxRow]:
         rows = self._db.execute(f"SELECT * FROM inbox {where}", args).fetchall()
@@ -572,8 +579,11 @@ class NodeStore:
         those acknowledgements were new."""
         with self._tx():
             rows = [(d, i, e, s) for i, d, e, s in received]
+            # The first position stands (a broker logging a packet again moves neither it nor a retraction kept).
             self._db.executemany(
-                "INSERT OR REPLACE INTO log_received (digest, idx, expires, sender) VALUES (?, ?, ?, ?)", rows
+                "INSERT INTO log_received (digest, idx, expires, sender) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (digest) DO NOTHING",
+                rows,
             )
             self._db.execute("DELETE FROM log_received WHERE expires <= ?", (now,))
             for table, marks in (("inbox", "state = 'retracted', retraction = ?"), ("log_received", "retraction = ?")):
