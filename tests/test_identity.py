@@ -121,11 +121,46 @@ def test_a_passphrase_for_a_key_that_has_none_is_said_to_be_unused(
     assert caplog.text == ""
 
 
-def test_a_rotated_identity_keeps_its_member_id_and_encryption_key_and_nothing_else() -> None:
+def test_a_rotated_identity_keeps_its_member_id_and_may_keep_its_encryption_key() -> None:
     old = identity.generate("FRA", seeded_random(b"old"), NOW)
-    new = identity.rotate(old, seeded_random(b"new"), NOW + 60)
+    new = identity.rotate(old, seeded_random(b"new"), NOW + 60, new_encryption_key=False)
     again = identity.PublicBundle.from_bytes(new.bundle.raw)  # verifies under the new identity key
     assert (again.member_id, again.enc_key, again.enc_created) == ("FRA", old.bundle.enc_key, old.bundle.enc_created)
     assert again.sign_key != old.bundle.sign_key
     assert again.cert_der != old.bundle.cert_der
     assert new.enc_private.private_bytes_raw() == old.enc_private.private_bytes_raw()
+    assert new.enc_previous == ()
+
+
+@pytest.mark.parametrize("passphrase", [None, b"s3cret"])
+def test_a_rotation_replaces_the_encryption_key_and_keeps_the_old_ones_at_rest(
+    tmp_path: Path, passphrase: bytes | None
+) -> None:
+    """By default (a compromise) the encryption key is replaced too, and the replaced ones kept, newest first, in
+    the key file: what senders sealed to them before their logs showed the move must still open."""
+    first = identity.generate("FRA", seeded_random(b"first"), NOW)
+    second = identity.rotate(first, seeded_random(b"second"), NOW + 60)
+    third = identity.rotate(second, seeded_random(b"third"), NOW + 120)
+    raw = [k.private_bytes_raw() for k in (first.enc_private, second.enc_private, third.enc_private)]
+    assert len(set(raw)) == 3
+    assert third.bundle.enc_key == third.enc_private.public_key().public_bytes_raw()
+    assert third.bundle.enc_created > second.bundle.enc_created > first.bundle.enc_created
+    assert [k.private_bytes_raw() for k in third.enc_previous] == [raw[1], raw[0]]
+    keyfiles.save_identity(tmp_path / "k", third, passphrase)
+    loaded = keyfiles.load_identity(tmp_path / "k", passphrase)
+    assert [k.private_bytes_raw() for k in loaded.enc_previous] == [raw[1], raw[0]]
+    # A key file without replaced keys is exactly what earlier versions wrote and read (no new field).
+    keyfiles.save_identity(tmp_path / "f", first, None)
+    plain = keyfiles.open_secrets((tmp_path / "f" / "FRA.key").read_bytes(), None, what="key file")
+    assert sorted(plain) == ["bundle", "enc_private", "id", "sign_seed", "tls_private"]
+
+
+def test_a_key_file_with_a_damaged_list_of_replaced_keys_is_refused(tmp_path: Path) -> None:
+    ident = identity.rotate(identity.generate("FRA", seeded_random(b"a"), NOW), seeded_random(b"b"), NOW + 1)
+    secrets = ident.secrets()
+    for bad, what in ((b"not a list", "wrong type"), ([b"short"], "not 32-byte keys"), ([7], "not 32-byte keys")):
+        d = tmp_path / what.replace(" ", "-") / str(len(str(bad)))
+        d.mkdir(parents=True)
+        keyfiles.write_private(d / "FRA.key", keyfiles.seal_secrets({**secrets, "enc_previous": bad}, None))
+        with pytest.raises((KeyFileError, BundleError), match=what):
+            keyfiles.load_identity(d)

@@ -63,9 +63,10 @@ async def test_a_member_moves_to_new_keys_and_its_old_certificate_is_cut_off(
         assert "FRA moved to new keys" in closed.message
         new = keyfiles.load_identity(new_dir)
         assert broker.policy.members["FRA"].sign_key == new.bundle.sign_key
-        assert (
-            broker.policy.members["FRA"].enc_key == world.members["FRA"].bundle.enc_key
-        )  # the same: old packets stay readable
+        assert broker.policy.members["FRA"].enc_key == new.bundle.enc_key != world.members["FRA"].bundle.enc_key
+        assert [k.private_bytes_raw() for k in new.enc_previous] == [
+            world.members["FRA"].enc_private.private_bytes_raw()
+        ]
         world.members["FRA"], world.dirs["FRA"] = new, new_dir
         async with WireClient.connect(world, "FRA", broker.port) as fra:
             fra.refuse_cosign = True

@@ -523,3 +523,37 @@ def test_only_a_pending_rekey_the_trusted_state_would_take_makes_a_node_wait(
     assert follow(f, log, log.service.latest.note) is not None  # type: ignore[union-attr]
     assert f.rekey_pending("DEU")
     assert not f.rekey_pending("FRA")
+
+
+async def test_a_member_that_moved_to_a_new_encryption_key_reads_what_was_sealed_to_the_old_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FRA's keys are compromised: `keygen --rotate` replaces its encryption key too, so that what is sealed to it
+    from then on is sealed to a key the thief does not hold. A packet DEU sealed to the old key, delivered before
+    the move, and one sealed to it after the move by a sender whose view was older, both still open; one sealed to
+    the new key opens. Real broker, FRA's real node daemon, the real commands."""
+    world = make_world(tmp_path, ("FRA", "DEU"))
+    world.consent("DEU", "FRA")
+    node_dir = tmp_path / "node"
+    old_fra = world.members["FRA"]
+    texts = [b"sealed to FRA's first key, read before", b"sealed to it late", b"sealed to FRA's new key"]
+    async with running_broker(world) as broker:
+        async with running_node(world, broker.port, node_dir) as node:
+            await _submit(world, broker.port, "DEU", seal(world, "DEU", ["FRA"], texts[0]))
+            await wait_for(lambda: len(node.store.inbox_all()) == 1)
+        late = seal(world, "DEU", ["FRA"], texts[1])  # DEU's view still shows FRA's first key
+        _rotate(world, "FRA", capsys)
+        assert world.members["FRA"].bundle.enc_key != old_fra.bundle.enc_key
+        await wait_for(lambda: broker.policy.members["FRA"].enc_key == world.members["FRA"].bundle.enc_key)
+        assert cli(["node", "move", "--dir", str(node_dir), "--identity", str(world.dirs["FRA"])]) == 0
+        async with serving_node(world, NodeHome.open(node_dir)) as node:
+            await _submit(world, broker.port, "DEU", late)
+            await _submit(world, broker.port, "DEU", seal(world, "DEU", ["FRA"], texts[2]))
+            await wait_for(lambda: len(node.store.inbox_all()) == 3)
+            for row in node.store.inbox_all():
+                out = tmp_path / f"{row.packet_id.hex()}.txt"
+                read = ["read", "--node", str(node_dir), row.packet_id.hex(), "-o", str(out)]
+                assert await trio.to_thread.run_sync(cli, read) == 0, capsys.readouterr().err
+            read_back = sorted((tmp_path / f"{r.packet_id.hex()}.txt").read_bytes() for r in node.store.inbox_all())
+            assert read_back == sorted(texts)
+            assert node.store.alarms() == []

@@ -342,6 +342,22 @@ def test_stanza_spliced_from_another_packet(members: Members) -> None:
         open_(members, resign(spliced, header, members["FRA"]))
 
 
+def test_a_recipient_that_moved_to_a_new_encryption_key_opens_what_was_sealed_to_its_old_ones(
+    members: Members,
+) -> None:
+    """identity.rotate keeps the replaced encryption keys: a packet sealed to any of them opens, one sealed to the
+    new key opens, and a key the member never held still does not (the stanza is tried against each, no more)."""
+    first = members["DEU"]
+    second = identity.rotate(first, seeded_random(b"DEU 2"), NOW + 1)
+    third = identity.rotate(second, seeded_random(b"DEU 3"), NOW + 2)
+    for sealed_to in (first, second, third):
+        data = seal({**members, "DEU": sealed_to}, b"to whichever key DEU had")
+        assert open_({**members, "DEU": third}, data) == b"to whichever key DEU had"
+    data = seal({**members, "DEU": third}, b"to the newest key")
+    with pytest.raises(StanzaError, match="does not open"):
+        open_({**members, "DEU": second}, data)  # the keys before it do not open what is sealed to it
+
+
 def test_to_readdressed(members: Members) -> None:
     data = seal(members, b"for DEU and ITA", to=["DEU", "ITA"])
     head = head_of(data)

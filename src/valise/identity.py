@@ -154,6 +154,8 @@ class Identity:
     enc_private: x25519.X25519PrivateKey
     tls_private: ed25519.Ed25519PrivateKey
     bundle: PublicBundle
+    # Encryption keys this member moved from, newest first (identity.rotate): packets sealed to them still open.
+    enc_previous: tuple[x25519.X25519PrivateKey, ...] = ()
 
     @property
     def tls_cert_pem(self) -> bytes:
@@ -162,13 +164,16 @@ class Identity:
 
     def secrets(self) -> dict[str, Any]:
         """The private material to store at rest (see keyfiles.py)."""
-        return {
+        secrets: dict[str, Any] = {
             "id": self.member_id,
             "sign_seed": self.signing.seed,
             "enc_private": self.enc_private.private_bytes_raw(),
             "tls_private": self.tls_private.private_bytes_raw(),
             "bundle": self.bundle.raw,
         }
+        if self.enc_previous:  # only then: a file without it stays what every earlier version reads
+            secrets["enc_previous"] = [k.private_bytes_raw() for k in self.enc_previous]
+        return secrets
 
     @classmethod
     def from_secrets(cls, secrets: dict[str, Any]) -> Identity:
@@ -178,7 +183,11 @@ class Identity:
         tls_private = ed25519.Ed25519PrivateKey.from_private_bytes(secrets["tls_private"])
         if signing.public != bundle.sign_key or enc_private.public_key().public_bytes_raw() != bundle.enc_key:
             raise BundleError(f"private keys of {bundle.member_id} do not match its public bundle")
-        return cls(bundle.member_id, signing, enc_private, tls_private, bundle)
+        previous = secrets.get("enc_previous", [])
+        if not all(isinstance(k, bytes) and len(k) == 32 for k in previous):
+            raise BundleError(f"previous encryption keys of {bundle.member_id} are not 32-byte keys")
+        kept = tuple(x25519.X25519PrivateKey.from_private_bytes(k) for k in previous)
+        return cls(bundle.member_id, signing, enc_private, tls_private, bundle, kept)
 
 
 def self_signed_certificate(member_id: str, key: ed25519.Ed25519PrivateKey, now: int, serial: int) -> bytes:
@@ -214,42 +223,46 @@ def generate(member_id: str, random: Random, now: int) -> Identity:
     tls_private = ed25519.Ed25519PrivateKey.from_private_bytes(random(32))
     enc_key = enc_private.public_key().public_bytes_raw()
     serial = int.from_bytes(random(16), "big") >> 1 or 1  # positive, at most 127 bits (RFC 5280)
+    bundle = _bundle(member_id, signing, enc_key, now, tls_private, serial, now)
+    return Identity(member_id, signing, enc_private, tls_private, bundle)
+
+
+def rotate(old: Identity, random: Random, now: int, *, new_encryption_key: bool = True) -> Identity:
+    """The member's identity under new identity and TLS keys (a compromise, or routine rotation), for the operator's
+    `member-rekey` record (policy.md); and, unless `new_encryption_key` is false, a new encryption key too, the
+    replaced ones kept (`enc_previous`) to open what was sealed to them before senders' logs showed the new one.
+    A kept encryption key is re-signed by the new identity key."""
+    signing = sign.SigningKey(random(32))
+    tls_private = ed25519.Ed25519PrivateKey.from_private_bytes(random(32))
+    serial = int.from_bytes(random(16), "big") >> 1 or 1
+    enc_private, enc_created, previous = old.enc_private, old.bundle.enc_created, old.enc_previous
+    if new_encryption_key:
+        enc_private = x25519.X25519PrivateKey.from_private_bytes(random(32))
+        enc_created, previous = max(now, old.bundle.enc_created + 1), (old.enc_private, *old.enc_previous)
+    enc_key = enc_private.public_key().public_bytes_raw()
+    bundle = _bundle(old.member_id, signing, enc_key, enc_created, tls_private, serial, now)
+    return Identity(old.member_id, signing, enc_private, tls_private, bundle, previous)
+
+
+def _bundle(
+    member_id: str,
+    signing: sign.SigningKey,
+    enc_key: bytes,
+    enc_created: int,
+    tls_private: ed25519.Ed25519PrivateKey,
+    serial: int,
+    now: int,
+) -> PublicBundle:
     body = encoding.pack(
         {
             "v": BUNDLE_VERSION,
             "id": member_id,
             "sign_key": signing.public,
             "enc_key": enc_key,
-            "enc_created": now,
-            "enc_sig": signing.sign(ENC_KEY_DOMAIN, enc_key_statement(member_id, enc_key, now)),
+            "enc_created": enc_created,
+            "enc_sig": signing.sign(ENC_KEY_DOMAIN, enc_key_statement(member_id, enc_key, enc_created)),
             "cert": self_signed_certificate(member_id, tls_private, now, serial),
             "created": now,
         }
     )
-    raw = encoding.pack({"body": body, "sig": signing.sign(BUNDLE_DOMAIN, body)})
-    return Identity(member_id, signing, enc_private, tls_private, PublicBundle.from_bytes(raw))
-
-
-def rotate(old: Identity, random: Random, now: int) -> Identity:
-    """The member's identity under new identity and TLS keys (a compromise, or routine rotation), for the operator's
-    `member-rekey` record (policy.md). The encryption key stays, re-signed by the new identity key: packets already
-    sealed to it, kept encrypted in the node's inbox, stay readable. (Rotating the encryption key itself needs the
-    old private key kept for those packets; `member-enc-key` exists in the log format, not yet in the commands.)"""
-    signing = sign.SigningKey(random(32))
-    tls_private = ed25519.Ed25519PrivateKey.from_private_bytes(random(32))
-    serial = int.from_bytes(random(16), "big") >> 1 or 1
-    enc_key, enc_created = old.bundle.enc_key, old.bundle.enc_created
-    body = encoding.pack(
-        {
-            "v": BUNDLE_VERSION,
-            "id": old.member_id,
-            "sign_key": signing.public,
-            "enc_key": enc_key,
-            "enc_created": enc_created,
-            "enc_sig": signing.sign(ENC_KEY_DOMAIN, enc_key_statement(old.member_id, enc_key, enc_created)),
-            "cert": self_signed_certificate(old.member_id, tls_private, now, serial),
-            "created": now,
-        }
-    )
-    raw = encoding.pack({"body": body, "sig": signing.sign(BUNDLE_DOMAIN, body)})
-    return Identity(old.member_id, signing, old.enc_private, tls_private, PublicBundle.from_bytes(raw))
+    return PublicBundle.from_bytes(encoding.pack({"body": body, "sig": signing.sign(BUNDLE_DOMAIN, body)}))

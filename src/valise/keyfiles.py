@@ -97,13 +97,14 @@ def seal_secrets(secrets: dict[str, Any], passphrase: bytes | None) -> bytes:
 
 def open_secrets(data: bytes, passphrase: bytes | None, *, what: str) -> dict[str, Any]:
     """The secrets of a member's key file (checked field by field)."""
+    fields: dict[str, type | tuple[type, ...]] = {
+        "id": str, "sign_seed": bytes, "enc_private": bytes, "tls_private": bytes, "bundle": bytes,
+    }  # fmt: skip
     try:
-        return encoding.unpack_map(
-            open_sealed(data, passphrase, what=what),
-            what=what,
-            max_size=KEYFILE_MAX_SIZE,
-            fields={"id": str, "sign_seed": bytes, "enc_private": bytes, "tls_private": bytes, "bundle": bytes},
-        )
+        value = encoding.unpack(open_sealed(data, passphrase, what=what), what=what, max_size=KEYFILE_MAX_SIZE)
+        if isinstance(value, dict) and "enc_previous" in value:  # encryption keys moved from (keygen --rotate)
+            fields["enc_previous"] = list
+        return encoding.check_map(value, what=what, fields=fields)
     except EncodingError as exc:
         raise KeyFileError(f"{what} is damaged: {exc.what}") from None
 

@@ -21,10 +21,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     which.add_argument("--id", dest="member_id", help="member id: 1-64 of A-Z a-z 0-9 . _ -")
     which.add_argument(
         "--rotate", type=Path, metavar="OLD_DIR",
-        help="new identity and TLS keys for the member whose identity is in OLD_DIR (same id, same encryption "
-        "key), and ID.rekey, the request its broker's operator appends with valise broker member rekey",
+        help="new identity, encryption and TLS keys for the member whose identity is in OLD_DIR (same id; the "
+        "replaced encryption keys are kept, to open what was sealed to them), and ID.rekey, the request its "
+        "broker's operator appends with valise broker member rekey",
     )  # fmt: skip
     p.add_argument("--origin", help="with --rotate: the broker's log origin (binds the hand-over to that log)")
+    p.add_argument(
+        "--keep-encryption-key", action="store_true",
+        help="with --rotate: keep the encryption key (a routine rotation of the identity key, not a compromise)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="directory for the key files")
     p.add_argument("--passphrase-env", metavar="VAR", help="encrypt the private keys with the passphrase in $VAR")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
@@ -34,6 +39,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def keygen(args: argparse.Namespace) -> int:
     if args.rotate is not None:
         return rotate(args)
+    if args.keep_encryption_key or args.origin:
+        raise UsageError("--origin and --keep-encryption-key go with --rotate")
     try:
         identity.check_member_id(args.member_id)
     except Error as exc:  # a usage mistake (exit 2), like any other bad argument
@@ -69,15 +76,23 @@ def rotate(args: argparse.Namespace) -> int:
         raise UsageError("--out must be a new directory: the old keys stay until the broker has the new ones")
     passphrase = keyfiles.passphrase_from_env(args.passphrase_env)
     old = keyfiles.load_identity(args.rotate, passphrase)
-    new = identity.rotate(old, os.urandom, int(time.time()))
+    new = identity.rotate(old, os.urandom, int(time.time()), new_encryption_key=not args.keep_encryption_key)
     pub = keyfiles.save_identity(args.out, new, passphrase)
     request = args.out / f"{new.member_id}.rekey"
     keyfiles.write_public(request, records.rekey_request(old.signing, new.member_id, args.origin, new.bundle.raw))
-    facts = {"id": new.member_id, "bundle": str(pub), "request": str(request), "sign_key": new.bundle.sign_key.hex()}
+    facts = {
+        "id": new.member_id, "bundle": str(pub), "request": str(request), "sign_key": new.bundle.sign_key.hex(),
+        "enc_key": new.bundle.enc_key.hex(), "encryption_keys_kept": len(new.enc_previous),
+    }  # fmt: skip
     if args.json:
         print(json.dumps(facts))
     else:
-        print(f"new identity and TLS keys for {new.member_id} in {args.out} (same encryption key)")
+        if args.keep_encryption_key:
+            print(f"new identity and TLS keys for {new.member_id} in {args.out} (same encryption key)")
+        else:
+            kept = len(new.enc_previous)
+            print(f"new identity, encryption and TLS keys for {new.member_id} in {args.out}; the replaced "
+                  f"encryption keys are kept there ({kept}), to open what was sealed to them")  # fmt: skip
         print(f"  give the broker's operator {request}: valise broker member rekey --dir BROKER --request {request}")
         print(f"  once it is logged, point the node at the new keys: valise node move --dir NODE --identity {args.out}")
     return 0

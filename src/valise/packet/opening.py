@@ -134,13 +134,19 @@ def _content_key(head: Head, me: identity.Identity) -> bytes:
     if not mine:  # stanzas of types we cannot use are skipped, as the format requires
         raise NotARecipientError(f"no stanza of a type {me.member_id} can open ({X25519_STANZA})")
     info = stanza_info(X25519_STANZA, core.packet_id, core.sender, me.member_id)
-    try:
-        key = hpke.open_(me.enc_private, info, mine[0].body)
-    except (InvalidTag, ValueError):
+    key = b""
+    # The current key, then those the member moved from (sealed by a sender whose log did not show the move yet).
+    for private in (me.enc_private, *me.enc_previous):
+        try:
+            key = hpke.open_(private, info, mine[0].body)
+            break
+        except (InvalidTag, ValueError):
+            continue
+    else:
         raise StanzaError(
             f"the stanza for {me.member_id} does not open",
             hint="it was sealed to another key, or for another packet or sender",
-        ) from None
+        )
     if len(key) != CONTENT_KEY_SIZE:
         raise StanzaError(f"the stanza for {me.member_id} holds a {len(key)}-byte key, expected {CONTENT_KEY_SIZE}")
     if stream.key_commitment(key, core.packet_id) != head.header.key_commit:
