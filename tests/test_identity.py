@@ -8,7 +8,7 @@ import pytest
 
 from valise import encoding, identity, keyfiles
 from valise.cli.main import main
-from valise.errors import BundleError, KeyFileError, MemberIdError, PassphraseError
+from valise.errors import BundleError, KeyFileError, MemberIdError, PassphraseError, UsageError
 
 from .conftest import NOW, seeded_random
 
@@ -164,3 +164,30 @@ def test_a_key_file_with_a_damaged_list_of_replaced_keys_is_refused(tmp_path: Pa
         keyfiles.write_private(d / "FRA.key", keyfiles.seal_secrets({**secrets, "enc_previous": bad}, None))
         with pytest.raises((KeyFileError, BundleError), match=what):
             keyfiles.load_identity(d)
+
+
+def test_a_rotation_whose_key_file_would_be_over_the_limit_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A review: a key file that keeps many replaced encryption keys grew past the 16 KiB a loader accepts, and
+    `keygen --rotate` wrote it (and the rekey request) and exited 0: once the operator appended the request, the
+    member could neither run its node nor read its inbox. It is refused before anything is written."""
+    from dataclasses import replace
+
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    rnd = seeded_random(b"many")
+    ident = identity.generate("FRA", rnd, NOW)
+    kept = tuple(x25519.X25519PrivateKey.from_private_bytes(rnd(32)) for _ in range(470))
+    with pytest.raises(UsageError, match="over the limit of 16384: it keeps 470 replaced encryption keys"):
+        keyfiles.save_identity(tmp_path / "full", replace(ident, enc_previous=kept), None)  # loading would refuse
+    assert not (tmp_path / "full").exists()
+    fits = max(n for n in range(470) if len(keyfiles.seal_secrets(replace(ident, enc_previous=kept[:n]).secrets(),
+                                                                  None)) <= keyfiles.KEYFILE_MAX_SIZE)  # fmt: skip
+    keyfiles.save_identity(tmp_path / "old", replace(ident, enc_previous=kept[:fits]), None)
+    assert len(keyfiles.load_identity(tmp_path / "old").enc_previous) == fits
+    argv = ["keygen", "--rotate", str(tmp_path / "old"), "--origin", "o.example/log", "--out", str(tmp_path / "new")]
+    assert main(argv) == 2
+    assert "over the limit of 16384" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # neither keys nor a rekey request
+    assert main([*argv, "--keep-encryption-key"]) == 0  # keeping the key adds none

@@ -10,6 +10,7 @@ still-queued packets again. Real logs, real signatures; the last tests run the r
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -550,10 +551,16 @@ async def test_a_member_that_moved_to_a_new_encryption_key_reads_what_was_sealed
             await _submit(world, broker.port, "DEU", late)
             await _submit(world, broker.port, "DEU", seal(world, "DEU", ["FRA"], texts[2]))
             await wait_for(lambda: len(node.store.inbox_all()) == 3)
+            replaced = {}
             for row in node.store.inbox_all():
                 out = tmp_path / f"{row.packet_id.hex()}.txt"
-                read = ["read", "--node", str(node_dir), row.packet_id.hex(), "-o", str(out)]
-                assert await trio.to_thread.run_sync(cli, read) == 0, capsys.readouterr().err
-            read_back = sorted((tmp_path / f"{r.packet_id.hex()}.txt").read_bytes() for r in node.store.inbox_all())
-            assert read_back == sorted(texts)
+                read = ["read", "--node", str(node_dir), row.packet_id.hex(), "-o", str(out), "--json"]
+                capsys.readouterr()
+                assert await trio.to_thread.run_sync(cli, read) == 0
+                said = capsys.readouterr()
+                flagged = json.loads(said.out)["sealed_to_replaced_key"]
+                assert flagged is ("sealed to an encryption key this member has replaced" in said.err)
+                replaced[out.read_bytes()] = flagged
+            # Both sealed to FRA's first key are read, and said to be exposed to whoever held it.
+            assert replaced == {texts[0]: True, texts[1]: True, texts[2]: False}
             assert node.store.alarms() == []

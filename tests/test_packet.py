@@ -353,6 +353,11 @@ def test_a_recipient_that_moved_to_a_new_encryption_key_opens_what_was_sealed_to
     for sealed_to in (first, second, third):
         data = seal({**members, "DEU": sealed_to}, b"to whichever key DEU had")
         assert open_({**members, "DEU": third}, data) == b"to whichever key DEU had"
+        opened = packet.open(io.BytesIO(data), io.BytesIO(), me=third, sender=members["FRA"].bundle, now=NOW + 1)
+        # Told apart: whoever held a replaced key (a thief, after a compromise) could read it too.
+        assert opened.sealed_to_replaced_key is (sealed_to is not third)
+        assert opened.to_json()["sealed_to_replaced_key"] is (sealed_to is not third)
+        assert bool(opened.warnings()) is (sealed_to is not third)
     data = seal({**members, "DEU": third}, b"to the newest key")
     with pytest.raises(StanzaError, match="does not open"):
         open_({**members, "DEU": second}, data)  # the keys before it do not open what is sealed to it

@@ -174,6 +174,13 @@ def open_sealed(data: bytes, passphrase: bytes | None, *, what: str) -> bytes:
 
 def save_identity(directory: Path, identity: Identity, passphrase: bytes | None) -> Path:
     """Write the identity's files into `directory`; refuse to overwrite an existing identity."""
+    sealed = seal_secrets(identity.secrets(), passphrase)
+    if len(sealed) > KEYFILE_MAX_SIZE:  # refused before anything is written: a file loading refuses is useless
+        raise UsageError(
+            f"the key file would be {len(sealed)} bytes, over the limit of {KEYFILE_MAX_SIZE}: it keeps "
+            f"{len(identity.enc_previous)} replaced encryption keys",
+            hint="rotate with --keep-encryption-key, or start from a directory that keeps fewer replaced keys",
+        )
     directory.mkdir(parents=True, exist_ok=True)
     mid = identity.member_id
     key_path = directory / f"{mid}.key"
@@ -191,7 +198,7 @@ def save_identity(directory: Path, identity: Identity, passphrase: bytes | None)
         serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption(),
     )
-    write_private(key_path, seal_secrets(identity.secrets(), passphrase))
+    write_private(key_path, sealed)
     write_private(directory / f"{mid}.tls.key", tls_key)
     write_public(directory / f"{mid}.tls.crt", identity.tls_cert_pem)
     write_public(directory / f"{mid}.pub", identity.bundle.raw)

@@ -31,6 +31,7 @@ from valise.daemonlock import DaemonLock
 from valise.errors import Error, UsageError
 from valise.node import control, report
 from valise.node.home import NodeHome
+from valise.packet.opening import REPLACED_KEY_WARNING
 
 DEFAULT_WAIT = 10
 
@@ -532,6 +533,8 @@ def read(args: argparse.Namespace) -> int:
             raise
     if args.json:
         print(json.dumps(reply["packet"]), file=sys.stderr if args.output == "-" else sys.stdout)
+    if reply["packet"].get("sealed_to_replaced_key"):
+        print(f"warning: {REPLACED_KEY_WARNING}", file=sys.stderr)
     if reply.get("offline"):
         print("note: read with the node daemon stopped; it is not marked as read", file=sys.stderr)
     if reply.get("state") == "retracted":

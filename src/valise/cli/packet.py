@@ -180,6 +180,8 @@ def open_(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), sort_keys=True), file=sys.stderr if args.output == "-" else sys.stdout)
     else:
         print(_describe(result.labels, result.sender, result.recipients), file=sys.stderr)
+    for warning in result.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -53,6 +53,9 @@ class Opened:
     expires: int
     header_digest: bytes
     payload_size: int
+    # Sealed to an encryption key this member moved from (identity.rotate): whoever held that key, a thief after
+    # a compromise, could open it too. Only a sender whose log did not show the move yet does that.
+    sealed_to_replaced_key: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,7 +67,18 @@ class Opened:
             "expires": self.expires,
             "header_digest": self.header_digest.hex(),
             "payload_size": self.payload_size,
+            "sealed_to_replaced_key": self.sealed_to_replaced_key,
         }
+
+    def warnings(self) -> list[str]:
+        """What a reader must be told beside the payload."""
+        return [REPLACED_KEY_WARNING] if self.sealed_to_replaced_key else []
+
+
+REPLACED_KEY_WARNING = (
+    "this packet was sealed to an encryption key this member has replaced: whoever held that key could read it too "
+    "(after a compromise, treat its content as exposed; its sender's log was behind the move)"
+)
 
 
 class Inspection(NamedTuple):
@@ -124,7 +138,8 @@ def check_time(head: Head, now: int) -> None:
         raise ExpiredError(f"packet is dated {core.created - now} s in the future", hint="check both clocks")
 
 
-def _content_key(head: Head, me: identity.Identity) -> bytes:
+def _content_key(head: Head, me: identity.Identity) -> tuple[bytes, bool]:
+    """The content key, and whether the stanza opened only under an encryption key `me` has replaced."""
     core = head.core
     if me.member_id not in core.recipients:
         raise NotARecipientError(
@@ -134,11 +149,11 @@ def _content_key(head: Head, me: identity.Identity) -> bytes:
     if not mine:  # stanzas of types we cannot use are skipped, as the format requires
         raise NotARecipientError(f"no stanza of a type {me.member_id} can open ({X25519_STANZA})")
     info = stanza_info(X25519_STANZA, core.packet_id, core.sender, me.member_id)
-    key = b""
+    key, replaced = b"", False
     # The current key, then those the member moved from (sealed by a sender whose log did not show the move yet).
-    for private in (me.enc_private, *me.enc_previous):
+    for n, private in enumerate((me.enc_private, *me.enc_previous)):
         try:
-            key = hpke.open_(private, info, mine[0].body)
+            key, replaced = hpke.open_(private, info, mine[0].body), n > 0
             break
         except (InvalidTag, ValueError):
             continue
@@ -151,7 +166,7 @@ def _content_key(head: Head, me: identity.Identity) -> bytes:
         raise StanzaError(f"the stanza for {me.member_id} holds a {len(key)}-byte key, expected {CONTENT_KEY_SIZE}")
     if stream.key_commitment(key, core.packet_id) != head.header.key_commit:
         raise StanzaError("the content key does not match the header's key commitment")
-    return key
+    return key, replaced
 
 
 def open_packet(
@@ -167,7 +182,7 @@ def open_packet(
     head = read_head(src)
     head.verify(sender)
     check_time(head, now)
-    key = _content_key(head, me)
+    key, replaced = _content_key(head, me)
     header = head.header
     core = header.core
     dec = stream.Decryptor(stream.payload_key(key, core.packet_id), payload_aad(core.raw))
@@ -197,11 +212,7 @@ def open_packet(
         size = unpad.finish()
     except ValueError as exc:
         raise PayloadError(f"payload {exc}") from None
-    return Opened(
-        *_described(core),
-        head.digest,
-        size,
-    )
+    return Opened(*_described(core), head.digest, size, replaced)
 
 
 def _described(core: Core) -> tuple[bytes, str, tuple[str, ...], Labels, int, int]:
