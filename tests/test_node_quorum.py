@@ -363,7 +363,7 @@ async def test_a_packet_signed_with_keys_whose_rekey_waits_for_the_quorum_is_hel
     forged, with an alarm; it then sat in the broker's mailbox until the next connection. It is held, as a
     delivery from a sender not in the trusted log is, and taken once the quorum is met; a forwarded acknowledgement
     DEU signed with its new key meanwhile is taken from the log then, not refused."""
-    from .test_node_rekey import _rekey
+    from .test_node_rekey import _rekey, deliver
 
     fra, deu = members["FRA"], members["DEU"]
     h = QuorumHarness(world, fra)
@@ -384,9 +384,7 @@ async def test_a_packet_signed_with_keys_whose_rekey_waits_for_the_quorum_is_hel
         assert await d.sync(d.session)
         assert d.follower.awaiting
         data, head = sealed(new, [fra], b"with DEU's new key")
-        await broker.send(ev.DeliverBegin(1, data[: head.head_size], len(data) - head.head_size))
-        await broker.send(ev.DeliverChunk(1, data[head.head_size :]))
-        await broker.send(ev.DeliverEnd(1))
+        await deliver(broker, 1, data, head)
         await wait_for(lambda: d.holding() == 1)
         await broker.send(ev.AckForward(2, sent.core.packet_id, "DEU", 5, ack.raw))
         while not isinstance(msg := await broker.events.receive(), ev.Seen):

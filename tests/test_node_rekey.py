@@ -99,6 +99,13 @@ def test_the_follower_knows_which_key_was_in_force_where(members: dict[str, iden
     assert f.key_at("DEU", before + 1) == new.signing.public
 
 
+async def deliver(broker: ScriptedBroker, seq: int, data: bytes, head: packet.Head) -> None:
+    """Push `data` to the node as the broker does: begin, one chunk, end."""
+    await broker.send(ev.DeliverBegin(seq, data[: head.head_size], len(data) - head.head_size))
+    await broker.send(ev.DeliverChunk(seq, data[head.head_size :]))
+    await broker.send(ev.DeliverEnd(seq))
+
+
 def _follower(log: Log, inbox: set[bytes]) -> Follower:
     """FRA's follower, with an inbox holding the packets `inbox` names (from DEU, none marked retracted)."""
     f = Follower(log.vkey, "FRA", "broker")
@@ -284,9 +291,7 @@ async def test_forwarded_notices_signed_with_a_replaced_key_are_taken_from_the_l
     async with trio.open_nursery() as nursery:
         broker = await start(nursery, h)
         await wait_for(lambda: h.daemon.follower.size == 3)
-        await broker.send(ev.DeliverBegin(0, got_data[: got.head_size], len(got_data) - got.head_size))
-        await broker.send(ev.DeliverChunk(0, got_data[got.head_size :]))
-        await broker.send(ev.DeliverEnd(0))
+        await deliver(broker, 0, got_data, got)
         assert (await expect(broker, ev.Ack)).seq == 0
         log: Log = h.log
         log.add(records.packet_entry(sent.header.raw, sent.signature, NOW))
@@ -450,9 +455,7 @@ async def test_a_retraction_the_log_shows_before_its_packet_arrives_marks_it_on_
     async with trio.open_nursery() as nursery:
         broker = await start(nursery, h)
         await wait_for(lambda: h.daemon.follower.size == 6)
-        await broker.send(ev.DeliverBegin(0, data[: head.head_size], len(data) - head.head_size))
-        await broker.send(ev.DeliverChunk(0, data[head.head_size :]))
-        await broker.send(ev.DeliverEnd(0))
+        await deliver(broker, 0, data, head)
         assert (await broker.expect(ev.Ack)).seq == 0  # taken under DEU's old key, where the log holds it
         await broker.send(ev.RetractForward(1, head.core.packet_id, "DEU", 4, retraction.raw))
         assert (await broker.expect(ev.Seen)).seq == 1

@@ -101,27 +101,12 @@ def _readable(entry: bytes, member: str) -> bool:
 Pages = list[tuple[int, list[bytes], list[int], list[int]]]
 
 
-def follow_as_recipient(world: World, pages: Pages, root: Path) -> float:
-    store = NodeStore.open(root)
-    try:
-        for head in world.inbox:
-            store.inbox_add(head.digest, head.core.packet_id, "DEU", NOW, {}, b"kept encrypted")
-        f = Follower(world.service.verifier.vkey(), "FRA", "broker")
+def follow(world: World, pages: Pages, member: str, store: NodeStore | None = None) -> float:
+    """Seconds for `member`'s follower to verify and fold the whole log (with `store` as its node's store)."""
+    f = Follower(world.service.verifier.vkey(), member, "broker")
+    if store is not None:
         f.in_inbox = store.inbox_has
         f.retraction_wanted = store.retraction_wanted
-        start = time.perf_counter()
-        update = f.begin(world.note)
-        assert update is not None
-        for page in pages:
-            update.add(*page)
-        f.commit(update)
-        return time.perf_counter() - start
-    finally:
-        store.close()
-
-
-def follow_uninvolved(world: World, pages: Pages) -> float:
-    f = Follower(world.service.verifier.vkey(), "NLD", "broker")
     start = time.perf_counter()
     update = f.begin(world.note)
     assert update is not None
@@ -129,6 +114,16 @@ def follow_uninvolved(world: World, pages: Pages) -> float:
         update.add(*page)
     f.commit(update)
     return time.perf_counter() - start
+
+
+def follow_as_recipient(world: World, pages: Pages, root: Path) -> float:
+    store = NodeStore.open(root)
+    try:
+        for head in world.inbox:
+            store.inbox_add(head.digest, head.core.packet_id, "DEU", NOW, {}, b"kept encrypted")
+        return follow(world, pages, "FRA", store)
+    finally:
+        store.close()
 
 
 def main() -> None:
@@ -143,7 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
             fra.append(follow_as_recipient(world, fra_pages, Path(tmp) / f"node-{run}"))
-            nld.append(follow_uninvolved(world, nld_pages))
+            nld.append(follow(world, nld_pages, "NLD"))
             print(f"  run {run + 1}/{args.runs}", end="\r", flush=True)
     print()
     size = world.service.store.size()
