@@ -305,7 +305,7 @@ class Session:
         return signers.packet_signer(
             head,
             self.d.follower.identity_keys(sender),
-            in_inbox=lambda: self.d.store.inbox_get(digest) is not None,
+            in_inbox=lambda: self.d.store.inbox_has(digest),
             logged_at=lambda: self.d.store.received_index(digest),
             key_at=lambda index: self.d.follower.key_at(sender, index),
         )
@@ -515,8 +515,8 @@ class Session:
             try:
                 ack = records.Ack.verified(msg.ack, keys[0])
             except SignatureError:
-                replaced = signers.first_signer(keys[1:], lambda key: records.Ack.verified(msg.ack, key))
-                if replaced is None and not self.d.follower.rekey_pending(msg.by):
+                verify = functools.partial(records.Ack.verified, msg.ack)
+                if signers.first_signer(keys[1:], verify) is None and not self.d.follower.rekey_pending(msg.by):
                     raise
                 await self._from_the_log(msg.seq, "acknowledgement", msg.by)
                 return
