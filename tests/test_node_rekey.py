@@ -224,6 +224,17 @@ async def test_a_packet_sent_before_its_sender_moved_to_new_keys_is_taken_and_re
     read = ["read", "--node", str(node_dir), rows[0].packet_id.hex(), "-o", str(out)]
     assert await trio.to_thread.run_sync(cli, read) == 0
     assert out.read_bytes() == before  # the daemon stopped: read from what it stored, with the stored key
+    # An auditor replays the whole log, each packet and acknowledgement under the key in force where it stands.
+    export = tmp_path / "export"
+    assert (
+        await trio.to_thread.run_sync(cli, ["log", "export", "--dir", str(world.home.root), "--out", str(export)]) == 0
+    )
+    capsys.readouterr()
+    vkey = world.home.log_vkey_path.read_text().strip()
+    audit = ["audit", "verify", "--log", str(export), "--broker-key", vkey, "--json", "--jobs", "1"]
+    assert await trio.to_thread.run_sync(cli, audit) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["findings"] == []
 
 
 async def test_the_moving_members_queued_packets_are_signed_again_with_its_new_key(
