@@ -570,3 +570,66 @@ async def test_node_init_refuses_a_directory_whose_control_socket_path_run_would
     assert "control socket path" in capsys.readouterr().err
     assert not (deep / "config.json").exists()
     assert await cli("keygen", "--id", "not a valid id", "--out", str(tmp_path / "k2")) == 2
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+async def test_a_queued_packet_is_cancelled_here_only_if_the_last_run_stopped_cleanly(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    stop: str,
+) -> None:
+    """A daemon killed while it sent a packet left no "tried" mark (the upload's own handler never ran): after
+    the restart, `retract` cancelled the packet here although the broker may have logged it, receipt lost, and be
+    delivering it. After a run that did not stop cleanly every queued packet now counts as tried; after a clean
+    stop nothing changes. `valise node run` as a real process (its broker out of reach), stopped either way."""
+    import signal
+    import sys
+
+    from valise.node.control import socket_path
+
+    h = Harness(world, members["FRA"])  # the node follows the log once (DEU must be in its verified directory)
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        nursery.cancel_scope.cancel()
+    h.daemon.store.close()
+    root = world["home"].root
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "valise.cli.main", "node", "run", "--dir", str(root)]
+    )
+    try:
+        with trio.fail_after(20):
+            while not socket_path(root).exists():  # noqa: ASYNC110 - a file another process creates
+                await trio.sleep(0.05)
+        payload = tmp_path / "p.bin"
+        payload.write_bytes(b"wrong file")
+        assert await cli("send", "--node", str(root), "--to", "DEU", "--tlp", "GREEN", "--no-wait", str(payload)) == 0
+        pid = capsys.readouterr().out.split()[0]
+        proc.send_signal(getattr(signal, stop))
+        with trio.fail_after(20):
+            assert await proc.wait() == (0 if stop == "SIGTERM" else -signal.SIGKILL)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    async def refuse() -> trio.abc.Stream:
+        raise OSError("connection refused")
+
+    daemon = NodeDaemon(world["home"], keyfiles.load_identity(world["home"].config().identity_dir), connector=refuse,
+                        random=seeded_random(b"x"), wall=lambda: NOW)  # fmt: skip
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            code = await cli("retract", "--node", str(root), pid, "--reason", "wrong file")
+            said = capsys.readouterr()
+            if stop == "SIGTERM":
+                assert code == 0, said.err
+                assert said.out.startswith(f"cancelled {pid}")
+            else:
+                assert code == 2
+                assert "a submission of it was tried and may have reached the broker" in said.err
+            nursery.cancel_scope.cancel()
+    finally:
+        daemon.store.close()

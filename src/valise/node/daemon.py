@@ -75,6 +75,7 @@ CONNECTION_ERRORS = (OSError, Error, trio.BrokenResourceError, trio.ClosedResour
 SENT_STATEMENTS = 1000  # statements remembered until the verified log shows them (a member makes a few a day)
 REPLACED_TIMES = 3
 SIGNED_WITH = "outbox-signed-with"  # kv: the identity key the queued packets were last checked against
+STOPPED_CLEANLY = "stopped-cleanly"  # kv: 1 once a run ended with every upload accounted for, 0 while one runs
 REPLACED_WINDOW = 300.0
 REPLACED_BACKOFF = 60.0
 
@@ -254,6 +255,7 @@ class NodeDaemon:
         listener = await listen(socket_path(self.home.root))
         from valise.node.ops import serve_control  # ops imports this module's types
 
+        self._after_unclean_stop()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve_control, self, listener)
@@ -263,6 +265,17 @@ class NodeDaemon:
             socket_path(self.home.root).unlink(missing_ok=True)
             with trio.CancelScope(shield=True):  # we are usually here because of a cancellation
                 await listener.aclose()
+            # Every upload has ended by now, and one cut off was counted as tried (_submitter, _await_answer).
+            self.store.put(STOPPED_CLEANLY, b"\x01")
+
+    def _after_unclean_stop(self) -> None:
+        """A daemon that did not stop cleanly (killed, or its machine lost power) may have been sending a packet,
+        which the broker may have logged with its receipt lost: every packet still queued counts as tried, so that
+        `retract` does not cancel it here (it is retracted at the broker once its receipt comes)."""
+        clean = self.store.get(STOPPED_CLEANLY) == b"\x01"
+        self.store.put(STOPPED_CLEANLY, b"\x00")
+        if not clean and (n := self.store.outbox_all_tried()):
+            log.warning("the last run did not stop cleanly: %d queued packet(s) may have reached the broker", n)
 
     async def goodbye(self) -> None:
         session = self.session

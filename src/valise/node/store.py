@@ -398,6 +398,12 @@ class NodeStore:
             "UPDATE outbox SET attempts = attempts + 1 WHERE packet_id = ? AND state = 'queued'", (packet_id,)
         )
 
+    def outbox_all_tried(self) -> int:
+        """Count every queued packet never tried as tried (after a daemon that did not stop cleanly: it may have
+        been sending one). Returns how many."""
+        cur = self._db.execute("UPDATE outbox SET attempts = 1 WHERE state = 'queued' AND attempts = 0")
+        return cur.rowcount
+
     def outbox_cancelled(self, packet_id: bytes, reason: str) -> bool:
         """Withdraw a packet never submitted (its sender retracted it while it waited): it will not be sent. It is
         kept as denied, with the sender's reason, and its file goes. False if it was not queued and untried."""
