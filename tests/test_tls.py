@@ -162,21 +162,25 @@ async def test_a_node_sends_nothing_to_a_broker_that_does_not_select_the_valise_
         except trio.BrokenResourceError:
             pass
 
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        home = NodeHome.create(
-            tmp_path / "node", world.dirs["FRA"], f"127.0.0.1:{port}", world.home.broker_bundle_path, log_vkey(world)
-        )
-        daemon = NodeDaemon(home, world.members["FRA"], poll_interval=0.2)
-        try:
+    daemon: NodeDaemon | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            home = NodeHome.create(
+                tmp_path / "node", world.dirs["FRA"], f"127.0.0.1:{port}", world.home.broker_bundle_path,
+                log_vkey(world),
+            )  # fmt: skip
+            daemon = NodeDaemon(home, world.members["FRA"], poll_interval=0.2)
             nursery.start_soon(daemon.run)
             with trio.fail_after(10):
                 while handshakes == 0 or daemon.last_error is None:  # noqa: ASYNC110 - the daemon's own state
                     await trio.sleep(0.02)
             await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
-        finally:
+    finally:
+        if daemon is not None:  # once its run has ended: it records a clean stop in its store
             daemon.store.close()
+    assert daemon is not None
     assert "did not negotiate the protocol valise/1" in daemon.last_error
     assert received == []  # no hello, nothing
