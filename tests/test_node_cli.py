@@ -633,3 +633,62 @@ async def test_a_queued_packet_is_cancelled_here_only_if_the_last_run_stopped_cl
             nursery.cancel_scope.cancel()
     finally:
         daemon.store.close()
+
+
+async def test_a_run_that_crashed_is_no_clean_stop(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A review: the run recorded a clean stop in a `finally`, so a crash counted as one. Here the broker answers
+    with a receipt (it logged the packet) and recording it fails once (a disk error, say): the daemon crashes.
+    The packet must not then be cancellable here as "never sent": it is counted as tried, and the stop is not
+    recorded as clean, so the next run counts every queued packet as tried too."""
+    import sqlite3
+
+    from valise.node.daemon import STOPPED_CLEANLY
+
+    h = Harness(world, members["FRA"])
+    root = world["home"].root
+    store = h.daemon.store
+    real = store.outbox_receipted
+
+    def failing(*_: object) -> None:  # the store write fails once
+        raise sqlite3.OperationalError("disk I/O error")
+
+    store.outbox_receipted = failing  # type: ignore[method-assign]
+    payload = tmp_path / "p.bin"
+    payload.write_bytes(b"wrong file")
+
+    async def send_and_crash() -> None:
+        async with trio.open_nursery() as nursery:
+            broker = await serve_daemon(nursery, h)
+            nursery.start_soon(answer_submission, broker, h)
+            assert await cli("send", "--node", str(root), "--to", "DEU", "--tlp", "GREEN", "--no-wait",
+                             str(payload)) == 0  # fmt: skip
+            await trio.sleep_forever()  # the daemon crashes
+
+    with pytest.raises(BaseExceptionGroup) as crashed:
+        await send_and_crash()
+    assert crashed.group_contains(sqlite3.OperationalError, match="disk I/O error")
+    store.outbox_receipted = real  # type: ignore[method-assign]
+    (row,) = store.outbox_all()
+    assert h.log.service.store.size() == 4  # the broker's log holds the packet
+    assert (row.state, row.attempts, store.get(STOPPED_CLEANLY)) == ("queued", 1, b"\x00")
+    store.close()
+    capsys.readouterr()
+
+    async def refuse() -> trio.abc.Stream:
+        raise OSError("connection refused")
+
+    daemon = NodeDaemon(world["home"], members["FRA"], connector=refuse, random=seeded_random(b"x"), wall=lambda: NOW)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            code = await cli("retract", "--node", str(root), row.packet_id.hex(), "--reason", "wrong file")
+            assert code == 2
+            assert "may have reached the broker" in capsys.readouterr().err
+            nursery.cancel_scope.cancel()
+    finally:
+        daemon.store.close()

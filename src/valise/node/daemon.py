@@ -252,29 +252,40 @@ class NodeDaemon:
     # --- running --------------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._after_unclean_stop()
         listener = await listen(socket_path(self.home.root))
         from valise.node.ops import serve_control  # ops imports this module's types
 
-        self._after_unclean_stop()
+        cancelled = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve_control, self, listener)
                 nursery.start_soon(self.connection_loop)
                 task_status.started()
+        except BaseException as exc:
+            cancelled = _only_cancelled(exc)
+            raise
         finally:
             socket_path(self.home.root).unlink(missing_ok=True)
             with trio.CancelScope(shield=True):  # we are usually here because of a cancellation
                 await listener.aclose()
-            # Every upload has ended by now, and one cut off was counted as tried (_submitter, _await_answer).
-            self.store.put(STOPPED_CLEANLY, b"\x01")
+            if cancelled:  # stopped, not crashed: every upload has ended, one cut off counted as tried
+                try:
+                    self.store.put(STOPPED_CLEANLY, b"\x01")
+                except Exception:  # a store that fails now must not hide how the run ended
+                    log.exception("could not record a clean stop")
 
     def _after_unclean_stop(self) -> None:
-        """A daemon that did not stop cleanly (killed, or its machine lost power) may have been sending a packet,
-        which the broker may have logged with its receipt lost: every packet still queued counts as tried, so that
-        `retract` does not cancel it here (it is retracted at the broker once its receipt comes)."""
-        clean = self.store.get(STOPPED_CLEANLY) == b"\x01"
+        """A daemon that did not stop cleanly (killed, crashed, or its machine lost power) may have been sending a
+        packet, which the broker may have logged with its receipt lost: every packet still queued counts as tried,
+        so that `retract` does not cancel it here (it is retracted at the broker once its receipt comes)."""
+        last = self.store.get(STOPPED_CLEANLY)
         self.store.put(STOPPED_CLEANLY, b"\x00")
-        if not clean and (n := self.store.outbox_all_tried()):
+        if last == b"\x01" or not (n := self.store.outbox_all_tried()):
+            return
+        if last is None:  # a store from before this record: how its last run ended is not known
+            log.warning("how the last run stopped is not recorded: %d queued packet(s) count as sent once", n)
+        else:
             log.warning("the last run did not stop cleanly: %d queued packet(s) may have reached the broker", n)
 
     async def goodbye(self) -> None:
@@ -719,7 +730,12 @@ class NodeDaemon:
             session.requests.release()
             in_flight.discard(row.packet_id)
         assert reply.answer is not None
-        self._answered(row, reply.answer)
+        try:
+            self._answered(row, reply.answer)
+        except BaseException:  # a receipt that could not be recorded: the broker has it logged
+            with contextlib.suppress(Exception):
+                self.store.outbox_tried(row.packet_id)
+            raise
 
     def _answered(self, row: OutboxRow, answer: ev.Message) -> None:
         pid = row.packet_id.hex()
@@ -775,6 +791,15 @@ class NodeDaemon:
         delay = outbox.SEND_RETRY.delay(row.attempts, self.random)
         self.store.outbox_retry_later(row.packet_id, self.now() + delay, error)
         log.info("packet %s: %s; retrying in %.1f s", row.packet_id.hex(), error, delay)
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    """Whether `exc` is a cancellation (the daemon told to stop), not a crash, alone or in a group."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return False
 
 
 def _get_entries(rid: int, *, start: int, end: int) -> ev.Message:
