@@ -29,6 +29,15 @@ async def cli(*argv: str) -> int:
     return await trio.to_thread.run_sync(main, list(argv))
 
 
+def unreachable_daemon(world: dict[str, Any], me: identity.Identity) -> NodeDaemon:  # noqa: F811
+    """A node daemon on the world's directory whose broker refuses every connection."""
+
+    async def refuse() -> trio.abc.Stream:
+        raise OSError("connection refused")
+
+    return NodeDaemon(world["home"], me, connector=refuse, random=seeded_random(b"x"), wall=lambda: NOW)
+
+
 async def serve_daemon(nursery: trio.Nursery, h: Harness) -> ScriptedBroker:
     h.nursery = nursery
     await nursery.start(h.daemon.run)
@@ -140,10 +149,7 @@ async def test_send_while_the_broker_is_unreachable_queues_durably(
         nursery.cancel_scope.cancel()
     h.daemon.store.close()
 
-    async def refuse() -> trio.abc.Stream:
-        raise OSError("connection refused")
-
-    daemon = NodeDaemon(world["home"], members["FRA"], connector=refuse, random=seeded_random(b"x"), wall=lambda: NOW)
+    daemon = unreachable_daemon(world, members["FRA"])
     payload = tmp_path / "p.bin"
     payload.write_bytes(b"\x00" * 5000)
     async with trio.open_nursery() as nursery:
@@ -614,11 +620,7 @@ async def test_a_queued_packet_is_cancelled_here_only_if_the_last_run_stopped_cl
             proc.kill()
             await proc.wait()
 
-    async def refuse() -> trio.abc.Stream:
-        raise OSError("connection refused")
-
-    daemon = NodeDaemon(world["home"], keyfiles.load_identity(world["home"].config().identity_dir), connector=refuse,
-                        random=seeded_random(b"x"), wall=lambda: NOW)  # fmt: skip
+    daemon = unreachable_daemon(world, members["FRA"])
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
@@ -679,10 +681,7 @@ async def test_a_run_that_crashed_is_no_clean_stop(
     store.close()
     capsys.readouterr()
 
-    async def refuse() -> trio.abc.Stream:
-        raise OSError("connection refused")
-
-    daemon = NodeDaemon(world["home"], members["FRA"], connector=refuse, random=seeded_random(b"x"), wall=lambda: NOW)
+    daemon = unreachable_daemon(world, members["FRA"])
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
