@@ -24,12 +24,16 @@ def test_demo_runs_verifies_and_leaves_inspectable_state(tmp_path: Path, capsys:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["ok"] is True
-    assert (summary["sent"], summary["relayed"]) == (6, 3)
+    assert (summary["sent"], summary["relayed"]) == (7, 4)  # one of them after NGA's move (below)
     reasons = json.dumps(summary["denied"])
     assert "has not accepted category 'phishing'" in reasons  # ACME accepted only malware
     assert "has not accepted anything from DEU" in reasons  # the pair that does not consent
     assert "banned by operator rule" in reasons  # 'political'
-    assert summary["delivered"] == {"DEU": 2, "ACME": 1, "NGA": 1}
+    assert summary["delivered"] == {"DEU": 2, "ACME": 1, "NGA": 2}
+    # NGA moved to new keys: it read what was sealed to its old one, and got a packet sealed to the new one.
+    rotation = summary["rotation"]
+    assert (rotation["member"], rotation["read_before"]) == ("NGA", True)
+    assert rotation["rekey_index"] < summary["log_size"]
     assert summary["acknowledged"] >= 3
     assert summary["audit"]["ok"] is True
     # The checkpoint carries the log's signature and the member nodes' cosignatures.

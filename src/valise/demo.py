@@ -313,6 +313,9 @@ class Demo:
         self.say(f"    NGA decrypts {item['id'][:12]}…: byte for byte what FRA sealed")
         self.wait_for("acknowledgements at FRA", lambda: self.acks(nodes["FRA"]) >= 3, timeout=30)
 
+        rotation, after_move = self.rotate(nodes, keys, broker, item["id"], botnet)
+        relayed.append(after_move)
+
         self.step("The log: checkpoint signed by the broker, cosigned by the member nodes as witnesses")
 
         def cosigned() -> bool:
@@ -345,6 +348,7 @@ class Demo:
                 {"from": d["from"], "to": d.get("to"), "reasons": d.get("reasons") or d.get("error")} for d in denied
             ],
             "retracted": 1,
+            "rotation": rotation,
             "log_size": int(checkpoint.splitlines()[1]),
             "checkpoint": checkpoint,
             "audit": audit,
@@ -358,6 +362,42 @@ class Demo:
         }
         return self.summary
 
+    def rotate(
+        self, nodes: dict[str, Path], keys: Path, broker: Path, earlier: str, payload: Path
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """NGA suspects its keys were stolen and moves to new ones; what it received and sent before stays valid.
+        Returns what the summary says of it, and the reply to the packet FRA sends NGA after the move."""
+        self.step("A member moves to new keys (a suspected compromise); nothing it received or sent is lost")
+        node = nodes["NGA"]
+        self.procs["node-NGA"].send_signal(signal.SIGTERM)
+        self.procs["node-NGA"].wait(timeout=15)
+        new = keys / "NGA-2"
+        made = self.json_of("keygen", "--rotate", str(keys / "NGA"), "--origin", ORIGIN, "--out", str(new), "--json")
+        request = Path(made["request"]).name
+        self.say(f"    NGA makes new identity, encryption and TLS keys; its old key signs the hand-over, {request}")
+        logged = self.json_of("broker", "member", "rekey", "--dir", str(broker), "--request", made["request"], "--json")
+        self.say(f"    the operator logs it at index {logged['index']}: the broker now refuses NGA's old certificate")
+        self.valise("node", "move", "--dir", str(node), "--identity", str(new))
+        self.start("node-NGA-2", "node", "run", "--dir", str(node))
+        self.wait_for("NGA to connect with its new keys", functools.partial(self.connected, node))
+        before = self.root / "NGA-received-before.json"
+        read = self.valise("read", "--node", str(node), earlier, "-o", str(before))
+        if before.read_bytes() != payload.read_bytes() or "replaced" not in read.stderr:
+            raise DemoFailure("NGA could not read, or was not warned about, what was sealed to its replaced key")
+        self.say(f"    NGA still reads {earlier[:12]}…, sealed to its old key (and is warned that a thief could too)")
+        # FRA seals to NGA's new key once FRA's verified log shows the rekey.
+        self.wait_for("FRA's node to see NGA's new keys", lambda: self.log_size(nodes["FRA"]) > logged["index"])
+        r = self.send(nodes["FRA"], "NGA", "GREEN", "malware", payload)
+        if r.get("state") != "receipted":
+            raise DemoFailure(f"FRA's packet to NGA after the move was not relayed: {self.outcome(r)}")
+        self.wait_for("NGA's inbox", functools.partial(self.holds, node, 2))
+        after = self.root / "NGA-received-after.json"
+        read = self.valise("read", "--node", str(node), r["id"], "-o", str(after))
+        if after.read_bytes() != payload.read_bytes() or "replaced" in read.stderr:
+            raise DemoFailure("NGA could not read what FRA sealed to its new key")
+        self.say(f"    FRA -> NGA after the move: {self.outcome(r)}; sealed to NGA's new key, read without warning")
+        return {"member": "NGA", "rekey_index": logged["index"], "read_before": True, "relayed_after": r["id"]}, r
+
     # --- helpers over the CLI ------------------------------------------------------------------------------------
 
     def status(self, node: Path) -> dict[str, Any]:
@@ -366,6 +406,9 @@ class Demo:
             return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
         except (ValueError, IndexError):
             return {}
+
+    def log_size(self, node: Path) -> int:
+        return int(self.status(node).get("log", {}).get("size", 0))
 
     def connected(self, node: Path) -> bool:
         return bool(self.status(node).get("connected"))
