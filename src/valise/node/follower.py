@@ -193,6 +193,7 @@ class _Folded:
     retractions: list[records.Retraction] = field(default_factory=list)
     inbox: dict[bytes, bool] = field(default_factory=dict)  # asked of Follower.in_inbox in this fold (a packet,
     # then this member's acknowledgement of it, ask about the same digest)
+    coming: set[bytes] = field(default_factory=set)  # the digests in `received`, for retractions in the same fold
 
     def in_inbox(self, f: Follower, digest: bytes) -> bool:
         """Whether the inbox holds `digest` (True without an inbox to ask: nothing is then missing from it)."""
@@ -563,6 +564,7 @@ class Follower:
                 out.mine.append((index, digest))
             elif self.member in core.recipients and not out.in_inbox(self, digest):
                 out.received.append((index, digest, core.expires, core.sender))
+                out.coming.add(digest)
             return
         if isinstance(traffic, records.Retraction):
             self._retraction(index, entry, traffic, out)
@@ -596,7 +598,7 @@ class Follower:
     def _retraction(self, index: int, entry: bytes, retraction: records.Retraction, out: _Folded) -> None:
         if retraction.sender == self.member or self.retraction_wanted is None:
             return
-        coming = any(digest == retraction.digest for _, digest, _, _ in out.received)  # this fold's packets
+        coming = retraction.digest in out.coming  # a packet this fold found still to arrive (not stored yet)
         if not coming and not self.retraction_wanted(retraction.digest, retraction.sender):
             return  # not a packet to this member, or marked already (forwarded, verified): no Ed25519 check
         assert self.policy is not None
