@@ -399,3 +399,41 @@ async def test_a_packet_signed_with_keys_whose_rekey_waits_for_the_quorum_is_hel
         assert d.store.acks_for(sent.core.packet_id) == {"DEU": ack.raw}  # from the log, now trusted
         assert d.store.alarms() == []
         nursery.cancel_scope.cancel()
+
+
+async def test_a_delivery_whose_senders_rekey_never_meets_the_quorum_is_refused_for_that_not_as_forged(
+    world: dict[str, Any], members: dict[str, identity.Identity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last session's note: a delivery held while its sender's rekey waited for the quorum was, past HOLD_TIME,
+    checked under the sender's old key and refused with the alarm of a forgery. The witnesses are what is missing:
+    the refusal and the alarm say so, and the packet is not taken."""
+    from valise.node import session as session_module
+    from valise.wire import codes
+
+    from .test_node_rekey import _rekey, deliver
+
+    monkeypatch.setattr(session_module, "HOLD_TIME", 0.3)
+    monkeypatch.setattr(session_module, "HOLD_RECHECK", 0.05)
+    fra, deu = members["FRA"], members["DEU"]
+    h = QuorumHarness(world, fra)
+    log: Log = world["log"]
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        d = h.daemon
+        assert d.session is not None
+        broker.offer = cosign(log.service.latest.note, WITNESSES[0], WITNESSES[1])  # type: ignore[union-attr]
+        assert await d.sync(d.session)
+        new = _rekey(log, deu, b"DEU moved")
+        broker.offer = cosign(log.service.latest.note, WITNESSES[0])  # type: ignore[union-attr]  # short of it
+        assert await d.sync(d.session)
+        assert d.follower.rekey_pending("DEU")
+        data, head = sealed(new, [fra], b"with DEU's new key")
+        await deliver(broker, 1, data, head)
+        refusal = await broker.expect(ev.Refuse)
+        assert (refusal.seq, refusal.code) == (1, codes.BAD_SIGNATURE)
+        (alarm,) = d.store.alarms()
+        assert "sender DEU's new keys, which signed it, still wait for the witness quorum after 0.3 s" in alarm.message
+        assert "does not verify" not in alarm.message
+        assert d.store.inbox_get(head.digest) is None
+        assert d.holding() == 0
+        nursery.cancel_scope.cancel()

@@ -486,6 +486,14 @@ class Session:
                         codes.UNKNOWN_MEMBER,
                         f"sender {core.sender} is still not a member in the verified log after {HOLD_TIME:g} s",
                     )
+                if waiting:
+                    # Its sender moved to new keys, and the checkpoint showing that still lacks the witness quorum.
+                    # Checking it under the old key would call it forged: the alarm says what is really wrong.
+                    raise Refusal(
+                        codes.BAD_SIGNATURE,
+                        f"sender {core.sender}'s new keys, which signed it, still wait for the witness quorum after "
+                        f"{HOLD_TIME:g} s (the broker offers it again on the next connection)",
+                    )
                 if key is None:
                     key = self._signer(held.head)  # raises what is wrong with its signature
                 self._check_expiry(held.head)
