@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+import trio.testing
 
 from valise import identity, keyfiles, packet, records
 from valise.crypto import sign
@@ -368,6 +369,36 @@ async def test_a_bad_signature_answer_to_a_packet_this_node_signed_keeps_it_queu
         assert kept.state == "queued"
         assert "if FRA moved to new keys, point this node at them: valise node move" in (kept.outcome or "")
         assert refused.state == "denied"
+        # The broker's own log shows the key that signed FRA's packet: its answer is false, and said to be.
+        await wait_for(lambda: len(store.alarms()) == 1)
+        (alarm,) = store.alarms()
+        assert alarm.kind == "broker"
+        assert "the broker refuses FRA's packets as badly signed, though its log" in alarm.message
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bad_signature_answer_after_a_rekey_of_this_member_raises_no_alarm(
+    members: dict[str, identity.Identity], world: dict[str, Any]
+) -> None:
+    """The honest case of the test above: FRA's operator moves FRA to new keys while FRA's packet, signed with the
+    old key, is on its way, and the broker refuses it. The node's log does not show the rekey yet: it follows the
+    broker's log before judging the answer, finds the rekey, and keeps the packet queued without an alarm."""
+    h = Harness(world, members["FRA"])
+    store = h.daemon.store
+    data, head = sealed(members["FRA"], [members["DEU"]], b"signed with the key about to be replaced")
+    store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        begin = await broker.expect(ev.SubmitBegin)
+        while not isinstance(await broker.events.receive(), ev.SubmitEnd):
+            pass
+        await wait_for(lambda: h.daemon.follower.member_key("FRA") == members["FRA"].bundle.sign_key)
+        _rekey(world["log"], members["FRA"], b"FRA moved")
+        await broker.send(ev.ErrorMessage(begin.rid, "bad-signature", "packet header from FRA: does not verify"))
+        await wait_for(lambda: h.daemon.follower.member_key("FRA") != members["FRA"].bundle.sign_key)
+        await trio.testing.wait_all_tasks_blocked(0.01)
+        assert store.outbox_get(head.core.packet_id).state == "queued"  # type: ignore[union-attr]
+        assert store.alarms() == []
         nursery.cancel_scope.cancel()
 
 

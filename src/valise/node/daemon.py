@@ -736,6 +736,26 @@ class NodeDaemon:
             with contextlib.suppress(Exception):
                 self.store.outbox_tried(row.packet_id)
             raise
+        if isinstance(reply.answer, ev.ErrorMessage) and reply.answer.code == codes.BAD_SIGNATURE:
+            await self._check_bad_signature(session, row, reply.answer)
+
+    async def _check_bad_signature(self, session: Session, row: OutboxRow, answer: ev.ErrorMessage) -> None:
+        """Alarm if the broker refuses as badly signed a packet signed with the key its own log shows for us.
+
+        The honest reason for such an answer is a rekey of this member that the node has not followed yet (the
+        packet stays queued, _answered). An operator's rekey is checkpointed as it is appended, so once the node
+        has followed the broker's latest checkpoint, a log still showing this node's key (and no rekey of it
+        waiting for the quorum) means the broker refuses what its own log says is valid."""
+        if not self._signed_by_us(row) or not await self.try_sync(session):
+            return
+        ours = self.identity.bundle.sign_key
+        if self.follower.member_key(self.member) == ours and not self.follower.rekey_pending(self.member):
+            self.alarm(
+                "broker",
+                f"the broker refuses {self.member}'s packets as badly signed, though its log, followed to its latest "
+                f"checkpoint, shows the key that signed them as {self.member}'s",
+                answer.message.encode(),  # one alarm for them all: the first refusal's words are its evidence
+            )
 
     def _answered(self, row: OutboxRow, answer: ev.Message) -> None:
         pid = row.packet_id.hex()
