@@ -272,16 +272,18 @@ def test_where_undelivered_packets_are_logged_is_kept_until_they_arrive_or_expir
     st.close()
 
 
-def test_a_store_made_before_inbox_rows_kept_their_signing_key_is_brought_up_to_date(tmp_path: Path) -> None:
+def test_a_store_made_before_the_inbox_s_later_columns_is_brought_up_to_date(tmp_path: Path) -> None:
     st = NodeStore.open(tmp_path)
     st.close()
     db = sqlite3.connect(tmp_path / "node.db")
+    db.execute("ALTER TABLE inbox DROP COLUMN erased")
     db.execute("ALTER TABLE inbox DROP COLUMN sign_key")
     db.execute("INSERT INTO inbox VALUES (?, ?, 'DEU', 1, 6, '{}', 'new', 0, NULL)", (DIG, PID))
     db.commit()
     db.close()
     readonly = NodeStore.open_readonly(tmp_path)  # a report on it, before any daemon opened it again
-    assert [r.sign_key for r in readonly.inbox_all()] == [None]
+    assert [(r.sign_key, r.erased) for r in readonly.inbox_all()] == [(None, None)]
+    assert readonly.inbox_counts() == {"new": 1}
     readonly.close()
     st = NodeStore.open(tmp_path)
     assert [(r.sender, r.sign_key) for r in st.inbox_all()] == [("DEU", None)]
@@ -289,6 +291,8 @@ def test_a_store_made_before_inbox_rows_kept_their_signing_key_is_brought_up_to_
     spool.write_bytes(b"packet")
     assert st.inbox_add_file(bytes([3]) * 32, bytes([4]) * 16, "DEU", 2, {}, spool, sign_key=b"k" * 32)
     assert [r.sign_key for r in st.inbox_all()] == [None, b"k" * 32]
+    assert st.inbox_erase([DIG], 7) == 1
+    assert [r.erased for r in st.inbox_all()] == [7, None]
     st.close()
 
 

@@ -1,5 +1,5 @@
 """`valise node init|run|set-policy`, and the member's commands that go through the running node: `valise send`,
-`inbox`, `read`, `retract`, `status`, `receipt export` (and `submit_statement` for `valise policy ... --node`).
+`inbox`, `read`, `erase`, `retract`, `status`, `receipt export` (and `submit_statement` for `valise policy ... --node`).
 
 The daemon holds the unlocked identity; these commands only talk to its control socket (mode 0600), so they
 never need the passphrase. Exit codes: 0 done (or queued while the broker is unreachable), 1 an error,
@@ -26,11 +26,13 @@ import trio
 from valise import keyfiles
 from valise.cli.main import group
 from valise.cli.packet import parse_expires
+from valise.cli.policy import parse_time
 from valise.cli.text import shown
 from valise.daemonlock import DaemonLock
 from valise.errors import Error, UsageError
-from valise.node import control, report
+from valise.node import control, erasing, report
 from valise.node.home import NodeHome
+from valise.node.store import NodeStore
 from valise.packet.opening import REPLACED_KEY_WARNING
 
 DEFAULT_WAIT = 10
@@ -116,6 +118,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--passphrase-env", metavar="VAR", help="with the daemon stopped: the member key's passphrase is in $VAR"
     )
     p.set_defaults(handler=read)
+
+    p = sub.add_parser(
+        "erase",
+        help="erase received packets from the inbox (their files; the node still knows them, never takes them again)",
+        description="Erase received packets from the node's inbox: by id, or all received before a time, or all "
+        "retracted by their senders (or both filters). The packet files go; a small record stays, so that the "
+        "node acknowledges a redelivery again instead of taking it in a second time.",
+    )
+    p.add_argument("--node", required=True, type=Path, help="the node directory")
+    p.add_argument("ids", nargs="*", metavar="ID", help="packet ids (or unique prefixes of at least 4 hex digits)")
+    p.add_argument(
+        "--before", type=parse_time, metavar="TIME", help="those received before TIME (ISO 8601, UTC by default)"
+    )
+    p.add_argument("--retracted", action="store_true", help="those their senders retracted")
+    p.add_argument("--dry-run", action="store_true", help="say what would be erased, erase nothing")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p.set_defaults(handler=erase)
 
     p = sub.add_parser("retract", help="retract a packet this member sent (recipients are told to discard it)")
     p.add_argument("--node", required=True, type=Path, help="the node directory")
@@ -542,6 +561,34 @@ def read(args: argparse.Namespace) -> int:
     if reply.get("sender_removed") is not None:
         why = shown(reply["sender_removed"])
         print(f"note: the sender has since been removed from the directory ({why})", file=sys.stderr)
+    return 0
+
+
+def erase(args: argparse.Namespace) -> int:
+    ask = {"op": "erase", "ids": args.ids, "before": args.before, "retracted": args.retracted}
+    ask["dry_run"] = args.dry_run
+    try:
+        reply = _check(request(args.node, ask))
+    except NotRunning:
+        home = NodeHome.open(args.node)
+        with DaemonLock(home.lock_path, "node daemon"):  # the daemon's store: not while it starts
+            store = NodeStore.open(home.root)
+            try:
+                rows = erasing.select(store, args.ids, before=args.before, retracted=args.retracted)
+                reply = erasing.erase(store, rows, now=int(time.time()), dry_run=args.dry_run)
+            finally:
+                store.close()
+    if args.json:
+        print(json.dumps({k: reply[k] for k in ("count", "bytes", "ids", "already", "dry_run")}))
+        return 0
+    verb = "would erase" if args.dry_run else "erased"
+    print(f"{verb} {reply['count']} packet(s), {reply['bytes']} bytes")
+    for pid in reply["ids"]:
+        print(f"  {pid}")
+    if reply["count"] > len(reply["ids"]):
+        print(f"  … and {reply['count'] - len(reply['ids'])} more")
+    for pid in reply["already"]:
+        print(f"  {pid}  erased before")
     return 0
 
 

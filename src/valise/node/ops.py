@@ -22,7 +22,7 @@ import trio
 
 from valise import encoding, identity, packet, records
 from valise.errors import DeniedError, Error, LimitError, UsageError, WireError
-from valise.node import control, receipts, report
+from valise.node import control, erasing, receipts, report
 from valise.node.daemon import NodeDaemon
 from valise.node.report import one as _one
 from valise.node.store import InboxRow, OutboxRow
@@ -562,7 +562,18 @@ async def op_export_receipt(daemon: NodeDaemon, request: dict[str, Any], *_: Any
     }
 
 
+async def op_erase(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
+    ids = request.get("ids") or []
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise UsageError("control request field 'ids' must be a list of packet ids")
+    rows = erasing.select(
+        daemon.store, ids, before=_opt(request, "before", int), retracted=bool(request.get("retracted"))
+    )
+    return erasing.erase(daemon.store, rows, now=daemon.now(), dry_run=bool(request.get("dry_run")))
+
+
 OPS = {
+    "erase": op_erase,
     "send": op_send,
     "inbox": op_inbox,
     "outbox": op_outbox,

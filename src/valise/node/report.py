@@ -24,6 +24,7 @@ from valise.node.home import NodeConfig, NodeHome
 from valise.node.store import InboxRow, NodeStore, OutboxRow
 from valise.packet.format import HEADER_DOMAIN, Head
 from valise.policy import PolicyState
+from valise.utctime import utc
 
 STATUS_ALARMS = 50  # the latest alarms `status` shows (with the total)
 
@@ -44,7 +45,6 @@ def status(
     """The status answer. `follower` is the verified log, or why it could not be rebuilt (offline only: the store's
     outbox, inbox and alarms are still worth showing, most of all then)."""
     outbox = Counter(r.state for r in store.outbox_all())
-    inbox = Counter(i.state for i in store.inbox_all())
     return {
         "ok": True,
         "member": config.member_id,
@@ -57,7 +57,7 @@ def status(
         # Deliveries that wait, unacknowledged, for the verified log to show their sender (a new member).
         "held": live.held if live else 0,
         "acknowledgements": store.ack_count(),
-        "inbox": dict(inbox),
+        "inbox": store.inbox_counts(),  # held packets by state, and how many were erased
         # The latest alarms, and how many there are in all (a broker can raise them without end; the answer
         # must stay within one control frame).
         "alarms": [
@@ -217,6 +217,11 @@ def one(rows: list[Any], prefix: str, where: str) -> Any:
 def check_readable(row: InboxRow, *, force: bool) -> None:
     """Its sender asked every recipient to discard a retracted packet: a script piping `read` into its intake must
     not take it in as if nothing had happened. A person who needs it (to see what was withdrawn) says so."""
+    if row.erased is not None:
+        raise UsageError(
+            f"packet {row.packet_id.hex()} from {row.sender} was erased from this inbox at {utc(row.erased)}",
+            hint="an erased packet's file is gone; only its sender can send it again",
+        )
     if row.state == "retracted" and not force:
         raise UsageError(
             f"packet {row.packet_id.hex()} was retracted by its sender: {row.retraction or 'no reason given'}",
@@ -272,6 +277,6 @@ def _restore(home: NodeHome, store: NodeStore) -> Follower:
 def offline_inbox(home: NodeHome) -> list[dict[str, Any]]:
     store = NodeStore.open_readonly(home.root)
     try:
-        return [inbox_item(row) for row in store.inbox_all()]
+        return [inbox_item(row) for row in store.inbox_all() if row.erased is None]
     finally:
         store.close()

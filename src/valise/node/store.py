@@ -53,7 +53,9 @@ CREATE TABLE IF NOT EXISTS inbox (
     state       TEXT NOT NULL CHECK (state IN ('new', 'read', 'retracted')),
     acked       INTEGER NOT NULL DEFAULT 0,
     retraction  TEXT,
-    sign_key    BLOB                      -- the sender's identity key its header verified under (NULL: older store)
+    sign_key    BLOB,                     -- the sender's identity key its header verified under (NULL: older store)
+    erased      INTEGER                   -- when its file was erased (`valise erase`); the row stays, so the packet
+                                          -- is recognised, acknowledged again and never taken in again
 );
 CREATE UNIQUE INDEX IF NOT EXISTS inbox_by_sender_id ON inbox (sender, packet_id);
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -127,12 +129,14 @@ class InboxRow:
     acked: bool
     retraction: str | None
     sign_key: bytes | None = None  # the sender's identity key the header verified under when it was taken
+    erased: int | None = None  # when its file was erased (the packet is known, no longer held)
 
     @classmethod
     def of(cls, r: Sequence[Any]) -> InboxRow:
-        # A store made before sign_key, opened read-only (not migrated), has one column fewer.
+        # A store made before sign_key or erased, opened read-only (not migrated), has fewer columns.
         key = bytes(r[9]) if len(r) > 9 and r[9] is not None else None
-        return cls(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], bool(r[7]), r[8], key)
+        erased = int(r[10]) if len(r) > 10 and r[10] is not None else None
+        return cls(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], bool(r[7]), r[8], key, erased)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -168,6 +172,9 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+# kv: the inbox files an erase has still to remove (NodeStore.inbox_erase).
+ERASING = "inbox-erasing"
+
 # Written beside node.db once a store exists: a missing or empty node.db next to it was lost, not never made.
 STORE_MADE = "node.db.made"
 
@@ -181,6 +188,8 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(inbox)")}
     if "sign_key" not in columns:
         conn.execute("ALTER TABLE inbox ADD COLUMN sign_key BLOB")
+    if "erased" not in columns:
+        conn.execute("ALTER TABLE inbox ADD COLUMN erased INTEGER")
     columns = {row[1] for row in conn.execute("PRAGMA table_info(log_received)")}
     if "sender" not in columns:  # as a development version made it: no retraction can match its rows
         conn.execute("ALTER TABLE log_received ADD COLUMN sender TEXT NOT NULL DEFAULT ''")
@@ -243,6 +252,7 @@ class NodeStore:
             _fsync_write(made, b"node.db was made in this directory: without it, it is a lost store\n")
         store = cls(root, conn)
         store._sweep_outbox()
+        store.erase_leftovers()
         return store
 
     @classmethod
@@ -531,9 +541,58 @@ class NodeStore:
         return [InboxRow.of(r) for r in rows]
 
     def inbox_page(self, after: int, limit: int) -> list[tuple[int, InboxRow]]:
-        """Up to `limit` rows after position `after`, in the order they arrived, each with its position."""
-        rows = self._db.execute("SELECT rowid, * FROM inbox WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit))
+        """Up to `limit` held rows (not erased) after position `after`, in the order they arrived, each with its
+        position."""
+        rows = self._db.execute(
+            "SELECT rowid, * FROM inbox WHERE rowid > ? AND erased IS NULL ORDER BY rowid LIMIT ?", (after, limit)
+        )
         return [(r[0], InboxRow.of(r[1:])) for r in rows]
+
+    def inbox_counts(self) -> dict[str, int]:
+        """How many packets the inbox holds in each state, and how many it erased (`erased`)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(inbox)")}
+        erased = "erased IS NULL" if "erased" in columns else "1"  # a store not migrated yet (read-only)
+        rows = self._db.execute(
+            f"SELECT CASE WHEN {erased} THEN state ELSE 'erased' END AS s, count(*) FROM inbox GROUP BY s"
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def inbox_erasable(self, *, before: int | None, retracted: bool) -> list[InboxRow]:
+        """Held packets received before `before` (if given) and, with `retracted`, retracted by their sender."""
+        where, args = ["erased IS NULL"], []
+        if before is not None:
+            where.append("received < ?")
+            args.append(before)
+        if retracted:
+            where.append("state = 'retracted'")
+        return self._inbox(f"WHERE {' AND '.join(where)} ORDER BY received", tuple(args))
+
+    def inbox_erase(self, digests: Sequence[bytes], at: int) -> int:
+        """Erase held packets: their rows are marked (and kept, so that a redelivery is known and acknowledged
+        again, never taken in again) and their files removed. Returns how many were erased.
+
+        The marks commit first, with the list of files to remove: a crash before they are all gone leaves that
+        list, and the next erase (or `erase_leftovers`) finishes it. The other order could leave a row that
+        promises a file no longer there."""
+        digests = list(dict.fromkeys(digests))
+        with self._tx():
+            erased = 0
+            for digest in digests:
+                cur = self._db.execute("UPDATE inbox SET erased = ? WHERE digest = ? AND erased IS NULL", (at, digest))
+                erased += cur.rowcount
+            self.put(ERASING, " ".join(d.hex() for d in digests).encode())
+        self.erase_leftovers()
+        return erased
+
+    def erase_leftovers(self) -> None:
+        """Remove the files an interrupted `inbox_erase` left (nothing if none)."""
+        pending = self.get(ERASING)
+        if pending is None:
+            return
+        for digest in pending.decode().split():
+            self.inbox_path(bytes.fromhex(digest)).unlink(missing_ok=True)
+        _fsync_dir(self.root / "inbox")
+        self._db.execute("DELETE FROM kv WHERE k = ?", (ERASING,))
 
     def inbox_get(self, digest: bytes) -> InboxRow | None:
         rows = self._inbox("WHERE digest = ?", (digest,))
