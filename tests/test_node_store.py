@@ -79,7 +79,7 @@ def test_files_move_in_and_follower_state_commits_atomically(tmp_path: Path) -> 
 
 def test_follower_commit_is_all_or_nothing(tmp_path: Path) -> None:
     st = NodeStore.open(tmp_path)
-    with pytest.raises(sqlite3.IntegrityError):  # the second row breaks NOT NULL after the first went in
+    with pytest.raises(StoreError, match="NOT NULL"):  # the second row breaks NOT NULL after the first went in
         st.follower_commit(b"state", [(0, b"a")], [(1, DIG), (2, None)])  # type: ignore[list-item]
     assert st.follower_load() == (None, [])
 

@@ -32,7 +32,16 @@ import trio
 from valise import gctune, identity, packet, records, tls
 from valise.crypto import sign
 from valise.daemonlock import DaemonLock
-from valise.errors import CheckpointError, Error, KeyFileError, NoteError, RemoteError, SignatureError, UsageError
+from valise.errors import (
+    CheckpointError,
+    Error,
+    KeyFileError,
+    NoteError,
+    RemoteError,
+    SignatureError,
+    StoreError,
+    UsageError,
+)
 from valise.node import outbox
 from valise.node.control import listen, socket_path
 from valise.node.follower import AwaitingQuorum, Committed, Follower, ForgedCosignature, ForkError, LogMismatchError
@@ -112,14 +121,7 @@ class NodeDaemon:
         self.broker = home.broker_bundle()
         self.store = NodeStore.open(home.root)
         self.quorum = home.witness_policy()
-        state, kept = self.store.follower_load()
-        self.follower = Follower.restore(
-            self.config.log_vkey, self.member, self.broker.member_id, state, kept, self.broker.sign_key,
-            quorum=self.quorum, pending=self.store.follower_pending(),
-        )  # fmt: skip
-        self.follower.known_ack = lambda ack: self.store.acks_for(ack.packet_id).get(ack.recipient) == ack.raw
-        self.follower.in_inbox = self.store.inbox_has
-        self.follower.retraction_wanted = self.store.retraction_wanted
+        self.follower = self._load_follower()
         # Why the verified log is not (all) in use yet, with a quorum policy: e.g. "cosigned by 1 of ...".
         self.quorum_wait: str | None = None
         self._replaced: list[float] = []  # when another connection as this member replaced ours (recent ones)
@@ -137,6 +139,7 @@ class NodeDaemon:
         self.poll_interval = poll_interval
         self.session: Session | None = None
         self.last_error: str | None = None
+        self.storage_failures = 0  # connections ended in a row because this node could not store what came
         self._sync_lock = trio.Lock()
         self._outbox_wake = trio.Event()
         self._outcome = trio.Event()  # set (and replaced) whenever an outbox row leaves `queued`
@@ -148,6 +151,18 @@ class NodeDaemon:
             self._persist(caught_up)
         self.connected_event = trio.Event()  # for tests and `send`: set while a session is open
         self.submitting: set[bytes] = set()  # packet ids whose submission is under way (the outbox sender's)
+
+    def _load_follower(self) -> Follower:
+        """The verified log as the store holds it."""
+        state, kept = self.store.follower_load()
+        follower = Follower.restore(
+            self.config.log_vkey, self.member, self.broker.member_id, state, kept, self.broker.sign_key,
+            quorum=self.quorum, pending=self.store.follower_pending(),
+        )  # fmt: skip
+        follower.known_ack = lambda ack: self.store.acks_for(ack.packet_id).get(ack.recipient) == ack.raw
+        follower.in_inbox = self.store.inbox_has
+        follower.retraction_wanted = self.store.retraction_wanted
+        return follower
 
     def _sign_queued_again(self) -> None:
         """After `valise node move --identity` to the member's new keys (policy.md, "Moving a member to new keys"):
@@ -177,9 +192,16 @@ class NodeDaemon:
         return self.wall()
 
     def alarm(self, kind: str, message: str, evidence: bytes | None = None) -> None:
+        """Record an alarm (once per run for the same text). A store that cannot take it (a full disk) must not
+        stop what raised it: the alarm is logged, and recorded when it is next raised."""
         row = self._alarm_row(kind, message, evidence)
-        if row is not None:
+        if row is None:
+            return
+        try:
             self.store.alarm_add(*row)
+        except StoreError as exc:
+            self._alarmed.discard((row[1], row[2]))
+            log.error("could not record the alarm above: %s", exc)
 
     def _alarm_row(self, kind: str, message: str, evidence: bytes | None) -> AlarmRow | None:
         """The alarm to store, or None for one raised already. Much of an alarm's text comes from the broker or a
@@ -310,7 +332,8 @@ class NodeDaemon:
                 if rest is not None:  # cancelled (the daemon is stopping) or a bug; a lost connection is neither
                     raise rest  # noqa: B904 - the group's own tracebacks go with it
                 assert expected is not None
-                pause = self._lost(_first(expected))
+                stored, _ = expected.split(StoreError)  # the cause to report, when a write failed here
+                pause = self._lost(_first(stored or expected))
             finally:
                 self.session = None
                 if self.connected_event.is_set():
@@ -318,8 +341,20 @@ class NodeDaemon:
             await trio.sleep(max(pause, outbox.RECONNECT.delay(attempt, self.random)))
             attempt += 1
 
+    def _storage_pause(self) -> float:
+        return outbox.RECONNECT.ceiling(self.storage_failures)
+
     def _lost(self, exc: BaseException) -> float:
         """Note why the connection ended; return the least time to wait before the next (0: the usual backoff)."""
+        if isinstance(exc, StoreError):
+            # This node could not write what the connection brought (a full disk): nothing was acknowledged or
+            # cosigned that is not stored, and the broker offers it again on the next connection. Connecting at
+            # once would fetch it again only to fail again: wait longer each time until a write succeeds.
+            self.storage_failures += 1
+            self.last_error = f"this node's storage failed: {exc}"
+            log.error("%s; connecting again in %.0f s", self.last_error, self._storage_pause())
+            return self._storage_pause()
+        self.storage_failures = 0
         self.last_error = tls.explain_failure(str(exc) or type(exc).__name__)
         log.warning("broker connection: %s", self.last_error)
         if not (isinstance(exc, RemoteError) and exc.code == codes.REPLACED):
@@ -557,10 +592,19 @@ class NodeDaemon:
             else:
                 alarms.append(self._alarm_row("ack", f"the log holds an {problem}", ack.raw))
         retracted = [(r.digest, r.sender, r.reason or "retracted") for r in done.retractions]
-        new_acks = self.store.follower_commit(
-            done.state, done.keep, done.mine, done.pending, done.trusted, acks, [a for a in alarms if a is not None],
-            done.received, retracted, self.now(),
-        )  # fmt: skip
+        rows = [a for a in alarms if a is not None]
+        try:
+            new_acks = self.store.follower_commit(
+                done.state, done.keep, done.mine, done.pending, done.trusted, acks, rows, done.received, retracted,
+                self.now(),
+            )  # fmt: skip
+        except BaseException:
+            # The follower moved on in memory and the store did not (a full disk, say): back to what the store
+            # holds. Otherwise the node would cosign and announce a tree it never recorded, and the next commit
+            # would skip the entries in between (its policy records, this member's packets) for good.
+            self._alarmed.difference_update((kind, message) for _, kind, message, _ in rows)
+            self.follower = self._load_follower()
+            raise
         if new_acks:  # the broker logged them but had not forwarded them (yet, or at all)
             log.info("%d acknowledgement(s) of packets sent taken from the verified log", new_acks)
         if retracted:  # the same for retractions of packets in the inbox

@@ -25,7 +25,7 @@ from valise.errors import DeniedError, Error, LimitError, UsageError, WireError
 from valise.node import control, erasing, receipts, report
 from valise.node.daemon import NodeDaemon
 from valise.node.report import one as _one
-from valise.node.store import InboxRow, OutboxRow
+from valise.node.store import InboxRow, OutboxRow, writing
 from valise.packet import MAX_RECIPIENTS
 from valise.policy import records as policy_records
 from valise.policy.records import GROUP_PREFIX
@@ -225,7 +225,7 @@ async def op_send(
             content_type = _opt(request, "content_type", str)
 
             def work() -> tuple[packet.Sealed, int]:
-                with open(spool, "w+b") as out:
+                with writing("the packet being sealed"), open(spool, "w+b") as out:
                     sealed = packet.seal(
                         cast(BinaryIO, pull),
                         out,

@@ -116,9 +116,11 @@ def outbox_item(row: OutboxRow, acked_by: list[str]) -> dict[str, Any]:
         "size": row.size,
         "state": row.state,
         "index": row.log_index,
-        "in_log": bool(row.in_log),
+        "in_log": row.in_log == 1,  # a verified checkpoint shows the receipt's entry
         "acked_by": sorted(acked_by),
     }
+    if row.in_log == -1:  # the verified log holds another entry where the receipt promised this one (an alarm)
+        item["receipt_broken"] = True
     if row.state == "queued":
         item["attempts"] = row.attempts
         if isinstance(outcome, dict) and "error" in outcome:

@@ -15,6 +15,7 @@ Every frame goes out through `send`, under one lock, so frames of different task
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -26,8 +27,17 @@ from typing import IO, TYPE_CHECKING
 import trio
 
 from valise import records
-from valise.errors import Error, PacketError, ProtocolError, RemoteError, RemoteProtocolError, SignatureError
+from valise.errors import (
+    Error,
+    PacketError,
+    ProtocolError,
+    RemoteError,
+    RemoteProtocolError,
+    SignatureError,
+    StoreError,
+)
 from valise.node import signers
+from valise.node.store import writing
 from valise.packet.format import CiphertextHasher, Head, NeedMore, parse_head
 from valise.wire import codes, liveness
 from valise.wire import events as ev
@@ -353,6 +363,8 @@ class Session:
                 inc.awaiting = core.sender  # its signature is checked once the trusted log shows the sender's key
             self._check_expiry(head)
         except Error as exc:
+            if isinstance(exc, StoreError):  # this node's fault, not the item's: end the connection
+                raise
             inc.problem = exc.what
             inc.code = refusal_code(exc)
             inc.what = _delivery_name(msg.head, parsed)
@@ -362,8 +374,9 @@ class Session:
         inc.head = head
         inc.path = self.d.store.tmp_path(f"deliver-{head.digest.hex()}.part")
         # A local spool file written chunk by chunk; closed in _discard / _deliver_end.
-        inc.file = open(inc.path, "wb")  # noqa: SIM115, ASYNC230
-        inc.file.write(msg.head)
+        with writing("a delivery's spool file"):
+            inc.file = open(inc.path, "wb")  # noqa: SIM115, ASYNC230
+            inc.file.write(msg.head)
         inc.hasher = CiphertextHasher(head.header)
 
     def _check_expiry(self, head: Head) -> None:
@@ -379,7 +392,10 @@ class Session:
             assert inc.hasher is not None
             try:
                 inc.hasher.update(msg.data)
-                inc.file.write(msg.data)
+                with writing("a delivery's spool file"):
+                    inc.file.write(msg.data)
+            except StoreError:
+                raise  # this node's fault, not the delivery's: the connection ends (NodeDaemon._lost)
             except Error as exc:
                 inc.problem = exc.what
                 inc.code = codes.HASH_MISMATCH
@@ -407,7 +423,12 @@ class Session:
             self._close(inc)
             await self._refuse(msg.seq, inc.code, f"refused {inc.what}: {inc.problem}")
             return
-        inc.file.flush()
+        try:
+            with writing("a delivery's spool file"):
+                inc.file.flush()
+        except StoreError:
+            self._close(inc)
+            raise
         inc.file.close()
         if inc.awaiting is not None:
             self.held[msg.seq] = Held(msg.seq, inc.head, inc.path, trio.current_time(), inc.what)
@@ -498,6 +519,8 @@ class Session:
                     key = self._signer(held.head)  # raises what is wrong with its signature
                 self._check_expiry(held.head)
             except Error as exc:
+                if isinstance(exc, StoreError):  # this node's fault, not the item's: end the connection
+                    raise
                 held.path.unlink(missing_ok=True)
                 await self._refuse(seq, refusal_code(exc), f"refused {held.what}: {exc.what}")
                 continue
@@ -511,7 +534,8 @@ class Session:
     @staticmethod
     def _close(inc: Incoming) -> None:
         if inc.file is not None and not inc.file.closed:
-            inc.file.close()
+            with contextlib.suppress(OSError):  # closing flushes, and may fail as the write before it did
+                inc.file.close()
         if inc.path is not None:
             inc.path.unlink(missing_ok=True)
 
@@ -534,6 +558,8 @@ class Session:
             if problem is not None:
                 raise PacketError(problem)
         except Error as exc:
+            if isinstance(exc, StoreError):  # this node's fault, not the item's: end the connection
+                raise
             await self._refuse(
                 msg.seq, refusal_code(exc), f"forwarded acknowledgement seq {msg.seq} refused: {exc.what}", "ack"
             )
@@ -559,6 +585,8 @@ class Session:
                 await self._from_the_log(msg.seq, "retraction", msg.by)
                 return
         except Error as exc:
+            if isinstance(exc, StoreError):  # this node's fault, not the item's: end the connection
+                raise
             await self._refuse(
                 msg.seq, refusal_code(exc), f"forwarded retraction seq {msg.seq} refused: {exc.what}", "retract"
             )
@@ -581,6 +609,8 @@ class Session:
             cp = await self.d.witness(self, msg.checkpoint, msg.old, msg.proof)
         except Error as exc:
             code = exc.code if isinstance(exc, ProtocolError | RemoteError) else codes.CONFLICT
+            if isinstance(exc, StoreError):  # this node could not record the tree: nothing wrong with it
+                code = codes.INTERNAL
             await self.send(ev.ErrorMessage(msg.rid, code, exc.what[:900]))
             return
         await self.send(ev.CosignResponse(msg.rid, cp))

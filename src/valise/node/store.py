@@ -8,6 +8,7 @@ named by their header digest (written and fsynced before the row that points to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -139,6 +140,17 @@ class InboxRow:
         return cls(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], bool(r[7]), r[8], key, erased)
 
 
+@contextmanager
+def writing(what: str) -> Iterator[None]:
+    """File system failures (a full disk, a size limit) as a StoreError naming the file and the cause."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        cause = exc.strerror or type(exc).__name__
+        raise StoreError(f"could not write {what}{where}: {cause}", hint=sqlfile.failure_hint(exc)) from None
+
+
 def _fsync_dir(path: Path) -> None:
     dir_fd = os.open(path, os.O_RDONLY)
     try:
@@ -222,7 +234,7 @@ def _refuse_lost_store(root: Path, path: Path) -> None:
 class NodeStore:
     def __init__(self, root: Path, conn: sqlite3.Connection) -> None:
         self.root = root
-        self._db = conn
+        self._db = sqlfile.Guarded(conn, f"the node store {root / 'node.db'}")
 
     @classmethod
     def open(cls, root: Path) -> NodeStore:
@@ -307,12 +319,23 @@ class NodeStore:
         self, packet_id: bytes, digest: bytes, recipients: list[str], created: int, expires: int, packet: bytes
     ) -> None:
         """Durably queue a sealed packet for sending (file first, then the row)."""
-        _fsync_write(self.outbox_path(packet_id), packet)
-        self._db.execute(
-            "INSERT INTO outbox (packet_id, digest, recipients, created, expires, size, state) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'queued')",
-            (packet_id, digest, json.dumps(recipients), created, expires, len(packet)),
-        )
+        path = self.outbox_path(packet_id)
+        with writing("the outbox"):
+            _fsync_write(path, packet)
+        self._queue_row(path, (packet_id, digest, json.dumps(recipients), created, expires, len(packet)))
+
+    def _queue_row(self, path: Path, row: tuple[object, ...]) -> None:
+        """The outbox row of a packet whose file is in place; if it cannot be written, the file goes too (a file
+        no row names would otherwise stay until the next start)."""
+        try:
+            self._db.execute(
+                "INSERT INTO outbox (packet_id, digest, recipients, created, expires, size, state) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'queued')",
+                row,
+            )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
     def outbox_resign(self, resign: Callable[[bytes, bytes], bytes | None]) -> tuple[int, list[str]]:
         """Give each queued packet the signature `resign(header, signature)` returns for it (None: keep it), in
@@ -346,12 +369,10 @@ class NodeStore:
     ) -> None:
         """Durably queue a sealed packet already written to `path` (moved into the outbox; file first, then row)."""
         size = path.stat().st_size
-        _move_in(path, self.outbox_path(packet_id))
-        self._db.execute(
-            "INSERT INTO outbox (packet_id, digest, recipients, created, expires, size, state) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'queued')",
-            (packet_id, digest, json.dumps(recipients), created, expires, size),
-        )
+        dest = self.outbox_path(packet_id)
+        with writing("the outbox"):
+            _move_in(path, dest)
+        self._queue_row(dest, (packet_id, digest, json.dumps(recipients), created, expires, size))
 
     def tmp_path(self, name: str) -> Path:
         """A scratch file in the store's file system (so that moving it into place is a rename)."""
@@ -475,7 +496,8 @@ class NodeStore:
         """Keep a delivered packet (still encrypted). False if it was already there (a redelivery)."""
         if self.inbox_get(digest) is not None:
             return False
-        _fsync_write(self.inbox_path(digest), packet)
+        with writing("the inbox"):
+            _fsync_write(self.inbox_path(digest), packet)
         cur = self._db.execute(
             "INSERT OR IGNORE INTO inbox (digest, packet_id, sender, received, size, labels, state) "
             "VALUES (?, ?, ?, ?, ?, ?, 'new')",
@@ -506,8 +528,10 @@ class NodeStore:
             path.unlink(missing_ok=True)
             raise PacketError(f"packet id {packet_id.hex()} from {sender} is already in the inbox for another packet")
         size = path.stat().st_size
-        _move_in(path, self.inbox_path(digest))
-        with self._tx():
+        dest = self.inbox_path(digest)
+        with writing("the inbox"):
+            _move_in(path, dest)
+        with self._unless_kept(dest), self._tx():
             # Retracted already, if the log showed its sender's retraction before it arrived.
             found = self._db.execute(
                 "SELECT retraction FROM log_received WHERE digest = ? AND sender = ?", (digest, sender)
@@ -521,6 +545,16 @@ class NodeStore:
             )  # fmt: skip
             self._db.execute("DELETE FROM log_received WHERE digest = ?", (digest,))
         return cur.rowcount > 0
+
+    @contextmanager
+    def _unless_kept(self, path: Path) -> Iterator[None]:
+        """Remove the inbox file `path` if the block that records it fails: the packet was not taken (nor
+        acknowledged), the broker delivers it again, and a file no row names would never be removed."""
+        try:
+            yield
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
     def received_index(self, digest: bytes) -> int | None:
         """Where the verified log holds a packet addressed to this member that the inbox does not hold yet."""
@@ -698,10 +732,12 @@ class NodeStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # A COMMIT that failed (a full disk) may have rolled back already, and then ROLLBACK fails: harmless.
+            with contextlib.suppress(StoreError):
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     # --- small durable values (last verified checkpoint, witness state) ---------------------------------
 

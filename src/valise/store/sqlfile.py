@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from valise.errors import StoreError
@@ -42,3 +42,40 @@ def check_tables(conn: sqlite3.Connection, path: Path, required: Iterable[str]) 
             f"{path} has no table {', '.join(missing)}: it is damaged, or not this kind of store",
             hint="restore it from a backup",
         )
+
+
+class Guarded:
+    """An SQLite connection whose failures say which store failed: a full or failing disk surfaces as a
+    StoreError ("the node store … could not be written: database or disk is full"), which callers treat as a
+    local fault to report and retry, not as a bug that ends the process."""
+
+    def __init__(self, conn: sqlite3.Connection, what: str) -> None:
+        self.conn = conn
+        self.what = what  # e.g. "the node store /srv/node-fra/node.db"
+
+    def execute(self, sql: str, args: Sequence[object] = ()) -> sqlite3.Cursor:
+        try:
+            return self.conn.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise self.failure(exc) from None
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> sqlite3.Cursor:
+        try:
+            return self.conn.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise self.failure(exc) from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def failure(self, exc: sqlite3.Error) -> StoreError:
+        return StoreError(f"{self.what} failed: {exc}", hint=failure_hint(exc))
+
+
+def failure_hint(exc: BaseException) -> str | None:
+    """What to check, for the failures a full or failing disk causes (SQLite says "disk I/O error" for a file
+    size limit, and the OS "File too large")."""
+    text = str(exc).lower()
+    if any(s in text for s in ("full", "disk i/o", "too large", "no space", "quota")):
+        return "is its disk full, over a quota or failing? it retries once there is room"
+    return None

@@ -1,0 +1,202 @@
+"""A node whose storage fails (a full disk, a size limit): it acknowledges and cosigns nothing it has not stored,
+keeps running, says why, and takes what it missed once it can write again.
+
+The end-to-end tests run `valise node run` as a real process under a file size limit (RLIMIT_FSIZE, which the
+kernel enforces like a full disk: a write past it fails, EFBIG; Python ignores SIGXFSZ), with a real broker and
+real TLS on 127.0.0.1, and lift the limit from outside (prlimit) as an operator frees space."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from valise import identity, packet
+from valise.cli.main import main as cli
+from valise.cli.node import call
+from valise.errors import StoreError
+from valise.wire import codes
+from valise.wire import events as ev
+
+from .harness import WireClient, log_vkey, make_world, running_broker, seal
+from .test_node_daemon import Harness, start, wait_for, world  # noqa: F401
+
+LIMIT = 1 << 20  # the node process may not write any file past 1 MiB: its store fits, a 3 MiB packet does not
+# Sets the limit, then becomes `valise node run` (exec): preexec_fn is unsafe with threads.
+LAUNCHER = (
+    "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY));"
+    " os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+)
+
+
+async def _status(node: Path) -> dict[str, Any]:
+    return await call(node, {"op": "status"})
+
+
+async def _until(node: Path, check: Any, within: float = 40.0) -> dict[str, Any]:
+    """Poll the node's status until `check(status)` holds (a safety net against a hang, not a timed assertion)."""
+    with trio.fail_after(within):
+        while True:
+            try:
+                status = await _status(node)
+                if check(status):
+                    return status
+            except Exception:
+                pass
+            await trio.sleep(0.05)
+
+
+def _node_process(net: Any, member: str, port: int, node: Path, log: Path) -> subprocess.Popen[bytes]:
+    pub = str(net.home.broker_bundle_path)
+    init = ["node", "init", "--dir", str(node), "--identity", str(net.dirs[member]), "--broker"]
+    assert cli([*init, f"127.0.0.1:{port}", "--broker-pub", pub, "--log-key", log_vkey(net)]) == 0
+    run = ["-m", "valise.cli.main", "node", "run", "--dir", str(node)]
+    with log.open("wb") as err:
+        return subprocess.Popen([sys.executable, "-c", LAUNCHER, str(LIMIT), *run], stderr=err)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_delivery_the_node_cannot_store_is_not_acknowledged_and_is_taken_once_it_can(tmp_path: Path) -> None:
+    net = make_world(tmp_path, ("FRA", "DEU"))
+    net.consent("FRA", "DEU")
+    node, log = tmp_path / "node-deu", tmp_path / "node-deu.log"
+    payload = os.urandom(3 << 20)
+    async with running_broker(net) as broker:
+        proc = _node_process(net, "DEU", broker.port, node, log)
+        try:
+            await _until(node, lambda s: s["connected"])
+            async with WireClient.connect(net, "FRA", broker.port) as fra:
+                data = seal(net, "FRA", ["DEU"], payload)
+                head = packet.parse_head(data)
+                assert isinstance(head, packet.Head)
+                assert isinstance(await fra.submit(data), ev.Receipt)
+
+                failed = await _until(node, lambda s: "storage failed" in (s["last_error"] or ""))
+                assert "could not write a delivery's spool file" in failed["last_error"]
+                assert "File too large" in failed["last_error"]
+                assert proc.poll() is None  # the daemon runs on
+                assert failed["inbox"] == {}
+                assert list((node / "tmp").glob("*.part")) == []  # the partial file is gone
+                # Nothing was acknowledged: the broker still holds the packet for DEU.
+                assert [i.digest for i in broker.mail.pending("DEU", 0, 10)] == [head.digest]
+
+                resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                await _until(node, lambda s: s["inbox"] == {"new": 1})
+                forwarded = await fra.next_of(ev.AckForward)
+                assert isinstance(forwarded, ev.AckForward)
+                assert forwarded.id == head.core.packet_id
+            out = tmp_path / "read.bin"
+            assert (
+                await trio.to_thread.run_sync(
+                    cli, ["read", "--node", str(node), head.core.packet_id.hex(), "-o", str(out)]
+                )
+                == 0
+            )
+            assert out.read_bytes() == payload
+        finally:
+            _stop(proc)
+    assert "Traceback" not in log.read_text()
+
+
+async def test_send_of_a_packet_the_node_cannot_store_says_why_and_leaves_nothing_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    net = make_world(tmp_path, ("FRA", "DEU"))
+    net.consent("FRA", "DEU")
+    node, log = tmp_path / "node-fra", tmp_path / "node-fra.log"
+    big, small = tmp_path / "big.bin", tmp_path / "small.json"
+    big.write_bytes(os.urandom(3 << 20))
+    small.write_text("{}")
+    send = ["send", "--node", str(node), "--to", "DEU", "--tlp", "AMBER", "--category", "malware"]
+    async with running_broker(net) as broker:
+        proc = _node_process(net, "FRA", broker.port, node, log)
+        try:
+            await _until(node, lambda s: s["connected"])
+            capsys.readouterr()
+            assert await trio.to_thread.run_sync(cli, [*send, str(big)]) == 1
+            err = capsys.readouterr().err
+            assert "could not write the packet being sealed" in err
+            assert "File too large" in err
+            assert "is its disk full" in err
+            assert "internal error" not in err
+            assert list((node / "outbox").iterdir()) == []
+            assert list((node / "tmp").iterdir()) == []
+            assert proc.poll() is None
+            # What fits still goes.
+            assert await trio.to_thread.run_sync(cli, [*send, "--json", str(small)]) == 0
+            assert '"state": "receipted"' in capsys.readouterr().out
+        finally:
+            _stop(proc)
+
+
+async def test_a_checkpoint_the_node_could_not_record_is_neither_cosigned_nor_skipped(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    """A review: following the log moved the node's view on in memory before it was stored. When storing failed
+    (a full disk), the node cosigned the tree it never recorded, and its next commit skipped the entries in
+    between for good: a member added there stayed unknown to it after a restart. The view now goes back to what
+    the store holds, the cosigning request is answered `internal`, and the next follow stores the entries."""
+    h = Harness(world, members["FRA"])
+    store = h.daemon.store
+    real = store.follower_commit
+    failing = True
+
+    def full_disk(*args: Any, **kwargs: Any) -> int:
+        if failing:
+            raise StoreError("the node store failed: database or disk is full")
+        return real(*args, **kwargs)
+
+    store.follower_commit = full_disk  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 0)
+        new_note = h.log.admit(members["ITA"])
+        await broker.send(ev.CosignRequest(7, 0, (), new_note))
+        answer = await broker.expect(ev.ErrorMessage)
+        assert (answer.rid, answer.code) == (7, codes.INTERNAL)
+        assert "database or disk is full" in answer.message
+        assert h.daemon.follower.size == 0  # as stored
+        assert h.daemon.follower.member_key("ITA") is None
+        failing = False
+        await broker.send(ev.CosignRequest(8, 0, (), new_note))
+        assert (await broker.expect(ev.CosignResponse)).rid == 8
+        assert h.daemon.follower.member_key("ITA") == members["ITA"].bundle.sign_key
+        nursery.cancel_scope.cancel()
+    store.close()
+    again = Harness(world, members["FRA"])  # a restart: the view rebuilt from the store
+    try:
+        assert again.daemon.follower.size == h.log.service.store.size()
+        assert again.daemon.follower.member_key("ITA") == members["ITA"].bundle.sign_key
+    finally:
+        again.daemon.store.close()
+
+
+def test_a_store_write_that_sqlite_refuses_is_a_store_error_naming_the_store(tmp_path: Path) -> None:
+    """The store's own conversion, on a real SQLite refusal (a connection made read-only): a StoreError naming
+    node.db, and the transaction rolled back so that the store takes writes again afterwards."""
+    from valise.node.store import NodeStore
+
+    store = NodeStore.open(tmp_path)
+    store._db.execute("PRAGMA query_only = ON")
+    with pytest.raises(StoreError, match=r"the node store .*node\.db failed: attempt to write a readonly database"):
+        store.follower_commit(b"state", [(0, b"genesis")], [])
+    store._db.execute("PRAGMA query_only = OFF")
+    store.follower_commit(b"state", [(0, b"genesis")], [])
+    assert store.follower_load() == (b"state", [(0, b"genesis")])
+    store.close()
