@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
+from valise.errors import StoreError
 
 
 def _row(n: int, expires: int = 2000) -> PacketRow:
@@ -111,7 +112,7 @@ def test_a_counter_another_writer_moved_fails_loudly_once_then_is_read_again(tmp
     other.execute("UPDATE counters SET next_seq = 3 WHERE member = 'DEU'")
     other.close()
     # Seq 2 is taken: the insert must fail, never be dropped as a duplicate...
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(StoreError, match="UNIQUE constraint failed"):
         mb.post("DEU", "ack", b"a" * 32, b"signed-ack")
     # ...and the counter is read again from what is committed, even though that transaction had changed none.
     mb.post("DEU", "ack", b"a" * 32, b"signed-ack")

@@ -7,6 +7,7 @@ real TLS on 127.0.0.1, and lift the limit from outside (prlimit) as an operator 
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 import subprocess
@@ -200,3 +201,33 @@ def test_a_store_write_that_sqlite_refuses_is_a_store_error_naming_the_store(tmp
     store.follower_commit(b"state", [(0, b"genesis")], [])
     assert store.follower_load() == (b"state", [(0, b"genesis")])
     store.close()
+
+
+async def test_a_node_whose_broker_fails_its_connection_as_internal_waits_longer_each_time(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A review: a broker whose disk was full ended the connection of a node whose acknowledgement it could not
+    log (`internal`), and the node reconnected at once, ~4 times a second, each time taking the same pushes
+    again. Such an ending now counts as a failure in a row, like the node's own storage failing: the pauses grow
+    (on trio's mock clock: virtual time, nothing timed on this machine), and status says why."""
+    mock_clock.autojump_threshold = 0
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        h.nursery = nursery
+        nursery.start_soon(h.daemon.connection_loop)
+        accepted = []
+        for _ in range(5):
+            broker = await h.accepted.receive()
+            accepted.append(trio.current_time())
+            await h.daemon.connected_event.wait()
+            await broker.send(ev.ErrorMessage(None, codes.INTERNAL, "the broker's storage failed: disk I/O error"))
+        await wait_for(lambda: not h.daemon.connected_event.is_set())
+        assert h.daemon.last_error is not None  # said while the node waits to connect again
+        said = "the broker failed: peer reported internal: the broker's storage failed: disk I/O error"
+        assert h.daemon.last_error == said
+        gaps = [b - a for a, b in itertools.pairwise(accepted)]
+        assert gaps == sorted(gaps)
+        assert gaps[-1] >= 8  # 1, 2, 4, 8 s: the backoff's ceilings, not its random draws
+        nursery.cancel_scope.cancel()

@@ -139,6 +139,15 @@ class TileError(ProofError):
 class StoreError(Error):
     """The durable store is missing, corrupt, or refused an operation."""
 
+    def __init__(self, what: str, *, hint: str | None = None, cause: str | None = None) -> None:
+        super().__init__(what, hint=hint)
+        self.cause = cause  # what failed ("database or disk is full"), without this machine's paths: for peers
+
+    @property
+    def told(self) -> str:
+        """What a peer is told: the cause, not the store's path on this machine."""
+        return f"storage failed: {self.cause}" if self.cause else "storage failed"
+
 
 class CheckpointSuperseded(StoreError):
     """A checkpoint was not saved because another writer saved a larger one meanwhile."""

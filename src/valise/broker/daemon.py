@@ -33,7 +33,7 @@ from valise.broker.cosign import COSIGN_TIMEOUT, CosignRound, pick_witnesses
 from valise.broker.fds import listen_tcp
 from valise.broker.home import BrokerConfig, BrokerHome
 from valise.broker.mailbox import Mailboxes, MailItem, PacketRow
-from valise.broker.queued import Waiter
+from valise.broker.queued import NotQueued, Waiter
 from valise.broker.readers import readers_of
 from valise.broker.session import Session
 from valise.broker.spool import Spool
@@ -150,6 +150,9 @@ class BrokerDaemon:
         self._unlinks: list[Path] = []  # spool files of bodies dropped in the open batch: unlinked after it commits
         # (sender, packet id) → (index, digest, at) of packets logged whose body a crash lost (see _replay_packet).
         self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = {}
+        self.acks_pending: set[tuple[str, bytes]] = set()  # (recipient, digest): acknowledgements being logged
+        self.purging: set[tuple[str, bytes]] = set()  # (recipient, digest): purges logged, not applied (NotQueued)
+        self.retracting: dict[bytes, tuple[Waiter, int]] = {}  # digest → the retraction being logged, its receipt time
         # A crash between the log's commit and the mailboxes' leaves the last batch's mailbox changes undone: they
         # are redone from the log, from the mark the mailboxes keep (`applied_size`), before anyone connects.
         applied = self.mail.applied_size()
@@ -172,8 +175,6 @@ class BrokerDaemon:
         self.batches = 0  # commit batches so far (a log entry's group commit shares one with the others queued)
         self.recorded = 0  # bumped whenever packets may have been recorded in the mailboxes since
         self._cosign_turn = 0  # checkpoints sent out for cosigning (see pick_witnesses)
-        self.acks_pending: set[tuple[str, bytes]] = set()  # (recipient, digest): acknowledgements being logged
-        self.retracting: dict[bytes, tuple[Waiter, int]] = {}  # digest → the retraction being logged, its receipt time
         self.withdrawals = 0  # packets taken out of mailboxes undelivered (retracted, purged) so far
         self.refusals = 0  # pushed items members refused (`refuse`): they stay in the mailboxes
         self._wake_committer = trio.Event()
@@ -318,6 +319,7 @@ class BrokerDaemon:
         if path.exists():  # a large packet is spooled and fsynced before its entry is appended
             row = PacketRow(digest, core.sender, core.packet_id, index, core.expires, path.stat().st_size, m["at"])
             self.mail.record_packet(row, core.recipients)
+            self.orphans.pop((core.sender, core.packet_id), None)  # counted as one while its batch had failed
         else:
             # A small packet's body travels in the mailbox transaction that the crash lost. Its sender got no
             # receipt and will resubmit; that resubmission is queued at this index instead of logged again. Kept
@@ -344,6 +346,7 @@ class BrokerDaemon:
         record = {"index": index, "notice": ack.raw, "id": ack.packet_id, "by": ack.recipient}
         self.mail.post(ack.sender, "ack", hashlib.sha256(ack.raw).digest(), encoding.pack(record))
         self.release([ack.digest])
+        self.acks_pending.discard((ack.recipient, ack.digest))  # one whose batch failed: logged, now applied
 
     def retract_effects(
         self, retraction: records.Retraction, recipients: Sequence[str], index: int, at: int | None = None
@@ -356,10 +359,17 @@ class BrokerDaemon:
             self.mail.post(r, "retract", retraction.digest, body)
         self.mail.record_retraction(retraction.digest, index, at)
         self.release([retraction.digest])
+        self.retracting.pop(retraction.digest, None)  # one whose batch failed: logged, now applied
 
     def purge_effects(self, member: str, digest: bytes) -> None:
         self.mail.remove(member, "packet", digest)
         self.release([digest])
+        self.purging.discard((member, digest))  # one whose batch failed: logged, now applied
+        # An orphan is purged for good by any of its purges (_purge_orphans), redone from the log or not.
+        for key, (_, orphan_digest, _) in list(self.orphans.items()):
+            if orphan_digest == digest:
+                del self.orphans[key]
+        self.mail.remove_orphans_of(digest)
 
     def release(self, digests: Sequence[bytes]) -> None:
         """Within a mailbox batch: drop the bodies nothing refers to any more; their files go after the commit."""
@@ -492,10 +502,19 @@ class BrokerDaemon:
                 self._fail(waiters, StoreError("an earlier part of the batch could not be logged"))
                 return
             confirmations = []
-        if confirmations:
+        self._confirm(confirmations)
+
+    def _confirm(self, confirmations: list[tuple[str, str, bytes]]) -> None:
+        """Take confirmed items out of their mailboxes. If the store cannot (a full disk), they stay: each is
+        pushed again on its member's next connection and confirmed again, which changes nothing twice."""
+        if not confirmations:
+            return
+        try:
             with self.mail.batch():
                 for member, kind, digest in confirmations:
                     self.mail.remove(member, kind, digest)
+        except StoreError as exc:
+            log.error("%d confirmation(s) not recorded (pushed again on reconnection): %s", len(confirmations), exc)
 
     def _admitted(self, group: list[Waiter]) -> list[Waiter]:
         """The entries of `group` that may still be logged where they will land: policy records that other
@@ -524,10 +543,7 @@ class BrokerDaemon:
         while True:
             group = self._admitted(group)
             if not group:
-                if confirmations:
-                    with self.mail.batch():
-                        for member, kind, digest in confirmations:
-                            self.mail.remove(member, kind, digest)
+                self._confirm(confirmations)
                 return True
             now = trio.current_time()
             for w in group:
@@ -557,19 +573,23 @@ class BrokerDaemon:
                 else:
                     self._apply([w.entry])
         self._fold(indexes.stop)
-        with self.mail.batch():
-            self._catch_up(indexes.start)  # entries other writers appended before this batch
-            self.mail.record_readers(
-                indexes.start,
-                [w.readers if w.readers is not None else self._readers(w.entry) for w in group],
-                group[-1].entry,
-            )
-            for member, kind, digest in confirmations:
-                self.mail.remove(member, kind, digest)
-            for w, index in zip(group, indexes, strict=True):
-                w.index = index
-                if w.on_commit is not None:
-                    w.on_commit(index)
+        try:
+            with self.mail.batch():
+                self._catch_up(indexes.start)  # entries other writers appended (or a failed batch) before this one
+                self.mail.record_readers(
+                    indexes.start,
+                    [w.readers if w.readers is not None else self._readers(w.entry) for w in group],
+                    group[-1].entry,
+                )
+                for member, kind, digest in confirmations:
+                    self.mail.remove(member, kind, digest)
+                for w, index in zip(group, indexes, strict=True):
+                    w.index = index
+                    if w.on_commit is not None:
+                        w.on_commit(index)
+        except StoreError as exc:
+            self._not_queued(group, indexes, exc)
+            return False
         self._unlink_released()
         for w in group:
             w.done.set()
@@ -579,6 +599,24 @@ class BrokerDaemon:
                 except Exception:
                     log.exception("handling a durable log entry")
         return True
+
+    def _not_queued(self, group: list[Waiter], indexes: range, exc: StoreError) -> None:
+        """The log took `group` and the mailboxes did not (a full disk): the state a crash between the two commits
+        leaves, handled as a restart handles it. The next batch or checkpoint redoes the changes from the log
+        (_catch_up: until then no checkpoint is signed over them); meanwhile each logged packet counts as an
+        orphan, so that its sender's retry is queued at its index instead of logged again, and the callbacks keep
+        what they hold for acknowledgements and retractions (NotQueued) so that none is logged twice."""
+        log.error("log entries %d..%d are logged, but the mailboxes could not take them: %s", indexes.start,
+                  indexes.stop - 1, exc)  # fmt: skip
+        self._unlinks.clear()  # the bodies released in the batch were released in its rolled-back transaction
+        self.recorded += 1
+        for w, index in zip(group, indexes, strict=True):
+            traffic = w.traffic and records.entry_type(w.entry)
+            if traffic and traffic[0] == "pkt":
+                core = Header.parse(traffic[1]["header"]).core
+                digest = hashlib.sha256(traffic[1]["header"]).digest()
+                self.orphans.setdefault((core.sender, core.packet_id), (index, digest, traffic[1]["at"]))
+        self._fail(group, NotQueued(f"logged, but not queued: {exc.what}", hint=exc.hint, cause=exc.cause))
 
     @staticmethod
     def _fail(waiters: list[Waiter], exc: BaseException) -> None:
@@ -750,6 +788,8 @@ class BrokerDaemon:
 
     async def purge_expired(self) -> None:
         for member, row in self.mail.expired_packets(self.now()):
+            if (member, row.digest) in self.purging:
+                continue  # logged already; its mailbox change waits for the store (NotQueued)
 
             def done(_index: int, member: str = member, digest: bytes = row.digest) -> None:
                 self.withdrawals += 1
@@ -759,7 +799,11 @@ class BrokerDaemon:
             # packets logged with the current time, and the log's times must not go back (audit.md, log-time).
             # Never before its expiry, though: the clock may have stepped back since the packet was picked.
             entry = records.purge_entry(row.digest, member, max(self.now(), row.expires))
-            await self.append(entry, done, traffic=True, readers=(member,))
+            try:
+                await self.append(entry, done, traffic=True, readers=(member,))
+            except NotQueued:
+                self.purging.add((member, row.digest))
+                raise
         await self._purge_orphans()
 
     async def _purge_orphans(self) -> None:

@@ -12,6 +12,7 @@ fills in the missing mailbox rows, so no packet that was logged is stranded and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -106,8 +107,9 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
 class Mailboxes:
     """Per-member ordered mailboxes in one SQLite file (WAL; every change is one committed transaction)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._db = conn
+    def __init__(self, conn: sqlite3.Connection, path: Path | None = None) -> None:
+        # Failures are StoreErrors naming the store: a full disk is a fault the broker reports and rides out.
+        self._db = sqlfile.Guarded(conn, f"the mailbox store {path or 'in memory'}")
         self._depth = 0
         # Next seq per member, read once and then kept here; counters changed in a transaction are written back
         # once at its commit (not at every post), and forgotten if it rolls back.
@@ -133,7 +135,7 @@ class Mailboxes:
                 _add_missing_columns(conn)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open mailbox store {path}: {exc}") from None
-        return cls(conn)
+        return cls(conn, path)
 
     def close(self) -> None:
         self._db.close()
@@ -327,6 +329,11 @@ class Mailboxes:
         with self._transaction():
             self._db.execute("DELETE FROM orphans WHERE sender = ? AND packet_id = ?", (sender, packet_id))
 
+    def remove_orphans_of(self, digest: bytes) -> None:
+        """Forget the orphan of packet `digest` (a purge of it is logged), if there is one."""
+        with self._transaction():
+            self._db.execute("DELETE FROM orphans WHERE digest = ?", (digest,))
+
     def last_log_index(self) -> int:
         """The log index of the newest packet recorded here (0 if none)."""
         (n,) = self._db.execute("SELECT coalesce(max(log_index), 0) FROM packets").fetchone()
@@ -358,7 +365,8 @@ class Mailboxes:
         except BaseException:
             self._posted.clear()
             if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(StoreError):  # a failed COMMIT may have rolled back already
+                    self._db.execute("ROLLBACK")
             # Read every counter again from what is committed: a failed insert may mean a cached one was wrong
             # (another writer), and it need not be one this transaction had changed.
             self._seqs.clear()

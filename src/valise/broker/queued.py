@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import trio
 
 from valise.broker import relay
-from valise.errors import Error
+from valise.errors import Error, StoreError
 from valise.wire import events as ev
 
 
@@ -52,3 +52,9 @@ class Refused(Error):
             return cls(outcome.message, lambda rid: ev.ErrorMessage(rid, outcome.code, outcome.message))
         reasons = tuple(ev.DenyReason(to, r) for to, r in outcome.reasons)
         return cls(f"packet {packet_id.hex()} denied", lambda rid: ev.Deny(rid, packet_id, reasons))
+
+
+class NotQueued(StoreError):
+    """The entry is in the log, but the mailboxes could not take its changes (a full disk): they are redone from
+    the log before the next checkpoint (BrokerDaemon._catch_up), as after a crash between the two commits. Its
+    member gets no receipt now; what it sends again is matched to the logged entry, never logged twice."""

@@ -20,13 +20,14 @@ from valise import encoding, records
 from valise.broker import relay
 from valise.broker.cosign import COSIGN_TIMEOUT, CosignRound
 from valise.broker.mailbox import MailItem, PacketRow
-from valise.broker.queued import Refused, Waiter
+from valise.broker.queued import NotQueued, Refused, Waiter
 from valise.broker.spool import InlineUpload, Upload
 from valise.errors import (
     Error,
     ProtocolError,
     StatementError,
     StatementSignatureError,
+    StoreError,
 )
 from valise.packet import Head
 from valise.packet.format import PREFIX_SIZE, SIGNATURE_SIZE, parse_prefix
@@ -367,7 +368,12 @@ class Session:
             # Admitted or a duplicate: receive the ciphertext either way (the grammar needs the upload to end);
             # a duplicate is checked again against what was spooled and answered with its existing receipt.
             signed_by = self.d.policy.members[self.member].sign_key  # admit checked the signature with it
-            self._uploads[msg.rid] = self.d.spool.begin(head, msg.head, signed_by)
+            try:
+                self._uploads[msg.rid] = self.d.spool.begin(head, msg.head, signed_by)
+            except StoreError as exc:  # the broker's disk, not the packet: this upload only, the session goes on
+                self._uploads[msg.rid] = None
+                await self.send(ev.ErrorMessage(msg.rid, codes.INTERNAL, str(exc)))
+                return
             self._upload_moved[msg.rid] = trio.current_time()
             if known is None:
                 self._unknown_at[msg.rid] = self.d.recorded
@@ -381,7 +387,8 @@ class Session:
             except Error as exc:
                 upload.discard()
                 self._uploads[msg.rid] = None
-                await self.send(ev.ErrorMessage(msg.rid, codes.HASH_MISMATCH, str(exc)))
+                code = codes.INTERNAL if isinstance(exc, StoreError) else codes.HASH_MISMATCH
+                await self.send(ev.ErrorMessage(msg.rid, code, str(exc)))
         # The data is on disk (or discarded): give the window back once half of it is used up, as nodes do. One
         # credit per half window, not one per chunk, spares a frame and often a write per small packet, and the
         # client always has half a window to send meanwhile (specs/wire.md, rule 16).
@@ -398,7 +405,8 @@ class Session:
         try:
             stored = upload.finish()  # the verified bytes (small packets) or the spool file
         except Error as exc:
-            await self.send(ev.ErrorMessage(msg.rid, codes.HASH_MISMATCH, str(exc)))
+            code = codes.INTERNAL if isinstance(exc, StoreError) else codes.HASH_MISMATCH
+            await self.send(ev.ErrorMessage(msg.rid, code, str(exc)))
             return
         head = upload.head
         core = head.core
@@ -432,12 +440,17 @@ class Session:
                 # Logged, so admitted, before a crash that lost its small body: queued at its existing index, with
                 # nothing logged again and nothing decided again (the time window or the policy may have moved on
                 # since; refusing now would contradict the log, which says the packet was relayed).
-                del self.d.orphans[(self.member, core.packet_id)]
                 index, at = orphan[0], orphan[2]
                 row = PacketRow(head.digest, self.member, core.packet_id, index, core.expires, size, at)
-                with self.d.mail.batch():
-                    self.d.mail.record_packet(row, core.recipients, body)
-                    self.d.mail.remove_orphan(self.member, core.packet_id)
+                try:
+                    with self.d.mail.batch():
+                        self.d.mail.record_packet(row, core.recipients, body)
+                        self.d.mail.remove_orphan(self.member, core.packet_id)
+                except StoreError as exc:  # still an orphan: forgotten only once its row is in (a retry finds it)
+                    what = f"the packet is logged, but the broker's {exc.told}: send it again"
+                    await self.send(ev.ErrorMessage(msg.rid, codes.INTERNAL, what))
+                    return
+                self.d.orphans.pop((self.member, core.packet_id), None)
                 self.d.recorded += 1
             else:
                 key = (self.member, core.packet_id)
@@ -510,7 +523,13 @@ class Session:
 
         def failed(exc: BaseException) -> None:
             self._inflight.pop(key, None)
-            self.send_soon(ev.ErrorMessage(rid, codes.INTERNAL, f"the log could not take the packet: {exc}"))
+            if isinstance(exc, NotQueued):
+                # Logged: its retry is queued at its index (an orphan until then), from this spool file if large.
+                what = f"the packet is logged, but the broker's {exc.told}: send it again"
+                self.send_soon(ev.ErrorMessage(rid, codes.INTERNAL, what))
+                return
+            self.d.spool.drop_unreferenced(self.d.mail, [head.digest])  # nothing refers to it: not left behind
+            self.send_soon(ev.ErrorMessage(rid, codes.INTERNAL, f"the log could not take the packet: {_told(exc)}"))
 
         entry = records.packet_entry(head.header.raw, head.signature, at)
         readers = (self.member, *core.recipients)
@@ -529,7 +548,7 @@ class Session:
             await self.send(refused.answer(rid))
             return
         except Error as exc:
-            await self.send(ev.ErrorMessage(rid, codes.INTERNAL, f"the log could not take the packet: {exc}"))
+            await self.send(ev.ErrorMessage(rid, codes.INTERNAL, f"the log could not take the packet: {_told(exc)}"))
             return
         finally:
             if self._inflight.get(key) is inflight:
@@ -602,9 +621,13 @@ class Session:
             self.d.wake(sender)
 
         def failed(exc: BaseException) -> None:
+            if isinstance(exc, NotQueued):
+                # Logged: applied from the log once the store takes it (ack_effects drops it from acks_pending),
+                # and until then one pushed again is not logged a second time.
+                return
             # The item stays in the mailbox; a new connection pushes it again.
             self.d.acks_pending.discard(pending)
-            self.close_soon(codes.INTERNAL, f"the log could not take the acknowledgement: {exc}")
+            self.close_soon(codes.INTERNAL, f"the log could not take the acknowledgement: {_told(exc)}")
 
         def recheck() -> Error | None:
             # A directory record (a rekey) landed ahead of it: it must still verify where it is logged.
@@ -662,6 +685,9 @@ class Session:
             except Refused as refused:
                 await self.send(refused.answer(msg.rid))
                 return
+            except StoreError as exc:
+                await self.send(ev.ErrorMessage(msg.rid, codes.INTERNAL, f"the retraction failed: {_told(exc)}"))
+                return
             await self.send(self._retraction_receipt(msg, row.digest, index, at))
             return
         recipients = self.d.logged_header(row.log_index).core.recipients
@@ -675,8 +701,9 @@ class Session:
             self.d.retract_effects(retraction, recipients, index, at)
             self.d.retracting.pop(digest, None)
 
-        def failed(_exc: BaseException) -> None:
-            self.d.retracting.pop(digest, None)
+        def failed(exc: BaseException) -> None:
+            if not isinstance(exc, NotQueued):  # logged, it stays in flight until applied (retract_effects)
+                self.d.retracting.pop(digest, None)
 
         def recheck() -> Error | None:
             # A directory record (a rekey) landed ahead of it: it must still verify where it is logged.
@@ -697,6 +724,9 @@ class Session:
             index = await waiter.result()
         except Refused as refused:
             await self.send(refused.answer(msg.rid))
+            return
+        except StoreError as exc:  # the broker's disk: this request fails, the session goes on; ask again later
+            await self.send(ev.ErrorMessage(msg.rid, codes.INTERNAL, f"the retraction failed: {_told(exc)}"))
             return
         for r in recipients:
             self.d.wake(r)
@@ -737,6 +767,9 @@ class Session:
                     index = await self.d.enqueue(statement, recheck=recheck).result()
                 except Refused as exc:
                     refused = exc
+                except StoreError as exc:  # the broker's disk: this request fails, the session goes on
+                    what = f"the statement could not be logged: {_told(exc)}"
+                    refused = Refused(what, lambda rid: ev.ErrorMessage(rid, codes.INTERNAL, what))
         if refused is not None:
             await self.send(refused.answer(msg.rid))
             return
@@ -1016,3 +1049,8 @@ class Session:
             log.warning("cosignature from %s refused: %s", self.member, exc)
         finally:
             done.set()
+
+
+def _told(exc: BaseException) -> str:
+    """A failure as a member is told it: a store failure's cause, never the broker's paths."""
+    return f"the broker's {exc.told}" if isinstance(exc, StoreError) else str(exc)

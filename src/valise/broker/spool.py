@@ -8,18 +8,38 @@ one chunk, whatever the packet's size. A body is deleted when no mailbox refers 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from valise.errors import StoreError
 from valise.packet import CiphertextHasher, Head
+from valise.store.sqlfile import failure_hint
+
+log = logging.getLogger("valise.broker")
 
 # Packets up to this size travel in the mailbox database, inside the commit batch's transaction, instead of as
 # files: a file costs an fsync of its own and of the directory, which bounded the broker at a few hundred small
 # packets per second. Memory per open upload stays bounded by this size.
 INLINE_MAX = 32 * 1024
+
+
+@contextmanager
+def _storing() -> Iterator[None]:
+    """A file system failure (a full disk, a quota) as a StoreError: the upload is refused with `internal`, and the
+    connection and the broker go on. The member is told the cause, not the broker's paths (those are logged)."""
+    try:
+        yield
+    except OSError as exc:
+        log.error("spool: %s", exc)
+        cause = exc.strerror or type(exc).__name__
+        what = f"the broker could not store the packet: {cause}"
+        raise StoreError(what, hint=failure_hint(exc), cause=cause) from None
 
 
 class _Refs(Protocol):
@@ -56,38 +76,48 @@ class Upload:
         self._tmp = tmp
         self._final = final
         self._hasher = CiphertextHasher(head.header)
-        self._file: BinaryIO | None = open(tmp, "wb")  # noqa: SIM115 - closed in finish() or discard()
-        self._file.write(head_bytes)
+        self._file: BinaryIO | None = None
+        try:
+            with _storing():
+                self._file = open(tmp, "wb")  # noqa: SIM115 - closed in finish() or discard()
+                self._file.write(head_bytes)
+        except BaseException:
+            self.discard()
+            raise
 
     def write(self, data: bytes) -> None:
         """Take one chunk: hash it (refusing bytes past the signed length), then append it to the file."""
         assert self._file is not None
         self._hasher.update(data)
-        self._file.write(data)
+        with _storing():
+            self._file.write(data)
 
     def finish(self) -> Path:
         """Check length and hash, make the file durable and give it its final name."""
         assert self._file is not None
         try:
             self._hasher.finish()
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            with _storing():
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                self._file = None
+                os.replace(self._tmp, self._final)
         except BaseException:
             self.discard()
             raise
-        self._file.close()
-        self._file = None
-        os.replace(self._tmp, self._final)
-        fd = os.open(self._final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with _storing():
+            fd = os.open(self._final.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return self._final
 
     def discard(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # closing flushes, and may fail as the write before it did
+                self._file.close()
             self._file = None
         self._tmp.unlink(missing_ok=True)
 

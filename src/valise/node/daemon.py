@@ -139,7 +139,7 @@ class NodeDaemon:
         self.poll_interval = poll_interval
         self.session: Session | None = None
         self.last_error: str | None = None
-        self.storage_failures = 0  # connections ended in a row because this node could not store what came
+        self.storage_failures = 0  # connections ended in a row because this node, or the broker, could not store
         self._sync_lock = trio.Lock()
         self._outbox_wake = trio.Event()
         self._outcome = trio.Event()  # set (and replaced) whenever an outbox row leaves `queued`
@@ -346,12 +346,14 @@ class NodeDaemon:
 
     def _lost(self, exc: BaseException) -> float:
         """Note why the connection ended; return the least time to wait before the next (0: the usual backoff)."""
-        if isinstance(exc, StoreError):
-            # This node could not write what the connection brought (a full disk): nothing was acknowledged or
-            # cosigned that is not stored, and the broker offers it again on the next connection. Connecting at
-            # once would fetch it again only to fail again: wait longer each time until a write succeeds.
+        broker_failed = isinstance(exc, RemoteError) and exc.code == codes.INTERNAL
+        if isinstance(exc, StoreError) or broker_failed:
+            # This node (or the broker, which ended the connection with `internal`: its disk, say) could not
+            # store what the connection carried: nothing was acknowledged or cosigned that is not stored, and the
+            # broker offers it again on the next connection. Connecting at once would only fail the same way
+            # again: wait longer each time until a connection ends for another reason.
             self.storage_failures += 1
-            self.last_error = f"this node's storage failed: {exc}"
+            self.last_error = f"the broker failed: {exc}" if broker_failed else f"this node's storage failed: {exc}"
             log.error("%s; connecting again in %.0f s", self.last_error, self._storage_pause())
             return self._storage_pause()
         self.storage_failures = 0

@@ -65,11 +65,15 @@ class Guarded:
         except sqlite3.Error as exc:
             raise self.failure(exc) from None
 
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
     def close(self) -> None:
         self.conn.close()
 
     def failure(self, exc: sqlite3.Error) -> StoreError:
-        return StoreError(f"{self.what} failed: {exc}", hint=failure_hint(exc))
+        return StoreError(f"{self.what} failed: {exc}", hint=failure_hint(exc), cause=str(exc))
 
 
 def failure_hint(exc: BaseException) -> str | None:

@@ -112,7 +112,7 @@ class SqliteLog(LogBackend):
             except sqlite3.Error as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                raise StoreError(f"commit to {self.path} failed: {exc}") from None
+                raise StoreError(f"commit to {self.path} failed: {exc}", cause=str(exc)) from None
 
     def _size(self) -> int:
         with self._lock:
