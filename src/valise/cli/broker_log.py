@@ -1,4 +1,4 @@
-"""`valise broker init`, `valise broker info` and `valise log export`: the broker's home and its log."""
+"""`valise broker init|info|status` and `valise log export`: the broker's home and its log."""
 
 from __future__ import annotations
 
@@ -7,16 +7,20 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from valise import keyfiles
+from valise.broker import status as broker_status
 from valise.broker.home import BrokerHome
 from valise.cli.main import group
+from valise.cli.text import shown
 from valise.errors import NoteError
 from valise.genesis import Genesis
 from valise.logservice import LogService
 from valise.store.export import export_tiles
 from valise.store.sqlite import SqliteLog
 from valise.tlog import note
+from valise.utctime import utc
 
 DEFAULT_BROKER_ID = "broker"
 
@@ -45,6 +49,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dir", required=True, type=Path, help="the broker directory")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(handler=info)
+
+    p = broker.add_parser(
+        "status",
+        help="whether the broker runs; the log, its checkpoint and the delivery queues (what waits for whom, since "
+        "when); orphans, spool and free disk",
+    )
+    p.add_argument("--dir", required=True, type=Path, help="the broker directory")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(handler=status)
 
     log = group(sub, "log", "the broker's transparency log")
     p = log.add_parser(
@@ -121,6 +134,48 @@ def info(args: argparse.Namespace) -> int:
     finally:
         log.store.close()
     return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    """Exit 0 if the broker runs and nothing is wrong, 3 otherwise (the report says what), for scripts."""
+    facts = broker_status.status(BrokerHome.open(args.dir))
+    if args.json:
+        print(json.dumps(facts))
+    else:
+        print(_status_text(facts))
+    return 0 if facts["running"] and not facts["problems"] else 3
+
+
+def _status_text(f: dict[str, Any]) -> str:
+    state = "running" if f["running"] else f"not running (start it: valise broker serve --dir {f['dir']} ...)"
+    lines = [f"broker      {state}; origin {f['origin']}"]
+    lines.append(f"log         {f['log_size']} entries, checkpoint {f['checkpoint_size']}")
+    behind = f["queues_behind"]
+    lines.append(
+        "queues      " + ("up to date with the log" if not behind else f"{behind} log entries not taken in yet")
+    )
+    for member, q in f["queues"].items():
+        oldest = f", oldest {utc(q['oldest'])}" if q["oldest"] is not None else ""
+        waiting = f"{q['packets']} packet(s), {_size(q['bytes'])}{oldest}; {q['notices']} notice(s)"
+        lines.append(f"  {shown(member):<10} {waiting}")
+    lines.append(f"orphans     {f['orphans']}")
+    lines.append(f"spool       {f['spool']['files']} file(s), {_size(f['spool']['bytes'])}")
+    disk = f["disk"]
+    lines.append(f"disk        {_size(disk['free'])} free of {_size(disk['total'])}")
+    lines += [f"PROBLEM     {p}" for p in f["problems"]]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    """Bytes as a person reads them (1023 bytes, 4.0 KiB, 1.5 GiB)."""
+    if n < 1024:
+        return f"{n} bytes"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} TiB"
 
 
 def _cosigned(home: BrokerHome, signed: bytes) -> bytes:
