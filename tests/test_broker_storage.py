@@ -28,7 +28,7 @@ from valise.cli.main import main as cli
 from valise.wire import codes
 from valise.wire import events as ev
 
-from .harness import WireClient, log_vkey, make_world, running_broker, seal
+from .harness import WireClient, World, log_vkey, make_world, running_broker, seal
 from .test_node_daemon import wait_for
 
 
@@ -36,6 +36,19 @@ def _head(data: bytes) -> packet.Head:
     head = packet.parse_head(data)
     assert isinstance(head, packet.Head)
     return head
+
+
+def _deu_ack(world: World, head: packet.Head) -> records.Ack:
+    """DEU's signed acknowledgement of FRA's packet `head`."""
+    deu = world.members["DEU"].signing
+    return records.Ack.make(deu, head.core.packet_id, head.digest, "FRA", "DEU", int(time.time()))
+
+
+async def _receipted(world: World, fra: WireClient, text: bytes) -> packet.Head:
+    """FRA's packet to DEU, submitted and receipted."""
+    data = seal(world, "FRA", ["DEU"], text)
+    assert isinstance(await fra.submit(data), ev.Receipt)
+    return _head(data)
 
 
 def _mailboxes_writable(broker: BrokerDaemon, writable: bool) -> None:
@@ -98,8 +111,7 @@ async def test_a_packet_logged_while_the_mailboxes_cannot_write_is_queued_once_a
             seq, got = await deu.receive_delivery()
             assert got == data
             await deu.sync()
-            ack = records.Ack.make(world.members["DEU"].signing, head.core.packet_id, head.digest, "FRA", "DEU",
-                                   int(time.time()))  # fmt: skip
+            ack = _deu_ack(world, head)
             await deu.send(ev.Ack(seq, head.core.packet_id, ack.raw))
             forwarded = await fra.next_of(ev.AckForward)
             assert isinstance(forwarded, ev.AckForward)
@@ -117,15 +129,12 @@ async def test_an_acknowledgement_and_a_retraction_logged_while_the_mailboxes_ca
     world.consent("FRA", "DEU")
     async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
         fra.refuse_cosign = True
-        data = seal(world, "FRA", ["DEU"], b"acknowledged while the disk was full")
-        head = _head(data)
-        assert isinstance(await fra.submit(data), ev.Receipt)
+        head = await _receipted(world, fra, b"acknowledged while the disk was full")
         async with WireClient.connect(world, "DEU", broker.port) as deu:
             deu.refuse_cosign = True
             seq, _ = await deu.receive_delivery()
             await deu.sync()
-            ack = records.Ack.make(world.members["DEU"].signing, head.core.packet_id, head.digest, "FRA", "DEU",
-                                   int(time.time()))  # fmt: skip
+            ack = _deu_ack(world, head)
             _mailboxes_writable(broker, False)
             await deu.send(ev.Ack(seq, head.core.packet_id, ack.raw))
             await wait_for(lambda: _logged(broker, "ack"))
@@ -175,15 +184,12 @@ async def test_confirmations_the_mailboxes_cannot_record_do_not_stop_the_broker(
     async with running_broker(world) as broker:
         async with WireClient.connect(world, "FRA", broker.port) as fra:
             fra.refuse_cosign = True
-            data = seal(world, "FRA", ["DEU"], b"confirmed while the disk was full")
-            head = _head(data)
-            assert isinstance(await fra.submit(data), ev.Receipt)
+            head = await _receipted(world, fra, b"confirmed while the disk was full")
             async with WireClient.connect(world, "DEU", broker.port) as deu:
                 deu.refuse_cosign = True
                 seq, _ = await deu.receive_delivery()
                 await deu.sync()
-                ack = records.Ack.make(world.members["DEU"].signing, head.core.packet_id, head.digest, "FRA", "DEU",
-                                       int(time.time()))  # fmt: skip
+                ack = _deu_ack(world, head)
                 await deu.send(ev.Ack(seq, head.core.packet_id, ack.raw))
             forwarded = await fra.next_of(ev.AckForward)
             assert isinstance(forwarded, ev.AckForward)

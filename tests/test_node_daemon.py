@@ -490,6 +490,20 @@ async def test_acknowledgements_the_broker_logged_reach_the_sender_through_the_l
         nursery.cancel_scope.cancel()
 
 
+async def connections_ended_with(nursery: trio.Nursery, h: Harness, ending: ev.Message, n: int) -> list[float]:
+    """Run the node's connection loop; end each of its first `n` connections with `ending`, as soon as it is
+    up. Returns when each of them began (trio's clock: a test's mock clock makes these virtual times)."""
+    h.nursery = nursery
+    nursery.start_soon(h.daemon.connection_loop)
+    accepted = []
+    for _ in range(n):
+        broker = await h.accepted.receive()
+        accepted.append(trio.current_time())
+        await h.daemon.connected_event.wait()
+        await broker.send(ending)
+    return accepted
+
+
 async def test_a_node_replaced_again_and_again_alarms_and_backs_off(
     world: dict[str, Any],
     members: dict[str, Any],
@@ -502,14 +516,8 @@ async def test_a_node_replaced_again_and_again_alarms_and_backs_off(
     mock_clock.autojump_threshold = 0
     h = Harness(world, members["FRA"])
     async with trio.open_nursery() as nursery:
-        h.nursery = nursery
-        nursery.start_soon(h.daemon.connection_loop)
-        accepted = []
-        for _ in range(4):
-            broker = await h.accepted.receive()
-            accepted.append(trio.current_time())
-            await h.daemon.connected_event.wait()
-            await broker.send(ev.ErrorMessage(None, codes.REPLACED, "replaced by a newer connection of FRA"))
+        ended = ev.ErrorMessage(None, codes.REPLACED, "replaced by a newer connection of FRA")
+        accepted = await connections_ended_with(nursery, h, ended, 4)
         gaps = [b - a for a, b in itertools.pairwise(accepted)]
         assert max(gaps[:2]) < 30  # the usual reconnection backoff at first
         assert gaps[2] >= 60  # then a minute between connections

@@ -355,6 +355,16 @@ def test_node_init_and_set_policy_check_the_policy(
     assert len(told["policy"]["witnesses"]) == 3
 
 
+async def _trusting_the_log(nursery: trio.Nursery, h: QuorumHarness, log: Log) -> tuple[Any, NodeDaemon]:
+    """The node connected, and following the log to a checkpoint that meets its quorum (two of three witnesses)."""
+    broker = await start(nursery, h)
+    d = h.daemon
+    assert d.session is not None
+    broker.offer = cosign(log.service.latest.note, WITNESSES[0], WITNESSES[1])  # type: ignore[union-attr]
+    assert await d.sync(d.session)
+    return broker, d
+
+
 async def test_a_packet_signed_with_keys_whose_rekey_waits_for_the_quorum_is_held_then_taken(
     world: dict[str, Any], members: dict[str, identity.Identity]
 ) -> None:
@@ -371,11 +381,8 @@ async def test_a_packet_signed_with_keys_whose_rekey_waits_for_the_quorum_is_hel
     sent_data, sent = sealed(fra, [deu], b"sent")
     h.daemon.store.enqueue(sent.core.packet_id, sent.digest, ["DEU"], NOW, NOW + 3600, sent_data)
     async with trio.open_nursery() as nursery:
-        broker = await start(nursery, h)
-        d = h.daemon
+        broker, d = await _trusting_the_log(nursery, h, log)
         assert d.session is not None
-        broker.offer = cosign(log.service.latest.note, WITNESSES[0], WITNESSES[1])  # type: ignore[union-attr]
-        assert await d.sync(d.session)
         new = _rekey(log, deu, b"DEU moved")
         log.add(records.packet_entry(sent.header.raw, sent.signature, NOW))
         ack = records.Ack.make(new.signing, sent.core.packet_id, sent.digest, "FRA", "DEU", NOW)
@@ -418,11 +425,8 @@ async def test_a_delivery_whose_senders_rekey_never_meets_the_quorum_is_refused_
     h = QuorumHarness(world, fra)
     log: Log = world["log"]
     async with trio.open_nursery() as nursery:
-        broker = await start(nursery, h)
-        d = h.daemon
+        broker, d = await _trusting_the_log(nursery, h, log)
         assert d.session is not None
-        broker.offer = cosign(log.service.latest.note, WITNESSES[0], WITNESSES[1])  # type: ignore[union-attr]
-        assert await d.sync(d.session)
         new = _rekey(log, deu, b"DEU moved")
         broker.offer = cosign(log.service.latest.note, WITNESSES[0])  # type: ignore[union-attr]  # short of it
         assert await d.sync(d.session)

@@ -26,7 +26,7 @@ from valise.wire import codes
 from valise.wire import events as ev
 
 from .harness import WireClient, log_vkey, make_world, running_broker, seal
-from .test_node_daemon import Harness, start, wait_for, world  # noqa: F401
+from .test_node_daemon import Harness, connections_ended_with, start, wait_for, world  # noqa: F401
 
 LIMIT = 1 << 20  # the node process may not write any file past 1 MiB: its store fits, a 3 MiB packet does not
 # Sets the limit, then becomes `valise node run` (exec): preexec_fn is unsafe with threads.
@@ -215,14 +215,8 @@ async def test_a_node_whose_broker_fails_its_connection_as_internal_waits_longer
     mock_clock.autojump_threshold = 0
     h = Harness(world, members["FRA"])
     async with trio.open_nursery() as nursery:
-        h.nursery = nursery
-        nursery.start_soon(h.daemon.connection_loop)
-        accepted = []
-        for _ in range(5):
-            broker = await h.accepted.receive()
-            accepted.append(trio.current_time())
-            await h.daemon.connected_event.wait()
-            await broker.send(ev.ErrorMessage(None, codes.INTERNAL, "the broker's storage failed: disk I/O error"))
+        ended = ev.ErrorMessage(None, codes.INTERNAL, "the broker's storage failed: disk I/O error")
+        accepted = await connections_ended_with(nursery, h, ended, 5)
         await wait_for(lambda: not h.daemon.connected_event.is_set())
         assert h.daemon.last_error is not None  # said while the node waits to connect again
         said = "the broker failed: peer reported internal: the broker's storage failed: disk I/O error"
