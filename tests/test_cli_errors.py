@@ -50,7 +50,11 @@ async def test_a_second_broker_on_one_directory_is_refused(tmp_path: Path, capsy
     async with broker_process(world.home.root, tmp_path / "broker.log") as first:
         code = cli(["broker", "serve", "--dir", str(world.home.root), "--listen", "127.0.0.1:0"])
         assert code == 2
-        assert capsys.readouterr().err == f"valise: error: another broker is running on {world.home.root}\n"
+        pid = first.proc.pid
+        assert (
+            capsys.readouterr().err
+            == f"valise: error: another broker is running on {world.home.root} (broker, pid {pid})\n"
+        )
         assert first.alive()
     # Released with the process (SIGKILL here): the next broker starts.
     async with broker_process(world.home.root, tmp_path / "broker2.log") as second:

@@ -417,3 +417,28 @@ def test_mistakes_that_would_be_logged_for_good_are_refused_first(
     assert log_size(broker) == size
     code, _, err = run(capsys, "broker", "init", "--dir", str(tmp_path / "b2"), "--origin", "https://x.example/log")
     assert (code, "has a scheme" in err) == (2, True)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1767225600", 1767225600),  # Unix seconds
+        ("2026-01-01", 1767225600),  # ISO 8601, UTC unless it says otherwise
+        ("20260101", 1767225600),  # ISO 8601's basic form: a date, not 1970 (a review found it read as seconds)
+        ("2026-01-01T02:00:00+02:00", 1767225600),
+    ],
+)
+def test_times_on_the_command_line_are_unix_seconds_or_iso_8601(text: str, expected: int) -> None:
+    from valise.cli.policy import parse_time
+
+    assert parse_time(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2026", "12345", "yesterday"])
+def test_a_time_that_is_neither_is_refused(text: str) -> None:
+    import argparse
+
+    from valise.cli.policy import parse_time
+
+    with pytest.raises(argparse.ArgumentTypeError, match="neither Unix seconds nor an ISO 8601 time"):
+        parse_time(text)

@@ -430,7 +430,7 @@ async def test_a_delivery_whose_senders_rekey_never_meets_the_quorum_is_refused_
         new = _rekey(log, deu, b"DEU moved")
         broker.offer = cosign(log.service.latest.note, WITNESSES[0])  # type: ignore[union-attr]  # short of it
         assert await d.sync(d.session)
-        assert d.follower.rekey_pending("DEU")
+        assert d.follower.pending_keys("DEU") == [new.bundle.sign_key]
         data, head = sealed(new, [fra], b"with DEU's new key")
         await deliver(broker, 1, data, head)
         refusal = await broker.expect(ev.Refuse)
@@ -440,4 +440,37 @@ async def test_a_delivery_whose_senders_rekey_never_meets_the_quorum_is_refused_
         assert "does not verify" not in alarm.message
         assert d.store.inbox_get(head.digest) is None
         assert d.holding() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_delivery_no_key_of_its_sender_signs_is_refused_as_forged_at_once_while_a_rekey_waits(
+    world: dict[str, Any], members: dict[str, identity.Identity]
+) -> None:
+    """A review: while DEU's rekey waited for the quorum, a header signed by a thief's key (neither DEU's trusted
+    key nor the one its pending rekey names) was held like one signed with the new key, then refused as "waiting
+    for the quorum". Held are only headers the pending key signs; this one is refused at once, as forged."""
+    from valise.crypto.seeded import seeded_random
+    from valise.wire import codes
+
+    from .test_node_rekey import _rekey, deliver
+
+    fra, deu = members["FRA"], members["DEU"]
+    h = QuorumHarness(world, fra)
+    log: Log = world["log"]
+    async with trio.open_nursery() as nursery:
+        broker, d = await _trusting_the_log(nursery, h, log)
+        assert d.session is not None
+        new = _rekey(log, deu, b"DEU moved")
+        broker.offer = cosign(log.service.latest.note, WITNESSES[0])  # type: ignore[union-attr]  # short of it
+        assert await d.sync(d.session)
+        thief = identity.rotate(deu, seeded_random(b"thief"), NOW + 1)
+        assert thief.bundle.sign_key not in (deu.bundle.sign_key, new.bundle.sign_key)
+        data, head = sealed(thief, [fra], b"forged in DEU's name")
+        await deliver(broker, 1, data, head)
+        refusal = await broker.expect(ev.Refuse)
+        assert (refusal.seq, refusal.code) == (1, codes.BAD_SIGNATURE)
+        assert d.holding() == 0
+        (alarm,) = d.store.alarms()
+        assert "signature does not verify" in alarm.message
+        assert "quorum" not in alarm.message
         nursery.cancel_scope.cancel()

@@ -571,11 +571,14 @@ def erase(args: argparse.Namespace) -> int:
         reply = _check(request(args.node, ask))
     except NotRunning:
         home = NodeHome.open(args.node)
-        with DaemonLock(home.lock_path, "node daemon"):  # the daemon's store: not while it starts
-            store = NodeStore.open(home.root)
+        with DaemonLock(home.lock_path, "node daemon", holder="valise erase"):  # not while the daemon starts
+            # A dry run only reads: nothing is migrated, swept or finished in the store.
+            store = NodeStore.open_readonly(home.root) if args.dry_run else NodeStore.open(home.root)
             try:
                 rows = erasing.select(store, args.ids, before=args.before, retracted=args.retracted)
-                reply = erasing.erase(store, rows, now=int(time.time()), dry_run=args.dry_run)
+                reply, digests = erasing.plan(rows, dry_run=args.dry_run)
+                if digests:
+                    store.inbox_erase(digests, int(time.time()))
             finally:
                 store.close()
     if args.json:
@@ -643,7 +646,8 @@ def status(args: argparse.Namespace) -> int:
                 + shown(trusted["detail"] or "no cosigned checkpoint yet")
             )
     print(f"outbox     {_counts(reply['outbox'])}; {reply['acknowledgements']} signed acknowledgement(s) received")
-    print(f"inbox      {_counts(reply['inbox'])}")
+    erased = reply.get("inbox_erased") or 0
+    print(f"inbox      {_counts(reply['inbox'])}" + (f" ({erased} erased)" if erased else ""))
     if reply.get("held"):
         print(f"held       {reply['held']} delivery(ies) waiting for the verified log to show their sender")
     alarms = reply["alarms"]

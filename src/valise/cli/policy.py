@@ -208,8 +208,11 @@ def _register_views(pol: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def parse_time(text: str) -> int:
-    """Unix seconds, or an ISO 8601 date or date-time (UTC unless it says otherwise)."""
-    if text.isdigit():
+    """Unix seconds, or an ISO 8601 date or date-time (UTC unless it says otherwise).
+
+    Digits alone are Unix seconds only from nine digits on (March 1973): eight are ISO 8601's basic date form
+    (20261231), which a retention job read as 1970 would silently match nothing; fewer are neither."""
+    if text.isdigit() and len(text) >= 9:
         return int(text)
     try:
         value = dt.datetime.fromisoformat(text)

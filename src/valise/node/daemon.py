@@ -140,6 +140,9 @@ class NodeDaemon:
         self.session: Session | None = None
         self.last_error: str | None = None
         self.storage_failures = 0  # connections ended in a row because this node, or the broker, could not store
+        # After a `bad-signature` refusal of our own packet that the log does not explain (yet): the size then
+        # followed, and the broker's words (_check_bad_signature).
+        self._bad_signature: tuple[int, str] | None = None
         self._sync_lock = trio.Lock()
         self._outbox_wake = trio.Event()
         self._outcome = trio.Event()  # set (and replaced) whenever an outbox row leaves `queued`
@@ -531,6 +534,7 @@ class NodeDaemon:
             if self.quorum is not None:
                 await self._trust(session, note)
             self.check_overdue_receipts()
+            self._judge_bad_signature()
             return True
 
     def _behind(self, note: bytes) -> None:
@@ -786,21 +790,36 @@ class NodeDaemon:
             await self._check_bad_signature(session, row, reply.answer)
 
     async def _check_bad_signature(self, session: Session, row: OutboxRow, answer: ev.ErrorMessage) -> None:
-        """Alarm if the broker refuses as badly signed a packet signed with the key its own log shows for us.
+        """Start checking whether the broker refuses as badly signed a packet its own log says is well signed.
 
         The honest reason for such an answer is a rekey of this member that the node has not followed yet (the
-        packet stays queued, _answered). An operator's rekey is checkpointed as it is appended, so once the node
-        has followed the broker's latest checkpoint, a log still showing this node's key (and no rekey of it
-        waiting for the quorum) means the broker refuses what its own log says is valid."""
+        packet stays queued, _answered). The node follows the broker's latest checkpoint now; if that shows no
+        rekey of it, the broker may still have applied one that it has not checkpointed yet (operator commands
+        append between checkpoints). Any larger checkpoint is signed after this refusal, so shows what the
+        broker had applied: the node judges by the first one it follows (_judge_bad_signature)."""
         if not self._signed_by_us(row) or not await self.try_sync(session):
             return
+        if self._bad_signature is None and self._log_shows_own_key():
+            self._bad_signature = (self.follower.size, answer.message)
+
+    def _log_shows_own_key(self) -> bool:
+        """Whether the trusted log shows this node's identity key as its member's, with no rekey of it pending."""
         ours = self.identity.bundle.sign_key
-        if self.follower.member_key(self.member) == ours and not self.follower.rekey_pending(self.member):
+        return self.follower.member_key(self.member) == ours and not self.follower.pending_keys(self.member)
+
+    def _judge_bad_signature(self) -> None:
+        """Once the node follows a checkpoint past the one it followed after a `bad-signature` refusal of its own
+        packet: an alarm if even that one shows no rekey of this member."""
+        waiting = self._bad_signature
+        if waiting is None or self.follower.size <= waiting[0]:
+            return
+        self._bad_signature = None
+        if self._log_shows_own_key():
             self.alarm(
                 "broker",
-                f"the broker refuses {self.member}'s packets as badly signed, though its log, followed to its latest "
-                f"checkpoint, shows the key that signed them as {self.member}'s",
-                answer.message.encode(),  # one alarm for them all: the first refusal's words are its evidence
+                f"the broker refuses {self.member}'s packets as badly signed, though its log, in a checkpoint "
+                f"signed after it refused them, shows the key that signed them as {self.member}'s",
+                waiting[1].encode(),  # one alarm for them all: the first refusal's words are its evidence
             )
 
     def _answered(self, row: OutboxRow, answer: ev.Message) -> None:

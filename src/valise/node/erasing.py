@@ -11,14 +11,17 @@ Run by the daemon when it runs (its store, under its lock), or by the CLI under 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from valise.errors import UsageError
-from valise.node.report import one
+from valise.node.report import inbox_one
 from valise.node.store import InboxRow, NodeStore
 
 # An answer names at most this many erased packets (it must fit one control frame); `count` says how many in all.
 LISTED = 1000
+# Packets erased per transaction: a large erase must not hold a running daemon's event loop for seconds.
+CHUNK = 500
 
 
 def select(store: NodeStore, ids: list[str], *, before: int | None, retracted: bool) -> list[InboxRow]:
@@ -28,17 +31,16 @@ def select(store: NodeStore, ids: list[str], *, before: int | None, retracted: b
     if not ids and before is None and not retracted:
         raise UsageError("say what to erase: packet ids, --before TIME, --retracted, or both of the last two")
     if ids:
-        return [one(store.inbox_find(prefix.lower()), prefix, "inbox") for prefix in ids]
+        return [inbox_one(store.inbox_find(prefix), prefix) for prefix in ids]
     return store.inbox_erasable(before=before, retracted=retracted)
 
 
-def erase(store: NodeStore, rows: list[InboxRow], *, now: int, dry_run: bool) -> dict[str, Any]:
-    """Erase `rows` (unless `dry_run`); the answer says which, and which were erased before."""
+def plan(rows: list[InboxRow], *, dry_run: bool) -> tuple[dict[str, Any], list[bytes]]:
+    """The answer to an erase of `rows`, and the digests of the packets to erase (none for a dry run)."""
+    rows = list({r.digest: r for r in rows}.values())  # a packet named twice is one packet
     held = [r for r in rows if r.erased is None]
     already = [r for r in rows if r.erased is not None]
-    if not dry_run and held:
-        store.inbox_erase([r.digest for r in held], now)
-    return {
+    answer = {
         "ok": True,
         "count": len(held),
         "bytes": sum(r.size for r in held),
@@ -46,3 +48,10 @@ def erase(store: NodeStore, rows: list[InboxRow], *, now: int, dry_run: bool) ->
         "already": [r.packet_id.hex() for r in already[:LISTED]],
         "dry_run": dry_run,
     }
+    return answer, [] if dry_run else [r.digest for r in held]
+
+
+def chunks(digests: list[bytes]) -> Iterator[list[bytes]]:
+    """The digests in batches of CHUNK: a running daemon lets its connection run between them."""
+    for i in range(0, len(digests), CHUNK):
+        yield digests[i : i + CHUNK]

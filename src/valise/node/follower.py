@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from valise import encoding, records
+from valise import encoding, identity, records
 from valise.crypto import sign
 from valise.errors import CheckpointError, EncodingError, Error, NoteError, ProofError
 from valise.genesis import Genesis
@@ -454,15 +454,17 @@ class Follower:
         """Whether verified entries wait for a checkpoint that meets the quorum."""
         return self.trusted_size < self.size
 
-    def rekey_pending(self, member_id: str) -> bool:
-        """Whether a member-rekey of `member_id` is among the verified entries that wait for the quorum: what it
-        signs with its new keys cannot be checked until then (asked only when a signature fails). Only one the
-        trusted state would take counts (signed by the operator, handed over by the member's trusted key): the
-        broker alone cannot make a member's forgeries wait instead of being refused."""
+    def pending_keys(self, member_id: str) -> list[bytes]:
+        """The new identity keys of `member_id` in member-rekey records among the verified entries that wait for
+        the quorum: what it signs with them cannot be taken until then, and what none of them signs is forged
+        (asked only when a signature fails). Only a rekey the trusted state would take counts (signed by the
+        operator, handed over by the member's trusted key): the broker alone cannot make a member's forgeries
+        wait instead of being refused."""
         policy = self.policy
         member = policy.members.get(member_id) if policy is not None else None
         if policy is None or member is None:
-            return False
+            return []
+        keys = []
         for entry in self.pending.values():
             try:
                 record = policy_records.parse(entry)
@@ -473,10 +475,10 @@ class Follower:
                 message = policy_records.rekey_message(member_id, self.origin, bundle)
                 sign.verify(member.sign_key, policy_records.REKEY_DOMAIN, message, record.body["rekey_sig"],
                             what="pending member-rekey hand-over")  # fmt: skip
+                keys.append(identity.PublicBundle.from_bytes(bundle).sign_key)
             except Error:
                 continue
-            return True
-        return False
+        return keys
 
     def _genesis(self, entry: bytes) -> Genesis:
         g = parse_genesis(entry, self.origin)

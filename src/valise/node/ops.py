@@ -19,13 +19,14 @@ from collections.abc import AsyncIterator
 from typing import Any, BinaryIO, cast
 
 import trio
+import trio.lowlevel
 
 from valise import encoding, identity, packet, records
 from valise.errors import DeniedError, Error, LimitError, UsageError, WireError
 from valise.node import control, erasing, receipts, report
 from valise.node.daemon import NodeDaemon
 from valise.node.report import one as _one
-from valise.node.store import InboxRow, OutboxRow, writing
+from valise.node.store import OutboxRow, writing
 from valise.packet import MAX_RECIPIENTS
 from valise.policy import records as policy_records
 from valise.policy.records import GROUP_PREFIX
@@ -327,7 +328,7 @@ async def op_read(
     daemon: NodeDaemon, request: dict[str, Any], reader: control.MessageReader, stream: trio.SocketStream
 ) -> dict[str, Any]:
     prefix = _text(request, "id")
-    row: InboxRow = _one(daemon.store.inbox_find(prefix), prefix, "inbox")
+    row = report.inbox_one(daemon.store.inbox_find(prefix), prefix)
     report.check_readable(row, force=bool(request.get("force")))
     # A sender removed since still signed this while a member: the broker takes packets from active members only,
     # and the node acknowledged it. It is readable, with the removal said beside it (it may be why it was removed).
@@ -372,7 +373,7 @@ def _session(daemon: NodeDaemon) -> Any:
 
 async def op_retract(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
     prefix = _text(request, "id").lower()
-    rows = [r for r in daemon.store.outbox_all() if r.packet_id.hex().startswith(prefix)]
+    rows = daemon.store.outbox_find(prefix)
     if not rows and len(prefix) >= 4 and daemon.store.inbox_find(prefix):
         raise UsageError(f"packet {prefix} is one this member received: only its sender can retract it")
     row: OutboxRow = _one(rows, prefix, "outbox")
@@ -545,7 +546,7 @@ def _still_in_force(daemon: NodeDaemon, revoked: bytes) -> list[str]:
 async def op_export_receipt(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict[str, Any]:
     """A tlog-proof bundle that the packet is in the log (node/receipts.py)."""
     prefix = _text(request, "id").lower()
-    rows = [r for r in daemon.store.outbox_all() if r.packet_id.hex().startswith(prefix)]
+    rows = daemon.store.outbox_find(prefix)
     row: OutboxRow = _one(rows, prefix, "outbox")
     done = await receipts.export_receipt(daemon, row)
     return {
@@ -569,7 +570,11 @@ async def op_erase(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict
     rows = erasing.select(
         daemon.store, ids, before=_opt(request, "before", int), retracted=bool(request.get("retracted"))
     )
-    return erasing.erase(daemon.store, rows, now=daemon.now(), dry_run=bool(request.get("dry_run")))
+    answer, digests = erasing.plan(rows, dry_run=bool(request.get("dry_run")))
+    for chunk in erasing.chunks(digests):
+        daemon.store.inbox_erase(chunk, daemon.now())
+        await trio.lowlevel.checkpoint()  # the broker connection and other control clients run between chunks
+    return answer
 
 
 OPS = {

@@ -45,6 +45,7 @@ def status(
     """The status answer. `follower` is the verified log, or why it could not be rebuilt (offline only: the store's
     outbox, inbox and alarms are still worth showing, most of all then)."""
     outbox = Counter(r.state for r in store.outbox_all())
+    held, erased = store.inbox_counts()
     return {
         "ok": True,
         "member": config.member_id,
@@ -57,7 +58,8 @@ def status(
         # Deliveries that wait, unacknowledged, for the verified log to show their sender (a new member).
         "held": live.held if live else 0,
         "acknowledgements": store.ack_count(),
-        "inbox": store.inbox_counts(),  # held packets by state, and how many were erased
+        "inbox": held,  # held packets by state
+        "inbox_erased": erased,
         # The latest alarms, and how many there are in all (a broker can raise them without end; the answer
         # must stay within one control frame).
         "alarms": [
@@ -196,7 +198,7 @@ def offline_read(
             follower = _restore(home, store)
     finally:
         store.close()
-    row: InboxRow = one(rows, prefix, "inbox")
+    row = inbox_one(rows, prefix)
     check_readable(row, force=force)
     sender = signer_bundle(follower.policy, row, lambda: inbox_head(store, row))
     me = home.load_identity(passphrase)
@@ -214,6 +216,14 @@ def one(rows: list[Any], prefix: str, where: str) -> Any:
     if len(rows) > 1:
         raise UsageError(f"{len(rows)} packets in the {where} start with {prefix}", hint="give more digits")
     return rows[0]
+
+
+def inbox_one(rows: list[InboxRow], prefix: str) -> InboxRow:
+    """The inbox row a packet id prefix names: a packet still held before erased ones, which `inbox` no longer
+    lists and which should not make a prefix ambiguous."""
+    held = [r for r in rows if r.erased is None]
+    row: InboxRow = one(held or rows, prefix, "inbox")
+    return row
 
 
 def check_readable(row: InboxRow, *, force: bool) -> None:

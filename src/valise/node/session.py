@@ -27,6 +27,7 @@ from typing import IO, TYPE_CHECKING
 import trio
 
 from valise import records
+from valise.crypto import sign
 from valise.errors import (
     Error,
     PacketError,
@@ -38,7 +39,7 @@ from valise.errors import (
 )
 from valise.node import signers
 from valise.node.store import writing
-from valise.packet.format import CiphertextHasher, Head, NeedMore, parse_head
+from valise.packet.format import HEADER_DOMAIN, CiphertextHasher, Head, NeedMore, parse_head
 from valise.wire import codes, liveness
 from valise.wire import events as ev
 from valise.wire import limits as L
@@ -322,13 +323,15 @@ class Session:
 
     def _signer_or_wait(self, head: Head) -> bytes | None:
         """`_signer`, or None while the trusted log may not show the key yet: a sender it does not show as a
-        member, or one whose rekey the node has verified but may not use yet (a witness quorum pending)."""
+        member, or one whose rekey the node has verified but may not use yet (a witness quorum pending), and
+        whose new key does sign this header: one that no key of the sender's signs is refused as forged now."""
         if not self.d.follower.identity_keys(head.core.sender):
             return None
         try:
             return self._signer(head)
         except SignatureError:
-            if self.d.follower.rekey_pending(head.core.sender):
+            pending = self.d.follower.pending_keys(head.core.sender)
+            if signers.first_signer(pending, functools.partial(_check_header, head)) is not None:
                 return None
             raise
 
@@ -442,14 +445,17 @@ class Session:
         now = self.d.now()
         try:
             labels = core.labels.to_json()
-            self.d.store.inbox_add_file(head.digest, core.packet_id, core.sender, now, labels, path, sign_key)
+            taken = self.d.store.inbox_add_file(head.digest, core.packet_id, core.sender, now, labels, path, sign_key)
         except PacketError as exc:
             await self._refuse(seq, codes.REPLAY, f"refused {what}: {exc.what}")
             return
         ack = records.Ack.make(self.d.identity.signing, core.packet_id, head.digest, core.sender, self.d.member, now)
         await self.send(ev.Ack(seq, core.packet_id, ack.raw))
         self.d.store.inbox_mark(head.digest, acked=True)
-        log.info("received packet %s from %s", core.packet_id.hex(), core.sender)
+        if taken:
+            log.info("received packet %s from %s", core.packet_id.hex(), core.sender)
+        else:  # held (or erased) already: its acknowledgement was lost on the way, or the broker restarted
+            log.info("packet %s from %s delivered again: acknowledged again", core.packet_id.hex(), core.sender)
 
     async def _refuse(self, seq: int, code: str, alarm: str, kind: str = "delivery") -> None:
         """Refuse a pushed item: an alarm, and a `refuse` so that it no longer holds one of the broker's push slots
@@ -548,7 +554,8 @@ class Session:
                 ack = records.Ack.verified(msg.ack, keys[0])
             except SignatureError:
                 verify = functools.partial(records.Ack.verified, msg.ack)
-                if signers.first_signer(keys[1:], verify) is None and not self.d.follower.rekey_pending(msg.by):
+                # Signed with a replaced key, or with the new key of a rekey waiting for the quorum; else forged.
+                if signers.first_signer([*keys[1:], *self.d.follower.pending_keys(msg.by)], verify) is None:
                     raise
                 await self._from_the_log(msg.seq, "acknowledgement", msg.by)
                 return
@@ -580,7 +587,8 @@ class Session:
                 retraction = records.Retraction.verified(msg.retraction, keys[0], logged=True)
             except SignatureError:
                 verify = functools.partial(records.Retraction.verified, msg.retraction, logged=True)
-                if signers.first_signer(keys[1:], verify) is None and not self.d.follower.rekey_pending(msg.by):
+                # Signed with a replaced key, or with the new key of a rekey waiting for the quorum; else forged.
+                if signers.first_signer([*keys[1:], *self.d.follower.pending_keys(msg.by)], verify) is None:
                     raise
                 await self._from_the_log(msg.seq, "retraction", msg.by)
                 return
@@ -614,6 +622,10 @@ class Session:
             await self.send(ev.ErrorMessage(msg.rid, code, exc.what[:900]))
             return
         await self.send(ev.CosignResponse(msg.rid, cp))
+
+
+def _check_header(head: Head, key: bytes) -> None:
+    sign.verify(key, HEADER_DOMAIN, head.header.raw, head.signature, what=f"packet header from {head.core.sender}")
 
 
 def _delivery_name(head_bytes: bytes, head: Head | None = None) -> str:

@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS inbox (
                                           -- is recognised, acknowledged again and never taken in again
 );
 CREATE UNIQUE INDEX IF NOT EXISTS inbox_by_sender_id ON inbox (sender, packet_id);
+CREATE INDEX IF NOT EXISTS inbox_by_id ON inbox (packet_id);  -- `read`, `erase` by id prefix
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 -- The log as this node verified it: the entries a restart re-folds (genesis, policy records), and the header
 -- digests of this member's own "pkt" entries (to check receipts against).
@@ -149,6 +150,20 @@ def writing(what: str) -> Iterator[None]:
         where = f" ({exc.filename})" if exc.filename else ""
         cause = exc.strerror or type(exc).__name__
         raise StoreError(f"could not write {what}{where}: {cause}", hint=sqlfile.failure_hint(exc)) from None
+
+
+def _id_prefix(prefix: str) -> tuple[str, tuple[bytes, ...]]:
+    """An SQL condition on `packet_id` for ids whose hex starts with `prefix`: the range [low, high) of the ids
+    that start with its digits (an odd digit counts as the high half of the last byte)."""
+    prefix = prefix.lower()
+    if not prefix or any(c not in "0123456789abcdef" for c in prefix) or len(prefix) > 32:
+        return "0", ()  # no packet id starts with it
+    pad = "0" * (len(prefix) % 2)
+    low = bytes.fromhex(prefix + pad)
+    after = int(prefix, 16) + 1
+    if after >> (4 * len(prefix)):  # all f: no upper bound
+        return "packet_id >= ?", (low,)
+    return "packet_id >= ? AND packet_id < ?", (low, bytes.fromhex(f"{after:0{len(prefix)}x}" + pad))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -582,14 +597,15 @@ class NodeStore:
         )
         return [(r[0], InboxRow.of(r[1:])) for r in rows]
 
-    def inbox_counts(self) -> dict[str, int]:
-        """How many packets the inbox holds in each state, and how many it erased (`erased`)."""
+    def inbox_counts(self) -> tuple[dict[str, int], int]:
+        """How many packets the inbox holds in each state, and how many it erased."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(inbox)")}
         erased = "erased IS NULL" if "erased" in columns else "1"  # a store not migrated yet (read-only)
         rows = self._db.execute(
-            f"SELECT CASE WHEN {erased} THEN state ELSE 'erased' END AS s, count(*) FROM inbox GROUP BY s"
+            f"SELECT CASE WHEN {erased} THEN state ELSE '' END AS s, count(*) FROM inbox GROUP BY s"
         )
-        return {str(r[0]): int(r[1]) for r in rows}
+        counts = {str(r[0]): int(r[1]) for r in rows}
+        return counts, counts.pop("", 0)
 
     def inbox_erasable(self, *, before: int | None, retracted: bool) -> list[InboxRow]:
         """Held packets received before `before` (if given) and, with `retracted`, retracted by their sender."""
@@ -609,6 +625,7 @@ class NodeStore:
         list, and the next erase (or `erase_leftovers`) finishes it. The other order could leave a row that
         promises a file no longer there."""
         digests = list(dict.fromkeys(digests))
+        self.erase_leftovers()  # an earlier list not finished is finished first, never overwritten
         with self._tx():
             erased = 0
             for digest in digests:
@@ -636,8 +653,15 @@ class NodeStore:
         return self._db.execute("SELECT 1 FROM inbox WHERE digest = ?", (digest,)).fetchone() is not None
 
     def inbox_find(self, prefix: str) -> list[InboxRow]:
-        """Inbox rows whose packet id (hex) starts with `prefix`."""
-        return [r for r in self._inbox("ORDER BY received", ()) if r.packet_id.hex().startswith(prefix.lower())]
+        """Inbox rows whose packet id (hex) starts with `prefix`: a range of the packet id index, not a scan (an
+        inbox keeps a row per packet ever received, erased ones too)."""
+        where, args = _id_prefix(prefix)
+        return self._inbox(f"WHERE {where} ORDER BY received", args)
+
+    def outbox_find(self, prefix: str) -> list[OutboxRow]:
+        """Outbox rows whose packet id (hex) starts with `prefix` (a range of its primary key)."""
+        where, args = _id_prefix(prefix)
+        return self._outbox(f"WHERE {where} ORDER BY created", args)
 
     def inbox_all(self) -> list[InboxRow]:
         return self._inbox("ORDER BY received", ())
