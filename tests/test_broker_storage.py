@@ -13,9 +13,11 @@ import hashlib
 import json
 import os
 import resource
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +27,7 @@ import trio
 from valise import packet, records
 from valise.broker.daemon import BrokerDaemon
 from valise.cli.main import main as cli
+from valise.store import sqlfile
 from valise.wire import codes
 from valise.wire import events as ev
 
@@ -51,8 +54,43 @@ async def _receipted(world: World, fra: WireClient, text: bytes) -> packet.Head:
     return _head(data)
 
 
-def _mailboxes_writable(broker: BrokerDaemon, writable: bool) -> None:
-    broker.mail._db.execute(f"PRAGMA query_only = {'OFF' if writable else 'ON'}")
+class _CommitRefused:
+    """mailbox.db's connection, whose COMMIT fails while `failing` (what a full disk does once a transaction's
+    pages no longer fit): every write before it succeeds, and the mailboxes roll back as they do for real."""
+
+    def __init__(self, guarded: sqlfile.Guarded) -> None:
+        self.guarded = guarded
+        self.failing = False
+
+    def execute(self, sql: str, args: Sequence[object] = ()) -> sqlite3.Cursor:
+        if self.failing and sql == "COMMIT":
+            raise self.guarded.failure(sqlite3.OperationalError("database or disk is full"))
+        return self.guarded.execute(sql, args)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> sqlite3.Cursor:
+        return self.guarded.executemany(sql, rows)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.guarded.in_transaction
+
+    def close(self) -> None:
+        self.guarded.close()
+
+
+# How the mailboxes fail: at their first write (SQLite refusing it: the connection made read-only), or only at
+# COMMIT, after every change of the batch was made (the in-memory bookkeeping must not keep them).
+MODES = ("write", "commit")
+CAUSES = {"write": "attempt to write a readonly database", "commit": "database or disk is full"}
+
+
+def _mailboxes_writable(broker: BrokerDaemon, writable: bool, mode: str = "write") -> None:
+    if mode == "write":
+        broker.mail._db.execute(f"PRAGMA query_only = {'OFF' if writable else 'ON'}")
+        return
+    if not isinstance(broker.mail._db, _CommitRefused):
+        broker.mail._db = _CommitRefused(broker.mail._db)  # type: ignore[assignment]
+    broker.mail._db.failing = not writable
 
 
 def _logged(broker: BrokerDaemon, kind: str) -> list[int]:
@@ -73,35 +111,36 @@ async def _audit_clean(broker: BrokerDaemon, root: Path, capsys: pytest.CaptureF
     assert json.loads(capsys.readouterr().out)["findings"] == []
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", [40, 40_000], ids=["small", "spooled"])
 async def test_a_packet_logged_while_the_mailboxes_cannot_write_is_queued_once_and_never_logged_twice(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str, size: int
 ) -> None:
     world = make_world(tmp_path, ("FRA", "DEU"))
     world.consent("FRA", "DEU")
     async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
         fra.refuse_cosign = True
-        data = seal(world, "FRA", ["DEU"], b"sent while the disk was full")
+        data = seal(world, "FRA", ["DEU"], bytes(size))
         head = _head(data)
-        _mailboxes_writable(broker, False)
+        _mailboxes_writable(broker, False, mode)
         answer = await fra.submit(data)
         assert isinstance(answer, ev.ErrorMessage)
         assert answer.code == codes.INTERNAL
-        assert "the packet is logged, but the broker's storage failed: attempt to write a readonly database" in (
-            answer.message
-        )
+        assert f"the packet is logged, but the broker's storage failed: {CAUSES[mode]}" in answer.message
         assert str(tmp_path) not in answer.message  # the member is told why, not the broker's paths
         (index,) = _logged(broker, "pkt")  # in the log, with no receipt given
 
-        # The broker serves on: the sender's session, and a recipient that connects.
-        again = await fra.submit(data)
-        assert isinstance(again, ev.ErrorMessage)  # still not queued, still not logged twice
-        assert again.code == codes.INTERNAL
-        assert _logged(broker, "pkt") == [index]
+        # The broker serves on; the node's retries, while the store still fails, are not logged again.
+        for _ in range(2):
+            again = await fra.submit(data)
+            assert isinstance(again, ev.ErrorMessage)
+            assert again.code == codes.INTERNAL
+            assert _logged(broker, "pkt") == [index]
         await trio.sleep(0.5)  # checkpoint rounds pass: none may be signed over the entry the mailboxes lack
         assert broker.log.latest is not None
         assert broker.log.latest.size <= index
 
-        _mailboxes_writable(broker, True)  # space again
+        _mailboxes_writable(broker, True, mode)  # space again
         receipt = await fra.submit(data)  # the node's retry
         assert isinstance(receipt, ev.Receipt), receipt
         assert receipt.index == index
@@ -119,8 +158,9 @@ async def test_a_packet_logged_while_the_mailboxes_cannot_write_is_queued_once_a
         await _audit_clean(broker, tmp_path, capsys)
 
 
+@pytest.mark.parametrize("mode", MODES)
 async def test_an_acknowledgement_and_a_retraction_logged_while_the_mailboxes_cannot_write_are_applied_once(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
 ) -> None:
     """The recipient's connection is not ended for it (its node would reconnect at once, again and again), a
     push of the same packet again is not logged a second time, and the sender gets the acknowledgement once the
@@ -135,7 +175,7 @@ async def test_an_acknowledgement_and_a_retraction_logged_while_the_mailboxes_ca
             seq, _ = await deu.receive_delivery()
             await deu.sync()
             ack = _deu_ack(world, head)
-            _mailboxes_writable(broker, False)
+            _mailboxes_writable(broker, False, mode)
             await deu.send(ev.Ack(seq, head.core.packet_id, ack.raw))
             await wait_for(lambda: _logged(broker, "ack"))
             # DEU's connection stays up, and answers a ping.
@@ -153,13 +193,14 @@ async def test_an_acknowledgement_and_a_retraction_logged_while_the_mailboxes_ca
         retraction = records.Retraction.make(
             world.members["FRA"].signing, head.core.packet_id, head.digest, "FRA", "wrong desk", int(time.time())
         )
-        await fra.send(ev.Retract(fra.conn.new_rid(), head.core.packet_id, retraction.raw))
-        refused = await fra.next_of(ev.ErrorMessage)
-        assert isinstance(refused, ev.ErrorMessage)
-        assert refused.code == codes.INTERNAL
+        for _ in range(3):  # asked again and again while the store fails: logged once
+            await fra.send(ev.Retract(fra.conn.new_rid(), head.core.packet_id, retraction.raw))
+            refused = await fra.next_of(ev.ErrorMessage)
+            assert isinstance(refused, ev.ErrorMessage)
+            assert refused.code == codes.INTERNAL
         (retracted_at,) = _logged(broker, "retract")
 
-        _mailboxes_writable(broker, True)
+        _mailboxes_writable(broker, True, mode)
         forwarded = await fra.next_of(ev.AckForward)  # the acknowledgement, applied from the log
         assert isinstance(forwarded, ev.AckForward)
         assert forwarded.id == head.core.packet_id
@@ -259,3 +300,39 @@ async def test_a_packet_the_broker_cannot_spool_is_refused_alone_and_taken_once_
         log.close()
     assert "Traceback" not in (tmp_path / "broker.log").read_text()
     assert log_vkey(world)  # the directory is still a broker's
+
+
+async def test_purges_and_statements_while_the_mailboxes_cannot_commit_are_logged_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A review: a packet that expired while the mailboxes could not commit was purged at every purger round
+    (purge-duplicate), and a member's statement, logged and in force, was answered as not logged, its retries
+    refused as replays. Now one purge is logged, and the statement gets its receipt."""
+    from valise.policy import records as prec
+
+    world = make_world(tmp_path, ("FRA", "DEU", "ITA"))
+    world.consent("FRA", "DEU")
+    async with (
+        running_broker(world, purge_interval=0.1) as broker,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+    ):
+        fra.refuse_cosign = True
+        data = seal(world, "FRA", ["DEU"], b"expires while the disk is full", expires=int(time.time()) + 2)
+        assert isinstance(await fra.submit(data), ev.Receipt)
+        _mailboxes_writable(broker, False, "commit")
+        await wait_for(lambda: _logged(broker, "purge"))
+        await trio.sleep(0.5)  # five more purger rounds
+        assert len(_logged(broker, "purge")) == 1
+
+        grant = prec.grant(world.members["FRA"].signing, origin=world.home.config().origin, author="FRA",
+                           created=int(time.time()), to="ITA", tlp="GREEN")  # fmt: skip
+        rid = fra.conn.new_rid()
+        await fra.send(ev.Statement(rid, grant))
+        result = await fra.next_of(ev.StatementResult)
+        assert isinstance(result, ev.StatementResult)
+        assert result.index == broker.store.size() - 1
+
+        _mailboxes_writable(broker, True, "commit")
+        await wait_for(lambda: not broker.mail.pending("DEU"))
+        assert len(_logged(broker, "purge")) == 1
+        await _audit_clean(broker, tmp_path, capsys)

@@ -19,8 +19,8 @@ import hashlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,9 @@ class BrokerDaemon:
         policyfold.fold(self.policy, self.store, self.store.size(), index, self._refused)
         self.policy.verify_signatures = True
         self._unlinks: list[Path] = []  # spool files of bodies dropped in the open batch: unlinked after it commits
+        # In-memory changes that go with the open mailbox batch's changes, made once it commits: a COMMIT that
+        # fails (a full disk) must not leave the broker believing what the store does not hold (see effects()).
+        self._at_commit: list[Callable[[], object]] = []
         # (sender, packet id) → (index, digest, at) of packets logged whose body a crash lost (see _replay_packet).
         self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = {}
         self.acks_pending: set[tuple[str, bytes]] = set()  # (recipient, digest): acknowledgements being logged
@@ -157,10 +160,9 @@ class BrokerDaemon:
         # are redone from the log, from the mark the mailboxes keep (`applied_size`), before anyone connects.
         applied = self.mail.applied_size()
         self._check_mailboxes_current(applied)
-        with self.mail.batch():
+        with self.effects():
             # A mailbox database from before the mark: only packets after the newest it knows can be missing.
             self._catch_up(self.store.size(), effects_from=applied if applied is not None else self._legacy_mark())
-        self._unlink_released()
         if swept := self.spool.sweep(self.mail):
             log.warning("removed %d spool file(s) that no mailbox item refers to", swept)
         self.orphans.update(self.mail.orphans())  # and those of earlier crashes
@@ -304,6 +306,8 @@ class BrokerDaemon:
                 self.purge_effects(m["recipient"], m["digest"])
             else:
                 return
+        except StoreError:
+            raise  # the store failed, not the entry: the batch must not commit, nor its mark move past it
         except (Error, KeyError) as exc:
             log.error("log entry %d: its mailbox changes cannot be redone: %s", index, exc)
             return
@@ -319,7 +323,8 @@ class BrokerDaemon:
         if path.exists():  # a large packet is spooled and fsynced before its entry is appended
             row = PacketRow(digest, core.sender, core.packet_id, index, core.expires, path.stat().st_size, m["at"])
             self.mail.record_packet(row, core.recipients)
-            self.orphans.pop((core.sender, core.packet_id), None)  # counted as one while its batch had failed
+            key = (core.sender, core.packet_id)
+            self.at_commit(lambda: self.orphans.pop(key, None))  # counted as one while its batch had failed
         else:
             # A small packet's body travels in the mailbox transaction that the crash lost. Its sender got no
             # receipt and will resubmit; that resubmission is queued at this index instead of logged again. Kept
@@ -346,7 +351,8 @@ class BrokerDaemon:
         record = {"index": index, "notice": ack.raw, "id": ack.packet_id, "by": ack.recipient}
         self.mail.post(ack.sender, "ack", hashlib.sha256(ack.raw).digest(), encoding.pack(record))
         self.release([ack.digest])
-        self.acks_pending.discard((ack.recipient, ack.digest))  # one whose batch failed: logged, now applied
+        pending = (ack.recipient, ack.digest)
+        self.at_commit(lambda: self.acks_pending.discard(pending))  # one whose batch failed: applied now
 
     def retract_effects(
         self, retraction: records.Retraction, recipients: Sequence[str], index: int, at: int | None = None
@@ -359,17 +365,42 @@ class BrokerDaemon:
             self.mail.post(r, "retract", retraction.digest, body)
         self.mail.record_retraction(retraction.digest, index, at)
         self.release([retraction.digest])
-        self.retracting.pop(retraction.digest, None)  # one whose batch failed: logged, now applied
+        digest = retraction.digest
+        self.at_commit(lambda: self.retracting.pop(digest, None))  # one whose batch failed: applied now
 
     def purge_effects(self, member: str, digest: bytes) -> None:
         self.mail.remove(member, "packet", digest)
         self.release([digest])
-        self.purging.discard((member, digest))  # one whose batch failed: logged, now applied
         # An orphan is purged for good by any of its purges (_purge_orphans), redone from the log or not.
+        self.mail.remove_orphans_of(digest)
+        self.at_commit(lambda: self._purged(member, digest))
+
+    def _purged(self, member: str, digest: bytes) -> None:
+        self.purging.discard((member, digest))  # one whose batch failed: applied now
         for key, (_, orphan_digest, _) in list(self.orphans.items()):
             if orphan_digest == digest:
                 del self.orphans[key]
-        self.mail.remove_orphans_of(digest)
+
+    @contextmanager
+    def effects(self) -> Iterator[None]:
+        """A mailbox batch whose in-memory bookkeeping (`at_commit`) follows it: made if it commits, dropped with
+        it if it does not, as the bodies it released are (their files stay)."""
+        self._at_commit = []
+        try:
+            with self.mail.batch():
+                yield
+        except BaseException:
+            self._at_commit = []
+            self._unlinks.clear()
+            raise
+        changes, self._at_commit = self._at_commit, []
+        for change in changes:
+            change()
+        self._unlink_released()
+
+    def at_commit(self, change: Callable[[], object]) -> None:
+        """Within `effects()`: make `change` to the broker's memory once the batch has committed."""
+        self._at_commit.append(change)
 
     def release(self, digests: Sequence[bytes]) -> None:
         """Within a mailbox batch: drop the bodies nothing refers to any more; their files go after the commit."""
@@ -574,7 +605,7 @@ class BrokerDaemon:
                     self._apply([w.entry])
         self._fold(indexes.stop)
         try:
-            with self.mail.batch():
+            with self.effects():
                 self._catch_up(indexes.start)  # entries other writers appended (or a failed batch) before this one
                 self.mail.record_readers(
                     indexes.start,
@@ -590,7 +621,6 @@ class BrokerDaemon:
         except StoreError as exc:
             self._not_queued(group, indexes, exc)
             return False
-        self._unlink_released()
         for w in group:
             w.done.set()
             if w.on_durable is not None:
@@ -608,15 +638,15 @@ class BrokerDaemon:
         what they hold for acknowledgements and retractions (NotQueued) so that none is logged twice."""
         log.error("log entries %d..%d are logged, but the mailboxes could not take them: %s", indexes.start,
                   indexes.stop - 1, exc)  # fmt: skip
-        self._unlinks.clear()  # the bodies released in the batch were released in its rolled-back transaction
         self.recorded += 1
         for w, index in zip(group, indexes, strict=True):
+            w.index = index
             traffic = w.traffic and records.entry_type(w.entry)
             if traffic and traffic[0] == "pkt":
                 core = Header.parse(traffic[1]["header"]).core
                 digest = hashlib.sha256(traffic[1]["header"]).digest()
                 self.orphans.setdefault((core.sender, core.packet_id), (index, digest, traffic[1]["at"]))
-        self._fail(group, NotQueued(f"logged, but not queued: {exc.what}", hint=exc.hint, cause=exc.cause))
+            self._fail([w], NotQueued(f"logged, but not queued: {exc.what}", index, hint=exc.hint, cause=exc.cause))
 
     @staticmethod
     def _fail(waiters: list[Waiter], exc: BaseException) -> None:
@@ -666,10 +696,14 @@ class BrokerDaemon:
             return
         previous = latest.size if latest else 0
         try:
-            with self.mail.batch():  # what operator commands appended since the last batch, before anyone reads it
+            with self.effects():  # what operator commands appended since the last batch, before anyone reads it
                 self._catch_up(self.store.size())
             signed = self.log.sign()
-        except Error:
+        except Error as exc:
+            if isinstance(exc, StoreError) and exc.cause is not None:
+                # The mailboxes cannot take the log's last entries (a full disk): nothing is signed over them.
+                log.error("no checkpoint signed: the mailboxes have not taken in the log's last entries: %s", exc)
+                return
             # The store no longer matches what was signed (altered, or restored from an old backup): refuse to
             # sign, keep serving the last checkpoint, and say so loudly. Never crash the daemon over it.
             log.exception("refusing to sign a checkpoint")
@@ -813,8 +847,8 @@ class BrokerDaemon:
         for (sender, packet_id), (index, digest, _) in list(self.orphans.items()):
             core = self.logged_header(index).core
             now = self.now()  # per orphan, for the reason purge_expired gives
-            if core.expires > now:
-                continue
+            if core.expires > now or any((r, digest) in self.purging for r in core.recipients):
+                continue  # not expired, or its purges are logged and wait for the store (NotQueued)
 
             def done(_index: int, sender: str = sender, packet_id: bytes = packet_id) -> None:
                 self.withdrawals += 1
@@ -826,8 +860,12 @@ class BrokerDaemon:
                 self.enqueue(records.purge_entry(digest, r, now), done, traffic=True, readers=(r,))
                 for r in core.recipients
             ]
-            for w in waiters:
-                await w.result()
+            try:
+                for w in waiters:
+                    await w.result()
+            except NotQueued:
+                self.purging.update((r, digest) for r in core.recipients)
+                raise
 
     async def _resolve(self, path: str) -> http.Response:
         if path == "/checkpoint":

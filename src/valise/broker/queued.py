@@ -55,6 +55,11 @@ class Refused(Error):
 
 
 class NotQueued(StoreError):
-    """The entry is in the log, but the mailboxes could not take its changes (a full disk): they are redone from
-    the log before the next checkpoint (BrokerDaemon._catch_up), as after a crash between the two commits. Its
-    member gets no receipt now; what it sends again is matched to the logged entry, never logged twice."""
+    """The entry is in the log, at `index`, but the mailboxes could not take its changes (a full disk): they are
+    redone from the log before the next checkpoint (BrokerDaemon._catch_up), as after a crash between the two
+    commits. Its member gets no receipt now; what it sends again is matched to the logged entry, never logged
+    twice."""
+
+    def __init__(self, what: str, index: int, *, hint: str | None = None, cause: str | None = None) -> None:
+        super().__init__(what, hint=hint, cause=cause)
+        self.index = index

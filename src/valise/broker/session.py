@@ -616,8 +616,7 @@ class Session:
         sender = ack.sender
 
         def done(index: int) -> None:
-            self.d.ack_effects(ack, index)
-            self.d.acks_pending.discard(pending)
+            self.d.ack_effects(ack, index)  # takes it out of acks_pending once the batch commits
             self.d.wake(sender)
 
         def failed(exc: BaseException) -> None:
@@ -698,8 +697,7 @@ class Session:
         # cancelled while its retraction still waits for the commit, and a retry must find it.
         def done(index: int) -> None:
             self.d.withdrawals += 1
-            self.d.retract_effects(retraction, recipients, index, at)
-            self.d.retracting.pop(digest, None)
+            self.d.retract_effects(retraction, recipients, index, at)  # out of `retracting` once it commits
 
         def failed(exc: BaseException) -> None:
             if not isinstance(exc, NotQueued):  # logged, it stays in flight until applied (retract_effects)
@@ -767,6 +765,8 @@ class Session:
                     index = await self.d.enqueue(statement, recheck=recheck).result()
                 except Refused as exc:
                     refused = exc
+                except NotQueued as exc:  # logged and in force: only its readers wait for the mailboxes
+                    index = exc.index
                 except StoreError as exc:  # the broker's disk: this request fails, the session goes on
                     what = f"the statement could not be logged: {_told(exc)}"
                     refused = Refused(what, lambda rid: ev.ErrorMessage(rid, codes.INTERNAL, what))
