@@ -26,7 +26,7 @@ from valise.wire import codes
 from valise.wire import events as ev
 
 from .harness import WireClient, log_vkey, make_world, running_broker, seal
-from .test_node_daemon import Harness, connections_ended_with, start, wait_for, world  # noqa: F401
+from .test_node_daemon import Harness, connections_ended_with, sealed, start, wait_for, world  # noqa: F401
 
 LIMIT = 1 << 20  # the node process may not write any file past 1 MiB: its store fits, a 3 MiB packet does not
 # Sets the limit, then becomes `valise node run` (exec): preexec_fn is unsafe with threads.
@@ -152,30 +152,40 @@ async def test_a_checkpoint_the_node_could_not_record_is_neither_cosigned_nor_sk
     """A review: following the log moved the node's view on in memory before it was stored. When storing failed
     (a full disk), the node cosigned the tree it never recorded, and its next commit skipped the entries in
     between for good: a member added there stayed unknown to it after a restart. The view now goes back to what
-    the store holds, the cosigning request is answered `internal`, and the next follow stores the entries."""
+    the store holds, the cosigning request is answered `internal` (without this machine's paths) and the
+    connection ends; on the next one, the follow stores the entries."""
     h = Harness(world, members["FRA"])
     store = h.daemon.store
     real = store.follower_commit
-    failing = True
+    failing = False
 
     def full_disk(*args: Any, **kwargs: Any) -> int:
         if failing:
-            raise StoreError("the node store failed: database or disk is full")
+            raise StoreError(
+                "the node store /srv/n/node.db failed: database or disk is full", cause="database or disk is full"
+            )
         return real(*args, **kwargs)
 
     store.follower_commit = full_disk  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         broker = await start(nursery, h)
-        await wait_for(lambda: h.daemon.follower.size == 0)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        failing = True  # the disk is full from here on
         new_note = h.log.admit(members["ITA"])
-        await broker.send(ev.CosignRequest(7, 0, (), new_note))
+        proof = tuple(h.log.service.consistency_proof(3))
+        await broker.send(ev.CosignRequest(7, 3, proof, new_note))
         answer = await broker.expect(ev.ErrorMessage)
         assert (answer.rid, answer.code) == (7, codes.INTERNAL)
-        assert "database or disk is full" in answer.message
-        assert h.daemon.follower.size == 0  # as stored
+        assert answer.message == "this node's storage failed: database or disk is full"
+        assert h.daemon.follower.size == 3  # as stored
         assert h.daemon.follower.member_key("ITA") is None
+        await wait_for(lambda: h.daemon.last_error is not None)  # said while the node waits to connect again
+        assert h.daemon.last_error is not None
+        assert h.daemon.last_error.startswith("this node's storage failed: the node store /srv/n/node.db failed")
         failing = False
-        await broker.send(ev.CosignRequest(8, 0, (), new_note))
+        broker = await h.accepted.receive()  # the node connects again (after a pause)
+        await h.daemon.connected_event.wait()
+        await broker.send(ev.CosignRequest(8, 3, proof, new_note))
         assert (await broker.expect(ev.CosignResponse)).rid == 8
         assert h.daemon.follower.member_key("ITA") == members["ITA"].bundle.sign_key
         nursery.cancel_scope.cancel()
@@ -224,4 +234,105 @@ async def test_a_node_whose_broker_fails_its_connection_as_internal_waits_longer
         gaps = [b - a for a, b in itertools.pairwise(accepted)]
         assert gaps == sorted(gaps)
         assert gaps[-1] >= 8  # 1, 2, 4, 8 s: the backoff's ceilings, not its random draws
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_packet_whose_sending_the_store_could_not_record_is_not_cancelled_by_retract(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A review: the broker logged a packet and sent its receipt, the node could record neither the receipt nor
+    that it had sent the packet (a full disk), and once space came back `valise retract` cancelled the packet
+    "here" as never sent, though its recipient had it. The node remembers what it sent until the store has it,
+    and does not count such a run as a clean stop."""
+    from valise.node.daemon import STOPPED_CLEANLY
+
+    from .test_node_cli import answer_submission, cli, serve_daemon
+
+    h = Harness(world, members["FRA"])
+    store = h.daemon.store
+    real_receipted, real_tried = store.outbox_receipted, store.outbox_tried
+
+    def full_disk(*_: object) -> None:
+        raise StoreError("the node store failed: database or disk is full", cause="database or disk is full")
+
+    store.outbox_receipted = full_disk  # type: ignore[method-assign]
+    store.outbox_tried = full_disk  # type: ignore[method-assign]
+    payload = tmp_path / "p.json"
+    payload.write_text("{}")
+    node = str(world["home"].root)
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        nursery.start_soon(answer_submission, broker, h)
+        assert await cli("send", "--node", node, "--to", "DEU", "--tlp", "GREEN", "--no-wait", str(payload)) == 0
+        await wait_for(lambda: "storage failed" in (h.daemon.last_error or ""))
+        (row,) = store.outbox_all()
+        assert (row.state, row.attempts) == ("queued", 0)  # what the store holds: nothing says it was sent
+        store.outbox_receipted, store.outbox_tried = real_receipted, real_tried  # type: ignore[method-assign]
+        capsys.readouterr()
+        assert await cli("retract", "--node", node, row.packet_id.hex(), "--reason", "wrong file") == 2
+        assert "may have reached the broker" in capsys.readouterr().err
+        assert store.outbox_all()[0].state == "queued"
+        assert h.log.service.store.size() == 4  # the broker's log holds it
+        nursery.cancel_scope.cancel()
+    assert store.get(STOPPED_CLEANLY) == b"\x00"  # the next run counts every queued packet as tried
+    store.close()
+
+
+async def test_reading_a_packet_needs_no_write(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+) -> None:
+    """A review: `valise read` of a new packet failed on a full disk after decrypting it, because marking it read
+    failed: the output was left unwritten. Marking it is now best effort."""
+    from .test_node_cli import cli, serve_daemon
+    from .test_node_rekey import deliver
+
+    h = Harness(world, members["FRA"])
+    store = h.daemon.store
+    data, head = sealed(members["DEU"], [members["FRA"]], b"read me")
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        await deliver(broker, 1, data, head)
+        await broker.expect(ev.Ack)
+
+        def full_disk(*_: object, **__: object) -> None:
+            raise StoreError("the node store failed: database or disk is full", cause="database or disk is full")
+
+        store.inbox_mark = full_disk  # type: ignore[method-assign]
+        out = tmp_path / "out.bin"
+        node = str(world["home"].root)
+        assert await cli("read", "--node", node, head.core.packet_id.hex(), "-o", str(out)) == 0
+        assert out.read_bytes() == bytes(10)  # what `sealed` seals
+        nursery.cancel_scope.cancel()
+
+
+async def test_storage_failures_count_in_a_row_only_between_sessions_that_went_well_for_a_while(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A review: once space came back and the node worked for a while, the next failure still waited the
+    longest pause. A session that went well for longer than the longest pause starts the count again."""
+    mock_clock.autojump_threshold = 0
+    h = Harness(world, members["FRA"])
+    ended = ev.ErrorMessage(None, codes.INTERNAL, "the broker's storage failed: disk I/O error")
+    async with trio.open_nursery() as nursery:
+        accepted = await connections_ended_with(nursery, h, ended, 4)  # pauses of 1, 2 and 4 s
+        broker = await h.accepted.receive()  # a session that goes well for a minute
+        began = trio.current_time()
+        await h.daemon.connected_event.wait()
+
+        with trio.move_on_after(60):  # the broker answers the node's pings meanwhile
+            async for msg in broker.events:
+                if isinstance(msg, ev.Ping):
+                    await broker.send(ev.Pong(msg.n))
+        assert h.daemon.connected_event.is_set()
+        await broker.send(ended)
+        await h.accepted.receive()
+        assert trio.current_time() - began - 60 <= 1.5  # the first pause of a new row, not the fifth
+        assert accepted[-1] - accepted[0] >= 7
         nursery.cancel_scope.cancel()

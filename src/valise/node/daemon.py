@@ -140,6 +140,7 @@ class NodeDaemon:
         self.session: Session | None = None
         self.last_error: str | None = None
         self.storage_failures = 0  # connections ended in a row because this node, or the broker, could not store
+        self._session_began = 0.0
         # After a `bad-signature` refusal of our own packet that the log does not explain (yet): the size then
         # followed, and the broker's words (_check_bad_signature).
         self._bad_signature: tuple[int, str] | None = None
@@ -154,6 +155,10 @@ class NodeDaemon:
             self._persist(caught_up)
         self.connected_event = trio.Event()  # for tests and `send`: set while a session is open
         self.submitting: set[bytes] = set()  # packet ids whose submission is under way (the outbox sender's)
+        # Packet ids sent to the broker in this run whose "tried" mark or outcome the store has not taken yet (a
+        # full disk): they may be in the broker's log, so `retract` must not cancel them here, and a stop is not
+        # clean while any is left.
+        self.unrecorded: set[bytes] = set()
 
     def _load_follower(self) -> Follower:
         """The verified log as the store holds it."""
@@ -166,6 +171,16 @@ class NodeDaemon:
         follower.in_inbox = self.store.inbox_has
         follower.retraction_wanted = self.store.retraction_wanted
         return follower
+
+    def _tried(self, packet_id: bytes) -> None:
+        """Record that a submission of a queued packet went out; if the store cannot take even that, the packet
+        stays in `unrecorded` for this run (and the run will not count as a clean stop)."""
+        try:
+            self.store.outbox_tried(packet_id)
+        except StoreError as exc:
+            log.error("packet %s was sent, and the store cannot record it: %s", packet_id.hex(), exc)
+            return
+        self.unrecorded.discard(packet_id)
 
     def _sign_queued_again(self) -> None:
         """After `valise node move --identity` to the member's new keys (policy.md, "Moving a member to new keys"):
@@ -294,11 +309,13 @@ class NodeDaemon:
             socket_path(self.home.root).unlink(missing_ok=True)
             with trio.CancelScope(shield=True):  # we are usually here because of a cancellation
                 await listener.aclose()
-            if cancelled:  # stopped, not crashed: every upload has ended, one cut off counted as tried
+            # Stopped, not crashed: every upload has ended, one cut off counted as tried (unless the store could
+            # not record that: then the next run counts every queued packet as tried).
+            if cancelled and not self.unrecorded:
                 try:
                     self.store.put(STOPPED_CLEANLY, b"\x01")
-                except Exception:  # a store that fails now must not hide how the run ended
-                    log.exception("could not record a clean stop")
+                except StoreError as exc:  # a store that fails now must not hide how the run ended
+                    log.error("could not record a clean stop: %s", exc)
 
     def _after_unclean_stop(self) -> None:
         """A daemon that did not stop cleanly (killed, crashed, or its machine lost power) may have been sending a
@@ -327,6 +344,7 @@ class NodeDaemon:
             try:
                 stream, conn = await self._open()
                 attempt = 0
+                self._session_began = trio.current_time()
                 await self._serve(stream, conn)
             except CONNECTION_ERRORS as exc:
                 pause = self._lost(exc)
@@ -351,6 +369,8 @@ class NodeDaemon:
         """Note why the connection ended; return the least time to wait before the next (0: the usual backoff)."""
         broker_failed = isinstance(exc, RemoteError) and exc.code == codes.INTERNAL
         if isinstance(exc, StoreError) or broker_failed:
+            if trio.current_time() - self._session_began > outbox.RECONNECT.cap:
+                self.storage_failures = 0  # after a session that went well for a while: not in a row
             # This node (or the broker, which ended the connection with `internal`: its disk, say) could not
             # store what the connection carried: nothing was acknowledged or cosigned that is not stored, and the
             # broker offers it again on the next connection. Connecting at once would only fail the same way
@@ -474,6 +494,11 @@ class NodeDaemon:
         """`sync`, for callers that carry on whatever the log says (a refusal is logged and maybe an alarm)."""
         try:
             return await self.sync(session)
+        except StoreError as exc:
+            if exc.cause is None:
+                log.warning("not following the log: %s", exc)
+                return False
+            raise  # this node cannot record the log: what needs it fails with that, and the connection ends
         except Error as exc:
             log.warning("not following the log: %s", exc)
             return False
@@ -726,12 +751,13 @@ class NodeDaemon:
                         session.requests.release()
                         continue
                     in_flight.add(row.packet_id)
+                    self.unrecorded.add(row.packet_id)
                     try:
                         rid, reply = await self._upload(session, row)
                     except BaseException:
                         session.requests.release()
                         in_flight.discard(row.packet_id)
-                        self.store.outbox_tried(row.packet_id)  # it may have reached the broker: no cancelling
+                        self._tried(row.packet_id)  # it may have reached the broker: no cancelling
                         raise
                     nursery.start_soon(self._await_answer, session, row, rid, reply, in_flight)
 
@@ -773,7 +799,7 @@ class NodeDaemon:
         try:
             await session.answer(reply, "a submission")
         except BaseException:
-            self.store.outbox_tried(row.packet_id)  # sent, and unanswered: it may be in the broker's log
+            self._tried(row.packet_id)  # sent, and unanswered: it may be in the broker's log
             raise
         finally:
             session.close_request(rid)
@@ -783,9 +809,9 @@ class NodeDaemon:
         try:
             self._answered(row, reply.answer)
         except BaseException:  # a receipt that could not be recorded: the broker has it logged
-            with contextlib.suppress(Exception):
-                self.store.outbox_tried(row.packet_id)
+            self._tried(row.packet_id)
             raise
+        self.unrecorded.discard(row.packet_id)
         if isinstance(reply.answer, ev.ErrorMessage) and reply.answer.code == codes.BAD_SIGNATURE:
             await self._check_bad_signature(session, row, reply.answer)
 

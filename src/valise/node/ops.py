@@ -22,7 +22,7 @@ import trio
 import trio.lowlevel
 
 from valise import encoding, identity, packet, records
-from valise.errors import DeniedError, Error, LimitError, UsageError, WireError
+from valise.errors import DeniedError, Error, LimitError, StoreError, UsageError, WireError
 from valise.node import control, erasing, receipts, report
 from valise.node.daemon import NodeDaemon
 from valise.node.report import one as _one
@@ -226,7 +226,7 @@ async def op_send(
             content_type = _opt(request, "content_type", str)
 
             def work() -> tuple[packet.Sealed, int]:
-                with writing("the packet being sealed"), open(spool, "w+b") as out:
+                with writing("the packet being sealed", spool), open(spool, "w+b") as out:
                     sealed = packet.seal(
                         cast(BinaryIO, pull),
                         out,
@@ -360,7 +360,10 @@ async def op_read(
 
     opened = await trio.to_thread.run_sync(work)
     if row.state == "new":
-        daemon.store.inbox_mark(row.digest, state="read")
+        try:
+            daemon.store.inbox_mark(row.digest, state="read")
+        except StoreError as exc:  # the plaintext went out: a full disk only costs the mark
+            log.warning("packet %s was read, and the store cannot mark it so: %s", row.packet_id.hex(), exc)
     reply = {"ok": True, "packet": opened.to_json(), "state": row.state, "retraction": row.retraction}
     return reply | ({"sender_removed": removed} if removed is not None else {})
 
@@ -381,7 +384,8 @@ async def op_retract(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> di
     if row.state == "queued":
         # Never sent (the broker was unreachable, say): withdrawn here, so the wrong file never leaves. One whose
         # submission was tried may be in the broker's log with its receipt lost: that one must be retracted there.
-        if row.packet_id not in daemon.submitting and daemon.store.outbox_cancelled(row.packet_id, reason):
+        sent = row.packet_id in daemon.submitting or row.packet_id in daemon.unrecorded
+        if not sent and daemon.store.outbox_cancelled(row.packet_id, reason):
             daemon.settled()
             return {"ok": True, "id": row.packet_id.hex(), "cancelled": True}
         raise UsageError(

@@ -284,22 +284,30 @@ class Session:
             self._discard()  # a delivery cut off with the connection: its partial file goes (it is pushed again)
 
     async def _work(self) -> None:
-        async with self._in_recv:
-            async for msg in self._in_recv:
-                if isinstance(msg, ev.DeliverBegin):
-                    await self._deliver_begin(msg)
-                elif isinstance(msg, ev.DeliverChunk):
-                    await self._deliver_chunk(msg)
-                elif isinstance(msg, ev.DeliverEnd):
-                    await self._deliver_end(msg)
-                elif isinstance(msg, ev.DeliverCancel):
-                    self._discard()
-                elif isinstance(msg, ev.AckForward):
-                    await self._ack_forward(msg)
-                elif isinstance(msg, ev.RetractForward):
-                    await self._retract_forward(msg)
-                elif isinstance(msg, ev.CosignRequest):
-                    await self._cosign(msg)
+        # Closed without a checkpoint (not `async with`): closing with one let the reader fail on the closed
+        # channel first, and the nursery's cancellation then replaced what ended the worker (a StoreError, which
+        # decides how long the node waits before it connects again) with a BrokenResourceError.
+        try:
+            await self._work_on()
+        finally:
+            self._in_recv.close()
+
+    async def _work_on(self) -> None:
+        async for msg in self._in_recv:
+            if isinstance(msg, ev.DeliverBegin):
+                await self._deliver_begin(msg)
+            elif isinstance(msg, ev.DeliverChunk):
+                await self._deliver_chunk(msg)
+            elif isinstance(msg, ev.DeliverEnd):
+                await self._deliver_end(msg)
+            elif isinstance(msg, ev.DeliverCancel):
+                self._discard()
+            elif isinstance(msg, ev.AckForward):
+                await self._ack_forward(msg)
+            elif isinstance(msg, ev.RetractForward):
+                await self._retract_forward(msg)
+            elif isinstance(msg, ev.CosignRequest):
+                await self._cosign(msg)
 
     async def sender_keys(self, member: str) -> list[bytes]:
         """A member's identity keys from the verified log, the current one first (PolicyState.identity_keys);
@@ -377,7 +385,7 @@ class Session:
         inc.head = head
         inc.path = self.d.store.tmp_path(f"deliver-{head.digest.hex()}.part")
         # A local spool file written chunk by chunk; closed in _discard / _deliver_end.
-        with writing("a delivery's spool file"):
+        with writing("a delivery's spool file", inc.path):
             inc.file = open(inc.path, "wb")  # noqa: SIM115, ASYNC230
             inc.file.write(msg.head)
         inc.hasher = CiphertextHasher(head.header)
@@ -395,7 +403,7 @@ class Session:
             assert inc.hasher is not None
             try:
                 inc.hasher.update(msg.data)
-                with writing("a delivery's spool file"):
+                with writing("a delivery's spool file", inc.path):
                     inc.file.write(msg.data)
             except StoreError:
                 raise  # this node's fault, not the delivery's: the connection ends (NodeDaemon._lost)
@@ -427,7 +435,7 @@ class Session:
             await self._refuse(msg.seq, inc.code, f"refused {inc.what}: {inc.problem}")
             return
         try:
-            with writing("a delivery's spool file"):
+            with writing("a delivery's spool file", inc.path):
                 inc.file.flush()
         except StoreError:
             self._close(inc)
@@ -615,10 +623,13 @@ class Session:
     async def _cosign(self, msg: ev.CosignRequest) -> None:
         try:
             cp = await self.d.witness(self, msg.checkpoint, msg.old, msg.proof)
+        except StoreError as exc:
+            # This node could not record the tree (its disk): nothing is wrong with it. Said to the broker without
+            # this machine's paths; then the connection ends, and the node waits before the next (NodeDaemon._lost).
+            await self.send(ev.ErrorMessage(msg.rid, codes.INTERNAL, f"this node's {exc.told}"))
+            raise
         except Error as exc:
             code = exc.code if isinstance(exc, ProtocolError | RemoteError) else codes.CONFLICT
-            if isinstance(exc, StoreError):  # this node could not record the tree: nothing wrong with it
-                code = codes.INTERNAL
             await self.send(ev.ErrorMessage(msg.rid, code, exc.what[:900]))
             return
         await self.send(ev.CosignResponse(msg.rid, cp))

@@ -142,14 +142,18 @@ class InboxRow:
 
 
 @contextmanager
-def writing(what: str) -> Iterator[None]:
-    """File system failures (a full disk, a size limit) as a StoreError naming the file and the cause."""
+def writing(what: str, path: Path | None = None) -> Iterator[None]:
+    """File system failures (a full disk, a size limit) as a StoreError naming the file and the cause. `path`:
+    the file, for errors that do not carry it (a failed write or flush names none)."""
     try:
         yield
     except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
+        file = exc.filename or path
+        where = f" ({file})" if file else ""
         cause = exc.strerror or type(exc).__name__
-        raise StoreError(f"could not write {what}{where}: {cause}", hint=sqlfile.failure_hint(exc)) from None
+        raise StoreError(
+            f"could not write {what}{where}: {cause}", hint=sqlfile.failure_hint(exc), cause=cause
+        ) from None
 
 
 def _id_prefix(prefix: str) -> tuple[str, tuple[bytes, ...]]:
@@ -274,7 +278,7 @@ class NodeStore:
                 conn.executescript(SCHEMA)
                 _add_missing_columns(conn)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open node store in {root}: {exc}") from None
+            raise StoreError(f"cannot open node store in {root}: {exc}", hint=sqlfile.failure_hint(exc)) from None
         if not made.exists():  # a new store, or one made before the marker existed
             _fsync_write(made, b"node.db was made in this directory: without it, it is a lost store\n")
         store = cls(root, conn)
@@ -335,7 +339,7 @@ class NodeStore:
     ) -> None:
         """Durably queue a sealed packet for sending (file first, then the row)."""
         path = self.outbox_path(packet_id)
-        with writing("the outbox"):
+        with writing("the outbox", path):
             _fsync_write(path, packet)
         self._queue_row(path, (packet_id, digest, json.dumps(recipients), created, expires, len(packet)))
 
@@ -385,7 +389,7 @@ class NodeStore:
         """Durably queue a sealed packet already written to `path` (moved into the outbox; file first, then row)."""
         size = path.stat().st_size
         dest = self.outbox_path(packet_id)
-        with writing("the outbox"):
+        with writing("the outbox", dest):
             _move_in(path, dest)
         self._queue_row(dest, (packet_id, digest, json.dumps(recipients), created, expires, size))
 
@@ -511,7 +515,7 @@ class NodeStore:
         """Keep a delivered packet (still encrypted). False if it was already there (a redelivery)."""
         if self.inbox_get(digest) is not None:
             return False
-        with writing("the inbox"):
+        with writing("the inbox", self.inbox_path(digest)):
             _fsync_write(self.inbox_path(digest), packet)
         cur = self._db.execute(
             "INSERT OR IGNORE INTO inbox (digest, packet_id, sender, received, size, labels, state) "
@@ -544,7 +548,7 @@ class NodeStore:
             raise PacketError(f"packet id {packet_id.hex()} from {sender} is already in the inbox for another packet")
         size = path.stat().st_size
         dest = self.inbox_path(digest)
-        with writing("the inbox"):
+        with writing("the inbox", dest):
             _move_in(path, dest)
         with self._unless_kept(dest), self._tx():
             # Retracted already, if the log showed its sender's retraction before it arrived.
