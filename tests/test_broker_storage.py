@@ -336,3 +336,43 @@ async def test_purges_and_statements_while_the_mailboxes_cannot_commit_are_logge
         await wait_for(lambda: not broker.mail.pending("DEU"))
         assert len(_logged(broker, "purge")) == 1
         await _audit_clean(broker, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("notice", ["ack", "retract"])
+async def test_a_copy_acknowledged_or_retracted_while_the_mailboxes_cannot_commit_is_not_purged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], notice: str
+) -> None:
+    """A review: an acknowledgement (or a retraction) logged while the mailboxes could not commit left the copy
+    in DEU's mailbox, so when it expired the purger logged a purge too: the log said the copy was delivered and
+    dropped undelivered. The purger skips copies whose acknowledgement or retraction is in flight."""
+    world = make_world(tmp_path, ("FRA", "DEU"))
+    world.consent("FRA", "DEU")
+    async with (
+        running_broker(world, purge_interval=0.1) as broker,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+    ):
+        fra.refuse_cosign = True
+        data = seal(world, "FRA", ["DEU"], b"settled, then expired", expires=int(time.time()) + 2)
+        head = _head(data)
+        assert isinstance(await fra.submit(data), ev.Receipt)
+        _mailboxes_writable(broker, False, "commit")
+        if notice == "ack":
+            async with WireClient.connect(world, "DEU", broker.port) as deu:
+                deu.refuse_cosign = True
+                seq, _ = await deu.receive_delivery()
+                await deu.sync()
+                await deu.send(ev.Ack(seq, head.core.packet_id, _deu_ack(world, head).raw))
+                await wait_for(lambda: _logged(broker, "ack"))
+        else:
+            retraction = records.Retraction.make(
+                world.members["FRA"].signing, head.core.packet_id, head.digest, "FRA", "", int(time.time())
+            )
+            await fra.send(ev.Retract(fra.conn.new_rid(), head.core.packet_id, retraction.raw))
+            await fra.next_of(ev.ErrorMessage)
+        await trio.sleep(2.5)  # expired, and the purger has run many times
+        assert _logged(broker, "purge") == []
+        _mailboxes_writable(broker, True, "commit")
+        await wait_for(lambda: not broker.mail.pending("DEU") or notice == "retract")
+        await trio.sleep(0.3)
+        assert _logged(broker, "purge") == []
+        await _audit_clean(broker, tmp_path, capsys)

@@ -25,6 +25,7 @@ from valise.errors import StoreError
 from valise.wire import codes
 from valise.wire import events as ev
 
+from .conftest import NOW
 from .harness import WireClient, log_vkey, make_world, running_broker, seal
 from .test_node_daemon import Harness, connections_ended_with, sealed, start, wait_for, world  # noqa: F401
 
@@ -276,8 +277,15 @@ async def test_a_packet_whose_sending_the_store_could_not_record_is_not_cancelle
         assert "may have reached the broker" in capsys.readouterr().err
         assert store.outbox_all()[0].state == "queued"
         assert h.log.service.store.size() == 4  # the broker's log holds it
+        assert h.daemon.unrecorded == {row.packet_id}  # a stop now would not be recorded as clean
+        # A second review: once such a packet expires, nothing of it is left to cancel, so it must not keep the
+        # run from counting as a clean stop (the next run would count a packet queued later as maybe sent).
+        h.daemon.wall = lambda: row.expires
+        h.daemon.wake_outbox()
+        await wait_for(lambda: store.outbox_all()[0].state == "expired")
+        assert h.daemon.unrecorded == set()
         nursery.cancel_scope.cancel()
-    assert store.get(STOPPED_CLEANLY) == b"\x00"  # the next run counts every queued packet as tried
+    assert store.get(STOPPED_CLEANLY) == b"\x01"
     store.close()
 
 
@@ -335,4 +343,66 @@ async def test_storage_failures_count_in_a_row_only_between_sessions_that_went_w
         await h.accepted.receive()
         assert trio.current_time() - began - 60 <= 1.5  # the first pause of a new row, not the fifth
         assert accepted[-1] - accepted[0] >= 7
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_broker_that_refuses_valid_packets_is_caught_even_if_its_log_never_grows(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A review: the `broker` alarm waited for a checkpoint signed after the refusal, which a lying broker whose
+    log does not grow never signs. An honest broker that applied a rekey checkpoints it within its checkpoint
+    interval: refusals with no newer checkpoint for BEHIND_GRACE are judged on the log as it stands."""
+    from valise.node import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "BEHIND_GRACE", 0.2)
+    h = Harness(world, members["FRA"])
+    store = h.daemon.store
+    data, head = sealed(members["FRA"], [members["DEU"]], b"refused for nothing")
+    store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        begin = await broker.expect(ev.SubmitBegin)
+        while not isinstance(await broker.events.receive(), ev.SubmitEnd):
+            pass
+        await wait_for(lambda: h.daemon.follower.member_key("FRA") is not None)
+        await broker.send(ev.ErrorMessage(begin.rid, "bad-signature", "packet header from FRA: does not verify"))
+        await wait_for(lambda: h.daemon._bad_signature is not None)
+        assert store.alarms() == []
+        await trio.sleep(0.3)
+        d = h.daemon
+        assert d.session is not None
+        assert await d.sync(d.session)  # the poller's next follow: the same checkpoint
+        (alarm,) = store.alarms()
+        assert "with no newer checkpoint, shows the key that signed them as FRA's" in alarm.message
+        nursery.cancel_scope.cancel()
+
+
+async def test_sending_to_a_member_the_node_could_not_record_says_why(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    """A review: with the node unable to record the log, `send` to a member admitted meanwhile said only "not in
+    the verified directory", as for a typing mistake. It names the store's failure."""
+    from .test_node_cli import serve_daemon
+
+    h = Harness(world, members["FRA"])
+    store = h.daemon.store
+    real = store.follower_commit
+
+    def full_disk(*_: object, **__: object) -> int:
+        raise StoreError(
+            "the node store /srv/n/node.db failed: database or disk is full", cause="database or disk is full"
+        )
+
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        store.follower_commit = full_disk  # type: ignore[method-assign]
+        h.log.admit(members["ITA"])
+        reply = await call(world["home"].root, {"op": "send", "to": ["ITA"], "tlp": "GREEN", "size": 2})
+        assert reply["ok"] is False
+        assert "database or disk is full" in reply["error"]
+        assert "not in the verified directory: ITA" not in reply["error"]
+        store.follower_commit = real  # type: ignore[method-assign]
         nursery.cancel_scope.cancel()

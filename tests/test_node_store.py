@@ -284,6 +284,8 @@ def test_a_store_made_before_the_inbox_s_later_columns_is_brought_up_to_date(tmp
     readonly = NodeStore.open_readonly(tmp_path)  # a report on it, before any daemon opened it again
     assert [(r.sign_key, r.erased) for r in readonly.inbox_all()] == [(None, None)]
     assert readonly.inbox_counts() == ({"new": 1}, 0)
+    # `valise erase --before/--retracted --dry-run` with the daemon stopped reads it as it is (a review).
+    assert [r.digest for r in readonly.inbox_erasable(before=2, retracted=False)] == [DIG]
     readonly.close()
     st = NodeStore.open(tmp_path)
     assert [(r.sender, r.sign_key) for r in st.inbox_all()] == [("DEU", None)]

@@ -151,6 +151,7 @@ class BrokerDaemon:
         # In-memory changes that go with the open mailbox batch's changes, made once it commits: a COMMIT that
         # fails (a full disk) must not leave the broker believing what the store does not hold (see effects()).
         self._at_commit: list[Callable[[], object]] = []
+        self._in_effects = False
         # (sender, packet id) → (index, digest, at) of packets logged whose body a crash lost (see _replay_packet).
         self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = {}
         self.acks_pending: set[tuple[str, bytes]] = set()  # (recipient, digest): acknowledgements being logged
@@ -385,7 +386,9 @@ class BrokerDaemon:
     def effects(self) -> Iterator[None]:
         """A mailbox batch whose in-memory bookkeeping (`at_commit`) follows it: made if it commits, dropped with
         it if it does not, as the bodies it released are (their files stay)."""
-        self._at_commit = []
+        if self._in_effects:
+            raise RuntimeError("effects() does not nest: its changes would be made before the outer batch commits")
+        self._in_effects, self._at_commit = True, []
         try:
             with self.mail.batch():
                 yield
@@ -393,6 +396,8 @@ class BrokerDaemon:
             self._at_commit = []
             self._unlinks.clear()
             raise
+        finally:
+            self._in_effects = False
         changes, self._at_commit = self._at_commit, []
         for change in changes:
             change()
@@ -702,7 +707,7 @@ class BrokerDaemon:
         except Error as exc:
             if isinstance(exc, StoreError) and exc.cause is not None:
                 # The mailboxes cannot take the log's last entries (a full disk): nothing is signed over them.
-                log.error("no checkpoint signed: the mailboxes have not taken in the log's last entries: %s", exc)
+                log.error("no checkpoint signed, as the broker's storage failed: %s", exc)
                 return
             # The store no longer matches what was signed (altered, or restored from an old backup): refuse to
             # sign, keep serving the last checkpoint, and say so loudly. Never crash the daemon over it.
@@ -822,8 +827,10 @@ class BrokerDaemon:
 
     async def purge_expired(self) -> None:
         for member, row in self.mail.expired_packets(self.now()):
-            if (member, row.digest) in self.purging:
-                continue  # logged already; its mailbox change waits for the store (NotQueued)
+            if (member, row.digest) in self.purging | self.acks_pending or row.digest in self.retracting:
+                # Logged already (a purge), or an acknowledgement or a retraction of the copy is (NotQueued): its
+                # mailbox change waits for the store, and a purge now would say it was dropped undelivered.
+                continue
 
             def done(_index: int, member: str = member, digest: bytes = row.digest) -> None:
                 self.withdrawals += 1

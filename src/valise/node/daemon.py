@@ -143,7 +143,7 @@ class NodeDaemon:
         self._session_began = 0.0
         # After a `bad-signature` refusal of our own packet that the log does not explain (yet): the size then
         # followed, and the broker's words (_check_bad_signature).
-        self._bad_signature: tuple[int, str] | None = None
+        self._bad_signature: tuple[int, str, float] | None = None
         self._sync_lock = trio.Lock()
         self._outbox_wake = trio.Event()
         self._outcome = trio.Event()  # set (and replaced) whenever an outbox row leaves `queued`
@@ -743,6 +743,7 @@ class NodeDaemon:
                 for row in rows:
                     if row.expires <= self.now():
                         self.store.outbox_expired(row.packet_id)
+                        self.unrecorded.discard(row.packet_id)  # not queued any more: nothing left to cancel
                         self.settled()
                         continue
                     await session.requests.acquire()
@@ -826,7 +827,7 @@ class NodeDaemon:
         if not self._signed_by_us(row) or not await self.try_sync(session):
             return
         if self._bad_signature is None and self._log_shows_own_key():
-            self._bad_signature = (self.follower.size, answer.message)
+            self._bad_signature = (self.follower.size, answer.message, trio.current_time())
 
     def _log_shows_own_key(self) -> bool:
         """Whether the trusted log shows this node's identity key as its member's, with no rekey of it pending."""
@@ -837,15 +838,24 @@ class NodeDaemon:
         """Once the node follows a checkpoint past the one it followed after a `bad-signature` refusal of its own
         packet: an alarm if even that one shows no rekey of this member."""
         waiting = self._bad_signature
-        if waiting is None or self.follower.size <= waiting[0]:
+        if waiting is None:
+            return
+        size, words, since = waiting
+        if self.follower.size > size:
+            when = "in a checkpoint signed after it refused them"
+        elif trio.current_time() - since >= BEHIND_GRACE:
+            # A broker that applied a rekey checkpoints it within its checkpoint interval: one whose log does not
+            # grow for this long while it refuses does so with no rekey to explain it.
+            when = f"for {BEHIND_GRACE:g} s after it refused them, with no newer checkpoint"
+        else:
             return
         self._bad_signature = None
         if self._log_shows_own_key():
             self.alarm(
                 "broker",
-                f"the broker refuses {self.member}'s packets as badly signed, though its log, in a checkpoint "
-                f"signed after it refused them, shows the key that signed them as {self.member}'s",
-                waiting[1].encode(),  # one alarm for them all: the first refusal's words are its evidence
+                f"the broker refuses {self.member}'s packets as badly signed, though its log, {when}, shows the key "
+                f"that signed them as {self.member}'s",
+                words.encode(),  # one alarm for them all: the first refusal's words are its evidence
             )
 
     def _answered(self, row: OutboxRow, answer: ev.Message) -> None:

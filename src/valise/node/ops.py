@@ -141,6 +141,9 @@ async def _recipients(daemon: NodeDaemon, names: list[str]) -> list[identity.Pub
     if unknown and daemon.session is not None:
         await daemon.try_sync(daemon.session)  # maybe the log moved on since the last poll
         ids, unknown = expand(daemon, names)
+    if unknown and daemon.storage_failures and daemon.session is None:
+        # Not followed because this node cannot record the log (or the broker failed): say that, not "unknown".
+        raise Error(f"not in the verified directory yet: {', '.join(unknown)}; {daemon.last_error}")
     if unknown:
         raise UsageError(
             f"not in the verified directory: {', '.join(unknown)}",

@@ -603,17 +603,20 @@ class NodeStore:
 
     def inbox_counts(self) -> tuple[dict[str, int], int]:
         """How many packets the inbox holds in each state, and how many it erased."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(inbox)")}
-        erased = "erased IS NULL" if "erased" in columns else "1"  # a store not migrated yet (read-only)
+        erased = "erased IS NULL" if self._has_erased() else "1"
         rows = self._db.execute(
             f"SELECT CASE WHEN {erased} THEN state ELSE '' END AS s, count(*) FROM inbox GROUP BY s"
         )
         counts = {str(r[0]): int(r[1]) for r in rows}
         return counts, counts.pop("", 0)
 
+    def _has_erased(self) -> bool:
+        """Whether the inbox has its `erased` column (a store not migrated yet, opened read-only, has not)."""
+        return any(row[1] == "erased" for row in self._db.execute("PRAGMA table_info(inbox)"))
+
     def inbox_erasable(self, *, before: int | None, retracted: bool) -> list[InboxRow]:
         """Held packets received before `before` (if given) and, with `retracted`, retracted by their sender."""
-        where, args = ["erased IS NULL"], []
+        where, args = ["erased IS NULL" if self._has_erased() else "1"], []
         if before is not None:
             where.append("received < ?")
             args.append(before)
