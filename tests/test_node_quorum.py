@@ -365,6 +365,21 @@ async def _trusting_the_log(nursery: trio.Nursery, h: QuorumHarness, log: Log) -
     return broker, d
 
 
+async def _deu_moved_short_of_the_quorum(
+    nursery: trio.Nursery, h: QuorumHarness, log: Log, deu: identity.Identity
+) -> tuple[Any, NodeDaemon, identity.Identity]:
+    """FRA's node trusting the log; then DEU moves to new keys, in a checkpoint one cosignature short of the
+    quorum, which the node has verified. Returns the broker, the daemon and DEU's new identity."""
+    from .test_node_rekey import _rekey
+
+    broker, d = await _trusting_the_log(nursery, h, log)
+    assert d.session is not None
+    new = _rekey(log, deu, b"DEU moved")
+    broker.offer = cosign(log.service.latest.note, WITNESSES[0])  # type: ignore[union-attr]  # short of it
+    assert await d.sync(d.session)
+    return broker, d, new
+
+
 async def test_a_packet_signed_with_keys_whose_rekey_waits_for_the_quorum_is_held_then_taken(
     world: dict[str, Any], members: dict[str, identity.Identity]
 ) -> None:
@@ -417,19 +432,14 @@ async def test_a_delivery_whose_senders_rekey_never_meets_the_quorum_is_refused_
     from valise.node import session as session_module
     from valise.wire import codes
 
-    from .test_node_rekey import _rekey, deliver
+    from .test_node_rekey import deliver
 
     monkeypatch.setattr(session_module, "HOLD_TIME", 0.3)
     monkeypatch.setattr(session_module, "HOLD_RECHECK", 0.05)
     fra, deu = members["FRA"], members["DEU"]
     h = QuorumHarness(world, fra)
-    log: Log = world["log"]
     async with trio.open_nursery() as nursery:
-        broker, d = await _trusting_the_log(nursery, h, log)
-        assert d.session is not None
-        new = _rekey(log, deu, b"DEU moved")
-        broker.offer = cosign(log.service.latest.note, WITNESSES[0])  # type: ignore[union-attr]  # short of it
-        assert await d.sync(d.session)
+        broker, d, new = await _deu_moved_short_of_the_quorum(nursery, h, world["log"], deu)
         assert d.follower.pending_keys("DEU") == [new.bundle.sign_key]
         data, head = sealed(new, [fra], b"with DEU's new key")
         await deliver(broker, 1, data, head)
@@ -452,17 +462,12 @@ async def test_a_delivery_no_key_of_its_sender_signs_is_refused_as_forged_at_onc
     from valise.crypto.seeded import seeded_random
     from valise.wire import codes
 
-    from .test_node_rekey import _rekey, deliver
+    from .test_node_rekey import deliver
 
     fra, deu = members["FRA"], members["DEU"]
     h = QuorumHarness(world, fra)
-    log: Log = world["log"]
     async with trio.open_nursery() as nursery:
-        broker, d = await _trusting_the_log(nursery, h, log)
-        assert d.session is not None
-        new = _rekey(log, deu, b"DEU moved")
-        broker.offer = cosign(log.service.latest.note, WITNESSES[0])  # type: ignore[union-attr]  # short of it
-        assert await d.sync(d.session)
+        broker, d, new = await _deu_moved_short_of_the_quorum(nursery, h, world["log"], deu)
         thief = identity.rotate(deu, seeded_random(b"thief"), NOW + 1)
         assert thief.bundle.sign_key not in (deu.bundle.sign_key, new.bundle.sign_key)
         data, head = sealed(thief, [fra], b"forged in DEU's name")

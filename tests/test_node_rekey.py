@@ -341,6 +341,25 @@ async def test_forwarded_notices_signed_with_a_replaced_key_are_taken_from_the_l
         nursery.cancel_scope.cancel()
 
 
+def queue_own_packet(h: Harness, members: dict[str, identity.Identity], text: bytes) -> packet.Head:
+    """FRA's packet to DEU, sealed and queued in FRA's outbox."""
+    data, head = sealed(members["FRA"], [members["DEU"]], text)
+    h.daemon.store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+    return head
+
+
+async def uploaded(broker: ScriptedBroker) -> int:
+    """The request id of the node's next upload, taken to its end."""
+    begin = await broker.expect(ev.SubmitBegin)
+    while not isinstance(await broker.events.receive(), ev.SubmitEnd):
+        pass
+    return begin.rid
+
+
+async def refuse_as_forged(broker: ScriptedBroker, rid: int) -> None:
+    await broker.send(ev.ErrorMessage(rid, "bad-signature", "packet header from FRA: does not verify"))
+
+
 async def test_a_bad_signature_answer_to_a_packet_this_node_signed_keeps_it_queued(
     members: dict[str, identity.Identity], world: dict[str, Any]
 ) -> None:
@@ -357,10 +376,7 @@ async def test_a_bad_signature_answer_to_a_packet_this_node_signed_keeps_it_queu
     async with trio.open_nursery() as nursery:
         broker = await start(nursery, h)
         for _ in range(2):
-            begin = await broker.expect(ev.SubmitBegin)
-            while not isinstance(await broker.events.receive(), ev.SubmitEnd):
-                pass
-            await broker.send(ev.ErrorMessage(begin.rid, "bad-signature", "packet header from FRA: does not verify"))
+            await refuse_as_forged(broker, await uploaded(broker))
         await wait_for(lambda: store.outbox_get(theirs.core.packet_id).state != "queued")  # type: ignore[union-attr]
         await wait_for(lambda: store.outbox_get(ours.core.packet_id).attempts == 1)  # type: ignore[union-attr]
         kept, refused = store.outbox_get(ours.core.packet_id), store.outbox_get(theirs.core.packet_id)
@@ -393,13 +409,10 @@ async def test_a_bad_signature_answer_for_a_rekey_the_broker_has_not_checkpointe
     h = Harness(world, members["FRA"])
     store = h.daemon.store
     log = world["log"]
-    data, head = sealed(members["FRA"], [members["DEU"]], b"refused before the rekey was checkpointed")
-    store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+    head = queue_own_packet(h, members, b"refused before the rekey was checkpointed")
     async with trio.open_nursery() as nursery:
         broker = await start(nursery, h)
-        begin = await broker.expect(ev.SubmitBegin)
-        while not isinstance(await broker.events.receive(), ev.SubmitEnd):
-            pass
+        rid = await uploaded(broker)
         await wait_for(lambda: h.daemon.follower.member_key("FRA") == members["FRA"].bundle.sign_key)
         signed = log.add
 
@@ -412,7 +425,7 @@ async def test_a_bad_signature_answer_for_a_rekey_the_broker_has_not_checkpointe
         log.add = appended_only  # type: ignore[method-assign]
         _rekey(log, members["FRA"], b"FRA moved")  # applied by the broker, in no checkpoint yet
         log.add = signed  # type: ignore[method-assign]
-        await broker.send(ev.ErrorMessage(begin.rid, "bad-signature", "packet header from FRA: does not verify"))
+        await refuse_as_forged(broker, rid)
         await wait_for(lambda: store.outbox_get(head.core.packet_id).attempts == 1)  # type: ignore[union-attr]
         await trio.testing.wait_all_tasks_blocked(0.01)
         d = h.daemon
@@ -434,16 +447,13 @@ async def test_a_bad_signature_answer_after_a_rekey_of_this_member_raises_no_ala
     broker's log before judging the answer, finds the rekey, and keeps the packet queued without an alarm."""
     h = Harness(world, members["FRA"])
     store = h.daemon.store
-    data, head = sealed(members["FRA"], [members["DEU"]], b"signed with the key about to be replaced")
-    store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+    head = queue_own_packet(h, members, b"signed with the key about to be replaced")
     async with trio.open_nursery() as nursery:
         broker = await start(nursery, h)
-        begin = await broker.expect(ev.SubmitBegin)
-        while not isinstance(await broker.events.receive(), ev.SubmitEnd):
-            pass
+        rid = await uploaded(broker)
         await wait_for(lambda: h.daemon.follower.member_key("FRA") == members["FRA"].bundle.sign_key)
         _rekey(world["log"], members["FRA"], b"FRA moved")
-        await broker.send(ev.ErrorMessage(begin.rid, "bad-signature", "packet header from FRA: does not verify"))
+        await refuse_as_forged(broker, rid)
         await wait_for(lambda: h.daemon.follower.member_key("FRA") != members["FRA"].bundle.sign_key)
         await trio.testing.wait_all_tasks_blocked(0.01)
         assert store.outbox_get(head.core.packet_id).state == "queued"  # type: ignore[union-attr]

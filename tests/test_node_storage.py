@@ -25,7 +25,6 @@ from valise.errors import StoreError
 from valise.wire import codes
 from valise.wire import events as ev
 
-from .conftest import NOW
 from .harness import WireClient, log_vkey, make_world, running_broker, seal
 from .test_node_daemon import Harness, connections_ended_with, sealed, start, wait_for, world  # noqa: F401
 
@@ -356,18 +355,17 @@ async def test_a_broker_that_refuses_valid_packets_is_caught_even_if_its_log_nev
     interval: refusals with no newer checkpoint for BEHIND_GRACE are judged on the log as it stands."""
     from valise.node import daemon as daemon_module
 
+    from .test_node_rekey import queue_own_packet, refuse_as_forged, uploaded
+
     monkeypatch.setattr(daemon_module, "BEHIND_GRACE", 0.2)
     h = Harness(world, members["FRA"])
     store = h.daemon.store
-    data, head = sealed(members["FRA"], [members["DEU"]], b"refused for nothing")
-    store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
+    queue_own_packet(h, members, b"refused for nothing")
     async with trio.open_nursery() as nursery:
         broker = await start(nursery, h)
-        begin = await broker.expect(ev.SubmitBegin)
-        while not isinstance(await broker.events.receive(), ev.SubmitEnd):
-            pass
+        rid = await uploaded(broker)
         await wait_for(lambda: h.daemon.follower.member_key("FRA") is not None)
-        await broker.send(ev.ErrorMessage(begin.rid, "bad-signature", "packet header from FRA: does not verify"))
+        await refuse_as_forged(broker, rid)
         await wait_for(lambda: h.daemon._bad_signature is not None)
         assert store.alarms() == []
         await trio.sleep(0.3)
