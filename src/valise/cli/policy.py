@@ -288,11 +288,13 @@ def _append(home: BrokerHome, build: Any) -> list[tuple[records.Record, int]]:
                 log.add(e, now)
             indexes = log.flush()
             if log.can_sign and _behind_mailboxes(home, store, indexes.start):
-                # A broker that stopped between its log commit and its mailbox commit redoes that batch when it
-                # starts; signed over now, the batch would look like a mailbox.db older than its log (daemon.py).
+                # The mailboxes lack a batch the log holds: a broker that stopped between its two commits redoes it
+                # when it starts, a running one whose storage failed once its store takes it; signed over now, the
+                # batch would look like a mailbox.db older than its log (daemon.py).
                 print(
-                    "valise: not signing a checkpoint now: the broker stopped before its last batch reached its "
-                    "mailboxes; it signs when it starts",
+                    "valise: not signing a checkpoint now: the broker's mailboxes have not taken in its last batch "
+                    "(it stopped between its two commits, or its storage is failing: see `valise broker status`); "
+                    "it signs once they have",
                     file=sys.stderr,
                 )
             elif log.can_sign:
