@@ -827,7 +827,8 @@ class BrokerDaemon:
 
     async def purge_expired(self) -> None:
         for member, row in self.mail.expired_packets(self.now()):
-            if (member, row.digest) in self.purging | self.acks_pending or row.digest in self.retracting:
+            copy = (member, row.digest)
+            if copy in self.purging or copy in self.acks_pending or row.digest in self.retracting:
                 # Logged already (a purge), or an acknowledgement or a retraction of the copy is (NotQueued): its
                 # mailbox change waits for the store, and a purge now would say it was dropped undelivered.
                 continue
