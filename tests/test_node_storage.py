@@ -395,12 +395,19 @@ async def test_sending_to_a_member_the_node_could_not_record_says_why(
         )
 
     async with trio.open_nursery() as nursery:
-        await serve_daemon(nursery, h)
+        broker = await serve_daemon(nursery, h)
         store.follower_commit = full_disk  # type: ignore[method-assign]
-        h.log.admit(members["ITA"])
+        note = h.log.admit(members["ITA"])
         reply = await call(world["home"].root, {"op": "send", "to": ["ITA"], "tlp": "GREEN", "size": 2})
         assert reply["ok"] is False
         assert "database or disk is full" in reply["error"]
         assert "not in the verified directory: ITA" not in reply["error"]
+        # Once following the log in the connection fails (a cosigning request, here), the connection ends and
+        # the node waits before the next: asked meanwhile, it says why.
+        await broker.send(ev.CosignRequest(7, 3, tuple(h.log.service.consistency_proof(3)), note))
+        await wait_for(lambda: h.daemon.session is None and h.daemon.storage_failures > 0)
+        reply = await call(world["home"].root, {"op": "send", "to": ["ITA"], "tlp": "GREEN", "size": 2})
+        assert reply["ok"] is False
+        assert "not in the verified directory yet: ITA; this node's storage failed" in reply["error"]
         store.follower_commit = real  # type: ignore[method-assign]
         nursery.cancel_scope.cancel()
