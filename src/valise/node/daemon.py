@@ -42,7 +42,7 @@ from valise.errors import (
     StoreError,
     UsageError,
 )
-from valise.node import outbox
+from valise.node import outbox, signers
 from valise.node.control import listen, socket_path
 from valise.node.follower import AwaitingQuorum, Committed, Follower, ForgedCosignature, ForkError, LogMismatchError
 from valise.node.home import NodeHome
@@ -903,7 +903,7 @@ class NodeDaemon:
         try:
             with open(self.store.outbox_path(row.packet_id), "rb") as f:
                 head = packet.read_head(f)
-            sign.verify(self.identity.bundle.sign_key, HEADER_DOMAIN, head.header.raw, head.signature, what="ours")
+            signers.check_header(head, self.identity.bundle.sign_key)
         except (OSError, Error):
             return False
         return True

@@ -27,7 +27,6 @@ from typing import IO, TYPE_CHECKING
 import trio
 
 from valise import records
-from valise.crypto import sign
 from valise.errors import (
     Error,
     PacketError,
@@ -39,7 +38,7 @@ from valise.errors import (
 )
 from valise.node import signers
 from valise.node.store import writing
-from valise.packet.format import HEADER_DOMAIN, CiphertextHasher, Head, NeedMore, parse_head
+from valise.packet.format import CiphertextHasher, Head, NeedMore, parse_head
 from valise.wire import codes, liveness
 from valise.wire import events as ev
 from valise.wire import limits as L
@@ -339,7 +338,7 @@ class Session:
             return self._signer(head)
         except SignatureError:
             pending = self.d.follower.pending_keys(head.core.sender)
-            if signers.first_signer(pending, functools.partial(_check_header, head)) is not None:
+            if signers.first_signer(pending, functools.partial(signers.check_header, head)) is not None:
                 return None
             raise
 
@@ -633,10 +632,6 @@ class Session:
             await self.send(ev.ErrorMessage(msg.rid, code, exc.what[:900]))
             return
         await self.send(ev.CosignResponse(msg.rid, cp))
-
-
-def _check_header(head: Head, key: bytes) -> None:
-    sign.verify(key, HEADER_DOMAIN, head.header.raw, head.signature, what=f"packet header from {head.core.sender}")
 
 
 def _delivery_name(head_bytes: bytes, head: Head | None = None) -> str:

@@ -9,6 +9,7 @@ only where the verified log shows that key was in force (specs/protocol.md, "Mem
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 from valise.crypto import sign
@@ -25,6 +26,11 @@ def first_signer(keys: Sequence[bytes], check: Callable[[bytes], object]) -> byt
             continue
         return key
     return None
+
+
+def check_header(head: Head, key: bytes) -> None:
+    """That `key` signed the packet's header (SignatureError, naming the sender, if not)."""
+    sign.verify(key, HEADER_DOMAIN, head.header.raw, head.signature, what=f"packet header from {head.core.sender}")
 
 
 def packet_signer(
@@ -44,10 +50,7 @@ def packet_signer(
     asked only then: not for every delivery."""
     sender = head.core.sender
     what = f"packet header from {sender}"
-
-    def check(key: bytes) -> None:
-        sign.verify(key, HEADER_DOMAIN, head.header.raw, head.signature, what=what)
-
+    check = functools.partial(check_header, head)
     if not keys:
         raise SignatureError(f"{what}: {sender} is not a member in the verified log")
     try:
@@ -70,4 +73,4 @@ def packet_signer(
     raise SignatureError(f"{what} is signed with an identity key {sender} has replaced, and the packet {where}")
 
 
-__all__ = ["first_signer", "packet_signer"]
+__all__ = ["check_header", "first_signer", "packet_signer"]
