@@ -43,7 +43,7 @@ async def serve_daemon(nursery: trio.Nursery, h: Harness) -> ScriptedBroker:
     await nursery.start(h.daemon.run)
     broker = await h.accepted.receive()
     await h.daemon.connected_event.wait()
-    await wait_for(lambda: h.daemon.follower.size == 3)
+    await wait_for(lambda: h.daemon.follower.size == h.log.service.store.size())
     return broker
 
 
@@ -271,6 +271,41 @@ async def test_inbox_and_read_stream_the_plaintext(
     assert f"the inbox file of this packet, {kept}, cannot be read: No such file or directory" in err
     assert "cannot write" not in err
     assert offline.read_bytes() == plaintext  # the earlier output is left as it was
+
+
+async def test_a_packet_received_in_time_stays_readable_after_it_expires(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`expires` bounds a packet's delivery, not how long its recipient may read it: the inbox keeps it until its
+    operator erases it, and it opens as it did on the day it came (before, `read` said "packet expired" once the
+    sender's 30 days had passed, with the daemon running and with it stopped)."""
+    h = Harness(world, members["FRA"])
+    buf = io.BytesIO()
+    packet.seal(io.BytesIO(b"a report"), buf, sender=members["DEU"], recipients=[members["FRA"].bundle],
+                tlp="AMBER", now=NOW, expires=NOW + 3600, random=seeded_random(b"expires"))  # fmt: skip
+    data = buf.getvalue()
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    node, out = str(world["home"].root), tmp_path / "out.bin"
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        await broker.send(ev.DeliverBegin(0, data[: head.head_size], len(data) - head.head_size))
+        await broker.send(ev.DeliverChunk(0, data[head.head_size :]))
+        await broker.send(ev.DeliverEnd(0))
+        assert (await broker.expect(ev.Ack)).seq == 0
+        h.daemon.wall = lambda: NOW + 40 * 86_400  # weeks later
+        assert await cli("read", "--node", node, head.core.packet_id.hex(), "-o", str(out), "--json") == 0
+        assert out.read_bytes() == b"a report"
+        assert json.loads(capsys.readouterr().out)["expires"] == NOW + 3600
+        nursery.cancel_scope.cancel()
+    h.daemon.store.close()
+    out.unlink()
+    # With the daemon stopped, read at this machine's time, long after NOW + 3600.
+    assert await cli("read", "--node", node, head.core.packet_id.hex(), "-o", str(out)) == 0
+    assert out.read_bytes() == b"a report"
 
 
 async def test_status_and_inbox_report_a_stopped_daemon_from_its_store(

@@ -151,3 +151,56 @@ def test_an_erase_interrupted_before_its_files_went_is_finished_when_the_store_o
     assert store.get(ERASING) is None
     assert store.inbox_counts() == ({"new": 1}, 1)
     store.close()
+
+
+async def test_packets_two_senders_gave_one_id_are_told_apart_by_sender_in_read_and_erase(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The broker refuses an id a sender used before, not one another member used: a hostile member can copy the
+    id of a packet it received. More digits cannot tell the two apart at a recipient; the sender can."""
+    fra, deu, ita = members["FRA"], members["DEU"], members["ITA"]
+    world["log"].admit(ita)
+    h = Harness(world, fra)
+    node = str(world["home"].root)
+    (from_deu, deu_head), (from_ita, ita_head) = sealed(deu, [fra], b"same id"), sealed(ita, [fra], b"same id")
+    pid = deu_head.core.packet_id.hex()
+    assert ita_head.core.packet_id.hex() == pid
+    assert ita_head.digest != deu_head.digest
+    out = tmp_path / "out.bin"
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        await _received(broker, 0, from_deu, deu_head)
+        await _received(broker, 1, from_ita, ita_head)
+
+        assert await cli("read", "--node", node, pid, "-o", str(out)) == 2
+        err = capsys.readouterr().err
+        assert f"2 packets in the inbox have the id {pid}, from DEU, ITA" in err
+        assert "--from MEMBER" in err
+        assert await cli("read", "--node", node, pid, "--from", "ITA", "-o", str(out), "--json") == 0
+        assert json.loads(capsys.readouterr().out)["from"] == "ITA"
+        assert await cli("read", "--node", node, pid, "--from", "NGA", "-o", str(out)) == 2
+        assert f"no packet {pid} in the inbox from NGA" in capsys.readouterr().err
+
+        assert await cli("erase", "--node", node, pid, "--dry-run") == 2
+        assert "--from MEMBER" in capsys.readouterr().err
+        assert await cli("erase", "--node", node, pid, "--from", "DEU", "--json") == 0
+        assert json.loads(capsys.readouterr().out)["count"] == 1
+        assert not _inbox_file(world, deu_head).exists()
+        assert _inbox_file(world, ita_head).exists()
+        # The one still held is named by its id alone again: an erased packet does not make an id ambiguous.
+        assert await cli("read", "--node", node, pid[:8], "-o", str(out), "--json") == 0
+        assert json.loads(capsys.readouterr().out)["from"] == "ITA"
+        nursery.cancel_scope.cancel()
+    h.daemon.store.close()
+
+    # With the daemon stopped, the same: read here with the member's key, erase under the daemon's lock.
+    assert await cli("read", "--node", node, pid, "--from", "ITA", "-o", str(out), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["from"] == "ITA"
+    assert await cli("erase", "--node", node, "--before", str(NOW + 1), "--from", "DEU", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 0  # DEU's is erased already; ITA's is not DEU's
+    assert await cli("erase", "--node", node, "--before", str(NOW + 1), "--from", "ITA", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == [pid]
+    assert not _inbox_file(world, ita_head).exists()

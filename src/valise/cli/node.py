@@ -36,6 +36,9 @@ from valise.node.store import NodeStore
 from valise.packet.opening import REPLACED_KEY_WARNING
 
 DEFAULT_WAIT = 10
+# Two senders may use the same packet id (the broker refuses only a sender's own id twice): the sender tells them
+# apart where more digits cannot.
+FROM_HELP = "the sender's member id, when packets from two senders share the id"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -111,6 +114,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("read", help="verify and decrypt a received packet")
     p.add_argument("--node", required=True, type=Path, help="the node directory")
     p.add_argument("id", help="packet id (or a unique prefix of at least 4 hex digits)")
+    p.add_argument("--from", dest="sender", metavar="MEMBER", help=FROM_HELP)
     p.add_argument("-o", "--output", required=True, help="payload file, or - for stdout")
     p.add_argument("--json", action="store_true", help="print the packet's labels as JSON")
     p.add_argument("--force", action="store_true", help="read it even if its sender retracted it")
@@ -132,6 +136,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--before", type=parse_time, metavar="TIME", help="those received before TIME (ISO 8601, UTC by default)"
     )
     p.add_argument("--retracted", action="store_true", help="those their senders retracted")
+    p.add_argument("--from", dest="sender", metavar="MEMBER", help="only packets from MEMBER; " + FROM_HELP)
     p.add_argument("--dry-run", action="store_true", help="say what would be erased, erase nothing")
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(handler=erase)
@@ -517,7 +522,7 @@ def _sent_state(it: dict[str, Any]) -> str:
 
 
 def read(args: argparse.Namespace) -> int:
-    ask = {"op": "read", "id": args.id, "force": args.force}
+    ask = {"op": "read", "id": args.id, "force": args.force, "from": args.sender}
 
     def fetch(sink: BinaryIO) -> dict[str, Any]:
         try:
@@ -527,7 +532,7 @@ def read(args: argparse.Namespace) -> int:
             # the key unlocked here, and not marked read, as the store is not written to.
             passphrase = keyfiles.passphrase_from_env(args.passphrase_env)
             home = NodeHome.open(args.node)
-            return report.offline_read(home, args.id.lower(), passphrase, sink, force=args.force, now=int(time.time()))
+            return report.offline_read(home, args.id.lower(), passphrase, sink, force=args.force, sender=args.sender)
 
     if args.output == "-":
         reply = fetch(sys.stdout.buffer)
@@ -565,7 +570,7 @@ def read(args: argparse.Namespace) -> int:
 
 
 def erase(args: argparse.Namespace) -> int:
-    ask = {"op": "erase", "ids": args.ids, "before": args.before, "retracted": args.retracted}
+    ask = {"op": "erase", "ids": args.ids, "before": args.before, "retracted": args.retracted, "from": args.sender}
     ask["dry_run"] = args.dry_run
     try:
         reply = _check(request(args.node, ask))
@@ -575,7 +580,7 @@ def erase(args: argparse.Namespace) -> int:
             # A dry run only reads: nothing is migrated, swept or finished in the store.
             store = NodeStore.open_readonly(home.root) if args.dry_run else NodeStore.open(home.root)
             try:
-                rows = erasing.select(store, args.ids, before=args.before, retracted=args.retracted)
+                rows = erasing.select(store, args.ids, before=args.before, retracted=args.retracted, sender=args.sender)
                 reply, digests = erasing.plan(rows, dry_run=args.dry_run)
                 if digests:
                     store.inbox_erase(digests, int(time.time()))

@@ -24,15 +24,18 @@ LISTED = 1000
 CHUNK = 500
 
 
-def select(store: NodeStore, ids: list[str], *, before: int | None, retracted: bool) -> list[InboxRow]:
-    """The inbox rows an erase names: packet ids (unique prefixes, erased already or not), or filters."""
+def select(
+    store: NodeStore, ids: list[str], *, before: int | None, retracted: bool, sender: str | None = None
+) -> list[InboxRow]:
+    """The inbox rows an erase names: packet ids (unique prefixes, erased already or not), or filters; from
+    `sender` only, if given."""
     if ids and (before is not None or retracted):
         raise UsageError("give packet ids, or --before / --retracted, not both")
     if not ids and before is None and not retracted:
         raise UsageError("say what to erase: packet ids, --before TIME, --retracted, or both of the last two")
     if ids:
-        return [inbox_one(store.inbox_find(prefix), prefix) for prefix in ids]
-    return store.inbox_erasable(before=before, retracted=retracted)
+        return [inbox_one(store.inbox_find(prefix, sender), prefix, sender) for prefix in ids]
+    return store.inbox_erasable(before=before, retracted=retracted, sender=sender)
 
 
 def plan(rows: list[InboxRow], *, dry_run: bool) -> tuple[dict[str, Any], list[bytes]]:

@@ -331,7 +331,8 @@ async def op_read(
     daemon: NodeDaemon, request: dict[str, Any], reader: control.MessageReader, stream: trio.SocketStream
 ) -> dict[str, Any]:
     prefix = _text(request, "id")
-    row = report.inbox_one(daemon.store.inbox_find(prefix), prefix)
+    sender = _opt(request, "from", str)
+    row = report.inbox_one(daemon.store.inbox_find(prefix, sender), prefix, sender)
     report.check_readable(row, force=bool(request.get("force")))
     # A sender removed since still signed this while a member: the broker takes packets from active members only,
     # and the node acknowledged it. It is readable, with the removal said beside it (it may be why it was removed).
@@ -359,7 +360,7 @@ async def op_read(
 
     def work() -> packet.Opened:
         with daemon.store.open_inbox_packet(row.digest) as src:
-            return packet.open(src, cast(BinaryIO, Push()), me=daemon.identity, sender=sender, now=daemon.now())
+            return report.open_received(row, src, cast(BinaryIO, Push()), me=daemon.identity, sender=sender)
 
     opened = await trio.to_thread.run_sync(work)
     if row.state == "new":
@@ -575,7 +576,11 @@ async def op_erase(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> dict
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise UsageError("control request field 'ids' must be a list of packet ids")
     rows = erasing.select(
-        daemon.store, ids, before=_opt(request, "before", int), retracted=bool(request.get("retracted"))
+        daemon.store,
+        ids,
+        before=_opt(request, "before", int),
+        retracted=bool(request.get("retracted")),
+        sender=_opt(request, "from", str),
     )
     answer, digests = erasing.plan(rows, dry_run=bool(request.get("dry_run")))
     for chunk in erasing.chunks(digests):

@@ -186,7 +186,13 @@ def offline_policy(root: Path) -> PolicyState:
 
 
 def offline_read(
-    home: NodeHome, prefix: str, passphrase: bytes | None, sink: BinaryIO, *, force: bool, now: int
+    home: NodeHome,
+    prefix: str,
+    passphrase: bytes | None,
+    sink: BinaryIO,
+    *,
+    force: bool,
+    sender: str | None = None,
 ) -> dict[str, Any]:
     """`read` with the daemon stopped: the packet is decrypted from the inbox as the daemon would, with the
     member's key unlocked here and the sender's keys from the verified log; nothing is written to the store (the
@@ -194,17 +200,26 @@ def offline_read(
     store = NodeStore.open_readonly(home.root)
     try:
         with store.snapshot():
-            rows = store.inbox_find(prefix)
+            rows = store.inbox_find(prefix, sender)
             follower = _restore(home, store)
     finally:
         store.close()
-    row = inbox_one(rows, prefix)
+    row = inbox_one(rows, prefix, sender)
     check_readable(row, force=force)
-    sender = signer_bundle(follower.policy, row, lambda: inbox_head(store, row))
+    signer = signer_bundle(follower.policy, row, lambda: inbox_head(store, row))
     me = home.load_identity(passphrase)
     with store.open_inbox_packet(row.digest) as src:
-        opened = packet.open(src, sink, me=me, sender=sender, now=now)
+        opened = open_received(row, src, sink, me=me, sender=signer)
     return {"ok": True, "packet": opened.to_json(), "state": row.state, "retraction": row.retraction, "offline": True}
+
+
+def open_received(
+    row: InboxRow, src: BinaryIO, sink: BinaryIO, *, me: identity.Identity, sender: PublicBundle
+) -> packet.Opened:
+    """Open a packet of the inbox as of its arrival. Its `expires` bounds its delivery (the node takes no packet
+    past it), not how long its recipient may read it: the inbox keeps a packet until its operator erases it, and
+    a report read a month after it came must open as it did on the day. Every other check is the same."""
+    return packet.open(src, sink, me=me, sender=sender, now=row.received)
 
 
 def one(rows: list[Any], prefix: str, where: str) -> Any:
@@ -218,11 +233,21 @@ def one(rows: list[Any], prefix: str, where: str) -> Any:
     return rows[0]
 
 
-def inbox_one(rows: list[InboxRow], prefix: str) -> InboxRow:
+def inbox_one(rows: list[InboxRow], prefix: str, sender: str | None = None) -> InboxRow:
     """The inbox row a packet id prefix names: a packet still held before erased ones, which `inbox` no longer
-    lists and which should not make a prefix ambiguous."""
-    held = [r for r in rows if r.erased is None]
-    row: InboxRow = one(held or rows, prefix, "inbox")
+    lists and which should not make a prefix ambiguous.
+
+    A packet is its sender's and its id: the broker refuses an id its sender used before, not one another member
+    used. So two senders' packets can share an id (a hostile member can copy one it received, to make the other
+    unnameable), and more digits cannot tell them apart: the sender can (`--from`)."""
+    rows = [r for r in rows if r.erased is None] or rows
+    if len(rows) > 1 and len({r.packet_id for r in rows}) == 1:
+        senders = ", ".join(sorted({r.sender for r in rows}))
+        raise UsageError(
+            f"{len(rows)} packets in the inbox have the id {rows[0].packet_id.hex()}, from {senders}",
+            hint="say whose with --from MEMBER",
+        )
+    row: InboxRow = one(rows, prefix, "inbox" if sender is None else f"inbox from {sender}")
     return row
 
 

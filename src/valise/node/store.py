@@ -614,12 +614,16 @@ class NodeStore:
         """Whether the inbox has its `erased` column (a store not migrated yet, opened read-only, has not)."""
         return any(row[1] == "erased" for row in self._db.execute("PRAGMA table_info(inbox)"))
 
-    def inbox_erasable(self, *, before: int | None, retracted: bool) -> list[InboxRow]:
-        """Held packets received before `before` (if given) and, with `retracted`, retracted by their sender."""
-        where, args = ["erased IS NULL" if self._has_erased() else "1"], []
+    def inbox_erasable(self, *, before: int | None, retracted: bool, sender: str | None = None) -> list[InboxRow]:
+        """Held packets received before `before` (if given), from `sender` (if given) and, with `retracted`,
+        retracted by their sender."""
+        where, args = ["erased IS NULL" if self._has_erased() else "1"], list[int | str]()
         if before is not None:
             where.append("received < ?")
             args.append(before)
+        if sender is not None:
+            where.append("sender = ?")
+            args.append(sender)
         if retracted:
             where.append("state = 'retracted'")
         return self._inbox(f"WHERE {' AND '.join(where)} ORDER BY received", tuple(args))
@@ -659,11 +663,14 @@ class NodeStore:
     def inbox_has(self, digest: bytes) -> bool:
         return self._db.execute("SELECT 1 FROM inbox WHERE digest = ?", (digest,)).fetchone() is not None
 
-    def inbox_find(self, prefix: str) -> list[InboxRow]:
-        """Inbox rows whose packet id (hex) starts with `prefix`: a range of the packet id index, not a scan (an
-        inbox keeps a row per packet ever received, erased ones too)."""
+    def inbox_find(self, prefix: str, sender: str | None = None) -> list[InboxRow]:
+        """Inbox rows whose packet id (hex) starts with `prefix`, from `sender` if given: a range of the packet id
+        index, not a scan (an inbox keeps a row per packet ever received, erased ones too)."""
         where, args = _id_prefix(prefix)
-        return self._inbox(f"WHERE {where} ORDER BY received", args)
+        if sender is None:
+            return self._inbox(f"WHERE {where} ORDER BY received", args)
+        # Two senders may use the same packet id: (sender, packet id) is the packet.
+        return self._inbox(f"WHERE {where} AND sender = ? ORDER BY received", (*args, sender))
 
     def outbox_find(self, prefix: str) -> list[OutboxRow]:
         """Outbox rows whose packet id (hex) starts with `prefix` (a range of its primary key)."""
