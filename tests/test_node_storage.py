@@ -7,6 +7,7 @@ real TLS on 127.0.0.1, and lift the limit from outside (prlimit) as an operator 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import resource
@@ -411,3 +412,39 @@ async def test_sending_to_a_member_the_node_could_not_record_says_why(
         assert "not in the verified directory yet: ITA; this node's storage failed" in reply["error"]
         store.follower_commit = real  # type: ignore[method-assign]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_store_failure_with_more_deliveries_on_the_way_is_told_as_a_store_failure(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    """A review: the worker closed its channel with a checkpoint, so when a delivery failed to store while the
+    broker's next pushes were on their way, the reader failed on the closed channel first, and the nursery's
+    cancellation replaced the StoreError with a BrokenResourceError: the pause before the next connection did not
+    grow and `status` said "BrokenResourceError". More pushes follow the failing one here, as in that review."""
+    h = Harness(world, members["FRA"])
+    store = h.daemon.store
+
+    def full_disk(*_: object, **__: object) -> bool:
+        raise StoreError("the node store /srv/n/node.db failed: database or disk is full", cause="disk full")
+
+    store.inbox_add_file = full_disk  # type: ignore[method-assign]
+    packets = [sealed(members["DEU"], [members["FRA"]], b"pushed %d" % i) for i in range(40)]
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        frames: list[bytes] = []
+        for seq, (data, head) in enumerate(packets):  # all written at once: the reader has them all to hand over
+            frames += [
+                broker.conn.send(ev.DeliverBegin(seq, data[: head.head_size], len(data) - head.head_size)),
+                broker.conn.send(ev.DeliverChunk(seq, data[head.head_size :])),
+                broker.conn.send(ev.DeliverEnd(seq)),
+            ]
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await broker.stream.send_all(b"".join(frames))
+        await wait_for(lambda: h.daemon.session is None and h.daemon.last_error is not None)
+        assert h.daemon.last_error is not None
+        assert h.daemon.last_error.startswith("this node's storage failed: the node store"), h.daemon.last_error
+        assert h.daemon.storage_failures == 1
+        nursery.cancel_scope.cancel()
+    assert store.inbox_all() == []
