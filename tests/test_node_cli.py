@@ -280,31 +280,41 @@ async def test_a_packet_received_in_time_stays_readable_after_it_expires(
 ) -> None:
     """`expires` bounds a packet's delivery, not how long its recipient may read it: the inbox keeps it until its
     operator erases it, and it opens as it did on the day it came (before, `read` said "packet expired" once the
-    sender's 30 days had passed, with the daemon running and with it stopped)."""
+    sender's 30 days had passed, with the daemon running and with it stopped). Nor can a clock make a packet the
+    node acknowledged unreadable: one from a sender 400 s fast (the broker takes ±600 s) is dated in the future
+    by this node's clock, and a review found it refused for good, "check both clocks"."""
     h = Harness(world, members["FRA"])
-    buf = io.BytesIO()
-    packet.seal(io.BytesIO(b"a report"), buf, sender=members["DEU"], recipients=[members["FRA"].bundle],
-                tlp="AMBER", now=NOW, expires=NOW + 3600, random=seeded_random(b"expires"))  # fmt: skip
-    data = buf.getvalue()
-    head = packet.parse_head(data)
-    assert isinstance(head, packet.Head)
+    packets = []
+    for created, expires, text in ((NOW, NOW + 3600, b"a report"), (NOW + 400, None, b"from a fast clock")):
+        buf = io.BytesIO()
+        packet.seal(io.BytesIO(text), buf, sender=members["DEU"], recipients=[members["FRA"].bundle],
+                    tlp="AMBER", now=created, expires=expires, random=seeded_random(text))  # fmt: skip
+        head = packet.parse_head(buf.getvalue())
+        assert isinstance(head, packet.Head)
+        packets.append((buf.getvalue(), head, text))
     node, out = str(world["home"].root), tmp_path / "out.bin"
     async with trio.open_nursery() as nursery:
         broker = await serve_daemon(nursery, h)
-        await broker.send(ev.DeliverBegin(0, data[: head.head_size], len(data) - head.head_size))
-        await broker.send(ev.DeliverChunk(0, data[head.head_size :]))
-        await broker.send(ev.DeliverEnd(0))
-        assert (await broker.expect(ev.Ack)).seq == 0
+        for seq, (data, head, _) in enumerate(packets):
+            await broker.send(ev.DeliverBegin(seq, data[: head.head_size], len(data) - head.head_size))
+            await broker.send(ev.DeliverChunk(seq, data[head.head_size :]))
+            await broker.send(ev.DeliverEnd(seq))
+            assert (await broker.expect(ev.Ack)).seq == seq
+        (_, fast, text) = packets[1]
+        assert await cli("read", "--node", node, fast.core.packet_id.hex(), "-o", str(out)) == 0
+        assert out.read_bytes() == text
         h.daemon.wall = lambda: NOW + 40 * 86_400  # weeks later
+        (_, head, text) = packets[0]
         assert await cli("read", "--node", node, head.core.packet_id.hex(), "-o", str(out), "--json") == 0
-        assert out.read_bytes() == b"a report"
+        assert out.read_bytes() == text
         assert json.loads(capsys.readouterr().out)["expires"] == NOW + 3600
         nursery.cancel_scope.cancel()
     h.daemon.store.close()
-    out.unlink()
     # With the daemon stopped, read at this machine's time, long after NOW + 3600.
-    assert await cli("read", "--node", node, head.core.packet_id.hex(), "-o", str(out)) == 0
-    assert out.read_bytes() == b"a report"
+    for _, head, text in packets:
+        out.unlink()
+        assert await cli("read", "--node", node, head.core.packet_id.hex(), "-o", str(out)) == 0
+        assert out.read_bytes() == text
 
 
 async def test_status_and_inbox_report_a_stopped_daemon_from_its_store(

@@ -360,7 +360,7 @@ async def op_read(
 
     def work() -> packet.Opened:
         with daemon.store.open_inbox_packet(row.digest) as src:
-            return report.open_received(row, src, cast(BinaryIO, Push()), me=daemon.identity, sender=sender)
+            return report.open_received(src, cast(BinaryIO, Push()), me=daemon.identity, sender=sender)
 
     opened = await trio.to_thread.run_sync(work)
     if row.state == "new":
