@@ -442,3 +442,21 @@ def test_a_time_that_is_neither_is_refused(text: str) -> None:
 
     with pytest.raises(argparse.ArgumentTypeError, match="neither Unix seconds nor an ISO 8601 time"):
         parse_time(text)
+
+
+@pytest.mark.parametrize("text", ["9223372036854775808", "253402300800", "1969-12-31T23:59:59Z"])
+def test_a_time_outside_1970_to_9999_is_refused_by_name(text: str) -> None:
+    """A review: `erase --before 9223372036854775808` ended in an OverflowError traceback from SQLite."""
+    import argparse
+
+    from valise.cli.policy import parse_time
+
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a time between 1970 and the year 9999"):
+        parse_time(text)
+
+
+def test_erase_before_a_time_past_9999_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error
+        main(["erase", "--node", str(tmp_path), "--before", "9223372036854775808", "--dry-run"])
+    assert exited.value.code == 2
+    assert "'9223372036854775808' is not a time between 1970 and the year 9999" in capsys.readouterr().err

@@ -36,7 +36,7 @@ from valise.policy.decide import tlp_label
 from valise.policy.state import Rule
 from valise.store.sqlite import SqliteLog
 from valise.tlog import cosignature
-from valise.utctime import utc
+from valise.utctime import MAX_CALENDAR_TIME, utc
 
 EXIT_DENIED = 3
 
@@ -213,14 +213,19 @@ def parse_time(text: str) -> int:
     Digits alone are Unix seconds only from nine digits on (March 1973): eight are ISO 8601's basic date form
     (20261231), which a retention job read as 1970 would silently match nothing; fewer are neither."""
     if text.isdigit() and len(text) >= 9:
-        return int(text)
-    try:
-        value = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither Unix seconds nor an ISO 8601 time") from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return int(value.timestamp())
+        seconds = int(text)
+    else:
+        try:
+            value = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither Unix seconds nor an ISO 8601 time") from None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        seconds = int(value.timestamp())
+    # Records, packets and stores hold times in 1970..9999 (a 64-bit store column ends before 2**63 anyway).
+    if not 0 <= seconds <= MAX_CALENDAR_TIME:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time between 1970 and the year 9999")
+    return seconds
 
 
 def _list(text: str) -> list[str]:
