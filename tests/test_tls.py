@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,24 @@ async def test_known_member_is_accepted_and_pinned(tmp_path: Path) -> None:
     assert err is None
     assert seen == fra.bundle.cert_der
     tls.check_pinned(seen, fra.bundle.cert_der, who="FRA")
+
+
+@pytest.mark.parametrize("made", [900, -11 * 365 * 86_400], ids=["on machines 15 minutes fast", "eleven years ago"])
+async def test_certificates_made_on_a_fast_clock_or_long_ago_are_accepted(tmp_path: Path, made: int) -> None:
+    """Certificates are pinned, so their dates only refused good peers: a review found keys made on a machine 15
+    minutes fast refused as "bad certificate" (and a broker's, as "not the pinned one"), and every certificate
+    expired after ten years. OpenSSL checks them against this machine's real clock, hence time.time() here."""
+    now = int(time.time()) + made
+    broker = identity.generate("BRK", seeded_random(b"clock-brk"), now)
+    fra = identity.generate("FRA", seeded_random(b"clock-fra"), now)
+    for ident in (broker, fra):
+        keyfiles.save_identity(tmp_path / ident.member_id, ident, None)
+    bdir, fdir = tmp_path / "BRK", tmp_path / "FRA"
+    sctx = tls.server_context(bdir / "BRK.tls.crt", bdir / "BRK.tls.key", [fra.bundle.cert_der])
+    cctx = tls.client_context(fdir / "FRA.tls.crt", fdir / "FRA.tls.key", broker.bundle.cert_der)
+    seen, err = await _handshake(sctx, cctx)
+    assert err is None
+    assert seen == fra.bundle.cert_der
 
 
 async def test_unknown_client_certificate_is_refused(tmp_path: Path) -> None:
@@ -184,3 +203,18 @@ async def test_a_node_sends_nothing_to_a_broker_that_does_not_select_the_valise_
     assert daemon is not None
     assert "did not negotiate the protocol valise/1" in daemon.last_error
     assert received == []  # no hello, nothing
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: certificate is not yet valid (_ssl.c:1006)",
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: certificate has expired (_ssl.c:1006)",
+        "[SSL: SSLV3_ALERT_CERTIFICATE_EXPIRED] sslv3 alert certificate expired (_ssl.c:2580)",
+    ],
+)
+def test_a_certificate_out_of_its_dates_is_explained_as_a_clock_not_as_pinning(text: str) -> None:
+    """A review: OpenSSL said "not yet valid", and the node's explanation said the broker was not the pinned one."""
+    told = tls.explain_failure(text)
+    assert "a certificate's dates do not cover this machine's clock, or the broker's" in told
+    assert "not the pinned one" not in told

@@ -33,7 +33,13 @@ Random = Callable[[int], bytes]
 MEMBER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 BUNDLE_MAX_SIZE = 8192
 BUNDLE_VERSION = 1
-CERT_VALIDITY = dt.timedelta(days=3650)
+# TLS certificates are pinned (the broker's by each node, each member's by the directory), so their validity
+# dates protect nothing, and only ever refused good peers: a certificate made on a machine whose clock ran ahead
+# was "not yet valid" to the other side, which could only say "bad certificate", and every one ran out after ten
+# years. They start a day before they were made (clocks that far apart fail in plainer ways first) and carry
+# RFC 5280's "no well-defined expiration date"; a member's removal, suspension or rotation is what ends one.
+CERT_BACKDATE = dt.timedelta(days=1)
+CERT_NO_EXPIRY = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)  # GeneralizedTime 99991231235959Z
 
 BUNDLE_DOMAIN = sign.domain("bundle")
 ENC_KEY_DOMAIN = sign.domain("enc-key")
@@ -193,7 +199,7 @@ class Identity:
 def self_signed_certificate(member_id: str, key: ed25519.Ed25519PrivateKey, now: int, serial: int) -> bytes:
     """A self-signed Ed25519 certificate for mutual TLS, common name = member id (DER)."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, member_id)])
-    not_before = dt.datetime.fromtimestamp(now, dt.UTC) - dt.timedelta(minutes=5)
+    not_before = dt.datetime.fromtimestamp(now, dt.UTC) - CERT_BACKDATE
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -201,7 +207,7 @@ def self_signed_certificate(member_id: str, key: ed25519.Ed25519PrivateKey, now:
         .public_key(key.public_key())
         .serial_number(serial)
         .not_valid_before(not_before)
-        .not_valid_after(not_before + CERT_VALIDITY)
+        .not_valid_after(CERT_NO_EXPIRY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(_dns_safe(member_id))]), critical=False)
         .sign(key, None)

@@ -30,10 +30,19 @@ class TLSPeerError(Error):
 def explain_failure(text: str) -> str:
     """`text` (an OpenSSL error as a member sees it), with what it usually means for a node and what to do: the
     bare alert names a certificate authority, which says nothing to someone who has never seen the code."""
+    # Certificates made before their dates were relaxed (identity.CERT_BACKDATE) start 5 minutes before they
+    # were made, by the clock of the machine that made them, and end ten years later.
+    if "not yet valid" in text or "has expired" in text or "CERTIFICATE_EXPIRED" in text:
+        return (
+            f"{text}: a certificate's dates do not cover this machine's clock, or the broker's (is one of the "
+            "clocks wrong? A member's certificate that old, or made on a machine whose clock ran ahead, is "
+            "replaced with `valise keygen --rotate`)"
+        )
     if any(alert in text for alert in ("ALERT_UNKNOWN_CA", "ALERT_CERTIFICATE_UNKNOWN", "ALERT_BAD_CERTIFICATE")):
         return (
             f"{text}: the broker does not accept this member's certificate (not admitted yet, removed or "
-            "suspended, or keys other than the admitted ones; the operator admits with `valise broker member add`)"
+            "suspended, or keys other than the admitted ones; the operator admits with `valise broker member add`; "
+            "or, for keys made by an earlier version, the broker's clock is behind the clock that made them)"
         )
     if "CERTIFICATE_VERIFY_FAILED" in text:
         return (
