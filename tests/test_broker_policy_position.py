@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from valise import identity, packet, records
+from valise.broker import relay
 from valise.broker.daemon import BrokerDaemon
 from valise.policy import records as prec
 from valise.store.sqlite import SqliteLog
@@ -197,3 +199,43 @@ async def test_two_retractions_of_one_packet_in_flight_at_once_are_logged_once(t
             assert isinstance(answer, ev.RetractResult), answer
             assert answer.index == size
     assert _kinds_from(world, size) == ["retract"]
+
+
+async def test_a_packet_is_logged_at_the_time_it_was_decided_at(tmp_path: Path, monkeypatch: Any) -> None:
+    """A review (time semantics): the broker decided with one reading of its clock and dated the entry with
+    another. When the second ticked between them, on the second a grant ends, an honest broker logged a relay that
+    the auditor, replaying the decision at the entry's `at`, denies. The clock here ticks over the grant's end
+    just after the submit-end decision (the real decision, watched); the entry must carry the decision's time."""
+    world = make_world(tmp_path)
+    ends = int(time.time()) + 100
+    now = int(time.time())
+    fra, deu = world.members["FRA"], world.members["DEU"]
+    world.append(prec.grant(fra.signing, origin=ORIGIN, author="FRA", created=now, to="DEU", tlp="AMBER",
+                            valid_until=ends))  # fmt: skip
+    world.append(prec.accept(deu.signing, origin=ORIGIN, author="DEU", created=now, source="FRA", tlp="AMBER"))
+    clock = [float(ends - 1)]
+    decide = relay.admit
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        outcome = decide(*args, **kwargs)
+        if "signature_checked_with" in kwargs:  # the decision at submit-end: the second ticks over right after
+            clock[0] = float(ends)
+        return outcome
+
+    monkeypatch.setattr(relay, "admit", watched)
+    data = seal(world, "FRA", ["DEU"], b"decided in the grant's last second")
+    start = _log_size(world)
+    async with (
+        running_broker(world, clock=lambda: clock[0]) as broker,
+        WireClient.connect(world, "FRA", broker.port) as c,
+    ):
+        c.refuse_cosign = True
+        answer = await c.submit(data)
+        assert isinstance(answer, ev.Receipt), answer
+        assert clock[0] == ends  # the decision was watched
+    with SqliteLog.open(world.home.db_path) as store:
+        kinds = [records.entry_type(e) for e in store.entries(start, store.size())]
+    (at,) = [fields["at"] for kind, fields in kinds if kind == "pkt"]
+    assert at == ends - 1  # within the grant, as decided; the auditor's replay allows it
+    receipt = records.Receipt.verified(answer.receipt, world.home.broker_identity().bundle.sign_key)
+    assert receipt.at == at

@@ -418,6 +418,9 @@ class Session:
                 what = f"packet id {core.packet_id.hex()} was already logged by {self.member} for another packet"
                 await self._refuse_stored(msg.rid, head, what)
                 return
+            # One reading of the clock, for the decision and for the entry's `at`: the auditor replays the decision
+            # at `at`, and two readings a second apart, on the second a grant ends, logged a relay it denies.
+            now = self.d.now()
             if orphan is None:
                 # Policy may have changed while the ciphertext streamed in: decide again, as of now (the signature
                 # was checked at submit-begin, and is checked again only if the sender's key changed meanwhile).
@@ -426,7 +429,7 @@ class Session:
                     self.member,
                     head,
                     None,
-                    self.d.now(),
+                    now,
                     self.d.settings.window,
                     signature_checked_with=upload.signed_by,
                 )
@@ -463,7 +466,7 @@ class Session:
                     # The reader goes on with the next frames while the batch commits: one connection can then
                     # have many packets in one batch instead of one per commit cycle (the wire's request limit
                     # bounds it). The receipt goes out from the batch's callback: no task per packet.
-                    self._enqueue_packet(msg.rid, head, key, size, body, upload.signed_by)
+                    self._enqueue_packet(msg.rid, head, key, size, body, upload.signed_by, now)
                 else:
                     # The same packet again while its batch commits (a retry that overtook its receipt).
                     assert self._nursery is not None
@@ -491,10 +494,17 @@ class Session:
         await self.send(ev.ErrorMessage(rid, codes.REPLAY, what))
 
     def _enqueue_packet(
-        self, rid: int, head: Head, key: tuple[str, bytes], size: int, body: bytes | None, signed_by: bytes | None
+        self,
+        rid: int,
+        head: Head,
+        key: tuple[str, bytes],
+        size: int,
+        body: bytes | None,
+        signed_by: bytes | None,
+        at: int,
     ) -> None:
+        """Append the packet's entry, dated `at`, the time it was decided at; queue it; receipt it once durable."""
         core = head.core
-        at = self.d.now()
 
         def recheck() -> Error | None:
             # A policy record landed ahead of the packet after it was decided on (protocol.md: policy as of the
