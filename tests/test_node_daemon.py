@@ -652,6 +652,48 @@ async def test_a_receipt_whose_index_the_log_never_reaches_is_an_alarm(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_node_whose_clock_is_ahead_raises_no_receipt_alarm_and_a_broken_promise_only_once(
+    world: dict[str, Any], members: dict[str, Any]
+) -> None:
+    """A review (time semantics): the grace before the alarm ran from the receipt's `at`, the broker's clock, so a
+    node 400 s fast raised it seconds after an honest receipt, and again at each checkpoint (its text named the
+    seconds). The grace runs on the node's own clock, from when it first saw the receipt."""
+    h = Harness(world, members["FRA"])
+    clock = [NOW + 400]  # the broker's clock says NOW
+    h.daemon.wall = lambda: clock[0]
+    data = seal(members["FRA"], [members["DEU"]], b"fast", size=10)
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    far = 10**12
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await wait_for(lambda: h.daemon.follower.size == 3)
+        h.daemon.store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW - 400, head.core.expires, data)
+        h.daemon.wake_outbox()
+        begin = await broker.expect(ev.SubmitBegin)
+        while not isinstance(await broker.events.receive(), ev.SubmitEnd):
+            pass
+        receipt = records.Receipt.make(BROKER_ID.signing, ORIGIN, far, head.digest, head.core.packet_id, "FRA", NOW)
+        await broker.send(ev.Receipt(begin.rid, head.core.packet_id, far, head.digest, receipt.raw))
+        row = await h.daemon.wait_outcome(head.core.packet_id, 10)
+        assert row is not None
+        session = h.daemon.session
+        assert session is not None
+        for member in ("ITA", "NGA"):  # two checkpoints within seconds of the receipt, by the node's clock
+            h.log.admit(members[member])
+            clock[0] += 1
+            await h.daemon.sync(session)
+        assert h.daemon.store.alarms() == []
+        for member in ("ACME", "BEL", "CHE"):  # well past the grace: the promise was broken, said once
+            h.log.admit(members.get(member) or identity.generate(member, seeded_random(member.encode()), NOW))
+            clock[0] += 400
+            await h.daemon.sync(session)
+        (alarm,) = h.daemon.store.alarms()
+        assert alarm.kind == "receipt"
+        assert f"promised log index {far}" in alarm.message
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_request_the_broker_leaves_unanswered_ends_the_connection(
     world: dict[str, Any], members: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
