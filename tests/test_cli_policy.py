@@ -97,6 +97,14 @@ def test_grant_accept_explain_revoke(broker: Path, tmp_path: Path, capsys: pytes
     r, _ = statement(capsys, tmp_path, "revoke", "FRA", "--statement", gid)
     assert run(capsys, "broker", "statement", "add", "--dir", d, str(r))[0] == 0
     assert run(capsys, *explain[:-1], "malware")[0] == 3
+    # A relay logged before the revoke is replayed against the policy of the log up to it: --log-size gives that
+    # policy (a review: `--at` alone decided with today's, and contradicted the audit about that moment).
+    code, out, _ = run(capsys, *explain[:-1], "malware", "--log-size", str(size), "--json")
+    assert code == 0
+    assert json.loads(out)["log_size"] == size
+    code, _, err = run(capsys, *explain[:-1], "malware", "--log-size", str(size + 5))
+    assert code == 2
+    assert f"--log-size {size + 5} is not within the log, which holds {size + 1} entries" in err
 
     code, out, _ = run(capsys, "policy", "show", "--dir", d, "--json")
     facts = json.loads(out)

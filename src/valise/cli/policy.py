@@ -178,12 +178,19 @@ def _view(p: argparse.ArgumentParser) -> None:
         "--node", type=Path, help="a member node's directory: the policy as its verified log shows it (no broker)"
     )
     p.add_argument("--verify", action="store_true", help="re-check every record's signature while folding the log")
+    p.add_argument(
+        "--log-size",
+        type=int,
+        metavar="N",
+        help="with --dir: the policy of the log's first N entries, the one the auditor replays a relay logged at "
+        "index N against (default: the whole log)",
+    )
 
 
 def _register_views(pol: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = pol.add_parser("show", help="members, groups, rules and every statement with its status")
     _view(p)
-    p.add_argument("--at", type=parse_time, help="status as of this time (default: now)")
+    p.add_argument("--at", type=parse_time, help="statuses at this time (default: now), of the policy --log-size says")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=show)
     p = pol.add_parser("explain", help="would a packet be relayed? per recipient, with reasons (exit 3 if not)")
@@ -194,12 +201,17 @@ def _register_views(pol: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--category", type=_list, default=[], help="the packet's categories, comma-separated")
     p.add_argument("--operation", help="the time-boxed operation group the packet is for, if any")
     p.add_argument("--size", type=int, default=0, help="the packet's size in bytes")
-    p.add_argument("--at", type=parse_time, help="decide as of this time (default: now)")
+    p.add_argument(
+        "--at",
+        type=parse_time,
+        help="decide at this time (default: now): the times of statements, operations and rules, under the policy "
+        "--log-size says, not the policy in force at that time (records logged since count unless --log-size)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=explain)
     p = pol.add_parser("matrix", help="the effective channels between all members")
     _view(p)
-    p.add_argument("--at", type=parse_time, help="as of this time (default: now)")
+    p.add_argument("--at", type=parse_time, help="at this time (default: now), under the policy --log-size says")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=matrix)
 
@@ -246,7 +258,7 @@ def _locked(home: BrokerHome) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def load_state(home: BrokerHome, store: SqliteLog, *, verify: bool = False) -> PolicyState:
+def load_state(home: BrokerHome, store: SqliteLog, *, verify: bool = False, upto: int | None = None) -> PolicyState:
     """Fold the whole log into a PolicyState; the operator key comes from the genesis record (entry 0).
 
     The broker's own store holds only records whose signatures were checked before they were appended (here or
@@ -258,6 +270,10 @@ def load_state(home: BrokerHome, store: SqliteLog, *, verify: bool = False) -> P
     size = store.size()
     if size == 0:
         raise StoreError(f"the log in {home.root} is empty", hint="was it created with valise broker init?")
+    if upto is not None:
+        if not 1 <= upto <= size:
+            raise UsageError(f"--log-size {upto} is not within the log, which holds {size} entries")
+        size = upto
     first = store.entries(0, 1)[0]
     state = PolicyState(cfg.origin, Genesis.parse(first, origin=cfg.origin).operator_key, verify_signatures=verify)
     index = policyfold.PublicIndex() if verify else policyfold.read_public_index(home.mailbox_path, store)
@@ -613,16 +629,18 @@ def _view_state(args: argparse.Namespace) -> PolicyState:
 
         if args.verify:
             raise UsageError("--verify is for --dir: a node checked every record's signature as it followed the log")
+        if args.log_size is not None:
+            raise UsageError("--log-size is for --dir: a node keeps the policy as of its verified log only")
 
         return offline_policy(args.node)
-    return _read_state(args.dir, args.verify)
+    return _read_state(args.dir, args.verify, args.log_size)
 
 
-def _read_state(directory: Path, verify: bool) -> PolicyState:
+def _read_state(directory: Path, verify: bool, upto: int | None = None) -> PolicyState:
     home = BrokerHome.open(directory)
     store = SqliteLog.open(home.db_path)
     try:
-        return load_state(home, store, verify=verify)
+        return load_state(home, store, verify=verify, upto=upto)
     finally:
         store.close()
 
