@@ -221,6 +221,25 @@ async def test_undelivered_packets_are_purged_at_expiry_and_the_purge_is_logged(
     assert Mailboxes.open(world.home.root / "mailbox.db").body(head.digest) is None  # the small body went too
 
 
+async def test_a_packet_that_expired_and_waits_for_the_purger_is_not_pushed(tmp_path: Path) -> None:
+    """A review (time semantics): between a packet's expiry and the purger's next sweep, a recipient that connected
+    was pushed it, and its node refused it with an alarm. Here the purger does not run; the first packet expires
+    while DEU is away, the second does not: DEU is pushed only the second."""
+    world = _world(tmp_path)
+    expires = int(time.time()) + 60
+    async with running_broker(world, purge_interval=3600) as broker:
+        expired, _ = await _relay_short_lived(world, broker, expires)
+        later, _ = await _relay_short_lived(world, broker, expires + 3600)
+        assert [i.digest for i in broker.mail.pending("DEU")] == [expired.digest, later.digest]
+        broker.now = lambda: expires  # type: ignore[method-assign]
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            _, data = await deu.receive_delivery()
+        head = packet.parse_head(data)
+        assert isinstance(head, packet.Head)
+        assert head.digest == later.digest
+        assert broker.mail.pending("DEU")[0].digest == expired.digest  # left to the purger
+
+
 async def test_a_purge_is_never_dated_before_its_packet_expires_even_if_the_clock_steps_back(
     tmp_path: Path,
 ) -> None:

@@ -147,6 +147,27 @@ async def test_an_expired_packet_is_refused_not_acknowledged(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_packet_that_expired_a_moment_ago_is_refused_without_an_alarm(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+) -> None:
+    """The broker purges by its own clock every few seconds, and honest clocks may be minutes apart: a delivery
+    whose packet expired a moment ago is routine (refused, not acknowledged, no alarm); the test above is the
+    broker that should have purged it weeks ago."""
+    h = Harness(world, members["FRA"])
+    out = io.BytesIO()
+    packet.seal(io.BytesIO(b"just late"), out, sender=members["DEU"], recipients=[members["FRA"].bundle],
+                tlp="AMBER", now=NOW - 3600, expires=NOW - 30, random=seeded_random(b"late"))  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+        await _deliver(broker, 0, out.getvalue())
+        (refusal,) = await _refused(broker, codes.STALE)
+        assert "expired at" in refusal.message
+        assert h.daemon.store.alarms() == []
+        assert h.daemon.store.inbox_all() == []
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_second_packet_under_one_packet_id_is_refused_and_not_kept(
     world: dict[str, Any],  # noqa: F811
     members: dict[str, identity.Identity],

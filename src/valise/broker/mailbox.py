@@ -91,6 +91,7 @@ class MailItem:
     body: bytes | None  # the signed notice ('ack', 'retract'); a packet's bytes if kept here (None: spooled)
     sender: str | None = None  # a packet's sender
     packet_id: bytes | None = None  # a packet's id (its acknowledgement must name this sender and id)
+    expires: int | None = None  # a packet's expiry: past it, it is not pushed (the purger logs its purge)
 
 
 # Tables every version of the store has had: one missing means the file is damaged, never merely old.
@@ -167,7 +168,7 @@ class Mailboxes:
                 (row.digest, row.sender, row.packet_id, row.log_index, row.expires, row.size, row.received),
             )
             for member in sorted(set(recipients)):
-                self._post_locked(member, "packet", row.digest, None, body, row.sender, row.packet_id)
+                self._post_locked(member, "packet", row.digest, None, body, row.sender, row.packet_id, row.expires)
 
     def post(self, member: str, kind: str, digest: bytes, body: bytes) -> None:
         """Queue a signed notice (an acknowledgement for a sender, a retraction for a recipient), once."""
@@ -183,6 +184,7 @@ class Mailboxes:
         body: bytes | None,
         sender: str | None = None,
         packet_id: bytes | None = None,
+        expires: int | None = None,
     ) -> None:
         """Queue an item: `stored` goes in its mailbox row; `body`, `sender` and `packet_id` are what a pusher
         reads with it (a small packet's bytes travel in the `bodies` table, not in the row)."""
@@ -196,7 +198,7 @@ class Mailboxes:
         if cur.rowcount:
             self._seqs[member] = seq + 1
             self._dirty.add(member)
-            self._posted[(member, kind, digest)] = MailItem(member, seq, kind, digest, body, sender, packet_id)
+            self._posted[(member, kind, digest)] = MailItem(member, seq, kind, digest, body, sender, packet_id, expires)
 
     def packet(self, digest: bytes) -> PacketRow | None:
         r = self._db.execute("SELECT * FROM packets WHERE digest = ?", (digest,)).fetchone()
@@ -210,7 +212,7 @@ class Mailboxes:
         """Items waiting for `member`, in order, after `after_seq`; a packet's with its sender, id and kept bytes
         (one query, where pushing and acknowledging each packet would otherwise cost two more)."""
         rows = self._db.execute(
-            "SELECT m.member, m.seq, m.kind, m.digest, COALESCE(m.body, b.data), p.sender, p.packet_id"
+            "SELECT m.member, m.seq, m.kind, m.digest, COALESCE(m.body, b.data), p.sender, p.packet_id, p.expires"
             " FROM mailbox AS m"
             " LEFT JOIN packets AS p ON m.kind = 'packet' AND p.digest = m.digest"
             " LEFT JOIN bodies AS b ON m.kind = 'packet' AND b.digest = m.digest"

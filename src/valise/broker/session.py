@@ -883,9 +883,12 @@ class Session:
                 self._pushed[item.seq] = item
                 if item.kind == "packet":
                     # The items came with their bytes; one retracted or purged since (while earlier items went
-                    # out) must not go out after all. Rare: a query only when some packet was withdrawn.
-                    gone = self.d.withdrawals != withdrawals and not self.d.mail.has_item(
-                        self.member, "packet", item.digest
+                    # out) must not go out after all. Rare: a query only when some packet was withdrawn. One that
+                    # expired and waits for the purger does not go out either: a node refuses it, and raised an
+                    # alarm for it before it learnt that a packet expired a moment ago is routine.
+                    gone = (item.expires is not None and item.expires <= self.d.now()) or (
+                        self.d.withdrawals != withdrawals
+                        and not self.d.mail.has_item(self.member, "packet", item.digest)
                     )
                     if gone or not await self._push_packet(item):
                         del self._pushed[item.seq]

@@ -39,6 +39,7 @@ from valise.errors import (
 from valise.node import signers
 from valise.node.store import writing
 from valise.packet.format import CiphertextHasher, Head, NeedMore, parse_head
+from valise.utctime import utc
 from valise.wire import codes, liveness
 from valise.wire import events as ev
 from valise.wire import limits as L
@@ -59,6 +60,9 @@ INBOUND_SLACK = 64
 HOLD_COUNT = 64  # the pushes a broker may have unconfirmed: more can never be waiting anyway
 HOLD_BYTES = 256 * 1024 * 1024  # spool space for unverified data; a larger delivery is refused until a reconnect
 HOLD_TIME = 600.0  # seconds; past that, the sender is refused with an alarm (the item stays in the mailbox)
+# A delivery whose packet expired less than this long ago is refused without an alarm: the broker purges by its
+# own clock every few seconds, and the broker's time window (±600 s) is how far apart honest clocks may be.
+EXPIRED_GRACE = 600
 HOLD_RECHECK = 5.0  # seconds between checks for deliveries held too long
 
 
@@ -81,9 +85,14 @@ class Disconnected(Error):
 class Refusal(PacketError):
     """A pushed item this node will not take, with the wire code its `refuse` carries."""
 
-    def __init__(self, code: str, what: str) -> None:
+    def __init__(self, code: str, what: str, *, alarm: bool = True) -> None:
         super().__init__(what)
         self.code = code
+        self.alarm = alarm  # False: routine (a packet that expired a moment ago), logged but no alarm
+
+
+def worth_an_alarm(exc: Error) -> bool:
+    return not isinstance(exc, Refusal) or exc.alarm
 
 
 def refusal_code(exc: Error) -> str:
@@ -113,6 +122,7 @@ class Incoming:
     problem: str | None = None
     code: str = codes.BAD_PACKET  # the `refuse` code that goes with `problem`
     what: str = "a delivery"  # how alarms name it
+    alarm: bool = True  # whether refusing it is worth an alarm (see Refusal)
     awaiting: str | None = None  # a sender the verified log does not show yet: held at the end, not refused
     sign_key: bytes | None = None  # the sender's identity key its header verified under (signers.packet_signer)
 
@@ -377,6 +387,7 @@ class Session:
                 raise
             inc.problem = exc.what
             inc.code = refusal_code(exc)
+            inc.alarm = worth_an_alarm(exc)
             inc.what = _delivery_name(msg.head, parsed)
             log.warning("delivery seq %d refused: %s", msg.seq, exc.what)
             return
@@ -390,10 +401,19 @@ class Session:
         inc.hasher = CiphertextHasher(head.header)
 
     def _check_expiry(self, head: Head) -> None:
-        """That the packet has not expired (it could not be read any more: not taken, not acknowledged)."""
+        """That the packet has not expired (a delivery past it is not taken, nor acknowledged: the broker purges it).
+
+        Only one expired well before it came is worth an alarm (a broker that should have purged it long ago): the
+        broker purges every few seconds, by its own clock, and a packet that expired a moment ago, or whose expiry
+        this node's clock, a little ahead, says has passed, is routine."""
         core = head.core
-        if core.expires <= self.d.now():
-            raise Refusal(codes.STALE, f"packet {core.packet_id.hex()} from {core.sender} expired at {core.expires}")
+        now = self.d.now()
+        if core.expires <= now:
+            raise Refusal(
+                codes.STALE,
+                f"packet {core.packet_id.hex()} from {core.sender} expired at {utc(core.expires)}",
+                alarm=now - core.expires > EXPIRED_GRACE,
+            )
 
     async def _deliver_chunk(self, msg: ev.DeliverChunk) -> None:
         inc = self._incoming
@@ -431,7 +451,7 @@ class Session:
                 inc.code = codes.HASH_MISMATCH
         if inc.problem is not None or inc.head is None or inc.path is None or inc.file is None:
             self._close(inc)
-            await self._refuse(msg.seq, inc.code, f"refused {inc.what}: {inc.problem}")
+            await self._refuse(msg.seq, inc.code, f"refused {inc.what}: {inc.problem}", raise_alarm=inc.alarm)
             return
         try:
             with writing("a delivery's spool file", inc.path):
@@ -464,12 +484,17 @@ class Session:
         else:  # held (or erased) already: its acknowledgement was lost on the way, or the broker restarted
             log.info("packet %s from %s delivered again: acknowledged again", core.packet_id.hex(), core.sender)
 
-    async def _refuse(self, seq: int, code: str, alarm: str, kind: str = "delivery") -> None:
-        """Refuse a pushed item: an alarm, and a `refuse` so that it no longer holds one of the broker's push slots
-        (it stays in the broker's mailbox). The alarm is named by the packet, not the seq, so the same refusal
-        after each reconnection is one alarm."""
-        self.d.alarm(kind, alarm)
-        await self.send(ev.Refuse(seq, code, _cut(alarm, L.MAX_TEXT)))
+    async def _refuse(
+        self, seq: int, code: str, text: str, kind: str = "delivery", *, raise_alarm: bool = True
+    ) -> None:
+        """Refuse a pushed item: an alarm (unless it is routine), and a `refuse` so that it no longer holds one of
+        the broker's push slots (it stays in the broker's mailbox). The alarm is named by the packet, not the seq,
+        so the same refusal after each reconnection is one alarm."""
+        if raise_alarm:
+            self.d.alarm(kind, text)
+        else:
+            log.info("%s", text)
+        await self.send(ev.Refuse(seq, code, _cut(text, L.MAX_TEXT)))
 
     # --- deliveries that wait for the log -------------------------------------------------------------------
 
@@ -535,7 +560,8 @@ class Session:
                 if isinstance(exc, StoreError):  # this node's fault, not the item's: end the connection
                     raise
                 held.path.unlink(missing_ok=True)
-                await self._refuse(seq, refusal_code(exc), f"refused {held.what}: {exc.what}")
+                what = f"refused {held.what}: {exc.what}"
+                await self._refuse(seq, refusal_code(exc), what, raise_alarm=worth_an_alarm(exc))
                 continue
             await self._accept(seq, held.head, held.path, held.what, key)
 
