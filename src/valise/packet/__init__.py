@@ -1,4 +1,4 @@
-"""Packet v1: seal / open / inspect, and the incremental head parser for relays (specs/packet.md).
+"""Packet v1: seal / open / inspect / reseal, and the incremental head parser for relays (specs/packet.md).
 
 `seal`, `open` and `inspect` are pure: they read and write only the streams they are given; the clock
 (`now`) and randomness (`random`) are parameters.
@@ -21,7 +21,7 @@ from valise.packet.format import (
     parse_head,
 )
 from valise.packet.opening import Inspection, Opened, inspect_packet, open_packet, read_head
-from valise.packet.sealing import Sealed, seal
+from valise.packet.sealing import Sealed, reseal, seal
 
 open = open_packet
 inspect = inspect_packet
@@ -47,5 +47,6 @@ __all__ = [
     "open_packet",
     "parse_head",
     "read_head",
+    "reseal",
     "seal",
 ]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from valise import identity, labels
 from valise.crypto import hpke, padding, stream
-from valise.errors import LimitError, UsageError
+from valise.errors import LimitError, PayloadError, SenderMismatchError, StanzaError, TruncatedError, UsageError
 from valise.labels import Labels
 from valise.packet.format import (
     CONTENT_KEY_SIZE,
@@ -24,12 +24,14 @@ from valise.packet.format import (
     SIGNATURE_SIZE,
     VERSION,
     X25519_STANZA,
+    CiphertextHasher,
     Core,
     Header,
     Stanza,
     payload_aad,
     stanza_info,
 )
+from valise.packet.opening import read_head
 
 Random = Callable[[int], bytes]
 
@@ -45,6 +47,8 @@ class Sealed:
     header_digest: bytes
     size: int
     labels: Labels
+    # K, for a sender that must be able to seal the packet afresh (reseal): whoever holds it reads the packet.
+    content_key: bytes = field(default=b"", repr=False)
 
 
 def _payload_size(payload: BinaryIO, given: int | None) -> int:
@@ -121,34 +125,111 @@ def seal(
 
     packet_id = random(PACKET_ID_SIZE)
     key = random(CONTENT_KEY_SIZE)
-    ids = tuple(sorted(by_id))
-    me = sender.member_id
-    core = Core.make(packet_id, now, expires, me, ids, lab)
-    stanzas = tuple(
-        Stanza(
-            X25519_STANZA, rid, hpke.seal(by_id[rid].enc_key, _info(packet_id, sender.member_id, rid), key, random(32))
-        )
-        for rid in ids
-    )
+    core = Core.make(packet_id, now, expires, sender.member_id, tuple(sorted(by_id)), lab)
     padded = padding.padded_size(size)
-    ct_len = stream.ciphertext_size(padded)
-    commit = stream.key_commitment(key, packet_id)
-    placeholder = Header.encode(core, ct_len, bytes(HASH_SIZE), commit, stanzas)
-    if len(placeholder) > MAX_HEADER:
-        raise LimitError(f"packet header would be {len(placeholder)} bytes, over the limit of {MAX_HEADER}")
-
-    start = out.tell()
-    prefix = MAGIC + bytes((VERSION,)) + len(placeholder).to_bytes(4, "big")
-    out.write(prefix + placeholder + bytes(SIGNATURE_SIZE))
+    sealing = _Sealing(out, sender, core, by_id, key, stream.ciphertext_size(padded), random)
     digest = _write_ciphertext(payload, out, size, padded, stream.payload_key(key, packet_id), core.raw)
-    header = Header.encode(core, ct_len, digest, commit, stanzas)
-    assert len(header) == len(placeholder)  # only the fixed-size hash changed
-    signature = sender.signing.sign(HEADER_DOMAIN, header)
-    end = out.tell()
-    out.seek(start + len(prefix))
-    out.write(header + signature)
-    out.seek(end)
-    return Sealed(packet_id, hashlib.sha256(header).digest(), end - start, lab)
+    return sealing.finish(digest)
+
+
+def reseal(
+    src: BinaryIO,
+    out: BinaryIO,
+    *,
+    key: bytes,
+    sender: identity.Identity,
+    recipients: Sequence[identity.PublicBundle],
+    now: int,
+    random: Random,
+) -> Sealed:
+    """Seal the sender's own packet from `src` afresh, dated `now`, to `out` (seekable): same packet id, recipients,
+    labels, expiry and padded payload; a new content key, new stanzas (to the recipients' current keys) and a new
+    signature (the sender's current key). `key` is the old packet's content key K, which the sender kept.
+
+    For a packet that waited in its sender's outbox past the broker's time window (protocol.md): the broker takes
+    a packet only within minutes of its `created`, and a sealed packet cannot be re-dated without re-encrypting
+    its payload (the header's core, `created` with it, is the payload's associated data). The payload is never
+    unpadded: each chunk is opened under K and sealed again under the new key, so plaintext exists only one chunk
+    at a time, in memory. A new key, never K again: sealing the same chunks under K's nonces with other associated
+    data would reuse ChaCha20-Poly1305 nonces. Checks: K against the old header's commitment, the old header's
+    signer is `sender` (as a member id), the recipients are the old ones, every old chunk authenticates and the old
+    ciphertext has its signed length and hash. If it raises, `out` holds garbage to discard."""
+    head = read_head(src)
+    old = head.header
+    core = old.core
+    if core.sender != sender.member_id:
+        raise SenderMismatchError(f"packet is from {core.sender}, not {sender.member_id}: only its sender reseals it")
+    if len(key) != CONTENT_KEY_SIZE or stream.key_commitment(key, core.packet_id) != old.key_commit:
+        raise StanzaError("the kept content key does not match the packet's key commitment")
+    by_id = {r.member_id: r for r in recipients}
+    if tuple(sorted(by_id)) != core.recipients or len(by_id) != len(recipients):
+        raise UsageError(f"recipients {', '.join(sorted(by_id))} are not the packet's: {', '.join(core.recipients)}")
+    if core.expires <= now:
+        raise UsageError("the packet has expired: it cannot be sealed afresh")
+    fresh = Core.make(core.packet_id, now, core.expires, core.sender, core.recipients, core.labels)
+    new_key = random(CONTENT_KEY_SIZE)
+    sealing = _Sealing(out, sender, fresh, by_id, new_key, old.ct_len, random)
+    dec = stream.Decryptor(stream.payload_key(key, core.packet_id), payload_aad(core.raw))
+    enc = stream.Encryptor(stream.payload_key(new_key, core.packet_id), payload_aad(fresh.raw))
+    checked, digest = CiphertextHasher(old), hashlib.sha256()
+    remaining = old.ct_len
+    while remaining:
+        n = min(stream.CT_CHUNK, remaining)
+        chunk = _read_exact(src, n)
+        if len(chunk) != n:
+            raise TruncatedError(f"ciphertext ends after {old.ct_len - remaining + len(chunk)} of {old.ct_len} bytes")
+        remaining -= n
+        checked.update(chunk)
+        try:
+            sealed = enc.seal(dec.open(chunk, last=remaining == 0), last=remaining == 0)
+        except stream.ChunkError as exc:
+            raise PayloadError(f"payload {exc}", hint="the packet file was modified") from None
+        digest.update(sealed)
+        out.write(sealed)
+    checked.finish()
+    return sealing.finish(digest.digest())
+
+
+class _Sealing:
+    """A packet being written: the stanzas and a placeholder header go out first (the header signs the hash of
+    the ciphertext that follows it); `finish` writes the real header and signature once the ciphertext is out."""
+
+    def __init__(
+        self,
+        out: BinaryIO,
+        sender: identity.Identity,
+        core: Core,
+        by_id: dict[str, identity.PublicBundle],
+        key: bytes,
+        ct_len: int,
+        random: Random,
+    ) -> None:
+        pid = core.packet_id
+        self.stanzas = tuple(
+            Stanza(X25519_STANZA, rid, hpke.seal(by_id[rid].enc_key, _info(pid, core.sender, rid), key, random(32)))
+            for rid in core.recipients
+        )  # drawn in sorted recipient order, after the packet id and K: fixed randomness gives a fixed packet
+        self.commit = stream.key_commitment(key, pid)
+        placeholder = Header.encode(core, ct_len, bytes(HASH_SIZE), self.commit, self.stanzas)
+        if len(placeholder) > MAX_HEADER:
+            raise LimitError(f"packet header would be {len(placeholder)} bytes, over the limit of {MAX_HEADER}")
+        self.out, self.sender, self.core, self.key, self.ct_len = out, sender, core, key, ct_len
+        self.start = out.tell()
+        self.prefix = MAGIC + bytes((VERSION,)) + len(placeholder).to_bytes(4, "big")
+        self.header_len = len(placeholder)
+        out.write(self.prefix + placeholder + bytes(SIGNATURE_SIZE))
+
+    def finish(self, digest: bytes) -> Sealed:
+        header = Header.encode(self.core, self.ct_len, digest, self.commit, self.stanzas)
+        assert len(header) == self.header_len  # only the fixed-size hash changed
+        signature = self.sender.signing.sign(HEADER_DOMAIN, header)
+        out = self.out
+        end = out.tell()
+        out.seek(self.start + len(self.prefix))
+        out.write(header + signature)
+        out.seek(end)
+        digest_of_header = hashlib.sha256(header).digest()
+        return Sealed(self.core.packet_id, digest_of_header, end - self.start, self.core.labels, self.key)
 
 
 def _info(packet_id: bytes, sender: str, recipient: str) -> bytes:
