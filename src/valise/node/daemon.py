@@ -42,7 +42,7 @@ from valise.errors import (
     StoreError,
     UsageError,
 )
-from valise.node import outbox, signers
+from valise.node import outbox, resealing, signers
 from valise.node.control import listen, socket_path
 from valise.node.follower import AwaitingQuorum, Committed, Follower, ForgedCosignature, ForkError, LogMismatchError
 from valise.node.home import NodeHome
@@ -814,6 +814,18 @@ class NodeDaemon:
             session.requests.release()
             in_flight.discard(row.packet_id)
         assert reply.answer is not None
+        if resealing.wanted(row, reply.answer, self.now()):
+            assert isinstance(reply.answer, ev.ErrorMessage)
+            # Held as in flight meanwhile (the submitter must not send the old file again, nor `retract` cancel
+            # it): added before anything awaits, so the submitter cannot have picked it up in between.
+            in_flight.add(row.packet_id)
+            try:
+                await resealing.reseal(self, row, reply.answer)
+            finally:
+                in_flight.discard(row.packet_id)
+            self.unrecorded.discard(row.packet_id)
+            self.wake_outbox()
+            return
         try:
             self._answered(row, reply.answer)
         except BaseException:  # a receipt that could not be recorded: the broker has it logged

@@ -23,7 +23,7 @@ import trio.lowlevel
 
 from valise import encoding, identity, packet, records
 from valise.errors import DeniedError, Error, LimitError, StoreError, UsageError, WireError
-from valise.node import control, erasing, receipts, report
+from valise.node import control, erasing, receipts, report, resealing
 from valise.node.daemon import NodeDaemon
 from valise.node.report import one as _one
 from valise.node.store import OutboxRow, writing
@@ -251,7 +251,10 @@ async def op_send(
 
             sealed, expires = await trio.to_thread.run_sync(work)
             ids = [r.member_id for r in recipients]
-            daemon.store.enqueue_file(sealed.packet_id, sealed.header_digest, ids, now, expires, spool)
+            # K, kept (sealed to this member) while the packet is queued: if the broker is away for longer than
+            # its time window, the packet is sealed afresh rather than given up (node/resealing.py).
+            kept = resealing.keep_key(daemon.identity, sealed.packet_id, sealed.content_key, daemon.random)
+            daemon.store.enqueue_file(sealed.packet_id, sealed.header_digest, ids, now, expires, spool, kept)
         finally:
             spool.unlink(missing_ok=True)
     daemon.wake_outbox()

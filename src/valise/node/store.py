@@ -9,6 +9,7 @@ named by their header digest (written and fsynced before the row that points to 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sqlite3
@@ -36,7 +37,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     receipt     BLOB,                     -- the broker's signed receipt
     log_index   INTEGER,
     outcome     TEXT,                     -- JSON: denial reasons per recipient, or a last error
-    in_log      INTEGER NOT NULL DEFAULT 0 -- 1 once a verified checkpoint showed the receipt's entry
+    in_log      INTEGER NOT NULL DEFAULT 0, -- 1 once a verified checkpoint showed the receipt's entry
+    content_key BLOB                      -- while queued: K sealed to this member's own encryption key, so that a
+                                          -- packet held past the broker's window can be sealed afresh (reseal)
 );
 CREATE TABLE IF NOT EXISTS acks (
     packet_id   BLOB NOT NULL,
@@ -108,6 +111,7 @@ class OutboxRow:
     log_index: int | None
     outcome: str | None
     in_log: int = 0
+    content_key: bytes | None = None  # K sealed to this member (NodeDaemon.keep_key); only while queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +193,16 @@ def _move_in(src: Path, dest: Path) -> None:
     _fsync_dir(dest.parent)
 
 
+def _head_digest(path: Path) -> bytes | None:
+    """SHA-256 of the header of the packet file at `path` (how the log names a packet); None if it has none."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(parse_prefix(f.read(PREFIX_SIZE)))
+    except (OSError, Error):
+        return None
+    return hashlib.sha256(header).digest()
+
+
 def _fsync_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".part")
     with open(tmp, "wb") as f:
@@ -202,6 +216,9 @@ def _fsync_write(path: Path, data: bytes) -> None:
     finally:
         os.close(dir_fd)
 
+
+# A queued packet sealed afresh, beside the old file until its row names it (NodeStore.outbox_resealed).
+RESEALED = ".resealed"
 
 # kv: the inbox files an erase has still to remove (NodeStore.inbox_erase).
 ERASING = "inbox-erasing"
@@ -221,6 +238,9 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE inbox ADD COLUMN sign_key BLOB")
     if "erased" not in columns:
         conn.execute("ALTER TABLE inbox ADD COLUMN erased INTEGER")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+    if "content_key" not in columns:
+        conn.execute("ALTER TABLE outbox ADD COLUMN content_key BLOB")
     columns = {row[1] for row in conn.execute("PRAGMA table_info(log_received)")}
     if "sender" not in columns:  # as a development version made it: no retraction can match its rows
         conn.execute("ALTER TABLE log_received ADD COLUMN sender TEXT NOT NULL DEFAULT ''")
@@ -320,10 +340,17 @@ class NodeStore:
 
     def _sweep_outbox(self) -> None:
         """A send is its file first, then its row: a crash in between left a file nothing refers to (and `send`
-        reported a failure), which nothing else would ever delete."""
-        queued = {bytes(r[0]).hex() for r in self._db.execute("SELECT packet_id FROM outbox")}
+        reported a failure), which nothing else would ever delete. A packet sealed afresh that a crash left beside
+        the old one goes in place if its row names it, else goes (outbox_resealed)."""
+        digests = {bytes(r[0]).hex(): bytes(r[1]) for r in self._db.execute("SELECT packet_id, digest FROM outbox")}
+        for path in (self.root / "outbox").glob(f"*{RESEALED}"):
+            pid = path.name.removesuffix(RESEALED)
+            if pid in digests and _head_digest(path) == digests[pid]:
+                _move_in(path, self.outbox_path(bytes.fromhex(pid)))
+            else:
+                path.unlink(missing_ok=True)
         for path in (self.root / "outbox").glob("*.pkt"):
-            if path.stem not in queued:
+            if path.stem not in digests:
                 path.unlink(missing_ok=True)
 
     def close(self) -> None:
@@ -341,15 +368,15 @@ class NodeStore:
         path = self.outbox_path(packet_id)
         with writing("the outbox", path):
             _fsync_write(path, packet)
-        self._queue_row(path, (packet_id, digest, json.dumps(recipients), created, expires, len(packet)))
+        self._queue_row(path, (packet_id, digest, json.dumps(recipients), created, expires, len(packet), None))
 
     def _queue_row(self, path: Path, row: tuple[object, ...]) -> None:
         """The outbox row of a packet whose file is in place; if it cannot be written, the file goes too (a file
         no row names would otherwise stay until the next start)."""
         try:
             self._db.execute(
-                "INSERT INTO outbox (packet_id, digest, recipients, created, expires, size, state) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'queued')",
+                "INSERT INTO outbox (packet_id, digest, recipients, created, expires, size, content_key, state) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued')",
                 row,
             )
         except BaseException:
@@ -384,14 +411,49 @@ class NodeStore:
         return changed, problems
 
     def enqueue_file(
-        self, packet_id: bytes, digest: bytes, recipients: list[str], created: int, expires: int, path: Path
+        self,
+        packet_id: bytes,
+        digest: bytes,
+        recipients: list[str],
+        created: int,
+        expires: int,
+        path: Path,
+        content_key: bytes | None = None,
     ) -> None:
-        """Durably queue a sealed packet already written to `path` (moved into the outbox; file first, then row)."""
+        """Durably queue a sealed packet already written to `path` (moved into the outbox; file first, then row),
+        with its content key as NodeDaemon.keep_key sealed it (None: it cannot be sealed afresh)."""
         size = path.stat().st_size
         dest = self.outbox_path(packet_id)
         with writing("the outbox", dest):
             _move_in(path, dest)
-        self._queue_row(dest, (packet_id, digest, json.dumps(recipients), created, expires, size))
+        self._queue_row(dest, (packet_id, digest, json.dumps(recipients), created, expires, size, content_key))
+
+    def _resealed_path(self, packet_id: bytes) -> Path:
+        return self.root / "outbox" / f"{packet_id.hex()}{RESEALED}"
+
+    def outbox_resealed(self, packet_id: bytes, path: Path, digest: bytes, created: int, content_key: bytes) -> bool:
+        """Put the packet sealed afresh at `path` (packet.reseal) in place of the queued one, due now. False if the
+        packet is no longer queued (then `path` goes).
+
+        The new file goes in beside the old one first, then the row commits, then it replaces the old file: a
+        crash between the last two leaves a `.resealed` file whose digest the row names, which the next open puts
+        in place (`_sweep_outbox`); a crash before the commit, one it names not, which goes. The other orders could
+        leave a row naming one packet and a file holding another: a receipt for it would not match."""
+        beside = self._resealed_path(packet_id)
+        with writing("the outbox", beside):
+            _move_in(path, beside)
+        cur = self._db.execute(
+            "UPDATE outbox SET digest = ?, created = ?, size = ?, content_key = ?, next_try = 0, outcome = ? "
+            "WHERE packet_id = ? AND state = 'queued'",
+            (digest, created, beside.stat().st_size, content_key, json.dumps({"resealed": created}), packet_id),
+        )
+        if not cur.rowcount:
+            beside.unlink(missing_ok=True)
+            return False
+        dest = self.outbox_path(packet_id)
+        with writing("the outbox", dest):
+            _move_in(beside, dest)
+        return True
 
     def tmp_path(self, name: str) -> Path:
         """A scratch file in the store's file system (so that moving it into place is a rename)."""
@@ -425,19 +487,21 @@ class NodeStore:
 
     def outbox_receipted(self, packet_id: bytes, receipt: bytes, log_index: int) -> None:
         self._db.execute(
-            "UPDATE outbox SET state = 'receipted', receipt = ?, log_index = ?, outcome = NULL WHERE packet_id = ?",
+            "UPDATE outbox SET state = 'receipted', receipt = ?, log_index = ?, outcome = NULL, content_key = NULL "
+            "WHERE packet_id = ?",
             (receipt, log_index, packet_id),
         )
 
     def outbox_denied(self, packet_id: bytes, reasons: dict[str, str]) -> None:
         self._db.execute(
-            "UPDATE outbox SET state = 'denied', outcome = ? WHERE packet_id = ?", (json.dumps(reasons), packet_id)
+            "UPDATE outbox SET state = 'denied', outcome = ?, content_key = NULL WHERE packet_id = ?",
+            (json.dumps(reasons), packet_id),
         )
 
     def outbox_failed(self, packet_id: bytes, code: str, message: str) -> None:
         """The broker refused the packet for good (not a policy denial): keep its code and message."""
         self._db.execute(
-            "UPDATE outbox SET state = 'denied', outcome = ? WHERE packet_id = ?",
+            "UPDATE outbox SET state = 'denied', outcome = ?, content_key = NULL WHERE packet_id = ?",
             (json.dumps({"error": {"code": code, "message": message}}), packet_id),
         )
 
@@ -458,7 +522,8 @@ class NodeStore:
         """Withdraw a packet never submitted (its sender retracted it while it waited): it will not be sent. It is
         kept as denied, with the sender's reason, and its file goes. False if it was not queued and untried."""
         cur = self._db.execute(
-            "UPDATE outbox SET state = 'denied', outcome = ? WHERE packet_id = ? AND state = 'queued' AND attempts = 0",
+            "UPDATE outbox SET state = 'denied', outcome = ?, content_key = NULL "
+            "WHERE packet_id = ? AND state = 'queued' AND attempts = 0",
             (json.dumps({"cancelled": reason or "retracted by its sender before it was sent"}), packet_id),
         )
         if cur.rowcount:
@@ -466,7 +531,7 @@ class NodeStore:
         return cur.rowcount > 0
 
     def outbox_expired(self, packet_id: bytes) -> None:
-        self._db.execute("UPDATE outbox SET state = 'expired' WHERE packet_id = ?", (packet_id,))
+        self._db.execute("UPDATE outbox SET state = 'expired', content_key = NULL WHERE packet_id = ?", (packet_id,))
 
     def outbox_unchecked(self, below: int) -> list[OutboxRow]:
         """Receipted packets whose log index is below `below` (a verified size) and not yet checked in the log."""

@@ -1,0 +1,116 @@
+"""A packet that waited in the outbox past the broker's time window, sealed afresh (specs/protocol.md, Nodes).
+
+The broker takes a packet only within its window (±600 s by default) of the packet's `created`, the time it was
+sealed: a packet queued while the broker was unreachable for longer is refused as `stale`, long before its
+`expires`, though the outbox promised to send it until then. A sealed packet cannot be re-dated by re-signing
+(`created` is the payload's associated data), and the node does not keep the plaintext. It keeps the packet's
+content key K instead, sealed to this member's own encryption key, for as long as the packet is queued; on a
+`stale` refusal it seals the packet afresh (packet.reseal: same id, recipients, labels and expiry, dated now) and
+sends that. A `stale` answer means the broker holds no packet under this digest (a resubmission of a logged one
+is answered with its receipt before any time check), so the two can never both be logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+from cryptography.exceptions import InvalidTag
+
+from valise import identity, packet
+from valise.crypto import hpke
+from valise.errors import Error, StoreError
+from valise.node import report
+from valise.node.store import OutboxRow, writing
+from valise.wire import codes
+from valise.wire import events as ev
+
+if TYPE_CHECKING:
+    from valise.node.daemon import NodeDaemon
+
+log = logging.getLogger("valise.node")
+
+# Sealed afresh only if the packet was sealed this long before the refusal, by this node's clock: a refusal of a
+# packet sealed moments ago means the two clocks are further apart than the window, which sealing again cannot
+# mend (and must not loop on). Half the broker's default window.
+RESEAL_AFTER = 300
+# Nor if it expires within this: it would expire on the way.
+RESEAL_MARGIN = 60
+
+_KEPT_INFO = b"valise/v1 outbox content key\x00"
+
+
+def keep_key(me: identity.Identity, packet_id: bytes, key: bytes, random: Callable[[int], bytes]) -> bytes:
+    """K sealed to this member's own encryption key (HPKE, as a stanza is), bound to the packet id."""
+    return hpke.seal(me.bundle.enc_key, _KEPT_INFO + packet_id, key, random(32))
+
+
+def kept_key(me: identity.Identity, packet_id: bytes, kept: bytes) -> bytes | None:
+    """K back, under this member's encryption key or one it moved from since; None if none opens it."""
+    for private in (me.enc_private, *me.enc_previous):
+        try:
+            return hpke.open_(private, _KEPT_INFO + packet_id, kept)
+        except (InvalidTag, ValueError):
+            continue
+    return None
+
+
+def wanted(row: OutboxRow, answer: ev.Message, now: int) -> bool:
+    """Whether the broker's answer to `row` calls for sealing it afresh."""
+    return (
+        isinstance(answer, ev.ErrorMessage)
+        and answer.code == codes.STALE
+        and row.content_key is not None
+        and now - row.created > RESEAL_AFTER
+        and row.expires - now > RESEAL_MARGIN
+    )
+
+
+async def reseal(daemon: NodeDaemon, row: OutboxRow, answer: ev.ErrorMessage) -> None:
+    """Seal `row`'s packet afresh and put it in place, due now; or, if it cannot be, record the refusal as final
+    with why. A store failure is raised (it ends the connection, as any other)."""
+    pid = row.packet_id.hex()
+    assert row.content_key is not None
+    key = kept_key(daemon.identity, row.packet_id, row.content_key)
+    # The recipients' keys as the verified log shows them now: one that moved to new keys meanwhile gets it under them.
+    found = {m: report.member_bundle(daemon.follower.policy, m) for m in row.recipients}
+    bundles = [b for b in found.values() if b is not None]
+    missing = ", ".join(m for m, b in found.items() if b is None)
+    if key is None or missing:
+        why = "its kept content key does not open" if key is None else f"not in the verified directory: {missing}"
+        daemon.store.outbox_failed(row.packet_id, answer.code, f"{answer.message}; cannot seal it afresh: {why}")
+        daemon.settled()
+        return
+    now = daemon.now()
+    tmp = daemon.store.tmp_path(f"reseal-{pid}.part")
+
+    def work() -> packet.Sealed:
+        with open(daemon.store.outbox_path(row.packet_id), "rb") as src:  # noqa: SIM117 - its errors are not ours
+            with writing("the packet being sealed afresh", tmp), open(tmp, "w+b") as out:
+                sealed = packet.reseal(
+                    src, out, key=key, sender=daemon.identity, recipients=bundles, now=now, random=daemon.random
+                )
+                out.flush()
+                os.fsync(out.fileno())
+        return sealed
+
+    try:
+        try:
+            sealed = await trio.to_thread.run_sync(work)
+        except StoreError:
+            raise  # this node's storage (a full disk), not the packet: the connection ends, it is tried again
+        except OSError as exc:  # the outbox file itself is gone or unreadable: that packet cannot be sent
+            raise Error(f"its outbox file cannot be read: {exc.strerror}") from None
+        kept = keep_key(daemon.identity, row.packet_id, sealed.content_key, daemon.random)
+        if daemon.store.outbox_resealed(row.packet_id, tmp, sealed.header_digest, now, kept):
+            log.info("packet %s was refused as stale (%s): sealed afresh, dated %d", pid, answer.message, now)
+    except StoreError:
+        raise
+    except Error as exc:
+        daemon.store.outbox_failed(row.packet_id, answer.code, f"{answer.message}; cannot seal it afresh: {exc.what}")
+        daemon.settled()
+    finally:
+        tmp.unlink(missing_ok=True)
