@@ -332,3 +332,16 @@ def test_a_store_with_the_first_layout_of_log_received_is_brought_up_to_date(tmp
     st.follower_commit(b"state", [], [], received=[(9, bytes([5]) * 32, 100, "DEU")], retracted=[(DIG, "DEU", "x")])
     assert (st.received_index(DIG), st.received_index(bytes([5]) * 32)) == (3, 9)
     st.close()
+
+
+def test_a_retry_set_before_the_clock_stepped_back_is_due_at_once(tmp_path: Path) -> None:
+    """A review (time semantics): next tries are wall-clock times, so a clock stepped back by an hour held every
+    queued packet back an hour. No retry is put off longer than the outbox's longest pause: one further ahead
+    than that was set by a clock that has since gone back."""
+    st = NodeStore.open(tmp_path)
+    st.enqueue(PID, DIG, ["DEU"], 100, 10**6, b"sealed-bytes")
+    st.outbox_retry_later(PID, 10_000.0, "broker unreachable")  # set at 9,800 by the clock then
+    assert st.outbox_due(9_900, horizon=300) == []  # a retry 100 s ahead: not yet
+    assert [r.packet_id for r in st.outbox_due(6_400, horizon=300)] == [PID]  # the clock went back an hour
+    assert st.outbox_due(6_400) == []  # without a horizon, as before
+    st.close()

@@ -741,7 +741,8 @@ class NodeDaemon:
         in_flight = self.submitting
         async with trio.open_nursery() as nursery:
             while True:
-                rows = [r for r in self.store.outbox_due(self.now()) if r.packet_id not in in_flight]
+                due = self.store.outbox_due(self.now(), horizon=outbox.SEND_RETRY.cap)
+                rows = [r for r in due if r.packet_id not in in_flight]
                 if not rows:
                     self._outbox_wake = trio.Event()
                     with trio.move_on_after(IDLE_CHECK):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -468,8 +469,14 @@ class NodeStore:
         rows = self._outbox("WHERE packet_id = ?", (packet_id,))
         return rows[0] if rows else None
 
-    def outbox_due(self, now: float, limit: int = 64) -> list[OutboxRow]:
-        return self._outbox("WHERE state = 'queued' AND next_try <= ? ORDER BY created LIMIT ?", (now, limit))
+    def outbox_due(self, now: float, limit: int = 64, *, horizon: float = math.inf) -> list[OutboxRow]:
+        """Queued rows due at `now`, and those whose next try lies more than `horizon` seconds ahead: no retry is
+        put off that long, so the clock stepped back since it was set (by as much as it is ahead), and the packet
+        would otherwise wait that long for nothing."""
+        return self._outbox(
+            "WHERE state = 'queued' AND (next_try <= ? OR next_try > ?) ORDER BY created LIMIT ?",
+            (now, now + horizon, limit),
+        )
 
     def outbox_page(self, after: int, limit: int) -> list[tuple[int, OutboxRow]]:
         """Up to `limit` rows after position `after`, in the order they were queued, each with its position."""
