@@ -296,6 +296,9 @@ class NodeStore:
                     sqlfile.check_tables(conn, path, CORE_TABLES)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
+                # What the store drops is overwritten, not left in free pages: a queued packet's kept content key
+                # (resealing.py), once the packet is sent. Many builds default to this; not all.
+                conn.execute("PRAGMA secure_delete=ON")
                 conn.executescript(SCHEMA)
                 _add_missing_columns(conn)
         except sqlite3.Error as exc:
