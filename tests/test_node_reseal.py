@@ -166,3 +166,45 @@ def test_a_crash_while_a_packet_is_put_in_place_sealed_afresh_is_finished_or_und
         assert not list((root / "outbox").glob(f"*{RESEALED}"))
     finally:
         store.close()
+
+
+async def test_a_packet_whose_upload_outlasts_the_window_is_refused_for_good_not_sealed_again(tmp_path: Path) -> None:
+    """A review: the broker checks the window again when an upload ends, so a large packet on a slow link (1 GiB at
+    10 Mbit/s takes 14 minutes) was refused `stale` at the end of each upload, sealed afresh, sent again, for as
+    long as it had to live, with `outbox` showing "queued, 0 attempts". Sealing afresh cannot mend an upload that
+    takes longer than the window: the packet is refused for good, saying so. Both clocks move on 700 s while the
+    upload is under way (the node's real upload, with the clock moved at its start)."""
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU")
+    offset = [0]
+
+    def clock() -> float:
+        return time.time() + offset[0]
+
+    payload = tmp_path / "big.bin"
+    payload.write_bytes(bytes(200_000))
+    async with trio.open_nursery() as nursery:
+        broker = _broker(world, clock)
+        await nursery.start(_serve, broker, trio.CancelScope())
+        node = _node(world, tmp_path, broker.port, lambda: int(clock()))
+        upload = node._upload
+
+        async def slow_upload(*args: Any) -> Any:
+            offset[0] += 700  # this upload takes 700 s
+            return await upload(*args)
+
+        node._upload = slow_upload  # type: ignore[method-assign]
+        try:
+            await nursery.start(node.run)
+            await _until(lambda: node.session is not None and "DEU" in node.follower.policy.members)
+            await _send(node, payload)
+            await _until(lambda: node.store.outbox_all()[0].state != "queued")
+            (row,) = node.store.outbox_all()
+            assert row.state == "denied"
+            refused = json.loads(row.outcome or "")["error"]
+            assert refused["code"] == codes.STALE
+            assert "its upload took 700 s, longer than the broker's time window allows" in refused["message"]
+            assert offset[0] == 700  # sent once
+        finally:
+            nursery.cancel_scope.cancel()
+    node.store.close()

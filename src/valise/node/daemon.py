@@ -761,6 +761,7 @@ class NodeDaemon:
                         continue
                     in_flight.add(row.packet_id)
                     self.unrecorded.add(row.packet_id)
+                    sent_at = self.now()
                     try:
                         rid, reply = await self._upload(session, row)
                     except BaseException:
@@ -768,7 +769,7 @@ class NodeDaemon:
                         in_flight.discard(row.packet_id)
                         self._tried(row.packet_id)  # it may have reached the broker: no cancelling
                         raise
-                    nursery.start_soon(self._await_answer, session, row, rid, reply, in_flight)
+                    nursery.start_soon(self._await_answer, session, row, rid, reply, in_flight, sent_at)
 
     async def _upload(self, session: Session, row: OutboxRow) -> tuple[int, Reply]:
         """Stream one packet (head, chunks within the window, end); its answer is awaited by the caller."""
@@ -803,7 +804,7 @@ class NodeDaemon:
         return rid, reply
 
     async def _await_answer(
-        self, session: Session, row: OutboxRow, rid: int, reply: Reply, in_flight: set[bytes]
+        self, session: Session, row: OutboxRow, rid: int, reply: Reply, in_flight: set[bytes], sent_at: int
     ) -> None:
         try:
             await session.answer(reply, "a submission")
@@ -815,7 +816,7 @@ class NodeDaemon:
             session.requests.release()
             in_flight.discard(row.packet_id)
         assert reply.answer is not None
-        if resealing.wanted(row, reply.answer, self.now()):
+        if resealing.wanted(row, reply.answer, sent_at):
             assert isinstance(reply.answer, ev.ErrorMessage)
             # Held as in flight meanwhile (the submitter must not send the old file again, nor `retract` cancel
             # it): added before anything awaits, so the submitter cannot have picked it up in between.
@@ -827,8 +828,9 @@ class NodeDaemon:
             self.unrecorded.discard(row.packet_id)
             self.wake_outbox()
             return
+        answer = resealing.explained(reply.answer, sent_at, self.now())
         try:
-            self._answered(row, reply.answer)
+            self._answered(row, answer)
         except BaseException:  # a receipt that could not be recorded: the broker has it logged
             self._tried(row.packet_id)
             raise

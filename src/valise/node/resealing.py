@@ -25,6 +25,7 @@ from valise.crypto import hpke
 from valise.errors import Error, StoreError
 from valise.node import report
 from valise.node.store import OutboxRow, writing
+from valise.utctime import utc
 from valise.wire import codes
 from valise.wire import events as ev
 
@@ -58,15 +59,30 @@ def kept_key(me: identity.Identity, packet_id: bytes, kept: bytes) -> bytes | No
     return None
 
 
-def wanted(row: OutboxRow, answer: ev.Message, now: int) -> bool:
-    """Whether the broker's answer to `row` calls for sealing it afresh."""
+def wanted(row: OutboxRow, answer: ev.Message, sent_at: int) -> bool:
+    """Whether the broker's answer to `row`, whose upload began at `sent_at`, calls for sealing it afresh: the
+    packet was already old when its upload began. Not one whose upload itself outlasted the window (the broker
+    checks the window again when an upload ends): sealed afresh, it would take as long again, and again be
+    refused, until it expired (a review saw a 6 MiB packet on a slow link sealed and sent seven times)."""
     return (
         isinstance(answer, ev.ErrorMessage)
         and answer.code == codes.STALE
         and row.content_key is not None
-        and now - row.created > RESEAL_AFTER
-        and row.expires - now > RESEAL_MARGIN
+        and sent_at - row.created > RESEAL_AFTER
+        and row.expires - sent_at > RESEAL_MARGIN
     )
+
+
+def explained(answer: ev.Message, sent_at: int, now: int) -> ev.Message:
+    """A `stale` refusal of an upload that took longer than sealing afresh can mend, with that said: otherwise it
+    reads as a clock problem."""
+    if not isinstance(answer, ev.ErrorMessage) or answer.code != codes.STALE or now - sent_at <= RESEAL_AFTER:
+        return answer
+    took = (
+        f"{answer.message} (its upload took {now - sent_at} s, longer than the broker's time window allows: a "
+        "packet this large needs a faster link to the broker)"
+    )
+    return ev.ErrorMessage(answer.rid, answer.code, took)
 
 
 async def reseal(daemon: NodeDaemon, row: OutboxRow, answer: ev.ErrorMessage) -> None:
@@ -105,7 +121,8 @@ async def reseal(daemon: NodeDaemon, row: OutboxRow, answer: ev.ErrorMessage) ->
         except OSError as exc:  # the outbox file itself is gone or unreadable: that packet cannot be sent
             raise Error(f"its outbox file cannot be read: {exc.strerror}") from None
         kept = keep_key(daemon.identity, row.packet_id, sealed.content_key, daemon.random)
-        if daemon.store.outbox_resealed(row.packet_id, tmp, sealed.header_digest, now, kept):
+        said = f"{answer.code}: {answer.message}; sealed afresh, dated {utc(now)}"  # `outbox` shows it, counted
+        if daemon.store.outbox_resealed(row.packet_id, tmp, sealed.header_digest, now, kept, said):
             log.info("packet %s was refused as stale (%s): sealed afresh, dated %d", pid, answer.message, now)
     except StoreError:
         raise

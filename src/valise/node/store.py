@@ -435,9 +435,12 @@ class NodeStore:
     def _resealed_path(self, packet_id: bytes) -> Path:
         return self.root / "outbox" / f"{packet_id.hex()}{RESEALED}"
 
-    def outbox_resealed(self, packet_id: bytes, path: Path, digest: bytes, created: int, content_key: bytes) -> bool:
-        """Put the packet sealed afresh at `path` (packet.reseal) in place of the queued one, due now. False if the
-        packet is no longer queued (then `path` goes).
+    def outbox_resealed(
+        self, packet_id: bytes, path: Path, digest: bytes, created: int, content_key: bytes, said: str
+    ) -> bool:
+        """Put the packet sealed afresh at `path` (packet.reseal) in place of the queued one, due now, counting
+        the refusal as an attempt and `said` as its last error. False if the packet is no longer queued (then
+        `path` goes).
 
         The new file goes in beside the old one first, then the row commits, then it replaces the old file: a
         crash between the last two leaves a `.resealed` file whose digest the row names, which the next open puts
@@ -447,9 +450,9 @@ class NodeStore:
         with writing("the outbox", beside):
             _move_in(path, beside)
         cur = self._db.execute(
-            "UPDATE outbox SET digest = ?, created = ?, size = ?, content_key = ?, next_try = 0, outcome = ? "
-            "WHERE packet_id = ? AND state = 'queued'",
-            (digest, created, beside.stat().st_size, content_key, json.dumps({"resealed": created}), packet_id),
+            "UPDATE outbox SET digest = ?, created = ?, size = ?, content_key = ?, next_try = 0, outcome = ?, "
+            "attempts = attempts + 1 WHERE packet_id = ? AND state = 'queued'",
+            (digest, created, beside.stat().st_size, content_key, json.dumps({"error": said}), packet_id),
         )
         if not cur.rowcount:
             beside.unlink(missing_ok=True)
