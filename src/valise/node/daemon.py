@@ -816,7 +816,7 @@ class NodeDaemon:
             session.requests.release()
             in_flight.discard(row.packet_id)
         assert reply.answer is not None
-        if resealing.wanted(row, reply.answer, sent_at):
+        if resealing.wanted(self.store, row, reply.answer, sent_at):
             assert isinstance(reply.answer, ev.ErrorMessage)
             # Held as in flight meanwhile (the submitter must not send the old file again, nor `retract` cancel
             # it): added before anything awaits, so the submitter cannot have picked it up in between.

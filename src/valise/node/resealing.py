@@ -4,7 +4,8 @@ The broker takes a packet only within its window (±600 s by default) of the pac
 sealed: a packet queued while the broker was unreachable for longer is refused as `stale`, long before its
 `expires`, though the outbox promised to send it until then. A sealed packet cannot be re-dated by re-signing
 (`created` is the payload's associated data), and the node does not keep the plaintext. It keeps the packet's
-content key K instead, sealed to this member's own encryption key, for as long as the packet is queued; on a
+content key K instead, sealed to this member's own encryption key, in a file beside the packet (never in node.db:
+NodeStore._keep) for as long as the packet is queued; on a
 `stale` refusal it seals the packet afresh (packet.reseal: same id, recipients, labels and expiry, dated now) and
 sends that. A `stale` answer means the broker holds no packet under this digest (a resubmission of a logged one
 is answered with its receipt before any time check), so the two can never both be logged.
@@ -24,7 +25,7 @@ from valise import identity, packet
 from valise.crypto import hpke
 from valise.errors import Error, StoreError
 from valise.node import report
-from valise.node.store import OutboxRow, writing
+from valise.node.store import NodeStore, OutboxRow, writing
 from valise.utctime import utc
 from valise.wire import codes
 from valise.wire import events as ev
@@ -59,7 +60,7 @@ def kept_key(me: identity.Identity, packet_id: bytes, kept: bytes) -> bytes | No
     return None
 
 
-def wanted(row: OutboxRow, answer: ev.Message, sent_at: int) -> bool:
+def wanted(store: NodeStore, row: OutboxRow, answer: ev.Message, sent_at: int) -> bool:
     """Whether the broker's answer to `row`, whose upload began at `sent_at`, calls for sealing it afresh: the
     packet was already old when its upload began. Not one whose upload itself outlasted the window (the broker
     checks the window again when an upload ends): sealed afresh, it would take as long again, and again be
@@ -67,9 +68,9 @@ def wanted(row: OutboxRow, answer: ev.Message, sent_at: int) -> bool:
     return (
         isinstance(answer, ev.ErrorMessage)
         and answer.code == codes.STALE
-        and row.content_key is not None
         and sent_at - row.created > RESEAL_AFTER
         and row.expires - sent_at > RESEAL_MARGIN
+        and store.outbox_kept_key(row) is not None
     )
 
 
@@ -89,8 +90,8 @@ async def reseal(daemon: NodeDaemon, row: OutboxRow, answer: ev.ErrorMessage) ->
     """Seal `row`'s packet afresh and put it in place, due now; or, if it cannot be, record the refusal as final
     with why. A store failure is raised (it ends the connection, as any other)."""
     pid = row.packet_id.hex()
-    assert row.content_key is not None
-    key = kept_key(daemon.identity, row.packet_id, row.content_key)
+    kept = daemon.store.outbox_kept_key(row)
+    key = None if kept is None else kept_key(daemon.identity, row.packet_id, kept)
     # The recipients' keys as the verified log shows them now: one that moved to new keys meanwhile gets it under them.
     found = {m: report.member_bundle(daemon.follower.policy, m) for m in row.recipients}
     bundles = [b for b in found.values() if b is not None]
@@ -120,7 +121,7 @@ async def reseal(daemon: NodeDaemon, row: OutboxRow, answer: ev.ErrorMessage) ->
             raise  # this node's storage (a full disk), not the packet: the connection ends, it is tried again
         except OSError as exc:  # the outbox file itself is gone or unreadable: that packet cannot be sent
             raise Error(f"its outbox file cannot be read: {exc.strerror}") from None
-        kept = keep_key(daemon.identity, row.packet_id, sealed.content_key, daemon.random)
+        kept = keep_key(daemon.identity, row.packet_id, sealed.content_key, daemon.random)  # the new packet's K
         said = f"{answer.code}: {answer.message}; sealed afresh, dated {utc(now)}"  # `outbox` shows it, counted
         if daemon.store.outbox_resealed(row.packet_id, tmp, sealed.header_digest, now, kept, said):
             log.info("packet %s was refused as stale (%s): sealed afresh, dated %d", pid, answer.message, now)

@@ -38,9 +38,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     receipt     BLOB,                     -- the broker's signed receipt
     log_index   INTEGER,
     outcome     TEXT,                     -- JSON: denial reasons per recipient, or a last error
-    in_log      INTEGER NOT NULL DEFAULT 0, -- 1 once a verified checkpoint showed the receipt's entry
-    content_key BLOB                      -- while queued: K sealed to this member's own encryption key, so that a
-                                          -- packet held past the broker's window can be sealed afresh (reseal)
+    in_log      INTEGER NOT NULL DEFAULT 0 -- 1 once a verified checkpoint showed the receipt's entry
 );
 CREATE TABLE IF NOT EXISTS acks (
     packet_id   BLOB NOT NULL,
@@ -112,7 +110,6 @@ class OutboxRow:
     log_index: int | None
     outcome: str | None
     in_log: int = 0
-    content_key: bytes | None = None  # K sealed to this member (NodeDaemon.keep_key); only while queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,9 +201,9 @@ def _head_digest(path: Path) -> bytes | None:
     return hashlib.sha256(header).digest()
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
+def _fsync_write(path: Path, data: bytes, mode: int = 0o666) -> None:
     tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -220,6 +217,14 @@ def _fsync_write(path: Path, data: bytes) -> None:
 
 # A queued packet sealed afresh, beside the old file until its row names it (NodeStore.outbox_resealed).
 RESEALED = ".resealed"
+# A queued packet's kept content key (node/resealing.py): outbox/<packet id>.<header digest>.key, while queued.
+KEPT = ".key"
+
+# The outbox row's columns, in OutboxRow's order (a development version's store has one more, unused).
+OUTBOX_COLUMNS = (
+    "packet_id, digest, recipients, created, expires, size, state, attempts, next_try, receipt, log_index, outcome, "
+    "in_log"
+)
 
 # kv: the inbox files an erase has still to remove (NodeStore.inbox_erase).
 ERASING = "inbox-erasing"
@@ -240,8 +245,8 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
     if "erased" not in columns:
         conn.execute("ALTER TABLE inbox ADD COLUMN erased INTEGER")
     columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
-    if "content_key" not in columns:
-        conn.execute("ALTER TABLE outbox ADD COLUMN content_key BLOB")
+    if "content_key" in columns:  # a development version kept the content keys here (they lingered in the WAL)
+        conn.execute("UPDATE outbox SET content_key = NULL")
     columns = {row[1] for row in conn.execute("PRAGMA table_info(log_received)")}
     if "sender" not in columns:  # as a development version made it: no retraction can match its rows
         conn.execute("ALTER TABLE log_received ADD COLUMN sender TEXT NOT NULL DEFAULT ''")
@@ -356,6 +361,17 @@ class NodeStore:
         for path in (self.root / "outbox").glob("*.pkt"):
             if path.stem not in digests:
                 path.unlink(missing_ok=True)
+        for path in (self.root / "outbox").glob("*.part"):  # a write a crash cut short (_fsync_write)
+            path.unlink(missing_ok=True)
+        # Kept keys: only a queued packet's, under its current digest (a crash may leave one a reseal replaced,
+        # or one whose packet left the queue).
+        queued = {
+            f"{bytes(r[0]).hex()}.{bytes(r[1]).hex()}{KEPT}"
+            for r in self._db.execute("SELECT packet_id, digest FROM outbox WHERE state = 'queued'")
+        }
+        for path in (self.root / "outbox").glob(f"*{KEPT}"):
+            if path.name not in queued:
+                path.unlink(missing_ok=True)
 
     def close(self) -> None:
         self._db.close()
@@ -372,15 +388,15 @@ class NodeStore:
         path = self.outbox_path(packet_id)
         with writing("the outbox", path):
             _fsync_write(path, packet)
-        self._queue_row(path, (packet_id, digest, json.dumps(recipients), created, expires, len(packet), None))
+        self._queue_row(path, (packet_id, digest, json.dumps(recipients), created, expires, len(packet)))
 
     def _queue_row(self, path: Path, row: tuple[object, ...]) -> None:
         """The outbox row of a packet whose file is in place; if it cannot be written, the file goes too (a file
         no row names would otherwise stay until the next start)."""
         try:
             self._db.execute(
-                "INSERT INTO outbox (packet_id, digest, recipients, created, expires, size, content_key, state) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued')",
+                "INSERT INTO outbox (packet_id, digest, recipients, created, expires, size, state) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'queued')",
                 row,
             )
         except BaseException:
@@ -424,13 +440,45 @@ class NodeStore:
         path: Path,
         content_key: bytes | None = None,
     ) -> None:
-        """Durably queue a sealed packet already written to `path` (moved into the outbox; file first, then row),
-        with its content key as NodeDaemon.keep_key sealed it (None: it cannot be sealed afresh)."""
+        """Durably queue a sealed packet already written to `path` (moved into the outbox; files first, then row),
+        with its content key as resealing.keep_key sealed it (None: it cannot be sealed afresh)."""
         size = path.stat().st_size
         dest = self.outbox_path(packet_id)
-        with writing("the outbox", dest):
-            _move_in(path, dest)
-        self._queue_row(dest, (packet_id, digest, json.dumps(recipients), created, expires, size, content_key))
+        if content_key is not None:
+            self._keep(packet_id, digest, content_key)
+        try:
+            with writing("the outbox", dest):
+                _move_in(path, dest)
+            self._queue_row(dest, (packet_id, digest, json.dumps(recipients), created, expires, size))
+        except BaseException:
+            self._kept_path(packet_id, digest).unlink(missing_ok=True)
+            raise
+
+    def _kept_path(self, packet_id: bytes, digest: bytes) -> Path:
+        return self.root / "outbox" / f"{packet_id.hex()}.{digest.hex()}{KEPT}"
+
+    def _keep(self, packet_id: bytes, digest: bytes, content_key: bytes) -> None:
+        """The packet's kept content key in a file of its own, never in node.db: SQLite leaves what it overwrites
+        in its write-ahead log (and, on some builds, in free pages), and a copy of a running node's directory
+        would then hold the key to a packet long sent. A file removed once the packet leaves the queue is gone
+        from every later copy."""
+        path = self._kept_path(packet_id, digest)
+        with writing("the outbox", path):
+            _fsync_write(path, content_key, 0o600)
+
+    def outbox_kept_key(self, row: OutboxRow) -> bytes | None:
+        """A queued packet's kept content key (sealed to this member), or None if it has none."""
+        try:
+            return self._kept_path(row.packet_id, row.digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _drop_kept(self, packet_id: bytes) -> None:
+        """The packet left the queue (receipted, denied, expired, cancelled): its kept key goes. (One a crash left
+        behind goes at the next open: _sweep_outbox.)"""
+        row = self._db.execute("SELECT digest FROM outbox WHERE packet_id = ?", (packet_id,)).fetchone()
+        if row is not None:
+            self._kept_path(packet_id, bytes(row[0])).unlink(missing_ok=True)
 
     def _resealed_path(self, packet_id: bytes) -> Path:
         return self.root / "outbox" / f"{packet_id.hex()}{RESEALED}"
@@ -446,20 +494,24 @@ class NodeStore:
         crash between the last two leaves a `.resealed` file whose digest the row names, which the next open puts
         in place (`_sweep_outbox`); a crash before the commit, one it names not, which goes. The other orders could
         leave a row naming one packet and a file holding another: a receipt for it would not match."""
+        old = self.outbox_get(packet_id)
         beside = self._resealed_path(packet_id)
+        self._keep(packet_id, digest, content_key)  # named by the new digest: the old key file stays meanwhile
         with writing("the outbox", beside):
             _move_in(path, beside)
         cur = self._db.execute(
-            "UPDATE outbox SET digest = ?, created = ?, size = ?, content_key = ?, next_try = 0, outcome = ?, "
+            "UPDATE outbox SET digest = ?, created = ?, size = ?, next_try = 0, outcome = ?, "
             "attempts = attempts + 1 WHERE packet_id = ? AND state = 'queued'",
-            (digest, created, beside.stat().st_size, content_key, json.dumps({"error": said}), packet_id),
+            (digest, created, beside.stat().st_size, json.dumps({"error": said}), packet_id),
         )
-        if not cur.rowcount:
+        if not cur.rowcount or old is None:
             beside.unlink(missing_ok=True)
+            self._kept_path(packet_id, digest).unlink(missing_ok=True)
             return False
         dest = self.outbox_path(packet_id)
         with writing("the outbox", dest):
             _move_in(beside, dest)
+        self._kept_path(packet_id, old.digest).unlink(missing_ok=True)
         return True
 
     def tmp_path(self, name: str) -> Path:
@@ -468,7 +520,7 @@ class NodeStore:
         return self.root / "tmp" / name
 
     def _outbox(self, where: str, args: tuple[object, ...]) -> list[OutboxRow]:
-        rows = self._db.execute(f"SELECT * FROM outbox {where}", args).fetchall()
+        rows = self._db.execute(f"SELECT {OUTBOX_COLUMNS} FROM outbox {where}", args).fetchall()
         return [OutboxRow(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
 
     def outbox_get(self, packet_id: bytes) -> OutboxRow | None:
@@ -486,7 +538,9 @@ class NodeStore:
 
     def outbox_page(self, after: int, limit: int) -> list[tuple[int, OutboxRow]]:
         """Up to `limit` rows after position `after`, in the order they were queued, each with its position."""
-        rows = self._db.execute("SELECT rowid, * FROM outbox WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit))
+        rows = self._db.execute(
+            f"SELECT rowid, {OUTBOX_COLUMNS} FROM outbox WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit)
+        )
         return [(r[0], OutboxRow(r[1], r[2], json.loads(r[3]), *r[4:])) for r in rows]
 
     def outbox_all(self) -> list[OutboxRow]:
@@ -500,23 +554,24 @@ class NodeStore:
 
     def outbox_receipted(self, packet_id: bytes, receipt: bytes, log_index: int) -> None:
         self._db.execute(
-            "UPDATE outbox SET state = 'receipted', receipt = ?, log_index = ?, outcome = NULL, content_key = NULL "
-            "WHERE packet_id = ?",
+            "UPDATE outbox SET state = 'receipted', receipt = ?, log_index = ?, outcome = NULL WHERE packet_id = ?",
             (receipt, log_index, packet_id),
         )
+        self._drop_kept(packet_id)
 
     def outbox_denied(self, packet_id: bytes, reasons: dict[str, str]) -> None:
         self._db.execute(
-            "UPDATE outbox SET state = 'denied', outcome = ?, content_key = NULL WHERE packet_id = ?",
-            (json.dumps(reasons), packet_id),
+            "UPDATE outbox SET state = 'denied', outcome = ? WHERE packet_id = ?", (json.dumps(reasons), packet_id)
         )
+        self._drop_kept(packet_id)
 
     def outbox_failed(self, packet_id: bytes, code: str, message: str) -> None:
         """The broker refused the packet for good (not a policy denial): keep its code and message."""
         self._db.execute(
-            "UPDATE outbox SET state = 'denied', outcome = ?, content_key = NULL WHERE packet_id = ?",
+            "UPDATE outbox SET state = 'denied', outcome = ? WHERE packet_id = ?",
             (json.dumps({"error": {"code": code, "message": message}}), packet_id),
         )
+        self._drop_kept(packet_id)
 
     def outbox_tried(self, packet_id: bytes) -> None:
         """A submission of a queued packet went out, in part or whole, with no answer (the connection ended): it
@@ -535,16 +590,17 @@ class NodeStore:
         """Withdraw a packet never submitted (its sender retracted it while it waited): it will not be sent. It is
         kept as denied, with the sender's reason, and its file goes. False if it was not queued and untried."""
         cur = self._db.execute(
-            "UPDATE outbox SET state = 'denied', outcome = ?, content_key = NULL "
-            "WHERE packet_id = ? AND state = 'queued' AND attempts = 0",
+            "UPDATE outbox SET state = 'denied', outcome = ? WHERE packet_id = ? AND state = 'queued' AND attempts = 0",
             (json.dumps({"cancelled": reason or "retracted by its sender before it was sent"}), packet_id),
         )
         if cur.rowcount:
             self.outbox_path(packet_id).unlink(missing_ok=True)
+            self._drop_kept(packet_id)
         return cur.rowcount > 0
 
     def outbox_expired(self, packet_id: bytes) -> None:
-        self._db.execute("UPDATE outbox SET state = 'expired', content_key = NULL WHERE packet_id = ?", (packet_id,))
+        self._db.execute("UPDATE outbox SET state = 'expired' WHERE packet_id = ?", (packet_id,))
+        self._drop_kept(packet_id)
 
     def outbox_unchecked(self, below: int) -> list[OutboxRow]:
         """Receipted packets whose log index is below `below` (a verified size) and not yet checked in the log."""
