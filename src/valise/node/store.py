@@ -301,8 +301,9 @@ class NodeStore:
                     sqlfile.check_tables(conn, path, CORE_TABLES)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
-                # What the store drops is overwritten, not left in free pages: a queued packet's kept content key
-                # (resealing.py), once the packet is sent. Many builds default to this; not all.
+                # What the store deletes is overwritten, not left in free pages (an erased packet's labels, say).
+                # Many builds default to this; not all. (The write-ahead log still holds old pages for a while:
+                # what must not outlive its use, a queued packet's content key, is never put here.)
                 conn.execute("PRAGMA secure_delete=ON")
                 conn.executescript(SCHEMA)
                 _add_missing_columns(conn)
