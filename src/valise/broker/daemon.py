@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from valise import encoding, gctune, keyfiles, records, tls
-from valise.broker import cosign, fds, http, policyfold, relay
+from valise.broker import cosign, fds, http, policyfold, relay, spool
 from valise.broker.cosign import COSIGN_TIMEOUT, CosignRound, pick_witnesses
 from valise.broker.fds import listen_tcp
 from valise.broker.home import BrokerConfig, BrokerHome
@@ -79,6 +79,7 @@ class Settings:
     purge_interval: float = 5.0
     policy_poll: float = 1.0
     window: int = relay.DEFAULT_WINDOW
+    spool_reserve: int = spool.RESERVE  # free disk uploads never eat into (spool.py)
     serve_entries: bool = False  # entry bundles over HTTP (every record in full): for an auditors-only address
     rebuild_mailboxes: bool = False  # start with a missing mailbox.db although the log holds traffic (see below)
     clock: Callable[[], float] = time.time
@@ -132,7 +133,7 @@ class BrokerDaemon:
         )
         self._check_mailboxes_expected()
         self.mail = Mailboxes.open(home.mailbox_path)
-        self.spool = Spool(home.root / "spool")
+        self.spool = Spool(home.root / "spool", self.settings.spool_reserve)
         self.genesis = Genesis.parse(self.store.entries(0, 1)[0], origin=cfg.origin)
         # Entries in our own store were verified when they were appended; re-folding them skips the signatures, and
         # reads only the entries recorded as public where the mailboxes recorded readers (broker/policyfold.py).

@@ -21,7 +21,7 @@ from valise.broker import relay
 from valise.broker.cosign import COSIGN_TIMEOUT, CosignRound
 from valise.broker.mailbox import MailItem, PacketRow
 from valise.broker.queued import NotQueued, Refused, Waiter
-from valise.broker.spool import InlineUpload, Upload
+from valise.broker.spool import CheckedUpload, InlineUpload, Upload
 from valise.errors import (
     Error,
     ProtocolError,
@@ -77,7 +77,7 @@ class Session:
         self._credit = trio.Event()
         self._flush_wanted = trio.Event()  # frames were queued outside any task (a batch's callbacks)
         # rid → the upload being received (None: refused, its chunks are discarded)
-        self._uploads: dict[int, Upload | InlineUpload | None] = {}
+        self._uploads: dict[int, Upload | InlineUpload | CheckedUpload | None] = {}
         self._unknown_at: dict[int, int] = {}  # rid → `recorded` when submit-begin found its packet id unused
         self._pushed: dict[int, MailItem] = {}  # seq → item pushed and awaiting confirmation
         # Items committed to this member's mailbox since the pusher last found it had read everything there, each
@@ -357,9 +357,8 @@ class Session:
             await self.send(ev.ErrorMessage(msg.rid, head.code, head.message))
             return
         # An orphan (logged, its body lost in a crash) is known too: its retry is a duplicate, not decided again.
-        known = self.d.mail.packet_by_id(self.member, head.core.packet_id) or self.d.orphan_row(
-            self.member, head.core.packet_id
-        )
+        held = self.d.mail.packet_by_id(self.member, head.core.packet_id)
+        known = held or self.d.orphan_row(self.member, head.core.packet_id)
         outcome = relay.admit(self.d.policy, self.member, head, known, self.d.now(), self.d.settings.window)
         if isinstance(outcome, relay.Reject | relay.Denied):
             self._uploads[msg.rid] = None
@@ -369,7 +368,10 @@ class Session:
             # a duplicate is checked again against what was spooled and answered with its existing receipt.
             signed_by = self.d.policy.members[self.member].sign_key  # admit checked the signature with it
             try:
-                self._uploads[msg.rid] = self.d.spool.begin(head, msg.head, signed_by)
+                # A packet the mailboxes hold (a retry after a lost receipt) is only checked, not kept again: its
+                # mailbox items were made with its packet row. An orphan's retry brings the body the crash lost.
+                keep = held is None or held.digest != head.digest
+                self._uploads[msg.rid] = self.d.spool.begin(head, msg.head, signed_by, member=self.member, keep=keep)
             except StoreError as exc:  # the broker's disk, not the packet: this upload only, the session goes on
                 self._uploads[msg.rid] = None
                 await self.send(ev.ErrorMessage(msg.rid, codes.INTERNAL, str(exc)))
@@ -412,7 +414,15 @@ class Session:
         core = head.core
         # Unused at submit-begin and nothing recorded since: still unused (a query per packet saved).
         known = None if unknown_at == self.d.recorded else self.d.mail.packet_by_id(self.member, core.packet_id)
+        if stored is None and (known is None or known.digest != head.digest):
+            # Checked, not kept, as a packet the mailboxes held under this id and digest at submit-begin; their
+            # packet rows are never deleted, so this cannot be. Not queued without its body, whatever happened.
+            await self.send(
+                ev.ErrorMessage(msg.rid, codes.INTERNAL, "the broker lost track of this packet: send it again")
+            )
+            return
         if known is None:
+            assert stored is not None
             orphan = self.d.orphans.get((self.member, core.packet_id))
             if orphan is not None and orphan[1] != head.digest:
                 what = f"packet id {core.packet_id.hex()} was already logged by {self.member} for another packet"

@@ -12,7 +12,8 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -27,6 +28,11 @@ log = logging.getLogger("valise.broker")
 # files: a file costs an fsync of its own and of the directory, which bounded the broker at a few hundred small
 # packets per second. Memory per open upload stays bounded by this size.
 INLINE_MAX = 32 * 1024
+
+# Free disk the spool leaves to the log and the mailboxes: uploads that would eat into it are refused (`internal`,
+# retried later), so that a full spool never stops what is logged for everyone (a review filled a broker's disk
+# with one member's unfinished uploads, and nothing was logged or checkpointed for anyone until they ended).
+RESERVE = 256 * 1024 * 1024
 
 
 @contextmanager
@@ -69,14 +75,38 @@ class InlineUpload:
         self._data = bytearray()
 
 
+class CheckedUpload:
+    """A packet the broker already holds (a sender's retry after a lost receipt): its ciphertext is held to the
+    signed length and hash, and kept nowhere. Receiving it again costs no disk: a review re-sent the head of a
+    large packet logged long ago, expired and no longer consented to, in uploads it never finished, and filled the
+    broker's disk with copies of it."""
+
+    def __init__(self, head: Head, signed_by: bytes) -> None:
+        self.head = head
+        self.signed_by = signed_by
+        self._hasher = CiphertextHasher(head.header)
+
+    def write(self, data: bytes) -> None:
+        self._hasher.update(data)
+
+    def finish(self) -> None:
+        self._hasher.finish()
+
+    def discard(self) -> None:
+        pass
+
+
 class Upload:
-    def __init__(self, head: Head, tmp: Path, final: Path, head_bytes: bytes, signed_by: bytes) -> None:
+    def __init__(
+        self, head: Head, tmp: Path, final: Path, head_bytes: bytes, signed_by: bytes, release: Callable[[], None]
+    ) -> None:
         self.head = head
         self.signed_by = signed_by  # the sender key the head's signature was verified with
         self._tmp = tmp
         self._final = final
         self._hasher = CiphertextHasher(head.header)
         self._file: BinaryIO | None = None
+        self._release: Callable[[], None] | None = release  # gives back the disk this upload was promised
         try:
             with _storing():
                 self._file = open(tmp, "wb")  # noqa: SIM115 - closed in finish() or discard()
@@ -106,6 +136,7 @@ class Upload:
         except BaseException:
             self.discard()
             raise
+        self._given_back()  # written in full: the disk's free space counts it from now on
         with _storing():
             fd = os.open(self._final.parent, os.O_RDONLY)
             try:
@@ -120,26 +151,69 @@ class Upload:
                 self._file.close()
             self._file = None
         self._tmp.unlink(missing_ok=True)
+        self._given_back()
+
+    def _given_back(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 class Spool:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, reserve: int = RESERVE) -> None:
         self.root = root
+        self.reserve = reserve
+        # Bytes each member's open (unfinished) uploads to files may still write: promised, not yet on disk.
+        self.promised: dict[str, int] = {}
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("*.part"):  # uploads cut off by a crash: their senders will retry
             stale.unlink()
 
+    def free_space(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def _promise(self, member: str, size: int) -> Callable[[], None]:
+        """Room for `size` more bytes of `member`'s, or a StoreError saying why not. No member's open uploads hold
+        more than half the room beyond the reserve, and all of them together never eat into the reserve: a member
+        that opens uploads and never finishes them holds at most that half, and the log goes on."""
+        with _storing():
+            free = self.free_space()
+        room = free - self.reserve
+        held = self.promised.get(member, 0)
+        if size > room - sum(self.promised.values()) or held + size > room // 2:
+            raise StoreError(
+                f"the broker has no room for a packet of {size} bytes now (its disk keeps {self.reserve} bytes free "
+                f"for the log, and open uploads hold {sum(self.promised.values())} bytes, {held} of them "
+                f"{member}'s): send it again later",
+                cause="no room for the packet now",
+            )
+        self.promised[member] = held + size
+
+        def release() -> None:
+            left = self.promised.get(member, 0) - size
+            if left > 0:
+                self.promised[member] = left
+            else:
+                self.promised.pop(member, None)
+
+        return release
+
     def path(self, digest: bytes) -> Path:
         return self.root / f"{digest.hex()}.pkt"
 
-    def begin(self, head: Head, head_bytes: bytes, signed_by: bytes) -> Upload | InlineUpload:
+    def begin(
+        self, head: Head, head_bytes: bytes, signed_by: bytes, *, member: str, keep: bool = True
+    ) -> Upload | InlineUpload | CheckedUpload:
         """Receive a packet whose head's signature `signed_by` verified: into memory when small (see INLINE_MAX),
-        else into a temporary file. A duplicate is received and checked like any upload; replacing a body with
-        identical verified bytes is harmless."""
+        else into a temporary file, if the disk has room for it (_promise); or, without `keep` (a packet the broker
+        holds already), only checked against its signed length and hash."""
+        if not keep:
+            return CheckedUpload(head, signed_by)
         if head.total_size <= INLINE_MAX:
             return InlineUpload(head, head_bytes, signed_by)
+        release = self._promise(member, head.total_size)  # given back once, when the upload ends either way
         tmp = self.root / f"{secrets.token_hex(8)}.part"
-        return Upload(head, tmp, self.path(head.digest), head_bytes, signed_by)
+        return Upload(head, tmp, self.path(head.digest), head_bytes, signed_by, release)
 
     def drop_unreferenced(self, refs: _Refs, digests: Sequence[bytes]) -> None:
         """Outside a mailbox transaction: drop the bodies of `digests` that no mailbox item refers to."""

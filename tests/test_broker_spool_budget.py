@@ -1,0 +1,124 @@
+"""One member cannot fill the broker's disk with uploads (a hostile-member review): a packet the broker already
+holds is checked again, never stored again, and open uploads to files never eat into the disk the log needs,
+nor hold more than half the room for one member. Real broker, real TLS, real spool files; the free space the
+broker sees is set by the test (the machine's own disk is shared and moves)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from valise import packet
+from valise.broker.daemon import BrokerDaemon
+from valise.wire import codes
+from valise.wire import events as ev
+
+from .harness import WireClient, make_world, running_broker, seal
+
+LARGE = 100_000  # past the inline limit: spooled to a file
+
+
+def _head(data: bytes) -> packet.Head:
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    return head
+
+
+async def _begin(client: WireClient, data: bytes, first: int = 1000) -> int:
+    """Open an upload and send its first bytes, leaving it unfinished; its rid."""
+    head = _head(data)
+    rid = client.conn.new_rid()
+    await client.send(ev.SubmitBegin(rid, data[: head.head_size], len(data) - head.head_size))
+    await client.send(ev.SubmitChunk(rid, data[head.head_size : head.head_size + first]))
+    return rid
+
+
+async def _finish(client: WireClient, rid: int, data: bytes, first: int = 1000) -> ev.Event:
+    head = _head(data)
+    pos = head.head_size + first
+    while pos < len(data):
+        room = min(client.conn.send_window, 32_768, len(data) - pos)
+        if room == 0:
+            await client.next_of(ev.Credit)
+            continue
+        await client.send(ev.SubmitChunk(rid, data[pos : pos + room]))
+        pos += room
+    await client.send(ev.SubmitEnd(rid))
+    return await _answer(client, rid)
+
+
+async def _answer(client: WireClient, rid: int) -> ev.Event:
+    while True:
+        event = await client.next()
+        if getattr(event, "rid", None) == rid and not isinstance(event, ev.Credit):
+            return event
+
+
+def _parts(broker: BrokerDaemon) -> list[Path]:
+    return list(broker.spool.root.glob("*.part"))
+
+
+async def test_a_packet_the_broker_holds_is_checked_again_not_stored_again(tmp_path: Path) -> None:
+    """The review re-sent the head of a large packet logged long ago, in uploads it never finished, trickling a
+    byte now and then: each was spooled in full again, and the disk filled."""
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU")
+    data = seal(world, "FRA", ["DEU"], bytes(LARGE))
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        fra.refuse_cosign = True
+        receipt = await fra.submit(data)
+        assert isinstance(receipt, ev.Receipt)
+        rids = [await _begin(fra, data) for _ in range(3)]  # the same packet again, three times, unfinished
+        await fra.sync()
+        assert _parts(broker) == []  # nothing written for them
+        assert broker.spool.promised == {}
+        again = await _finish(fra, rids[0], data)  # a retry finished: its receipt, as before
+        assert isinstance(again, ev.Receipt)
+        assert (again.index, again.receipt) == (receipt.index, receipt.receipt)
+        # Checked all the same: a body that is not the signed one is refused.
+        bad = bytearray(data)
+        bad[-1] ^= 1
+        await fra.send(ev.SubmitCancel(rids[1]))
+        await fra.send(ev.SubmitCancel(rids[2]))
+        rid = await _begin(fra, bytes(bad))
+        refused = await _finish(fra, rid, bytes(bad))
+        assert isinstance(refused, ev.ErrorMessage)
+        assert refused.code == codes.HASH_MISMATCH
+
+
+async def test_open_uploads_never_eat_into_the_reserve_nor_take_more_than_half_the_room(tmp_path: Path) -> None:
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU")
+    world.consent("DEU", "FRA")
+    async with (
+        running_broker(world, spool_reserve=10_000_000) as broker,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+        WireClient.connect(world, "DEU", broker.port) as deu,
+    ):
+        fra.refuse_cosign = deu.refuse_cosign = True
+        broker.spool.free_space = lambda: 10_000_000 + 250_000  # type: ignore[method-assign]  # room: 250 kB
+        first, second = (seal(world, "FRA", ["DEU"], bytes(LARGE)) for _ in range(2))
+        one = await _begin(fra, first)
+        two = await _begin(fra, second)  # FRA would hold 200 kB of the 250: more than half
+        refused = await _answer(fra, two)
+        assert isinstance(refused, ev.ErrorMessage)
+        assert refused.code == codes.INTERNAL
+        size = _head(second).total_size
+        assert f"the broker has no room for a packet of {size} bytes now" in refused.message
+        assert f"open uploads hold {_head(first).total_size} bytes, {_head(first).total_size} of them FRA's)" in (
+            refused.message
+        )
+        # Another member still has room, and a small packet needs none of the spool's.
+        theirs = seal(world, "DEU", ["FRA"], bytes(LARGE))
+        rid = await _begin(deu, theirs)
+        assert isinstance(await _finish(deu, rid, theirs), ev.Receipt)
+        assert isinstance(await fra.submit(seal(world, "FRA", ["DEU"], b"small")), ev.Receipt)
+        # The first finishes, and gives its room back: the second goes now.
+        assert isinstance(await _finish(fra, one, first), ev.Receipt)
+        assert broker.spool.promised == {}
+        assert isinstance(await fra.submit(second), ev.Receipt)
+        # With no room beyond the reserve at all, a large packet waits; nothing is written for it.
+        broker.spool.free_space = lambda: 10_000_000  # type: ignore[method-assign]
+        late = await fra.submit(seal(world, "FRA", ["DEU"], bytes(LARGE)))
+        assert isinstance(late, ev.ErrorMessage)
+        assert late.code == codes.INTERNAL
+        assert _parts(broker) == []
