@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from valise import encoding, gctune, keyfiles, records, tls
-from valise.broker import cosign, fds, http, policyfold, relay, spool
+from valise.broker import cosign, fds, http, policyfold, ratelimit, relay, spool
 from valise.broker.cosign import COSIGN_TIMEOUT, CosignRound, pick_witnesses
 from valise.broker.fds import listen_tcp
 from valise.broker.home import BrokerConfig, BrokerHome
@@ -154,6 +154,7 @@ class BrokerDaemon:
         self._at_commit: list[Callable[[], object]] = []
         self._in_effects = False
         # (sender, packet id) → (index, digest, at) of packets logged whose body a crash lost (see _replay_packet).
+        self.statement_budget = ratelimit.StatementBudget()  # members' statements over the wire (ratelimit.py)
         self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = {}
         self.acks_pending: set[tuple[str, bytes]] = set()  # (recipient, digest): acknowledgements being logged
         self.purging: set[tuple[str, bytes]] = set()  # (recipient, digest): purges logged, not applied (NotQueued)

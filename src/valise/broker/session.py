@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import trio
 
 from valise import encoding, records
-from valise.broker import relay
+from valise.broker import ratelimit, relay
 from valise.broker.cosign import COSIGN_TIMEOUT, CosignRound
 from valise.broker.mailbox import MailItem, PacketRow
 from valise.broker.queued import NotQueued, Refused, Waiter
@@ -763,6 +764,14 @@ class Session:
                 raise StatementError(f"the statement's author is not {self.member}")
         except Error as exc:
             await self.send(ev.ErrorMessage(msg.rid, codes.REFUSED, str(exc)))
+            return
+        wait = self.d.statement_budget.take(self.member, trio.current_time())
+        if wait:  # before the signature and policy checks, which it bounds too (a refused one counts as well)
+            what = (
+                f"{self.member} has sent more statements than the broker takes ({ratelimit.BURST} at once, then "
+                f"{ratelimit.RATE * 3600:g} an hour): send this one again in {math.ceil(wait)} s"
+            )
+            await self.send(ev.ErrorMessage(msg.rid, codes.REFUSED, what))
             return
         statement = msg.statement
 

@@ -1,0 +1,64 @@
+"""A member's statements over the wire are rate-limited (broker/ratelimit.py): a hostile-member review grew the
+broker's and every node's memory by ~1 GB an hour by granting and revoking in a loop, which the live-statement
+limit does not bound (each revoke frees its slot)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from valise.broker.ratelimit import StatementBudget
+from valise.policy import records as prec
+from valise.store.sqlite import SqliteLog
+from valise.wire import codes
+from valise.wire import events as ev
+
+from .harness import ORIGIN, WireClient, make_world, running_broker
+
+
+def test_a_bucket_gives_its_burst_then_fills_at_its_rate() -> None:
+    budget = StatementBudget(burst=3, rate=0.5)  # one token every 2 s
+    assert [budget.take("FRA", 100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert budget.take("FRA", 100.0) == pytest.approx(2.0)  # empty: the next token in 2 s
+    assert budget.take("DEU", 100.0) == 0.0  # each member its own bucket
+    assert budget.take("FRA", 101.0) == pytest.approx(1.0)
+    assert budget.take("FRA", 102.0) == 0.0
+    assert budget.take("FRA", 1000.0) == 0.0  # full again, never past the burst
+    assert [budget.take("FRA", 1000.0) for _ in range(2)] == [0.0, 0.0]
+    assert budget.take("FRA", 1000.0) > 0
+
+
+def test_the_burst_covers_joining_a_network_of_196() -> None:
+    """A grant and an acceptance for each of 195 partners at once must go through."""
+    budget = StatementBudget()
+    assert all(budget.take("NEW", 0.0) == 0.0 for _ in range(2 * 195))
+
+
+async def test_statements_past_a_member_s_budget_are_refused_before_any_check_and_not_logged(tmp_path: Path) -> None:
+    world = make_world(tmp_path)
+    now = int(time.time())
+    fra = world.members["FRA"]
+    statements = [
+        prec.grant(fra.signing, origin=ORIGIN, author="FRA", created=now + i, to="DEU", tlp="AMBER") for i in range(3)
+    ]
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as client:
+        client.refuse_cosign = True
+        broker.statement_budget = StatementBudget(burst=2, rate=1 / 3600)
+        with SqliteLog.open(world.home.db_path) as store:
+            before = store.size()
+        answers = []
+        for statement in statements:
+            rid = client.conn.new_rid()
+            await client.send(ev.Statement(rid, statement))
+            answers.append(await client.next_of(ev.StatementResult | ev.ErrorMessage))  # type: ignore[arg-type]
+        assert [type(a) for a in answers] == [ev.StatementResult, ev.StatementResult, ev.ErrorMessage]
+        refused = answers[2]
+        assert isinstance(refused, ev.ErrorMessage)
+        assert refused.code == codes.REFUSED
+        assert "FRA has sent more statements than the broker takes" in refused.message
+        assert "send this one again in 3600 s" in refused.message
+        await client.sync()
+        with SqliteLog.open(world.home.db_path) as store:
+            assert store.size() == before + 2
