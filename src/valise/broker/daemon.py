@@ -155,6 +155,7 @@ class BrokerDaemon:
         self._in_effects = False
         # (sender, packet id) → (index, digest, at) of packets logged whose body a crash lost (see _replay_packet).
         self.statement_budget = ratelimit.StatementBudget()  # members' statements over the wire (ratelimit.py)
+        self.log_budget = ratelimit.LogBudget()  # the log lines each member's frames may cause
         self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = {}
         self.acks_pending: set[tuple[str, bytes]] = set()  # (recipient, digest): acknowledgements being logged
         self.purging: set[tuple[str, bytes]] = set()  # (recipient, digest): purges logged, not applied (NotQueued)

@@ -32,3 +32,35 @@ class StatementBudget:
             return (1 - tokens) / self.rate
         self._buckets[member] = (tokens - 1, now)
         return 0.0
+
+
+# What one member's peer-caused warnings may write to the broker's log: a hostile-member review answered every
+# pushed notice with a 1 KiB `refuse`, reconnecting to have them pushed again, and the broker's log grew by 11 MB
+# a second (on a journald host, its rate limit would then have dropped the broker's own errors too).
+LOG_BURST = 20
+LOG_RATE = 1 / 60  # lines a second, after the burst
+LOG_TEXT = 200  # characters of a peer's own text a line quotes
+
+
+@dataclass
+class LogBudget:
+    burst: float = LOG_BURST
+    rate: float = LOG_RATE
+    _buckets: StatementBudget = field(init=False)
+    _held: dict[str, int] = field(default_factory=dict)  # member → lines not written since its last one
+
+    def __post_init__(self) -> None:
+        self._buckets = StatementBudget(self.burst, self.rate)
+
+    def allow(self, member: str, now: float) -> int | None:
+        """None if `member`'s next warning is not to be written; else how many were held back before it."""
+        if self._buckets.take(member, now):
+            self._held[member] = self._held.get(member, 0) + 1
+            return None
+        return self._held.pop(member, 0)
+
+
+def quoted(text: str) -> str:
+    """A peer's text as a log line quotes it: repr-escaped (no line breaks, no terminal controls), and cut."""
+    cut = text if len(text) <= LOG_TEXT else text[:LOG_TEXT] + f"… ({len(text)} characters)"
+    return repr(cut)

@@ -22,6 +22,7 @@ from valise.broker import ratelimit, relay
 from valise.broker.cosign import COSIGN_TIMEOUT, CosignRound
 from valise.broker.mailbox import MailItem, PacketRow
 from valise.broker.queued import NotQueued, Refused, Waiter
+from valise.broker.ratelimit import quoted
 from valise.broker.spool import CheckedUpload, InlineUpload, Upload
 from valise.errors import (
     Error,
@@ -326,7 +327,7 @@ class Session:
             # pusher moves on past its seq; a later connection, or the purge at its expiry, settles it).
             item = self._pushed.pop(event.seq, None)
             what = f"{item.kind} {item.digest.hex()[:16]}" if item is not None else "an item"
-            log.warning("%s refused %s (seq %d): %s: %r", self.member, what, event.seq, event.code, event.message)
+            self._warn("refused %s (seq %d): %s: %s", what, event.seq, quoted(event.code), quoted(event.message))
             self.d.refusals += 1
             self._room_freed()
         elif isinstance(event, ev.Retract):
@@ -344,7 +345,7 @@ class Session:
         elif isinstance(event, ev.CosignResponse):
             self._cosign_response(event)
         elif isinstance(event, ev.ErrorMessage) and event.rid is not None and event.rid in self._cosigns:
-            log.warning("%s refused to cosign: %s %s", self.member, event.code, event.message)
+            self._warn("refused to cosign: %s %s", quoted(event.code), quoted(event.message))
             self._cosigns[event.rid][2].set()
         elif isinstance(event, ev.Ping):
             await self.send(ev.Pong(event.n))
@@ -870,6 +871,14 @@ class Session:
                 if now - moved >= liveness.STALL:
                     self._abandon_upload(rid)
 
+    def _warn(self, text: str, *args: object) -> None:
+        """A warning this member's own frames caused, within its budget of log lines (ratelimit.LogBudget)."""
+        held = self.d.log_budget.allow(self.member, trio.current_time())
+        if held is None:
+            return
+        more = f" ({held} more such lines from {self.member} were not written)" if held else ""
+        log.warning(f"%s {text}{more}", self.member, *args)
+
     def _abandon_upload(self, rid: int) -> None:
         """Give up an upload that got no data for liveness.STALL seconds: its file goes, its later chunks are
         discarded, and the member is told (it may submit the packet again)."""
@@ -1078,7 +1087,7 @@ class Session:
                 verifier.verify(text, s.sig)
             got.extend(sigs)
         except Error as exc:
-            log.warning("cosignature from %s refused: %s", self.member, exc)
+            self._warn("its cosignature is refused: %s", quoted(str(exc)))
         finally:
             done.set()
 

@@ -1,6 +1,7 @@
-"""A member's statements over the wire are rate-limited (broker/ratelimit.py): a hostile-member review grew the
-broker's and every node's memory by ~1 GB an hour by granting and revoking in a loop, which the live-statement
-limit does not bound (each revoke frees its slot)."""
+"""What one member can make the broker do at will is rate-limited (broker/ratelimit.py), after a hostile-member
+review: its statements over the wire (granting and revoking in a loop grew the broker's and every node's memory by
+~1 GB an hour; the live-statement limit does not bound that, as each revoke frees its slot), and the log lines its
+frames cause."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from valise.broker.ratelimit import StatementBudget
+from valise.broker.ratelimit import LogBudget, StatementBudget, quoted
 from valise.policy import records as prec
 from valise.store.sqlite import SqliteLog
 from valise.wire import codes
 from valise.wire import events as ev
 
-from .harness import ORIGIN, WireClient, make_world, running_broker
+from .harness import ORIGIN, WireClient, make_world, running_broker, seal
 
 
 def test_a_bucket_gives_its_burst_then_fills_at_its_rate() -> None:
@@ -62,3 +63,37 @@ async def test_statements_past_a_member_s_budget_are_refused_before_any_check_an
         await client.sync()
         with SqliteLog.open(world.home.db_path) as store:
             assert store.size() == before + 2
+
+
+def test_a_member_s_log_lines_have_a_budget_and_its_text_is_cut() -> None:
+    budget = LogBudget(burst=2, rate=0.5)
+    assert [budget.allow("EVL", 0.0) for _ in range(4)] == [0, 0, None, None]
+    assert budget.allow("FRA", 0.0) == 0  # another member's lines are its own
+    assert budget.allow("EVL", 2.0) == 2  # written again, saying how many were held back
+    assert quoted("x" * 1000) == repr("x" * 200 + "… (1000 characters)")
+    assert quoted("a\nb") == "'a\\nb'"
+
+
+async def test_refusals_with_long_texts_do_not_flood_the_broker_s_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The review answered every pushed item with a 1 KiB `refuse`, reconnecting to have them pushed again: the
+    broker's log grew by 11 MB a second."""
+    world = make_world(tmp_path)
+    world.consent("DEU", "FRA")
+    async with running_broker(world) as broker:
+        async with WireClient.connect(world, "DEU", broker.port) as deu:
+            deu.refuse_cosign = True
+            for i in range(30):
+                assert isinstance(await deu.submit(seal(world, "DEU", ["FRA"], b"%d" % i)), ev.Receipt)
+        caplog.clear()
+        async with WireClient.connect(world, "FRA", broker.port) as fra:
+            fra.refuse_cosign = True
+            for _ in range(30):
+                seq, _ = await fra.receive_delivery()
+                await fra.send(ev.Refuse(seq, codes.BAD_PACKET, "x" * 1000))
+            await fra.sync()
+        assert broker.refusals == 30
+    lines = [r.getMessage() for r in caplog.records if r.name == "valise.broker" and "FRA refused" in r.getMessage()]
+    assert len(lines) == LogBudget().burst
+    assert all(len(line) < 400 and "… (1000 characters)" in line for line in lines)
