@@ -959,10 +959,13 @@ class BrokerDaemon:
         if member in self.ahead:
             return
         self.ahead.add(member)
+        # One member's word, which costs it nothing to give (a hostile-member review made the broker say this at
+        # will): the text says what would confirm it before it says what to do.
         log.error(
-            "%s says it has verified a log of %d entries, but this broker has signed only %d: if that is so, this "
-            "broker directory was restored from an older backup and the log has forked from what members verified. "
-            "Stop the broker and restore the newest copy of its directory (members' nodes alarm until then)",
+            "%s says it has verified a log of %d entries, but this broker has signed only %d. One member's word "
+            "proves nothing; if others say the same, or this directory was restored from a backup, the log has "
+            "forked from what members verified: then stop the broker and restore the newest copy of its directory "
+            "(members' nodes alarm until then)",
             member, seen, signed,
         )  # fmt: skip
 
