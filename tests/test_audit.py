@@ -413,6 +413,27 @@ def test_an_acknowledgement_or_purge_logged_twice_is_named(log: Log, tmp_path: P
     ]
 
 
+def test_a_purge_with_its_nonce_is_audited_and_one_with_a_malformed_nonce_is_named(log: Log, tmp_path: Path) -> None:
+    """Purges carry 16 random bytes (records.purge_entry), so a co-recipient cannot rebuild one and find it among
+    the public leaf hashes; the audit takes both forms, and names a nonce of another length."""
+    root = _copy(log.root, tmp_path / "w")
+    from valise.broker.home import BrokerHome
+
+    home = BrokerHome.open(root / "broker")
+    with SqliteLog.open(home.db_path) as store:
+        _, m = records.entry_type(store.entries(log.pkt[0], log.pkt[0] + 1)[0])
+        header = packet.Header.parse(m["header"])
+        digest, (first, *_) = hashlib.sha256(header.raw).digest(), header.core.recipients
+        nonced = records.purge_entry(digest, first, 2**40, bytes(range(16)))
+        short = encoding.pack({"t": "purge", "digest": digest, "recipient": first, "at": 2**40, "nonce": bytes(15)})
+        index = store.append([nonced, short])
+        LogService(store, ORIGIN, home.log_key()).sign()
+    assert cli(["log", "export", "--dir", str(root / "broker"), "--out", str(tmp_path / "out")]) == 0
+    code, report = _verify(tmp_path / "out", log)
+    assert code == 4
+    assert _findings(report) == [(index, "log-time"), (index + 1, "purge-malformed")]  # dated 2**40: log-time
+
+
 def test_an_early_purge_dated_after_the_expiry_is_caught_by_the_log_time(log: Log, tmp_path: Path) -> None:
     """The broker drops a copy before its packet expires and dates the purge at the expiry, so purge-early sees
     nothing: audited now, the date is past the audit's clock; audited after the expiry, the log's clock goes back

@@ -216,6 +216,13 @@ async def test_undelivered_packets_are_purged_at_expiry_and_the_purge_is_logged(
                     assert not isinstance(event, ev.DeliverBegin), "an expired packet was still pushed"
     purges = _purges_after(world, receipt.index)
     assert [(m["digest"], m["recipient"]) for m in purges] == [(head.digest, "DEU")]
+    # With a random nonce: a co-recipient that knows the digest cannot rebuild the entry (its `at` is within
+    # seconds of the expiry) and find it among the public leaf hashes (a hostile-member review did).
+    (purge,) = purges
+    assert len(purge["nonce"]) == 16
+    rebuilt = records.purge_entry(head.digest, "DEU", purge["at"])
+    with SqliteLog.open(world.home.db_path) as store:
+        assert rebuilt not in store.entries(receipt.index + 1, store.size())
     assert not (world.home.root / "spool" / f"{head.digest.hex()}.pkt").exists()
 
     assert Mailboxes.open(world.home.root / "mailbox.db").body(head.digest) is None  # the small body went too

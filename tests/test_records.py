@@ -63,5 +63,10 @@ def test_a_retraction_reason_over_the_limit_is_refused_when_read_not_only_when_m
 def test_entries_are_typed_and_capped(members: dict[str, Identity]) -> None:
     t, m = records.entry_type(records.purge_entry(DIGEST, "DEU", 5))
     assert (t, m["recipient"]) == ("purge", "DEU")
+    nonced = records.purge_entry(DIGEST, "DEU", 5, bytes(16))
+    assert records.entry_type(nonced)[1]["nonce"] == bytes(16)
+    assert nonced != records.purge_entry(DIGEST, "DEU", 5, bytes([1]) * 16)  # unguessable without the nonce
+    with pytest.raises(ValueError, match="a purge nonce is 16 bytes, not 8"):
+        records.purge_entry(DIGEST, "DEU", 5, bytes(8))
     with pytest.raises(StatementError, match="over the log"):
         records.packet_entry(b"h" * 70000, bytes(64), 1)

@@ -221,8 +221,20 @@ def retract_entry(retraction: Retraction) -> bytes:
     return encoding.pack({"t": "retract", "notice": retraction.raw})
 
 
-def purge_entry(digest: bytes, recipient: str, at: int) -> bytes:
-    return encoding.pack({"t": "purge", "digest": digest, "recipient": recipient, "at": at})
+PURGE_NONCE_SIZE = 16
+
+
+def purge_entry(digest: bytes, recipient: str, at: int, nonce: bytes | None = None) -> bytes:
+    """A purge of `recipient`'s copy of packet `digest`. `nonce` (16 random bytes; the broker always gives one)
+    makes the entry, and so its leaf hash, unguessable: without it, anyone who knows the digest (the sender, every
+    co-recipient) could rebuild the entry, `at` being within seconds of the packet's `expires`, and find it among
+    the public leaf hashes, learning that the recipient never collected the packet (protocol.md)."""
+    fields: dict[str, object] = {"t": "purge", "digest": digest, "recipient": recipient, "at": at}
+    if nonce is not None:
+        if len(nonce) != PURGE_NONCE_SIZE:
+            raise ValueError(f"a purge nonce is {PURGE_NONCE_SIZE} bytes, not {len(nonce)}")
+        fields["nonce"] = nonce
+    return encoding.pack(fields)
 
 
 TRAFFIC_TYPES = ("pkt", "ack", "retract", "purge")

@@ -36,12 +36,14 @@ from valise.packet.format import HEADER_DOMAIN, PREFIX_SIZE, SIGNATURE_SIZE, Hea
 from valise.policy.decide import PacketMeta, decide
 from valise.policy.records import TYPES as POLICY_TYPES
 from valise.policy.state import ACTIVE, PolicyState
-from valise.records import ACK_DOMAIN, ENTRY_MAX, NOTICE_MAX, REASON_MAX, RETRACT_DOMAIN
+from valise.records import ACK_DOMAIN, ENTRY_MAX, NOTICE_MAX, PURGE_NONCE_SIZE, REASON_MAX, RETRACT_DOMAIN
 
 # Canonical key order (sorted by UTF-8 bytes) and exact types of every traffic map the audit reads.
 _PKT: dict[str, type] = {"at": int, "header": bytes, "sig": bytes, "t": str}
 _NOTICE_ENTRY: dict[str, type] = {"notice": bytes, "t": str}
 _PURGE: dict[str, type] = {"at": int, "digest": bytes, "recipient": str, "t": str}
+# Since the nonce (records.purge_entry): both forms are valid, a log holds the old one up to some point.
+_PURGE_NONCED: dict[str, type] = {"at": int, "digest": bytes, "nonce": bytes, "recipient": str, "t": str}
 _NOTICE: dict[str, type] = {"body": bytes, "sig": bytes}
 _ACK_BODY: dict[str, type] = {"at": int, "digest": bytes, "packet_id": bytes, "recipient": str, "sender": str, "v": int}
 _RETRACT_BODY: dict[str, type] = {
@@ -317,7 +319,9 @@ class Replayer:
 
     def _purge(self, index: int, m: dict[str, Any], entry: bytes) -> None:
         try:
-            _strict(m, entry, "purge record", _PURGE)
+            _strict(m, entry, "purge record", _PURGE_NONCED if type(m) is dict and "nonce" in m else _PURGE)
+            if len(m.get("nonce", bytes(PURGE_NONCE_SIZE))) != PURGE_NONCE_SIZE:
+                raise EncodingError(f"purge record nonce is not {PURGE_NONCE_SIZE} bytes")
         except Error as exc:
             self._find(index, "purge-malformed", exc.what)
             return

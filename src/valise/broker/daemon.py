@@ -17,6 +17,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import secrets
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -94,6 +95,10 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc.__cause__ or exc
+
+
+def _purge_nonce() -> bytes:
+    return secrets.token_bytes(records.PURGE_NONCE_SIZE)
 
 
 def _is_packet(entry: bytes) -> bool:
@@ -843,7 +848,7 @@ class BrokerDaemon:
             # Dated when it is appended, not when the sweep began: a long sweep (after downtime) runs alongside
             # packets logged with the current time, and the log's times must not go back (audit.md, log-time).
             # Never before its expiry, though: the clock may have stepped back since the packet was picked.
-            entry = records.purge_entry(row.digest, member, max(self.now(), row.expires))
+            entry = records.purge_entry(row.digest, member, max(self.now(), row.expires), _purge_nonce())
             try:
                 await self.append(entry, done, traffic=True, readers=(member,))
             except NotQueued:
@@ -868,7 +873,7 @@ class BrokerDaemon:
             # Out of the orphans at once: a retry racing the purge is then decided as new, and refused as expired.
             del self.orphans[(sender, packet_id)]
             waiters = [
-                self.enqueue(records.purge_entry(digest, r, now), done, traffic=True, readers=(r,))
+                self.enqueue(records.purge_entry(digest, r, now, _purge_nonce()), done, traffic=True, readers=(r,))
                 for r in core.recipients
             ]
             try:
