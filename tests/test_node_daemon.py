@@ -611,6 +611,31 @@ async def test_the_node_reconnects_after_the_broker_goes_away(world: dict[str, A
         nursery.cancel_scope.cancel()
 
 
+FAR = 10**12  # a log index no test log reaches
+
+
+async def _receipted_far_ahead(
+    h: Harness, broker: ScriptedBroker, members: dict[str, Any], seed: bytes, created: int
+) -> bytes:
+    """FRA's node sends a packet (queued at `created` by its own clock) and the broker receipts it at index FAR,
+    dated NOW by the broker's clock; returns the receipt."""
+    data = seal(members["FRA"], [members["DEU"]], seed, size=10)
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    await wait_for(lambda: h.daemon.follower.size == 3)
+    h.daemon.store.enqueue(head.core.packet_id, head.digest, ["DEU"], created, head.core.expires, data)
+    h.daemon.wake_outbox()
+    begin = await broker.expect(ev.SubmitBegin)
+    while not isinstance(await broker.events.receive(), ev.SubmitEnd):
+        pass
+    receipt = records.Receipt.make(BROKER_ID.signing, ORIGIN, FAR, head.digest, head.core.packet_id, "FRA", NOW)
+    await broker.send(ev.Receipt(begin.rid, head.core.packet_id, FAR, head.digest, receipt.raw))
+    row = await h.daemon.wait_outcome(head.core.packet_id, 10)
+    assert row is not None
+    assert row.state == "receipted"
+    return receipt.raw
+
+
 async def test_a_receipt_whose_index_the_log_never_reaches_is_an_alarm(
     world: dict[str, Any], members: dict[str, Any]
 ) -> None:
@@ -619,23 +644,9 @@ async def test_a_receipt_whose_index_the_log_never_reaches_is_an_alarm(
     h = Harness(world, members["FRA"])
     clock = [NOW]
     h.daemon.wall = lambda: clock[0]
-    data = seal(members["FRA"], [members["DEU"]], b"far", size=10)
-    head = packet.parse_head(data)
-    assert isinstance(head, packet.Head)
-    far = 10**12
     async with trio.open_nursery() as nursery:
         broker = await start(nursery, h)
-        await wait_for(lambda: h.daemon.follower.size == 3)
-        h.daemon.store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, head.core.expires, data)
-        h.daemon.wake_outbox()
-        begin = await broker.expect(ev.SubmitBegin)
-        while not isinstance(await broker.events.receive(), ev.SubmitEnd):
-            pass
-        receipt = records.Receipt.make(BROKER_ID.signing, ORIGIN, far, head.digest, head.core.packet_id, "FRA", NOW)
-        await broker.send(ev.Receipt(begin.rid, head.core.packet_id, far, head.digest, receipt.raw))
-        row = await h.daemon.wait_outcome(head.core.packet_id, 10)
-        assert row is not None
-        assert row.state == "receipted"
+        receipt = await _receipted_far_ahead(h, broker, members, b"far", NOW)
         session = h.daemon.session
         assert session is not None
         h.log.admit(members["ITA"])
@@ -647,8 +658,8 @@ async def test_a_receipt_whose_index_the_log_never_reaches_is_an_alarm(
         await h.daemon.sync(session)
         (alarm,) = h.daemon.store.alarms()
         assert alarm.kind == "receipt"
-        assert f"promised log index {far}" in alarm.message
-        assert alarm.evidence == receipt.raw
+        assert f"promised log index {FAR}" in alarm.message
+        assert alarm.evidence == receipt
         nursery.cancel_scope.cancel()
 
 
@@ -661,22 +672,9 @@ async def test_a_node_whose_clock_is_ahead_raises_no_receipt_alarm_and_a_broken_
     h = Harness(world, members["FRA"])
     clock = [NOW + 400]  # the broker's clock says NOW
     h.daemon.wall = lambda: clock[0]
-    data = seal(members["FRA"], [members["DEU"]], b"fast", size=10)
-    head = packet.parse_head(data)
-    assert isinstance(head, packet.Head)
-    far = 10**12
     async with trio.open_nursery() as nursery:
         broker = await start(nursery, h)
-        await wait_for(lambda: h.daemon.follower.size == 3)
-        h.daemon.store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW - 400, head.core.expires, data)
-        h.daemon.wake_outbox()
-        begin = await broker.expect(ev.SubmitBegin)
-        while not isinstance(await broker.events.receive(), ev.SubmitEnd):
-            pass
-        receipt = records.Receipt.make(BROKER_ID.signing, ORIGIN, far, head.digest, head.core.packet_id, "FRA", NOW)
-        await broker.send(ev.Receipt(begin.rid, head.core.packet_id, far, head.digest, receipt.raw))
-        row = await h.daemon.wait_outcome(head.core.packet_id, 10)
-        assert row is not None
+        await _receipted_far_ahead(h, broker, members, b"fast", NOW - 400)
         session = h.daemon.session
         assert session is not None
         for member in ("ITA", "NGA"):  # two checkpoints within seconds of the receipt, by the node's clock
@@ -690,7 +688,7 @@ async def test_a_node_whose_clock_is_ahead_raises_no_receipt_alarm_and_a_broken_
             await h.daemon.sync(session)
         (alarm,) = h.daemon.store.alarms()
         assert alarm.kind == "receipt"
-        assert f"promised log index {far}" in alarm.message
+        assert f"promised log index {FAR}" in alarm.message
         nursery.cancel_scope.cancel()
 
 

@@ -18,7 +18,7 @@ from valise import packet
 from valise.broker.daemon import BrokerDaemon, Settings
 from valise.node.daemon import NodeDaemon
 from valise.node.home import NodeHome
-from valise.node.store import KEPT, RESEALED, NodeStore
+from valise.node.store import KEPT, RESEALED, NodeStore, OutboxRow
 from valise.wire import codes
 
 from .harness import WireClient, World, log_vkey, make_world, seal
@@ -59,6 +59,25 @@ def _head(data: bytes) -> packet.Head:
     return head
 
 
+class Clocks:
+    """The broker's and the node's clocks, moved on together by `offset` seconds."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def node(self) -> int:
+        return int(self())
+
+
+def _consenting(tmp_path: Path) -> World:
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU")
+    return world
+
+
 def _node(world: World, tmp_path: Path, port: int, wall: Callable[[], int]) -> NodeDaemon:
     home = NodeHome.create(
         tmp_path / "node", world.dirs["FRA"], f"127.0.0.1:{port}", world.home.broker_bundle_path, log_vkey(world), None
@@ -66,22 +85,26 @@ def _node(world: World, tmp_path: Path, port: int, wall: Callable[[], int]) -> N
     return NodeDaemon(home, world.members["FRA"], poll_interval=0.2, wall=wall)
 
 
+async def _sent_and_settled(nursery: trio.Nursery, node: NodeDaemon, payload: Path) -> OutboxRow:
+    """Run the node, send `payload` to DEU through it, and wait until the outbox is done with it; its row."""
+    await nursery.start(node.run)
+    await _until(lambda: node.session is not None and "DEU" in node.follower.policy.members)
+    await _send(node, payload)
+    await _until(lambda: node.store.outbox_all()[0].state != "queued")
+    (row,) = node.store.outbox_all()
+    return row
+
+
 async def test_a_packet_queued_through_a_long_outage_is_sealed_afresh_and_delivered(tmp_path: Path) -> None:
     """A review (time semantics): the broker refused such a packet as `stale` and the outbox gave it up for good,
     a month before its `expires`, after `send` had said "queued"."""
-    world = make_world(tmp_path)
-    world.consent("FRA", "DEU")
-    offset = [0]
-
-    def clock() -> float:
-        return time.time() + offset[0]
-
+    world, clock = _consenting(tmp_path), Clocks()
     payload = tmp_path / "report.json"
     payload.write_bytes(b'{"type": "bundle", "id": "bundle--1", "objects": []}')
     async with trio.open_nursery() as nursery:
         first, first_scope = _broker(world, clock), trio.CancelScope()
         await nursery.start(_serve, first, first_scope)
-        node = _node(world, tmp_path, first.port, lambda: int(clock()))
+        node = _node(world, tmp_path, first.port, clock.node)
         try:
             await nursery.start(node.run)
             await _until(lambda: node.session is not None and "DEU" in node.follower.policy.members)
@@ -93,7 +116,7 @@ async def test_a_packet_queued_through_a_long_outage_is_sealed_afresh_and_delive
             kept = node.store.outbox_kept_key(queued)
             assert kept is not None  # K, kept while it is queued, sealed to FRA
 
-            offset[0] = OUTAGE  # eleven minutes pass; the broker comes back on the same address
+            clock.offset = OUTAGE  # eleven minutes pass; the broker comes back on the same address
             await nursery.start(_serve, _broker(world, clock, first.port), trio.CancelScope())
             await _until(lambda: node.store.outbox_all()[0].state != "queued")
             (row,) = node.store.outbox_all()
@@ -127,8 +150,7 @@ async def test_a_refusal_that_sealing_afresh_cannot_mend_is_final(tmp_path: Path
     """A packet sealed moments before the broker called it stale: the clocks are further apart than the window,
     and sealing it again would be refused the same way, for ever. It is refused for good, as before, with the
     broker's words."""
-    world = make_world(tmp_path)
-    world.consent("FRA", "DEU")
+    world = _consenting(tmp_path)
     payload = tmp_path / "report.bin"
     payload.write_bytes(b"indicators")
     async with trio.open_nursery() as nursery:
@@ -136,11 +158,7 @@ async def test_a_refusal_that_sealing_afresh_cannot_mend_is_final(tmp_path: Path
         await nursery.start(_serve, broker, trio.CancelScope())
         node = _node(world, tmp_path, broker.port, lambda: int(time.time()))
         try:
-            await nursery.start(node.run)
-            await _until(lambda: node.session is not None and "DEU" in node.follower.policy.members)
-            await _send(node, payload)
-            await _until(lambda: node.store.outbox_all()[0].state != "queued")
-            (row,) = node.store.outbox_all()
+            row = await _sent_and_settled(nursery, node, payload)
             assert row.state == "denied"
             assert json.loads(row.outcome or "")["error"]["code"] == codes.STALE
         finally:
@@ -190,37 +208,27 @@ async def test_a_packet_whose_upload_outlasts_the_window_is_refused_for_good_not
     long as it had to live, with `outbox` showing "queued, 0 attempts". Sealing afresh cannot mend an upload that
     takes longer than the window: the packet is refused for good, saying so. Both clocks move on 700 s while the
     upload is under way (the node's real upload, with the clock moved at its start)."""
-    world = make_world(tmp_path)
-    world.consent("FRA", "DEU")
-    offset = [0]
-
-    def clock() -> float:
-        return time.time() + offset[0]
-
+    world, clock = _consenting(tmp_path), Clocks()
     payload = tmp_path / "big.bin"
     payload.write_bytes(bytes(200_000))
     async with trio.open_nursery() as nursery:
         broker = _broker(world, clock)
         await nursery.start(_serve, broker, trio.CancelScope())
-        node = _node(world, tmp_path, broker.port, lambda: int(clock()))
+        node = _node(world, tmp_path, broker.port, clock.node)
         upload = node._upload
 
         async def slow_upload(*args: Any) -> Any:
-            offset[0] += 700  # this upload takes 700 s
+            clock.offset += 700  # this upload takes 700 s
             return await upload(*args)
 
         node._upload = slow_upload  # type: ignore[method-assign]
         try:
-            await nursery.start(node.run)
-            await _until(lambda: node.session is not None and "DEU" in node.follower.policy.members)
-            await _send(node, payload)
-            await _until(lambda: node.store.outbox_all()[0].state != "queued")
-            (row,) = node.store.outbox_all()
+            row = await _sent_and_settled(nursery, node, payload)
             assert row.state == "denied"
             refused = json.loads(row.outcome or "")["error"]
             assert refused["code"] == codes.STALE
             assert "its upload took 700 s, longer than the broker's time window allows" in refused["message"]
-            assert offset[0] == 700  # sent once
+            assert clock.offset == 700  # sent once
         finally:
             nursery.cancel_scope.cancel()
     node.store.close()
