@@ -95,18 +95,22 @@ async def test_open_uploads_never_eat_into_the_reserve_nor_take_more_than_half_t
         WireClient.connect(world, "DEU", broker.port) as deu,
     ):
         fra.refuse_cosign = deu.refuse_cosign = True
+        # Alone, one upload may take (nearly) the whole room: a review found a packet over half of it refused for
+        # good on an idle broker (a 1 GiB packet needed 2.25 GiB free).
+        broker.spool.free_space = lambda: 10_000_000 + 120_000  # type: ignore[method-assign]  # room: 120 kB
+        assert isinstance(await fra.submit(seal(world, "FRA", ["DEU"], bytes(LARGE))), ev.Receipt)
+
         broker.spool.free_space = lambda: 10_000_000 + 250_000  # type: ignore[method-assign]  # room: 250 kB
         first, second = (seal(world, "FRA", ["DEU"], bytes(LARGE)) for _ in range(2))
         one = await _begin(fra, first)
-        two = await _begin(fra, second)  # FRA would hold 200 kB of the 250: more than half
+        left = broker.spool.promised["FRA"]
+        assert left == _head(first).total_size - _head(first).head_size - 1000  # what it may still write
+        two = await _begin(fra, second)  # FRA would hold about 200 kB of the 250: more than half
         refused = await _answer(fra, two)
         assert isinstance(refused, ev.ErrorMessage)
         assert refused.code == codes.INTERNAL
-        size = _head(second).total_size
-        assert f"the broker has no room for a packet of {size} bytes now" in refused.message
-        assert f"open uploads hold {_head(first).total_size} bytes, {_head(first).total_size} of them FRA's)" in (
-            refused.message
-        )
+        assert f"FRA's open uploads will write {left} more bytes, and with this one" in refused.message
+        assert "over half of the 250000 bytes the broker has free beyond its reserve" in refused.message
         # Another member still has room, and a small packet needs none of the spool's.
         theirs = seal(world, "DEU", ["FRA"], bytes(LARGE))
         rid = await _begin(deu, theirs)
@@ -121,4 +125,6 @@ async def test_open_uploads_never_eat_into_the_reserve_nor_take_more_than_half_t
         late = await fra.submit(seal(world, "FRA", ["DEU"], bytes(LARGE)))
         assert isinstance(late, ev.ErrorMessage)
         assert late.code == codes.INTERNAL
+        assert "no room for a packet of" in late.message
+        assert "0 bytes are free beyond the 10000000 it keeps for its log" in late.message
         assert _parts(broker) == []

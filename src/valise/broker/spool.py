@@ -15,6 +15,7 @@ import secrets
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -96,9 +97,24 @@ class CheckedUpload:
         pass
 
 
+@dataclass(eq=False)
+class Promise:
+    """Disk room an open upload to a file was promised: what it may still write."""
+
+    member: str
+    left: int
+
+
 class Upload:
     def __init__(
-        self, head: Head, tmp: Path, final: Path, head_bytes: bytes, signed_by: bytes, release: Callable[[], None]
+        self,
+        head: Head,
+        tmp: Path,
+        final: Path,
+        head_bytes: bytes,
+        signed_by: bytes,
+        promise: Promise,
+        release: Callable[[Promise], None],
     ) -> None:
         self.head = head
         self.signed_by = signed_by  # the sender key the head's signature was verified with
@@ -106,11 +122,13 @@ class Upload:
         self._final = final
         self._hasher = CiphertextHasher(head.header)
         self._file: BinaryIO | None = None
-        self._release: Callable[[], None] | None = release  # gives back the disk this upload was promised
+        self._promise = promise  # shrinks as bytes land on the disk, whose free space then counts them
+        self._release: Callable[[Promise], None] | None = release  # gives the rest back, once
         try:
             with _storing():
                 self._file = open(tmp, "wb")  # noqa: SIM115 - closed in finish() or discard()
                 self._file.write(head_bytes)
+            promise.left = max(0, promise.left - len(head_bytes))
         except BaseException:
             self.discard()
             raise
@@ -121,6 +139,7 @@ class Upload:
         self._hasher.update(data)
         with _storing():
             self._file.write(data)
+        self._promise.left = max(0, self._promise.left - len(data))
 
     def finish(self) -> Path:
         """Check length and hash, make the file durable and give it its final name."""
@@ -156,50 +175,58 @@ class Upload:
     def _given_back(self) -> None:
         release, self._release = self._release, None
         if release is not None:
-            release()
+            release(self._promise)
 
 
 class Spool:
     def __init__(self, root: Path, reserve: int = RESERVE) -> None:
         self.root = root
         self.reserve = reserve
-        # Bytes each member's open (unfinished) uploads to files may still write: promised, not yet on disk.
-        self.promised: dict[str, int] = {}
+        self._open: set[Promise] = set()  # the open uploads to files, and what each may still write
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("*.part"):  # uploads cut off by a crash: their senders will retry
             stale.unlink()
 
-    def free_space(self) -> int:
-        return shutil.disk_usage(self.root).free
-
-    def _promise(self, member: str, size: int) -> Callable[[], None]:
-        """Room for `size` more bytes of `member`'s, or a StoreError saying why not. No member's open uploads hold
-        more than half the room beyond the reserve, and all of them together never eat into the reserve: a member
-        that opens uploads and never finishes them holds at most that half, and the log goes on."""
-        with _storing():
-            free = self.free_space()
-        room = free - self.reserve
-        held = self.promised.get(member, 0)
-        if size > room - sum(self.promised.values()) or held + size > room // 2:
-            raise StoreError(
-                f"the broker has no room for a packet of {size} bytes now (its disk keeps {self.reserve} bytes free "
-                f"for the log, and open uploads hold {sum(self.promised.values())} bytes, {held} of them "
-                f"{member}'s): send it again later",
-                cause="no room for the packet now",
-            )
-        self.promised[member] = held + size
-
-        def release() -> None:
-            left = self.promised.get(member, 0) - size
-            if left > 0:
-                self.promised[member] = left
-            else:
-                self.promised.pop(member, None)
-
-        return release
+    @property
+    def promised(self) -> dict[str, int]:
+        """Bytes each member's open uploads to files may still write."""
+        out: dict[str, int] = {}
+        for p in self._open:
+            out[p.member] = out.get(p.member, 0) + p.left
+        return out
 
     def path(self, digest: bytes) -> Path:
         return self.root / f"{digest.hex()}.pkt"
+
+    def free_space(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def _promise(self, member: str, size: int) -> Promise:
+        """Room for `size` more bytes of `member`'s, or a StoreError saying why not. Open uploads never eat into
+        the reserve; and a member's second upload at once (and more) is taken only while its open ones hold at
+        most half the room beyond the reserve. One upload may take the whole room: a packet of nearly that size
+        must be storable on an idle broker; a member that opens uploads and never finishes them holds at most half
+        (and the log goes on whatever they hold)."""
+        with _storing():
+            room = self.free_space() - self.reserve
+        owed = sum(p.left for p in self._open)
+        held = sum(p.left for p in self._open if p.member == member)
+        if size > room - owed:
+            raise StoreError(
+                f"the broker has no room for a packet of {size} bytes now: {max(room, 0)} bytes are free beyond the "
+                f"{self.reserve} it keeps for its log, and open uploads will write {owed} more ({held} of them "
+                f"{member}'s)",
+                cause="no room for the packet now",
+            )
+        if held and held + size > room // 2:
+            raise StoreError(
+                f"{member}'s open uploads will write {held} more bytes, and with this one ({size} bytes) would hold "
+                f"over half of the {max(room, 0)} bytes the broker has free beyond its reserve: send it after them",
+                cause="no room for the packet now",
+            )
+        promise = Promise(member, size)
+        self._open.add(promise)
+        return promise
 
     def begin(
         self, head: Head, head_bytes: bytes, signed_by: bytes, *, member: str, keep: bool = True
@@ -211,9 +238,9 @@ class Spool:
             return CheckedUpload(head, signed_by)
         if head.total_size <= INLINE_MAX:
             return InlineUpload(head, head_bytes, signed_by)
-        release = self._promise(member, head.total_size)  # given back once, when the upload ends either way
+        promise = self._promise(member, head.total_size)  # given back once, when the upload ends either way
         tmp = self.root / f"{secrets.token_hex(8)}.part"
-        return Upload(head, tmp, self.path(head.digest), head_bytes, signed_by, release)
+        return Upload(head, tmp, self.path(head.digest), head_bytes, signed_by, promise, self._open.discard)
 
     def drop_unreferenced(self, refs: _Refs, digests: Sequence[bytes]) -> None:
         """Outside a mailbox transaction: drop the bodies of `digests` that no mailbox item refers to."""
