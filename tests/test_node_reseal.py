@@ -166,6 +166,42 @@ async def test_a_refusal_that_sealing_afresh_cannot_mend_is_final(tmp_path: Path
     node.store.close()
 
 
+async def test_a_packet_that_waited_a_while_and_then_uploaded_slowly_is_sealed_afresh(tmp_path: Path) -> None:
+    """A review of the rule above: a packet that waited 250 s, then took 400 s to upload, was refused for good, as
+    if its upload had outlasted the window, though sealed afresh it goes through (its age counts, not its wait)."""
+    world, clock = _consenting(tmp_path), Clocks()
+    payload = tmp_path / "big.bin"
+    payload.write_bytes(bytes(200_000))
+    async with trio.open_nursery() as nursery:
+        first, first_scope = _broker(world, clock), trio.CancelScope()
+        await nursery.start(_serve, first, first_scope)
+        node = _node(world, tmp_path, first.port, clock.node)
+        upload, uploads = node._upload, []
+
+        async def slow_first_upload(*args: Any) -> Any:
+            uploads.append(clock.node())
+            if len(uploads) == 1:
+                clock.offset += 400  # the first upload takes 400 s
+            return await upload(*args)
+
+        node._upload = slow_first_upload  # type: ignore[method-assign]
+        try:
+            await nursery.start(node.run)
+            await _until(lambda: node.session is not None and "DEU" in node.follower.policy.members)
+            first_scope.cancel()
+            await _until(lambda: node.session is None)
+            await _send(node, payload)
+            clock.offset += 250  # it waits 250 s for the broker
+            await nursery.start(_serve, _broker(world, clock, first.port), trio.CancelScope())
+            await _until(lambda: node.store.outbox_all()[0].state != "queued")
+            (row,) = node.store.outbox_all()
+            assert row.state == "receipted", row.outcome
+            assert len(uploads) == 2  # refused once, sealed afresh, then taken
+        finally:
+            nursery.cancel_scope.cancel()
+    node.store.close()
+
+
 def test_a_crash_while_a_packet_is_put_in_place_sealed_afresh_is_finished_or_undone(tmp_path: Path) -> None:
     """The new file goes in beside the old one, the row names it, then it replaces the old file. A crash after the
     row named it leaves the new file beside the old: the next open puts it in place. A crash before leaves one the
@@ -227,7 +263,10 @@ async def test_a_packet_whose_upload_outlasts_the_window_is_refused_for_good_not
             assert row.state == "denied"
             refused = json.loads(row.outcome or "")["error"]
             assert refused["code"] == codes.STALE
-            assert "its upload took 700 s, longer than the broker's time window allows" in refused["message"]
+            assert (
+                "its upload took 700 s, longer than the broker's time window (600 s by default) allows"
+                in (refused["message"])
+            )
             assert clock.offset == 700  # sent once
         finally:
             nursery.cancel_scope.cancel()

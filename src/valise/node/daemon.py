@@ -160,6 +160,7 @@ class NodeDaemon:
         # full disk): they may be in the broker's log, so `retract` must not cancel them here, and a stop is not
         # clean while any is left.
         self.unrecorded: set[bytes] = set()
+        self._reseals: dict[bytes, int] = {}  # packet id → times sealed afresh in this run (resealing.MAX_RESEALS)
 
     def _load_follower(self) -> Follower:
         """The verified log as the store holds it."""
@@ -816,11 +817,13 @@ class NodeDaemon:
             session.requests.release()
             in_flight.discard(row.packet_id)
         assert reply.answer is not None
-        if resealing.wanted(self.store, row, reply.answer, sent_at):
+        now, reseals = self.now(), self._reseals.get(row.packet_id, 0)
+        if resealing.wanted(self.store, row, reply.answer, sent_at, now, reseals):
             assert isinstance(reply.answer, ev.ErrorMessage)
             # Held as in flight meanwhile (the submitter must not send the old file again, nor `retract` cancel
             # it): added before anything awaits, so the submitter cannot have picked it up in between.
             in_flight.add(row.packet_id)
+            self._reseals[row.packet_id] = reseals + 1
             try:
                 await resealing.reseal(self, row, reply.answer)
             finally:
@@ -828,7 +831,7 @@ class NodeDaemon:
             self.unrecorded.discard(row.packet_id)
             self.wake_outbox()
             return
-        answer = resealing.explained(reply.answer, sent_at, self.now())
+        answer = resealing.explained(reply.answer, sent_at, now, reseals)
         try:
             self._answered(row, answer)
         except BaseException:  # a receipt that could not be recorded: the broker has it logged

@@ -22,6 +22,7 @@ import trio
 from cryptography.exceptions import InvalidTag
 
 from valise import identity, packet
+from valise.broker.relay import DEFAULT_WINDOW
 from valise.crypto import hpke
 from valise.errors import Error, StoreError
 from valise.node import report
@@ -41,6 +42,13 @@ log = logging.getLogger("valise.node")
 RESEAL_AFTER = 300
 # Nor if it expires within this: it would expire on the way.
 RESEAL_MARGIN = 60
+# An upload that took this long may have been refused for its own length (the broker checks the window again when
+# an upload ends): sealed afresh, it would take as long again. The broker's default window, less a minute; the
+# node cannot know another.
+UPLOAD_LIMIT = DEFAULT_WINDOW - 60
+# Sealed afresh at most this many times per packet and daemon run: a node and a broker whose clocks are a little
+# less than the window apart, with a slow upload on top, would otherwise go round for as long as the packet lives.
+MAX_RESEALS = 3
 
 _KEPT_INFO = b"valise/v1 outbox content key\x00"
 
@@ -60,30 +68,41 @@ def kept_key(me: identity.Identity, packet_id: bytes, kept: bytes) -> bytes | No
     return None
 
 
-def wanted(store: NodeStore, row: OutboxRow, answer: ev.Message, sent_at: int) -> bool:
-    """Whether the broker's answer to `row`, whose upload began at `sent_at`, calls for sealing it afresh: the
-    packet was already old when its upload began. Not one whose upload itself outlasted the window (the broker
-    checks the window again when an upload ends): sealed afresh, it would take as long again, and again be
-    refused, until it expired (a review saw a 6 MiB packet on a slow link sealed and sent seven times)."""
+def wanted(store: NodeStore, row: OutboxRow, answer: ev.Message, sent_at: int, now: int, reseals: int) -> bool:
+    """Whether the broker's answer to `row`, whose upload began at `sent_at`, calls for sealing it afresh (it was
+    sealed `reseals` times already in this run): the packet is older than the window allows, and its upload was
+    not itself too slow (see UPLOAD_LIMIT: a review saw a 6 MiB packet on a slow link sealed and sent seven
+    times). The packet's age counts, not only its wait before the upload: one that waited 250 s and took 400 s
+    to upload goes through once sealed afresh."""
     return (
         isinstance(answer, ev.ErrorMessage)
         and answer.code == codes.STALE
-        and sent_at - row.created > RESEAL_AFTER
-        and row.expires - sent_at > RESEAL_MARGIN
+        and reseals < MAX_RESEALS
+        and now - sent_at < UPLOAD_LIMIT
+        and now - row.created > RESEAL_AFTER
+        and row.expires - now > RESEAL_MARGIN
         and store.outbox_kept_key(row) is not None
     )
 
 
-def explained(answer: ev.Message, sent_at: int, now: int) -> ev.Message:
-    """A `stale` refusal of an upload that took longer than sealing afresh can mend, with that said: otherwise it
-    reads as a clock problem."""
-    if not isinstance(answer, ev.ErrorMessage) or answer.code != codes.STALE or now - sent_at <= RESEAL_AFTER:
+def explained(answer: ev.Message, sent_at: int, now: int, reseals: int) -> ev.Message:
+    """A final `stale` refusal with what sealing afresh could not mend said: otherwise it reads as a clock problem
+    in every case."""
+    if not isinstance(answer, ev.ErrorMessage) or answer.code != codes.STALE:
         return answer
-    took = (
-        f"{answer.message} (its upload took {now - sent_at} s, longer than the broker's time window allows: a "
-        "packet this large needs a faster link to the broker)"
-    )
-    return ev.ErrorMessage(answer.rid, answer.code, took)
+    if now - sent_at >= UPLOAD_LIMIT:
+        why = (
+            f"its upload took {now - sent_at} s, longer than the broker's time window ({DEFAULT_WINDOW} s by "
+            "default) allows: a packet this large needs a faster link to the broker"
+        )
+    elif reseals >= MAX_RESEALS:
+        why = (
+            f"sealed afresh {reseals} times and refused each time: are this node's clock and the broker's further "
+            "apart than the broker's time window?"
+        )
+    else:
+        return answer
+    return ev.ErrorMessage(answer.rid, answer.code, f"{answer.message} ({why})")
 
 
 async def reseal(daemon: NodeDaemon, row: OutboxRow, answer: ev.ErrorMessage) -> None:
