@@ -160,7 +160,11 @@ class BrokerDaemon:
         self._in_effects = False
         # (sender, packet id) → (index, digest, at) of packets logged whose body a crash lost (see _replay_packet).
         self.statement_budget = ratelimit.StatementBudget()  # members' statements over the wire (ratelimit.py)
-        self.log_budget = ratelimit.LogBudget()  # the log lines each member's frames may cause
+        # The log lines each member's frames may cause: its refusals of pushed items, and apart, its cosigning
+        # (a witness's conflict is the operator's sign of a fork; a member refusing what others send it, or
+        # sending it what it must refuse, must not use up the room for that).
+        self.log_budget = ratelimit.LogBudget()
+        self.cosign_log_budget = ratelimit.LogBudget()
         self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = {}
         self.acks_pending: set[tuple[str, bytes]] = set()  # (recipient, digest): acknowledgements being logged
         self.purging: set[tuple[str, bytes]] = set()  # (recipient, digest): purges logged, not applied (NotQueued)

@@ -59,6 +59,11 @@ class LogBudget:
             return None
         return self._held.pop(member, 0)
 
+    def flush(self, member: str) -> int:
+        """How many of `member`'s warnings were held back since its last written line, now said (at most one line
+        per connection: a member reconnecting in a loop gets one short line per connection, not its texts)."""
+        return self._held.pop(member, 0)
+
 
 def quoted(text: str) -> str:
     """A peer's text as a log line quotes it: repr-escaped (no line breaks, no terminal controls), and cut."""

@@ -235,6 +235,7 @@ class Session:
             self.ready = False
             self.d.unregister(self)
             log.info("%s disconnected (%s)", self.member, "auditor" if self.auditor else "node")
+            self._say_what_was_held()
             for upload in self._uploads.values():
                 if upload is not None:
                     upload.discard()
@@ -345,7 +346,7 @@ class Session:
         elif isinstance(event, ev.CosignResponse):
             self._cosign_response(event)
         elif isinstance(event, ev.ErrorMessage) and event.rid is not None and event.rid in self._cosigns:
-            self._warn("refused to cosign: %s %s", quoted(event.code), quoted(event.message))
+            self._warn("refused to cosign: %s %s", quoted(event.code), quoted(event.message), cosign=True)
             self._cosigns[event.rid][2].set()
         elif isinstance(event, ev.Ping):
             await self.send(ev.Pong(event.n))
@@ -871,13 +872,22 @@ class Session:
                 if now - moved >= liveness.STALL:
                     self._abandon_upload(rid)
 
-    def _warn(self, text: str, *args: object) -> None:
+    def _warn(self, text: str, *args: object, cosign: bool = False) -> None:
         """A warning this member's own frames caused, within its budget of log lines (ratelimit.LogBudget)."""
-        held = self.d.log_budget.allow(self.member, trio.current_time())
+        budget = self.d.cosign_log_budget if cosign else self.d.log_budget
+        held = budget.allow(self.member, trio.current_time())
         if held is None:
             return
         more = f" ({held} more such lines from {self.member} were not written)" if held else ""
         log.warning(f"%s {text}{more}", self.member, *args)
+
+    def _say_what_was_held(self) -> None:
+        """At the session's end: how many of its warnings were not written (within the budget, as they were), so
+        that a member that went quiet after its budget ran out still leaves a trace of them."""
+        for budget in (self.d.log_budget, self.d.cosign_log_budget):
+            held = budget.flush(self.member)
+            if held:
+                log.warning("%s: %d more warnings its frames caused were not written", self.member, held)
 
     def _abandon_upload(self, rid: int) -> None:
         """Give up an upload that got no data for liveness.STALL seconds: its file goes, its later chunks are
@@ -1087,7 +1097,7 @@ class Session:
                 verifier.verify(text, s.sig)
             got.extend(sigs)
         except Error as exc:
-            self._warn("its cosignature is refused: %s", quoted(str(exc)))
+            self._warn("its cosignature is refused: %s", quoted(str(exc)), cosign=True)
         finally:
             done.set()
 
