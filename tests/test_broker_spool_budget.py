@@ -103,6 +103,7 @@ async def test_open_uploads_never_eat_into_the_reserve_nor_take_more_than_half_t
         broker.spool.free_space = lambda: 10_000_000 + 250_000  # type: ignore[method-assign]  # room: 250 kB
         first, second = (seal(world, "FRA", ["DEU"], bytes(LARGE)) for _ in range(2))
         one = await _begin(fra, first)
+        await fra.sync()  # the broker has taken the first bytes
         left = broker.spool.promised["FRA"]
         assert left == _head(first).total_size - _head(first).head_size - 1000  # what it may still write
         two = await _begin(fra, second)  # FRA would hold about 200 kB of the 250: more than half
