@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from valise import packet
 from valise.broker.daemon import BrokerDaemon
-from valise.wire import codes
+from valise.wire import codes, liveness
 from valise.wire import events as ev
 
 from .harness import WireClient, make_world, running_broker, seal
@@ -129,3 +131,29 @@ async def test_open_uploads_never_eat_into_the_reserve_nor_take_more_than_half_t
         assert "no room for a packet of" in late.message
         assert "0 bytes are free beyond the 10000000 it keeps for its log" in late.message
         assert _parts(broker) == []
+
+
+async def test_an_upload_that_comes_too_slowly_is_given_up_and_its_room_given_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte now and then beats the stall timeout, and so held an upload's disk room for good (a hostile-member
+    review). Past its grace, an upload to a file must average the broker's floor (16 KiB/s by default; here
+    10 kB/s after 0.3 s, the watchdog looking every 0.05 s)."""
+    monkeypatch.setattr(liveness, "CHECK_EVERY", 0.05)
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU")
+    slow, fast = (seal(world, "FRA", ["DEU"], bytes(LARGE)) for _ in range(2))
+    async with (
+        running_broker(world, upload_floor=10_000, upload_grace=0.3) as broker,
+        WireClient.connect(world, "FRA", broker.port) as fra,
+    ):
+        fra.refuse_cosign = True
+        rid = await _begin(fra, slow)
+        given_up = await _answer(fra, rid)
+        assert isinstance(given_up, ev.ErrorMessage)
+        assert given_up.code == codes.TIMEOUT
+        assert "bytes/s, under the 10000 bytes/s the broker needs of a packet it stores on disk" in given_up.message
+        assert broker.spool.promised == {}
+        assert _parts(broker) == []
+        await fra.send(ev.SubmitCancel(rid))
+        assert isinstance(await fra.submit(fast), ev.Receipt)  # one that keeps the pace is not affected

@@ -81,6 +81,11 @@ class Settings:
     policy_poll: float = 1.0
     window: int = relay.DEFAULT_WINDOW
     spool_reserve: int = spool.RESERVE  # free disk uploads never eat into (spool.py)
+    # An upload to a file that averages less than this many bytes a second once it has run for `upload_grace`
+    # seconds is given up: its disk room is promised to it, and a byte now and then (which beats the stall
+    # timeout) would otherwise hold that room for good. 16 KiB/s is 128 kbit/s: far below any link a member uses.
+    upload_floor: int = 16 * 1024
+    upload_grace: float = 60.0
     serve_entries: bool = False  # entry bundles over HTTP (every record in full): for an auditors-only address
     rebuild_mailboxes: bool = False  # start with a missing mailbox.db although the log holds traffic (see below)
     clock: Callable[[], float] = time.time

@@ -379,7 +379,10 @@ class Session:
                 self._uploads[msg.rid] = None
                 await self.send(ev.ErrorMessage(msg.rid, codes.INTERNAL, str(exc)))
                 return
-            self._upload_moved[msg.rid] = trio.current_time()
+            self._upload_moved[msg.rid] = began = trio.current_time()
+            upload = self._uploads[msg.rid]
+            if isinstance(upload, Upload):
+                upload.began = began
             if known is None:
                 self._unknown_at[msg.rid] = self.d.recorded
 
@@ -870,7 +873,9 @@ class Session:
                 self.send_soon(ev.Ping(self._pings))
             for rid, moved in list(self._upload_moved.items()):
                 if now - moved >= liveness.STALL:
-                    self._abandon_upload(rid)
+                    self._abandon_upload(rid, f"no data for this upload for {liveness.STALL:g} s")
+                elif (slow := self._too_slow(rid, now)) is not None:
+                    self._abandon_upload(rid, slow)
 
     def _warn(self, text: str, *args: object, cosign: bool = False) -> None:
         """A warning this member's own frames caused, within its budget of log lines (ratelimit.LogBudget)."""
@@ -889,16 +894,30 @@ class Session:
             if held:
                 log.warning("%s: %d more warnings its frames caused were not written", self.member, held)
 
-    def _abandon_upload(self, rid: int) -> None:
-        """Give up an upload that got no data for liveness.STALL seconds: its file goes, its later chunks are
-        discarded, and the member is told (it may submit the packet again)."""
+    def _too_slow(self, rid: int, now: float) -> str | None:
+        """Why an upload to a file is given up for its rate (Settings.upload_floor), or None if it is not."""
+        upload = self._uploads.get(rid)
+        settings = self.d.settings
+        if not isinstance(upload, Upload) or now - upload.began < settings.upload_grace:
+            return None
+        rate = upload.received / (now - upload.began)
+        if rate >= settings.upload_floor:
+            return None
+        return (
+            f"this upload averaged {rate:.0f} bytes/s, under the {settings.upload_floor} bytes/s the broker needs of "
+            "a packet it stores on disk (the disk room it holds is given back)"
+        )
+
+    def _abandon_upload(self, rid: int, why: str) -> None:
+        """Give up an upload that got no data for liveness.STALL seconds, or came too slowly: its file goes, its
+        later chunks are discarded, and the member is told (it may submit the packet again)."""
         del self._upload_moved[rid]
         self._unknown_at.pop(rid, None)
         upload = self._uploads.get(rid)
         if upload is not None:
             upload.discard()
             self._uploads[rid] = None
-            self.send_soon(ev.ErrorMessage(rid, codes.TIMEOUT, f"no data for this upload for {liveness.STALL:g} s"))
+            self.send_soon(ev.ErrorMessage(rid, codes.TIMEOUT, why))
 
     # --- pushing mailbox items ---------------------------------------------------------------------------------
 

@@ -124,6 +124,8 @@ class Upload:
         self._file: BinaryIO | None = None
         self._promise = promise  # shrinks as bytes land on the disk, whose free space then counts them
         self._release: Callable[[Promise], None] | None = release  # gives the rest back, once
+        self.received = len(head_bytes)  # bytes of the packet taken so far
+        self.began = 0.0  # when the upload began, on the session's clock (it sets it: the spool reads none)
         try:
             with _storing():
                 self._file = open(tmp, "wb")  # noqa: SIM115 - closed in finish() or discard()
@@ -139,6 +141,7 @@ class Upload:
         self._hasher.update(data)
         with _storing():
             self._file.write(data)
+        self.received += len(data)
         self._promise.left = max(0, self._promise.left - len(data))
 
     def finish(self) -> Path:
