@@ -468,3 +468,18 @@ def test_erase_before_a_time_past_9999_is_a_usage_error(tmp_path: Path, capsys: 
         main(["erase", "--node", str(tmp_path), "--before", "9223372036854775808", "--dry-run"])
     assert exited.value.code == 2
     assert "'9223372036854775808' is not a time between 1970 and the year 9999" in capsys.readouterr().err
+
+
+def test_broker_serve_takes_a_clock_window_within_a_minute_and_a_day(capsys: pytest.CaptureFixture[str]) -> None:
+    """A packet whose upload takes longer than the broker's window cannot be taken (the node says so): an operator
+    whose members upload large packets on slow links widens it, and auditors use the same."""
+    from valise.cli.broker_serve import settings_of
+    from valise.cli.main import build_parser
+
+    args = build_parser().parse_args(["broker", "serve", "--dir", "b", "--window", "3600"])
+    assert settings_of(args).window == 3600
+    assert settings_of(build_parser().parse_args(["broker", "serve", "--dir", "b"])).window == 600
+    for bad, why in (("59", "59 s is not between 60 s and a day"), ("ten", "'ten' is not a number of seconds")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["broker", "serve", "--dir", "b", "--window", bad])
+        assert why in capsys.readouterr().err
