@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -125,7 +126,9 @@ class Upload:
         self._promise = promise  # shrinks as bytes land on the disk, whose free space then counts them
         self._release: Callable[[Promise], None] | None = release  # gives the rest back, once
         self.received = len(head_bytes)  # bytes of the packet taken so far
-        self.began = 0.0  # when the upload began, on the session's clock (it sets it: the spool reads none)
+        # When the upload began, on the session's clock (it sets it: the spool reads none). Until then, never:
+        # an upload whose start nobody noted is never judged too slow, rather than judged at once.
+        self.began = math.inf
         try:
             with _storing():
                 self._file = open(tmp, "wb")  # noqa: SIM115 - closed in finish() or discard()
