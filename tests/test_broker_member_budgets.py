@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from valise.broker.ratelimit import LogBudget, StatementBudget, quoted
+from valise.broker.ratelimit import BURST, RATE, LogBudget, MemberBuckets, quoted
 from valise.policy import records as prec
 from valise.store.sqlite import SqliteLog
 from valise.wire import codes
@@ -20,7 +20,7 @@ from .harness import ORIGIN, WireClient, make_world, running_broker, seal
 
 
 def test_a_bucket_gives_its_burst_then_fills_at_its_rate() -> None:
-    budget = StatementBudget(burst=3, rate=0.5)  # one token every 2 s
+    budget = MemberBuckets(burst=3, rate=0.5)  # one token every 2 s
     assert [budget.take("FRA", 100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
     assert budget.take("FRA", 100.0) == pytest.approx(2.0)  # empty: the next token in 2 s
     assert budget.take("DEU", 100.0) == 0.0  # each member its own bucket
@@ -33,7 +33,7 @@ def test_a_bucket_gives_its_burst_then_fills_at_its_rate() -> None:
 
 def test_the_burst_covers_joining_a_network_of_196() -> None:
     """A grant and an acceptance for each of 195 partners at once must go through."""
-    budget = StatementBudget()
+    budget = MemberBuckets(BURST, RATE)
     assert all(budget.take("NEW", 0.0) == 0.0 for _ in range(2 * 195))
 
 
@@ -46,7 +46,7 @@ async def test_statements_past_a_member_s_budget_are_refused_before_any_check_an
     ]
     async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as client:
         client.refuse_cosign = True
-        broker.statement_budget = StatementBudget(burst=2, rate=1 / 3600)
+        broker.statement_budget = MemberBuckets(burst=2, rate=1 / 3600)
         with SqliteLog.open(world.home.db_path) as store:
             before = store.size()
         answers = []

@@ -164,7 +164,7 @@ class BrokerDaemon:
         self._at_commit: list[Callable[[], object]] = []
         self._in_effects = False
         # (sender, packet id) → (index, digest, at) of packets logged whose body a crash lost (see _replay_packet).
-        self.statement_budget = ratelimit.StatementBudget()  # members' statements over the wire (ratelimit.py)
+        self.statement_budget = ratelimit.MemberBuckets(ratelimit.BURST, ratelimit.RATE)  # statements over the wire
         # The log lines each member's frames may cause: its refusals of pushed items, and apart, its cosigning
         # (a witness's conflict is the operator's sign of a fork; a member refusing what others send it, or
         # sending it what it must refuse, must not use up the room for that).

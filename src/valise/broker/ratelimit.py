@@ -17,14 +17,16 @@ RATE = 64 / 3600  # statements per second a member's bucket fills again by: 64 a
 
 
 @dataclass
-class StatementBudget:
-    burst: float = BURST
-    rate: float = RATE
+class MemberBuckets:
+    """A token bucket per member: `burst` at once, refilled at `rate` a second (statements, log lines)."""
+
+    burst: float
+    rate: float
     _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # member → (tokens, at)
 
     def take(self, member: str, now: float) -> float:
-        """Take one statement from `member`'s bucket at `now` (monotonic seconds): 0.0 if it may be logged, else
-        how many seconds until it may."""
+        """Take one token from `member`'s bucket at `now` (monotonic seconds): 0.0 if there was one, else how many
+        seconds until there is."""
         tokens, at = self._buckets.get(member, (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
         if tokens < 1:
@@ -46,11 +48,11 @@ LOG_TEXT = 200  # characters of a peer's own text a line quotes
 class LogBudget:
     burst: float = LOG_BURST
     rate: float = LOG_RATE
-    _buckets: StatementBudget = field(init=False)
+    _buckets: MemberBuckets = field(init=False)
     _held: dict[str, int] = field(default_factory=dict)  # member → lines not written since its last one
 
     def __post_init__(self) -> None:
-        self._buckets = StatementBudget(self.burst, self.rate)
+        self._buckets = MemberBuckets(self.burst, self.rate)
 
     def allow(self, member: str, now: float) -> int | None:
         """None if `member`'s next warning is not to be written; else how many were held back before it."""
