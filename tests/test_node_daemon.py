@@ -540,7 +540,7 @@ async def test_an_acknowledgement_kept_when_forwarded_is_not_verified_again_from
     data, head = sealed(fra, [deu], b"k1")
     pid = head.core.packet_id
     h.daemon.store.enqueue(pid, head.digest, ["DEU"], NOW, NOW + 3600, data)
-    h.daemon.store.outbox_receipted(pid, b"receipt", 3)  # sent earlier: the outbox does not send it again
+    h.daemon.store.outbox_receipted(pid, b"receipt", 3, NOW)  # sent earlier: the outbox does not send it again
     ack = records.Ack.make(deu.signing, pid, head.digest, "FRA", "DEU", NOW)
     checks: list[bytes] = []
     verified = records.Ack.verified
@@ -661,6 +661,38 @@ async def test_a_receipt_whose_index_the_log_never_reaches_is_an_alarm(
         assert f"promised log index {FAR}" in alarm.message
         assert alarm.evidence == receipt
         nursery.cancel_scope.cancel()
+
+
+async def test_the_receipt_grace_runs_across_restarts(world: dict[str, Any], members: dict[str, Any]) -> None:
+    """The grace ran from when this run first saw the receipt, so a node restarted more often than every five
+    minutes never raised the alarm. The store keeps when the node had the receipt."""
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        receipt = await _receipted_far_ahead(h, broker, members, b"restarts", NOW)
+        nursery.cancel_scope.cancel()
+    h.daemon.store.close()
+
+    async def alarms_of_a_run_at(wall: int) -> list[Any]:
+        again = Harness(world, members["FRA"])
+        again.daemon.wall = lambda: wall
+        async with trio.open_nursery() as nursery:
+            await start(nursery, again)
+            await wait_for(lambda: again.daemon.follower.size == 3)
+            session = again.daemon.session
+            assert session is not None
+            await again.daemon.sync(session)
+            alarms = again.daemon.store.alarms()
+            nursery.cancel_scope.cancel()
+        again.daemon.store.close()
+        return alarms
+
+    assert await alarms_of_a_run_at(NOW + 240) == []  # each run lasts less than the grace
+    alarms = await alarms_of_a_run_at(NOW + 480)  # this one starts past it
+    (alarm,) = alarms
+    assert alarm.kind == "receipt"
+    assert f"promised log index {FAR}" in alarm.message
+    assert alarm.evidence == receipt
 
 
 async def test_a_node_whose_clock_is_ahead_raises_no_receipt_alarm_and_a_broken_promise_only_once(

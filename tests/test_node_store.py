@@ -8,6 +8,8 @@ import pytest
 from valise.errors import StoreError
 from valise.node.store import NodeStore
 
+from .conftest import NOW
+
 PID = bytes(16)
 DIG = bytes([1]) * 32
 
@@ -25,10 +27,12 @@ def test_outbox_lifecycle_survives_reopen(tmp_path: Path) -> None:
     assert row.attempts == 1
     assert row.state == "queued"
     assert st.outbox_path(PID).read_bytes() == b"sealed-bytes"
-    st.outbox_receipted(PID, b"receipt", 7)
+    st.outbox_receipted(PID, b"receipt", 7, NOW)
+    st.close()
+    st = NodeStore.open(tmp_path)
     row = st.outbox_get(PID)
     assert row is not None
-    assert (row.state, row.log_index) == ("receipted", 7)
+    assert (row.state, row.log_index, row.receipted_at) == ("receipted", 7, NOW)
     assert st.outbox_due(1e12) == []
     assert st.record_ack(PID, "DEU", b"ack")
     assert not st.record_ack(PID, "DEU", b"ack")
@@ -56,7 +60,7 @@ def test_files_move_in_and_follower_state_commits_atomically(tmp_path: Path) -> 
     st.enqueue_file(PID, DIG, ["DEU"], 1, 2, spool)
     assert not spool.exists()
     assert st.outbox_path(PID).read_bytes() == b"sealed"
-    st.outbox_receipted(PID, b"r", 4)
+    st.outbox_receipted(PID, b"r", 4, NOW)
     assert [r.packet_id for r in st.outbox_unchecked(5)] == [PID]
     assert st.outbox_unchecked(4) == []
     st.outbox_in_log(PID, 1)
@@ -295,6 +299,30 @@ def test_a_store_made_before_the_inbox_s_later_columns_is_brought_up_to_date(tmp
     assert [r.sign_key for r in st.inbox_all()] == [None, b"k" * 32]
     assert st.inbox_erase([DIG], 7) == 1
     assert [r.erased for r in st.inbox_all()] == [7, None]
+    st.close()
+
+
+def test_a_store_made_before_receipted_at_is_read_as_it_is_and_then_brought_up_to_date(tmp_path: Path) -> None:
+    """A receipt kept by an older store has no time: a report reads it as unknown, and the daemon's store counts
+    the overdue-receipt grace from when it first looks at it."""
+    st = NodeStore.open(tmp_path)
+    st.enqueue(PID, DIG, ["DEU"], 100, 200, b"sealed")
+    st.outbox_receipted(PID, b"receipt", 7, NOW)
+    st.close()
+    db = sqlite3.connect(tmp_path / "node.db")
+    db.execute("ALTER TABLE outbox DROP COLUMN receipted_at")
+    db.commit()
+    db.close()
+    readonly = NodeStore.open_readonly(tmp_path)
+    assert [(r.state, r.receipted_at) for r in readonly.outbox_all()] == [("receipted", None)]
+    readonly.close()
+    st = NodeStore.open(tmp_path)
+    (row,) = st.outbox_receipted_beyond(0)
+    assert row.receipted_at is None
+    st.outbox_receipt_seen(PID, NOW + 5)
+    st.outbox_receipt_seen(PID, NOW + 9)  # only the first look counts
+    (row,) = st.outbox_receipted_beyond(0)
+    assert row.receipted_at == NOW + 5
     st.close()
 
 

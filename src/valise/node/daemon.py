@@ -140,7 +140,6 @@ class NodeDaemon:
         self.session: Session | None = None
         self.last_error: str | None = None
         self.storage_failures = 0  # connections ended in a row because this node, or the broker, could not store
-        self._receipts_seen: dict[bytes, int] = {}  # packet id → when this run first saw its receipt ahead of the log
         self._session_began = 0.0
         # After a `bad-signature` refusal of our own packet that the log does not explain (yet): the size then
         # followed, and the broker's words (_check_bad_signature).
@@ -694,18 +693,20 @@ class NodeDaemon:
 
     def check_overdue_receipts(self) -> None:
         """A receipt promises that the next checkpoint at or past its index + 1 holds the entry, and the broker
-        signs one every few seconds. A checkpoint followed RECEIPT_GRACE seconds after this node first saw a
-        receipt (in this run) that still falls short of it shows the promise broken (a receipt for an index the
-        log never reaches would otherwise leave its packet out of the outbox and never checked): an alarm, once
-        per receipt and run.
+        signs one every few seconds. A checkpoint followed RECEIPT_GRACE seconds after this node had a receipt that
+        still falls short of it shows the promise broken (a receipt for an index the log never reaches would
+        otherwise leave its packet out of the outbox and never checked): an alarm, once per receipt.
 
-        The grace runs on this node's clock alone. Measured from the receipt's `at`, the broker's clock, a node
-        400 s fast raised the alarm seconds after an honest receipt (and again each second, the text naming the
-        seconds), and a node behind raised a true one that much later."""
+        The grace runs on this node's clock alone, from when it had the receipt (kept in the store, so a daemon
+        restarted more often than the grace still raises it). Measured from the receipt's `at`, the broker's
+        clock, a node 400 s fast raised the alarm seconds after an honest receipt, and a node behind raised a true
+        one that much later."""
         size, now = self.follower.size, self.now()
-        waiting: dict[bytes, int] = {}
         for row in self.store.outbox_receipted_beyond(size):
-            since = waiting[row.packet_id] = self._receipts_seen.get(row.packet_id, now)
+            since = row.receipted_at
+            if since is None:  # receipted under an older store: the grace starts now
+                self.store.outbox_receipt_seen(row.packet_id, now)
+                continue
             if now - since <= RECEIPT_GRACE:
                 continue
             assert row.receipt is not None
@@ -715,7 +716,6 @@ class NodeDaemon:
                 f"checkpoints more than {RECEIPT_GRACE} s after this node had it still fall short of that index",
                 row.receipt,
             )
-        self._receipts_seen = waiting  # receipts the log has reached since are forgotten
 
     def check_receipts(self) -> None:
         """Receipts covered by the trusted log: the entry at the receipt's index must be this very packet."""
@@ -898,7 +898,7 @@ class NodeDaemon:
                 self.alarm("receipt", f"bad receipt for packet {pid}: {exc.what}", answer.receipt)
                 self._retry(row, f"bad receipt: {exc.what}")
                 return
-            self.store.outbox_receipted(row.packet_id, answer.receipt, receipt.index)
+            self.store.outbox_receipted(row.packet_id, answer.receipt, receipt.index, self.now())
             log.info("packet %s receipted at log index %d", pid, receipt.index)
             self.check_receipts()
         elif isinstance(answer, ev.Deny):

@@ -38,7 +38,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     receipt     BLOB,                     -- the broker's signed receipt
     log_index   INTEGER,
     outcome     TEXT,                     -- JSON: denial reasons per recipient, or a last error
-    in_log      INTEGER NOT NULL DEFAULT 0 -- 1 once a verified checkpoint showed the receipt's entry
+    in_log      INTEGER NOT NULL DEFAULT 0, -- 1 once a verified checkpoint showed the receipt's entry
+    receipted_at REAL                     -- when this node had the receipt, by its own clock (the grace before an
+                                          -- overdue-receipt alarm runs from it, across restarts)
 );
 CREATE TABLE IF NOT EXISTS acks (
     packet_id   BLOB NOT NULL,
@@ -110,6 +112,7 @@ class OutboxRow:
     log_index: int | None
     outcome: str | None
     in_log: int = 0
+    receipted_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +226,10 @@ KEPT = ".key"
 # The outbox row's columns, in OutboxRow's order (a development version's store has one more, unused).
 OUTBOX_COLUMNS = (
     "packet_id, digest, recipients, created, expires, size, state, attempts, next_try, receipt, log_index, outcome, "
-    "in_log"
+    "in_log, receipted_at"
 )
+# What a report reads from a store made before `receipted_at`, opened read-only (not brought up to date).
+OUTBOX_COLUMNS_BEFORE_RECEIPTED_AT = OUTBOX_COLUMNS.replace("receipted_at", "NULL")
 
 # kv: the inbox files an erase has still to remove (NodeStore.inbox_erase).
 ERASING = "inbox-erasing"
@@ -245,6 +250,8 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
     if "erased" not in columns:
         conn.execute("ALTER TABLE inbox ADD COLUMN erased INTEGER")
     columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+    if "receipted_at" not in columns:  # rows receipted before it get the time a daemon first sees them overdue
+        conn.execute("ALTER TABLE outbox ADD COLUMN receipted_at REAL")
     if "content_key" in columns:  # a development version kept the content keys here (they lingered in the WAL)
         conn.execute("UPDATE outbox SET content_key = NULL")
     columns = {row[1] for row in conn.execute("PRAGMA table_info(log_received)")}
@@ -280,6 +287,8 @@ class NodeStore:
     def __init__(self, root: Path, conn: sqlite3.Connection) -> None:
         self.root = root
         self._db = sqlfile.Guarded(conn, f"the node store {root / 'node.db'}")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+        self._outbox_columns = OUTBOX_COLUMNS if "receipted_at" in columns else OUTBOX_COLUMNS_BEFORE_RECEIPTED_AT
 
     @classmethod
     def open(cls, root: Path) -> NodeStore:
@@ -521,7 +530,7 @@ class NodeStore:
         return self.root / "tmp" / name
 
     def _outbox(self, where: str, args: tuple[object, ...]) -> list[OutboxRow]:
-        rows = self._db.execute(f"SELECT {OUTBOX_COLUMNS} FROM outbox {where}", args).fetchall()
+        rows = self._db.execute(f"SELECT {self._outbox_columns} FROM outbox {where}", args).fetchall()
         return [OutboxRow(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
 
     def outbox_get(self, packet_id: bytes) -> OutboxRow | None:
@@ -540,7 +549,7 @@ class NodeStore:
     def outbox_page(self, after: int, limit: int) -> list[tuple[int, OutboxRow]]:
         """Up to `limit` rows after position `after`, in the order they were queued, each with its position."""
         rows = self._db.execute(
-            f"SELECT rowid, {OUTBOX_COLUMNS} FROM outbox WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit)
+            f"SELECT rowid, {self._outbox_columns} FROM outbox WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit)
         )
         return [(r[0], OutboxRow(r[1], r[2], json.loads(r[3]), *r[4:])) for r in rows]
 
@@ -553,10 +562,12 @@ class NodeStore:
             (next_try, json.dumps({"error": error}), packet_id),
         )
 
-    def outbox_receipted(self, packet_id: bytes, receipt: bytes, log_index: int) -> None:
+    def outbox_receipted(self, packet_id: bytes, receipt: bytes, log_index: int, at: float) -> None:
+        """The broker's receipt, and `at`, when this node had it by its own clock."""
         self._db.execute(
-            "UPDATE outbox SET state = 'receipted', receipt = ?, log_index = ?, outcome = NULL WHERE packet_id = ?",
-            (receipt, log_index, packet_id),
+            "UPDATE outbox SET state = 'receipted', receipt = ?, log_index = ?, outcome = NULL, receipted_at = ? "
+            "WHERE packet_id = ?",
+            (receipt, log_index, at, packet_id),
         )
         self._drop_kept(packet_id)
 
@@ -610,6 +621,12 @@ class NodeStore:
     def outbox_receipted_beyond(self, size: int) -> list[OutboxRow]:
         """Receipted packets whose log index a tree of `size` entries does not reach yet."""
         return self._outbox("WHERE state = 'receipted' AND in_log = 0 AND log_index >= ? ORDER BY log_index", (size,))
+
+    def outbox_receipt_seen(self, packet_id: bytes, at: float) -> None:
+        """A receipt kept by a store older than `receipted_at`: count its grace from `at`, when first looked at."""
+        self._db.execute(
+            "UPDATE outbox SET receipted_at = ? WHERE packet_id = ? AND receipted_at IS NULL", (at, packet_id)
+        )
 
     def outbox_in_log(self, packet_id: bytes, value: int) -> None:
         """1: the verified log holds the receipt's entry; -1: it holds something else there (an alarm)."""
