@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from valise import encoding, gctune, keyfiles, records, tls
-from valise.broker import cosign, fds, http, policyfold, ratelimit, relay, spool
+from valise.broker import cosign, fairshare, fds, http, policyfold, ratelimit, relay, spool
 from valise.broker.cosign import COSIGN_TIMEOUT, CosignRound, pick_witnesses
 from valise.broker.fds import listen_tcp
 from valise.broker.home import BrokerConfig, BrokerHome
@@ -169,6 +169,8 @@ class BrokerDaemon:
         # (a witness's conflict is the operator's sign of a fork; a member refusing what others send it, or
         # sending it what it must refuse, must not use up the room for that).
         self.log_budget = ratelimit.LogBudget()
+        self.shares = fairshare.CpuShares()  # each member's recent use of this thread (session.py charges it)
+        self.thread_busy = 0.0  # the share of this thread the broker used lately (_load_meter)
         self.cosign_log_budget = ratelimit.LogBudget()
         self.orphans: dict[tuple[str, bytes], tuple[int, bytes, int]] = {}
         self.acks_pending: set[tuple[str, bytes]] = set()  # (recipient, digest): acknowledgements being logged
@@ -790,6 +792,7 @@ class BrokerDaemon:
                 nursery.start_soon(self._checkpointer)
                 nursery.start_soon(self._purger)
                 nursery.start_soon(self._policy_watcher)
+                nursery.start_soon(self._load_meter)
                 if self.settings.http is not None:
                     h, p = self.settings.http
                     cap = fds.unauthenticated_share(fds.soft_limit(), http.MAX_CONNECTIONS)
@@ -807,6 +810,18 @@ class BrokerDaemon:
             self.mail.close()
             self.store.close()
             self._policy_lock_file.close()
+
+    async def _load_meter(self) -> None:
+        """How busy the broker's thread is (its process's CPU time over wall time, smoothed): members are held to
+        their share of it only when it is busy (fairshare.py)."""
+        cpu, wall = time.process_time(), time.perf_counter()
+        while True:
+            await trio.sleep(fairshare.METER_INTERVAL)
+            now_cpu, now_wall = time.process_time(), time.perf_counter()
+            busy = (now_cpu - cpu) / max(now_wall - wall, 1e-6)
+            self.thread_busy = fairshare.smoothed(self.thread_busy, busy)
+            self.shares.forget(trio.current_time())
+            cpu, wall = now_cpu, now_wall
 
     async def shutdown(self, nursery: trio.Nursery) -> None:
         """Graceful stop: say goodbye to every session, give them a grace period, then cancel."""

@@ -11,8 +11,10 @@ import io
 import logging
 import math
 import os
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import trio
@@ -68,6 +70,7 @@ class Session:
         self.conn = Connection(Role.SERVER)
         self.ready = False
         self.auditor = False  # the hello's role was "auditor"
+        self.held_back = 0  # times the reader waited for the member's share of the thread (fairshare.py)
         self._send_lock = trio.Lock()
         self._out: list[bytes] = []  # encoded frames not yet written
         self._out_bytes = 0
@@ -281,6 +284,10 @@ class Session:
 
     async def _reader(self) -> None:
         while True:
+            wait = self.d.shares.pause(self.member, trio.current_time(), self.d.thread_busy)
+            if wait:  # this member uses more than its share of a busy thread: the others go first
+                self.held_back += 1
+                await trio.sleep(wait)
             try:
                 event = await self._receive_event()
             except ProtocolError as exc:
@@ -354,15 +361,18 @@ class Session:
     # --- submissions ----------------------------------------------------------------------------------------
 
     async def _submit_begin(self, msg: ev.SubmitBegin) -> None:
-        head = relay.parse_submitted_head(msg.head, msg.size)
+        with self._charged():
+            head = relay.parse_submitted_head(msg.head, msg.size)
+            if not isinstance(head, relay.Reject):
+                # An orphan (logged, its body lost in a crash) is known too: its retry is a duplicate, not decided
+                # again.
+                held = self.d.mail.packet_by_id(self.member, head.core.packet_id)
+                known = held or self.d.orphan_row(self.member, head.core.packet_id)
+                outcome = relay.admit(self.d.policy, self.member, head, known, self.d.now(), self.d.settings.window)
         if isinstance(head, relay.Reject):
             self._uploads[msg.rid] = None
             await self.send(ev.ErrorMessage(msg.rid, head.code, head.message))
             return
-        # An orphan (logged, its body lost in a crash) is known too: its retry is a duplicate, not decided again.
-        held = self.d.mail.packet_by_id(self.member, head.core.packet_id)
-        known = held or self.d.orphan_row(self.member, head.core.packet_id)
-        outcome = relay.admit(self.d.policy, self.member, head, known, self.d.now(), self.d.settings.window)
         if isinstance(outcome, relay.Reject | relay.Denied):
             self._uploads[msg.rid] = None
             await self.send(self._refusal(outcome, head).answer(msg.rid))
@@ -631,7 +641,8 @@ class Session:
                 code=codes.BAD_PACKET,
             )
         try:  # after the cheap checks: a mismatched ack costs no signature check
-            records.Ack.check(body, sig, member.sign_key, self.member)
+            with self._charged():
+                records.Ack.check(body, sig, member.sign_key, self.member)
         except Error as exc:
             raise ProtocolError(f"acknowledgement of seq {msg.seq} refused: {exc}", code=codes.BAD_SIGNATURE) from None
         pending = (self.member, item.digest)
@@ -814,7 +825,8 @@ class Session:
 
     async def _proof(self, rid: int, make: Callable[[], list[bytes]], answer: Any) -> None:
         try:
-            proof = make()
+            with self._charged():
+                proof = make()
         except Error as exc:
             await self.send(ev.ErrorMessage(rid, codes.NOT_FOUND, str(exc)))
             return
@@ -827,32 +839,34 @@ class Session:
             what = f"entries {msg.start}..{msg.end} are not within the signed tree of {limit}"
             await self.send(ev.ErrorMessage(msg.rid, codes.NOT_FOUND, what))
             return
-        # What this member may read in full, and for each run in between the stored roots of the complete subtrees
-        # that cover it: the cost follows what the member may read, not the size of the range.
-        readable = self.d.mail.readable(self.member, msg.start, msg.end, MAX_ENTRIES)
-        plan = merkle.covering(msg.start, msg.end, readable, MAX_ENTRIES)
-        full = [at for at, level in plan if level is None]
-        entries = dict(zip(full, self.d.store.entries_at(full), strict=True))
-        subtrees = iter(
-            self.d.store.read_hashes(
-                [merkle.stored_hash_index(level, at >> level) for at, level in plan if level is not None]
+        with self._charged():
+            # What this member may read in full, and for each run in between the stored roots of the complete subtrees
+            # that cover it: the cost follows what the member may read, not the size of the range.
+            readable = self.d.mail.readable(self.member, msg.start, msg.end, MAX_ENTRIES)
+            plan = merkle.covering(msg.start, msg.end, readable, MAX_ENTRIES)
+            full = [at for at, level in plan if level is None]
+            entries = dict(zip(full, self.d.store.entries_at(full), strict=True))
+            subtrees = iter(
+                self.d.store.read_hashes(
+                    [merkle.stored_hash_index(level, at >> level) for at, level in plan if level is not None]
+                )
             )
-        )
-        # Fill the answer up to the peer's frame limit (at least one item: one entry always fits a frame).
-        budget = (self.conn.peer_limits.frame if self.conn.peer_limits else MIN_FRAME) - 8192
-        items: list[bytes] = []
-        hashed: list[int] = []
-        levels: list[int] = []
-        for at, level in plan:
-            item = entries[at] if level is None else next(subtrees)
-            budget -= len(item) + 8
-            if items and budget < 0:
-                break
-            if level is not None:
-                hashed.append(len(items))
-                levels.append(level)
-            items.append(item)
-        await self.send(ev.Entries(msg.rid, msg.start, tuple(items), tuple(hashed), tuple(levels)))
+            # Fill the answer up to the peer's frame limit (at least one item: one entry always fits a frame).
+            budget = (self.conn.peer_limits.frame if self.conn.peer_limits else MIN_FRAME) - 8192
+            items: list[bytes] = []
+            hashed: list[int] = []
+            levels: list[int] = []
+            for at, level in plan:
+                item = entries[at] if level is None else next(subtrees)
+                budget -= len(item) + 8
+                if items and budget < 0:
+                    break
+                if level is not None:
+                    hashed.append(len(items))
+                    levels.append(level)
+                items.append(item)
+            ticket = self.queue(ev.Entries(msg.rid, msg.start, tuple(items), tuple(hashed), tuple(levels)))
+        await self.flush(ticket)
 
     # --- liveness -----------------------------------------------------------------------------------------------
 
@@ -886,9 +900,27 @@ class Session:
         more = f" ({held} more such lines from {self.member} were not written)" if held else ""
         log.warning(f"%s {text}{more}", self.member, *args)
 
+    @contextmanager
+    def _charged(self) -> Iterator[None]:
+        """Count the block's time against this member's share of the broker's thread (fairshare.py). Only for
+        blocks that do not await, or the time other tasks ran meanwhile would be counted too: the work a request
+        makes the broker do, which the member chooses (a head's recipients, a range of entries)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.d.shares.charge(self.member, time.perf_counter() - start, trio.current_time())
+
     def _say_what_was_held(self) -> None:
         """At the session's end: how many of its warnings were not written (within the budget, as they were), so
-        that a member that went quiet after its budget ran out still leaves a trace of them."""
+        that a member that went quiet after its budget ran out still leaves a trace of them; and how often its
+        frames waited for its share of the thread."""
+        if self.held_back:
+            log.warning(
+                "%s: its frames waited %d times for the others, using more than its share of the broker",
+                self.member,
+                self.held_back,
+            )
         for budget in (self.d.log_budget, self.d.cosign_log_budget):
             held = budget.flush(self.member)
             if held:
