@@ -9,7 +9,7 @@ import pytest
 
 from valise import identity, packet
 from valise.crypto import stream
-from valise.errors import PayloadError, SenderMismatchError, StanzaError, TruncatedError, UsageError
+from valise.errors import Error, PayloadError, SenderMismatchError, StanzaError, TruncatedError, UsageError
 
 from .conftest import NOW, seeded_random
 
@@ -102,6 +102,17 @@ def test_a_reseal_with_another_key_is_refused(members: dict[str, identity.Identi
         _reseal(members, data, bytes(32))
     with pytest.raises(StanzaError, match="kept content key does not match"):
         _reseal(members, data, key[:16])
+
+
+def test_a_reseal_never_uses_the_old_content_key_again(members: dict[str, identity.Identity]) -> None:
+    """packet.md: K' is never K (a crypto review: nothing checked it). The same key under the same packet id
+    means the same nonces, with other associated data: a broken random source must not get that far."""
+    data, key = _sealed(members, b"x" * 100)
+    rest = seeded_random(b"rest")
+    with pytest.raises(Error, match="gave the old content key again"):
+        packet.reseal(io.BytesIO(data), io.BytesIO(), key=key, sender=members["FRA"],
+                      recipients=[members["DEU"].bundle], now=LATER,
+                      random=lambda n: key if n == len(key) else rest(n))  # fmt: skip
 
 
 def test_only_the_sender_reseals(members: dict[str, identity.Identity]) -> None:

@@ -10,7 +10,15 @@ from typing import BinaryIO
 
 from valise import identity, labels
 from valise.crypto import hpke, padding, stream
-from valise.errors import LimitError, PayloadError, SenderMismatchError, StanzaError, TruncatedError, UsageError
+from valise.errors import (
+    Error,
+    LimitError,
+    PayloadError,
+    SenderMismatchError,
+    StanzaError,
+    TruncatedError,
+    UsageError,
+)
 from valise.labels import Labels
 from valise.packet.format import (
     CONTENT_KEY_SIZE,
@@ -168,6 +176,8 @@ def reseal(
         raise UsageError("the packet has expired: it cannot be sealed afresh")
     fresh = Core.make(core.packet_id, now, core.expires, core.sender, core.recipients, core.labels)
     new_key = random(CONTENT_KEY_SIZE)
+    if new_key == key:  # only a broken random source: the chunks would go out again under K's nonces
+        raise Error("the random source gave the old content key again: refusing to reuse its nonces")
     sealing = _Sealing(out, sender, fresh, by_id, new_key, old.ct_len, random)
     dec = stream.Decryptor(stream.payload_key(key, core.packet_id), payload_aad(core.raw))
     enc = stream.Encryptor(stream.payload_key(new_key, core.packet_id), payload_aad(fresh.raw))
