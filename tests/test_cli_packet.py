@@ -157,7 +157,7 @@ def test_errors_are_one_line_and_leave_no_output(keys: Path, capsys: pytest.Capt
         ]
     )
     assert code == 1
-    assert "does not authenticate" in capsys.readouterr().err
+    assert "ciphertext does not match the SHA-256 in the signed header" in capsys.readouterr().err
     assert not out.exists()
 
 

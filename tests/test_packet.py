@@ -68,9 +68,19 @@ def seal(
     return out.getvalue()
 
 
-def open_(members: Members, data: bytes, me: str = "DEU", sender: str = "FRA", now: int = NOW + 1) -> bytes:
+class Pipe(io.BytesIO):
+    """A packet read from a pipe: open cannot check the ciphertext's hash before its chunks."""
+
+    def seekable(self) -> bool:
+        return False
+
+
+def open_(
+    members: Members, data: bytes, me: str = "DEU", sender: str = "FRA", now: int = NOW + 1, *, pipe: bool = False
+) -> bytes:
     out = io.BytesIO()
-    packet.open(io.BytesIO(data), out, me=members[me], sender=members[sender].bundle, now=now)
+    src = Pipe(data) if pipe else io.BytesIO(data)
+    packet.open(src, out, me=members[me], sender=members[sender].bundle, now=now)
     return out.getvalue()
 
 
@@ -251,13 +261,49 @@ def test_flipped_signature_byte(members: Members, three_chunks: bytes) -> None:
 
 def test_flipped_ciphertext_chunk(members: Members, three_chunks: bytes) -> None:
     head = head_of(three_chunks)
+    flipped = flip(three_chunks, head.head_size + CT + 7)
+    with pytest.raises(PayloadError, match="ciphertext does not match the SHA-256"):
+        open_(members, flipped)  # checked before any chunk is opened
     with pytest.raises(PayloadError, match="chunk 1 does not authenticate"):
-        open_(members, flip(three_chunks, head.head_size + CT + 7))
+        open_(members, flipped, pipe=True)
 
 
 def test_flipped_final_chunk(members: Members, three_chunks: bytes) -> None:
+    flipped = flip(three_chunks, len(three_chunks) - 3)
+    with pytest.raises(PayloadError, match="ciphertext does not match the SHA-256"):
+        open_(members, flipped)
     with pytest.raises(PayloadError, match="chunk 3 does not authenticate"):
-        open_(members, flip(three_chunks, len(three_chunks) - 3))
+        open_(members, flipped, pipe=True)
+
+
+def test_a_co_recipient_s_forgery_never_reaches_the_output(members: Members) -> None:
+    """ITA, a recipient, knows K: it can re-encrypt other plaintext into chunks that authenticate, under FRA's
+    signed header. Only the signed ciphertext hash refuses them, and it is checked before any plaintext is
+    written (a crypto review: `valise open -o -` streamed the forgery to the terminal, then failed)."""
+    out = io.BytesIO()
+    sealed = packet.seal(io.BytesIO(b"p" * (3 * stream.CHUNK)), out, sender=members["FRA"],
+                         recipients=[members["DEU"].bundle, members["ITA"].bundle], tlp="AMBER", now=NOW,
+                         random=seeded_random(b"forged"))  # fmt: skip
+    data = out.getvalue()
+    head = head_of(data)
+    key = stream.payload_key(sealed.content_key, head.core.packet_id)
+    aad = fmt.payload_aad(head.core.raw)
+    dec, enc = stream.Decryptor(key, aad), stream.Encryptor(key, aad)
+    forged, body = bytearray(data[: head.head_size]), data[head.head_size :]
+    for at in range(0, len(body), stream.CT_CHUNK):
+        last = at + stream.CT_CHUNK >= len(body)
+        plain = dec.open(body[at : at + stream.CT_CHUNK], last=last)
+        forged += enc.seal(plain.replace(b"p", b"X"), last=last)
+    written = io.BytesIO()
+    with pytest.raises(PayloadError, match="ciphertext does not match the SHA-256"):
+        packet.open(io.BytesIO(bytes(forged)), written, me=members["DEU"], sender=members["FRA"].bundle, now=NOW)
+    assert written.getvalue() == b""
+    # From a pipe the hash can only be checked at the end: the chunks authenticate, so the forgery was written
+    # (the caller must discard it, as packet.md says; `valise open` spools a pipe's ciphertext to avoid this).
+    written = io.BytesIO()
+    with pytest.raises(PayloadError, match="ciphertext does not match the SHA-256"):
+        packet.open(Pipe(bytes(forged)), written, me=members["DEU"], sender=members["FRA"].bundle, now=NOW)
+    assert b"X" * 1000 in written.getvalue()
 
 
 def test_every_flipped_head_byte_is_refused(members: Members) -> None:
@@ -300,8 +346,10 @@ def test_truncation_signed_by_sender_is_caught_by_last_flag(members: Members, th
 def test_chunk_dropped(members: Members, three_chunks: bytes) -> None:
     start = head_of(three_chunks).head_size
     dropped = three_chunks[: start + CT] + three_chunks[start + 2 * CT :]
-    with pytest.raises(PayloadError, match="chunk 1 does not authenticate"):
+    with pytest.raises(TruncatedError, match="ciphertext ends after"):
         open_(members, dropped)
+    with pytest.raises(PayloadError, match="chunk 1 does not authenticate"):
+        open_(members, dropped, pipe=True)
 
 
 def test_chunks_reordered(members: Members, three_chunks: bytes) -> None:
@@ -309,8 +357,10 @@ def test_chunks_reordered(members: Members, three_chunks: bytes) -> None:
     swapped = (
         three_chunks[:s] + three_chunks[s + CT : s + 2 * CT] + three_chunks[s : s + CT] + three_chunks[s + 2 * CT :]
     )
-    with pytest.raises(PayloadError, match="chunk 0 does not authenticate"):
+    with pytest.raises(PayloadError, match="ciphertext does not match the SHA-256"):
         open_(members, swapped)
+    with pytest.raises(PayloadError, match="chunk 0 does not authenticate"):
+        open_(members, swapped, pipe=True)
 
 
 def test_extra_trailing_bytes(members: Members) -> None:

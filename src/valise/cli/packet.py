@@ -88,7 +88,8 @@ def _input(name: str) -> Iterator[BinaryIO]:
 
 @contextmanager
 def _seekable(src: BinaryIO) -> Iterator[BinaryIO]:
-    """`src`, or a spooled copy if it is a pipe: seal needs the payload size before the first chunk."""
+    """`src`, or a spooled copy if it is a pipe: seal needs the payload size before the first chunk, and open checks
+    the ciphertext's hash before its first chunk."""
     if src.seekable():
         yield src
         return
@@ -169,7 +170,9 @@ def _describe(labels: Labels, sender: str, to: tuple[str, ...]) -> str:
 def open_(args: argparse.Namespace) -> int:
     sender = keyfiles.load_bundle(args.sender)
     me = _identity(args)
-    with _input(args.input) as src:
+    # A pipe's ciphertext is spooled (ciphertext, never plaintext, goes to the temporary file): open then checks
+    # the signed hash of the whole ciphertext before it writes any plaintext, to stdout too.
+    with _input(args.input) as given, _seekable(given) as src:
         if args.output == "-":
             result = packet.open(src, sys.stdout.buffer, me=me, sender=sender, now=int(time.time()))
             sys.stdout.buffer.flush()

@@ -176,10 +176,12 @@ def open_packet(
 
     Checks, in order: framing and limits, sender identity and header signature, time (unless `now` is None: a
     packet its recipient's node took in while it was in time, which stays readable for as long as it is kept),
-    recipient and stanza,
-    key commitment, then every chunk (order, last flag), the padding, the length and the ciphertext hash,
-    and that nothing follows. Payload bytes are written as chunks authenticate; if an error is raised the
-    caller must discard what was written (the CLI writes to a temporary file and renames on success).
+    recipient and stanza, key commitment; then, from a seekable `src`, the length and hash of the whole ciphertext
+    and that nothing follows, before any plaintext is written; then every chunk (order, last flag) and the
+    padding. A chunk authenticates to anyone holding K, every recipient among them: only the signed hash shows
+    the sender wrote it, so checking it first means a co-recipient's forgery never reaches `out` (a crypto
+    review: `valise open -o -` streamed it to the terminal before the hash refused it). From a pipe the hash is
+    checked as the chunks go, and if an error is raised the caller must discard what was written.
     """
     head = read_head(src)
     head.verify(sender)
@@ -188,6 +190,10 @@ def open_packet(
     key, replaced = _content_key(head, me)
     header = head.header
     core = header.core
+    if src.seekable():
+        start = src.tell()
+        _check_ciphertext(src, header)
+        src.seek(start)
     dec = stream.Decryptor(stream.payload_key(key, core.packet_id), payload_aad(core.raw))
     hasher = CiphertextHasher(header)
     unpad = padding.Unpadder(out.write)
@@ -216,6 +222,21 @@ def open_packet(
     except ValueError as exc:
         raise PayloadError(f"payload {exc}") from None
     return Opened(*_described(core), head.digest, size, replaced)
+
+
+def _check_ciphertext(src: BinaryIO, header: Header) -> None:
+    """The ciphertext that follows the head has the signed length and SHA-256, and nothing follows it."""
+    hasher = CiphertextHasher(header)
+    remaining = header.ct_len
+    while remaining:
+        data = src.read(min(stream.CT_CHUNK, remaining))
+        if not data:
+            raise TruncatedError(f"ciphertext ends after {header.ct_len - remaining} of {header.ct_len} bytes")
+        hasher.update(data)
+        remaining -= len(data)
+    if src.read(1):
+        raise TrailingDataError("bytes follow the end of the packet")
+    hasher.finish()
 
 
 def _described(core: Core) -> tuple[bytes, str, tuple[str, ...], Labels, int, int]:
