@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -77,3 +78,80 @@ async def test_a_peer_that_takes_nothing_stalls_a_send_with_its_own_error() -> N
     assert issubclass(control.PeerStalled, WireError)
     await a.aclose()
     await b.aclose()
+
+
+async def _connect_all(path: Path, n: int) -> list[trio.SocketStream]:
+    return [await control.connect(path) for _ in range(n)]
+
+
+async def test_control_connections_past_the_limit_wait_and_are_then_served(tmp_path: Path) -> None:
+    path = control.socket_path(tmp_path)
+    listener = await control.listen(path)
+    served: list[trio.SocketStream] = []
+    release = trio.Event()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        served.append(stream)
+        await release.wait()
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(control.serve, listener, handler, limit=2))
+        clients = await _connect_all(path, 3)  # the third waits in the listen backlog
+        with trio.fail_after(10):
+            while len(served) < 2:  # noqa: ASYNC110 - connections another task takes
+                await trio.sleep(0.01)
+        await trio.sleep(0.1)
+        assert len(served) == 2
+        release.set()
+        with trio.fail_after(10):
+            while len(served) < 3:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        for client in clients:
+            await client.aclose()
+        nursery.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_out_of_descriptors_the_control_socket_waits_instead_of_stopping_the_daemon(tmp_path: Path) -> None:
+    """A concurrency review held 251 idle control connections open on a node whose descriptor limit was 256:
+    accept() raised EMFILE and the whole daemon, broker connection and all, exited. Here this process's limit is
+    lowered until accept fails, then the clients go and a new one is served."""
+    import resource
+
+    path = control.socket_path(tmp_path)
+    listener = await control.listen(path)
+    answered = 0
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal answered
+        reader = control.MessageReader(stream)
+        if await reader.next() is not None:
+            await control.send_msg(stream, {"ok": True})
+            answered += 1
+        await stream.aclose()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(control.serve, listener, handler)
+        clients: list[trio.SocketStream] = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 16, hard))
+        try:
+            with pytest.raises(OSError, match="Too many open files"):  # noqa: PT012
+                for _ in range(64):  # clients and accepted connections share the limit: accept fails first
+                    clients.append(await control.connect(path))
+                    await trio.sleep(0.01)
+            await trio.sleep(0.3)  # accept() has failed by now, and was tried again
+        finally:
+            for client in clients:
+                await client.aclose()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        with trio.fail_after(10):
+            client = await control.connect(path)
+            await control.send_msg(client, {"op": "status"})
+            assert await control.MessageReader(client).next() == {"ok": True}
+            await client.aclose()
+        assert answered == 1
+        nursery.cancel_scope.cancel()
+    await listener.aclose()

@@ -11,18 +11,29 @@ the daemon holds the unlocked keys, so the CLI never needs the passphrase.
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
 from valise import encoding
 from valise.errors import LimitError, WireError
 
+log = logging.getLogger("valise.node")
+
 MAX_FRAME = 1 << 20  # a control frame; bulk data is split into chunks of at most CHUNK
+# Control connections served at once; more wait in the listen backlog until one ends. Each holds a descriptor
+# and a task (and in `send` and `read` a worker thread) for up to a minute when idle.
+MAX_CONNECTIONS = 128
+# What accept() says when the process or the system is out of room, not that the listener broke: wait, accept
+# again (as trio.serve_listeners does). Raised, they stopped the node daemon, broker connection and all.
+_OUT_OF_ROOM = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_RETRY = 0.1
 CHUNK = 512 * 1024
 
 
@@ -173,3 +184,41 @@ async def listen(path: Path) -> trio.SocketListener:
 async def connect(path: Path) -> trio.SocketStream:
     check_socket_path(path)
     return await trio.open_unix_socket(str(path))
+
+
+async def serve(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    *,
+    limit: int = MAX_CONNECTIONS,
+) -> NoReturn:
+    """Serve each connection `listener` accepts in its own task, at most `limit` at once. Out of descriptors, it
+    waits and accepts again: a burst of local clients (a script running `valise send` in parallel) must not stop
+    the daemon, whose broker connection and outbox serve everyone else (a concurrency review)."""
+    slots = trio.Semaphore(limit)
+    said = False  # one log line per shortage, not one per retry
+    async with trio.open_nursery() as nursery:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno not in _OUT_OF_ROOM:
+                    raise
+                if not said:
+                    log.error("control socket: cannot accept (%s); trying again every %g s", exc, ACCEPT_RETRY)
+                    said = True
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            said = False
+            nursery.start_soon(_serve_one, handler, stream, slots)
+
+
+async def _serve_one(
+    handler: Callable[[trio.SocketStream], Awaitable[object]], stream: trio.SocketStream, slots: trio.Semaphore
+) -> None:
+    try:
+        await handler(stream)
+    finally:
+        slots.release()

@@ -46,10 +46,7 @@ CONTROL_MIN_RATE = 64 * 1024
 
 
 async def serve_control(daemon: NodeDaemon, listener: trio.SocketListener) -> None:
-    async with trio.open_nursery() as nursery:
-        while True:
-            stream = await listener.accept()
-            nursery.start_soon(_handle, daemon, stream)
+    await control.serve(listener, functools.partial(_handle, daemon))
 
 
 async def _handle(daemon: NodeDaemon, stream: trio.SocketStream) -> None:
