@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from valise import encoding, gctune, keyfiles, records, tls
+from valise import encoding, gctune, keyfiles, records, stopsignals, tls
 from valise.broker import cosign, fairshare, fds, http, policyfold, ratelimit, relay, spool
 from valise.broker.cosign import COSIGN_TIMEOUT, CosignRound, pick_witnesses
 from valise.broker.fds import listen_tcp
@@ -828,11 +828,15 @@ class BrokerDaemon:
         log.info("stopping: closing %d session(s), %g s at most", len(self.all_sessions()), SHUTDOWN_GRACE)
         for s in self.all_sessions():
             s.close_soon(codes.SHUTTING_DOWN, "the broker is stopping")
-        with trio.move_on_after(SHUTDOWN_GRACE):
-            while self.sessions or self.auditors:
-                self._sessions_changed = trio.Event()
-                await self._sessions_changed.wait()
-        nursery.cancel_scope.cancel()
+        try:
+            with trio.move_on_after(SHUTDOWN_GRACE):
+                while self.sessions or self.auditors:
+                    self._sessions_changed = trio.Event()
+                    await self._sessions_changed.wait()
+        finally:  # the grace is over, or a second signal cut it short
+            for s in self.all_sessions():
+                s.abandon_write()
+            nursery.cancel_scope.cancel()
 
     async def _policy_watcher(self) -> None:
         """Pick up records that operator commands append directly to the store while we run."""
@@ -1056,15 +1060,16 @@ async def _serve(home: BrokerHome, settings: Settings, passphrase: bytes | None)
     import signal
 
     daemon = BrokerDaemon(home, settings, passphrase)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.serve)
-        gctune.settle_for_serving()
-        print(
-            f"broker {daemon.broker_id} listening on {settings.listen[0]}:{daemon.port}"
-            + (f", tiles on http://{settings.http[0]}:{daemon.http_port}/" if settings.http else ""),
-            flush=True,
-        )
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                await daemon.shutdown(nursery)
-                break
+    # The receiver is open until the daemon has stopped and closed its stores (stopsignals.py).
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            stop = functools.partial(daemon.shutdown, nursery)
+            nursery.start_soon(stopsignals.stop_when_signalled, signals, stop, nursery.cancel_scope, "broker")
+            await nursery.start(daemon.serve)
+            gctune.settle_for_serving()
+            print(
+                f"broker {daemon.broker_id} listening on {settings.listen[0]}:{daemon.port}"
+                + (f", tiles on http://{settings.http[0]}:{daemon.http_port}/" if settings.http else ""),
+                flush=True,
+            )
+        await stopsignals.drop_pending(signals, "broker")

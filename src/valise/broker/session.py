@@ -71,6 +71,7 @@ class Session:
         self.ready = False
         self.auditor = False  # the hello's role was "auditor"
         self.held_back = 0  # times the reader waited for the member's share of the thread (fairshare.py)
+        self._writing: trio.CancelScope | None = None  # the write under way (shielded: see flush)
         self._send_lock = trio.Lock()
         self._out: list[bytes] = []  # encoded frames not yet written
         self._out_bytes = 0
@@ -135,7 +136,11 @@ class Session:
                 # for WRITE_TIMEOUT ends its session instead.
                 with trio.CancelScope(shield=True) as scope:
                     scope.deadline = trio.current_time() + WRITE_TIMEOUT
-                    await self.stream.send_all(data)
+                    self._writing = scope
+                    try:
+                        await self.stream.send_all(data)
+                    finally:
+                        self._writing = None
                 if scope.cancelled_caught:
                     raise trio.BrokenResourceError(f"the member read nothing for {WRITE_TIMEOUT:g} s")
             except BaseException as exc:
@@ -146,6 +151,13 @@ class Session:
 
     async def send(self, msg: ev.Message) -> None:
         await self.flush(self.queue(msg))
+
+    def abandon_write(self) -> None:
+        """The broker is stopping and its grace period is over: a write to a member that reads nothing ends now,
+        not WRITE_TIMEOUT later (the shield that keeps other tasks' cancellations from cutting it short kept the
+        shutdown's out too, and a stop took up to twice its grace period: a concurrency review)."""
+        if self._writing is not None:
+            self._writing.deadline = -math.inf
 
     def send_soon(self, msg: ev.Message) -> None:
         """Queue `msg` from synchronous code (a commit callback); the session's flusher writes it. Nothing to do

@@ -29,7 +29,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from valise import gctune, identity, packet, records, tls
+from valise import gctune, identity, packet, records, stopsignals, tls
+from valise.broker import fds
 from valise.crypto import sign
 from valise.daemonlock import DaemonLock
 from valise.errors import (
@@ -956,23 +957,23 @@ async def run_node(home: NodeHome, me: identity.Identity, passphrase: bytes | No
     """`valise node run`: lock the directory, run until SIGINT/SIGTERM, then stop within a grace period."""
     with DaemonLock(home.lock_path, "node daemon"):
         daemon = NodeDaemon(home, me, passphrase=passphrase)
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(daemon.run)
-                gctune.settle_for_serving()
-                cfg = daemon.config
-                print(
-                    f"valise node: {daemon.member} running in {home.root}, broker {cfg.broker_host}:{cfg.broker_port}"
-                    f" (valise status --node {home.root})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("signal %d: shutting down", signum)
-                        with trio.move_on_after(SHUTDOWN_GRACE):
-                            await daemon.goodbye()
-                        nursery.cancel_scope.cancel()
-                        break
-        finally:
-            daemon.store.close()
+        fds.raise_soft_limit()  # a burst of local clients holds descriptors too (control.serve waits when out)
+        # The receiver is open until the daemon has stopped and closed its store (stopsignals.py).
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        stopsignals.stop_when_signalled, signals, daemon.goodbye, nursery.cancel_scope, "node"
+                    )
+                    await nursery.start(daemon.run)
+                    gctune.settle_for_serving()
+                    cfg = daemon.config
+                    print(
+                        f"valise node: {daemon.member} running in {home.root}, broker "
+                        f"{cfg.broker_host}:{cfg.broker_port} (valise status --node {home.root})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            finally:
+                daemon.store.close()
+            await stopsignals.drop_pending(signals, "node")
