@@ -433,7 +433,8 @@ class Session:
         if upload is None:
             return  # already answered (refused, failed or abandoned)
         try:
-            stored = upload.finish()  # the verified bytes (small packets) or the spool file
+            # The verified bytes (small packets), or the spool file, made durable off the broker's thread.
+            stored = await upload.finish_in_thread() if isinstance(upload, Upload) else upload.finish()
         except Error as exc:
             code = codes.INTERNAL if isinstance(exc, StoreError) else codes.HASH_MISMATCH
             await self.send(ev.ErrorMessage(msg.rid, code, str(exc)))

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+import trio
+
 from valise.errors import StoreError
 from valise.packet import CiphertextHasher, Head
 from valise.store.sqlfile import failure_hint
@@ -152,23 +154,41 @@ class Upload:
         assert self._file is not None
         try:
             self._hasher.finish()
-            with _storing():
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
-                self._file = None
-                os.replace(self._tmp, self._final)
+            self._make_durable()
         except BaseException:
             self.discard()
             raise
         self._given_back()  # written in full: the disk's free space counts it from now on
+        return self._final
+
+    async def finish_in_thread(self) -> Path:
+        """finish(), with the file's flush, fsync and rename in a worker thread. On the broker's one thread they
+        stopped every session, the group commit and the checkpoints for as long as the disk took to take the
+        packet: 0.66 s for 1.2 GB on a host-cached virtual disk (a concurrency review), seconds on a real one.
+        Not cancellable: the task waits for the thread, so the file is either in place or discarded."""
+        assert self._file is not None
+        try:
+            self._hasher.finish()
+            await trio.to_thread.run_sync(self._make_durable)
+        except BaseException:
+            self.discard()
+            raise
+        self._given_back()  # here, on the broker's thread: the spool's bookkeeping is not shared with threads
+        return self._final
+
+    def _make_durable(self) -> None:
+        assert self._file is not None
         with _storing():
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            os.replace(self._tmp, self._final)
             fd = os.open(self._final.parent, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        return self._final
 
     def discard(self) -> None:
         if self._file is not None:
