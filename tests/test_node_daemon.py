@@ -282,6 +282,32 @@ async def test_a_forged_delivery_is_not_acknowledged(world: dict[str, Any], memb
         nursery.cancel_scope.cancel()
 
 
+async def test_a_delivery_this_member_cannot_read_is_not_acknowledged(
+    world: dict[str, Any], members: dict[str, Any]
+) -> None:
+    """A crypto review: DEU signs a packet whose stanza for FRA is sealed to a key that is not FRA's (a bug, or
+    on purpose). Its signature and hash hold, so FRA's node took it and signed an acknowledgement, which the log
+    shows as the delivery; FRA found it unreadable only at `valise read`. The stanza is now opened, and the key
+    checked against the signed commitment, before anything is acknowledged."""
+    h = Harness(world, members["FRA"])
+    not_fra = identity.generate("FRA", seeded_random(b"someone else's keys"), NOW)
+    data = seal(members["DEU"], [not_fra], b"unreadable", size=1000)
+    head = packet.parse_head(data)
+    assert isinstance(head, packet.Head)
+    async with trio.open_nursery() as nursery:
+        broker = await start(nursery, h)
+        await broker.send(ev.DeliverBegin(0, data[: head.head_size], len(data) - head.head_size))
+        await broker.send(ev.DeliverChunk(0, data[head.head_size :]))
+        await broker.send(ev.DeliverEnd(0))
+        refusal = await broker.expect(ev.Refuse)
+        assert (refusal.seq, refusal.code) == (0, "bad-packet")
+        assert "the stanza for FRA does not open" in refusal.message
+        (alarm,) = h.daemon.store.alarms()
+        assert "the stanza for FRA does not open" in alarm.message
+        assert h.daemon.store.inbox_all() == []
+        nursery.cancel_scope.cancel()
+
+
 async def test_cosign_request_is_answered_after_following(world: dict[str, Any], members: dict[str, Any]) -> None:
     h = Harness(world, members["FRA"])
     async with trio.open_nursery() as nursery:

@@ -26,7 +26,7 @@ from typing import IO, TYPE_CHECKING
 
 import trio
 
-from valise import records
+from valise import packet, records
 from valise.errors import (
     Error,
     PacketError,
@@ -382,6 +382,8 @@ class Session:
                 self._room_to_hold(core.sender, msg.size)
                 inc.awaiting = core.sender  # its signature is checked once the trusted log shows the sender's key
             self._check_expiry(head)
+            # Only a packet this member can read is acknowledged: an acknowledgement is logged as the delivery.
+            packet.check_readable(head, self.d.identity)
         except Error as exc:
             if isinstance(exc, StoreError):  # this node's fault, not the item's: end the connection
                 raise

@@ -20,7 +20,7 @@ from valise.packet.format import (
     Stanza,
     parse_head,
 )
-from valise.packet.opening import Inspection, Opened, inspect_packet, open_packet, read_head
+from valise.packet.opening import Inspection, Opened, check_readable, inspect_packet, open_packet, read_head
 from valise.packet.sealing import Sealed, reseal, seal
 
 open = open_packet
@@ -41,6 +41,7 @@ __all__ = [
     "Opened",
     "Sealed",
     "Stanza",
+    "check_readable",
     "inspect",
     "inspect_packet",
     "open",

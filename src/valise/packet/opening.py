@@ -138,6 +138,16 @@ def check_time(head: Head, now: int) -> None:
         raise ExpiredError(f"packet is dated {core.created - now} s in the future", hint="check both clocks")
 
 
+def check_readable(head: Head, me: identity.Identity) -> bool:
+    """That `me` can read the packet: it is a recipient, its stanza opens and the content key matches the signed
+    commitment (NotARecipientError, StanzaError). True if the stanza opened only under a key `me` replaced.
+
+    A recipient's node checks it before it acknowledges a delivery (protocol.md): a sender could otherwise have
+    a packet acknowledged, and logged as delivered, that its recipient finds unreadable only when it reads it
+    (a crypto review). The payload is not touched: one X25519 and a few hashes."""
+    return _content_key(head, me)[1]
+
+
 def _content_key(head: Head, me: identity.Identity) -> tuple[bytes, bool]:
     """The content key, and whether the stanza opened only under an encryption key `me` has replaced."""
     core = head.core
