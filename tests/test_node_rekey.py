@@ -668,3 +668,42 @@ async def test_a_member_that_moved_to_a_new_encryption_key_reads_what_was_sealed
             # Both sealed to FRA's first key are read, and said to be exposed to whoever held it.
             assert replaced == {texts[0]: True, texts[1]: True, texts[2]: False}
             assert node.store.alarms() == []
+
+
+def test_only_what_the_member_signed_with_its_replaced_key_is_signed_again(
+    members: dict[str, identity.Identity],
+    world: dict[str, Any],
+) -> None:
+    """A crypto review: after a move to new keys, the node signed every queued header that its new key did not
+    verify, whoever had written the file: whoever could write the outbox could have anything signed. Now only
+    a header from this member, under the key it replaced, is signed again; the others are an alarm."""
+    from valise.node.daemon import SIGNED_WITH
+
+    before = identity.generate("FRA", seeded_random(b"FRA's keys before the move"), NOW)
+    old = Harness(world, before)
+    assert old.daemon.store.get(SIGNED_WITH) == before.bundle.sign_key
+    ours_data, ours = sealed(before, [members["DEU"]], b"ours")
+    forged = bytearray(sealed(before, [members["DEU"]], b"forged")[0])
+    _, forged_head = sealed(before, [members["DEU"]], b"forged")
+    forged[forged_head.head_size - 64 : forged_head.head_size] = bytes(64)  # no key of FRA's signed this
+    deu_data, deu_head = sealed(members["DEU"], [members["ITA"]], b"not from FRA")
+    for data, head in ((ours_data, ours), (bytes(forged), forged_head), (deu_data, deu_head)):
+        old.daemon.store.enqueue(head.core.packet_id, head.digest, ["DEU"], NOW, NOW + 3600, data)
+    old.daemon.store.close()
+
+    new = Harness(world, members["FRA"])  # the node, moved to FRA's current keys, starts
+    store = new.daemon.store
+    try:
+
+        def signature(head: packet.Head) -> bytes:
+            return store.outbox_path(head.core.packet_id).read_bytes()[head.head_size - 64 : head.head_size]
+
+        sign.verify(members["FRA"].signing.public, HEADER_DOMAIN, ours.header.raw, signature(ours), what="ours")
+        assert signature(forged_head) == bytes(64)
+        assert signature(deu_head) == deu_head.signature
+        problems = sorted(a.message for a in store.alarms() if a.kind == "outbox")
+        assert len(problems) == 2
+        assert any("not from FRA" in p for p in problems)
+        assert any("does not verify" in p for p in problems)
+    finally:
+        store.close()

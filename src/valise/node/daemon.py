@@ -38,6 +38,7 @@ from valise.errors import (
     Error,
     KeyFileError,
     NoteError,
+    PacketError,
     RemoteError,
     SignatureError,
     StoreError,
@@ -49,7 +50,7 @@ from valise.node.follower import AwaitingQuorum, Committed, Follower, ForgedCosi
 from valise.node.home import NodeHome
 from valise.node.session import Disconnected, Reply, Session
 from valise.node.store import AlarmRow, NodeStore, OutboxRow
-from valise.packet.format import HEADER_DOMAIN
+from valise.packet.format import HEADER_DOMAIN, Header
 from valise.policy import records as policy_records
 from valise.tlog import checkpoint, cosignature
 from valise.tlsstream import TLSSocketStream
@@ -189,15 +190,24 @@ class NodeDaemon:
         packets still queued were signed with the replaced key, which the broker no longer takes from this member;
         they are signed again with the new one. Their files are local and were sealed by this member."""
         key = self.identity.bundle.sign_key
-        if self.store.get(SIGNED_WITH) == key:
+        replaced = self.store.get(SIGNED_WITH)
+        if replaced == key:
             return
 
         def resign(header: bytes, signature: bytes) -> bytes | None:
             try:
                 sign.verify(key, HEADER_DOMAIN, header, signature, what="queued packet header")
             except SignatureError:
-                return self.identity.signing.sign(HEADER_DOMAIN, header)
-            return None
+                pass
+            else:
+                return None
+            # Only what this member signed before is signed again (a crypto review: any header put in the outbox
+            # was signed, whoever wrote the file): from this member, under the key it replaced, where known.
+            if Header.parse(header).core.sender != self.member:
+                raise PacketError(f"the queued packet is not from {self.member}")
+            if replaced is not None:
+                sign.verify(replaced, HEADER_DOMAIN, header, signature, what="queued packet header (replaced key)")
+            return self.identity.signing.sign(HEADER_DOMAIN, header)
 
         changed, problems = self.store.outbox_resign(resign)
         if changed:
