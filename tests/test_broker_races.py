@@ -183,3 +183,30 @@ async def test_a_full_push_window_goes_on_as_the_member_confirms(tmp_path: Path)
                 await deu.send(ev.Ack(seq, head.core.packet_id, ack.raw))
                 got.append(data)
     assert got == packets
+
+
+async def test_a_statement_waiting_for_the_policy_lock_holds_up_nothing_else_of_its_member(tmp_path: Path) -> None:
+    """A concurrency review: a statement waited for the lock operator commands hold (flock, in a thread that
+    could not be cancelled) inside its member's reader, so that member's pings went unanswered (its node would
+    give the connection up), and a suspended operator command held the broker's shutdown for good. The lock is
+    held here as an operator command holds it, in this process but through its own open file."""
+    import fcntl
+
+    from valise.policy import records as prec
+
+    world = make_world(tmp_path)
+    fra = world.members["FRA"]
+    statement = prec.grant(fra.signing, origin=world.home.config().origin, author="FRA", created=int(time.time()),
+                           to="DEU", tlp="AMBER")  # fmt: skip
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as client:
+        client.refuse_cosign = True
+        with open(world.home.policy_lock_path, "a+b") as held:  # noqa: ASYNC230 - a lock file, as the CLI opens it
+            fcntl.flock(held, fcntl.LOCK_EX)
+            rid = client.conn.new_rid()
+            await client.send(ev.Statement(rid, statement))
+            await client.sync()  # a ping answered while the statement waits
+            fcntl.flock(held, fcntl.LOCK_UN)
+        with trio.fail_after(10):
+            result = await client.next_of(ev.StatementResult)
+        assert isinstance(result, ev.StatementResult)
+        assert result.rid == rid

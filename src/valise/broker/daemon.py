@@ -64,6 +64,7 @@ log = logging.getLogger("valise.broker")
 
 HANDSHAKE_TIMEOUT = 10.0  # TLS and hello, from the connection's start
 SHUTDOWN_GRACE = 5.0
+POLICY_LOCK_POLL = 0.05  # seconds between two tries of the lock operator commands hold while they append
 # After a refused handshake, how long the peer may take to read the TLS alert that says why before the close.
 REFUSAL_LINGER = 1.0
 AUDITORS_PER_MEMBER = 4  # auditor connections one member may have open at once (BrokerDaemon.register)
@@ -441,7 +442,14 @@ class BrokerDaemon:
         operator commands in other processes (the flock they take too), with the state folded up to the log's
         current end, so that a record checked here is still valid where it lands."""
         async with self._policy_lock:
-            await trio.to_thread.run_sync(fcntl.flock, self._policy_lock_file, fcntl.LOCK_EX)
+            # Polled, not a blocking flock in a thread: that could not be cancelled, so an operator command left
+            # suspended while holding the lock (Ctrl-Z) held the broker's shutdown for good (a concurrency review).
+            while True:
+                try:
+                    fcntl.flock(self._policy_lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await trio.sleep(POLICY_LOCK_POLL)
             try:
                 self._fold(self.store.size())
                 yield

@@ -42,7 +42,7 @@ from valise.tlsstream import TLSSocketStream
 from valise.wire import codes, liveness
 from valise.wire import events as ev
 from valise.wire.connection import NEED_DATA, READ_SIZE, Connection, Signal
-from valise.wire.limits import MAX_ENTRIES, MIN_FRAME, SUPPORTED_VERSIONS, choose_version
+from valise.wire.limits import MAX_ENTRIES, MAX_REQUESTS, MIN_FRAME, SUPPORTED_VERSIONS, choose_version
 from valise.wire.state import Role
 
 if TYPE_CHECKING:
@@ -72,6 +72,8 @@ class Session:
         self.auditor = False  # the hello's role was "auditor"
         self.held_back = 0  # times the reader waited for the member's share of the thread (fairshare.py)
         self._writing: trio.CancelScope | None = None  # the write under way (shielded: see flush)
+        # Statements waiting for their handler: at most the requests a member may have open (wire.md, Limits).
+        self._statements_in, self._statements_out = trio.open_memory_channel[ev.Statement](MAX_REQUESTS)
         self._send_lock = trio.Lock()
         self._out: list[bytes] = []  # encoded frames not yet written
         self._out_bytes = 0
@@ -238,6 +240,7 @@ class Session:
                 nursery.start_soon(self._flusher)
                 nursery.start_soon(self._watchdog)
                 nursery.start_soon(self._cosign_on_connect, hello.seen)
+                nursery.start_soon(self._statement_handler)
                 try:
                     await self._reader()
                 finally:
@@ -353,7 +356,10 @@ class Session:
         elif isinstance(event, ev.Retract):
             await self._retract(event)
         elif isinstance(event, ev.Statement):
-            await self._statement(event)
+            # Handled in order by their own task: one waits for the policy lock, which an operator command may
+            # hold for a while, and the member's other frames (its pings among them) must not wait behind it (a
+            # concurrency review). The wire's request limit bounds how many wait here.
+            self._statements_in.send_nowait(event)
         elif isinstance(event, ev.GetCheckpoint):
             await self.send(ev.Checkpoint(event.rid, self.d.published))
         elif isinstance(event, ev.GetInclusion):
@@ -783,6 +789,10 @@ class Session:
     def _retraction_receipt(self, msg: ev.Retract, digest: bytes, index: int, at: int) -> ev.RetractResult:
         receipt = records.Receipt.make(self.d.identity.signing, self.d.origin, index, digest, msg.id, self.member, at)
         return ev.RetractResult(msg.rid, index, receipt.raw)
+
+    async def _statement_handler(self) -> None:
+        async for msg in self._statements_out:
+            await self._statement(msg)
 
     async def _statement(self, msg: ev.Statement) -> None:
         try:
