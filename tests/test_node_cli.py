@@ -735,3 +735,59 @@ async def test_a_run_that_crashed_is_no_clean_stop(
             nursery.cancel_scope.cancel()
     finally:
         daemon.store.close()
+
+
+async def test_a_send_waiting_for_its_answer_when_the_node_stops_is_told_its_packet_is_queued(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A concurrency review: `valise send --wait` cut off by the daemon's SIGTERM exited 1 ("closed the control
+    connection without an answer") and never printed the packet id, though the packet was durably queued; a user
+    who then sent it again sent it twice. `valise node run` as a real process, its broker out of reach."""
+    import signal
+    import sys
+
+    from valise.node.control import socket_path
+
+    h = Harness(world, members["FRA"])  # the node follows the log once (DEU must be in its verified directory)
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        nursery.cancel_scope.cancel()
+    h.daemon.store.close()
+    root = world["home"].root
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "valise.cli.main", "node", "run", "--dir", str(root)]
+    )
+    try:
+        with trio.fail_after(20):
+            while not socket_path(root).exists():  # noqa: ASYNC110 - a file another process creates
+                await trio.sleep(0.05)
+        payload = tmp_path / "p.bin"
+        payload.write_bytes(b"indicators")
+        codes: list[int] = []
+
+        async def send() -> None:
+            codes.append(await cli("send", "--node", str(root), "--to", "DEU", "--tlp", "GREEN", "--wait", "60",
+                                   str(payload)))  # fmt: skip
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            with trio.fail_after(20):
+                while not list((root / "outbox").glob("*.pkt")):  # noqa: ASYNC110 - queued by the other process
+                    await trio.sleep(0.05)
+            await trio.sleep(0.2)  # the send now waits for the broker's answer
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                assert await proc.wait() == 0
+        said = capsys.readouterr()
+        assert codes == [0], said.err
+        pid = said.out.split()[0]
+        assert len(pid) == 32
+        assert "queued; the node daemon is stopping: it sends the packet when it runs again" in said.out
+        assert [p.name.split(".")[0] for p in (root / "outbox").glob("*.pkt")] == [pid]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -417,6 +417,8 @@ def send(args: argparse.Namespace) -> int:
     if not args.json:
         if reply.get("state") == "receipted":
             print(f"relayed: log index {reply.get('index')}")
+        elif reply.get("stopping"):
+            print("queued; the node daemon is stopping: it sends the packet when it runs again")
         elif not reply.get("connected"):
             why = reply.get("last_error")
             print(f"queued, not connected to the broker ({shown(why)})" if why else "queued, broker unreachable")

@@ -43,6 +43,8 @@ CONTROL_IDLE = 60.0
 # And a payload must arrive at least this fast on average once CONTROL_IDLE has passed: a client that trickles a
 # byte every few seconds would otherwise hold a worker thread for good, and 40 of them every `send` and `read`.
 CONTROL_MIN_RATE = 64 * 1024
+# How long a `send` waiting for the broker's answer, cut off by the daemon's stop, may take to say it is queued.
+STOPPING_REPLY = 1.0
 
 
 async def serve_control(daemon: NodeDaemon, listener: trio.SocketListener) -> None:
@@ -255,9 +257,19 @@ async def op_send(
         finally:
             spool.unlink(missing_ok=True)
     daemon.wake_outbox()
-    pid = sealed.packet_id.hex()
+    pid, pid_bytes = sealed.packet_id.hex(), sealed.packet_id
     log.info("queued packet %s for %s", pid, ", ".join(ids))
-    row = await daemon.wait_outcome(sealed.packet_id, wait) if wait > 0 else daemon.store.outbox_get(sealed.packet_id)
+    try:
+        row = await daemon.wait_outcome(sealed.packet_id, wait) if wait > 0 else daemon.store.outbox_get(pid_bytes)
+    except trio.Cancelled:
+        # The daemon is stopping. The packet is queued: say so, with its id, or the client reports a failure and a
+        # user who sends again sends it twice (a concurrency review). Briefly: the daemon has a grace period.
+        with trio.CancelScope(shield=True) as scope, contextlib.suppress(Error, trio.BrokenResourceError):
+            scope.deadline = trio.current_time() + STOPPING_REPLY
+            queued = daemon.store.outbox_get(pid_bytes)
+            if queued is not None:
+                await control.send_msg(stream, {**outcome(queued, connected=False), "stopping": True})
+        raise
     assert row is not None
     return outcome(row, connected=daemon.session is not None, last_error=daemon.last_error)
 
