@@ -82,3 +82,11 @@ def test_the_deepest_allowed_nesting_packs() -> None:
 def test_text_utf8_cannot_encode_is_refused_as_an_encoding_error(value: Any) -> None:
     with pytest.raises(EncodingError, match="cannot be encoded as UTF-8"):
         encoding.pack(value)
+
+
+@pytest.mark.parametrize(("data", "kind"), [(b"\x91" * 2000 + b"\x00", "StackError"), (b"\xc1", "FormatError")])
+def test_msgpack_errors_without_text_still_say_what_was_wrong(data: bytes, kind: str) -> None:
+    """A fuzzing review: too deep a nesting, or the reserved byte 0xc1, gave "frame payload is not valid msgpack: "
+    and nothing after the colon, on the wire too."""
+    with pytest.raises(EncodingError, match=f"is not valid msgpack: {kind}$"):
+        encoding.unpack(data, what="frame payload", max_size=1 << 20)

@@ -191,3 +191,18 @@ def test_a_rotation_whose_key_file_would_be_over_the_limit_writes_nothing(
     assert "over the limit of 16384" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # neither keys nor a rekey request
     assert main([*argv, "--keep-encryption-key"]) == 0  # keeping the key adds none
+
+
+@pytest.mark.parametrize("field", ["sign_seed", "enc_private", "tls_private"])
+def test_a_key_file_with_a_key_of_the_wrong_length_is_a_clear_error(tmp_path: Path, field: str) -> None:
+    """A fuzzing review: a damaged key file (a 31-byte seed) raised a bare ValueError from the key constructors,
+    so `valise open`, `node run` and `broker serve` stopped with a traceback."""
+    me = identity.generate("FRA", seeded_random(b"FRA"), NOW)
+    keyfiles.save_identity(tmp_path, me, None)
+    path = tmp_path / "FRA.key"
+    secrets = keyfiles.open_secrets(path.read_bytes(), None, what="key file")
+    secrets[field] = secrets[field][:31]
+    path.write_bytes(keyfiles.seal_secrets(secrets, None))
+    os.chmod(path, 0o600)
+    with pytest.raises(KeyFileError, match=f"the key file of FRA is damaged: its {field} is 31 bytes, not 32"):
+        keyfiles.load_identity(tmp_path)

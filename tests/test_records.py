@@ -70,3 +70,22 @@ def test_entries_are_typed_and_capped(members: dict[str, Identity]) -> None:
         records.purge_entry(DIGEST, "DEU", 5, bytes(8))
     with pytest.raises(StatementError, match="over the log"):
         records.packet_entry(b"h" * 70000, bytes(64), 1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("v", 2), ("digest", b"abc"), ("packet_id", b""), ("packet_id", bytes(32))]
+)
+def test_a_receipt_of_another_version_or_with_ids_of_other_lengths_is_refused_before_its_signature(
+    members: dict[str, Identity], field: str, value: object
+) -> None:
+    """A fuzzing review: a broker-signed receipt with `v` 99 or a 3-byte digest was taken as a v1 promise (an
+    acknowledgement with the same defects is refused)."""
+    from valise import encoding
+
+    body = {"v": 1, "origin": "log.example", "index": 7, "digest": DIGEST, "packet_id": PID, "sender": "FRA", "at": 5}
+    body[field] = value
+    raw_body = encoding.pack(body)
+    broker = members["NGA"]
+    raw = encoding.pack({"body": raw_body, "sig": broker.signing.sign(records.RECEIPT_DOMAIN, raw_body)})
+    with pytest.raises(SignatureError, match="malformed receipt: bad version, digest or packet id length"):
+        records.Receipt.verified(raw, broker.bundle.sign_key)

@@ -80,7 +80,8 @@ def decode(data: bytes, *, what: str, max_size: int) -> Any:
             max_ext_len=0,
         )
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError, OverflowError) as exc:
-        raise EncodingError(f"{what} is not valid msgpack: {exc}") from None
+        # Some of msgpack's errors carry no text (too deep a nesting, the reserved byte 0xc1): name their kind.
+        raise EncodingError(f"{what} is not valid msgpack: {str(exc) or type(exc).__name__}") from None
 
 
 def repacks_to(value: Any, data: bytes) -> bool:

@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from valise import encoding
 from valise.crypto import sign
-from valise.errors import BundleError, EncodingError, MemberIdError, SignatureError
+from valise.errors import BundleError, EncodingError, KeyFileError, MemberIdError, SignatureError
 
 Random = Callable[[int], bytes]
 
@@ -184,6 +184,12 @@ class Identity:
     @classmethod
     def from_secrets(cls, secrets: dict[str, Any]) -> Identity:
         bundle = PublicBundle.from_bytes(secrets["bundle"])
+        # The key constructors raise ValueError for other lengths: a damaged key file then stopped `valise open`,
+        # `node run` and `broker serve` with a traceback (a fuzzing review). Say which key is wrong.
+        for name in ("sign_seed", "enc_private", "tls_private"):
+            if len(secrets[name]) != 32:
+                size = len(secrets[name])
+                raise KeyFileError(f"the key file of {bundle.member_id} is damaged: its {name} is {size} bytes, not 32")
         signing = sign.SigningKey(secrets["sign_seed"])
         enc_private = x25519.X25519PrivateKey.from_private_bytes(secrets["enc_private"])
         tls_private = ed25519.Ed25519PrivateKey.from_private_bytes(secrets["tls_private"])
