@@ -1032,6 +1032,10 @@ class BrokerDaemon:
             old.close_soon(codes.REPLACED, f"replaced by a newer connection of {member}")
         self.sessions[member] = session
 
+    def members_connected(self) -> int:
+        """How many members have a connection open (node or auditor): fairshare's split."""
+        return len(self.sessions.keys() | self.auditors.keys())
+
     def unregister(self, session: Session) -> None:
         member = session.member
         if self.sessions.get(member) is session:

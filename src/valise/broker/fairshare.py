@@ -9,22 +9,24 @@ take (`charge`: heads checked, entries and proofs served, acknowledgements verif
 member's next frame it asks how long to wait (`pause`). specs/wire.md, "Limits", states the rule for clients.
 
 A member is held back only when the thread is busy (BUSY of it used lately, by everything the broker does) and
-the member uses more than its share: 1.5 times an even split among the members using the thread at all, and never
-less than FLOOR. So a broker with room to spare never slows anyone; an honest member sending at full speed beside
-a quiet one is not held back (its share is then most of the thread); and under contention the heaviest user waits
-until its recent use has decayed to its share, which gives the thread back to the others.
+the member's requests take more than its share: 1.5 times an even split among the connected members, and never
+less than FLOOR. So a broker with room to spare never slows anyone; honest members, whose requests cost little
+(their packets' checks, their acknowledgements' signatures: under a tenth of the thread at full speed), are never
+held back; and under contention a member flooding the broker with costly requests waits until its recent use has
+decayed to its share, which gives the thread, and the turns in its queue, back to the others.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 HALF_LIFE = 1.0  # seconds: how fast past use is forgotten
-BUSY = 0.8  # of the thread, used by all members together: below it, nobody waits
+BUSY = 0.5  # of the thread, used lately by everything the broker does: below it, nobody waits
 SHARE_FACTOR = 1.5  # times an even split that a member may use under contention
 FLOOR = 0.1  # of the thread, that a member may always use
-ACTIVE = 0.01  # of the thread: a member using less does not count in the split
+FORGOTTEN = 1e-4  # of the thread: a member whose use has decayed below this is forgotten
 MAX_PAUSE = 0.5  # seconds a member waits at most before its next frame is read (then it is asked again)
 METER_INTERVAL = 0.25  # seconds between two readings of how busy the thread is
 
@@ -53,22 +55,24 @@ class CpuShares:
         used, at = self._used.get(member, (0.0, now))
         return _DECAY * used * math.exp(-_DECAY * max(now - at, 0.0))
 
-    def pause(self, member: str, now: float, busy: float) -> float:
+    def pause(self, member: str, now: float, busy: float, members: Callable[[], int]) -> float:
         """Seconds `member`'s next frame should wait, given `busy`, the share of the thread the broker used lately
-        (all its work, not only what sessions charged): 0.0 unless the thread is busy and `member` is over its
-        share, else until its use has decayed to the share (at most MAX_PAUSE)."""
+        (all its work, not only what sessions charged), and `members()`, how many members are connected: 0.0
+        unless the thread is busy and `member` is over its share, else until its use has decayed to the share (at
+        most MAX_PAUSE). The split is among the connected members, not those charged for much: an honest
+        exchange costs the broker mostly work no request chooses (pushes, commits, TLS), so its members' charged
+        use is small, and a flooding member would otherwise seem the only one using the thread."""
         mine = self.rate(member, now)
         if mine <= FLOOR or busy < BUSY:  # the common cases, and cheap: no look at the others
             return 0.0
-        active = sum(1 for m in self._used if self.rate(m, now) >= ACTIVE)
-        share = max(FLOOR, SHARE_FACTOR * busy / active)
+        share = max(FLOOR, SHARE_FACTOR * busy / max(members(), 1))
         if mine <= share:
             return 0.0
         return min(MAX_PAUSE, math.log(mine / share) / _DECAY)
 
     def forget(self, now: float) -> None:
         """Drop the members whose use has decayed to nothing (members come and go; the load meter calls this)."""
-        for member in [m for m in self._used if self.rate(m, now) < ACTIVE / 100]:
+        for member in [m for m in self._used if self.rate(m, now) < FORGOTTEN]:
             del self._used[member]
 
     def members(self) -> list[str]:

@@ -299,7 +299,7 @@ class Session:
 
     async def _reader(self) -> None:
         while True:
-            wait = self.d.shares.pause(self.member, trio.current_time(), self.d.thread_busy)
+            wait = self.d.shares.pause(self.member, trio.current_time(), self.d.thread_busy, self.d.members_connected)
             if wait:  # this member uses more than its share of a busy thread: the others go first
                 self.held_back += 1
                 await trio.sleep(wait)
