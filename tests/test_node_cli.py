@@ -29,6 +29,11 @@ async def cli(*argv: str) -> int:
     return await trio.to_thread.run_sync(main, list(argv))
 
 
+def receipt(index: int, digest: bytes, packet_id: bytes = bytes(16), signer: identity.Identity = BROKER_ID) -> bytes:
+    """The broker's receipt for FRA's retraction of a packet (its digest and id) or statement (its id)."""
+    return records.Receipt.make(signer.signing, ORIGIN, index, digest, packet_id, "FRA", NOW).raw
+
+
 def unreachable_daemon(world: dict[str, Any], me: identity.Identity) -> NodeDaemon:  # noqa: F811
     """A node daemon on the world's directory whose broker refuses every connection."""
 
@@ -124,7 +129,9 @@ async def test_send_prints_the_id_and_the_receipt_or_the_denial(
         # Retracting it; then again, which says it is a repeat (and asks the broker nothing).
         async def retracted() -> None:
             msg = await broker.expect(ev.Retract)
-            await broker.send(ev.RetractResult(msg.rid, 5, b"receipt"))
+            sent = h.daemon.store.outbox_get(msg.id)
+            assert sent is not None
+            await broker.send(ev.RetractResult(msg.rid, 5, receipt(5, sent.digest, msg.id)))
 
         nursery.start_soon(retracted)
         assert await cli("retract", "--node", node, reply["id"]) == 0
@@ -407,7 +414,7 @@ async def test_statements_are_signed_by_the_daemon_and_sent(
             record = policy_records.parse_policy(stmt.statement)
             record.verify(members["FRA"].bundle.sign_key, what="grant")
             assert (record.kind, record.body["to"], record.body["origin"]) == ("grant", "DEU", ORIGIN)
-            await broker.send(ev.StatementResult(stmt.rid, 42, b"receipt"))
+            await broker.send(ev.StatementResult(stmt.rid, 42, receipt(42, record.id)))
             stmt = await broker.expect(ev.Statement)
             await broker.send(ev.ErrorMessage(stmt.rid, "refused", "replayed statement"))
 
@@ -427,6 +434,40 @@ async def test_statements_are_signed_by_the_daemon_and_sent(
         )
         reply = await call(world["home"].root, {"op": "statement", "statement": other})
         assert (reply["ok"], reply["code"]) == (False, 2)  # only this member's own statements
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("bad", ["wrong signer", "wrong index", "another statement"])
+async def test_a_statement_receipt_that_does_not_hold_is_an_alarm_not_a_success(
+    world: dict[str, Any],  # noqa: F811
+    members: dict[str, identity.Identity],
+    bad: str,
+) -> None:
+    """A fuzzing review: the receipts for statements and retractions were never read (only packets' were). One
+    signed by another key, or naming another index or statement, is now an alarm, and the request fails."""
+    h = Harness(world, members["FRA"])
+    async with trio.open_nursery() as nursery:
+        broker = await serve_daemon(nursery, h)
+
+        async def answer() -> None:
+            stmt = await broker.expect(ev.Statement)
+            record_id = policy_records.parse_policy(stmt.statement).id
+            raw = {
+                "wrong signer": receipt(42, record_id, signer=members["DEU"]),
+                "wrong index": receipt(41, record_id),
+                "another statement": receipt(42, bytes(32)),
+            }[bad]
+            await broker.send(ev.StatementResult(stmt.rid, 42, raw))
+
+        nursery.start_soon(answer)
+        reply = await call(
+            world["home"].root, {"op": "statement", "build": {"kind": "grant", "to": "DEU", "tlp": "AMBER"}}
+        )
+        assert reply["ok"] is False
+        assert "the broker's receipt for grant statement" in reply["error"]
+        (alarm,) = h.daemon.store.alarms()
+        assert alarm.kind == "receipt"
+        assert alarm.message.startswith("bad receipt for grant statement")
         nursery.cancel_scope.cancel()
 
 
@@ -454,7 +495,8 @@ async def test_an_identical_statement_in_force_is_refused_and_a_revoke_names_wha
             stmt = await broker.expect(ev.Statement)
             index = h.log.service.store.size()
             h.log.add(stmt.statement)
-            await broker.send(ev.StatementResult(stmt.rid, index, b"receipt"))
+            record = policy_records.parse_policy(stmt.statement)
+            await broker.send(ev.StatementResult(stmt.rid, index, receipt(index, record.id)))
 
         nursery.start_soon(logged)
         reply = await call(node, {**grant, "again": True})

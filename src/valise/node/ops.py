@@ -418,9 +418,29 @@ async def op_retract(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> di
     )
     answer = await _session(daemon).request(lambda rid: ev.Retract(rid, row.packet_id, retraction.raw))
     if isinstance(answer, ev.RetractResult):
+        what = f"the retraction of packet {row.packet_id.hex()}"
+        if (bad := _bad_receipt(daemon, answer, row.digest, row.packet_id, what)) is not None:
+            return bad
         daemon.store.put(f"retracted:{row.packet_id.hex()}", answer.index.to_bytes(8, "big"))
         return {"ok": True, "id": row.packet_id.hex(), "index": answer.index}
     return _refused(answer)
+
+
+def _bad_receipt(
+    daemon: NodeDaemon, answer: ev.RetractResult | ev.StatementResult, digest: bytes, packet_id: bytes, what: str
+) -> dict[str, Any] | None:
+    """The broker's receipt for a retraction or a statement, checked as a packet's is: its signature, and that it
+    names this log, this member, the index answered and the object sent (a fuzzing review found these receipts
+    were never read). None if it holds; else an alarm, with the receipt as evidence, and the error reply."""
+    try:
+        receipt = records.Receipt.verified(answer.receipt, daemon.broker.sign_key)
+        facts = (receipt.origin, receipt.index, receipt.digest, receipt.packet_id, receipt.sender)
+        if facts != (daemon.follower.origin, answer.index, digest, packet_id, daemon.member):
+            raise Error("it does not match the request it answers")
+    except Error as exc:
+        daemon.alarm("receipt", f"bad receipt for {what}: {exc.what}", answer.receipt)
+        return {"ok": False, "error": f"the broker's receipt for {what} is bad: {exc.what}", "code": 1}
+    return None
 
 
 def _refused(answer: ev.Message) -> dict[str, Any]:
@@ -510,6 +530,9 @@ async def op_statement(daemon: NodeDaemon, request: dict[str, Any], *_: Any) -> 
         )
     answer = await _session(daemon).request(lambda rid: ev.Statement(rid, raw))
     if isinstance(answer, ev.StatementResult):
+        what = f"{record.kind} statement {record.id.hex()}"
+        if (bad := _bad_receipt(daemon, answer, record.id, bytes(16), what)) is not None:
+            return bad
         daemon.remember_statement(record)
         reply: dict[str, Any] = {"ok": True, "index": answer.index, "statement": record.id.hex()}
         if record.kind == policy_records.REVOKE:
