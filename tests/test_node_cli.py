@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -664,6 +666,34 @@ async def test_node_init_refuses_a_directory_whose_control_socket_path_run_would
     assert await cli("keygen", "--id", "not a valid id", "--out", str(tmp_path / "k2")) == 2
 
 
+@asynccontextmanager
+async def node_process(world: dict[str, Any], fra: identity.Identity) -> AsyncIterator[trio.Process]:  # noqa: F811
+    """`valise node run` for FRA as a real process, its broker out of reach, once its control socket is up; killed
+    at the end if the test left it running. The node follows the log once first (DEU must be in its verified
+    directory)."""
+    import sys
+
+    from valise.node.control import socket_path
+
+    h = Harness(world, fra)
+    async with trio.open_nursery() as nursery:
+        await serve_daemon(nursery, h)
+        nursery.cancel_scope.cancel()
+    h.daemon.store.close()
+    root = world["home"].root
+    run = [sys.executable, "-m", "valise.cli.main", "node", "run", "--dir", str(root)]
+    proc = await trio.lowlevel.open_process(run)
+    try:
+        with trio.fail_after(20):
+            while not socket_path(root).exists():  # noqa: ASYNC110 - a file another process creates
+                await trio.sleep(0.05)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
 async def test_a_queued_packet_is_cancelled_here_only_if_the_last_run_stopped_cleanly(
     world: dict[str, Any],  # noqa: F811
@@ -677,23 +707,9 @@ async def test_a_queued_packet_is_cancelled_here_only_if_the_last_run_stopped_cl
     delivering it. After a run that did not stop cleanly every queued packet now counts as tried; after a clean
     stop nothing changes. `valise node run` as a real process (its broker out of reach), stopped either way."""
     import signal
-    import sys
 
-    from valise.node.control import socket_path
-
-    h = Harness(world, members["FRA"])  # the node follows the log once (DEU must be in its verified directory)
-    async with trio.open_nursery() as nursery:
-        await serve_daemon(nursery, h)
-        nursery.cancel_scope.cancel()
-    h.daemon.store.close()
     root = world["home"].root
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "valise.cli.main", "node", "run", "--dir", str(root)]
-    )
-    try:
-        with trio.fail_after(20):
-            while not socket_path(root).exists():  # noqa: ASYNC110 - a file another process creates
-                await trio.sleep(0.05)
+    async with node_process(world, members["FRA"]) as proc:
         payload = tmp_path / "p.bin"
         payload.write_bytes(b"wrong file")
         assert await cli("send", "--node", str(root), "--to", "DEU", "--tlp", "GREEN", "--no-wait", str(payload)) == 0
@@ -701,10 +717,6 @@ async def test_a_queued_packet_is_cancelled_here_only_if_the_last_run_stopped_cl
         proc.send_signal(getattr(signal, stop))
         with trio.fail_after(20):
             assert await proc.wait() == (0 if stop == "SIGTERM" else -signal.SIGKILL)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
     daemon = unreachable_daemon(world, members["FRA"])
     try:
@@ -789,23 +801,9 @@ async def test_a_send_waiting_for_its_answer_when_the_node_stops_is_told_its_pac
     connection without an answer") and never printed the packet id, though the packet was durably queued; a user
     who then sent it again sent it twice. `valise node run` as a real process, its broker out of reach."""
     import signal
-    import sys
 
-    from valise.node.control import socket_path
-
-    h = Harness(world, members["FRA"])  # the node follows the log once (DEU must be in its verified directory)
-    async with trio.open_nursery() as nursery:
-        await serve_daemon(nursery, h)
-        nursery.cancel_scope.cancel()
-    h.daemon.store.close()
     root = world["home"].root
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "valise.cli.main", "node", "run", "--dir", str(root)]
-    )
-    try:
-        with trio.fail_after(20):
-            while not socket_path(root).exists():  # noqa: ASYNC110 - a file another process creates
-                await trio.sleep(0.05)
+    async with node_process(world, members["FRA"]) as proc:
         payload = tmp_path / "p.bin"
         payload.write_bytes(b"indicators")
         codes: list[int] = []
@@ -829,7 +827,3 @@ async def test_a_send_waiting_for_its_answer_when_the_node_stops_is_told_its_pac
         assert len(pid) == 32
         assert "queued; the node daemon is stopping: it sends the packet when it runs again" in said.out
         assert [p.name.split(".")[0] for p in (root / "outbox").glob("*.pkt")] == [pid]
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
