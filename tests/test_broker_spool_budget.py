@@ -202,3 +202,28 @@ async def test_a_large_upload_is_made_durable_off_the_broker_s_thread(
         assert isinstance(answer, ev.Receipt), answer
     assert len(seen_during_fsync) == 2  # the file, then its directory
     assert all(n > 0 for n in seen_during_fsync), seen_during_fsync
+
+
+async def test_a_packet_the_full_log_queue_cannot_take_is_refused_alone_and_its_file_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A concurrency review's suspicion: with the log's queue of pending entries full (an overloaded broker), the
+    LimitError ended the member's connection and left the packet's spool file until the next start. The queue is
+    made full here by setting its bound to nothing."""
+    from valise.broker import daemon
+
+    world = make_world(tmp_path)
+    world.consent("FRA", "DEU")
+    async with running_broker(world) as broker, WireClient.connect(world, "FRA", broker.port) as fra:
+        fra.refuse_cosign = True
+        monkeypatch.setattr(daemon, "DEFAULT_MAX_PENDING", 0)
+        answer = await fra.submit(seal(world, "FRA", ["DEU"], bytes(LARGE)))
+        assert isinstance(answer, ev.ErrorMessage), answer
+        assert (answer.code, answer.message) == (
+            codes.INTERNAL,
+            "the broker is overloaded: 0 log entries are waiting for a flush",
+        )
+        await fra.sync()  # the session goes on
+        assert list((world.home.root / "spool").glob("*.pkt")) == []
+        monkeypatch.undo()
+        assert isinstance(await fra.submit(seal(world, "FRA", ["DEU"], bytes(LARGE))), ev.Receipt)

@@ -28,6 +28,7 @@ from valise.broker.ratelimit import quoted
 from valise.broker.spool import CheckedUpload, InlineUpload, Upload
 from valise.errors import (
     Error,
+    LimitError,
     ProtocolError,
     StatementError,
     StatementSignatureError,
@@ -588,9 +589,15 @@ class Session:
 
         entry = records.packet_entry(head.header.raw, head.signature, at)
         readers = (self.member, *core.recipients)
-        waiter = self.d.enqueue(
-            entry, queue, failed, traffic=True, on_durable=durable, readers=readers, recheck=recheck
-        )
+        try:
+            waiter = self.d.enqueue(
+                entry, queue, failed, traffic=True, on_durable=durable, readers=readers, recheck=recheck
+            )
+        except LimitError as exc:  # the log's queue is full (an overloaded broker): this packet, not the session
+            # Nothing refers to its body: it goes now, not at the next start (a concurrency review's suspicion).
+            self.d.spool.drop_unreferenced(self.d.mail, [head.digest])
+            self.send_soon(ev.ErrorMessage(rid, codes.INTERNAL, f"the broker is overloaded: {exc.what}"))
+            return
         self._inflight[key] = (head.digest, waiter, at)
 
     async def _receipt_after_commit(
