@@ -62,8 +62,10 @@ class CpuShares:
         most MAX_PAUSE). The split is among the connected members, not those charged for much: an honest
         exchange costs the broker mostly work no request chooses (pushes, commits, TLS), so its members' charged
         use is small, and a flooding member would otherwise seem the only one using the thread."""
+        if busy < BUSY:  # checked first: it is read for every frame, and a compare costs nothing
+            return 0.0
         mine = self.rate(member, now)
-        if mine <= FLOOR or busy < BUSY:  # the common cases, and cheap: no look at the others
+        if mine <= FLOOR:
             return 0.0
         share = max(FLOOR, SHARE_FACTOR * busy / max(members(), 1))
         if mine <= share:
