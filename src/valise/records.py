@@ -206,6 +206,18 @@ class Receipt:
         sign.verify(broker_key, RECEIPT_DOMAIN, body, sig, what="broker receipt")
         return Receipt(m["origin"], m["index"], m["digest"], m["packet_id"], m["sender"], m["at"], raw)
 
+    @staticmethod
+    def verified_for(
+        raw: bytes, broker_key: bytes, *, origin: str, index: int, digest: bytes, packet_id: bytes, sender: str
+    ) -> Receipt:
+        """`verified`, and that it names what the request was about: this log, the index answered, the object sent
+        (a packet's digest and id; a statement's id and 16 zero bytes) and the member who sent it."""
+        receipt = Receipt.verified(raw, broker_key)
+        facts = (receipt.origin, receipt.index, receipt.digest, receipt.packet_id, receipt.sender)
+        if facts != (origin, index, digest, packet_id, sender):
+            raise SignatureError("the receipt does not match the request it answers")
+        return receipt
+
 
 # --- log entries -------------------------------------------------------------------------------------------
 

@@ -898,12 +898,11 @@ class NodeDaemon:
         pid = row.packet_id.hex()
         if isinstance(answer, ev.Receipt):
             try:
-                receipt = records.Receipt.verified(answer.receipt, self.broker.sign_key)
-                facts = (receipt.packet_id, receipt.digest, receipt.index, receipt.sender, receipt.origin)
-                if facts != (row.packet_id, row.digest, answer.index, self.member, self.follower.origin) or (
-                    answer.id,
-                    answer.digest,
-                ) != (row.packet_id, row.digest):
+                receipt = records.Receipt.verified_for(
+                    answer.receipt, self.broker.sign_key, origin=self.follower.origin, index=answer.index,
+                    digest=row.digest, packet_id=row.packet_id, sender=self.member,
+                )  # fmt: skip
+                if (answer.id, answer.digest) != (row.packet_id, row.digest):
                     raise Error("the receipt does not match the packet it answers")
             except Error as exc:
                 self.alarm("receipt", f"bad receipt for packet {pid}: {exc.what}", answer.receipt)

@@ -235,15 +235,14 @@ def open_packet(
 
 
 def _check_ciphertext(src: BinaryIO, header: Header) -> None:
-    """The ciphertext that follows the head has the signed length and SHA-256, and nothing follows it."""
+    """The ciphertext that follows the head has the signed length and SHA-256, and nothing follows it (streamed:
+    `open` checks it before decrypting, `inspect` for a large packet)."""
     hasher = CiphertextHasher(header)
-    remaining = header.ct_len
-    while remaining:
-        data = src.read(min(stream.CT_CHUNK, remaining))
+    while hasher.received < header.ct_len:
+        data = src.read(min(1 << 20, header.ct_len - hasher.received))
         if not data:
-            raise TruncatedError(f"ciphertext ends after {header.ct_len - remaining} of {header.ct_len} bytes")
+            break  # finish() says how far it got
         hasher.update(data)
-        remaining -= len(data)
     if src.read(1):
         raise TrailingDataError("bytes follow the end of the packet")
     hasher.finish()
@@ -274,15 +273,7 @@ def inspect_packet(
         if hashlib.sha256(data).digest() != header.ct_sha256:
             raise PayloadError("ciphertext does not match the SHA-256 in the signed header")
     elif check_ciphertext:
-        hasher = CiphertextHasher(header)
-        while hasher.received < ct_len:
-            data = src.read(min(1 << 20, ct_len - hasher.received))
-            if not data:
-                break
-            hasher.update(data)
-        if src.read(1):
-            raise TrailingDataError("bytes follow the end of the packet")
-        hasher.finish()
+        _check_ciphertext(src, header)
     core = header.core
     stanzas = header.stanzas
     # One stanza per recipient is the common case; its type set needs no set or sort.
